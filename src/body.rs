@@ -1,0 +1,280 @@
+//! The request and response body types of the [`Idempotency`](crate::Idempotency) service.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The request body the inner service receives: the client's body untouched when the
+    /// request passes through, or the buffered body of a keyed request.
+    #[derive(Debug)]
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestBodyProj]
+    #[derive(Debug)]
+    enum RequestKind<B> {
+        /// A keyed request's body, read whole to fingerprint it, in the chunks it arrived in.
+        Buffered { first: Option<Bytes>, rest: VecDeque<Bytes> },
+        /// The body of a request that passes through.
+        Streaming { #[pin] body: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn buffered(chunks: Chunks) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                first: chunks.first,
+                rest: chunks.rest,
+            },
+        }
+    }
+
+    pub(crate) fn streaming(body: B) -> Self {
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+}
+
+/// A body read whole, kept in the chunks it arrived in (no copy); the common single chunk
+/// needs no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.len += chunk.len();
+        if self.first.is_none() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The whole body as one `Bytes`: free for zero or one chunk, one copy otherwise.
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        match &self.first {
+            None => Bytes::new(),
+            Some(first) if self.rest.is_empty() => first.clone(),
+            Some(first) => {
+                let mut all = bytes::BytesMut::with_capacity(self.len);
+                all.extend_from_slice(first);
+                for chunk in &self.rest {
+                    all.extend_from_slice(chunk);
+                }
+                all.freeze()
+            }
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestBodyProj::Buffered { first, rest } => {
+                Poll::Ready(first.take().or_else(|| rest.pop_front()).map(|d| Ok(Frame::data(d))))
+            }
+            RequestBodyProj::Streaming { body } => poll_bytes(body, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Buffered { first, rest } => first.is_none() && rest.is_empty(),
+            RequestKind::Streaming { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Buffered { first, rest } => SizeHint::with_exact(
+                first.as_ref().map_or(0, |d| d.len() as u64)
+                    + rest.iter().map(|d| d.len() as u64).sum::<u64>(),
+            ),
+            RequestKind::Streaming { body } => body.size_hint(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of the [`Idempotency`](crate::Idempotency) service: a replayed or
+    /// buffered response, an error, or the handler's body untouched.
+    #[derive(Debug)]
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseBodyProj]
+    #[derive(Debug)]
+    pub(crate) enum ResponseKind<B> {
+        /// A replayed response, an error, or a handler's response that was buffered to store it.
+        Full { data: Option<Bytes> },
+        /// The handler's response, untouched.
+        Inner { #[pin] body: B },
+        /// A handler's response too large to store: the part already read, then the rest.
+        Prefixed { prefix: Option<Bytes>, #[pin] body: B },
+        /// A handler's response whose body failed while it was read to be stored: the part
+        /// already read, then the error.
+        Failed { prefix: Option<Bytes>, error: Option<BoxError> },
+    }
+}
+
+/// The error type of [`ResponseBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self::from(ResponseKind::Full {
+            data: (!data.is_empty()).then_some(data),
+        })
+    }
+
+    pub(crate) fn inner(body: B) -> Self {
+        Self::from(ResponseKind::Inner { body })
+    }
+}
+
+impl<B> From<ResponseKind<B>> for ResponseBody<B> {
+    fn from(kind: ResponseKind<B>) -> Self {
+        Self { kind }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let boxed = |poll: Poll<Option<Result<Frame<Bytes>, B::Error>>>| {
+            poll.map(|frame| frame.map(|f| f.map_err(Into::into)))
+        };
+        match self.project().kind.project() {
+            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBodyProj::Inner { body } => boxed(poll_bytes(body, cx)),
+            ResponseBodyProj::Prefixed { prefix, body } => match prefix.take() {
+                Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+                None => boxed(poll_bytes(body, cx)),
+            },
+            ResponseBodyProj::Failed { prefix, error } => match prefix.take() {
+                Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+                None => Poll::Ready(error.take().map(Err)),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
+            ResponseKind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full { data } => exact(data),
+            ResponseKind::Failed { .. } => SizeHint::new(),
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Prefixed { prefix, body } => {
+                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
+
+fn exact(data: &Option<Bytes>) -> SizeHint {
+    SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+}
+
+/// Polls a frame of `body`, turning its data into `Bytes` (without a copy when it already is).
+fn poll_bytes<B>(
+    body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    body.poll_frame(cx).map(|frame| {
+        frame.map(|frame| frame.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn bodies_yield_their_bytes() {
+        let mut chunks = Chunks::default();
+        chunks.push(Bytes::from_static(b"ab"));
+        chunks.push(Bytes::new());
+        chunks.push(Bytes::from_static(b"c"));
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.to_bytes(), "abc");
+        let body = RequestBody::<Full<Bytes>>::buffered(chunks);
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abc");
+
+        let body = ResponseBody::from(ResponseKind::Prefixed {
+            prefix: Some(Bytes::from_static(b"ab")),
+            body: Full::new(Bytes::from_static(b"cd")),
+        });
+        assert_eq!(body.size_hint().exact(), Some(4));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcd");
+
+        let empty = ResponseBody::<Full<Bytes>>::full(Bytes::new());
+        assert!(empty.is_end_stream());
+    }
+}

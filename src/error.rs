@@ -1,0 +1,237 @@
+//! The errors the layer answers with, and how they are rendered.
+//!
+//! By default every error is an RFC 9457 `application/problem+json` body with `type`, `title`,
+//! `status`, `detail` and a machine-readable `code` ([`ErrorCode`]). Plug your own
+//! [`ErrorRenderer`] to match your API's error envelope.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The machine-readable code of an error the layer answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// `400 idempotency_key_missing`: the layer requires a key and the request has none.
+    KeyMissing,
+    /// `400 idempotency_key_invalid`: the key is empty, longer than 255 characters, not visible
+    /// ASCII, or the header was sent more than once.
+    KeyInvalid,
+    /// `409 idempotency_key_in_progress`: a request with this key is still running; retry after
+    /// `Retry-After` seconds.
+    KeyInProgress,
+    /// `422 idempotency_key_reuse`: the key was already used for a different request (method,
+    /// path, query or body).
+    KeyReuse,
+    /// `413 request_body_too_large`: the request body is over the layer's `max_body_bytes`; the
+    /// handler did not run.
+    BodyTooLarge,
+    /// `400 request_body_incomplete`: the request body ended before the length it announced, or
+    /// could not be read; the handler did not run.
+    BodyIncomplete,
+    /// `503 idempotency_store_unavailable`: the store failed, timed out or is full; nothing ran.
+    /// Retry after `Retry-After` seconds.
+    StoreUnavailable,
+    /// `409 idempotency_response_not_stored`: a request with this key already completed, but its
+    /// response was over the layer's `max_response_bytes`, so it cannot be replayed. The handler
+    /// is not run again.
+    ResponseNotStored,
+    /// `idempotency_tenant_rejected`, with the status the tenant extractor chose: the request's
+    /// tenant could not be determined.
+    TenantRejected,
+}
+
+impl ErrorCode {
+    /// The snake_case code, as in the `code` member of a problem body.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "idempotency_key_missing",
+            Self::KeyInvalid => "idempotency_key_invalid",
+            Self::KeyInProgress => "idempotency_key_in_progress",
+            Self::KeyReuse => "idempotency_key_reuse",
+            Self::BodyTooLarge => "request_body_too_large",
+            Self::BodyIncomplete => "request_body_incomplete",
+            Self::StoreUnavailable => "idempotency_store_unavailable",
+            Self::ResponseNotStored => "idempotency_response_not_stored",
+            Self::TenantRejected => "idempotency_tenant_rejected",
+        }
+    }
+
+    /// A short, human-readable summary that does not change from occurrence to occurrence.
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "Idempotency key missing",
+            Self::KeyInvalid => "Idempotency key invalid",
+            Self::KeyInProgress => "Request in progress",
+            Self::KeyReuse => "Idempotency key reused",
+            Self::BodyTooLarge => "Request body too large",
+            Self::BodyIncomplete => "Request body incomplete",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::ResponseNotStored => "Response not stored",
+            Self::TenantRejected => "Tenant rejected",
+        }
+    }
+
+    fn anchor(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "KeyMissing",
+            Self::KeyInvalid => "KeyInvalid",
+            Self::KeyInProgress => "KeyInProgress",
+            Self::KeyReuse => "KeyReuse",
+            Self::BodyTooLarge => "BodyTooLarge",
+            Self::BodyIncomplete => "BodyIncomplete",
+            Self::StoreUnavailable => "StoreUnavailable",
+            Self::ResponseNotStored => "ResponseNotStored",
+            Self::TenantRejected => "TenantRejected",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error the layer answers with, handed to the [`ErrorRenderer`].
+#[derive(Debug, Clone)]
+pub struct Problem {
+    code: ErrorCode,
+    status: StatusCode,
+    detail: Cow<'static, str>,
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    pub(crate) fn new(code: ErrorCode, status: StatusCode, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            status,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The machine-readable code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The status the response must have.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// A human-readable explanation of this occurrence.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// Seconds after which a retry may succeed (`409` in progress, `503`); the layer sends it
+    /// as `Retry-After` unless the renderer set that header itself.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+}
+
+/// Renders a [`Problem`] as a response. The layer then adds `Retry-After` (when the problem has
+/// one and the renderer did not set it) and echoes the `Idempotency-Key`.
+///
+/// Implemented for closures `Fn(&Problem) -> Response<Bytes>` and by [`ProblemJson`].
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Response, header};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Problem};
+///
+/// // An envelope of `{"detail", "error_code", "details"}`.
+/// let layer = IdempotencyLayer::new(MemoryStore::new()).error_renderer(|problem: &Problem| {
+///     let body = serde_json::json!({
+///         "detail": problem.detail(),
+///         "error_code": problem.code().as_str().to_uppercase(),
+///         "details": {},
+///     });
+///     Response::builder()
+///         .status(problem.status())
+///         .header(header::CONTENT_TYPE, "application/json")
+///         .body(Bytes::from(body.to_string()))
+///         .unwrap()
+/// });
+/// # let _ = layer;
+/// ```
+pub trait ErrorRenderer: Send + Sync + 'static {
+    /// The response for `problem`. Its status should be `problem.status()`.
+    fn render(&self, problem: &Problem) -> Response<Bytes>;
+}
+
+impl<F> ErrorRenderer for F
+where
+    F: Fn(&Problem) -> Response<Bytes> + Send + Sync + 'static,
+{
+    fn render(&self, problem: &Problem) -> Response<Bytes> {
+        self(problem)
+    }
+}
+
+/// The default renderer: RFC 9457 `application/problem+json`.
+///
+/// ```json
+/// {
+///   "type": "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.ErrorCode.html#variant.KeyReuse",
+///   "title": "Idempotency key reused",
+///   "status": 422,
+///   "detail": "This idempotency key was already used for a different request ...",
+///   "code": "idempotency_key_reuse"
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProblemJson;
+
+impl ErrorRenderer for ProblemJson {
+    fn render(&self, problem: &Problem) -> Response<Bytes> {
+        let code = problem.code();
+        let body = serde_json::json!({
+            "type": format!(
+                "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.ErrorCode.html#variant.{}",
+                code.anchor()
+            ),
+            "title": code.title(),
+            "status": problem.status().as_u16(),
+            "detail": problem.detail(),
+            "code": code.as_str(),
+        });
+        let mut response = Response::new(Bytes::from(body.to_string()));
+        *response.status_mut() = problem.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_json_has_every_member() {
+        let problem = Problem::new(ErrorCode::KeyReuse, StatusCode::UNPROCESSABLE_ENTITY, "reused");
+        let response = ProblemJson.render(&problem);
+        assert_eq!(response.status(), 422);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/problem+json");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["code"], "idempotency_key_reuse");
+        assert_eq!(body["status"], 422);
+        assert_eq!(body["title"], "Idempotency key reused");
+        assert_eq!(body["detail"], "reused");
+        assert!(body["type"].as_str().unwrap().ends_with("#variant.KeyReuse"));
+    }
+}

@@ -1,0 +1,212 @@
+//! [`ResponseFuture`], and the guard that releases an in-flight record when a request is
+//! abandoned.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Response;
+use pin_project_lite::pin_project;
+
+use crate::body::ResponseBody;
+use crate::response::StoredResponse;
+use crate::store::{IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+
+type BoxFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    /// The response future of the [`Idempotency`](crate::Idempotency) service.
+    ///
+    /// A request that passes through polls the inner service's future in place; an answer
+    /// known at once (an invalid key, say) is ready without an allocation; a keyed request runs
+    /// the idempotent flow, boxed once.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Passthrough { #[pin] future: F },
+        Ready { response: Option<Response<ResponseBody<B>>> },
+        Idempotent { future: BoxFuture<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn idempotent(future: BoxFuture<B, E>) -> Self {
+        Self {
+            kind: Kind::Idempotent { future },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(ResponseBody::inner))),
+            KindProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
+            }
+            KindProj::Idempotent { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Ready { .. } => "Ready",
+            Kind::Idempotent { .. } => "Idempotent",
+        };
+        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+    }
+}
+
+/// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
+pub(crate) async fn timed<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::timeout(timeout)),
+    }
+}
+
+/// Holds an in-flight record for the request that acquired it.
+///
+/// Completing or releasing disarms it. Dropped while armed (the client went away, the handler
+/// panicked), it releases the record in a background task, so a key never stays stuck in `409`;
+/// dropped while completing, it finishes the completion in the background, so a response the
+/// handler already produced is not lost and the handler does not run again.
+pub(crate) struct Guard<St: IdempotencyStore> {
+    store: Arc<St>,
+    key: RecordKey,
+    token: LockToken,
+    timeout: Duration,
+    state: GuardState,
+}
+
+enum GuardState {
+    Held,
+    Completing(StoredResponse, Duration),
+    Done,
+}
+
+impl<St: IdempotencyStore> Guard<St> {
+    pub(crate) fn new(store: Arc<St>, key: RecordKey, token: LockToken, timeout: Duration) -> Self {
+        Self {
+            store,
+            key,
+            token,
+            timeout,
+            state: GuardState::Held,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    /// Extends the lease of the held record.
+    pub(crate) async fn renew(&self, lease: Duration) -> Result<(), StoreError> {
+        timed(self.timeout, self.store.renew(&self.key, self.token, lease)).await
+    }
+
+    /// Stores `response`. If this fails, the record stays in flight until its lease ends: it is
+    /// not released, so a retry cannot run the handler again while the lease lives.
+    pub(crate) async fn complete(
+        &mut self,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.state = GuardState::Completing(response.clone(), ttl);
+        let result = timed(
+            self.timeout,
+            self.store.complete(&self.key, self.token, response, ttl),
+        )
+        .await;
+        self.state = GuardState::Done;
+        result
+    }
+
+    /// Removes the record so that a retry runs the handler again. A release that fails is
+    /// retried in the background; should that fail too, the lease ends by itself.
+    pub(crate) async fn release(&mut self) -> Result<(), StoreError> {
+        let result = timed(self.timeout, self.store.release(&self.key, self.token)).await;
+        self.state = GuardState::Done;
+        if let Err(err) = &result {
+            if err.kind() != StoreErrorKind::LeaseLost {
+                self.spawn_release();
+            }
+        }
+        result
+    }
+
+    fn spawn_release(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, token, timeout) =
+            (self.store.clone(), self.key.clone(), self.token, self.timeout);
+        handle.spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            for _ in 0..4 {
+                match timed(timeout, store.release(&key, token)).await {
+                    Ok(()) => return,
+                    Err(err) if err.kind() == StoreErrorKind::LeaseLost => return,
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Guard<St> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, GuardState::Done) {
+            GuardState::Done => {}
+            GuardState::Held => self.spawn_release(),
+            GuardState::Completing(response, ttl) => {
+                let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let (store, key, token, timeout) =
+                    (self.store.clone(), self.key.clone(), self.token, self.timeout);
+                handle.spawn(async move {
+                    let _ = timed(timeout, store.complete(&key, token, response, ttl)).await;
+                });
+            }
+        }
+    }
+}

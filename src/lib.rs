@@ -1,0 +1,113 @@
+//! Idempotency keys for [tower] services: a retried request runs once, and every retry gets the
+//! same response back.
+//!
+//! ```
+//! use axum::{Router, http::StatusCode, routing::post};
+//! use tower::ServiceExt;
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let app = Router::new()
+//!     .route("/payments", post(|| async { (StatusCode::CREATED, "payment 1") }))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//!
+//! let request = || {
+//!     http::Request::post("/payments")
+//!         .header("idempotency-key", "8e03978e-40d5-43e8-bc93-6894a57f9324")
+//!         .body(axum::body::Body::from(r#"{"amount":100}"#))
+//!         .unwrap()
+//! };
+//! let first = app.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//!
+//! let retry = app.oneshot(request()).await.unwrap();
+//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! # }
+//! ```
+//!
+//! # How it works
+//!
+//! A client sends `Idempotency-Key: <key>` on a POST or PATCH. The layer fingerprints the request
+//! (SHA-256 over method, path, query and body) and asks the store, in one atomic step, what the
+//! key's record says:
+//!
+//! | record for (tenant, key)                 | what happens                                                  |
+//! |------------------------------------------|---------------------------------------------------------------|
+//! | absent, or expired                       | an in-flight record is created; the handler runs              |
+//! | in flight, same fingerprint              | `409 idempotency_key_in_progress` with `Retry-After`          |
+//! | in flight, its lease expired (holder died) | taken over with a new lock token; the handler runs          |
+//! | completed, same fingerprint              | the stored response, with `Idempotent-Replayed: true`         |
+//! | any live record, different fingerprint   | `422 idempotency_key_reuse`                                   |
+//! | completed, response too large to store   | `409 idempotency_response_not_stored`; the handler never reruns |
+//!
+//! The handler's response then decides the record's fate: 2xx, 3xx and 4xx (but 408 and 429) are
+//! stored for the TTL (24 hours by default, counted from completion); 5xx, 408 and 429 release
+//! the key so that a retry runs again. A request whose future is dropped (the client went away)
+//! or whose handler panics releases its key too: a key never stays stuck in `409`. While the
+//! handler runs, the lease is renewed, so only a holder that died can be taken over; and
+//! completing needs the lock token, so a holder that lost its lease cannot overwrite.
+//!
+//! Other answers: a missing key passes through (or `400 idempotency_key_missing` with
+//! [`require_key`](IdempotencyLayer::require_key)); an empty, over-long, non-visible-ASCII or
+//! repeated key is `400 idempotency_key_invalid`; a body over
+//! [`max_body_bytes`](IdempotencyLayer::max_body_bytes) is `413`; a store failure is
+//! `503 idempotency_store_unavailable` (or runs unprotected with
+//! [`fail_open`](IdempotencyLayer::fail_open)). Every response to a request with a valid key
+//! echoes its `Idempotency-Key`. Errors are `application/problem+json` ([`ProblemJson`]) unless
+//! you plug your own [`ErrorRenderer`].
+//!
+//! Keys are scoped by tenant ([`TenantExtractor`]): by default a hash of the `Authorization`
+//! header, so two clients that pick the same key never see each other's responses.
+//!
+//! # Stores and feature flags
+//!
+//! | feature            | store           | for                                              |
+//! |--------------------|-----------------|--------------------------------------------------|
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded     |
+//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                |
+//!
+//! The layer needs a Tokio runtime with its time driver enabled (as `#[tokio::main]` gives).
+//!
+//! # Implementing your own store
+//!
+//! Implement [`IdempotencyStore`]: an atomic `begin`, and `renew`, `complete` and `release`
+//! fenced by the [`LockToken`] that `begin` returned. Its documentation has a complete example.
+//!
+//! [tower]: https://docs.rs/tower
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod error;
+mod fingerprint;
+mod future;
+mod key;
+mod layer;
+mod outcome;
+mod response;
+mod service;
+mod store;
+mod tenant;
+
+pub use body::{BoxError, RequestBody, ResponseBody};
+pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
+pub use fingerprint::Fingerprint;
+pub use future::ResponseFuture;
+pub use key::MAX_KEY_LEN;
+pub use layer::{
+    IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
+    default_cache_policy,
+};
+pub use outcome::Outcome;
+pub use response::{DecodeError, StoredResponse};
+pub use service::Idempotency;
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use store::memory::MemoryStore;
+pub use store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+pub use tenant::{
+    DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,
+    TenantRejection,
+};

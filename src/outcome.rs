@@ -1,0 +1,138 @@
+//! What the layer did with a request, for logs and metrics.
+
+use std::fmt;
+
+/// What the layer did with a keyed request.
+///
+/// Put in the extensions of every response to a request the layer handled (requests that pass
+/// through untouched have none), so you can count outcomes with your metrics library:
+///
+/// ```
+/// use tower_idempotency::Outcome;
+///
+/// fn record(response: &http::Response<()>) {
+///     if let Some(outcome) = response.extensions().get::<Outcome>() {
+///         // e.g. metrics::counter!("idempotency", "outcome" => outcome.as_str()).increment(1);
+///         let _ = outcome.as_str();
+///     }
+/// }
+/// ```
+///
+/// With the `tracing` feature, each outcome is also a `tracing` event (target
+/// `tower_idempotency`) carrying a hash of the key (never the key itself), a hash of the tenant
+/// and the time the layer took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The handler ran and its response was stored (or, when over the response cap, recorded as
+    /// not replayable).
+    Executed,
+    /// A stored response was replayed; the handler did not run.
+    Replayed,
+    /// `409`: a request with the same key was still in flight.
+    InProgress,
+    /// `422`: the key was bound to a different request.
+    Mismatch,
+    /// `400`: the key was required and missing.
+    MissingKey,
+    /// `400`: the key was invalid.
+    InvalidKey,
+    /// `413`: the request body was over the limit.
+    TooLarge,
+    /// The request body could not be read (the client sent less than it announced, or the
+    /// connection failed).
+    BodyError,
+    /// `503`: the store failed or timed out, and the layer is fail-closed; nothing ran.
+    StoreError,
+    /// The store failed and the layer is fail-open: the handler ran without protection.
+    Bypassed,
+    /// The handler ran, its response was not stored (5xx, 408, 429 by default) and the key was
+    /// released so that a retry runs again.
+    Released,
+    /// `409`: the key completed but its response was too large to store.
+    NotStored,
+    /// The tenant extractor rejected the request.
+    TenantRejected,
+}
+
+impl Outcome {
+    /// A stable snake_case name, for metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::InProgress => "in_progress",
+            Self::Mismatch => "mismatch",
+            Self::MissingKey => "missing_key",
+            Self::InvalidKey => "invalid_key",
+            Self::TooLarge => "too_large",
+            Self::BodyError => "body_error",
+            Self::StoreError => "store_error",
+            Self::Bypassed => "bypassed",
+            Self::Released => "released",
+            Self::NotStored => "not_stored",
+            Self::TenantRejected => "tenant_rejected",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Emits the `tracing` event of an outcome. The key and tenant are hashed only when the event
+/// is enabled.
+#[cfg(feature = "tracing")]
+pub(crate) fn emit(
+    outcome: Outcome,
+    key: Option<&str>,
+    tenant: Option<&crate::TenantId>,
+    elapsed: std::time::Duration,
+) {
+    use sha2::{Digest, Sha256};
+    use tracing::Level;
+
+    fn short_hex(bytes: &[u8]) -> String {
+        bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    let level = match outcome {
+        Outcome::StoreError | Outcome::Bypassed => Level::WARN,
+        _ => Level::DEBUG,
+    };
+    macro_rules! event {
+        ($level:expr) => {
+            if tracing::enabled!(target: "tower_idempotency", $level) {
+                let key_hash = key.map(|k| short_hex(&Sha256::digest(k.as_bytes())));
+                let tenant_hash = tenant.map(|t| short_hex(t.as_bytes()));
+                tracing::event!(
+                    target: "tower_idempotency",
+                    $level,
+                    outcome = outcome.as_str(),
+                    key_hash = key_hash.as_deref(),
+                    tenant_hash = tenant_hash.as_deref(),
+                    elapsed_us = elapsed.as_micros() as u64,
+                    "idempotency {}",
+                    outcome.as_str()
+                );
+            }
+        };
+    }
+    if level == Level::WARN {
+        event!(Level::WARN);
+    } else {
+        event!(Level::DEBUG);
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn emit(
+    _outcome: Outcome,
+    _key: Option<&str>,
+    _tenant: Option<&crate::TenantId>,
+    _elapsed: std::time::Duration,
+) {
+}

@@ -1,0 +1,291 @@
+//! Stored responses: what a completed record keeps, how it is replayed, and how shared stores
+//! encode it.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, response};
+
+/// A response kept by a completed record, replayed to every retry.
+///
+/// Cloning is cheap: one reference count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse(Arc<Stored>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Stored {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    body_omitted: bool,
+}
+
+/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) and `Date`, which belongs to the
+/// moment a response is sent.
+const NEVER_STORED: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::DATE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
+
+impl StoredResponse {
+    /// A stored response with `status`, `headers` and `body`.
+    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+        Self(Arc::new(Stored {
+            status,
+            headers,
+            body,
+            body_omitted: false,
+        }))
+    }
+
+    /// A record of a response whose body was too large to store: it completed with `status`,
+    /// but cannot be replayed.
+    pub fn omitted(status: StatusCode) -> Self {
+        Self(Arc::new(Stored {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            body_omitted: true,
+        }))
+    }
+
+    /// The status code of the original response.
+    pub fn status(&self) -> StatusCode {
+        self.0.status
+    }
+
+    /// The stored headers of the original response.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.0.headers
+    }
+
+    /// The body of the original response.
+    pub fn body(&self) -> &Bytes {
+        &self.0.body
+    }
+
+    /// `true` when the original response was too large to store, so it cannot be replayed.
+    pub fn is_omitted(&self) -> bool {
+        self.0.body_omitted
+    }
+
+    /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
+    /// `Date`, the echoed key header and the headers in `skip`.
+    pub(crate) fn from_parts(
+        parts: &response::Parts,
+        body: Bytes,
+        key_header: &HeaderName,
+        skip: &[HeaderName],
+    ) -> Self {
+        let mut headers = HeaderMap::with_capacity(parts.headers.len());
+        for (name, value) in &parts.headers {
+            if NEVER_STORED.contains(name) || name == key_header || skip.contains(name) {
+                continue;
+            }
+            headers.append(name, value.clone());
+        }
+        Self::new(parts.status, headers, body)
+    }
+
+    /// The replayed response: status, headers and body as stored.
+    pub(crate) fn into_replay(self) -> http::Response<Bytes> {
+        let (status, headers, body) = match Arc::try_unwrap(self.0) {
+            Ok(stored) => (stored.status, stored.headers, stored.body),
+            Err(shared) => (shared.status, shared.headers.clone(), shared.body.clone()),
+        };
+        let mut response = http::Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Encodes the response for a store that keeps bytes. The format is versioned and
+    /// self-delimiting; [`decode`](Self::decode) reads it back.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_idempotency::StoredResponse;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.append("set-cookie", "a=1".parse().unwrap());
+    /// headers.append("set-cookie", "b=2".parse().unwrap());
+    /// let stored = StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"{}"));
+    /// assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
+    /// ```
+    pub fn encode(&self) -> Bytes {
+        let stored = &*self.0;
+        let header_bytes: usize = stored
+            .headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        let mut out = BytesMut::with_capacity(16 + header_bytes + stored.body.len());
+        out.put_u8(FORMAT_VERSION);
+        out.put_u8(u8::from(stored.body_omitted));
+        out.put_u16(stored.status.as_u16());
+        out.put_u32(stored.headers.len() as u32);
+        for (name, value) in &stored.headers {
+            out.put_u32(name.as_str().len() as u32);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        out.put_u64(stored.body.len() as u64);
+        out.put_slice(&stored.body);
+        out.freeze()
+    }
+
+    /// Decodes what [`encode`](Self::encode) wrote. Never panics and never allocates more than
+    /// the input's length on any input.
+    pub fn decode(mut input: &[u8]) -> Result<Self, DecodeError> {
+        let buf = &mut input;
+        if take_u8(buf)? != FORMAT_VERSION {
+            return Err(DecodeError("unknown format version"));
+        }
+        let body_omitted = match take_u8(buf)? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError("invalid flags")),
+        };
+        let status = StatusCode::from_u16(take_u16(buf)?)
+            .map_err(|_| DecodeError("invalid status code"))?;
+        let count = take_u32(buf)? as usize;
+        // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
+        let mut headers = HeaderMap::with_capacity(count.min(buf.len() / 8));
+        for _ in 0..count {
+            let len = take_u32(buf)? as usize;
+            let name = HeaderName::from_bytes(take(buf, len)?)
+                .map_err(|_| DecodeError("invalid header name"))?;
+            let len = take_u32(buf)? as usize;
+            let value = HeaderValue::from_bytes(take(buf, len)?)
+                .map_err(|_| DecodeError("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
+        let body = Bytes::copy_from_slice(take(buf, len)?);
+        if !buf.is_empty() {
+            return Err(DecodeError("trailing bytes"));
+        }
+        Ok(Self(Arc::new(Stored {
+            status,
+            headers,
+            body,
+            body_omitted,
+        })))
+    }
+}
+
+const FORMAT_VERSION: u8 = 1;
+
+/// A stored response could not be decoded: the bytes are not what
+/// [`StoredResponse::encode`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeError(&'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid stored response: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn take<'a>(buf: &mut &'a [u8], len: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < len {
+        return Err(DecodeError("truncated"));
+    }
+    let (head, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(head)
+}
+
+fn take_u8(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    Ok(take(buf, 1)?.get_u8())
+}
+
+fn take_u16(buf: &mut &[u8]) -> Result<u16, DecodeError> {
+    Ok(take(buf, 2)?.get_u16())
+}
+
+fn take_u32(buf: &mut &[u8]) -> Result<u32, DecodeError> {
+    Ok(take(buf, 4)?.get_u32())
+}
+
+fn take_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
+    Ok(take(buf, 8)?.get_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::LOCATION, "/payments/1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"\x00\xffbody"))
+    }
+
+    #[test]
+    fn round_trip() {
+        let stored = sample();
+        assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
+        let omitted = StoredResponse::omitted(StatusCode::OK);
+        let back = StoredResponse::decode(&omitted.encode()).unwrap();
+        assert!(back.is_omitted());
+        assert_eq!(back.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(StoredResponse::decode(&bytes[..len]).is_err(), "len {len}");
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(StoredResponse::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
+        bytes.extend(u32::MAX.to_be_bytes());
+        assert!(StoredResponse::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn from_parts_drops_hop_by_hop_date_and_skipped() {
+        let mut response = http::Response::new(());
+        let h = response.headers_mut();
+        h.insert(header::DATE, "Mon, 23 Nov 2026 10:00:00 GMT".parse().unwrap());
+        h.insert(header::CONNECTION, "close".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("idempotency-key", "k".parse().unwrap());
+        h.insert("x-secret", "s".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        h.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        let (parts, ()) = response.into_parts();
+        let stored = StoredResponse::from_parts(
+            &parts,
+            Bytes::new(),
+            &HeaderName::from_static("idempotency-key"),
+            &[HeaderName::from_static("x-secret")],
+        );
+        let names: Vec<_> = stored.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "set-cookie"]);
+        assert_eq!(stored.headers().get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+}

@@ -1,0 +1,324 @@
+//! [`MemoryStore`]: a sharded in-memory store for a single server.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::time::Instant;
+
+use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+
+/// The default bound on records, live or expired but not yet pruned.
+pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+/// The default period of the background pruning of expired records.
+pub(crate) const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// When the store is full, expired records are pruned on demand at most this often, so a flood
+/// of new keys against a full store cannot turn every request into a full scan.
+const MIN_PRUNE_GAP: Duration = Duration::from_millis(500);
+
+/// An in-memory [`IdempotencyStore`] for a single server: a sharded concurrent map, atomic per
+/// record key.
+///
+/// - An expired record is invisible at once: `begin` treats it as absent.
+/// - Expired records are pruned by a background task (every 60 seconds by default), which holds
+///   only a weak reference to the store and ends when the store is dropped. It starts on first
+///   use, on the Tokio runtime of that call.
+/// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default).
+///   When it is full, expired records are pruned at once; if it is still full, a new key is
+///   refused with [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind::CapacityExceeded),
+///   which the layer answers with `503` and `Retry-After`. A live record is never evicted:
+///   that would let a retry run the handler a second time.
+///
+/// Cloning is cheap and shares the records. For a fleet of servers, use a shared store.
+///
+/// Its clock is Tokio's, so tests can use `tokio::time::pause` to expire records.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<RecordKey, Record>,
+    len: AtomicUsize,
+    max_entries: AtomicUsize,
+    prune_interval_ms: AtomicU64,
+    pruner_started: AtomicBool,
+    /// Milliseconds from `epoch` to the last on-demand prune.
+    last_prune_ms: AtomicU64,
+    epoch: Instant,
+}
+
+struct Record {
+    fingerprint: Fingerprint,
+    state: State,
+}
+
+enum State {
+    InFlight {
+        token: LockToken,
+        lease_until: Instant,
+    },
+    Completed {
+        response: StoredResponse,
+        expires_at: Instant,
+    },
+}
+
+impl Record {
+    fn in_flight(fingerprint: Fingerprint, token: LockToken, lease_until: Instant) -> Self {
+        Self {
+            fingerprint,
+            state: State::InFlight { token, lease_until },
+        }
+    }
+
+    /// A record is live while its lease (in flight) or its TTL (completed) lasts.
+    fn is_live(&self, now: Instant) -> bool {
+        match &self.state {
+            State::InFlight { lease_until, .. } => *lease_until > now,
+            State::Completed { expires_at, .. } => *expires_at > now,
+        }
+    }
+
+    /// What `begin` answers for a live record.
+    fn decide(&self, fingerprint: &Fingerprint) -> Begin {
+        if self.fingerprint != *fingerprint {
+            return Begin::Mismatch;
+        }
+        match &self.state {
+            State::InFlight { .. } => Begin::InFlight,
+            State::Completed { response, .. } => Begin::Completed(response.clone()),
+        }
+    }
+
+    fn held_by(&self, token: LockToken) -> bool {
+        matches!(self.state, State::InFlight { token: held, .. } if held == token)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with the default bound (1,000,000 records) and pruning period (60 s).
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                len: AtomicUsize::new(0),
+                max_entries: AtomicUsize::new(DEFAULT_MAX_ENTRIES),
+                prune_interval_ms: AtomicU64::new(DEFAULT_PRUNE_INTERVAL.as_millis() as u64),
+                pruner_started: AtomicBool::new(false),
+                last_prune_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// The most records the store holds; past it, new keys are refused (`503`).
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// let store = MemoryStore::new().max_entries(100_000);
+    /// ```
+    #[must_use]
+    pub fn max_entries(self, max: usize) -> Self {
+        self.inner.max_entries.store(max, Ordering::Relaxed);
+        self
+    }
+
+    /// How often the background task prunes expired records. Takes effect if set before the
+    /// store's first use.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// let store = MemoryStore::new().prune_interval(Duration::from_secs(10));
+    /// ```
+    #[must_use]
+    pub fn prune_interval(self, interval: Duration) -> Self {
+        let ms = interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        self.inner.prune_interval_ms.store(ms, Ordering::Relaxed);
+        self
+    }
+
+    /// The number of records held, live or expired but not yet pruned.
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Relaxed)
+    }
+
+    /// `true` when the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every expired record now; returns how many were removed.
+    pub fn prune(&self) -> usize {
+        self.inner.prune(Instant::now())
+    }
+
+    fn ensure_pruner(&self) {
+        let inner = &self.inner;
+        if inner.pruner_started.load(Ordering::Relaxed)
+            || inner.pruner_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            inner.pruner_started.store(false, Ordering::Release);
+            return;
+        };
+        let period = Duration::from_millis(inner.prune_interval_ms.load(Ordering::Relaxed));
+        runtime.spawn(prune_periodically(Arc::downgrade(inner), period));
+    }
+}
+
+/// The background pruner: it holds only a weak reference, so it ends at its first tick after
+/// the store is dropped.
+async fn prune_periodically(store: Weak<Inner>, period: Duration) {
+    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        inner.prune(Instant::now());
+    }
+}
+
+impl Inner {
+    fn prune(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        self.map.retain(|_, record| {
+            let live = record.is_live(now);
+            removed += usize::from(!live);
+            live
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    /// Prunes when the store is full, at most once per [`MIN_PRUNE_GAP`].
+    fn prune_if_full(&self, now: Instant) {
+        if self.len.load(Ordering::Relaxed) < self.max_entries.load(Ordering::Relaxed) {
+            return;
+        }
+        let now_ms = now.duration_since(self.epoch).as_millis() as u64;
+        let last = self.last_prune_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= MIN_PRUNE_GAP.as_millis() as u64;
+        if due
+            && self
+                .last_prune_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.prune(now);
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("max_entries", &self.inner.max_entries.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl IdempotencyStore for MemoryStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.ensure_pruner();
+        let inner = &*self.inner;
+        let now = Instant::now();
+        // Replays, 409 and 422 only read: a shared lock, and no copy of the key.
+        if let Some(record) = inner.map.get(key) {
+            if record.is_live(now) {
+                return Ok(record.decide(fingerprint));
+            }
+        }
+        inner.prune_if_full(now);
+        let token = LockToken::random();
+        let fresh = Record::in_flight(*fingerprint, token, now + lease);
+        // The entry holds the shard's write lock: the decision and the write are one step.
+        match inner.map.entry(key.clone()) {
+            MapEntry::Occupied(mut entry) => {
+                if entry.get().is_live(now) {
+                    return Ok(entry.get().decide(fingerprint));
+                }
+                // Expired, or in flight with its holder gone: the key is free again.
+                entry.insert(fresh);
+            }
+            MapEntry::Vacant(entry) => {
+                let max = inner.max_entries.load(Ordering::Relaxed);
+                if inner.len.fetch_add(1, Ordering::Relaxed) >= max {
+                    inner.len.fetch_sub(1, Ordering::Relaxed);
+                    return Err(StoreError::capacity_exceeded());
+                }
+                entry.insert(fresh);
+            }
+        }
+        Ok(Begin::Acquired(token))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        match self.inner.map.get_mut(key) {
+            Some(mut record) if record.held_by(token) => {
+                record.state = State::InFlight {
+                    token,
+                    lease_until: Instant::now() + lease,
+                };
+                Ok(())
+            }
+            _ => Err(StoreError::lease_lost()),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        match self.inner.map.get_mut(key) {
+            Some(mut record) if record.held_by(token) => {
+                record.state = State::Completed {
+                    response,
+                    expires_at: Instant::now() + ttl,
+                };
+                Ok(())
+            }
+            _ => Err(StoreError::lease_lost()),
+        }
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        match self.inner.map.remove_if(key, |_, record| record.held_by(token)) {
+            Some(_) => {
+                self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(StoreError::lease_lost()),
+        }
+    }
+}

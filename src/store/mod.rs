@@ -1,0 +1,361 @@
+//! The store contract: one atomic `begin`, then `complete` or `release`, fenced by a lock token.
+//!
+//! Every backend implements [`IdempotencyStore`]. The layer calls it like this for each request
+//! that carries a valid key:
+//!
+//! 1. [`begin`](IdempotencyStore::begin) decides, in one atomic step, what happens to the request
+//!    (see [`Begin`]). When it answers [`Begin::Acquired`], the caller holds the record's lease.
+//! 2. While the handler runs, [`renew`](IdempotencyStore::renew) extends the lease.
+//! 3. Then either [`complete`](IdempotencyStore::complete) stores the response, or
+//!    [`release`](IdempotencyStore::release) removes the record so that a retry runs again.
+//!
+//! `renew`, `complete` and `release` take the [`LockToken`] that `begin` returned; a store must
+//! refuse them with [`StoreErrorKind::LeaseLost`] when the record is no longer held by that token
+//! (its lease ran out and another request took it over). This fencing is what stops a slow or
+//! paused holder from overwriting its successor.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+mod error;
+#[cfg(feature = "memory")]
+pub(crate) mod memory;
+
+pub use error::{StoreError, StoreErrorKind};
+
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::tenant::TenantId;
+
+/// A store for idempotency records, shared by every request (and, for a shared store, by every
+/// server of a fleet).
+///
+/// Each method must be atomic per [`RecordKey`]: two `begin` calls for the same key, racing on
+/// two threads or two servers, must never both get [`Begin::Acquired`] for a live record.
+///
+/// # Implementing your own store
+///
+/// A store keeps, per record key, either an *in-flight* record (fingerprint, lock token, lease
+/// deadline) or a *completed* one (fingerprint, stored response, expiry). This toy store keeps
+/// them in a `Mutex<HashMap>`; it never holds the lock across an `.await`.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::{Duration, Instant};
+/// use tower_idempotency::{
+///     Begin, Fingerprint, IdempotencyStore, LockToken, RecordKey, StoreError, StoredResponse,
+/// };
+///
+/// enum State {
+///     InFlight { token: LockToken, lease_until: Instant },
+///     Completed { response: StoredResponse, expires_at: Instant },
+/// }
+///
+/// #[derive(Default)]
+/// struct MyStore(Mutex<HashMap<RecordKey, (Fingerprint, State)>>);
+///
+/// impl IdempotencyStore for MyStore {
+///     async fn begin(
+///         &self,
+///         key: &RecordKey,
+///         fingerprint: &Fingerprint,
+///         lease: Duration,
+///     ) -> Result<Begin, StoreError> {
+///         let now = Instant::now();
+///         let mut map = self.0.lock().unwrap();
+///         let live = match map.get(key) {
+///             Some((_, State::Completed { expires_at, .. })) => *expires_at > now,
+///             Some((_, State::InFlight { .. })) => true,
+///             None => false,
+///         };
+///         if live {
+///             let (stored_fp, state) = map.get(key).unwrap();
+///             if stored_fp != fingerprint {
+///                 return Ok(Begin::Mismatch);
+///             }
+///             match state {
+///                 State::Completed { response, .. } => return Ok(Begin::Completed(response.clone())),
+///                 State::InFlight { lease_until, .. } if *lease_until > now => {
+///                     return Ok(Begin::InFlight)
+///                 }
+///                 State::InFlight { .. } => {} // its holder died: take it over below
+///             }
+///         }
+///         let token = LockToken::random();
+///         let state = State::InFlight { token, lease_until: now + lease };
+///         map.insert(key.clone(), (*fingerprint, state));
+///         Ok(Begin::Acquired(token))
+///     }
+///
+///     async fn renew(&self, key: &RecordKey, token: LockToken, lease: Duration) -> Result<(), StoreError> {
+///         match self.0.lock().unwrap().get_mut(key) {
+///             Some((_, State::InFlight { token: t, lease_until })) if *t == token => {
+///                 *lease_until = Instant::now() + lease;
+///                 Ok(())
+///             }
+///             _ => Err(StoreError::lease_lost()),
+///         }
+///     }
+///
+///     async fn complete(
+///         &self,
+///         key: &RecordKey,
+///         token: LockToken,
+///         response: StoredResponse,
+///         ttl: Duration,
+///     ) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         match map.get_mut(key) {
+///             Some((_, state @ State::InFlight { .. })) if matches!(state, State::InFlight { token: t, .. } if *t == token) => {
+///                 *state = State::Completed { response, expires_at: Instant::now() + ttl };
+///                 Ok(())
+///             }
+///             _ => Err(StoreError::lease_lost()),
+///         }
+///     }
+///
+///     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         match map.get(key) {
+///             Some((_, State::InFlight { token: t, .. })) if *t == token => {
+///                 map.remove(key);
+///                 Ok(())
+///             }
+///             _ => Err(StoreError::lease_lost()),
+///         }
+///     }
+/// }
+///
+/// let layer = tower_idempotency::IdempotencyLayer::new(MyStore::default());
+/// # let _ = layer;
+/// ```
+///
+/// A real store also prunes expired records and bounds its size; see `MemoryStore`.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Atomically looks up the record for `key` and decides what the request does.
+    ///
+    /// A record is *live* while it is in flight with an unexpired lease, or completed and not
+    /// yet expired. Then:
+    ///
+    /// - no live record (none, an expired completed one, or an in-flight one whose lease ran out
+    ///   because its holder died): write an in-flight record holding `fingerprint`, a fresh
+    ///   [`LockToken`] and a lease of `lease`, and answer [`Begin::Acquired`] with that token;
+    /// - a live record whose fingerprint differs from `fingerprint`: [`Begin::Mismatch`],
+    ///   whatever its state;
+    /// - in flight with the same fingerprint: [`Begin::InFlight`];
+    /// - completed with the same fingerprint: [`Begin::Completed`] with the stored response.
+    fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Begin, StoreError>> + Send;
+
+    /// Extends the lease of an in-flight record held by `token` to `lease` from now.
+    ///
+    /// Fails with [`StoreErrorKind::LeaseLost`] when the record is gone or held by another token.
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Turns the in-flight record held by `token` into a completed one holding `response`, which
+    /// expires `ttl` from now.
+    ///
+    /// Fails with [`StoreErrorKind::LeaseLost`] when the record is gone or held by another token;
+    /// the record is then left as it is.
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the in-flight record held by `token`, so that the next request with its key runs.
+    ///
+    /// Fails with [`StoreErrorKind::LeaseLost`] when the record is gone or held by another token;
+    /// the record is then left as it is.
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
+    fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Begin, StoreError>> + Send {
+        (**self).begin(key, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).renew(key, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).complete(key, token, response, ttl)
+    }
+
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(key, token)
+    }
+}
+
+/// What [`IdempotencyStore::begin`] decided.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Begin {
+    /// The caller now holds the in-flight record: run the handler, then complete or release.
+    Acquired(LockToken),
+    /// Another request with the same key and fingerprint is running (`409`).
+    InFlight,
+    /// The request already completed: replay this response.
+    Completed(StoredResponse),
+    /// The key is bound to a different request (`422`).
+    Mismatch,
+}
+
+/// The identity of a record: the tenant's scope and the client's idempotency key.
+///
+/// Records of different tenants never meet, even when their keys are equal. The same tenant and
+/// key give the same `RecordKey` on every server, so a fleet shares one truth.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    tenant: TenantId,
+    key: Box<str>,
+}
+
+impl RecordKey {
+    /// Builds a record key from a tenant scope and an idempotency key (already validated).
+    pub fn new(tenant: TenantId, key: impl Into<Box<str>>) -> Self {
+        Self {
+            tenant,
+            key: key.into(),
+        }
+    }
+
+    /// The tenant scope.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// The idempotency key, unquoted, as the client sent it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordKey")
+            .field("tenant", &self.tenant)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// A display of the record key that is stable across processes and versions,
+/// `<tenant hex>:<key>`, for stores that address records by a string.
+impl fmt::Display for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.tenant, self.key)
+    }
+}
+
+/// Proof of holding an in-flight record, handed out by [`IdempotencyStore::begin`].
+///
+/// Tokens are 128 bits: a per-process random part and a counter, so tokens of different servers
+/// of a fleet do not collide.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A new token, unique within this process and, with overwhelming probability, across a
+    /// fleet.
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            hasher.write_u32(std::process::id());
+            hasher.finish()
+        });
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self((u128::from(seed) << 64) | u128::from(count))
+    }
+
+    /// Rebuilds a token from its 128-bit value, as read back from a store.
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token's 128-bit value, as written to a store.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockToken({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_tokens_are_unique_and_round_trip() {
+        let a = LockToken::random();
+        let b = LockToken::random();
+        assert_ne!(a, b);
+        assert_eq!(LockToken::from_u128(a.as_u128()), a);
+        assert_eq!(a.to_string().len(), 32);
+    }
+
+    #[test]
+    fn record_key_display_is_stable() {
+        let key = RecordKey::new(TenantId::shared(), "abc");
+        assert_eq!(key.to_string(), format!("{}:abc", TenantId::shared()));
+    }
+}
