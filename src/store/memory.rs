@@ -230,7 +230,10 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
-            .field("max_entries", &self.inner.max_entries.load(Ordering::Relaxed))
+            .field(
+                "max_entries",
+                &self.inner.max_entries.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -313,12 +316,160 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        match self.inner.map.remove_if(key, |_, record| record.held_by(token)) {
+        match self
+            .inner
+            .map
+            .remove_if(key, |_, record| record.held_by(token))
+        {
             Some(_) => {
                 self.inner.len.fetch_sub(1, Ordering::Relaxed);
                 Ok(())
             }
             None => Err(StoreError::lease_lost()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::TenantId;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn key(k: &str) -> RecordKey {
+        RecordKey::new(TenantId::shared(), k)
+    }
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::from_bytes([n; 32])
+    }
+
+    fn response() -> StoredResponse {
+        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"))
+    }
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(100);
+
+    async fn acquire(store: &MemoryStore, k: &str, n: u8) -> LockToken {
+        match store.begin(&key(k), &fp(n), LEASE).await.unwrap() {
+            Begin::Acquired(token) => token,
+            other => panic!("expected Acquired, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_are_invisible_at_once() {
+        let store = MemoryStore::new();
+        let token = acquire(&store, "a", 1).await;
+        store
+            .complete(&key("a"), token, response(), TTL)
+            .await
+            .unwrap();
+        tokio::time::advance(TTL - Duration::from_millis(1)).await;
+        assert!(matches!(
+            store.begin(&key("a"), &fp(2), LEASE).await.unwrap(),
+            Begin::Mismatch
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // Expired but not yet pruned: a new request takes the key, even a different one.
+        assert_eq!(store.len(), 1);
+        acquire(&store, "a", 2).await;
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_release_and_fencing() {
+        let store = MemoryStore::new();
+        let token = acquire(&store, "a", 1).await;
+        tokio::time::advance(LEASE / 2).await;
+        store.renew(&key("a"), token, LEASE).await.unwrap();
+        tokio::time::advance(LEASE / 2 + LEASE / 4).await;
+        assert!(matches!(
+            store.begin(&key("a"), &fp(1), LEASE).await.unwrap(),
+            Begin::InFlight
+        ));
+        tokio::time::advance(LEASE).await;
+        let taken = acquire(&store, "a", 1).await;
+        for result in [
+            store.renew(&key("a"), token, LEASE).await,
+            store.complete(&key("a"), token, response(), TTL).await,
+            store.release(&key("a"), token).await,
+        ] {
+            assert_eq!(result.unwrap_err().kind(), crate::StoreErrorKind::LeaseLost);
+        }
+        store.release(&key("a"), taken).await.unwrap();
+        assert!(store.is_empty());
+        assert_eq!(
+            store.release(&key("a"), taken).await.unwrap_err().kind(),
+            crate::StoreErrorKind::LeaseLost
+        );
+        // A completed record cannot be released.
+        let token = acquire(&store, "b", 1).await;
+        store
+            .complete(&key("b"), token, response(), TTL)
+            .await
+            .unwrap();
+        assert!(store.release(&key("b"), token).await.is_err());
+        assert!(matches!(
+            store.begin(&key("b"), &fp(1), LEASE).await.unwrap(),
+            Begin::Completed(r) if r.body() == "ok"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_background_pruner_prunes_and_ends_with_the_store() {
+        let store = MemoryStore::new().prune_interval(Duration::from_secs(5));
+        let token = acquire(&store, "a", 1).await;
+        store
+            .complete(&key("a"), token, response(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        acquire(&store, "b", 1).await; // in flight, lease 10 s
+        assert_eq!(store.len(), 2);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(store.len(), 1, "the expired completed record was pruned");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(store.is_empty(), "the dead in-flight record was pruned");
+
+        let weak = Arc::downgrade(&store.inner);
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 1, "the pruner is running");
+        drop(store);
+        assert!(
+            weak.upgrade().is_none(),
+            "the pruner holds no strong reference"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 0, "the pruner ended with the store");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_bound_holds_under_concurrent_inserts() {
+        let store = MemoryStore::new().max_entries(100);
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.begin(&key(&i.to_string()), &fp(1), LEASE).await })
+            })
+            .collect();
+        let mut acquired = 0;
+        let mut refused = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Begin::Acquired(_)) => acquired += 1,
+                Err(e) if e.kind() == crate::StoreErrorKind::CapacityExceeded => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 100);
+        assert_eq!(refused, 900);
+        assert_eq!(store.len(), 100);
     }
 }
