@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FlakyStore, Runs, api, post_with_key, send};
+use common::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome, RecordKey,
@@ -195,7 +195,7 @@ async fn a_dead_holder_is_taken_over_and_cannot_overwrite() {
 #[tokio::test]
 async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
     let runs = Runs::default();
-    let store = FlakyStore::default();
+    let store = FaultyStore::default();
     let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
     store.fail(true);
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
@@ -206,10 +206,10 @@ async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
     assert_eq!(reply.outcome, Some(Outcome::StoreError));
     assert_eq!(runs.get(), 0);
     // Requests without a key never touch the store.
-    let calls = store.calls.load(std::sync::atomic::Ordering::SeqCst);
+    let calls = store.total_calls();
     let plain = Request::post("/payments").body(Body::from("{}")).unwrap();
     assert_eq!(send(&app, plain).await.status, StatusCode::CREATED);
-    assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), calls);
+    assert_eq!(store.total_calls(), calls);
     // It recovers when the store is back.
     store.fail(false);
     assert_eq!(
@@ -229,7 +229,7 @@ async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
 #[tokio::test]
 async fn a_failing_store_runs_the_request_unprotected_when_fail_open() {
     let runs = Runs::default();
-    let store = FlakyStore::default();
+    let store = FaultyStore::default();
     let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).fail_open(true));
     store.fail(true);
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;

@@ -1,5 +1,5 @@
 //! Helpers shared by the behaviour tests: a small payments API and a way to send it requests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -168,67 +168,5 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
     }
 }
 
-/// A store that wraps `MemoryStore` and fails every call while `failing` is set.
-#[derive(Clone, Default)]
-pub struct FlakyStore {
-    pub inner: tower_idempotency::MemoryStore,
-    pub failing: Arc<std::sync::atomic::AtomicBool>,
-    pub calls: Arc<AtomicUsize>,
-}
-
-impl FlakyStore {
-    pub fn fail(&self, failing: bool) {
-        self.failing.store(failing, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> Result<(), tower_idempotency::StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.failing.load(Ordering::SeqCst) {
-            let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "store down");
-            return Err(tower_idempotency::StoreError::unavailable(io));
-        }
-        Ok(())
-    }
-}
-
-impl tower_idempotency::IdempotencyStore for FlakyStore {
-    async fn begin(
-        &self,
-        key: &tower_idempotency::RecordKey,
-        fingerprint: &tower_idempotency::Fingerprint,
-        lease: Duration,
-    ) -> Result<tower_idempotency::Begin, tower_idempotency::StoreError> {
-        self.check()?;
-        self.inner.begin(key, fingerprint, lease).await
-    }
-
-    async fn renew(
-        &self,
-        key: &tower_idempotency::RecordKey,
-        token: tower_idempotency::LockToken,
-        lease: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.check()?;
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &tower_idempotency::RecordKey,
-        token: tower_idempotency::LockToken,
-        response: tower_idempotency::StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.check()?;
-        self.inner.complete(key, token, response, ttl).await
-    }
-
-    async fn release(
-        &self,
-        key: &tower_idempotency::RecordKey,
-        token: tower_idempotency::LockToken,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.check()?;
-        self.inner.release(key, token).await
-    }
-}
+pub mod faults;
+pub use faults::{Fault, FaultyStore, Op};
