@@ -114,6 +114,7 @@ pub(crate) struct Guard<St: IdempotencyStore> {
     token: LockToken,
     timeout: Duration,
     state: GuardState,
+    started: tokio::time::Instant,
 }
 
 enum GuardState {
@@ -123,13 +124,20 @@ enum GuardState {
 }
 
 impl<St: IdempotencyStore> Guard<St> {
-    pub(crate) fn new(store: Arc<St>, key: RecordKey, token: LockToken, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<St>,
+        key: RecordKey,
+        token: LockToken,
+        timeout: Duration,
+        started: tokio::time::Instant,
+    ) -> Self {
         Self {
             store,
             key,
             token,
             timeout,
             state: GuardState::Held,
+            started,
         }
     }
 
@@ -202,7 +210,17 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.state, GuardState::Done) {
             GuardState::Done => {}
-            GuardState::Held => self.spawn_release(),
+            GuardState::Held => {
+                // The request was abandoned (client gone, handler panicked): no response
+                // reports this outcome, so the event does.
+                crate::outcome::emit(
+                    crate::Outcome::Released,
+                    Some(self.key.key()),
+                    Some(self.key.tenant()),
+                    self.started.elapsed(),
+                );
+                self.spawn_release();
+            }
             GuardState::Completing(response, ttl) => {
                 let Ok(handle) = tokio::runtime::Handle::try_current() else {
                     return;
