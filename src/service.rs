@@ -22,7 +22,7 @@ use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
 use crate::error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::{Fingerprint, Hasher};
 use crate::future::{Guard, ResponseFuture, timed};
-use crate::key::{self, KeyError, ParsedKey};
+use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::layer::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
 use crate::outcome::{self, Outcome};
 use crate::response::StoredResponse;
@@ -183,7 +183,7 @@ where
 async fn run<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
-    parts: Parts,
+    mut parts: Parts,
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
@@ -273,6 +273,9 @@ where
             return Ok(done(render(&shared, &problem), Outcome::Mismatch));
         }
         Err(_) if config.fail_open => {
+            parts
+                .extensions
+                .insert(IdempotencyKey::from_record(&record));
             let req = Request::from_parts(parts, RequestBody::buffered(chunks));
             let mut response = inner.call(req).await?.map(ResponseBody::inner);
             response.headers_mut().insert(
@@ -300,6 +303,9 @@ where
         config.store_timeout,
         started,
     );
+    parts
+        .extensions
+        .insert(IdempotencyKey::from_record(guard.key()));
     let req = Request::from_parts(parts, RequestBody::buffered(chunks));
     let response = {
         let mut handler = pin!(inner.call(req));
