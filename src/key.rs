@@ -172,7 +172,7 @@ mod tests {
     use super::*;
 
     fn ok(value: &[u8]) -> String {
-        parse_value(value).unwrap().into()
+        parse_value(value).unwrap().to_string()
     }
 
     fn invalid(value: &[u8]) -> bool {
