@@ -181,16 +181,7 @@ impl<St: IdempotencyStore> Guard<St> {
     }
 
     fn spawn_release(&self) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, key, token, timeout) = (
-            self.store.clone(),
-            self.key.clone(),
-            self.token,
-            self.timeout,
-        );
-        handle.spawn(async move {
+        self.spawn_with(|store, key, token, timeout| async move {
             let mut backoff = Duration::from_millis(50);
             for _ in 0..4 {
                 match timed(timeout, store.release(&key, token)).await {
@@ -203,6 +194,19 @@ impl<St: IdempotencyStore> Guard<St> {
                 }
             }
         });
+    }
+
+    /// Runs `task` on the current Tokio runtime, detached from this request. Without a runtime
+    /// (it is shutting down), nothing runs and the lease ends by itself.
+    fn spawn_with<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Arc<St>, RecordKey, LockToken, Duration) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            handle.spawn(task(store, key, self.token, self.timeout));
+        }
     }
 }
 
@@ -222,16 +226,7 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 self.spawn_release();
             }
             GuardState::Completing(response, ttl) => {
-                let Ok(handle) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                let (store, key, token, timeout) = (
-                    self.store.clone(),
-                    self.key.clone(),
-                    self.token,
-                    self.timeout,
-                );
-                handle.spawn(async move {
+                self.spawn_with(|store, key, token, timeout| async move {
                     let _ = timed(timeout, store.complete(&key, token, response, ttl)).await;
                 });
             }
