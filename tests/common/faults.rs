@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, RecordKey, StoreError,
-    StoredResponse,
+    StoredResponse, TenantId,
 };
 
 /// A store call.
@@ -39,10 +39,14 @@ struct Plan {
 }
 
 /// Wraps a store (a `MemoryStore` by default) and injects faults.
+///
+/// Each wrapper puts its records in a namespace of its own (a tenant derived from a fresh lock
+/// token), so tests sharing one Redis or PostgreSQL server never meet.
 #[derive(Clone)]
 pub struct FaultyStore<S = MemoryStore> {
     pub inner: S,
     plan: Arc<Mutex<Plan>>,
+    namespace: LockToken,
 }
 
 impl Default for FaultyStore {
@@ -56,7 +60,14 @@ impl<S> FaultyStore<S> {
         Self {
             inner,
             plan: Arc::default(),
+            namespace: LockToken::random(),
         }
+    }
+
+    fn scoped(&self, key: &RecordKey) -> RecordKey {
+        let mut scope = self.namespace.as_u128().to_be_bytes().to_vec();
+        scope.extend_from_slice(key.tenant().as_bytes());
+        RecordKey::new(TenantId::from_bytes(scope), key.shared_key().clone())
     }
 
     /// Every later `op` call suffers `fault`.
@@ -152,6 +163,7 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyStore<S> {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        let key = &self.scoped(key);
         self.apply(Op::Begin, self.inner.begin(key, fingerprint, lease))
             .await
     }
@@ -162,6 +174,7 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyStore<S> {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        let key = &self.scoped(key);
         self.apply(Op::Renew, self.inner.renew(key, token, lease))
             .await
     }
@@ -173,11 +186,13 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyStore<S> {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        let key = &self.scoped(key);
         self.apply(Op::Complete, self.inner.complete(key, token, response, ttl))
             .await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let key = &self.scoped(key);
         self.apply(Op::Release, self.inner.release(key, token))
             .await
     }
