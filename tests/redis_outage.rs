@@ -58,6 +58,22 @@ impl Server {
         }
     }
 
+    /// Sends `signal` to the server: `STOP` freezes it (connections hang, as with a server
+    /// that stopped answering), `CONT` wakes it.
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the server runs")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
     /// Kills the server, as a crash would.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -89,6 +105,32 @@ async fn outage_answers_503_then_recovers_without_rebuilding_the_store() {
     assert_eq!(before.status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);
 
+    // A server that hangs: every store call runs into the store timeout, answered by 503.
+    server.signal("STOP");
+    for key in ["while-frozen", "before-outage"] {
+        let started = Instant::now();
+        let reply = send(&app, payment(key, "{}")).await;
+        reply.assert_store_unavailable();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(250),
+            "the store timeout ran: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(2),
+            "a 503 after the store timeout: {elapsed:?}"
+        );
+    }
+    server.signal("CONT");
+    let thawed = eventually(Duration::from_secs(30), async || {
+        let reply = send(&app, payment("before-outage", "{}")).await;
+        reply.status == StatusCode::CREATED && reply.replayed()
+    })
+    .await;
+    assert!(thawed, "the store answers again once the server does");
+    assert_eq!(runs.get(), 1, "nothing ran while the server hung");
+
+    // A server that died.
     server.kill();
     for key in ["during-outage", "before-outage", "during-outage", "another"] {
         let started = Instant::now();

@@ -173,11 +173,17 @@ pub async fn two_servers_run_the_handler_once<S: IdempotencyStore>(a: S, b: S) {
         server(b, &runs, Duration::from_millis(100), |l| l),
     ];
     let key = unique_key("two-servers");
+    // Spread over 240 ms, so that duplicates arrive both while the handler runs (409) and after
+    // it completed (replay).
     let tasks: Vec<_> = (0..REQUESTS)
         .map(|i| {
             let app = servers[i % 2].clone();
             let request = payment(&key, r#"{"amount":100}"#);
-            tokio::spawn(async move { send(&app, request).await })
+            let delay = Duration::from_millis(10 * (i as u64 % 25));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                send(&app, request).await
+            })
         })
         .collect();
     let mut replies = Vec::with_capacity(REQUESTS);
@@ -207,6 +213,7 @@ pub async fn two_servers_run_the_handler_once<S: IdempotencyStore>(a: S, b: S) {
         }
     }
     assert_eq!(conflicts + replays, REQUESTS - 1);
+    assert!(conflicts > 0, "duplicates sent with the first one got 409");
     eprintln!("two servers: 1 run, {conflicts} conflicts, {replays} replays");
 
     for app in &servers {
