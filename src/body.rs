@@ -102,9 +102,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            RequestBodyProj::Buffered { first, rest } => {
-                Poll::Ready(first.take().or_else(|| rest.pop_front()).map(|d| Ok(Frame::data(d))))
-            }
+            RequestBodyProj::Buffered { first, rest } => Poll::Ready(
+                first
+                    .take()
+                    .or_else(|| rest.pop_front())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
             RequestBodyProj::Streaming { body } => poll_bytes(body, cx),
         }
     }

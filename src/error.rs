@@ -105,7 +105,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub(crate) fn new(code: ErrorCode, status: StatusCode, detail: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn new(
+        code: ErrorCode,
+        status: StatusCode,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             code,
             status,
@@ -223,15 +227,27 @@ mod tests {
 
     #[test]
     fn problem_json_has_every_member() {
-        let problem = Problem::new(ErrorCode::KeyReuse, StatusCode::UNPROCESSABLE_ENTITY, "reused");
+        let problem = Problem::new(
+            ErrorCode::KeyReuse,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reused",
+        );
         let response = ProblemJson.render(&problem);
         assert_eq!(response.status(), 422);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(body["code"], "idempotency_key_reuse");
         assert_eq!(body["status"], 422);
         assert_eq!(body["title"], "Idempotency key reused");
         assert_eq!(body["detail"], "reused");
-        assert!(body["type"].as_str().unwrap().ends_with("#variant.KeyReuse"));
+        assert!(
+            body["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#variant.KeyReuse")
+        );
     }
 }

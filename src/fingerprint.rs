@@ -95,13 +95,47 @@ impl Hasher {
         match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(value) => {
                 self.sha.update([1]);
-                let mut writer = ShaWriter(self);
-                // `serde_json::Value` keeps object keys sorted; writing into a hasher cannot fail.
-                let _ = serde_json::to_writer(&mut writer, &value);
+                self.canonical(&value);
             }
             Err(_) => {
                 self.sha.update([0]);
                 self.body(body);
+            }
+        }
+    }
+
+    /// Writes `value` with object keys sorted and no whitespace. Keys are sorted here, not left
+    /// to `serde_json`, whose maps keep insertion order when its `preserve_order` feature is on.
+    fn canonical(&mut self, value: &serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::Array(items) => {
+                self.body(b"[");
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        self.body(b",");
+                    }
+                    self.canonical(item);
+                }
+                self.body(b"]");
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                self.body(b"{");
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        self.body(b",");
+                    }
+                    // Writing into a hasher cannot fail.
+                    let _ = serde_json::to_writer(ShaWriter(self), key);
+                    self.body(b":");
+                    self.canonical(item);
+                }
+                self.body(b"}");
+            }
+            scalar => {
+                let _ = serde_json::to_writer(ShaWriter(self), scalar);
             }
         }
     }
@@ -182,7 +216,8 @@ mod tests {
         let ct = [http::header::CONTENT_TYPE];
         let a = parts("POST", "/a");
         let mut b = parts("POST", "/a");
-        b.headers.insert("content-type", "text/plain".parse().unwrap());
+        b.headers
+            .insert("content-type", "text/plain".parse().unwrap());
         let hash = |p: &Parts, names: &[HeaderName]| Hasher::new(p, names).finish();
         assert_ne!(hash(&a, &ct), hash(&b, &ct));
         assert_eq!(hash(&a, &[]), hash(&b, &[]));
@@ -199,6 +234,11 @@ mod tests {
         assert_eq!(json(br#"{"a":1,"b":2}"#), json(br#"{ "b": 2, "a": 1 }"#));
         assert_ne!(json(br#"{"a":1,"b":2}"#), json(br#"{"a":1,"b":3}"#));
         assert_ne!(json(br#"[1,2]"#), json(br#"[2,1]"#));
+        assert_eq!(
+            json(br#"{"z":[{"b":1,"a":"x\"y"}],"a":null}"#),
+            json(br#"{"a":null,"z":[{"a":"x\"y","b":1}]}"#)
+        );
+        assert_ne!(json(br#"{"a":"1"}"#), json(br#"{"a":1}"#));
         assert_eq!(json(b"not json"), json(b"not json"));
         assert_ne!(json(b"not json"), json(b"not json "));
     }

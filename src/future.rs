@@ -70,9 +70,9 @@ where
             KindProj::Passthrough { future } => future
                 .poll(cx)
                 .map(|result| result.map(|response| response.map(ResponseBody::inner))),
-            KindProj::Ready { response } => {
-                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
-            }
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
             KindProj::Idempotent { future } => future.as_mut().poll(cx),
         }
     }
@@ -85,7 +85,9 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
             Kind::Ready { .. } => "Ready",
             Kind::Idempotent { .. } => "Idempotent",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -174,8 +176,12 @@ impl<St: IdempotencyStore> Guard<St> {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (store, key, token, timeout) =
-            (self.store.clone(), self.key.clone(), self.token, self.timeout);
+        let (store, key, token, timeout) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.timeout,
+        );
         handle.spawn(async move {
             let mut backoff = Duration::from_millis(50);
             for _ in 0..4 {
@@ -201,8 +207,12 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 let Ok(handle) = tokio::runtime::Handle::try_current() else {
                     return;
                 };
-                let (store, key, token, timeout) =
-                    (self.store.clone(), self.key.clone(), self.token, self.timeout);
+                let (store, key, token, timeout) = (
+                    self.store.clone(),
+                    self.key.clone(),
+                    self.token,
+                    self.timeout,
+                );
                 handle.spawn(async move {
                     let _ = timed(timeout, store.complete(&key, token, response, ttl)).await;
                 });

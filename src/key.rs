@@ -120,7 +120,10 @@ mod tests {
         assert_eq!(ok(b"abc"), "abc");
         assert_eq!(ok(b"\"abc\""), "abc");
         assert_eq!(ok(b"\"a\\\"b\\\\c\""), "a\"b\\c");
-        assert_eq!(ok(b"8e03978e-40d5-43e8-bc93-6894a57f9324"), "8e03978e-40d5-43e8-bc93-6894a57f9324");
+        assert_eq!(
+            ok(b"8e03978e-40d5-43e8-bc93-6894a57f9324"),
+            "8e03978e-40d5-43e8-bc93-6894a57f9324"
+        );
         assert_eq!(ok(b"a\"b"), "a\"b");
     }
 

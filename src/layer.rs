@@ -425,7 +425,11 @@ mod tests {
             (503, false),
             (101, false),
         ] {
-            assert_eq!(set.contains(StatusCode::from_u16(code).unwrap()), stored, "{code}");
+            assert_eq!(
+                set.contains(StatusCode::from_u16(code).unwrap()),
+                stored,
+                "{code}"
+            );
         }
     }
 

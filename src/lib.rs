@@ -127,3 +127,32 @@ pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,
     TenantRejection,
 };
+
+/// Entry points for the fuzz targets in `fuzz/` (built with `--cfg fuzzing` only).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use http::request::Parts;
+
+    /// Parses an `Idempotency-Key` header value; `None` when it is not a valid key.
+    pub fn parse_key(value: &[u8]) -> Option<Box<str>> {
+        crate::key::parse_value(value).ok()
+    }
+
+    /// The fingerprint of a request whose body arrives in `chunks`.
+    pub fn fingerprint(
+        parts: &Parts,
+        chunks: &[&[u8]],
+        canonical_json: bool,
+    ) -> crate::Fingerprint {
+        let mut hasher = crate::fingerprint::Hasher::new(parts, &[]);
+        if canonical_json {
+            hasher.json_body(&chunks.concat());
+        } else {
+            for chunk in chunks {
+                hasher.body(chunk);
+            }
+        }
+        hasher.finish()
+    }
+}

@@ -156,8 +156,8 @@ impl StoredResponse {
             1 => true,
             _ => return Err(DecodeError("invalid flags")),
         };
-        let status = StatusCode::from_u16(take_u16(buf)?)
-            .map_err(|_| DecodeError("invalid status code"))?;
+        let status =
+            StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
         let count = take_u32(buf)? as usize;
         // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
         let mut headers = HeaderMap::with_capacity(count.min(buf.len() / 8));
@@ -233,7 +233,11 @@ mod tests {
         headers.insert(header::LOCATION, "/payments/1".parse().unwrap());
         headers.append(header::SET_COOKIE, "a=1".parse().unwrap());
         headers.append(header::SET_COOKIE, "b=2".parse().unwrap());
-        StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"\x00\xffbody"))
+        StoredResponse::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(b"\x00\xffbody"),
+        )
     }
 
     #[test]
@@ -268,7 +272,10 @@ mod tests {
     fn from_parts_drops_hop_by_hop_date_and_skipped() {
         let mut response = http::Response::new(());
         let h = response.headers_mut();
-        h.insert(header::DATE, "Mon, 23 Nov 2026 10:00:00 GMT".parse().unwrap());
+        h.insert(
+            header::DATE,
+            "Mon, 23 Nov 2026 10:00:00 GMT".parse().unwrap(),
+        );
         h.insert(header::CONNECTION, "close".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
@@ -286,6 +293,9 @@ mod tests {
         );
         let names: Vec<_> = stored.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["content-type", "set-cookie"]);
-        assert_eq!(stored.headers().get_all(header::SET_COOKIE).iter().count(), 2);
+        assert_eq!(
+            stored.headers().get_all(header::SET_COOKIE).iter().count(),
+            2
+        );
     }
 }

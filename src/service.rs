@@ -130,8 +130,11 @@ where
         let tenant = match shared.tenant.extract(&parts) {
             Ok(tenant) => tenant,
             Err(rejection) => {
-                let problem =
-                    Problem::new(ErrorCode::TenantRejected, rejection.status(), rejection.detail().to_owned());
+                let problem = Problem::new(
+                    ErrorCode::TenantRejected,
+                    rejection.status(),
+                    rejection.detail().to_owned(),
+                );
                 return ResponseFuture::ready(refuse(
                     shared,
                     problem,
@@ -186,7 +189,12 @@ where
     let (chunks, fingerprint) = match read_body(body, &parts, config).await {
         Ok(read) => read,
         Err(BodyError::TooLarge) => {
-            return Ok(refuse(&shared, too_large(config), Outcome::TooLarge, Some(&key)));
+            return Ok(refuse(
+                &shared,
+                too_large(config),
+                Outcome::TooLarge,
+                Some(&key),
+            ));
         }
         Err(BodyError::Read) => {
             let problem = Problem::new(
@@ -199,7 +207,16 @@ where
     };
     let ParsedKey { key: key_str, raw } = key;
     let record = RecordKey::new(tenant, key_str);
-    let done = |response, outcome| finish(response, outcome, config, Some(&raw), Some(&record), started);
+    let done = |response, outcome| {
+        finish(
+            response,
+            outcome,
+            config,
+            Some(&raw),
+            Some(&record),
+            started,
+        )
+    };
 
     let begin = timed(
         config.store_timeout,
@@ -290,7 +307,14 @@ where
     if !config.cache_policy.contains(status) {
         let _ = guard.release().await;
         let response = response.map(ResponseBody::inner);
-        return Ok(finish(response, Outcome::Released, config, Some(&raw), Some(guard.key()), started));
+        return Ok(finish(
+            response,
+            Outcome::Released,
+            config,
+            Some(&raw),
+            Some(guard.key()),
+            started,
+        ));
     }
     let (head, body) = response.into_parts();
     let body = match read_response(body, config.max_response_bytes).await {
@@ -306,7 +330,9 @@ where
             ResponseBody::full(bytes)
         }
         ResponseRead::TooLarge { prefix, rest } => {
-            let _ = guard.complete(StoredResponse::omitted(status), config.ttl).await;
+            let _ = guard
+                .complete(StoredResponse::omitted(status), config.ttl)
+                .await;
             ResponseBody::from(ResponseKind::Prefixed {
                 prefix: Some(prefix.to_bytes()),
                 body: rest,
@@ -321,11 +347,25 @@ where
                     error: Some(error),
                 }),
             );
-            return Ok(finish(response, Outcome::Released, config, Some(&raw), Some(guard.key()), started));
+            return Ok(finish(
+                response,
+                Outcome::Released,
+                config,
+                Some(&raw),
+                Some(guard.key()),
+                started,
+            ));
         }
     };
     let response = Response::from_parts(head, body);
-    Ok(finish(response, Outcome::Executed, config, Some(&raw), Some(guard.key()), started))
+    Ok(finish(
+        response,
+        Outcome::Executed,
+        config,
+        Some(&raw),
+        Some(guard.key()),
+        started,
+    ))
 }
 
 /// Adds what every response to a keyed request carries: the echoed key (exactly as the client
@@ -345,7 +385,9 @@ fn finish<B>(
         started.elapsed(),
     );
     if let Some(raw) = raw_key {
-        response.headers_mut().insert(config.header.clone(), raw.clone());
+        response
+            .headers_mut()
+            .insert(config.header.clone(), raw.clone());
     }
     response.extensions_mut().insert(outcome);
     response
@@ -383,7 +425,11 @@ fn too_large(config: &Config) -> Problem {
         "The request body is larger than the {} bytes allowed for idempotent requests.",
         config.max_body_bytes
     );
-    Problem::new(ErrorCode::BodyTooLarge, StatusCode::PAYLOAD_TOO_LARGE, detail)
+    Problem::new(
+        ErrorCode::BodyTooLarge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        detail,
+    )
 }
 
 fn content_length(parts: &Parts) -> Option<u64> {

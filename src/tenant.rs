@@ -36,7 +36,9 @@ impl TenantId {
                 Ok(())
             }
         }
-        let mut writer = HashWriter(Sha256::new_with_prefix(b"tower-idempotency:tenant:display\0"));
+        let mut writer = HashWriter(Sha256::new_with_prefix(
+            b"tower-idempotency:tenant:display\0",
+        ));
         // Writing into a hasher cannot fail; a `Display` that reports an error still hashes
         // what it wrote.
         let _ = write!(writer, "{value}");
@@ -283,7 +285,10 @@ mod tests {
         let err = extractor.extract(&parts(|b| b)).unwrap_err();
         assert_eq!(err.status(), StatusCode::UNAUTHORIZED);
         let twice = parts(|b| b.header("x-tenant", "a").header("x-tenant", "b"));
-        assert_eq!(extractor.extract(&twice).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            extractor.extract(&twice).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
         let optional = extractor.clone().optional();
         assert_eq!(optional.extract(&parts(|b| b)).unwrap(), TenantId::shared());
         let one = parts(|b| b.header("x-tenant", "a"));
@@ -306,7 +311,10 @@ mod tests {
         );
         let one = parts(|b| b.extension(Account(1)));
         let two = parts(|b| b.extension(Account(2)));
-        assert_ne!(extractor.extract(&one).unwrap(), extractor.extract(&two).unwrap());
+        assert_ne!(
+            extractor.extract(&one).unwrap(),
+            extractor.extract(&two).unwrap()
+        );
         assert_eq!(
             extractor.extract(&one).unwrap(),
             TenantId::from_display(&"acct-1")

@@ -59,7 +59,10 @@ impl StoreError {
 
     /// The caller's lock token no longer holds the record.
     pub fn lease_lost() -> Self {
-        Self::msg(StoreErrorKind::LeaseLost, "the record is no longer held by this lock token")
+        Self::msg(
+            StoreErrorKind::LeaseLost,
+            "the record is no longer held by this lock token",
+        )
     }
 
     /// The store holds its maximum number of live records.
@@ -138,6 +141,10 @@ mod tests {
     fn messages_describe_the_kind() {
         assert_eq!(StoreError::lease_lost().kind(), StoreErrorKind::LeaseLost);
         assert!(StoreError::capacity_exceeded().to_string().contains("full"));
-        assert!(StoreError::timeout(std::time::Duration::from_secs(1)).source().is_none());
+        assert!(
+            StoreError::timeout(std::time::Duration::from_secs(1))
+                .source()
+                .is_none()
+        );
     }
 }

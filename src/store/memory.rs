@@ -15,6 +15,14 @@ use crate::response::StoredResponse;
 
 /// The default bound on records, live or expired but not yet pruned.
 pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+/// The default bound on the bytes held by records (keys, stored headers and bodies, and a fixed
+/// estimate of each record's own overhead).
+pub(crate) const DEFAULT_MAX_BYTES: usize = 1 << 30;
+/// The estimated bytes a record takes besides its key and response: the map entry, the record,
+/// the stored response's allocation and the header map's table.
+const RECORD_OVERHEAD: usize = 256;
+/// The estimated bytes a stored header takes besides its name and value.
+const HEADER_OVERHEAD: usize = 32;
 /// The default period of the background pruning of expired records.
 pub(crate) const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// When the store is full, expired records are pruned on demand at most this often, so a flood
@@ -28,8 +36,10 @@ const MIN_PRUNE_GAP: Duration = Duration::from_millis(500);
 /// - Expired records are pruned by a background task (every 60 seconds by default), which holds
 ///   only a weak reference to the store and ends when the store is dropped. It starts on first
 ///   use, on the Tokio runtime of that call.
-/// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default).
-///   When it is full, expired records are pruned at once; if it is still full, a new key is
+/// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default)
+///   and about [`max_bytes`](Self::max_bytes) bytes of keys and stored responses (1 GiB by
+///   default). When it is full, expired records are pruned at once; if it is still full, a new
+///   key is
 ///   refused with [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind::CapacityExceeded),
 ///   which the layer answers with `503` and `Retry-After`. A live record is never evicted:
 ///   that would let a retry run the handler a second time.
@@ -45,7 +55,9 @@ pub struct MemoryStore {
 struct Inner {
     map: DashMap<RecordKey, Record>,
     len: AtomicUsize,
+    bytes: AtomicUsize,
     max_entries: AtomicUsize,
+    max_bytes: AtomicUsize,
     prune_interval_ms: AtomicU64,
     pruner_started: AtomicBool,
     /// Milliseconds from `epoch` to the last on-demand prune.
@@ -56,6 +68,8 @@ struct Inner {
 struct Record {
     fingerprint: Fingerprint,
     state: State,
+    /// The bytes this record counts for in the store's budget.
+    size: usize,
 }
 
 enum State {
@@ -70,11 +84,26 @@ enum State {
 }
 
 impl Record {
-    fn in_flight(fingerprint: Fingerprint, token: LockToken, lease_until: Instant) -> Self {
+    fn in_flight(
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        token: LockToken,
+        lease_until: Instant,
+    ) -> Self {
         Self {
             fingerprint,
             state: State::InFlight { token, lease_until },
+            size: RECORD_OVERHEAD + key.key().len(),
         }
+    }
+
+    fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
+        let headers: usize = response
+            .headers()
+            .iter()
+            .map(|(name, value)| HEADER_OVERHEAD + name.as_str().len() + value.len())
+            .sum();
+        RECORD_OVERHEAD + key.key().len() + headers + response.body().len()
     }
 
     /// A record is live while its lease (in flight) or its TTL (completed) lasts.
@@ -108,7 +137,9 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 map: DashMap::new(),
                 len: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
                 max_entries: AtomicUsize::new(DEFAULT_MAX_ENTRIES),
+                max_bytes: AtomicUsize::new(DEFAULT_MAX_BYTES),
                 prune_interval_ms: AtomicU64::new(DEFAULT_PRUNE_INTERVAL.as_millis() as u64),
                 pruner_started: AtomicBool::new(false),
                 last_prune_ms: AtomicU64::new(0),
@@ -127,6 +158,27 @@ impl MemoryStore {
     pub fn max_entries(self, max: usize) -> Self {
         self.inner.max_entries.store(max, Ordering::Relaxed);
         self
+    }
+
+    /// About how many bytes of keys and stored responses the store holds (with a fixed estimate
+    /// per record and per header for their own overhead); past it, new keys are refused (`503`).
+    /// A response completing while the store is full is still stored, so the bound can be
+    /// passed by the responses of the requests already in flight.
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// let store = MemoryStore::new().max_bytes(256 * 1024 * 1024);
+    /// ```
+    #[must_use]
+    pub fn max_bytes(self, max: usize) -> Self {
+        self.inner.max_bytes.store(max, Ordering::Relaxed);
+        self
+    }
+
+    /// About how many bytes the records hold, as counted against
+    /// [`max_bytes`](Self::max_bytes).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
     }
 
     /// How often the background task prunes expired records. Takes effect if set before the
@@ -191,19 +243,37 @@ async fn prune_periodically(store: Weak<Inner>, period: Duration) {
 
 impl Inner {
     fn prune(&self, now: Instant) -> usize {
-        let mut removed = 0;
+        let (mut removed, mut bytes) = (0, 0);
         self.map.retain(|_, record| {
             let live = record.is_live(now);
-            removed += usize::from(!live);
+            if !live {
+                removed += 1;
+                bytes += record.size;
+            }
             live
         });
         self.len.fetch_sub(removed, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         removed
+    }
+
+    fn is_full(&self) -> bool {
+        self.len.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed)
+            || self.bytes.load(Ordering::Relaxed) >= self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Moves the byte count from a record's old size to its new one.
+    fn resize(&self, old: usize, new: usize) {
+        if new >= old {
+            self.bytes.fetch_add(new - old, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_sub(old - new, Ordering::Relaxed);
+        }
     }
 
     /// Prunes when the store is full, at most once per [`MIN_PRUNE_GAP`].
     fn prune_if_full(&self, now: Instant) {
-        if self.len.load(Ordering::Relaxed) < self.max_entries.load(Ordering::Relaxed) {
+        if !self.is_full() {
             return;
         }
         let now_ms = now.duration_since(self.epoch).as_millis() as u64;
@@ -230,7 +300,12 @@ impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
-            .field("max_entries", &self.inner.max_entries.load(Ordering::Relaxed))
+            .field(
+                "max_entries",
+                &self.inner.max_entries.load(Ordering::Relaxed),
+            )
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.inner.max_bytes.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -253,7 +328,7 @@ impl IdempotencyStore for MemoryStore {
         }
         inner.prune_if_full(now);
         let token = LockToken::random();
-        let fresh = Record::in_flight(*fingerprint, token, now + lease);
+        let fresh = Record::in_flight(key, *fingerprint, token, now + lease);
         // The entry holds the shard's write lock: the decision and the write are one step.
         match inner.map.entry(key.clone()) {
             MapEntry::Occupied(mut entry) => {
@@ -261,14 +336,18 @@ impl IdempotencyStore for MemoryStore {
                     return Ok(entry.get().decide(fingerprint));
                 }
                 // Expired, or in flight with its holder gone: the key is free again.
+                inner.resize(entry.get().size, fresh.size);
                 entry.insert(fresh);
             }
             MapEntry::Vacant(entry) => {
                 let max = inner.max_entries.load(Ordering::Relaxed);
-                if inner.len.fetch_add(1, Ordering::Relaxed) >= max {
+                let over_bytes =
+                    inner.bytes.load(Ordering::Relaxed) >= inner.max_bytes.load(Ordering::Relaxed);
+                if inner.len.fetch_add(1, Ordering::Relaxed) >= max || over_bytes {
                     inner.len.fetch_sub(1, Ordering::Relaxed);
                     return Err(StoreError::capacity_exceeded());
                 }
+                inner.bytes.fetch_add(fresh.size, Ordering::Relaxed);
                 entry.insert(fresh);
             }
         }
@@ -302,6 +381,9 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         match self.inner.map.get_mut(key) {
             Some(mut record) if record.held_by(token) => {
+                let size = Record::completed_size(key, &response);
+                self.inner.resize(record.size, size);
+                record.size = size;
                 record.state = State::Completed {
                     response,
                     expires_at: Instant::now() + ttl,
@@ -313,12 +395,189 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        match self.inner.map.remove_if(key, |_, record| record.held_by(token)) {
-            Some(_) => {
+        match self
+            .inner
+            .map
+            .remove_if(key, |_, record| record.held_by(token))
+        {
+            Some((_, record)) => {
                 self.inner.len.fetch_sub(1, Ordering::Relaxed);
+                self.inner.bytes.fetch_sub(record.size, Ordering::Relaxed);
                 Ok(())
             }
             None => Err(StoreError::lease_lost()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::TenantId;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn key(k: &str) -> RecordKey {
+        RecordKey::new(TenantId::shared(), k)
+    }
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::from_bytes([n; 32])
+    }
+
+    fn response() -> StoredResponse {
+        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"))
+    }
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(100);
+
+    async fn acquire(store: &MemoryStore, k: &str, n: u8) -> LockToken {
+        match store.begin(&key(k), &fp(n), LEASE).await.unwrap() {
+            Begin::Acquired(token) => token,
+            other => panic!("expected Acquired, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_are_invisible_at_once() {
+        let store = MemoryStore::new();
+        let token = acquire(&store, "a", 1).await;
+        store
+            .complete(&key("a"), token, response(), TTL)
+            .await
+            .unwrap();
+        tokio::time::advance(TTL - Duration::from_millis(1)).await;
+        assert!(matches!(
+            store.begin(&key("a"), &fp(2), LEASE).await.unwrap(),
+            Begin::Mismatch
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // Expired but not yet pruned: a new request takes the key, even a different one.
+        assert_eq!(store.len(), 1);
+        acquire(&store, "a", 2).await;
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_release_and_fencing() {
+        let store = MemoryStore::new();
+        let token = acquire(&store, "a", 1).await;
+        tokio::time::advance(LEASE / 2).await;
+        store.renew(&key("a"), token, LEASE).await.unwrap();
+        tokio::time::advance(LEASE / 2 + LEASE / 4).await;
+        assert!(matches!(
+            store.begin(&key("a"), &fp(1), LEASE).await.unwrap(),
+            Begin::InFlight
+        ));
+        tokio::time::advance(LEASE).await;
+        let taken = acquire(&store, "a", 1).await;
+        for result in [
+            store.renew(&key("a"), token, LEASE).await,
+            store.complete(&key("a"), token, response(), TTL).await,
+            store.release(&key("a"), token).await,
+        ] {
+            assert_eq!(result.unwrap_err().kind(), crate::StoreErrorKind::LeaseLost);
+        }
+        store.release(&key("a"), taken).await.unwrap();
+        assert!(store.is_empty());
+        assert_eq!(
+            store.release(&key("a"), taken).await.unwrap_err().kind(),
+            crate::StoreErrorKind::LeaseLost
+        );
+        // A completed record cannot be released.
+        let token = acquire(&store, "b", 1).await;
+        store
+            .complete(&key("b"), token, response(), TTL)
+            .await
+            .unwrap();
+        assert!(store.release(&key("b"), token).await.is_err());
+        assert!(matches!(
+            store.begin(&key("b"), &fp(1), LEASE).await.unwrap(),
+            Begin::Completed(r) if r.body() == "ok"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_background_pruner_prunes_and_ends_with_the_store() {
+        let store = MemoryStore::new().prune_interval(Duration::from_secs(5));
+        let token = acquire(&store, "a", 1).await;
+        store
+            .complete(&key("a"), token, response(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        acquire(&store, "b", 1).await; // in flight, lease 10 s
+        assert_eq!(store.len(), 2);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(store.len(), 1, "the expired completed record was pruned");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(store.is_empty(), "the dead in-flight record was pruned");
+
+        let weak = Arc::downgrade(&store.inner);
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 1, "the pruner is running");
+        drop(store);
+        assert!(
+            weak.upgrade().is_none(),
+            "the pruner holds no strong reference"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 0, "the pruner ended with the store");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_refuses_new_keys_and_is_given_back() {
+        let store = MemoryStore::new().max_bytes(10_000);
+        let body = Bytes::from(vec![0; 9_600]);
+        let big = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
+        let token = acquire(&store, "a", 1).await;
+        assert_eq!(store.bytes(), RECORD_OVERHEAD + 1);
+        let ttl = Duration::from_secs(1);
+        store.complete(&key("a"), token, big, ttl).await.unwrap();
+        assert_eq!(store.bytes(), RECORD_OVERHEAD + 1 + 9_600);
+        let token = acquire(&store, "b", 1).await;
+        store
+            .complete(&key("b"), token, response(), TTL)
+            .await
+            .unwrap();
+        // Over the budget: a new key is refused, known keys still answer.
+        let err = store.begin(&key("c"), &fp(1), LEASE).await.unwrap_err();
+        assert_eq!(err.kind(), crate::StoreErrorKind::CapacityExceeded);
+        let known = store.begin(&key("b"), &fp(1), LEASE).await.unwrap();
+        assert!(matches!(known, Begin::Completed(_)));
+        // Once "a" expires, pruning on demand gives its bytes back.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        acquire(&store, "c", 1).await;
+        let b = Record::completed_size(&key("b"), &response());
+        assert_eq!(store.bytes(), b + RECORD_OVERHEAD + 1);
+        assert_eq!(store.len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_bound_holds_under_concurrent_inserts() {
+        let store = MemoryStore::new().max_entries(100);
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.begin(&key(&i.to_string()), &fp(1), LEASE).await })
+            })
+            .collect();
+        let mut acquired = 0;
+        let mut refused = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Begin::Acquired(_)) => acquired += 1,
+                Err(e) if e.kind() == crate::StoreErrorKind::CapacityExceeded => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 100);
+        assert_eq!(refused, 900);
+        assert_eq!(store.len(), 100);
     }
 }

@@ -57,8 +57,26 @@ use crate::tenant::TenantId;
 ///     Completed { response: StoredResponse, expires_at: Instant },
 /// }
 ///
+/// struct Record {
+///     fingerprint: Fingerprint,
+///     state: State,
+/// }
+///
+/// impl Record {
+///     fn is_live(&self, now: Instant) -> bool {
+///         match &self.state {
+///             State::InFlight { lease_until, .. } => *lease_until > now,
+///             State::Completed { expires_at, .. } => *expires_at > now,
+///         }
+///     }
+///
+///     fn held_by(&self, token: LockToken) -> bool {
+///         matches!(self.state, State::InFlight { token: held, .. } if held == token)
+///     }
+/// }
+///
 /// #[derive(Default)]
-/// struct MyStore(Mutex<HashMap<RecordKey, (Fingerprint, State)>>);
+/// struct MyStore(Mutex<HashMap<RecordKey, Record>>);
 ///
 /// impl IdempotencyStore for MyStore {
 ///     async fn begin(
@@ -68,35 +86,28 @@ use crate::tenant::TenantId;
 ///         lease: Duration,
 ///     ) -> Result<Begin, StoreError> {
 ///         let now = Instant::now();
+///         // One lock around the decision and the write: atomic per key.
 ///         let mut map = self.0.lock().unwrap();
-///         let live = match map.get(key) {
-///             Some((_, State::Completed { expires_at, .. })) => *expires_at > now,
-///             Some((_, State::InFlight { .. })) => true,
-///             None => false,
-///         };
-///         if live {
-///             let (stored_fp, state) = map.get(key).unwrap();
-///             if stored_fp != fingerprint {
+///         if let Some(record) = map.get(key).filter(|r| r.is_live(now)) {
+///             if record.fingerprint != *fingerprint {
 ///                 return Ok(Begin::Mismatch);
 ///             }
-///             match state {
-///                 State::Completed { response, .. } => return Ok(Begin::Completed(response.clone())),
-///                 State::InFlight { lease_until, .. } if *lease_until > now => {
-///                     return Ok(Begin::InFlight)
-///                 }
-///                 State::InFlight { .. } => {} // its holder died: take it over below
-///             }
+///             return Ok(match &record.state {
+///                 State::InFlight { .. } => Begin::InFlight,
+///                 State::Completed { response, .. } => Begin::Completed(response.clone()),
+///             });
 ///         }
+///         // Absent, expired, or in flight with a holder that died: take it.
 ///         let token = LockToken::random();
 ///         let state = State::InFlight { token, lease_until: now + lease };
-///         map.insert(key.clone(), (*fingerprint, state));
+///         map.insert(key.clone(), Record { fingerprint: *fingerprint, state });
 ///         Ok(Begin::Acquired(token))
 ///     }
 ///
 ///     async fn renew(&self, key: &RecordKey, token: LockToken, lease: Duration) -> Result<(), StoreError> {
 ///         match self.0.lock().unwrap().get_mut(key) {
-///             Some((_, State::InFlight { token: t, lease_until })) if *t == token => {
-///                 *lease_until = Instant::now() + lease;
+///             Some(record) if record.held_by(token) => {
+///                 record.state = State::InFlight { token, lease_until: Instant::now() + lease };
 ///                 Ok(())
 ///             }
 ///             _ => Err(StoreError::lease_lost()),
@@ -110,10 +121,9 @@ use crate::tenant::TenantId;
 ///         response: StoredResponse,
 ///         ttl: Duration,
 ///     ) -> Result<(), StoreError> {
-///         let mut map = self.0.lock().unwrap();
-///         match map.get_mut(key) {
-///             Some((_, state @ State::InFlight { .. })) if matches!(state, State::InFlight { token: t, .. } if *t == token) => {
-///                 *state = State::Completed { response, expires_at: Instant::now() + ttl };
+///         match self.0.lock().unwrap().get_mut(key) {
+///             Some(record) if record.held_by(token) => {
+///                 record.state = State::Completed { response, expires_at: Instant::now() + ttl };
 ///                 Ok(())
 ///             }
 ///             _ => Err(StoreError::lease_lost()),
@@ -123,7 +133,7 @@ use crate::tenant::TenantId;
 ///     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
 ///         let mut map = self.0.lock().unwrap();
 ///         match map.get(key) {
-///             Some((_, State::InFlight { token: t, .. })) if *t == token => {
+///             Some(record) if record.held_by(token) => {
 ///                 map.remove(key);
 ///                 Ok(())
 ///             }

@@ -1,0 +1,424 @@
+//! The request flow of DESIGN.md, row by row, through a real axum `Router`.
+
+mod common;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use common::{Runs, api, post_with_key, send};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
+
+fn app(runs: &Runs) -> Router {
+    api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn first_request_runs_and_retry_replays_byte_for_byte() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let first = send(
+        &app,
+        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.header("idempotency-key"), Some("key-1"));
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert_eq!(first.outcome, Some(Outcome::Executed));
+
+    let retry = send(
+        &app,
+        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
+    )
+    .await;
+    assert_eq!(runs.get(), 1, "the handler ran once");
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.outcome, Some(Outcome::Replayed));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.header("idempotency-key"), Some("key-1"));
+    for name in ["location", "x-custom", "content-type"] {
+        assert_eq!(retry.headers.get(name), first.headers.get(name), "{name}");
+    }
+    let cookies = |r: &common::Reply| -> Vec<_> {
+        r.headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(cookies(&retry), cookies(&first));
+    assert_eq!(cookies(&retry).len(), 2);
+    assert_eq!(
+        retry.headers.get(header::DATE),
+        None,
+        "Date is not replayed"
+    );
+
+    let third = send(
+        &app,
+        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
+    )
+    .await;
+    assert!(third.replayed());
+    assert_eq!(third.body, first.body);
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn uncovered_methods_and_requests_without_key_pass_through() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    for _ in 0..2 {
+        let get = Request::get("/payments")
+            .header("idempotency-key", "k")
+            .body(Body::empty())
+            .unwrap();
+        let reply = send(&app, get).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("idempotency-key"), None);
+        assert_eq!(reply.outcome, None);
+    }
+    for _ in 0..2 {
+        let post = Request::post("/payments").body(Body::from("{}")).unwrap();
+        let reply = send(&app, post).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed());
+        assert_eq!(reply.outcome, None);
+    }
+    // A PUT with a key is not covered by default: it runs every time.
+    for _ in 0..2 {
+        let put = Request::put("/payments")
+            .header("idempotency-key", "k")
+            .body(Body::from("{}"))
+            .unwrap();
+        assert!(!send(&app, put).await.replayed());
+    }
+    assert_eq!(runs.get(), 6);
+}
+
+#[tokio::test]
+async fn patch_is_covered_by_default_and_methods_are_configurable() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let patch = || {
+        Request::patch("/payments")
+            .header("idempotency-key", "p")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, patch()).await;
+    assert!(send(&app, patch()).await.replayed());
+    assert_eq!(runs.get(), 1);
+
+    let runs = Runs::default();
+    let app =
+        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).methods([Method::PUT]));
+    let put = || {
+        Request::put("/payments")
+            .header("idempotency-key", "p")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, put()).await;
+    assert!(send(&app, put()).await.replayed());
+    // POST is no longer covered.
+    send(&app, post_with_key("/payments", "p2", "{}")).await;
+    assert!(
+        !send(&app, post_with_key("/payments", "p2", "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn missing_key_is_400_when_required() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).require_key(true));
+    let reply = send(
+        &app,
+        Request::post("/payments").body(Body::from("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.code(), "idempotency_key_missing");
+    assert_eq!(reply.outcome, Some(Outcome::MissingKey));
+    assert_eq!(runs.get(), 0);
+    // GET is not covered, so it needs no key.
+    let reply = send(&app, Request::get("/payments").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn invalid_keys_are_400() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let long = "k".repeat(256);
+    let quoted_long = format!("\"{}\"", "k".repeat(256));
+    let cases: Vec<Vec<&[u8]>> = vec![
+        vec![b""],
+        vec![b"\"\""],
+        vec![long.as_bytes()],
+        vec![quoted_long.as_bytes()],
+        vec![b"has space"],
+        vec![b"tab\there"],
+        vec!["cl\u{e9}".as_bytes()],
+        vec![b"\"unterminated"],
+        vec![b"\"a\"trailing"],
+        vec![b"a, b"],
+        vec![b"\"a\", \"b\""],
+        vec![b"a", b"a"],
+        vec![b"a", b"b"],
+    ];
+    for values in cases {
+        let mut request = Request::post("/payments").body(Body::from("{}")).unwrap();
+        for value in &values {
+            request.headers_mut().append(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let reply = send(&app, request).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{values:?}");
+        assert_eq!(reply.code(), "idempotency_key_invalid", "{values:?}");
+        assert_eq!(reply.outcome, Some(Outcome::InvalidKey));
+    }
+    assert_eq!(runs.get(), 0);
+}
+
+#[tokio::test]
+async fn keys_at_the_limits_are_accepted() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let longest = "k".repeat(255);
+    let visible: String = ('!'..='~').filter(|c| *c != ',' && *c != '"').collect();
+    for key in [longest.as_str(), "k", visible.as_str()] {
+        let request = || {
+            Request::post("/payments")
+                .header("idempotency-key", key)
+                .body(Body::from("{}"))
+                .unwrap()
+        };
+        let first = send(&app, request()).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{key}");
+        assert_eq!(first.header("idempotency-key"), Some(key));
+        assert!(send(&app, request()).await.replayed());
+    }
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn quoted_and_bare_forms_are_the_same_key_and_echo_as_sent() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let first = send(&app, post_with_key("/payments", "\"abc\"", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.header("idempotency-key"), Some("\"abc\""));
+    let retry = send(&app, post_with_key("/payments", "abc", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.header("idempotency-key"), Some("abc"));
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn stored_statuses_replay_and_failures_release() {
+    for (code, stored) in [
+        (200, true),
+        (202, true),
+        (303, true),
+        (400, true),
+        (404, true),
+        (409, true),
+        (422, true),
+        (408, false),
+        (429, false),
+        (500, false),
+        (502, false),
+        (503, false),
+    ] {
+        let runs = Runs::default();
+        let app = app(&runs);
+        let uri = format!("/status/{code}");
+        let request = || {
+            Request::post(uri.as_str())
+                .header("idempotency-key", "k")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let first = send(&app, request()).await;
+        assert_eq!(first.status.as_u16(), code);
+        assert_eq!(first.header("idempotency-key"), Some("k"));
+        let expected = if stored {
+            Outcome::Executed
+        } else {
+            Outcome::Released
+        };
+        assert_eq!(first.outcome, Some(expected), "{code}");
+        let retry = send(&app, request()).await;
+        assert_eq!(retry.status.as_u16(), code);
+        assert_eq!(retry.replayed(), stored, "{code}");
+        assert_eq!(runs.get(), if stored { 1 } else { 2 }, "{code}");
+        if stored {
+            assert_eq!(retry.body, first.body);
+        } else {
+            assert_eq!(&retry.body[..], format!("status {code} run 2").as_bytes());
+        }
+    }
+}
+
+#[tokio::test]
+async fn cache_policy_is_configurable() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new()).cache_policy(|s| s.is_success() || s == 503),
+    );
+    for code in [404, 503] {
+        let uri = format!("/status/{code}");
+        let request = || {
+            Request::post(uri.as_str())
+                .header("idempotency-key", format!("k{code}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        send(&app, request()).await;
+        assert_eq!(send(&app, request()).await.replayed(), code == 503);
+    }
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn reusing_a_key_for_another_request_is_422() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    send(
+        &app,
+        post_with_key("/payments?currency=eur", "k", r#"{"amount":1}"#),
+    )
+    .await;
+    let others = [
+        post_with_key("/payments?currency=eur", "k", r#"{"amount":2}"#),
+        post_with_key("/payments?currency=usd", "k", r#"{"amount":1}"#),
+        post_with_key("/payments", "k", r#"{"amount":1}"#),
+        post_with_key("/status/200?currency=eur", "k", r#"{"amount":1}"#),
+        Request::patch("/payments?currency=eur")
+            .header("idempotency-key", "k")
+            .body(Body::from(r#"{"amount":1}"#))
+            .unwrap(),
+    ];
+    for request in others {
+        let reply = send(&app, request).await;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(reply.code(), "idempotency_key_reuse");
+        assert_eq!(reply.header("idempotency-key"), Some("k"));
+        assert_eq!(reply.outcome, Some(Outcome::Mismatch));
+    }
+    // The original request still replays.
+    let retry = send(
+        &app,
+        post_with_key("/payments?currency=eur", "k", r#"{"amount":1}"#),
+    )
+    .await;
+    assert!(retry.replayed());
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn json_bodies_differing_in_order_are_different_requests_by_default() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    send(&app, post_with_key("/payments", "k", r#"{"a":1,"b":2}"#)).await;
+    let reply = send(
+        &app,
+        post_with_key("/payments", "k", r#"{ "b": 2, "a": 1 }"#),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn canonical_json_makes_key_order_and_whitespace_irrelevant() {
+    let runs = Runs::default();
+    let app =
+        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).canonical_json(true));
+    let first = send(&app, post_with_key("/payments", "k", r#"{"a":1,"b":2}"#)).await;
+    let retry = send(
+        &app,
+        post_with_key("/payments", "k", r#"{ "b": 2, "a": 1 }"#),
+    )
+    .await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    let other = send(&app, post_with_key("/payments", "k", r#"{"a":1,"b":3}"#)).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn selected_headers_join_the_fingerprint() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new()).fingerprint_headers([header::CONTENT_TYPE]),
+    );
+    send(&app, post_with_key("/payments", "k", "{}")).await;
+    let text = Request::post("/payments")
+        .header("idempotency-key", "k")
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    assert_eq!(
+        send(&app, text).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert!(
+        send(&app, post_with_key("/payments", "k", "{}"))
+            .await
+            .replayed()
+    );
+}
+
+#[tokio::test]
+async fn skipped_response_headers_are_not_replayed() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new()).skip_response_headers([header::SET_COOKIE]),
+    );
+    let first = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(first.headers.get_all(header::SET_COOKIE).iter().count(), 2);
+    let retry = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.headers.get_all(header::SET_COOKIE).iter().count(), 0);
+    assert_eq!(retry.header("location"), Some("/payments/1"));
+}
+
+#[tokio::test]
+async fn binary_bodies_replay_exactly() {
+    let runs = Runs::default();
+    let app = app(&runs);
+    let first = send(&app, post_with_key("/binary", "k", "")).await;
+    assert_eq!(first.body.len(), 256);
+    let retry = send(&app, post_with_key("/binary", "k", "")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+}
+
+#[tokio::test]
+async fn custom_key_header_name() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .header_name(axum::http::HeaderName::from_static("x-request-key")),
+    );
+    let request = || {
+        Request::post("/payments")
+            .header("x-request-key", "k")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = send(&app, request()).await;
+    assert_eq!(first.header("x-request-key"), Some("k"));
+    assert!(send(&app, request()).await.replayed());
+    // The standard header is not looked at any more.
+    send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(runs.get(), 2);
+}

@@ -1,0 +1,301 @@
+//! The life of a record: in flight, completed, expired, released by a drop or a panic, leases
+//! renewed and taken over, and what a failing store does.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{FaultyStore, Runs, api, post_with_key, send};
+use tower::ServiceExt;
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome, RecordKey,
+    StoreErrorKind, TenantId,
+};
+
+/// Lets spawned tasks run until `done` holds (paused clock: no time passes).
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("condition never held");
+}
+
+fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<common::Reply> {
+    let app = app.clone();
+    tokio::spawn(async move { send(&app, request).await })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_in_flight_gets_409_with_retry_after_and_a_different_request_422() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()).retry_after(Duration::from_secs(3)));
+    let first = spawn_send(&app, post_with_key("/slow/1000", "k", "{}"));
+    until(|| runs.get() == 1).await;
+
+    let duplicate = send(&app, post_with_key("/slow/1000", "k", "{}")).await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert_eq!(duplicate.code(), "idempotency_key_in_progress");
+    assert_eq!(duplicate.header("retry-after"), Some("3"));
+    assert_eq!(duplicate.header("idempotency-key"), Some("k"));
+    assert_eq!(duplicate.outcome, Some(Outcome::InProgress));
+
+    let other = send(&app, post_with_key("/slow/1000", "k", "{\"other\":1}")).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(other.code(), "idempotency_key_reuse");
+
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, post_with_key("/slow/1000", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_expire_after_the_ttl_counted_from_completion() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(60)));
+    // The handler takes 30 s; the TTL starts when it completes.
+    send(&app, post_with_key("/slow/30000", "k", "{}")).await;
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(
+        send(&app, post_with_key("/slow/30000", "k", "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let after = send(&app, post_with_key("/slow/30000", "k", "{}")).await;
+    assert!(!after.replayed());
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 2);
+    // After expiry the key is free for any request, even a different one.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let other = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(other.status, StatusCode::CREATED);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_request_releases_its_key() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let first = spawn_send(&app, post_with_key("/slow/60000", "k", "{}"));
+    until(|| runs.get() == 1).await;
+    first.abort(); // the client went away
+    assert!(first.await.unwrap_err().is_cancelled());
+    // The release runs in a background task; let it.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let retry = spawn_send(&app, post_with_key("/slow/10", "k", "{}"));
+    let retry = retry.await.unwrap();
+    assert_eq!(retry.status, StatusCode::CREATED, "not stuck in 409");
+    assert!(!retry.replayed());
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_its_key() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    for attempt in 1..=2 {
+        let app = app.clone();
+        let request = post_with_key("/panic", "k", "{}");
+        let result = tokio::spawn(async move { app.oneshot(request).await }).await;
+        assert!(result.unwrap_err().is_panic());
+        assert_eq!(
+            runs.get(),
+            attempt,
+            "the retry ran the handler: the key was not stuck"
+        );
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_keeps_its_lease_and_is_never_taken_over() {
+    let runs = Runs::default();
+    let lease = Duration::from_secs(3);
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).lease(lease));
+    // The handler runs ten times longer than the lease.
+    let first = spawn_send(&app, post_with_key("/slow/30000", "k", "{}"));
+    until(|| runs.get() == 1).await;
+    for _ in 0..29 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let retry = send(&app, post_with_key("/slow/30000", "k", "{}")).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT);
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(
+        send(&app, post_with_key("/slow/30000", "k", "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_holder_is_taken_over_and_cannot_overwrite() {
+    let runs = Runs::default();
+    let store = MemoryStore::new();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    // A holder on another "server" acquired the key for the same request, then died.
+    let request = Request::post("/payments")
+        .header("idempotency-key", "k")
+        .body(())
+        .unwrap();
+    let (parts, ()) = request.into_parts();
+    let key = RecordKey::new(TenantId::shared(), "k");
+    let fingerprint = Fingerprint::of_request(&parts, b"{}");
+    let Begin::Acquired(dead) = store
+        .begin(&key, &fingerprint, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("acquired");
+    };
+    let in_flight = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(in_flight.status, StatusCode::CONFLICT);
+    tokio::time::advance(Duration::from_secs(6)).await;
+
+    let taken_over = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(taken_over.status, StatusCode::CREATED);
+    assert!(!taken_over.replayed());
+    assert_eq!(runs.get(), 1);
+
+    // The dead holder comes back: its token no longer completes or releases anything.
+    let stale = tower_idempotency::StoredResponse::new(
+        StatusCode::IM_A_TEAPOT,
+        Default::default(),
+        bytes::Bytes::new(),
+    );
+    let err = store
+        .complete(&key, dead, stale, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    let err = store.release(&key, dead).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    let retry = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, taken_over.body);
+}
+
+#[tokio::test]
+async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
+    let runs = Runs::default();
+    let store = FaultyStore::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    store.fail(true);
+    let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.code(), "idempotency_store_unavailable");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.header("idempotency-key"), Some("k"));
+    assert_eq!(reply.outcome, Some(Outcome::StoreError));
+    assert_eq!(runs.get(), 0);
+    // Requests without a key never touch the store.
+    let calls = store.total_calls();
+    let plain = Request::post("/payments").body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, plain).await.status, StatusCode::CREATED);
+    assert_eq!(store.total_calls(), calls);
+    // It recovers when the store is back.
+    store.fail(false);
+    assert_eq!(
+        send(&app, post_with_key("/payments", "k", "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert!(
+        send(&app, post_with_key("/payments", "k", "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_store_runs_the_request_unprotected_when_fail_open() {
+    let runs = Runs::default();
+    let store = FaultyStore::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).fail_open(true));
+    store.fail(true);
+    let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(
+        reply.header("idempotency-bypassed"),
+        Some("store-unavailable")
+    );
+    assert_eq!(reply.header("idempotency-key"), Some("k"));
+    assert_eq!(reply.outcome, Some(Outcome::Bypassed));
+    assert_eq!(
+        reply.json()["request"],
+        "{}",
+        "the handler got the whole body"
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+/// A store whose calls never finish, to show the store timeout.
+#[derive(Clone, Default)]
+struct HangingStore;
+
+impl IdempotencyStore for HangingStore {
+    async fn begin(
+        &self,
+        _: &RecordKey,
+        _: &Fingerprint,
+        _: Duration,
+    ) -> Result<Begin, tower_idempotency::StoreError> {
+        std::future::pending().await
+    }
+    async fn renew(
+        &self,
+        _: &RecordKey,
+        _: tower_idempotency::LockToken,
+        _: Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        std::future::pending().await
+    }
+    async fn complete(
+        &self,
+        _: &RecordKey,
+        _: tower_idempotency::LockToken,
+        _: tower_idempotency::StoredResponse,
+        _: Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        std::future::pending().await
+    }
+    async fn release(
+        &self,
+        _: &RecordKey,
+        _: tower_idempotency::LockToken,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_call_past_its_timeout_answers_503() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(IdempotencyLayer::new(HangingStore).store_timeout(Duration::from_millis(250)));
+    let started = tokio::time::Instant::now();
+    let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.code(), "idempotency_store_unavailable");
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(runs.get(), 0);
+}

@@ -1,0 +1,440 @@
+//! A model-based property test: random sequences of requests (keys, tenants, bodies, methods),
+//! handler outcomes (2xx, 4xx, 5xx, 429, panic, slow), dropped requests and clock advances past
+//! the lease and the TTL. After every step, the status, the replay header, the body and the
+//! number of handler runs must match a small reference model of the contract.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Method, Request, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use common::send;
+use proptest::prelude::*;
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+
+const LEASE: Duration = Duration::from_secs(3);
+const TTL: Duration = Duration::from_secs(60);
+
+/// What the handler does on its next run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Created,
+    NotFound,
+    ServerError,
+    TooManyRequests,
+    Panic,
+}
+
+impl Behaviour {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::Created => StatusCode::CREATED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::Panic => unreachable!("a panic has no status"),
+        }
+    }
+
+    fn stored(self) -> bool {
+        matches!(self, Self::Created | Self::NotFound)
+    }
+}
+
+/// A request's identity: everything that goes into the record key and the fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Req {
+    key: u8,
+    tenant: u8,
+    body: u8,
+    patch: bool,
+    /// The route that serves it: a different path, so a different fingerprint.
+    route: Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Route {
+    /// `/r`: answers at once, as the step's `Behaviour` says.
+    Plain,
+    /// `/slow`: blocks until `Finish`, then 201.
+    Slow,
+    /// `/crash`: never answers; its server "crashes" while it runs.
+    Crash,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Send a request; the handler, if it runs, behaves so.
+    Send(Req, Behaviour),
+    /// Send a request whose handler blocks until `Finish`.
+    Start(Req),
+    /// Let every blocked handler finish (with 201).
+    Finish,
+    /// Send a request whose handler blocks, then drop it (the client goes away).
+    Drop(Req),
+    /// Send a request whose handler blocks, then lose its server: the future is leaked, never
+    /// dropped, so nothing releases or renews the key. Its lease runs out.
+    Crash(Req),
+    /// Let time pass (in small steps, so that leases are renewed).
+    Advance(Duration),
+}
+
+fn req() -> impl Strategy<Value = Req> {
+    (0..3u8, 0..2u8, 0..2u8, any::<bool>()).prop_map(|(key, tenant, body, patch)| Req {
+        key,
+        tenant,
+        body,
+        patch,
+        route: Route::Plain,
+    })
+}
+
+fn behaviour() -> impl Strategy<Value = Behaviour> {
+    prop_oneof![
+        4 => Just(Behaviour::Created),
+        2 => Just(Behaviour::NotFound),
+        2 => Just(Behaviour::ServerError),
+        1 => Just(Behaviour::TooManyRequests),
+        1 => Just(Behaviour::Panic),
+    ]
+}
+
+fn step(with_time: bool) -> BoxedStrategy<Step> {
+    let advance = if with_time { 2 } else { 0 };
+    // A crashed holder is only taken over once time passes.
+    let crash = if with_time { 1 } else { 0 };
+    prop_oneof![
+        8 => (req(), behaviour()).prop_map(|(r, b)| Step::Send(r, b)),
+        2 => req().prop_map(|r| Step::Start(Req { route: Route::Slow, ..r })),
+        2 => Just(Step::Finish),
+        1 => req().prop_map(|r| Step::Drop(Req { route: Route::Slow, ..r })),
+        crash => req().prop_map(|r| Step::Crash(Req { route: Route::Crash, ..r })),
+        advance => prop_oneof![
+            Just(Duration::from_secs(1)),
+            Just(LEASE + Duration::from_secs(1)),
+            Just(TTL + Duration::from_secs(1)),
+        ]
+        .prop_map(Step::Advance),
+    ]
+    .boxed()
+}
+
+/// The reference model: what DESIGN.md says each record is.
+#[derive(Debug, Clone)]
+enum Record {
+    /// In flight; a holder that crashed stops renewing, so its lease ends at `lease_until`.
+    InFlight(Req, Option<Duration>),
+    Completed {
+        req: Req,
+        status: StatusCode,
+        body: String,
+        expires_at: Duration,
+    },
+}
+
+#[derive(Default)]
+struct Model {
+    records: HashMap<(u8, u8), Record>,
+    runs: usize,
+    now: Duration,
+}
+
+/// What the model expects a request to get.
+#[derive(Debug, PartialEq)]
+enum Expect {
+    Runs,
+    Conflict,
+    Mismatch,
+    Replay(StatusCode, String),
+}
+
+impl Model {
+    fn expect(&mut self, r: Req) -> Expect {
+        let slot = (r.tenant, r.key);
+        let live = match self.records.get(&slot) {
+            Some(Record::Completed { expires_at, .. }) => *expires_at > self.now,
+            Some(Record::InFlight(_, lease_until)) => lease_until.is_none_or(|t| t > self.now),
+            None => false,
+        };
+        if !live {
+            self.records.remove(&slot);
+            return Expect::Runs;
+        }
+        match &self.records[&slot] {
+            Record::InFlight(held, _) if *held != r => Expect::Mismatch,
+            Record::Completed { req, .. } if *req != r => Expect::Mismatch,
+            Record::InFlight(..) => Expect::Conflict,
+            Record::Completed { status, body, .. } => Expect::Replay(*status, body.clone()),
+        }
+    }
+}
+
+struct Api {
+    runs: Arc<AtomicUsize>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+fn app<S: IdempotencyStore>(store: S, api: &Api) -> Router {
+    #[derive(Clone)]
+    struct St(
+        Arc<AtomicUsize>,
+        Arc<Mutex<Behaviour>>,
+        Arc<tokio::sync::Semaphore>,
+    );
+    async fn handler(State(St(runs, behaviour, _)): State<St>) -> axum::response::Response {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let behaviour = *behaviour.lock().unwrap();
+        if behaviour == Behaviour::Panic {
+            panic!("handler panics on purpose");
+        }
+        (behaviour.status(), format!("run {n}")).into_response()
+    }
+    async fn slow(State(St(runs, _, gate)): State<St>) -> axum::response::Response {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        gate.acquire().await.unwrap().forget();
+        (StatusCode::CREATED, format!("run {n}")).into_response()
+    }
+    async fn crash(State(St(runs, _, _)): State<St>) -> axum::response::Response {
+        runs.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+    Router::new()
+        .route("/r", post(handler).patch(handler))
+        .route("/slow", post(slow).patch(slow))
+        .route("/crash", post(crash).patch(crash))
+        .with_state(St(
+            api.runs.clone(),
+            api.behaviour.clone(),
+            api.gate.clone(),
+        ))
+        .layer(IdempotencyLayer::new(store).lease(LEASE).ttl(TTL))
+}
+
+fn request(r: Req, scope: &str) -> Request<Body> {
+    let path = match r.route {
+        Route::Plain => "/r",
+        Route::Slow => "/slow",
+        Route::Crash => "/crash",
+    };
+    let method = if r.patch { Method::PATCH } else { Method::POST };
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("idempotency-key", format!("{scope}-k{}", r.key))
+        .header("authorization", format!("Bearer t{}", r.tenant))
+        .body(Body::from(format!("body {}", r.body)))
+        .unwrap()
+}
+
+async fn yield_many() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs `steps` against the layer over `store` and checks every outcome against the model.
+async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
+    let api = Api {
+        runs: Arc::default(),
+        behaviour: Arc::new(Mutex::new(Behaviour::Created)),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let app = app(store, &api);
+    let mut model = Model::default();
+    let mut blocked: Vec<(Req, tokio::task::JoinHandle<common::Reply>)> = Vec::new();
+
+    for (i, step) in steps.into_iter().enumerate() {
+        match step {
+            Step::Send(r, b) => {
+                let expect = model.expect(r);
+                *api.behaviour.lock().unwrap() = b;
+                let runs_before = api.runs.load(Ordering::SeqCst);
+                let app2 = app.clone();
+                let request = request(r, &scope);
+                let result = tokio::spawn(async move { send(&app2, request).await }).await;
+                let ran = api.runs.load(Ordering::SeqCst) - runs_before;
+                match expect {
+                    Expect::Runs => {
+                        model.runs += 1;
+                        assert_eq!(ran, 1, "step {i}: the handler runs");
+                        if b == Behaviour::Panic {
+                            assert!(result.unwrap_err().is_panic(), "step {i}");
+                            yield_many().await; // the release runs in the background
+                            continue;
+                        }
+                        let reply = result.unwrap();
+                        assert_eq!(reply.status, b.status(), "step {i}");
+                        assert!(!reply.replayed(), "step {i}");
+                        let body = format!("run {}", model.runs);
+                        assert_eq!(reply.body, body, "step {i}");
+                        if b.stored() {
+                            let record = Record::Completed {
+                                req: r,
+                                status: b.status(),
+                                body,
+                                expires_at: model.now + TTL,
+                            };
+                            model.records.insert((r.tenant, r.key), record);
+                        }
+                    }
+                    other => {
+                        assert_eq!(ran, 0, "step {i}: the handler does not run");
+                        let reply = result.unwrap();
+                        match other {
+                            Expect::Conflict => assert_eq!(reply.status, StatusCode::CONFLICT),
+                            Expect::Mismatch => {
+                                assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY)
+                            }
+                            Expect::Replay(status, body) => {
+                                assert_eq!(reply.status, status, "step {i}");
+                                assert!(reply.replayed(), "step {i}");
+                                assert_eq!(reply.body, body, "step {i}");
+                            }
+                            Expect::Runs => unreachable!(),
+                        }
+                    }
+                }
+            }
+            Step::Start(r) | Step::Drop(r) => {
+                let expect = model.expect(r);
+                let runs_before = api.runs.load(Ordering::SeqCst);
+                let app2 = app.clone();
+                let request = request(r, &scope);
+                let task = tokio::spawn(async move { send(&app2, request).await });
+                if expect != Expect::Runs {
+                    let reply = task.await.unwrap();
+                    assert_eq!(api.runs.load(Ordering::SeqCst), runs_before, "step {i}");
+                    match expect {
+                        Expect::Conflict => assert_eq!(reply.status, StatusCode::CONFLICT),
+                        Expect::Mismatch => {
+                            assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY)
+                        }
+                        Expect::Replay(status, body) => {
+                            assert!(reply.replayed());
+                            assert_eq!((reply.status, reply.body), (status, body.into()));
+                        }
+                        Expect::Runs => unreachable!(),
+                    }
+                    continue;
+                }
+                // Wait until the handler has started.
+                for _ in 0..1000 {
+                    if api.runs.load(Ordering::SeqCst) > runs_before {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(api.runs.load(Ordering::SeqCst), runs_before + 1, "step {i}");
+                model.runs += 1;
+                if matches!(step, Step::Drop(_)) {
+                    task.abort();
+                    let _ = task.await;
+                    yield_many().await; // the release runs in the background
+                } else {
+                    model
+                        .records
+                        .insert((r.tenant, r.key), Record::InFlight(r, None));
+                    blocked.push((r, task));
+                }
+            }
+            Step::Crash(r) => {
+                let expect = model.expect(r);
+                let runs_before = api.runs.load(Ordering::SeqCst);
+                let mut future = Box::pin(app.clone().oneshot(request(r, &scope)));
+                let waker = futures_util::task::noop_waker();
+                let mut cx = std::task::Context::from_waker(&waker);
+                let mut answer = None;
+                for _ in 0..1000 {
+                    if let std::task::Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+                        answer = Some(result.unwrap());
+                        break;
+                    }
+                    if api.runs.load(Ordering::SeqCst) > runs_before {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                if expect == Expect::Runs {
+                    assert!(answer.is_none(), "step {i}: the handler never answers");
+                    assert_eq!(api.runs.load(Ordering::SeqCst), runs_before + 1, "step {i}");
+                    model.runs += 1;
+                    let record = Record::InFlight(r, Some(model.now + LEASE));
+                    model.records.insert((r.tenant, r.key), record);
+                    std::mem::forget(future); // the server is gone: no drop, no renewal
+                } else {
+                    let status = answer.expect("answered at once").status();
+                    let expected = match expect {
+                        Expect::Conflict => StatusCode::CONFLICT,
+                        Expect::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+                        Expect::Replay(status, _) => status,
+                        Expect::Runs => unreachable!(),
+                    };
+                    assert_eq!(status, expected, "step {i}");
+                }
+            }
+            Step::Finish => {
+                let count = blocked.len();
+                api.gate.add_permits(count);
+                for (r, task) in blocked.drain(..) {
+                    let reply = task.await.unwrap();
+                    assert_eq!(reply.status, StatusCode::CREATED, "step {i}");
+                    let body = String::from_utf8(reply.body.to_vec()).unwrap();
+                    let record = Record::Completed {
+                        req: r,
+                        status: StatusCode::CREATED,
+                        body,
+                        expires_at: model.now + TTL,
+                    };
+                    model.records.insert((r.tenant, r.key), record);
+                }
+            }
+            Step::Advance(by) => {
+                let tick = LEASE / 6;
+                let mut left = by;
+                while !left.is_zero() {
+                    let now = tick.min(left);
+                    tokio::time::advance(now).await;
+                    yield_many().await;
+                    left -= now;
+                }
+                model.now += by;
+            }
+        }
+        assert_eq!(
+            api.runs.load(Ordering::SeqCst),
+            model.runs,
+            "step {i}: run count"
+        );
+    }
+    api.gate.add_permits(blocked.len());
+    for (_, task) in blocked {
+        task.await.unwrap();
+    }
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
+        paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into()));
+    }
+}

@@ -1,0 +1,197 @@
+//! Tenant scoping and error rendering.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{HeaderName, Request, Response, StatusCode, header};
+use axum::middleware::{self, Next};
+use bytes::Bytes;
+use common::{Runs, api, send};
+use tower_idempotency::{
+    IdempotencyLayer, MemoryStore, Outcome, Problem, TenantFromExtension, TenantFromHeader,
+    TenantId, TenantRejection,
+};
+
+fn keyed(auth: Option<&str>) -> Request<Body> {
+    let mut request = Request::post("/payments")
+        .header("idempotency-key", "shared-key")
+        .body(Body::from("{}"))
+        .unwrap();
+    if let Some(auth) = auth {
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, auth.parse().unwrap());
+    }
+    request
+}
+
+#[tokio::test]
+async fn default_tenant_scopes_by_authorization() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let alice = send(&app, keyed(Some("Bearer alice"))).await;
+    let bob = send(&app, keyed(Some("Bearer bob"))).await;
+    assert!(!alice.replayed());
+    assert!(!bob.replayed(), "another tenant's key never replays");
+    assert_ne!(alice.body, bob.body);
+    let anonymous = send(&app, keyed(None)).await;
+    assert!(!anonymous.replayed());
+    assert_eq!(runs.get(), 3);
+
+    let alice_again = send(&app, keyed(Some("Bearer alice"))).await;
+    assert!(alice_again.replayed());
+    assert_eq!(alice_again.body, alice.body);
+    let anonymous_again = send(&app, keyed(None)).await;
+    assert!(
+        anonymous_again.replayed(),
+        "requests without Authorization share one scope"
+    );
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn tenant_from_header_rejects_requests_without_it() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .tenant(TenantFromHeader::new(HeaderName::from_static("x-api-key"))),
+    );
+    let reply = send(&app, keyed(None)).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.code(), "idempotency_tenant_rejected");
+    assert_eq!(reply.header("idempotency-key"), Some("shared-key"));
+    assert_eq!(reply.outcome, Some(Outcome::TenantRejected));
+    assert_eq!(runs.get(), 0);
+
+    let with = |api_key: &str| {
+        let mut request = keyed(None);
+        request
+            .headers_mut()
+            .insert("x-api-key", api_key.parse().unwrap());
+        request
+    };
+    assert!(!send(&app, with("one")).await.replayed());
+    assert!(!send(&app, with("two")).await.replayed());
+    assert!(send(&app, with("one")).await.replayed());
+    assert_eq!(runs.get(), 2);
+}
+
+#[derive(Clone)]
+struct AccountId(u64);
+
+impl std::fmt::Display for AccountId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Stand-in authentication middleware: `Authorization: account <n>` sets `AccountId(n)`.
+async fn authenticate(mut request: Request<Body>, next: Next) -> axum::response::Response {
+    let account = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok()?.strip_prefix("account ")?.parse().ok());
+    if let Some(account) = account {
+        request.extensions_mut().insert(AccountId(account));
+    }
+    next.run(request).await
+}
+
+#[tokio::test]
+async fn tenant_from_an_extension_set_by_auth_middleware() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .tenant(TenantFromExtension::<AccountId>::new()),
+        )
+        .layer(middleware::from_fn(authenticate));
+    assert!(!send(&app, keyed(Some("account 1"))).await.replayed());
+    assert!(!send(&app, keyed(Some("account 2"))).await.replayed());
+    assert!(send(&app, keyed(Some("account 1"))).await.replayed());
+    let anonymous = send(&app, keyed(None)).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn tenant_from_a_closure() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).tenant(
+        |parts: &axum::http::request::Parts| match parts.uri.query() {
+            Some(q) => Ok(TenantId::from_bytes(q)),
+            None => Err(TenantRejection::new(StatusCode::FORBIDDEN, "no tenant")),
+        },
+    ));
+    let request = |uri: &str| {
+        Request::post(uri)
+            .header("idempotency-key", "k")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let reply = send(&app, request("/status/200")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.json()["detail"], "no tenant");
+    assert!(!send(&app, request("/status/200?t1")).await.replayed());
+    assert!(send(&app, request("/status/200?t1")).await.replayed());
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn problem_json_is_the_default_error_body() {
+    let app = api(Runs::default()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let request = Request::post("/payments")
+        .header("idempotency-key", "")
+        .body(Body::empty())
+        .unwrap();
+    let reply = send(&app, request).await;
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    let json = reply.json();
+    assert_eq!(json["status"], 400);
+    assert_eq!(json["code"], "idempotency_key_invalid");
+    assert_eq!(json["title"], "Idempotency key invalid");
+    assert!(json["type"].as_str().unwrap().starts_with("https://"));
+    assert!(json["detail"].as_str().unwrap().contains("empty"));
+}
+
+#[tokio::test]
+async fn a_custom_renderer_gives_an_error_envelope() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).error_renderer(
+        |problem: &Problem| {
+            let body = serde_json::json!({
+                "detail": problem.detail(),
+                "error_code": problem.code().as_str().to_uppercase(),
+                "details": { "retry_after": problem.retry_after() },
+            });
+            Response::builder()
+                .status(problem.status())
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Bytes::from(body.to_string()))
+                .unwrap()
+        },
+    ));
+    let post = |body: &'static str| {
+        Request::post("/payments")
+            .header("idempotency-key", "k")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    send(&app, post("{}")).await;
+    let reply = send(&app, post("{\"x\":1}")).await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("idempotency-key"), Some("k"));
+    let json = reply.json();
+    assert_eq!(json["error_code"], "IDEMPOTENCY_KEY_REUSE");
+    assert!(
+        json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("different request")
+    );
+    assert_eq!(json["details"]["retry_after"], serde_json::Value::Null);
+}
