@@ -10,9 +10,10 @@
 //! tower-idempotency = { version = "0.1", features = ["conformance"] }
 //! ```
 //!
-//! Then, in a test file, generate one `#[test]` per case with [`conformance_tests!`], from an
-//! async function that builds your store, or returns `None` to skip the suite (for example
-//! when the URL of its server is not set):
+//! Then, in a test file, generate one `#[test]` per case with
+//! [`conformance_tests!`](crate::conformance_tests), from an async function that builds your
+//! store, or returns `None` to skip the suite (for example when the URL of its server is not
+//! set):
 //!
 //! ```no_run
 //! use tower_idempotency::MemoryStore;
@@ -148,7 +149,7 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
 
 /// Runs one case on a new multi-threaded Tokio runtime (4 workers, time and I/O enabled), with
 /// the store that `make` builds; prints that the case was skipped when `make` returns `None`.
-/// [`conformance_tests!`] calls this for each case.
+/// [`conformance_tests!`](crate::conformance_tests) calls this for each case.
 pub fn run_case<S, M, MF, C, CF>(name: &str, make: M, case: C)
 where
     S: IdempotencyStore,

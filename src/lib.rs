@@ -63,13 +63,13 @@
 //!
 //! # Stores and feature flags
 //!
-//! | feature            | store           | for                                              |
-//! |--------------------|-----------------|--------------------------------------------------|
-//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded     |
-//! | `redis`            | `RedisStore`    | a fleet: one Lua script per step, server-side expiry |
-//! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table |
-//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                |
-//! | `conformance`      |                 | `conformance`: the store test suite, for your own store |
+//! | feature            | store           | for                                                           |
+//! |--------------------|-----------------|---------------------------------------------------------------|
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
+//! | `redis`            | `RedisStore`    | a fleet: one Lua script per step, expiry kept by Redis        |
+//! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
+//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                             |
+//! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
 //!
 //! Every server of a fleet must share one store, with the same key prefix (Redis) or table
 //! (PostgreSQL): the record key is (tenant hash, key), with no per-process seed, so a retry
