@@ -313,3 +313,36 @@ async fn invalid_urls_and_unreachable_servers_fail_clearly() {
         "the pool's error is kept"
     );
 }
+
+/// Many rounds of 16 callers racing on a fresh key, and on an expired in-flight record: exactly
+/// one acquires each time. This drives `begin` through its snapshot race (a row committed after
+/// the statement's snapshot), which it settles by running its statement again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn begin_is_atomic_over_many_rounds() {
+    let Some(store) = store().await else { return };
+    let store = std::sync::Arc::new(store);
+    let fp = Fingerprint::from_bytes([6; 32]);
+    for round in 0..100 {
+        let key = RecordKey::new(TenantId::shared(), unique_key(&format!("rounds-{round}")));
+        if round % 2 == 1 {
+            let first = store.begin(&key, &fp, Duration::from_millis(1)).await;
+            assert!(matches!(first, Ok(Begin::Acquired(_))));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move { store.begin(&key, &fp, Duration::from_secs(30)).await })
+            })
+            .collect();
+        let mut acquired = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(Begin::Acquired(_)) => acquired += 1,
+                Ok(Begin::InFlight) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "round {round}: exactly one caller acquires");
+    }
+}
