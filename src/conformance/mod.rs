@@ -42,6 +42,11 @@
 //!   seconds.
 //! - The store must be atomic per record key across threads and connections: one case races
 //!   200 callers on one key.
+//!
+//! Left to the store, and not checked: whether the holder of a lease that ran out, but that
+//! nobody took over yet, can still renew or complete it (`MemoryStore` and `PostgresStore`
+//! allow it; in `RedisStore` the record is already gone, so it is `LeaseLost`). Either way, once
+//! another request took the record over, the old token is refused.
 
 mod check;
 mod fidelity;

@@ -126,7 +126,8 @@ return 0
 /// Each record is one Redis string at `<prefix>{<tenant hex>:<key>}`, for example
 /// `idempotency:{4f3c…9a:8e03978e-40d5-43e8}`. The prefix (default `idempotency:`) and the
 /// record key are the same on every server, so a fleet shares one truth. The braces are a hash
-/// tag, so on Redis Cluster every command touches one slot (each script touches one key).
+/// tag and each script touches that one key, so the layout is ready for Redis Cluster (one
+/// slot per record); the store itself talks to one Redis endpoint.
 ///
 /// The value is a version byte (`1`), a state byte (`f` in flight, `c` completed), the
 /// request's fingerprint (32 bytes), the holder's lock token (16 bytes, big-endian) and, once
@@ -148,13 +149,17 @@ return 0
 /// # Connections
 ///
 /// The store talks through the `redis` crate's Tokio [`ConnectionManager`]: one multiplexed
-/// connection shared by every request (cloning the store is cheap and shares it), which
-/// reconnects by itself when the connection drops. While Redis is down, store calls fail with
+/// connection shared by every request (cloning the store is cheap and shares it). It is the
+/// right tool here for two reasons: Redis runs commands one at a time anyway, so one pipelined
+/// connection carries every concurrent request without a pool to size; and it reconnects by
+/// itself when the connection drops, so a Redis restart needs no action from the application
+/// (a bare multiplexed connection would stay broken). While Redis is down, store calls fail with
 /// [`StoreErrorKind::Unavailable`] (the layer answers `503` with `Retry-After`, and its store
 /// timeout bounds how long a request waits); once Redis is back, the next calls succeed again,
 /// without rebuilding the store. [`connect`](Self::connect) retries a lost connection with an
-/// exponential backoff of at most one second; for other settings (timeouts, TLS, RESP3), build
-/// your own manager and use [`new`](Self::new).
+/// exponential backoff of at most one second, and keeps the `redis` crate's timeouts (1 s to
+/// connect, 500 ms per response); for other settings (timeouts, TLS, RESP3), build your own
+/// manager and use [`new`](Self::new).
 ///
 /// # Operating Redis
 ///
