@@ -114,6 +114,7 @@ pub(crate) struct Guard<St: IdempotencyStore> {
     token: LockToken,
     timeout: Duration,
     state: GuardState,
+    started: tokio::time::Instant,
 }
 
 enum GuardState {
@@ -123,13 +124,20 @@ enum GuardState {
 }
 
 impl<St: IdempotencyStore> Guard<St> {
-    pub(crate) fn new(store: Arc<St>, key: RecordKey, token: LockToken, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<St>,
+        key: RecordKey,
+        token: LockToken,
+        timeout: Duration,
+        started: tokio::time::Instant,
+    ) -> Self {
         Self {
             store,
             key,
             token,
             timeout,
             state: GuardState::Held,
+            started,
         }
     }
 
@@ -173,16 +181,7 @@ impl<St: IdempotencyStore> Guard<St> {
     }
 
     fn spawn_release(&self) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, key, token, timeout) = (
-            self.store.clone(),
-            self.key.clone(),
-            self.token,
-            self.timeout,
-        );
-        handle.spawn(async move {
+        self.spawn_with(|store, key, token, timeout| async move {
             let mut backoff = Duration::from_millis(50);
             for _ in 0..4 {
                 match timed(timeout, store.release(&key, token)).await {
@@ -196,24 +195,38 @@ impl<St: IdempotencyStore> Guard<St> {
             }
         });
     }
+
+    /// Runs `task` on the current Tokio runtime, detached from this request. Without a runtime
+    /// (it is shutting down), nothing runs and the lease ends by itself.
+    fn spawn_with<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Arc<St>, RecordKey, LockToken, Duration) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            handle.spawn(task(store, key, self.token, self.timeout));
+        }
+    }
 }
 
 impl<St: IdempotencyStore> Drop for Guard<St> {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.state, GuardState::Done) {
             GuardState::Done => {}
-            GuardState::Held => self.spawn_release(),
-            GuardState::Completing(response, ttl) => {
-                let Ok(handle) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                let (store, key, token, timeout) = (
-                    self.store.clone(),
-                    self.key.clone(),
-                    self.token,
-                    self.timeout,
+            GuardState::Held => {
+                // The request was abandoned (client gone, handler panicked): no response
+                // reports this outcome, so the event does.
+                crate::outcome::emit(
+                    crate::Outcome::Released,
+                    Some(self.key.key()),
+                    Some(self.key.tenant()),
+                    self.started.elapsed(),
                 );
-                handle.spawn(async move {
+                self.spawn_release();
+            }
+            GuardState::Completing(response, ttl) => {
+                self.spawn_with(|store, key, token, timeout| async move {
                     let _ = timed(timeout, store.complete(&key, token, response, ttl)).await;
                 });
             }

@@ -5,7 +5,12 @@
 //! draft writes it), which is unquoted before validation. A comma outside quotes means that
 //! several header lines were combined into one, which counts as sending the header twice.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::store::RecordKey;
+use crate::tenant::TenantId;
 
 /// The longest key accepted, in characters (after unquoting).
 pub const MAX_KEY_LEN: usize = 255;
@@ -22,7 +27,7 @@ pub(crate) enum KeyError {
 /// A valid key: the unquoted key, and the header value exactly as the client sent it.
 #[derive(Debug, Clone)]
 pub(crate) struct ParsedKey {
-    pub(crate) key: Box<str>,
+    pub(crate) key: Arc<str>,
     pub(crate) raw: HeaderValue,
 }
 
@@ -42,22 +47,81 @@ pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<ParsedKey,
 }
 
 /// Validates one header value and returns the unquoted key.
-pub(crate) fn parse_value(value: &[u8]) -> Result<Box<str>, KeyError> {
+pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
     let value = value.trim_ascii();
+    let unquoted;
     let key = match value.first() {
-        Some(b'"') => unquote(value)?,
-        _ => {
-            if value.contains(&b',') {
-                return Err(KeyError::Invalid("the header was sent more than once"));
-            }
-            value.to_vec()
+        Some(b'"') => {
+            unquoted = unquote(value)?;
+            &unquoted[..]
         }
+        _ if value.contains(&b',') => {
+            return Err(KeyError::Invalid("the header was sent more than once"));
+        }
+        _ => value,
     };
-    validate(&key)?;
+    validate(key)?;
     // `validate` accepts only ASCII, so this conversion cannot fail.
-    String::from_utf8(key)
-        .map(String::into_boxed_str)
+    std::str::from_utf8(key)
+        .map(Arc::from)
         .map_err(|_| KeyError::Invalid("the key must be visible ASCII"))
+}
+
+/// The request's idempotency key, put in the request's extensions before the handler runs, so
+/// that the handler can pass it on (for example as the idempotency key of a payment provider).
+///
+/// With axum, extract it with `Extension<IdempotencyKey>`:
+///
+/// ```
+/// use axum::{Extension, Router, routing::post};
+/// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
+///
+/// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> String {
+///     format!("charging with idempotency key {}", key.as_str())
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/payments", post(create_payment))
+///     .layer(IdempotencyLayer::new(MemoryStore::new()));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    key: Arc<str>,
+    tenant: TenantId,
+}
+
+impl IdempotencyKey {
+    pub(crate) fn from_record(record: &RecordKey) -> Self {
+        Self {
+            key: record.shared_key().clone(),
+            tenant: *record.tenant(),
+        }
+    }
+
+    /// The key, unquoted.
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    /// The tenant scope the key lives in.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+}
+
+impl std::fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyKey")
+            .field("key", &self.key)
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key)
+    }
 }
 
 /// Unquotes a Structured-Field string (RFC 8941 §3.3.3): `"` ... `"`, with `\"` and `\\` escapes.
@@ -108,7 +172,7 @@ mod tests {
     use super::*;
 
     fn ok(value: &[u8]) -> String {
-        parse_value(value).unwrap().into()
+        parse_value(value).unwrap().to_string()
     }
 
     fn invalid(value: &[u8]) -> bool {

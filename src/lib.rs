@@ -105,7 +105,7 @@ pub use body::{BoxError, RequestBody, ResponseBody};
 pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
-pub use key::MAX_KEY_LEN;
+pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::{
     IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
     default_cache_policy,
@@ -135,7 +135,7 @@ pub mod fuzzing {
     use http::request::Parts;
 
     /// Parses an `Idempotency-Key` header value; `None` when it is not a valid key.
-    pub fn parse_key(value: &[u8]) -> Option<Box<str>> {
+    pub fn parse_key(value: &[u8]) -> Option<std::sync::Arc<str>> {
         crate::key::parse_value(value).ok()
     }
 

@@ -22,7 +22,7 @@ use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
 use crate::error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::{Fingerprint, Hasher};
 use crate::future::{Guard, ResponseFuture, timed};
-use crate::key::{self, KeyError, ParsedKey};
+use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::layer::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
 use crate::outcome::{self, Outcome};
 use crate::response::StoredResponse;
@@ -115,7 +115,13 @@ where
             Err(KeyError::Missing) => {
                 let detail = format!("This endpoint requires an {} header.", config.header);
                 let problem = Problem::new(ErrorCode::KeyMissing, StatusCode::BAD_REQUEST, detail);
-                return ResponseFuture::ready(refuse(shared, problem, Outcome::MissingKey, None));
+                return ResponseFuture::ready(refuse(
+                    shared,
+                    problem,
+                    Outcome::MissingKey,
+                    None,
+                    None,
+                ));
             }
             Err(KeyError::Invalid(why)) => {
                 let detail = format!(
@@ -123,7 +129,13 @@ where
                     config.header
                 );
                 let problem = Problem::new(ErrorCode::KeyInvalid, StatusCode::BAD_REQUEST, detail);
-                return ResponseFuture::ready(refuse(shared, problem, Outcome::InvalidKey, None));
+                return ResponseFuture::ready(refuse(
+                    shared,
+                    problem,
+                    Outcome::InvalidKey,
+                    None,
+                    None,
+                ));
             }
         };
         let (parts, body) = req.into_parts();
@@ -140,6 +152,7 @@ where
                     problem,
                     Outcome::TenantRejected,
                     Some(&key),
+                    None,
                 ));
             }
         };
@@ -149,6 +162,7 @@ where
                 too_large(config),
                 Outcome::TooLarge,
                 Some(&key),
+                Some(&tenant),
             ));
         }
         // The service that `poll_ready` made ready is the one that runs the request.
@@ -169,7 +183,7 @@ where
 async fn run<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
-    parts: Parts,
+    mut parts: Parts,
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
@@ -194,6 +208,7 @@ where
                 too_large(config),
                 Outcome::TooLarge,
                 Some(&key),
+                Some(&tenant),
             ));
         }
         Err(BodyError::Read) => {
@@ -202,20 +217,20 @@ where
                 StatusCode::BAD_REQUEST,
                 "The request body could not be read to the end.",
             );
-            return Ok(refuse(&shared, problem, Outcome::BodyError, Some(&key)));
+            return Ok(refuse(
+                &shared,
+                problem,
+                Outcome::BodyError,
+                Some(&key),
+                Some(&tenant),
+            ));
         }
     };
     let ParsedKey { key: key_str, raw } = key;
     let record = RecordKey::new(tenant, key_str);
     let done = |response, outcome| {
-        finish(
-            response,
-            outcome,
-            config,
-            Some(&raw),
-            Some(&record),
-            started,
-        )
+        let report = Report::keyed(&raw, &record, started);
+        finish(response, outcome, config, report)
     };
 
     let begin = timed(
@@ -258,6 +273,9 @@ where
             return Ok(done(render(&shared, &problem), Outcome::Mismatch));
         }
         Err(_) if config.fail_open => {
+            parts
+                .extensions
+                .insert(IdempotencyKey::from_record(&record));
             let req = Request::from_parts(parts, RequestBody::buffered(chunks));
             let mut response = inner.call(req).await?.map(ResponseBody::inner);
             response.headers_mut().insert(
@@ -278,7 +296,16 @@ where
     };
 
     // This request holds the key: run the handler once, renewing the lease while it runs.
-    let mut guard = Guard::new(shared.store.clone(), record, token, config.store_timeout);
+    let mut guard = Guard::new(
+        shared.store.clone(),
+        record,
+        token,
+        config.store_timeout,
+        started,
+    );
+    parts
+        .extensions
+        .insert(IdempotencyKey::from_record(guard.key()));
     let req = Request::from_parts(parts, RequestBody::buffered(chunks));
     let response = {
         let mut handler = pin!(inner.call(req));
@@ -311,9 +338,7 @@ where
             response,
             Outcome::Released,
             config,
-            Some(&raw),
-            Some(guard.key()),
-            started,
+            Report::keyed(&raw, guard.key(), started),
         ));
     }
     let (head, body) = response.into_parts();
@@ -351,9 +376,7 @@ where
                 response,
                 Outcome::Released,
                 config,
-                Some(&raw),
-                Some(guard.key()),
-                started,
+                Report::keyed(&raw, guard.key(), started),
             ));
         }
     };
@@ -362,10 +385,28 @@ where
         response,
         Outcome::Executed,
         config,
-        Some(&raw),
-        Some(guard.key()),
-        started,
+        Report::keyed(&raw, guard.key(), started),
     ))
+}
+
+/// What a response reports about its request: the key header to echo, and the key and tenant
+/// whose hashes go into the outcome's event.
+struct Report<'a> {
+    raw: Option<&'a HeaderValue>,
+    key: Option<&'a str>,
+    tenant: Option<&'a TenantId>,
+    started: Instant,
+}
+
+impl<'a> Report<'a> {
+    fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Instant) -> Self {
+        Self {
+            raw: Some(raw),
+            key: Some(record.key()),
+            tenant: Some(record.tenant()),
+            started,
+        }
+    }
 }
 
 /// Adds what every response to a keyed request carries: the echoed key (exactly as the client
@@ -374,17 +415,10 @@ fn finish<B>(
     mut response: Response<B>,
     outcome: Outcome,
     config: &Config,
-    raw_key: Option<&HeaderValue>,
-    record: Option<&RecordKey>,
-    started: Instant,
+    report: Report<'_>,
 ) -> Response<B> {
-    outcome::emit(
-        outcome,
-        record.map(RecordKey::key),
-        record.map(RecordKey::tenant),
-        started.elapsed(),
-    );
-    if let Some(raw) = raw_key {
+    outcome::emit(outcome, report.key, report.tenant, report.started.elapsed());
+    if let Some(raw) = report.raw {
         response
             .headers_mut()
             .insert(config.header.clone(), raw.clone());
@@ -414,10 +448,16 @@ fn refuse<St, T, E: ErrorRenderer, B>(
     problem: Problem,
     outcome: Outcome,
     key: Option<&ParsedKey>,
+    tenant: Option<&TenantId>,
 ) -> Response<ResponseBody<B>> {
     let response = render(shared, &problem);
-    let raw = key.map(|k| &k.raw);
-    finish(response, outcome, &shared.config, raw, None, Instant::now())
+    let report = Report {
+        raw: key.map(|k| &k.raw),
+        key: key.map(|k| &*k.key),
+        tenant,
+        started: Instant::now(),
+    };
+    finish(response, outcome, &shared.config, report)
 }
 
 fn too_large(config: &Config) -> Problem {

@@ -247,3 +247,24 @@ async fn fail_open_runs_unprotected_and_says_so() {
         "nothing is stored for a bypassed request"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_its_response_is_being_stored_is_still_stored() {
+    let (runs, store) = (Runs::default(), FaultyStore::default());
+    let app = app(&runs, &store);
+    store.always(Op::Complete, Fault::Delay(Duration::from_millis(200)));
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, payment()).await })
+    };
+    while store.calls(Op::Complete) == 0 {
+        tokio::task::yield_now().await;
+    }
+    first.abort(); // the client goes away while the response is being stored
+    assert!(first.await.unwrap_err().is_cancelled());
+    settle(Duration::from_millis(300)).await;
+    let retry = send(&app, payment()).await;
+    assert!(retry.replayed(), "the completion finished in the background");
+    assert_eq!(runs.get(), 1);
+    assert_eq!(store.calls(Op::Complete), 2, "completed again, detached from the request");
+}

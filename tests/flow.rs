@@ -422,3 +422,22 @@ async fn custom_key_header_name() {
     send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(runs.get(), 2);
 }
+
+#[tokio::test]
+async fn the_handler_sees_the_key_and_its_tenant() {
+    use axum::Extension;
+    use axum::routing::post;
+    use tower_idempotency::{IdempotencyKey, TenantId};
+
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            post(|Extension(key): Extension<IdempotencyKey>| async move {
+                let shared = *key.tenant() == TenantId::shared();
+                format!("{} {shared}", key.as_str())
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let reply = send(&app, post_with_key("/payments", "\"quoted-key\"", "{}")).await;
+    assert_eq!(reply.body, "quoted-key true");
+}

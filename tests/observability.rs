@@ -40,6 +40,13 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     store.fail(false);
     send(&app, post_with_key("/payments", "secret-key-456", "{}")).await;
 
+    // An abandoned request (its handler panicked) reports its release as an event.
+    let panicking = {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, post_with_key("/panic", "secret-key-789", "")).await })
+    };
+    assert!(panicking.await.unwrap_err().is_panic());
+
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     let bypassed = logs
         .lines()
@@ -50,6 +57,7 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     assert!(bypassed.contains("tenant_hash="), "{bypassed}");
     assert!(bypassed.contains("elapsed_us="), "{bypassed}");
     assert!(logs.contains("outcome=\"executed\""), "{logs}");
+    assert!(logs.contains("outcome=\"released\""), "{logs}");
     assert!(
         !logs.contains("secret-key"),
         "the raw key never reaches the logs: {logs}"

@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod error;
@@ -260,12 +261,12 @@ pub enum Begin {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RecordKey {
     tenant: TenantId,
-    key: Box<str>,
+    key: Arc<str>,
 }
 
 impl RecordKey {
     /// Builds a record key from a tenant scope and an idempotency key (already validated).
-    pub fn new(tenant: TenantId, key: impl Into<Box<str>>) -> Self {
+    pub fn new(tenant: TenantId, key: impl Into<Arc<str>>) -> Self {
         Self {
             tenant,
             key: key.into(),
@@ -279,6 +280,11 @@ impl RecordKey {
 
     /// The idempotency key, unquoted, as the client sent it.
     pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The idempotency key, shared (cloning it does not copy the string).
+    pub fn shared_key(&self) -> &Arc<str> {
         &self.key
     }
 }
