@@ -63,10 +63,17 @@
 //!
 //! # Stores and feature flags
 //!
-//! | feature            | store           | for                                              |
-//! |--------------------|-----------------|--------------------------------------------------|
-//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded     |
-//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                |
+//! | feature            | store           | for                                                           |
+//! |--------------------|-----------------|---------------------------------------------------------------|
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
+//! | `redis`            | `RedisStore`    | a fleet: one Lua script per step, expiry kept by Redis        |
+//! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
+//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                             |
+//! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
+//!
+//! Every server of a fleet must share one store, with the same key prefix (Redis) or table
+//! (PostgreSQL): the record key is (tenant hash, key), with no per-process seed, so a retry
+//! that reaches another server meets the same record.
 //!
 //! The layer needs a Tokio runtime with its time driver enabled (as `#[tokio::main]` gives).
 //!
@@ -80,6 +87,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 mod error;
 mod fingerprint;
 mod future;
@@ -106,6 +116,12 @@ pub use service::Idempotency;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::RedisStore;
 pub use store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
 pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,

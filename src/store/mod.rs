@@ -22,6 +22,10 @@ use std::time::Duration;
 mod error;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 pub use error::{StoreError, StoreErrorKind};
 

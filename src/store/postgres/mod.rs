@@ -1,0 +1,474 @@
+//! [`PostgresStore`]: a durable store shared by every server of a fleet, on PostgreSQL.
+
+mod sql;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use self::sql::{Sql, Table};
+use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+
+/// The default table.
+const DEFAULT_TABLE: &str = "idempotency_records";
+/// The longest lease or TTL written, about 100 years; longer ones are cut to it.
+const MAX_MILLIS: i64 = 100 * 365 * 24 * 60 * 60 * 1000;
+/// How many times `begin` runs its statement again when a concurrent writer changed the record
+/// between the statement's snapshot and its insert (see [`Sql::begin`]).
+const BEGIN_ATTEMPTS: usize = 10;
+/// How many expired rows one `DELETE` of [`PostgresStore::delete_expired`] removes.
+const DELETE_BATCH: i64 = 1000;
+
+/// An [`IdempotencyStore`] on PostgreSQL, shared by every server of a fleet and durable across
+/// restarts.
+///
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, PostgresStore};
+///
+/// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+/// let store = PostgresStore::connect("postgres://app:secret@127.0.0.1/app").await?;
+/// store.migrate().await?; // creates the table if missing; safe on every start
+/// let layer = IdempotencyLayer::new(store);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Schema
+///
+/// [`migrate`](Self::migrate) runs this (with the configured [`table`](Self::table), default
+/// `idempotency_records`), under a transaction-scoped advisory lock so that every instance of a
+/// fleet can run it at once on start:
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS "idempotency_records" (
+///     tenant      bytea       NOT NULL,              -- SHA-256 of the tenant (32 bytes)
+///     key         text        COLLATE "C" NOT NULL,  -- the client's key, visible ASCII
+///     state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
+///     fingerprint bytea       NOT NULL,              -- SHA-256 of the request (32 bytes)
+///     token       bytea       NOT NULL,              -- the holder's lock token (16 bytes)
+///     response    bytea,                             -- StoredResponse::encode(), once completed
+///     expires_at  timestamptz NOT NULL,              -- end of the lease, or of the TTL
+///     PRIMARY KEY (tenant, key)
+/// );
+/// CREATE INDEX IF NOT EXISTS "idempotency_records_expires_idx"
+///     ON "idempotency_records" (expires_at);
+/// ```
+///
+/// Run it yourself if your migrations are managed elsewhere; the store only needs the table.
+///
+/// # Semantics
+///
+/// Time is the database's (`clock_timestamp()`), never the application servers'. A row is live
+/// while `expires_at` is in the future: the lease of an in-flight row, the TTL (from
+/// completion) of a completed one. `begin` is one `INSERT … ON CONFLICT (tenant, key) DO UPDATE
+/// … WHERE <the existing row is not live>`, combined in one statement with a read of the live
+/// row, so the decision (acquired, in flight, completed, mismatch) is made atomically by the
+/// database; no check-then-insert. `renew`, `complete` and `release` are one `UPDATE` or
+/// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they
+/// fail with [`StoreErrorKind::LeaseLost`].
+///
+/// # Expired rows
+///
+/// Expired rows are ignored at once, and overwritten when their key is used again, but they
+/// stay in the table until deleted. Call [`delete_expired`](Self::delete_expired) from your own
+/// scheduler, or let the store do it with [`cleanup_interval`](Self::cleanup_interval).
+///
+/// # Connections
+///
+/// Queries go through a [`deadpool_postgres::Pool`]. A connection that broke (the server
+/// restarted, say) is dropped by the pool and replaced on the next call, so while PostgreSQL is
+/// down store calls fail with [`StoreErrorKind::Unavailable`] (the layer answers `503`), and once
+/// it is back they succeed again without rebuilding the store. [`connect`](Self::connect)
+/// connects without TLS; for TLS, build a pool with a TLS connector and use
+/// [`from_pool`](Self::from_pool).
+///
+/// Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    table: Table,
+    sql: Sql,
+    cleanup_interval: Option<Duration>,
+    cleanup_started: AtomicBool,
+}
+
+impl PostgresStore {
+    /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`, or
+    /// a `key=value` connection string) with a pool of up to 16 connections, without TLS, and
+    /// checks that a connection can be made. Does not create the table: call
+    /// [`migrate`](Self::migrate).
+    ///
+    /// Fails with [`StoreErrorKind::Other`] when the URL is invalid, and with
+    /// [`StoreErrorKind::Unavailable`] when the server cannot be reached.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::PostgresStore::connect("postgres://app@127.0.0.1/app").await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tower-idempotency");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_secs(5));
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
+        drop(pool.get().await.map_err(pool_error)?);
+        Ok(Self::from_pool(pool))
+    }
+
+    /// A store over an existing pool, with the default table, `idempotency_records`.
+    ///
+    /// ```no_run
+    /// use deadpool_postgres::{Manager, Pool};
+    ///
+    /// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: tokio_postgres::Config = "postgres://app@127.0.0.1/app".parse()?;
+    /// let pool = Pool::builder(Manager::new(config, tokio_postgres::NoTls)).build()?;
+    /// let store = tower_idempotency::PostgresStore::from_pool(pool);
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_pool(pool: Pool) -> Self {
+        let table = Table::parse(DEFAULT_TABLE).expect("the default table name is valid");
+        Self::build(pool, table, None)
+    }
+
+    fn build(pool: Pool, table: Table, cleanup_interval: Option<Duration>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Sql::new(&table),
+                table,
+                cleanup_interval,
+                cleanup_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The table that holds the records: `name` or `schema.name`, each part
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
+    /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
+    ///
+    /// Fails with [`StoreErrorKind::Other`] for any other name; a name is never spliced into
+    /// SQL unchecked.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::PostgresStore::connect("postgres://app@127.0.0.1/app")
+    ///     .await?
+    ///     .table("billing.idempotency")?;
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn table(self, name: &str) -> Result<Self, StoreError> {
+        let table = Table::parse(name)?;
+        Ok(Self::build(
+            self.inner.pool.clone(),
+            table,
+            self.inner.cleanup_interval,
+        ))
+    }
+
+    /// Deletes expired rows every `interval` in a background task, which starts on the store's
+    /// first use (on that call's Tokio runtime), holds only a weak reference to the store and
+    /// ends when the store is dropped. Off by default; every instance of a fleet may run it.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::PostgresStore::connect("postgres://app@127.0.0.1/app")
+    ///     .await?
+    ///     .cleanup_interval(Duration::from_secs(300));
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn cleanup_interval(self, interval: Duration) -> Self {
+        let interval = interval.max(Duration::from_millis(1));
+        Self::build(
+            self.inner.pool.clone(),
+            self.inner.table.clone(),
+            Some(interval),
+        )
+    }
+
+    /// The pool the store queries through.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Creates the table and its index if they are missing (see [Schema](Self#schema)).
+    ///
+    /// Safe to run on every start, from every instance of a fleet at once: it runs under a
+    /// transaction-scoped advisory lock, so concurrent runs wait for each other instead of
+    /// racing on the catalog.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&self.inner.table.lock_id()],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.batch_execute(&self.inner.sql.migrate)
+            .await
+            .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
+    ///
+    /// Rows another session is deleting are skipped, so every instance of a fleet may run it at
+    /// once. An in-flight row whose lease ran out is expired too: deleting it is the same as a
+    /// takeover, and its holder's later `complete` fails with
+    /// [`LeaseLost`](StoreErrorKind::LeaseLost).
+    pub async fn delete_expired(&self) -> Result<u64, StoreError> {
+        self.inner.delete_expired().await
+    }
+
+    fn ensure_cleanup(&self) {
+        let inner = &self.inner;
+        let Some(period) = inner.cleanup_interval else {
+            return;
+        };
+        if inner.cleanup_started.load(Ordering::Relaxed)
+            || inner.cleanup_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            inner.cleanup_started.store(false, Ordering::Release);
+            return;
+        };
+        runtime.spawn(clean_periodically(Arc::downgrade(inner), period));
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        self.ensure_cleanup();
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.execute(&statement, params).await.map_err(pg_error)
+    }
+
+    /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
+    async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+        match self.execute(sql, params).await? {
+            0 => Err(StoreError::lease_lost()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    async fn delete_expired(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.sql.delete_expired)
+            .await
+            .map_err(pg_error)?;
+        let mut total = 0;
+        loop {
+            let deleted = client
+                .execute(&statement, &[&DELETE_BATCH])
+                .await
+                .map_err(pg_error)?;
+            total += deleted;
+            if deleted < DELETE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The background cleanup: it holds only a weak reference, so it ends at its first tick after
+/// the store is dropped.
+async fn clean_periodically(store: Weak<Inner>, period: Duration) {
+    let start = tokio::time::Instant::now() + period;
+    let mut interval = tokio::time::interval_at(start, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        // A failed run (the database is down, say) is retried at the next tick.
+        let _ = inner.delete_expired().await;
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table.quoted)
+            .field("cleanup_interval", &self.inner.cleanup_interval)
+            .field("pool", &self.inner.pool.status())
+            .finish()
+    }
+}
+
+impl IdempotencyStore for PostgresStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.ensure_cleanup();
+        let token = LockToken::random();
+        let token_bytes = token.as_u128().to_be_bytes();
+        let (tenant, fingerprint) = (&key.tenant().as_bytes()[..], &fingerprint.as_bytes()[..]);
+        let lease = millis(lease);
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&tenant, &key.key(), &fingerprint, &&token_bytes[..], &lease];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.begin)
+            .await
+            .map_err(pg_error)?;
+        for _ in 0..BEGIN_ATTEMPTS {
+            let row = client
+                .query_opt(&statement, &params)
+                .await
+                .map_err(pg_error)?;
+            if let Some(begin) = decide(row.as_ref(), token)? {
+                return Ok(begin);
+            }
+        }
+        Err(StoreError::msg(
+            StoreErrorKind::Other,
+            "the record kept changing under concurrent writers; try again",
+        ))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
+        let sql = &self.inner.sql.renew;
+        self.fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)])
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
+        let encoded = response.encode();
+        let encoded = &encoded[..];
+        let sql = &self.inner.sql.complete;
+        self.fenced(sql, &[&tenant, &key.key(), &token, &encoded, &millis(ttl)])
+            .await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
+        self.fenced(&self.inner.sql.release, &[&tenant, &key.key(), &token])
+            .await
+    }
+}
+
+/// Reads the row `begin` returned; `None` when the statement must run again.
+fn decide(row: Option<&Row>, token: LockToken) -> Result<Option<Begin>, StoreError> {
+    let Some(row) = row else {
+        // The record was inserted after this statement's snapshot was taken, and is live: the
+        // insert saw it, the read did not. The next run sees it.
+        return Ok(None);
+    };
+    let outcome: &str = row.try_get(0).map_err(corrupt)?;
+    let begin = match outcome {
+        "acquired" => Begin::Acquired(token),
+        "in_flight" => Begin::InFlight,
+        "mismatch" => Begin::Mismatch,
+        "completed" => {
+            let bytes: Option<&[u8]> = row.try_get(1).map_err(corrupt)?;
+            let bytes = bytes.ok_or_else(|| {
+                StoreError::msg(
+                    StoreErrorKind::Corrupt,
+                    "a completed record has no response",
+                )
+            })?;
+            Begin::Completed(StoredResponse::decode(bytes).map_err(corrupt)?)
+        }
+        // The row this statement read was already replaced by a concurrent writer.
+        _ => return Ok(None),
+    };
+    Ok(Some(begin))
+}
+
+/// A duration as whole milliseconds, rounded up, at least 1, at most [`MAX_MILLIS`].
+fn millis(duration: Duration) -> i64 {
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    ms.clamp(1, MAX_MILLIS as u128) as i64
+}
+
+fn pool_error(err: PoolError) -> StoreError {
+    StoreError::unavailable(err)
+}
+
+fn pg_error(err: tokio_postgres::Error) -> StoreError {
+    StoreError::unavailable(err)
+}
+
+fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_up_and_clamp() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(2001)), 3);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+    }
+}

@@ -1,0 +1,195 @@
+//! `RedisStore` against a real Redis at `REDIS_URL` (skipped when it is not set; run through
+//! `scripts/test-services`).
+
+mod stores_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use redis::AsyncCommands;
+use stores_support::*;
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyStore, RecordKey, RedisStore, StoreErrorKind, StoredResponse,
+    TenantId,
+};
+
+async fn store() -> Option<RedisStore> {
+    let url = server_url("REDIS_URL", "redis")?;
+    Some(
+        RedisStore::connect(&url)
+            .await
+            .expect("connect to REDIS_URL"),
+    )
+}
+
+mod conformance {
+    tower_idempotency::conformance_tests!(super::store);
+}
+
+async fn raw_connection() -> redis::aio::MultiplexedConnection {
+    let url = std::env::var("REDIS_URL").unwrap();
+    let client = redis::Client::open(url).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_run_the_handler_once() {
+    let (Some(a), Some(b)) = (store().await, store().await) else {
+        return;
+    };
+    stores_support::two_servers_run_the_handler_once(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_replays() {
+    if store().await.is_none() {
+        return;
+    }
+    stores_support::restart_replays(|| async { store().await.unwrap() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_renewal_across_servers() {
+    let (Some(a), Some(b)) = (store().await, store().await) else {
+        return;
+    };
+    stores_support::lease_renewal_across_servers(a, b).await;
+}
+
+/// The record lives at `<prefix>{<tenant hex>:<key>}`, and its expiry is the lease while in
+/// flight, then the TTL: Redis keeps the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_use_the_documented_key_and_server_side_expiry() {
+    let Some(store) = store().await else { return };
+    let mut raw = raw_connection().await;
+    let tenant = TenantId::from_bytes("layout");
+    let key = RecordKey::new(tenant, unique_key("layout{x}:y"));
+    let redis_key = format!("idempotency:{{{tenant}:{}}}", key.key());
+    assert_eq!(store.redis_key(&key), redis_key);
+
+    let fp = Fingerprint::from_bytes([1; 32]);
+    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
+        panic!("expected Acquired");
+    };
+    let pttl: i64 = raw.pttl(&redis_key).await.unwrap();
+    assert!(
+        (1..=30_000).contains(&pttl),
+        "in-flight expiry is the lease: {pttl}"
+    );
+    let value: Vec<u8> = raw.get(&redis_key).await.unwrap();
+    assert_eq!(&value[..2], b"\x01f");
+    assert_eq!(&value[2..34], fp.as_bytes());
+    assert_eq!(value[34..50], token.as_u128().to_be_bytes());
+
+    let response = StoredResponse::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from_static(b"\0body\xff"),
+    );
+    store
+        .complete(&key, token, response.clone(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let pttl: i64 = raw.pttl(&redis_key).await.unwrap();
+    assert!(
+        (3_000_000..=3_600_000).contains(&pttl),
+        "completed expiry is the TTL: {pttl}"
+    );
+    let value: Vec<u8> = raw.get(&redis_key).await.unwrap();
+    assert_eq!(&value[..2], b"\x01c");
+    assert_eq!(&value[50..], &response.encode()[..]);
+}
+
+/// Stores with different prefixes never meet; stores with the same prefix share records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefixes_separate_fleets() {
+    let (Some(a), Some(b), Some(c)) = (store().await, store().await, store().await) else {
+        return;
+    };
+    let (a, b) = (a.prefix("fleet-a:"), b.prefix("fleet-b:"));
+    let c = c.prefix("fleet-a:");
+    let key = RecordKey::new(TenantId::shared(), unique_key("prefix"));
+    let fp = Fingerprint::from_bytes([2; 32]);
+    let lease = Duration::from_secs(30);
+    assert!(matches!(
+        a.begin(&key, &fp, lease).await,
+        Ok(Begin::Acquired(_))
+    ));
+    assert!(matches!(
+        b.begin(&key, &fp, lease).await,
+        Ok(Begin::Acquired(_))
+    ));
+    assert!(matches!(
+        c.begin(&key, &fp, lease).await,
+        Ok(Begin::InFlight)
+    ));
+}
+
+/// A key that holds something else than a record is `Corrupt`, never a panic or a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_values_are_corrupt() {
+    let Some(store) = store().await else { return };
+    let mut raw = raw_connection().await;
+    let fp = Fingerprint::from_bytes([3; 32]);
+    let lease = Duration::from_secs(30);
+
+    let key = RecordKey::new(TenantId::shared(), unique_key("garbage"));
+    let _: () = raw
+        .set_ex(store.redis_key(&key), "not a record", 60)
+        .await
+        .unwrap();
+    let err = store.begin(&key, &fp, lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+
+    let key = RecordKey::new(TenantId::shared(), unique_key("bad-response"));
+    let mut value = vec![1, b'c'];
+    value.extend_from_slice(fp.as_bytes());
+    value.extend_from_slice(&[0; 16]);
+    value.extend_from_slice(b"\x01\x00truncated");
+    let _: () = raw.set_ex(store.redis_key(&key), value, 60).await.unwrap();
+    let err = store.begin(&key, &fp, lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+
+    let key = RecordKey::new(TenantId::shared(), unique_key("hash"));
+    let _: () = raw
+        .hset(store.redis_key(&key), "field", "value")
+        .await
+        .unwrap();
+    let _: () = raw.expire(store.redis_key(&key), 60).await.unwrap();
+    let err = store.begin(&key, &fp, lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+}
+
+/// The scripts are loaded again by themselves after the server forgot them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_survive_script_flush() {
+    let Some(store) = store().await else { return };
+    let mut raw = raw_connection().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let key = RecordKey::new(TenantId::shared(), unique_key("flush"));
+    let fp = Fingerprint::from_bytes([4; 32]);
+    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
+        panic!("expected Acquired after SCRIPT FLUSH");
+    };
+    store.release(&key, token).await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_urls_and_unreachable_servers_fail_clearly() {
+    let err = RedisStore::connect("not a url").await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Other, "{err}");
+    // Port 1 on loopback: nothing listens there.
+    let err = RedisStore::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the redis error is kept"
+    );
+}

@@ -1,0 +1,173 @@
+//! `RedisStore` through a Redis outage: the server dies mid-test, keyed requests get `503`
+//! with `Retry-After` and nothing runs; the server comes back and the same store (not rebuilt)
+//! works again.
+//!
+//! The test runs its own `redis-server` (from `REDIS_SERVER_BIN`, which
+//! `scripts/test-services` exports) on a free port, so that killing it disturbs no other test.
+
+mod stores_support;
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use stores_support::*;
+use tower_idempotency::RedisStore;
+
+/// A `redis-server` of the test's own, killed when dropped.
+struct Server {
+    bin: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start(bin: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            bin: bin.to_owned(),
+            port,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the server: `STOP` freezes it (connections hang, as with a server
+    /// that stopped answering), `CONT` wakes it.
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the server runs")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
+    /// Kills the server, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_answers_503_then_recovers_without_rebuilding_the_store() {
+    let Some(bin) = server_url("REDIS_SERVER_BIN", "redis_outage") else {
+        return;
+    };
+    let mut server = Server::start(&bin);
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let runs = Runs::default();
+    let app = stores_support::server(store, &runs, Duration::ZERO, |l| {
+        l.store_timeout(Duration::from_millis(300))
+    });
+
+    let before = send(&app, payment("before-outage", "{}")).await;
+    assert_eq!(before.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+
+    // A server that hangs: every store call runs into the store timeout, answered by 503.
+    server.signal("STOP");
+    for key in ["while-frozen", "before-outage"] {
+        let started = Instant::now();
+        let reply = send(&app, payment(key, "{}")).await;
+        reply.assert_store_unavailable();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(250),
+            "the store timeout ran: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(2),
+            "a 503 after the store timeout: {elapsed:?}"
+        );
+    }
+    server.signal("CONT");
+    let thawed = eventually(Duration::from_secs(30), async || {
+        let reply = send(&app, payment("before-outage", "{}")).await;
+        reply.status == StatusCode::CREATED && reply.replayed()
+    })
+    .await;
+    assert!(thawed, "the store answers again once the server does");
+    assert_eq!(runs.get(), 1, "nothing ran while the server hung");
+
+    // A server that died.
+    server.kill();
+    for key in ["during-outage", "before-outage", "during-outage", "another"] {
+        let started = Instant::now();
+        let reply = send(&app, payment(key, "{}")).await;
+        reply.assert_store_unavailable();
+        assert_eq!(reply.headers["idempotency-key"], key);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a 503 comes at once: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(runs.get(), 1, "nothing ran while the store was down");
+
+    server.restart();
+    let recovered = eventually(Duration::from_secs(30), async || {
+        let reply = send(&app, payment("after-outage", "{}")).await;
+        match reply.status {
+            StatusCode::CREATED => true,
+            _ => {
+                reply.assert_store_unavailable();
+                false
+            }
+        }
+    })
+    .await;
+    assert!(
+        recovered,
+        "the store reconnected by itself once Redis was back"
+    );
+    assert_eq!(runs.get(), 2);
+
+    // Nothing was stored during the outage: the key runs now, once.
+    let first = send(&app, payment("during-outage", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    send(&app, payment("during-outage", "{}"))
+        .await
+        .assert_replay_of(&first);
+    assert_eq!(runs.get(), 3);
+}

@@ -1,0 +1,314 @@
+//! Scenarios shared by the Redis and PostgreSQL tests: several layers (servers of a fleet), each
+//! with its own store connection, in front of real axum Routers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, LockToken};
+
+/// The URL in `var`, or `None` after printing that the test is skipped.
+pub fn server_url(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("{test}: skipped, {var} is not set (run it through scripts/test-services)");
+            None
+        }
+    }
+}
+
+/// A key no other test or run uses.
+pub fn unique_key(label: &str) -> String {
+    format!("{label}-{}", LockToken::random())
+}
+
+/// Counts handler runs across every server of a test.
+#[derive(Clone, Default)]
+pub struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    runs: Runs,
+    delay: Duration,
+}
+
+/// `POST /payments`: counts the run, sleeps `delay`, then answers 201 with `Location`, two
+/// `Set-Cookie`, `X-Custom`, JSON naming the run and echoing the request body.
+pub fn api(runs: Runs, delay: Duration) -> Router {
+    Router::new()
+        .route("/payments", post(create))
+        .with_state(Api { runs, delay })
+}
+
+async fn create(State(api): State<Api>, body: Bytes) -> Response {
+    let n = api.runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(api.delay).await;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::LOCATION, format!("/payments/{n}").parse().unwrap());
+    headers.append(header::SET_COOKIE, "session=abc; Path=/".parse().unwrap());
+    headers.append(header::SET_COOKIE, format!("run={n}").parse().unwrap());
+    headers.insert("x-custom", "custom-value".parse().unwrap());
+    headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    let body = format!(
+        r#"{{"run":{n},"request":{}}}"#,
+        String::from_utf8_lossy(&body)
+    );
+    (StatusCode::CREATED, headers, body).into_response()
+}
+
+/// One server of a fleet: the API behind a layer over `store`.
+pub fn server<S: IdempotencyStore>(
+    store: S,
+    runs: &Runs,
+    delay: Duration,
+    configure: impl FnOnce(IdempotencyLayer<S>) -> IdempotencyLayer<S>,
+) -> Router {
+    api(runs.clone(), delay).layer(configure(IdempotencyLayer::new(store)))
+}
+
+pub fn payment(key: &str, body: &str) -> Request<Body> {
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// A response read to the end.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v == "true")
+    }
+
+    /// The problem body's `code`.
+    pub fn code(&self) -> Option<String> {
+        let json: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        Some(json.get("code")?.as_str()?.to_owned())
+    }
+
+    /// Asserts this is a replay of `original`: same status, same headers (plus the replay
+    /// marker), same body bytes.
+    pub fn assert_replay_of(&self, original: &Reply) {
+        assert_eq!(self.status, original.status, "replayed status");
+        assert!(
+            self.replayed(),
+            "a replay is marked Idempotent-Replayed: true"
+        );
+        let mut headers = self.headers.clone();
+        headers.remove(IDEMPOTENT_REPLAYED);
+        assert_eq!(headers, original.headers, "replayed headers");
+        assert_eq!(self.body, original.body, "replayed body");
+    }
+
+    /// Asserts this is `409 idempotency_key_in_progress` with `Retry-After`.
+    pub fn assert_in_progress(&self) {
+        assert_eq!(self.status, StatusCode::CONFLICT, "{self:?}");
+        assert_eq!(self.code().as_deref(), Some("idempotency_key_in_progress"));
+        assert!(
+            self.headers.contains_key(header::RETRY_AFTER),
+            "409 carries Retry-After"
+        );
+    }
+
+    /// Asserts this is `503 idempotency_store_unavailable` with `Retry-After`.
+    pub fn assert_store_unavailable(&self) {
+        assert_eq!(self.status, StatusCode::SERVICE_UNAVAILABLE, "{self:?}");
+        assert_eq!(
+            self.code().as_deref(),
+            Some("idempotency_store_unavailable")
+        );
+        assert!(
+            self.headers.contains_key(header::RETRY_AFTER),
+            "503 carries Retry-After"
+        );
+    }
+}
+
+pub async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Two servers, each with its own store connection, take 500 concurrent duplicates of one
+/// request, half each: the handler runs once; every other response is a 409 or a replay
+/// identical to the original.
+pub async fn two_servers_run_the_handler_once<S: IdempotencyStore>(a: S, b: S) {
+    const REQUESTS: usize = 500;
+    let runs = Runs::default();
+    let servers = [
+        server(a, &runs, Duration::from_millis(100), |l| l),
+        server(b, &runs, Duration::from_millis(100), |l| l),
+    ];
+    let key = unique_key("two-servers");
+    // Spread over 240 ms, so that duplicates arrive both while the handler runs (409) and after
+    // it completed (replay).
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let app = servers[i % 2].clone();
+            let request = payment(&key, r#"{"amount":100}"#);
+            let delay = Duration::from_millis(10 * (i as u64 % 25));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                send(&app, request).await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(REQUESTS);
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    assert_eq!(runs.get(), 1, "the handler ran once across both servers");
+
+    let originals: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED && !r.replayed())
+        .collect();
+    assert_eq!(originals.len(), 1, "exactly one response is the original");
+    let original = originals[0];
+    assert_eq!(original.headers["idempotency-key"], key.as_str());
+    let (mut conflicts, mut replays) = (0, 0);
+    for reply in &replies {
+        if std::ptr::eq(reply, original) {
+            continue;
+        }
+        if reply.status == StatusCode::CONFLICT {
+            reply.assert_in_progress();
+            conflicts += 1;
+        } else {
+            reply.assert_replay_of(original);
+            replays += 1;
+        }
+    }
+    assert_eq!(conflicts + replays, REQUESTS - 1);
+    assert!(conflicts > 0, "duplicates sent with the first one got 409");
+    eprintln!("two servers: 1 run, {conflicts} conflicts, {replays} replays");
+
+    for app in &servers {
+        send(app, payment(&key, r#"{"amount":100}"#))
+            .await
+            .assert_replay_of(original);
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+/// A response completed through one layer and store is replayed by a new layer over a new
+/// store: the record outlives the process that wrote it.
+pub async fn restart_replays<S, F, Fut>(make: F)
+where
+    S: IdempotencyStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let runs = Runs::default();
+    let key = unique_key("restart");
+    let original = {
+        let app = server(make().await, &runs, Duration::ZERO, |l| l);
+        send(&app, payment(&key, r#"{"amount":7}"#)).await
+    };
+    assert_eq!(original.status, StatusCode::CREATED);
+    assert!(!original.replayed());
+    assert_eq!(runs.get(), 1);
+
+    let app = server(make().await, &runs, Duration::ZERO, |l| l);
+    let retry = send(&app, payment(&key, r#"{"amount":7}"#)).await;
+    retry.assert_replay_of(&original);
+    assert_eq!(retry.headers[IDEMPOTENT_REPLAYED], "true");
+    assert_eq!(
+        runs.get(),
+        1,
+        "the handler did not run again after the restart"
+    );
+}
+
+/// With a 300 ms lease and a handler that runs about 1 s, retries on the other server keep
+/// getting 409 (the lease is renewed), and the handler runs once.
+pub async fn lease_renewal_across_servers<S: IdempotencyStore>(a: S, b: S) {
+    let runs = Runs::default();
+    let lease = |l: IdempotencyLayer<S>| l.lease(Duration::from_millis(300));
+    let first_server = server(a, &runs, Duration::from_millis(1000), lease);
+    let other_server = server(b, &runs, Duration::from_millis(1000), lease);
+    let key = unique_key("renewal");
+    let first = tokio::spawn({
+        let request = payment(&key, "{}");
+        async move { send(&first_server, request).await }
+    });
+    while runs.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut conflicts = 0;
+    while !first.is_finished() {
+        let retry = send(&other_server, payment(&key, "{}")).await;
+        if retry.status == StatusCode::CONFLICT {
+            retry.assert_in_progress();
+            conflicts += 1;
+        } else {
+            assert!(
+                retry.replayed(),
+                "a retry never runs the handler: {retry:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let original = first.await.unwrap();
+    assert_eq!(original.status, StatusCode::CREATED);
+    assert_eq!(
+        runs.get(),
+        1,
+        "the slow handler ran once; its lease was never taken over"
+    );
+    assert!(
+        conflicts >= 8,
+        "retries got 409 for the whole second: {conflicts}"
+    );
+    send(&other_server, payment(&key, "{}"))
+        .await
+        .assert_replay_of(&original);
+    assert_eq!(runs.get(), 1);
+}
+
+/// Polls until `check` is true, for at most `limit`.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
