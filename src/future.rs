@@ -2,7 +2,7 @@
 //! abandoned.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -145,18 +145,51 @@ impl<St: IdempotencyStore> Guard<St> {
         &self.key
     }
 
-    /// Extends the lease of the held record.
-    pub(crate) async fn renew(&self, lease: Duration) -> Result<(), StoreError> {
-        timed(self.timeout, self.store.renew(&self.key, self.token, lease)).await
+    /// Drives `handler` to its end while renewing the lease every third of its length.
+    ///
+    /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
+    /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
+    /// and completing is fenced by the token either way); it is reported as a `tracing` event.
+    pub(crate) async fn renewing<F: Future>(&self, lease: Duration, handler: F) -> F::Output {
+        let period = lease / 3;
+        let renew = || timed(self.timeout, self.store.renew(&self.key, self.token, lease));
+        let mut handler = pin!(handler);
+        let mut tick = pin!(tokio::time::sleep(period));
+        let mut renewal = pin!(None);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = handler.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            while tick.as_mut().poll(cx).is_ready() {
+                let next = tick.deadline() + period;
+                tick.as_mut().reset(next);
+                // A renewal still running when the next is due stands for both.
+                if renewal.is_none() {
+                    renewal.set(Some(renew()));
+                }
+            }
+            if let Some(call) = renewal.as_mut().as_pin_mut() {
+                if let Poll::Ready(result) = call.poll(cx) {
+                    renewal.set(None);
+                    if let Err(err) = result {
+                        self.report("renew", &err);
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Reports a store call that failed after the request acquired its key.
+    pub(crate) fn report(&self, call: &'static str, err: &StoreError) {
+        crate::outcome::store_failure(call, err, &self.key);
     }
 
     /// Stores `response`. If this fails, the record stays in flight until its lease ends: it is
     /// not released, so a retry cannot run the handler again while the lease lives.
-    pub(crate) async fn complete(
-        &mut self,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
+    /// A failure is reported as a `tracing` event.
+    pub(crate) async fn complete(&mut self, response: StoredResponse, ttl: Duration) {
         self.state = GuardState::Completing(response.clone(), ttl);
         let result = timed(
             self.timeout,
@@ -164,20 +197,22 @@ impl<St: IdempotencyStore> Guard<St> {
         )
         .await;
         self.state = GuardState::Done;
-        result
+        if let Err(err) = result {
+            self.report("complete", &err);
+        }
     }
 
     /// Removes the record so that a retry runs the handler again. A release that fails is
-    /// retried in the background; should that fail too, the lease ends by itself.
-    pub(crate) async fn release(&mut self) -> Result<(), StoreError> {
+    /// reported and retried in the background; should that fail too, the lease ends by itself.
+    pub(crate) async fn release(&mut self) {
         let result = timed(self.timeout, self.store.release(&self.key, self.token)).await;
         self.state = GuardState::Done;
-        if let Err(err) = &result {
+        if let Err(err) = result {
+            self.report("release", &err);
             if err.kind() != StoreErrorKind::LeaseLost {
                 self.spawn_release();
             }
         }
-        result
     }
 
     fn spawn_release(&self) {

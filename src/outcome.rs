@@ -82,6 +82,19 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// The first 8 bytes of a hash, in hex: enough to correlate events, never the value itself.
+#[cfg(feature = "tracing")]
+fn short_hex(bytes: &[u8]) -> String {
+    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A short hash of an idempotency key, for logs.
+#[cfg(feature = "tracing")]
+fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    short_hex(&Sha256::digest(key.as_bytes()))
+}
+
 /// Emits the `tracing` event of an outcome. The key and tenant are hashed only when the event
 /// is enabled.
 #[cfg(feature = "tracing")]
@@ -91,12 +104,7 @@ pub(crate) fn emit(
     tenant: Option<&crate::TenantId>,
     elapsed: std::time::Duration,
 ) {
-    use sha2::{Digest, Sha256};
     use tracing::Level;
-
-    fn short_hex(bytes: &[u8]) -> String {
-        bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
-    }
 
     let level = match outcome {
         Outcome::StoreError | Outcome::Bypassed => Level::WARN,
@@ -105,7 +113,7 @@ pub(crate) fn emit(
     macro_rules! event {
         ($level:expr) => {
             if tracing::enabled!(target: "tower_idempotency", $level) {
-                let key_hash = key.map(|k| short_hex(&Sha256::digest(k.as_bytes())));
+                let key_hash = key.map(key_hash);
                 let tenant_hash = tenant.map(|t| short_hex(t.as_bytes()));
                 tracing::event!(
                     target: "tower_idempotency",
@@ -125,6 +133,35 @@ pub(crate) fn emit(
     } else {
         event!(Level::DEBUG);
     }
+}
+
+/// Emits a warning for a store call that failed once the request held its key (a renewal, a
+/// completion, a release): the request still got its answer, but the record may now stay in
+/// flight until its lease ends.
+#[cfg(feature = "tracing")]
+pub(crate) fn store_failure(
+    call: &'static str,
+    err: &crate::StoreError,
+    record: &crate::RecordKey,
+) {
+    if tracing::enabled!(target: "tower_idempotency", tracing::Level::WARN) {
+        tracing::warn!(
+            target: "tower_idempotency",
+            call,
+            error = %err,
+            key_hash = key_hash(record.key()),
+            "idempotency store call failed while holding a key"
+        );
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn store_failure(
+    _call: &'static str,
+    _err: &crate::StoreError,
+    _record: &crate::RecordKey,
+) {
 }
 
 #[cfg(not(feature = "tracing"))]

@@ -307,32 +307,17 @@ where
         .extensions
         .insert(IdempotencyKey::from_record(guard.key()));
     let req = Request::from_parts(parts, RequestBody::buffered(chunks));
-    let response = {
-        let mut handler = pin!(inner.call(req));
-        let period = config.lease / 3;
-        loop {
-            tokio::select! {
-                biased;
-                result = &mut handler => break result,
-                () = tokio::time::sleep(period) => {
-                    // A failed renewal is not fatal: the lease may still hold, and completing
-                    // is fenced by the token either way.
-                    let _ = guard.renew(config.lease).await;
-                }
-            }
-        }
-    };
-    let response = match response {
+    let response = match guard.renewing(config.lease, inner.call(req)).await {
         Ok(response) => response,
         Err(err) => {
-            let _ = guard.release().await;
+            guard.release().await;
             return Err(err);
         }
     };
 
     let status = response.status();
     if !config.cache_policy.contains(status) {
-        let _ = guard.release().await;
+        guard.release().await;
         let response = response.map(ResponseBody::inner);
         return Ok(finish(
             response,
@@ -351,7 +336,7 @@ where
                 &config.header,
                 &config.skip_response_headers,
             );
-            let _ = guard.complete(stored, config.ttl).await;
+            guard.complete(stored, config.ttl).await;
             ResponseBody::full(bytes)
         }
         ResponseRead::TooLarge { prefix, rest } => {
@@ -364,7 +349,7 @@ where
             })
         }
         ResponseRead::Failed { prefix, error } => {
-            let _ = guard.release().await;
+            guard.release().await;
             let response = Response::from_parts(
                 head,
                 ResponseBody::from(ResponseKind::Failed {

@@ -299,3 +299,31 @@ async fn a_store_call_past_its_timeout_answers_503() {
     assert_eq!(started.elapsed(), Duration::from_millis(250));
     assert_eq!(runs.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_lease_renewal_does_not_hold_up_the_handler() {
+    use common::{Fault, Op};
+    let runs = Runs::default();
+    let store = FaultyStore::default();
+    // Renewals every 2 s, each taking 3 s (within the 5 s store timeout).
+    store.always(Op::Renew, Fault::Delay(Duration::from_secs(3)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .lease(Duration::from_secs(6))
+            .store_timeout(Duration::from_secs(5)),
+    );
+    let started = tokio::time::Instant::now();
+    let reply = send(&app, post_with_key("/slow/2500", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(2500),
+        "answered when the handler was done"
+    );
+    assert_eq!(store.calls(Op::Renew), 1);
+    assert!(
+        send(&app, post_with_key("/slow/2500", "k", "{}"))
+            .await
+            .replayed()
+    );
+}

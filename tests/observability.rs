@@ -40,6 +40,15 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     store.fail(false);
     send(&app, post_with_key("/payments", "secret-key-456", "{}")).await;
 
+    // A completion that fails once the handler ran is reported: the key stays in flight.
+    store.always(common::Op::Complete, common::Fault::Fail);
+    send(
+        &app,
+        post_with_key("/payments", "secret-key-complete", "{}"),
+    )
+    .await;
+    store.heal();
+
     // An abandoned request (its handler panicked) reports its release as an event.
     let panicking = {
         let app = app.clone();
@@ -58,6 +67,14 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     assert!(bypassed.contains("elapsed_us="), "{bypassed}");
     assert!(logs.contains("outcome=\"executed\""), "{logs}");
     assert!(logs.contains("outcome=\"released\""), "{logs}");
+    let failed = logs
+        .lines()
+        .find(|l| l.contains("call=\"complete\""))
+        .expect("event");
+    assert!(
+        failed.contains("WARN") && failed.contains("key_hash="),
+        "{failed}"
+    );
     assert!(
         !logs.contains("secret-key"),
         "the raw key never reaches the logs: {logs}"
