@@ -193,7 +193,9 @@ async fn renewals_that_keep_failing_let_the_lease_lapse_and_fencing_protects_the
         tokio::spawn(async move { send(&app, request).await })
     };
     settle(w.part(1.2)).await;
-    // The holder can no longer prove it is alive: a retry takes the key over.
+    // The holder can no longer prove it is alive: a retry takes the key over (and, its own
+    // renewals working, keeps it).
+    w.store.heal();
     let second = {
         let (app, request) = (w.app.clone(), w.slow(2.0));
         tokio::spawn(async move { send(&app, request).await })
@@ -327,8 +329,39 @@ macro_rules! cases {
                 }
             )*
         }
+
+        /// `RedisStore`, in real time: the lease is the server's key expiry.
+        #[cfg(feature = "redis")]
+        mod redis {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(store) = common::shared::redis().await else { return };
+                    super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
+                }
+            )*
+        }
+
+        /// `PostgresStore`, in real time: the lease is decided by the server's clock.
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(store) = common::shared::postgres().await else { return };
+                    super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
+                }
+            )*
+        }
     };
 }
+
+/// The lease on the shared stores, in real time: short, to keep the tests quick, and long
+/// enough for a loaded machine to answer well within it.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+const SHARED_LEASE: Duration = Duration::from_secs(2);
 
 cases!(
     failed_complete_keeps_the_key_in_flight_until_the_lease_ends,

@@ -169,4 +169,5 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
 }
 
 pub mod faults;
+pub mod shared;
 pub use faults::{Fault, FaultyStore, Op};

@@ -1,0 +1,33 @@
+//! The shared stores, against the servers `scripts/test-services` starts (`REDIS_URL`,
+//! `POSTGRES_URL`). Without them, each function prints that its test is skipped and returns
+//! `None`.
+
+fn url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: {var} is not set (run the tests through scripts/test-services)");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+pub async fn redis() -> Option<tower_idempotency::RedisStore> {
+    let url = url("REDIS_URL")?;
+    Some(
+        tower_idempotency::RedisStore::connect(&url)
+            .await
+            .expect("connect to REDIS_URL"),
+    )
+}
+
+#[cfg(feature = "postgres")]
+pub async fn postgres() -> Option<tower_idempotency::PostgresStore> {
+    let url = url("POSTGRES_URL")?;
+    let store = tower_idempotency::PostgresStore::connect(&url)
+        .await
+        .expect("connect to POSTGRES_URL");
+    store.migrate().await.expect("migrate");
+    Some(store)
+}
