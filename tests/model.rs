@@ -236,14 +236,38 @@ fn request(r: Req, scope: &str) -> Request<Body> {
         .unwrap()
 }
 
-async fn yield_many() {
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
+/// How a run lets background work (a release after a drop or a panic) finish: on the paused
+/// clock of the in-memory runs, by yielding; against a real server, by waiting for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+enum Clock {
+    Paused,
+    Real,
+}
+
+impl Clock {
+    async fn settle(self) {
+        match self {
+            Clock::Paused => {
+                for _ in 0..50 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Clock::Real => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+
+    /// One short wait while polling for a condition.
+    async fn tick(self) {
+        match self {
+            Clock::Paused => tokio::task::yield_now().await,
+            Clock::Real => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
     }
 }
 
 /// Runs `steps` against the layer over `store` and checks every outcome against the model.
-async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
+async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, clock: Clock) {
     let api = Api {
         runs: Arc::default(),
         behaviour: Arc::new(Mutex::new(Behaviour::Created)),
@@ -269,7 +293,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
                         assert_eq!(ran, 1, "step {i}: the handler runs");
                         if b == Behaviour::Panic {
                             assert!(result.unwrap_err().is_panic(), "step {i}");
-                            yield_many().await; // the release runs in the background
+                            clock.settle().await; // the release runs in the background
                             continue;
                         }
                         let reply = result.unwrap();
@@ -332,14 +356,14 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
                     if api.runs.load(Ordering::SeqCst) > runs_before {
                         break;
                     }
-                    tokio::task::yield_now().await;
+                    clock.tick().await;
                 }
                 assert_eq!(api.runs.load(Ordering::SeqCst), runs_before + 1, "step {i}");
                 model.runs += 1;
                 if matches!(step, Step::Drop(_)) {
                     task.abort();
                     let _ = task.await;
-                    yield_many().await; // the release runs in the background
+                    clock.settle().await; // the release runs in the background
                 } else {
                     model
                         .records
@@ -362,7 +386,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
                     if api.runs.load(Ordering::SeqCst) > runs_before {
                         break;
                     }
-                    tokio::task::yield_now().await;
+                    clock.tick().await;
                 }
                 if expect == Expect::Runs {
                     assert!(answer.is_none(), "step {i}: the handler never answers");
@@ -404,7 +428,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String) {
                 while !left.is_zero() {
                     let now = tick.min(left);
                     tokio::time::advance(now).await;
-                    yield_many().await;
+                    clock.settle().await;
                     left -= now;
                 }
                 model.now += by;
@@ -435,6 +459,41 @@ proptest! {
 
     #[test]
     fn memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
-        paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into()));
+        paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into(), Clock::Paused));
+    }
+}
+
+/// The shared stores, against real servers and in real time: no clock jumps or crashes (their
+/// leases and TTLs are the server's), every other step as above.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+fn real_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
+        real_runtime().block_on(async {
+            let Some(store) = common::shared::redis().await else { return };
+            let scope = tower_idempotency::LockToken::random().to_string();
+            check(store, steps, scope, Clock::Real).await;
+        });
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
+        real_runtime().block_on(async {
+            let Some(store) = common::shared::postgres().await else { return };
+            let scope = tower_idempotency::LockToken::random().to_string();
+            check(store, steps, scope, Clock::Real).await;
+        });
     }
 }
