@@ -1,7 +1,7 @@
-#![cfg(feature = "tracing")]
 //! Observability: with the `tracing` feature, each outcome is an event carrying hashes of the
 //! key and tenant, never the raw key. Alone in its binary: `tracing` caches per-callsite
 //! interest process-wide, so a scoped subscriber must see the callsites first.
+#![cfg(feature = "tracing")]
 
 mod common;
 
