@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -26,9 +26,8 @@ struct Server {
     runs: Runs,
 }
 
-async fn start(max_entries: usize) -> Server {
+async fn start<S: IdempotencyStore>(store: S) -> Server {
     let runs = Runs::default();
-    let store = MemoryStore::new().max_entries(max_entries);
     let app: Router =
         api(runs.clone()).layer(IdempotencyLayer::new(store).max_body_bytes(MAX_BODY));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -83,9 +82,32 @@ async fn assert_up(server: &Server) {
     assert_eq!(response.status(), 200);
 }
 
+/// Keys reach every store: a shared store must keep any valid key apart from its neighbours.
+/// Each store is wrapped in a `FaultyStore` without faults, which gives the run a namespace of
+/// its own on a shared server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_around_the_limits_and_with_bad_bytes() {
-    let server = start(1000).await;
+    keys_around_the_limits(MemoryStore::new()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_around_the_limits_and_with_bad_bytes_on_redis() {
+    if let Some(store) = common::shared::redis().await {
+        keys_around_the_limits(common::FaultyStore::new(store)).await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_around_the_limits_and_with_bad_bytes_on_postgres() {
+    if let Some(store) = common::shared::postgres().await {
+        keys_around_the_limits(common::FaultyStore::new(store)).await;
+    }
+}
+
+async fn keys_around_the_limits<S: IdempotencyStore>(store: S) {
+    let server = start(store).await;
     let k = |n: usize| vec![b'k'; n];
     let mut quoted_255 = b"\"".to_vec();
     quoted_255.extend([b'q'; 255]);
@@ -128,7 +150,7 @@ async fn keys_around_the_limits_and_with_bad_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_and_folded_headers() {
-    let server = start(1000).await;
+    let server = start(MemoryStore::new()).await;
     let repeated = b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: a\r\nIdempotency-Key: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
     assert_eq!(raw(server.addr, repeated).await, Some(400));
     let folded = b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: a\r\n b\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
@@ -145,7 +167,7 @@ async fn repeated_and_folded_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_end_early_or_lie_about_their_length() {
-    let server = start(1000).await;
+    let server = start(MemoryStore::new()).await;
     // Announces 100 bytes, sends 10, then closes: the handler never runs, the key is not taken.
     let short = b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: early\r\nContent-Length: 100\r\n\r\n0123456789";
     let status = send_raw(server.addr, short, true).await;
@@ -175,7 +197,7 @@ async fn bodies_that_end_early_or_lie_about_their_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_sent_slowly_is_refused_before_it_ends() {
-    let server = start(1000).await;
+    let server = start(MemoryStore::new()).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(b"POST /payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: slow\r\nTransfer-Encoding: chunked\r\n\r\n")
