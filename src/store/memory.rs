@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: a sharded in-memory store for a single server.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::time::Instant;
 
+use super::background::StartOnce;
 use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -59,7 +60,7 @@ struct Inner {
     max_entries: AtomicUsize,
     max_bytes: AtomicUsize,
     prune_interval_ms: AtomicU64,
-    pruner_started: AtomicBool,
+    pruner: StartOnce,
     /// Milliseconds from `epoch` to the last on-demand prune.
     last_prune_ms: AtomicU64,
     epoch: Instant,
@@ -141,7 +142,7 @@ impl MemoryStore {
                 max_entries: AtomicUsize::new(DEFAULT_MAX_ENTRIES),
                 max_bytes: AtomicUsize::new(DEFAULT_MAX_BYTES),
                 prune_interval_ms: AtomicU64::new(DEFAULT_PRUNE_INTERVAL.as_millis() as u64),
-                pruner_started: AtomicBool::new(false),
+                pruner: StartOnce::default(),
                 last_prune_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
@@ -213,17 +214,10 @@ impl MemoryStore {
 
     fn ensure_pruner(&self) {
         let inner = &self.inner;
-        if inner.pruner_started.load(Ordering::Relaxed)
-            || inner.pruner_started.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            inner.pruner_started.store(false, Ordering::Release);
-            return;
-        };
-        let period = Duration::from_millis(inner.prune_interval_ms.load(Ordering::Relaxed));
-        runtime.spawn(prune_periodically(Arc::downgrade(inner), period));
+        inner.pruner.start(|| {
+            let period = Duration::from_millis(inner.prune_interval_ms.load(Ordering::Relaxed));
+            prune_periodically(Arc::downgrade(inner), period)
+        });
     }
 }
 

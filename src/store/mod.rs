@@ -19,6 +19,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(any(feature = "memory", feature = "postgres"))]
+mod background;
 mod error;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;

@@ -3,7 +3,6 @@
 mod sql;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use self::sql::{Sql, Table};
+use super::background::StartOnce;
 use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -101,7 +101,7 @@ struct Inner {
     table: Table,
     sql: Sql,
     cleanup_interval: Option<Duration>,
-    cleanup_started: AtomicBool,
+    cleanup: StartOnce,
 }
 
 impl PostgresStore {
@@ -175,7 +175,7 @@ impl PostgresStore {
                 sql: Sql::new(&table),
                 table,
                 cleanup_interval,
-                cleanup_started: AtomicBool::new(false),
+                cleanup: StartOnce::default(),
             }),
         }
     }
@@ -269,16 +269,9 @@ impl PostgresStore {
         let Some(period) = inner.cleanup_interval else {
             return;
         };
-        if inner.cleanup_started.load(Ordering::Relaxed)
-            || inner.cleanup_started.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            inner.cleanup_started.store(false, Ordering::Release);
-            return;
-        };
-        runtime.spawn(clean_periodically(Arc::downgrade(inner), period));
+        inner
+            .cleanup
+            .start(|| clean_periodically(Arc::downgrade(inner), period));
     }
 
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
