@@ -154,15 +154,21 @@ impl<St: IdempotencyStore> Guard<St> {
         let period = lease / 3;
         let renew = || timed(self.timeout, self.store.renew(&self.key, self.token, lease));
         let mut handler = pin!(handler);
-        let mut tick = pin!(tokio::time::sleep(period));
+        // The timer is armed only once the handler is pending: one that answers at once costs
+        // no timer and no clock read.
+        let mut tick = pin!(None::<tokio::time::Sleep>);
         let mut renewal = pin!(None);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = handler.as_mut().poll(cx) {
                 return Poll::Ready(output);
             }
-            while tick.as_mut().poll(cx).is_ready() {
-                let next = tick.deadline() + period;
-                tick.as_mut().reset(next);
+            if tick.is_none() {
+                tick.set(Some(tokio::time::sleep(period)));
+            }
+            let mut timer = tick.as_mut().as_pin_mut().expect("armed above");
+            while timer.as_mut().poll(cx).is_ready() {
+                let next = timer.deadline() + period;
+                timer.as_mut().reset(next);
                 // A renewal still running when the next is due stands for both.
                 if renewal.is_none() {
                     renewal.set(Some(renew()));
