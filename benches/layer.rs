@@ -14,9 +14,11 @@
 //!   `axum-idempotent` (header-key mode) with the session and cookie layers it needs
 //!   (`sessions` is those two layers alone).
 //!
-//! Every workload runs with request bodies of 0 B, 1 KiB, 64 KiB and 1 MiB. Requests are made
-//! (not timed) in small batches just before they are sent, so that the layer reads headers that
-//! are in the cache, as a server's freshly parsed request is. In `layer/fresh` and `layer/floor`
+//! Every workload runs with request bodies of 0 B, 1 KiB, 64 KiB and 1 MiB. Times are the CPU
+//! time of the benchmarking thread, which runs everything measured, so that other processes on
+//! a shared machine do not inflate them (`BENCH_CLOCK=wall` for wall-clock time). Requests are
+//! made (not timed) in small batches just before they are sent, so that the layer reads headers
+//! that are in the cache, as a server's freshly parsed request is. In `layer/fresh` and `layer/floor`
 //! new keys are completed with a zero TTL and pruned after each sample, so the store keeps its
 //! size; in `axum/*_fresh` both layers start each sample with an empty store. After the
 //! measurements the bench prints the overheads as ratios to the baselines of the same run.
@@ -25,7 +27,7 @@ use std::convert::Infallible;
 use std::fmt::Debug;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::response::IntoResponse;
@@ -52,7 +54,10 @@ use tower_idempotency::{
 };
 
 mod common;
-use common::{Report, SIZES, body_of, cell, created, handler, request, shared_value, time};
+use common::{
+    Report, SIZES, Stopwatch, body_of, cell, clock_name, created, handler, request, shared_value,
+    time,
+};
 
 const LEASE: Duration = Duration::from_secs(3600);
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -70,8 +75,9 @@ fn runtime() -> Runtime {
 }
 
 /// Requests are made in batches of this many before they are sent (not timed): few enough
-/// that they are still in the cache when they are sent, as a request a server just parsed is.
-const BATCH: u64 = 32;
+/// that they are still in the cache when they are sent, as a request a server just parsed is,
+/// and enough that reading the clock twice a batch costs little.
+const BATCH: u64 = 64;
 
 /// Sends `iters` requests made by `make` through `svc` and reads every response body, as a
 /// client would; returns the time the sending took.
@@ -90,7 +96,7 @@ where
     let mut batch = Vec::with_capacity(BATCH as usize);
     for first in (0..iters).step_by(BATCH as usize) {
         batch.extend((first..iters.min(first + BATCH)).map(&mut make));
-        let start = Instant::now();
+        let start = Stopwatch::start();
         for req in batch.drain(..) {
             let response = svc.ready().await.unwrap().call(req).await.unwrap();
             black_box(response.into_body().collect().await.unwrap());
@@ -218,7 +224,7 @@ fn layer_benches(c: &mut Criterion, rt: &Runtime) {
                     .collect();
                 let mut elapsed = Duration::ZERO;
                 for batch in keys.chunks(BATCH as usize) {
-                    let start = Instant::now();
+                    let start = Stopwatch::start();
                     for record in batch {
                         let hash = Sha256::digest(black_box(&body[..]));
                         let fingerprint = Fingerprint::from_bytes(hash.into());
@@ -243,7 +249,7 @@ fn layer_benches(c: &mut Criterion, rt: &Runtime) {
                 let fingerprint = Fingerprint::from_bytes([7; 32]);
                 let mut elapsed = Duration::ZERO;
                 for batch in keys.chunks(BATCH as usize) {
-                    let start = Instant::now();
+                    let start = Stopwatch::start();
                     for record in batch {
                         let begun = store.begin(record, &fingerprint, LEASE).now_or_never();
                         let Some(Ok(Begin::Acquired(token))) = begun else {
@@ -428,7 +434,10 @@ fn print_report(report: &Report) {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| format!("{:.2}×", a / b));
     let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a - b);
 
-    println!("\nIdempotencyLayer over a tower::service_fn handler (medians of this run)");
+    println!(
+        "\nIdempotencyLayer over a tower::service_fn handler (medians of this run, {})",
+        clock_name()
+    );
     println!(
         "{:<6} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "body",
@@ -467,7 +476,10 @@ fn print_report(report: &Report) {
     println!("store = MemoryStore begin + complete of a new key (its share of Δ fresh).");
     println!("replay, 409 and 422 never run the handler. Target: replay ≤ 1 µs.");
 
-    println!("\nThe same route in axum: this layer vs axum-idempotent (medians of this run)");
+    println!(
+        "\nThe same route in axum: this layer vs axum-idempotent (medians of this run, {})",
+        clock_name()
+    );
     println!(
         "{:<6} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "body", "bare", "ours fresh", "ai fresh", "ours replay", "ai replay", "sessions", "ai/ours"

@@ -15,16 +15,15 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
 use crate::error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::{Fingerprint, Hasher};
-use crate::future::{Guard, ResponseFuture, timed};
+use crate::future::{Guard, ResponseFuture, poll_once, timed};
 use crate::key::{self, KeyError, ParsedKey};
 use crate::layer::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
-use crate::outcome::{self, Outcome};
+use crate::outcome::{self, Outcome, Started};
 use crate::response::StoredResponse;
 use crate::store::{Begin, IdempotencyStore, RecordKey};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
@@ -184,7 +183,7 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<BoxError>,
 {
-    let started = Instant::now();
+    let started = Started::now();
     let config = &shared.config;
     let (chunks, fingerprint) = match read_body(body, &parts, config).await {
         Ok(read) => read,
@@ -282,15 +281,21 @@ where
     let req = Request::from_parts(parts, RequestBody::buffered(chunks));
     let response = {
         let mut handler = pin!(inner.call(req));
-        let period = config.lease / 3;
-        loop {
-            tokio::select! {
-                biased;
-                result = &mut handler => break result,
-                () = tokio::time::sleep(period) => {
-                    // A failed renewal is not fatal: the lease may still hold, and completing
-                    // is fenced by the token either way.
-                    let _ = guard.renew(config.lease).await;
+        // A handler that answers at once needs no lease timer.
+        match poll_once(handler.as_mut()).await {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let period = config.lease / 3;
+                loop {
+                    tokio::select! {
+                        biased;
+                        result = &mut handler => break result,
+                        () = tokio::time::sleep(period) => {
+                            // A failed renewal is not fatal: the lease may still hold, and
+                            // completing is fenced by the token either way.
+                            let _ = guard.renew(config.lease).await;
+                        }
+                    }
                 }
             }
         }
@@ -376,13 +381,13 @@ fn finish<B>(
     config: &Config,
     raw_key: Option<&HeaderValue>,
     record: Option<&RecordKey>,
-    started: Instant,
+    started: Started,
 ) -> Response<B> {
     outcome::emit(
         outcome,
         record.map(RecordKey::key),
         record.map(RecordKey::tenant),
-        started.elapsed(),
+        started,
     );
     if let Some(raw) = raw_key {
         response
@@ -417,7 +422,7 @@ fn refuse<St, T, E: ErrorRenderer, B>(
 ) -> Response<ResponseBody<B>> {
     let response = render(shared, &problem);
     let raw = key.map(|k| &k.raw);
-    finish(response, outcome, &shared.config, raw, None, Instant::now())
+    finish(response, outcome, &shared.config, raw, None, Started::now())
 }
 
 fn too_large(config: &Config) -> Problem {

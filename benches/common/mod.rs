@@ -4,8 +4,11 @@
 
 use std::convert::Infallible;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+use cpu_time::ThreadTime;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, LOCATION};
@@ -77,6 +80,42 @@ where
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// A stopwatch on the clock the single-threaded benchmarks use: the CPU time of the calling
+/// thread by default, so that other processes on a shared machine do not inflate the times
+/// (everything a benchmark measures runs on that thread); wall-clock time with
+/// `BENCH_CLOCK=wall`.
+pub enum Stopwatch {
+    Cpu(ThreadTime),
+    Wall(Instant),
+}
+
+impl Stopwatch {
+    pub fn start() -> Self {
+        static WALL: OnceLock<bool> = OnceLock::new();
+        let wall = *WALL.get_or_init(|| std::env::var("BENCH_CLOCK").is_ok_and(|c| c == "wall"));
+        if wall {
+            Self::Wall(Instant::now())
+        } else {
+            Self::Cpu(ThreadTime::now())
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        match self {
+            Self::Cpu(start) => start.elapsed(),
+            Self::Wall(start) => start.elapsed(),
+        }
+    }
+}
+
+/// The name of the clock [`Stopwatch`] uses, for the reports.
+pub fn clock_name() -> &'static str {
+    match Stopwatch::start() {
+        Stopwatch::Cpu(_) => "thread CPU time",
+        Stopwatch::Wall(_) => "wall-clock time",
+    }
 }
 
 /// Reads the medians that criterion wrote during this run of the bench binary.
