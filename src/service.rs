@@ -233,7 +233,8 @@ where
             return Ok(done(render(&shared, &problem), Outcome::NotStored));
         }
         Ok(Begin::Completed(stored)) => {
-            let mut response = stored.into_replay().map(ResponseBody::full);
+            // Room for the two headers a replay adds: this one and the echoed key.
+            let mut response = stored.into_replay(2).map(ResponseBody::full);
             response
                 .headers_mut()
                 .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
