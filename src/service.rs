@@ -166,6 +166,7 @@ where
 }
 
 /// The idempotent flow of one keyed request.
+#[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn run<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
@@ -184,8 +185,6 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<BoxError>,
 {
-    // An async block rather than an `async fn`, whose arguments take twice their size in the
-    // future.
     async move {
         let started = Started::now();
         let config = &shared.config;
@@ -291,6 +290,7 @@ where
 
 /// Runs the handler of a request that holds its key, once, renewing the lease while it runs;
 /// then stores its response, or releases the key.
+#[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn execute<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
@@ -307,8 +307,6 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<BoxError>,
 {
-    // An async block rather than an `async fn`, whose arguments take twice their size in the
-    // future.
     async move {
         let config = &shared.config;
         let mut guard = Guard::new(shared.store.clone(), record, token, config.store_timeout);
