@@ -22,7 +22,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use futures_util::FutureExt;
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -158,6 +158,9 @@ fn on_threads(
 
 fn thread_benches(c: &mut Criterion, rt: &Runtime) {
     let mut group = c.benchmark_group("store");
+    // The same number of operations in every sample: a store reaches its size in the first
+    // sample and keeps it, instead of growing with every longer sample.
+    group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(1));
     let store = filled(rt, 10_000);
     let stored = response(1);
@@ -199,6 +202,9 @@ fn thread_benches(c: &mut Criterion, rt: &Runtime) {
 
 fn live_benches(c: &mut Criterion, rt: &Runtime) {
     let mut group = c.benchmark_group("store");
+    // The same number of operations in every sample: a store reaches its size in the first
+    // sample and keeps it, instead of growing with every longer sample.
+    group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(1));
     let stored = response(1);
     let mut sample = 1_u32;
