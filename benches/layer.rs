@@ -67,6 +67,14 @@ fn key(i: u64) -> HeaderValue {
     shared_value(&format!("8e03978e-40d5-43e8-bc93-{i:012x}"))
 }
 
+/// Bytes per second for a body, requests per second without one.
+fn throughput(len: usize) -> Throughput {
+    match len {
+        0 => Throughput::Elements(1),
+        len => Throughput::Bytes(len as u64),
+    }
+}
+
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -139,7 +147,7 @@ fn layer_benches(c: &mut Criterion, rt: &Runtime) {
     group.sampling_mode(SamplingMode::Flat);
     for (len, name) in SIZES {
         let body = body_of(len, 0);
-        group.throughput(Throughput::Bytes(len as u64));
+        group.throughput(throughput(len));
 
         let bare = service_fn(handler::<Full<Bytes>>);
         group.bench_function(BenchmarkId::new("bare", name), |b| {
@@ -340,7 +348,7 @@ fn axum_benches(c: &mut Criterion, rt: &Runtime) {
     let mut group = c.benchmark_group("axum");
     for (len, name) in SIZES {
         let body = body_of(len, 0);
-        group.throughput(Throughput::Bytes(len as u64));
+        group.throughput(throughput(len));
 
         let app = axum_app();
         group.bench_function(BenchmarkId::new("bare", name), |b| {
