@@ -1,8 +1,9 @@
-//! Run with: cargo run --release --example bench_server
+//! Run with: cargo run --example bench_server
 //!
-//! The server `scripts/load-test` drives: one payments handler (reads the JSON body, answers
-//! `201` with `Location` and a small JSON body, no simulated work) on two routes, so that a
-//! load generator measures the layer and nothing else:
+//! (Add `--release` before measuring anything.) The server `scripts/load-test` drives: one
+//! payments handler (reads the JSON body, answers `201` with `Location` and a small JSON body,
+//! no simulated work) on two routes, so that a load generator measures the layer and nothing
+//! else:
 //!
 //! - `POST /payments`: behind `IdempotencyLayer` on the in-memory store;
 //! - `POST /bare/payments`: the same handler without the layer.
