@@ -92,14 +92,27 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
 }
 
 /// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
+///
+/// The timer is armed only if the call does not answer at its first poll: a store that answers
+/// at once (the memory store always does) costs no clock read and no timer.
 pub(crate) async fn timed<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
+    let mut call = pin!(call);
+    if let Poll::Ready(result) = poll_once(call.as_mut()).await {
+        return result;
+    }
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(StoreError::timeout(timeout)),
     }
+}
+
+/// Polls `future` once and answers at once: `Ready` with its output, or `Pending` (its waker
+/// registered) if it has none yet.
+pub(crate) fn poll_once<F: Future + Unpin>(mut future: F) -> impl Future<Output = Poll<F::Output>> {
+    std::future::poll_fn(move |cx| Poll::Ready(Pin::new(&mut future).poll(cx)))
 }
 
 /// Holds an in-flight record for the request that acquired it.
@@ -114,7 +127,7 @@ pub(crate) struct Guard<St: IdempotencyStore> {
     token: LockToken,
     timeout: Duration,
     state: GuardState,
-    started: tokio::time::Instant,
+    started: crate::outcome::Started,
 }
 
 enum GuardState {
@@ -129,7 +142,7 @@ impl<St: IdempotencyStore> Guard<St> {
         key: RecordKey,
         token: LockToken,
         timeout: Duration,
-        started: tokio::time::Instant,
+        started: crate::outcome::Started,
     ) -> Self {
         Self {
             store,
@@ -262,7 +275,7 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                     crate::Outcome::Released,
                     Some(self.key.key()),
                     Some(self.key.tenant()),
-                    self.started.elapsed(),
+                    self.started,
                 );
                 self.spawn_release();
             }

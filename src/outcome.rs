@@ -95,14 +95,37 @@ fn key_hash(key: &str) -> String {
     short_hex(&Sha256::digest(key.as_bytes()))
 }
 
-/// Emits the `tracing` event of an outcome. The key and tenant are hashed only when the event
-/// is enabled.
+/// When the layer started on a request, for the time its `tracing` event reports. Without the
+/// `tracing` feature nothing reads the clock.
+#[cfg(feature = "tracing")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Started(tokio::time::Instant);
+
+/// When the layer started on a request, for the time its `tracing` event reports. Without the
+/// `tracing` feature nothing reads the clock.
+#[cfg(not(feature = "tracing"))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Started;
+
+impl Started {
+    /// Now.
+    #[inline]
+    pub(crate) fn now() -> Self {
+        #[cfg(feature = "tracing")]
+        return Self(tokio::time::Instant::now());
+        #[cfg(not(feature = "tracing"))]
+        return Self;
+    }
+}
+
+/// Emits the `tracing` event of an outcome. The key and tenant are hashed, and the time taken
+/// read, only when the event is enabled.
 #[cfg(feature = "tracing")]
 pub(crate) fn emit(
     outcome: Outcome,
     key: Option<&str>,
     tenant: Option<&crate::TenantId>,
-    elapsed: std::time::Duration,
+    started: Started,
 ) {
     use tracing::Level;
 
@@ -121,7 +144,7 @@ pub(crate) fn emit(
                     outcome = outcome.as_str(),
                     key_hash = key_hash.as_deref(),
                     tenant_hash = tenant_hash.as_deref(),
-                    elapsed_us = elapsed.as_micros() as u64,
+                    elapsed_us = started.0.elapsed().as_micros() as u64,
                     "idempotency {}",
                     outcome.as_str()
                 );
@@ -170,6 +193,6 @@ pub(crate) fn emit(
     _outcome: Outcome,
     _key: Option<&str>,
     _tenant: Option<&crate::TenantId>,
-    _elapsed: std::time::Duration,
+    _started: Started,
 ) {
 }

@@ -1,7 +1,8 @@
 //! Stored responses: what a completed record keeps, how it is replayed, and how shared stores
 //! encode it.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -10,15 +11,98 @@ use http::{StatusCode, response};
 /// A response kept by a completed record, replayed to every retry.
 ///
 /// Cloning is cheap: one reference count.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoredResponse(Arc<Stored>);
 
-#[derive(Debug, PartialEq, Eq)]
+/// The headers are kept as a list of (name, value) in the order a `HeaderMap` iterates them:
+/// a third of the memory of a `HeaderMap`, and nothing to hash when they are stored or
+/// replayed. The map [`StoredResponse::headers`] returns is built on its first call.
 struct Stored {
     status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
     body_omitted: bool,
+    headers: Box<[(HeaderName, HeaderValue)]>,
+    map: OnceLock<Box<HeaderMap>>,
+    body: Bytes,
+}
+
+impl Stored {
+    fn new(status: StatusCode, headers: Box<[(HeaderName, HeaderValue)]>, body: Bytes) -> Self {
+        Self {
+            status,
+            body_omitted: false,
+            headers,
+            map: OnceLock::new(),
+            body,
+        }
+    }
+
+    fn map(&self) -> &HeaderMap {
+        self.map
+            .get_or_init(|| Box::new(to_map(self.headers.iter().cloned(), 0)))
+    }
+}
+
+/// Equal as responses: same status, body and headers (compared as maps, as `HeaderMap` does).
+impl PartialEq for Stored {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.body_omitted == other.body_omitted
+            && self.body == other.body
+            && (self.headers == other.headers || self.map() == other.map())
+    }
+}
+
+impl Eq for Stored {}
+
+impl fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stored = &*self.0;
+        let headers = DebugHeaders(&stored.headers);
+        f.debug_struct("StoredResponse")
+            .field("status", &stored.status)
+            .field("headers", &headers)
+            .field("body", &stored.body)
+            .field("body_omitted", &stored.body_omitted)
+            .finish()
+    }
+}
+
+struct DebugHeaders<'a>(&'a [(HeaderName, HeaderValue)]);
+
+impl fmt::Debug for DebugHeaders<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(n, v)| (n, v)))
+            .finish()
+    }
+}
+
+/// A map of `headers` with room for `extra` more, without growing.
+fn to_map(
+    headers: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>,
+    extra: usize,
+) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len() + extra);
+    for (name, value) in headers {
+        map.append(name, value);
+    }
+    map
+}
+
+/// The (name, value) list of `headers`, in its iteration order.
+fn to_list(headers: HeaderMap) -> Box<[(HeaderName, HeaderValue)]> {
+    let mut list = Vec::with_capacity(headers.len());
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in headers {
+        // The map yields a name once, then `None` for each further value of that name.
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        if let Some(name) = &last {
+            list.push((name.clone(), value));
+        }
+    }
+    list.into_boxed_slice()
 }
 
 /// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) and `Date`, which belongs to the
@@ -38,23 +122,15 @@ const NEVER_STORED: [HeaderName; 9] = [
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self(Arc::new(Stored {
-            status,
-            headers,
-            body,
-            body_omitted: false,
-        }))
+        Self(Arc::new(Stored::new(status, to_list(headers), body)))
     }
 
     /// A record of a response whose body was too large to store: it completed with `status`,
     /// but cannot be replayed.
     pub fn omitted(status: StatusCode) -> Self {
-        Self(Arc::new(Stored {
-            status,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            body_omitted: true,
-        }))
+        let mut stored = Stored::new(status, Box::default(), Bytes::new());
+        stored.body_omitted = true;
+        Self(Arc::new(stored))
     }
 
     /// The status code of the original response.
@@ -64,7 +140,7 @@ impl StoredResponse {
 
     /// The stored headers of the original response.
     pub fn headers(&self) -> &HeaderMap {
-        &self.0.headers
+        self.0.map()
     }
 
     /// The body of the original response.
@@ -85,21 +161,30 @@ impl StoredResponse {
         key_header: &HeaderName,
         skip: &[HeaderName],
     ) -> Self {
-        let mut headers = HeaderMap::with_capacity(parts.headers.len());
-        for (name, value) in &parts.headers {
-            if NEVER_STORED.contains(name) || name == key_header || skip.contains(name) {
-                continue;
-            }
-            headers.append(name, value.clone());
-        }
-        Self::new(parts.status, headers, body)
+        let kept = |name: &HeaderName| {
+            !(NEVER_STORED.contains(name) || name == key_header || skip.contains(name))
+        };
+        let headers: Box<[_]> = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| kept(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        Self(Arc::new(Stored::new(parts.status, headers, body)))
     }
 
-    /// The replayed response: status, headers and body as stored.
-    pub(crate) fn into_replay(self) -> http::Response<Bytes> {
+    /// The replayed response: status, headers and body as stored, with room in the header map
+    /// for `extra` more headers.
+    pub(crate) fn into_replay(self, extra: usize) -> http::Response<Bytes> {
         let (status, headers, body) = match Arc::try_unwrap(self.0) {
-            Ok(stored) => (stored.status, stored.headers, stored.body),
-            Err(shared) => (shared.status, shared.headers.clone(), shared.body.clone()),
+            Ok(stored) => {
+                let headers = to_map(stored.headers.into_vec().into_iter(), extra);
+                (stored.status, headers, stored.body)
+            }
+            Err(shared) => {
+                let headers = to_map(shared.headers.iter().cloned(), extra);
+                (shared.status, headers, shared.body.clone())
+            }
         };
         let mut response = http::Response::new(body);
         *response.status_mut() = status;
@@ -133,7 +218,7 @@ impl StoredResponse {
         out.put_u8(u8::from(stored.body_omitted));
         out.put_u16(stored.status.as_u16());
         out.put_u32(stored.headers.len() as u32);
-        for (name, value) in &stored.headers {
+        for (name, value) in &*stored.headers {
             out.put_u32(name.as_str().len() as u32);
             out.put_slice(name.as_str().as_bytes());
             out.put_u32(value.len() as u32);
@@ -175,12 +260,9 @@ impl StoredResponse {
         if !buf.is_empty() {
             return Err(DecodeError("trailing bytes"));
         }
-        Ok(Self(Arc::new(Stored {
-            status,
-            headers,
-            body,
-            body_omitted,
-        })))
+        let mut stored = Stored::new(status, to_list(headers), body);
+        stored.body_omitted = body_omitted;
+        Ok(Self(Arc::new(stored)))
     }
 }
 

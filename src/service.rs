@@ -6,6 +6,7 @@
 //! atomic `begin`, and replay, `409`, `422`, or run the handler and store its response.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,7 +16,6 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
@@ -24,9 +24,9 @@ use crate::fingerprint::{Fingerprint, Hasher};
 use crate::future::{Guard, ResponseFuture, timed};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::layer::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
-use crate::outcome::{self, Outcome};
+use crate::outcome::{self, Outcome, Started};
 use crate::response::StoredResponse;
-use crate::store::{Begin, IdempotencyStore, RecordKey};
+use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
 
 /// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -180,14 +180,15 @@ where
 }
 
 /// The idempotent flow of one keyed request.
-async fn run<S, St, T, E, ReqBody, ResBody>(
+#[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
+fn run<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
     mut parts: Parts,
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     St: IdempotencyStore,
@@ -198,165 +199,156 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<BoxError>,
 {
-    let started = Instant::now();
-    let config = &shared.config;
-    let (chunks, fingerprint) = match read_body(body, &parts, config).await {
-        Ok(read) => read,
-        Err(BodyError::TooLarge) => {
-            return Ok(refuse(
-                &shared,
-                too_large(config),
-                Outcome::TooLarge,
-                Some(&key),
-                Some(&tenant),
-            ));
-        }
-        Err(BodyError::Read) => {
-            let problem = Problem::new(
-                ErrorCode::BodyIncomplete,
-                StatusCode::BAD_REQUEST,
-                "The request body could not be read to the end.",
-            );
-            return Ok(refuse(
-                &shared,
-                problem,
-                Outcome::BodyError,
-                Some(&key),
-                Some(&tenant),
-            ));
-        }
-    };
-    let ParsedKey { key: key_str, raw } = key;
-    let record = RecordKey::new(tenant, key_str);
-    let done = |response, outcome| {
-        let report = Report::keyed(&raw, &record, started);
-        finish(response, outcome, config, report)
-    };
+    async move {
+        let started = Started::now();
+        let config = &shared.config;
+        let (chunks, fingerprint) = match read_body(body, &parts, config).await {
+            Ok(read) => read,
+            Err(BodyError::TooLarge) => {
+                return Ok(refuse(
+                    &shared,
+                    too_large(config),
+                    Outcome::TooLarge,
+                    Some(&key),
+                    Some(&tenant),
+                ));
+            }
+            Err(BodyError::Read) => {
+                let problem = Problem::new(
+                    ErrorCode::BodyIncomplete,
+                    StatusCode::BAD_REQUEST,
+                    "The request body could not be read to the end.",
+                );
+                return Ok(refuse(
+                    &shared,
+                    problem,
+                    Outcome::BodyError,
+                    Some(&key),
+                    Some(&tenant),
+                ));
+            }
+        };
+        let ParsedKey { key: key_str, raw } = key;
+        let record = RecordKey::new(tenant, key_str);
+        let done = |response, outcome| {
+            let report = Report::keyed(&raw, &record, started);
+            finish(response, outcome, config, report)
+        };
 
-    let begin = timed(
-        config.store_timeout,
-        shared.store.begin(&record, &fingerprint, config.lease),
-    )
-    .await;
-    let token = match begin {
-        Ok(Begin::Acquired(token)) => token,
-        Ok(Begin::Completed(stored)) if stored.is_omitted() => {
-            let detail = format!(
-                "A request with this key already completed with status {}, but its response was too large to store, so it cannot be replayed.",
-                stored.status().as_u16()
-            );
-            let problem = Problem::new(ErrorCode::ResponseNotStored, StatusCode::CONFLICT, detail);
-            return Ok(done(render(&shared, &problem), Outcome::NotStored));
-        }
-        Ok(Begin::Completed(stored)) => {
-            let mut response = stored.into_replay().map(ResponseBody::full);
-            response
-                .headers_mut()
-                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            return Ok(done(response, Outcome::Replayed));
-        }
-        Ok(Begin::InFlight) => {
-            let problem = Problem::new(
-                ErrorCode::KeyInProgress,
-                StatusCode::CONFLICT,
-                "A request with this key is still being processed. Retry after the Retry-After delay.",
-            )
-            .with_retry_after(config.retry_after_secs());
-            return Ok(done(render(&shared, &problem), Outcome::InProgress));
-        }
-        Ok(Begin::Mismatch) => {
-            let problem = Problem::new(
-                ErrorCode::KeyReuse,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "This idempotency key was already used for a different request (method, path, query or body). Use a new key for a new request.",
-            );
-            return Ok(done(render(&shared, &problem), Outcome::Mismatch));
-        }
-        Err(_) if config.fail_open => {
-            parts
-                .extensions
-                .insert(IdempotencyKey::from_record(&record));
-            let req = Request::from_parts(parts, RequestBody::buffered(chunks));
-            let mut response = inner.call(req).await?.map(ResponseBody::inner);
-            response.headers_mut().insert(
-                IDEMPOTENCY_BYPASSED,
-                HeaderValue::from_static("store-unavailable"),
-            );
-            return Ok(done(response, Outcome::Bypassed));
-        }
-        Err(_) => {
-            let problem = Problem::new(
-                ErrorCode::StoreUnavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The idempotency store is unavailable; the request was not processed. Retry after the Retry-After delay.",
-            )
-            .with_retry_after(config.retry_after_secs());
-            return Ok(done(render(&shared, &problem), Outcome::StoreError));
-        }
-    };
+        let begin = timed(
+            config.store_timeout,
+            shared.store.begin(&record, &fingerprint, config.lease),
+        )
+        .await;
+        let token = match begin {
+            Ok(Begin::Acquired(token)) => token,
+            Ok(Begin::Completed(stored)) if stored.is_omitted() => {
+                let detail = format!(
+                    "A request with this key already completed with status {}, but its response was too large to store, so it cannot be replayed.",
+                    stored.status().as_u16()
+                );
+                let problem =
+                    Problem::new(ErrorCode::ResponseNotStored, StatusCode::CONFLICT, detail);
+                return Ok(done(render(&shared, &problem), Outcome::NotStored));
+            }
+            Ok(Begin::Completed(stored)) => {
+                // Room for the two headers a replay adds: this one and the echoed key.
+                let mut response = stored.into_replay(2).map(ResponseBody::full);
+                response
+                    .headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                return Ok(done(response, Outcome::Replayed));
+            }
+            Ok(Begin::InFlight) => {
+                let problem = Problem::new(
+                    ErrorCode::KeyInProgress,
+                    StatusCode::CONFLICT,
+                    "A request with this key is still being processed. Retry after the Retry-After delay.",
+                )
+                .with_retry_after(config.retry_after_secs());
+                return Ok(done(render(&shared, &problem), Outcome::InProgress));
+            }
+            Ok(Begin::Mismatch) => {
+                let problem = Problem::new(
+                    ErrorCode::KeyReuse,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "This idempotency key was already used for a different request (method, path, query or body). Use a new key for a new request.",
+                );
+                return Ok(done(render(&shared, &problem), Outcome::Mismatch));
+            }
+            Err(_) if config.fail_open => {
+                parts
+                    .extensions
+                    .insert(IdempotencyKey::from_record(&record));
+                let req = Request::from_parts(parts, RequestBody::buffered(chunks));
+                let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
+                response.headers_mut().insert(
+                    IDEMPOTENCY_BYPASSED,
+                    HeaderValue::from_static("store-unavailable"),
+                );
+                return Ok(done(response, Outcome::Bypassed));
+            }
+            Err(_) => {
+                let problem = Problem::new(
+                    ErrorCode::StoreUnavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The idempotency store is unavailable; the request was not processed. Retry after the Retry-After delay.",
+                )
+                .with_retry_after(config.retry_after_secs());
+                return Ok(done(render(&shared, &problem), Outcome::StoreError));
+            }
+        };
 
-    // This request holds the key: run the handler once, renewing the lease while it runs.
-    let mut guard = Guard::new(
-        shared.store.clone(),
-        record,
-        token,
-        config.store_timeout,
-        started,
-    );
-    parts
-        .extensions
-        .insert(IdempotencyKey::from_record(guard.key()));
-    let req = Request::from_parts(parts, RequestBody::buffered(chunks));
-    let response = match guard.renewing(config.lease, inner.call(req)).await {
-        Ok(response) => response,
-        Err(err) => {
-            guard.release().await;
-            return Err(err);
-        }
-    };
-
-    let status = response.status();
-    if !config.cache_policy.contains(status) {
-        guard.release().await;
-        let response = response.map(ResponseBody::inner);
-        return Ok(finish(
-            response,
-            Outcome::Released,
-            config,
-            Report::keyed(&raw, guard.key(), started),
-        ));
+        // This request holds the key. The handler's part of the flow is boxed on its own, so that
+        // the answers without a handler (replays, 409, 422) live in a small allocation.
+        parts
+            .extensions
+            .insert(IdempotencyKey::from_record(&record));
+        let req = Request::from_parts(parts, RequestBody::buffered(chunks));
+        Box::pin(execute(shared, inner, req, raw, record, token, started)).await
     }
-    let (head, body) = response.into_parts();
-    let body = match read_response(body, config.max_response_bytes).await {
-        ResponseRead::Whole(chunks) => {
-            let bytes = chunks.to_bytes();
-            let stored = StoredResponse::from_parts(
-                &head,
-                bytes.clone(),
-                &config.header,
-                &config.skip_response_headers,
-            );
-            guard.complete(stored, config.ttl).await;
-            ResponseBody::full(bytes)
-        }
-        ResponseRead::TooLarge { prefix, rest } => {
-            let _ = guard
-                .complete(StoredResponse::omitted(status), config.ttl)
-                .await;
-            ResponseBody::from(ResponseKind::Prefixed {
-                prefix: Some(prefix.to_bytes()),
-                body: rest,
-            })
-        }
-        ResponseRead::Failed { prefix, error } => {
+}
+
+/// Runs the handler of a request that holds its key, once, renewing the lease while it runs;
+/// then stores its response, or releases the key.
+#[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
+fn execute<S, St, T, E, ReqBody, ResBody>(
+    shared: Arc<Shared<St, T, E>>,
+    mut inner: S,
+    req: Request<RequestBody<ReqBody>>,
+    raw: HeaderValue,
+    record: RecordKey,
+    token: LockToken,
+    started: Started,
+) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    St: IdempotencyStore,
+    ResBody: Body + Unpin,
+    ResBody::Data: Buf,
+    ResBody::Error: Into<BoxError>,
+{
+    async move {
+        let config = &shared.config;
+        let mut guard = Guard::new(
+            shared.store.clone(),
+            record,
+            token,
+            config.store_timeout,
+            started,
+        );
+        let response = match guard.renewing(config.lease, inner.call(req)).await {
+            Ok(response) => response,
+            Err(err) => {
+                guard.release().await;
+                return Err(err);
+            }
+        };
+
+        let status = response.status();
+        if !config.cache_policy.contains(status) {
             guard.release().await;
-            let response = Response::from_parts(
-                head,
-                ResponseBody::from(ResponseKind::Failed {
-                    prefix: Some(prefix.to_bytes()),
-                    error: Some(error),
-                }),
-            );
+            let response = response.map(ResponseBody::inner);
             return Ok(finish(
                 response,
                 Outcome::Released,
@@ -364,14 +356,53 @@ where
                 Report::keyed(&raw, guard.key(), started),
             ));
         }
-    };
-    let response = Response::from_parts(head, body);
-    Ok(finish(
-        response,
-        Outcome::Executed,
-        config,
-        Report::keyed(&raw, guard.key(), started),
-    ))
+        let (head, body) = response.into_parts();
+        let body = match read_response(body, config.max_response_bytes).await {
+            ResponseRead::Whole(chunks) => {
+                let bytes = chunks.to_bytes();
+                let stored = StoredResponse::from_parts(
+                    &head,
+                    bytes.clone(),
+                    &config.header,
+                    &config.skip_response_headers,
+                );
+                guard.complete(stored, config.ttl).await;
+                ResponseBody::full(bytes)
+            }
+            ResponseRead::TooLarge { prefix, rest } => {
+                guard
+                    .complete(StoredResponse::omitted(status), config.ttl)
+                    .await;
+                ResponseBody::from(ResponseKind::Prefixed {
+                    prefix: Some(prefix.to_bytes()),
+                    body: rest,
+                })
+            }
+            ResponseRead::Failed { prefix, error } => {
+                guard.release().await;
+                let response = Response::from_parts(
+                    head,
+                    ResponseBody::from(ResponseKind::Failed {
+                        prefix: Some(prefix.to_bytes()),
+                        error: Some(error),
+                    }),
+                );
+                return Ok(finish(
+                    response,
+                    Outcome::Released,
+                    config,
+                    Report::keyed(&raw, guard.key(), started),
+                ));
+            }
+        };
+        let response = Response::from_parts(head, body);
+        Ok(finish(
+            response,
+            Outcome::Executed,
+            config,
+            Report::keyed(&raw, guard.key(), started),
+        ))
+    }
 }
 
 /// What a response reports about its request: the key header to echo, and the key and tenant
@@ -380,11 +411,11 @@ struct Report<'a> {
     raw: Option<&'a HeaderValue>,
     key: Option<&'a str>,
     tenant: Option<&'a TenantId>,
-    started: Instant,
+    started: Started,
 }
 
 impl<'a> Report<'a> {
-    fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Instant) -> Self {
+    fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Started) -> Self {
         Self {
             raw: Some(raw),
             key: Some(record.key()),
@@ -402,7 +433,7 @@ fn finish<B>(
     config: &Config,
     report: Report<'_>,
 ) -> Response<B> {
-    outcome::emit(outcome, report.key, report.tenant, report.started.elapsed());
+    outcome::emit(outcome, report.key, report.tenant, report.started);
     if let Some(raw) = report.raw {
         response
             .headers_mut()
@@ -440,7 +471,7 @@ fn refuse<St, T, E: ErrorRenderer, B>(
         raw: key.map(|k| &k.raw),
         key: key.map(|k| &*k.key),
         tenant,
-        started: Instant::now(),
+        started: Started::now(),
     };
     finish(response, outcome, &shared.config, report)
 }

@@ -260,10 +260,20 @@ pub enum Begin {
 ///
 /// Records of different tenants never meet, even when their keys are equal. The same tenant and
 /// key give the same `RecordKey` on every server, so a fleet shares one truth.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RecordKey {
     tenant: TenantId,
     key: Arc<str>,
+}
+
+/// Hashes the key and 8 bytes of the tenant, which is a SHA-256 digest already: half the bytes
+/// of hashing both whole, for the same spread.
+impl std::hash::Hash for RecordKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (head, _) = self.tenant.as_bytes().split_at(8);
+        state.write(head);
+        state.write(self.key.as_bytes());
+    }
 }
 
 impl RecordKey {
@@ -313,7 +323,7 @@ impl fmt::Display for RecordKey {
 /// Tokens are 128 bits: a per-process random part and a counter, so tokens of different servers
 /// of a fleet do not collide.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LockToken(u128);
+pub struct LockToken([u64; 2]); // not a `u128`, whose 16-byte alignment would pad every record
 
 impl LockToken {
     /// A new token, unique within this process and, with overwhelming probability, across a
@@ -336,29 +346,29 @@ impl LockToken {
             hasher.finish()
         });
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self((u128::from(seed) << 64) | u128::from(count))
+        Self([seed, count])
     }
 
     /// Rebuilds a token from its 128-bit value, as read back from a store.
     pub const fn from_u128(value: u128) -> Self {
-        Self(value)
+        Self([(value >> 64) as u64, value as u64])
     }
 
     /// The token's 128-bit value, as written to a store.
     pub const fn as_u128(self) -> u128 {
-        self.0
+        ((self.0[0] as u128) << 64) | self.0[1] as u128
     }
 }
 
 impl fmt::Debug for LockToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LockToken({:032x})", self.0)
+        write!(f, "LockToken({:032x})", self.as_u128())
     }
 }
 
 impl fmt::Display for LockToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        write!(f, "{:032x}", self.as_u128())
     }
 }
 
