@@ -61,6 +61,9 @@
 //! Keys are scoped by tenant ([`TenantExtractor`]): by default a hash of the `Authorization`
 //! header, so two clients that pick the same key never see each other's responses.
 //!
+//! The handler finds the request's key in the request extensions ([`IdempotencyKey`]), and
+//! every handled response carries an [`Outcome`] in its extensions, for metrics.
+//!
 //! # Stores and feature flags
 //!
 //! | feature            | store           | for                                                           |
