@@ -1,6 +1,7 @@
 //! `PostgresStore` against a real PostgreSQL at `POSTGRES_URL` (skipped when it is not set; run
 //! through `scripts/test-services`).
 
+#[macro_use]
 mod stores_support;
 
 use std::time::Duration;
@@ -57,33 +58,8 @@ async fn drop_table(store: &PostgresStore, table: &str) {
         .unwrap();
 }
 
-mod conformance {
-    tower_idempotency::conformance_tests!(super::store);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_servers_run_the_handler_once() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    stores_support::two_servers_run_the_handler_once(a, b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restart_replays() {
-    if store().await.is_none() {
-        return;
-    }
-    stores_support::restart_replays(|| async { store().await.unwrap() }).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lease_renewal_across_servers() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    stores_support::lease_renewal_across_servers(a, b).await;
-}
+// The conformance suite, and the fleet scenarios every shared store runs.
+fleet_scenarios!(store);
 
 /// Eight instances run `migrate` at once on a new table: all succeed, and the table works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,7 @@
 //! `RedisStore` against a real Redis at `REDIS_URL` (skipped when it is not set; run through
 //! `scripts/test-services`).
 
+#[macro_use]
 mod stores_support;
 
 use std::time::Duration;
@@ -23,38 +24,13 @@ async fn store() -> Option<RedisStore> {
     )
 }
 
-mod conformance {
-    tower_idempotency::conformance_tests!(super::store);
-}
+// The conformance suite, and the fleet scenarios every shared store runs.
+fleet_scenarios!(store);
 
 async fn raw_connection() -> redis::aio::MultiplexedConnection {
     let url = std::env::var("REDIS_URL").unwrap();
     let client = redis::Client::open(url).unwrap();
     client.get_multiplexed_async_connection().await.unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_servers_run_the_handler_once() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    stores_support::two_servers_run_the_handler_once(a, b).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restart_replays() {
-    if store().await.is_none() {
-        return;
-    }
-    stores_support::restart_replays(|| async { store().await.unwrap() }).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lease_renewal_across_servers() {
-    let (Some(a), Some(b)) = (store().await, store().await) else {
-        return;
-    };
-    stores_support::lease_renewal_across_servers(a, b).await;
 }
 
 /// The record lives at `<prefix>{<tenant hex>:<key>}`, and its expiry is the lease while in

@@ -1,6 +1,6 @@
 //! Scenarios shared by the Redis and PostgreSQL tests: several layers (servers of a fleet), each
 //! with its own store connection, in front of real axum Routers.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros)]
 
 use std::future::Future;
 use std::sync::Arc;
@@ -311,4 +311,38 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The conformance suite and the fleet scenarios above, as tests over the store that `$store()`
+/// (an `async fn() -> Option<S>`, `None` when its server is not configured) opens.
+macro_rules! fleet_scenarios {
+    ($store:ident) => {
+        mod conformance {
+            tower_idempotency::conformance_tests!(super::$store);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn two_servers_run_the_handler_once() {
+            let (Some(a), Some(b)) = ($store().await, $store().await) else {
+                return;
+            };
+            stores_support::two_servers_run_the_handler_once(a, b).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn restart_replays() {
+            if $store().await.is_none() {
+                return;
+            }
+            stores_support::restart_replays(|| async { $store().await.unwrap() }).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn lease_renewal_across_servers() {
+            let (Some(a), Some(b)) = ($store().await, $store().await) else {
+                return;
+            };
+            stores_support::lease_renewal_across_servers(a, b).await;
+        }
+    };
 }
