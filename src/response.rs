@@ -155,6 +155,12 @@ impl StoredResponse {
 
     /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
     /// `Date`, the echoed key header and the headers in `skip`.
+    /// The stored headers as kept, without building the map that
+    /// [`headers`](Self::headers) returns.
+    pub(crate) fn header_list(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.0.headers
+    }
+
     pub(crate) fn from_parts(
         parts: &response::Parts,
         body: Bytes,

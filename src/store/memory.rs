@@ -100,7 +100,7 @@ impl Record {
 
     fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
         let headers: usize = response
-            .headers()
+            .header_list()
             .iter()
             .map(|(name, value)| HEADER_OVERHEAD + name.as_str().len() + value.len())
             .sum();
