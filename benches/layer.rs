@@ -546,12 +546,7 @@ fn print_report(report: &Report) {
 
 fn main() {
     let report = Report::start();
-    let mut c = Criterion::default()
-        .sample_size(30)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .without_plots()
-        .configure_from_args();
+    let mut c = common::criterion();
     let rt = runtime();
     layer_benches(&mut c, &rt);
     axum_benches(&mut c, &rt);

@@ -125,4 +125,10 @@ async fn concurrent_same_key_different_tenants_each_run_once() {
         }
     }
     assert_eq!(runs.get(), TENANTS, "one run per tenant");
+    for (tenant, replies) in &bodies {
+        assert!(
+            replies.iter().all(|body| *body == replies[0]),
+            "tenant {tenant}: every 201 is its one run's response"
+        );
+    }
 }

@@ -16,6 +16,17 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 
+/// The criterion settings every bench runs with: short enough that `cargo bench` finishes in
+/// minutes on a small machine, and overridable from the command line.
+pub fn criterion() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .without_plots()
+        .configure_from_args()
+}
+
 /// The body sizes every workload runs with.
 pub const SIZES: [(usize, &str); 4] = [
     (0, "0B"),
