@@ -98,6 +98,8 @@ mod fingerprint;
 mod future;
 mod key;
 mod layer;
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 mod outcome;
 mod response;
 mod service;
@@ -125,7 +127,10 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+pub use store::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
+    StoreErrorKind,
+};
 pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,
     TenantRejection,

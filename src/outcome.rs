@@ -129,6 +129,7 @@ pub(crate) fn emit(
 ) {
     use tracing::Level;
 
+    crate::metrics::outcome(outcome);
     let level = match outcome {
         Outcome::StoreError | Outcome::Bypassed => Level::WARN,
         _ => Level::DEBUG,
@@ -190,9 +191,10 @@ pub(crate) fn store_failure(
 #[cfg(not(feature = "tracing"))]
 #[inline(always)]
 pub(crate) fn emit(
-    _outcome: Outcome,
+    outcome: Outcome,
     _key: Option<&str>,
     _tenant: Option<&crate::TenantId>,
     _started: Started,
 ) {
+    crate::metrics::outcome(outcome);
 }

@@ -29,6 +29,9 @@ pub enum StoreErrorKind {
     LeaseLost,
     /// A record read back from the store could not be decoded.
     Corrupt,
+    /// The store does not implement this call (an optional one such as
+    /// [`lookup`](crate::IdempotencyStore::lookup)).
+    Unsupported,
     /// Anything else a backend reports.
     Other,
 }
@@ -81,6 +84,14 @@ impl StoreError {
         )
     }
 
+    /// The store does not implement `call`.
+    pub fn unsupported(call: &'static str) -> Self {
+        Self::msg(
+            StoreErrorKind::Unsupported,
+            format!("this store does not implement `{call}`"),
+        )
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
@@ -105,6 +116,7 @@ impl fmt::Display for StoreError {
             StoreErrorKind::CapacityExceeded => "idempotency store is full",
             StoreErrorKind::LeaseLost => "idempotency record lease lost",
             StoreErrorKind::Corrupt => "idempotency record is corrupt",
+            StoreErrorKind::Unsupported => "idempotency store call unsupported",
             StoreErrorKind::Other => "idempotency store error",
         };
         f.write_str(what)?;

@@ -17,7 +17,9 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
 
 #[cfg(any(feature = "memory", feature = "postgres"))]
 mod background;
@@ -202,6 +204,36 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &RecordKey,
         token: LockToken,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the record of `key` as it is now, for operators: `None` when there is no live
+    /// record. Never changes the record.
+    ///
+    /// The layer never calls it; support tools do (see `Operator`). The default answers
+    /// [`StoreErrorKind::Unsupported`], so that stores written before it keep compiling.
+    fn lookup(
+        &self,
+        key: &RecordKey,
+    ) -> impl Future<Output = Result<Option<RecordInfo>, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(StoreError::unsupported("lookup")))
+    }
+
+    /// Removes the record of `key`, so that the next request with the key runs the handler.
+    ///
+    /// A completed record is removed. An in-flight record whose lease is live is left alone and
+    /// answered with [`Forget::InFlight`], unless `force` is set: then it is removed too, its
+    /// holder's `complete` fails with [`StoreErrorKind::LeaseLost`], and a retry may run the
+    /// handler while the first run is still going. Force only a key whose holder is known dead.
+    ///
+    /// The default answers [`StoreErrorKind::Unsupported`].
+    fn forget(
+        &self,
+        key: &RecordKey,
+        force: bool,
+    ) -> impl Future<Output = Result<Forget, StoreError>> + Send {
+        let _ = (key, force);
+        std::future::ready(Err(StoreError::unsupported("forget")))
+    }
 }
 
 impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
@@ -240,6 +272,71 @@ impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(key, token)
     }
+
+    fn lookup(
+        &self,
+        key: &RecordKey,
+    ) -> impl Future<Output = Result<Option<RecordInfo>, StoreError>> + Send {
+        (**self).lookup(key)
+    }
+
+    fn forget(
+        &self,
+        key: &RecordKey,
+        force: bool,
+    ) -> impl Future<Output = Result<Forget, StoreError>> + Send {
+        (**self).forget(key, force)
+    }
+}
+
+/// A record as [`IdempotencyStore::lookup`] reads it, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordInfo {
+    /// The fingerprint of the request the key is bound to.
+    pub fingerprint: Fingerprint,
+    /// In flight or completed.
+    pub state: RecordState,
+}
+
+impl RecordInfo {
+    /// A record read back from a store.
+    pub fn new(fingerprint: Fingerprint, state: RecordState) -> Self {
+        Self { fingerprint, state }
+    }
+}
+
+/// The state of a record, as [`IdempotencyStore::lookup`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// A request holds the key; its lease runs out at `lease_until` unless renewed.
+    InFlight {
+        /// When the lease runs out.
+        lease_until: SystemTime,
+    },
+    /// The request completed with `status`; the record expires at `expires_at`.
+    Completed {
+        /// The stored status.
+        status: StatusCode,
+        /// `false` when the response was too large to store: a retry gets
+        /// `409 idempotency_response_not_stored`.
+        replayable: bool,
+        /// When the record expires.
+        expires_at: SystemTime,
+    },
+}
+
+/// What [`IdempotencyStore::forget`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Forget {
+    /// The record was removed: the next request with the key runs the handler.
+    Forgotten,
+    /// There was no live record.
+    NotFound,
+    /// The record is in flight and was left alone (`force` was not set).
+    InFlight,
 }
 
 /// What [`IdempotencyStore::begin`] decided.
