@@ -1,49 +1,69 @@
 //! [`MemoryStore`]: a sharded in-memory store for a single server.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry as MapEntry;
+use foldhash::SharedSeed;
+use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
 use super::background::StartOnce;
-use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError};
+use super::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
+
+mod shard;
+#[cfg(test)]
+mod tests;
+
+use shard::{Full, Removed, Shard};
+
+/// A moment on the store's clock: nanoseconds since the store was built.
+type Nanos = u64;
 
 /// The default bound on records, live or expired but not yet pruned.
 pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 /// The default bound on the bytes held by records (keys, stored headers and bodies, and a fixed
 /// estimate of each record's own overhead).
 pub(crate) const DEFAULT_MAX_BYTES: usize = 1 << 30;
-/// The estimated bytes a record takes besides its key and response: the map entry, the record,
-/// the stored response's allocation and the header map's table.
-const RECORD_OVERHEAD: usize = 256;
-/// The estimated bytes a stored header takes besides its name and value.
-const HEADER_OVERHEAD: usize = 32;
 /// The default period of the background pruning of expired records.
 pub(crate) const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
-/// When the store is full, expired records are pruned on demand at most this often, so a flood
-/// of new keys against a full store cannot turn every request into a full scan.
-const MIN_PRUNE_GAP: Duration = Duration::from_millis(500);
+/// The most shards a store has. Each shard is a lock, a hash table, an expiry queue and a share
+/// of the bounds; more shards mean shorter pauses when a table grows.
+const MAX_SHARDS: usize = 256;
+/// The fewest records and bytes a shard's share of the bounds allows, so that a small store is
+/// not split into shares too small to hold one large response.
+const MIN_SHARD_ENTRIES: usize = 2048;
+const MIN_SHARD_BYTES: usize = 4 << 20;
+/// How many expired records the pruner removes before it lets go of a shard's lock.
+const PRUNE_BATCH: usize = 4096;
+/// Evictions are reported as a `tracing` event at most this often.
+#[cfg(feature = "tracing")]
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// An in-memory [`IdempotencyStore`] for a single server: a sharded concurrent map, atomic per
-/// record key.
+/// An in-memory [`IdempotencyStore`] for a single server: a sharded map, atomic per record key.
 ///
 /// - An expired record is invisible at once: `begin` treats it as absent.
 /// - Expired records are pruned by a background task (every 60 seconds by default), which holds
 ///   only a weak reference to the store and ends when the store is dropped. It starts on first
-///   use, on the Tokio runtime of that call.
+///   use, on the Tokio runtime of that call. Each shard keeps its completed records in order of
+///   expiry, so pruning and making room never scan the whole store.
 /// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default)
 ///   and about [`max_bytes`](Self::max_bytes) bytes of keys and stored responses (1 GiB by
-///   default). When it is full, expired records are pruned at once; if it is still full, a new
-///   key is
-///   refused with [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind::CapacityExceeded),
-///   which the layer answers with `503` and `Retry-After`. A live record is never evicted:
-///   that would let a retry run the handler a second time.
+///   default). When it is full, a new key makes room: the completed records nearest their
+///   expiry (the least likely to be retried) are dropped, counted by
+///   [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature `metrics`)
+///   and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A retry of a
+///   dropped record runs the handler again. An in-flight record is never dropped: only when
+///   in-flight records alone fill the store is a new key refused, with
+///   [`StoreErrorKind::CapacityExceeded`], which the layer answers with `503` and `Retry-After`.
+/// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
+///   least 2,048 records and 4 MiB); a key's shard makes room within its own share.
 ///
 /// Cloning is cheap and shares the records. For a fleet of servers, use a shared store.
 ///
@@ -53,116 +73,105 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
+/// The settings of a store, fixed when it is built.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    max_entries: usize,
+    max_bytes: usize,
+    prune_interval: Duration,
+}
+
 struct Inner {
-    map: DashMap<RecordKey, Record>,
-    len: AtomicUsize,
-    bytes: AtomicUsize,
-    max_entries: AtomicUsize,
-    max_bytes: AtomicUsize,
-    prune_interval_ms: AtomicU64,
+    shards: Box<[Padded<RwLock<Shard>>]>,
+    /// The shard of a hash is `(hash >> SHARD_SHIFT) & mask`: bits the tables do not use for
+    /// their buckets (the low bits) nor for their tags (the top 7 bits).
+    mask: u64,
+    hasher: SeedableRandomState,
+    config: Config,
     pruner: StartOnce,
-    /// Milliseconds from `epoch` to the last on-demand prune.
-    last_prune_ms: AtomicU64,
     epoch: Instant,
+    evicted: AtomicU64,
+    #[cfg(feature = "tracing")]
+    report: Report,
 }
 
-struct Record {
-    fingerprint: Fingerprint,
-    state: State,
-    /// The bytes this record counts for in the store's budget.
-    size: usize,
-}
+const SHARD_SHIFT: u32 = 40;
 
-enum State {
-    InFlight {
-        token: LockToken,
-        lease_until: Instant,
-    },
-    Completed {
-        response: StoredResponse,
-        expires_at: Instant,
-    },
-}
-
-impl Record {
-    fn in_flight(
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        token: LockToken,
-        lease_until: Instant,
-    ) -> Self {
-        Self {
-            fingerprint,
-            state: State::InFlight { token, lease_until },
-            size: RECORD_OVERHEAD + key.key().len(),
-        }
-    }
-
-    fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
-        let headers: usize = response
-            .header_list()
-            .iter()
-            .map(|(name, value)| HEADER_OVERHEAD + name.as_str().len() + value.len())
-            .sum();
-        RECORD_OVERHEAD + key.key().len() + headers + response.body().len()
-    }
-
-    /// A record is live while its lease (in flight) or its TTL (completed) lasts.
-    fn is_live(&self, now: Instant) -> bool {
-        match &self.state {
-            State::InFlight { lease_until, .. } => *lease_until > now,
-            State::Completed { expires_at, .. } => *expires_at > now,
-        }
-    }
-
-    /// What `begin` answers for a live record.
-    fn decide(&self, fingerprint: &Fingerprint) -> Begin {
-        if self.fingerprint != *fingerprint {
-            return Begin::Mismatch;
-        }
-        match &self.state {
-            State::InFlight { .. } => Begin::InFlight,
-            State::Completed { response, .. } => Begin::Completed(response.clone()),
-        }
-    }
-
-    fn held_by(&self, token: LockToken) -> bool {
-        matches!(self.state, State::InFlight { token: held, .. } if held == token)
-    }
-}
+/// A shard on a cache line pair of its own, so that two threads working on neighbouring shards
+/// do not contend for one line.
+#[repr(align(128))]
+struct Padded<T>(T);
 
 impl MemoryStore {
-    /// An empty store with the default bound (1,000,000 records) and pruning period (60 s).
+    /// An empty store with the default bounds (1,000,000 records, 1 GiB) and pruning period
+    /// (60 s).
     pub fn new() -> Self {
+        Self::with_config(Config {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            prune_interval: DEFAULT_PRUNE_INTERVAL,
+        })
+    }
+
+    fn with_config(config: Config) -> Self {
+        let count = shard_count(config.max_entries, config.max_bytes);
+        let shards = (0..count)
+            .map(|i| {
+                let entries = share(config.max_entries, count, i);
+                let bytes = share(config.max_bytes, count, i);
+                Padded(RwLock::new(Shard::new(entries, bytes)))
+            })
+            .collect();
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
-                len: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                max_entries: AtomicUsize::new(DEFAULT_MAX_ENTRIES),
-                max_bytes: AtomicUsize::new(DEFAULT_MAX_BYTES),
-                prune_interval_ms: AtomicU64::new(DEFAULT_PRUNE_INTERVAL.as_millis() as u64),
+                shards,
+                mask: count as u64 - 1,
+                hasher: map_hasher(),
+                config,
                 pruner: StartOnce::default(),
-                last_prune_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
+                evicted: AtomicU64::new(0),
+                #[cfg(feature = "tracing")]
+                report: Report::default(),
             }),
         }
     }
 
-    /// The most records the store holds; past it, new keys are refused (`503`).
+    /// A store like this one with other settings. Settings belong to a new store: once it is
+    /// cloned or used, they cannot change.
+    fn configure(self, name: &str, set: impl FnOnce(&mut Config)) -> Self {
+        let unused = Arc::strong_count(&self.inner) == 1
+            && Arc::weak_count(&self.inner) == 0
+            && self.is_empty();
+        assert!(
+            unused,
+            "MemoryStore::{name} must be called on a new store, before it is cloned or used"
+        );
+        let mut config = self.inner.config;
+        set(&mut config);
+        Self::with_config(config)
+    }
+
+    /// The most records the store holds (1,000,000 by default). When it is full, the completed
+    /// records nearest their expiry are dropped to make room for new keys.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_entries(100_000);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0, or if the store was already cloned or used.
     #[must_use]
     pub fn max_entries(self, max: usize) -> Self {
-        self.inner.max_entries.store(max, Ordering::Relaxed);
-        self
+        assert!(max > 0, "MemoryStore::max_entries must be at least 1");
+        self.configure("max_entries", |config| config.max_entries = max)
     }
 
-    /// About how many bytes of keys and stored responses the store holds (with a fixed estimate
-    /// per record and per header for their own overhead); past it, new keys are refused (`503`).
+    /// About how many bytes of keys and stored responses the store holds (1 GiB by default),
+    /// counting a fixed estimate per record and per header for their own overhead. When it is
+    /// full, the completed records nearest their expiry are dropped to make room for new keys.
     /// A response completing while the store is full is still stored, so the bound can be
     /// passed by the responses of the requests already in flight.
     ///
@@ -170,36 +179,39 @@ impl MemoryStore {
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_bytes(256 * 1024 * 1024);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0, or if the store was already cloned or used.
     #[must_use]
     pub fn max_bytes(self, max: usize) -> Self {
-        self.inner.max_bytes.store(max, Ordering::Relaxed);
-        self
+        assert!(max > 0, "MemoryStore::max_bytes must be at least 1");
+        self.configure("max_bytes", |config| config.max_bytes = max)
     }
 
-    /// About how many bytes the records hold, as counted against
-    /// [`max_bytes`](Self::max_bytes).
-    pub fn bytes(&self) -> usize {
-        self.inner.bytes.load(Ordering::Relaxed)
-    }
-
-    /// How often the background task prunes expired records. Takes effect if set before the
-    /// store's first use.
+    /// How often the background task prunes expired records (60 s by default).
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().prune_interval(Duration::from_secs(10));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero, or if the store was already cloned or used.
     #[must_use]
     pub fn prune_interval(self, interval: Duration) -> Self {
-        let ms = interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
-        self.inner.prune_interval_ms.store(ms, Ordering::Relaxed);
-        self
+        assert!(
+            !interval.is_zero(),
+            "MemoryStore::prune_interval must not be zero"
+        );
+        self.configure("prune_interval", |config| config.prune_interval = interval)
     }
 
     /// The number of records held, live or expired but not yet pruned.
     pub fn len(&self) -> usize {
-        self.inner.len.load(Ordering::Relaxed)
+        self.inner.shards().map(|shard| read(shard).len()).sum()
     }
 
     /// `true` when the store holds no record.
@@ -207,18 +219,74 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// About how many bytes the records hold, as counted against
+    /// [`max_bytes`](Self::max_bytes).
+    pub fn bytes(&self) -> usize {
+        self.inner.shards().map(|shard| read(shard).bytes()).sum()
+    }
+
+    /// How many completed records were dropped before their expiry to make room, since the
+    /// store was built. A store that keeps evicting needs a larger
+    /// [`max_entries`](Self::max_entries) or [`max_bytes`](Self::max_bytes), or a shorter TTL.
+    pub fn evicted(&self) -> u64 {
+        self.inner.evicted.load(Ordering::Relaxed)
+    }
+
     /// Removes every expired record now; returns how many were removed.
     pub fn prune(&self) -> usize {
-        self.inner.prune(Instant::now())
+        self.inner.prune(self.inner.now()) as usize
     }
 
     fn ensure_pruner(&self) {
         let inner = &self.inner;
-        inner.pruner.start(|| {
-            let period = Duration::from_millis(inner.prune_interval_ms.load(Ordering::Relaxed));
-            prune_periodically(Arc::downgrade(inner), period)
-        });
+        inner
+            .pruner
+            .start(|| prune_periodically(Arc::downgrade(inner), inner.config.prune_interval));
     }
+}
+
+/// How many shards a store of these bounds has: a power of two, at most [`MAX_SHARDS`], each
+/// with a share of at least [`MIN_SHARD_ENTRIES`] and [`MIN_SHARD_BYTES`] when the bounds
+/// allow it.
+fn shard_count(max_entries: usize, max_bytes: usize) -> usize {
+    let by_entries = max_entries / MIN_SHARD_ENTRIES;
+    let by_bytes = max_bytes / MIN_SHARD_BYTES;
+    let count = by_entries.min(by_bytes).clamp(1, MAX_SHARDS);
+    // The largest power of two not above `count`.
+    1 << count.ilog2()
+}
+
+/// Shard `i`'s share of `total` split `count` ways; the shares add up to `total`.
+fn share(total: usize, count: usize, i: usize) -> usize {
+    total / count + usize::from(i < total % count)
+}
+
+/// The hasher of the store's tables: foldhash, keyed from the operating system's randomness
+/// (through the standard library's `RandomState`) per process and per store, so that keys
+/// chosen by clients cannot be made to collide. Only this process's tables use it; a record's
+/// identity across a fleet is the [`RecordKey`] itself, never this hash.
+fn map_hasher() -> SeedableRandomState {
+    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
+    let random = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
+    SeedableRandomState::with_seed(random(), shared)
+}
+
+fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
+    shard.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(shard: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+    shard.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `d` in nanoseconds, saturating.
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The background pruner: it holds only a weak reference, so it ends at its first tick after
@@ -231,56 +299,87 @@ async fn prune_periodically(store: Weak<Inner>, period: Duration) {
         let Some(inner) = store.upgrade() else {
             return;
         };
-        inner.prune(Instant::now());
+        inner.prune(inner.now());
     }
 }
 
 impl Inner {
-    fn prune(&self, now: Instant) -> usize {
-        let (mut removed, mut bytes) = (0, 0);
-        self.map.retain(|_, record| {
-            let live = record.is_live(now);
-            if !live {
-                removed += 1;
-                bytes += record.size;
+    fn now(&self) -> Nanos {
+        nanos(Instant::now().saturating_duration_since(self.epoch))
+    }
+
+    fn shards(&self) -> impl Iterator<Item = &RwLock<Shard>> {
+        self.shards.iter().map(|padded| &padded.0)
+    }
+
+    fn hash(&self, key: &RecordKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[((hash >> SHARD_SHIFT) & self.mask) as usize].0
+    }
+
+    fn prune(&self, now: Nanos) -> u64 {
+        let mut removed = 0;
+        for shard in self.shards() {
+            // In batches, so that requests on this shard wait for one batch at most.
+            loop {
+                let (count, more) = write(shard).prune(now, PRUNE_BATCH);
+                removed += count;
+                if !more {
+                    break;
+                }
             }
-            live
-        });
-        self.len.fetch_sub(removed, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
         removed
     }
 
-    fn is_full(&self) -> bool {
-        self.len.load(Ordering::Relaxed) >= self.max_entries.load(Ordering::Relaxed)
-            || self.bytes.load(Ordering::Relaxed) >= self.max_bytes.load(Ordering::Relaxed)
+    /// Counts records dropped early, for the accessor, the metric and the log.
+    fn evicted(&self, count: u64, now: Nanos) {
+        self.evicted.fetch_add(count, Ordering::Relaxed);
+        crate::metrics::evicted(count);
+        #[cfg(feature = "tracing")]
+        self.report
+            .evicted(count, now, self.evicted.load(Ordering::Relaxed));
+        #[cfg(not(feature = "tracing"))]
+        let _ = now;
     }
+}
 
-    /// Moves the byte count from a record's old size to its new one.
-    fn resize(&self, old: usize, new: usize) {
-        if new >= old {
-            self.bytes.fetch_add(new - old, Ordering::Relaxed);
-        } else {
-            self.bytes.fetch_sub(old - new, Ordering::Relaxed);
-        }
-    }
+/// The rate limit of the `tracing` event that reports evictions.
+#[cfg(feature = "tracing")]
+#[derive(Default)]
+struct Report {
+    /// When the last event was emitted, plus one (0: never).
+    last: AtomicU64,
+    /// Evictions since the last event.
+    pending: AtomicU64,
+}
 
-    /// Prunes when the store is full, at most once per [`MIN_PRUNE_GAP`].
-    fn prune_if_full(&self, now: Instant) {
-        if !self.is_full() {
+#[cfg(feature = "tracing")]
+impl Report {
+    fn evicted(&self, count: u64, now: Nanos, total: u64) {
+        self.pending.fetch_add(count, Ordering::Relaxed);
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last - 1) >= nanos(REPORT_EVERY);
+        let claimed = due
+            && self
+                .last
+                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if !claimed {
             return;
         }
-        let now_ms = now.duration_since(self.epoch).as_millis() as u64;
-        let last = self.last_prune_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now_ms.saturating_sub(last) >= MIN_PRUNE_GAP.as_millis() as u64;
-        if due
-            && self
-                .last_prune_ms
-                .compare_exchange(last, now_ms.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.prune(now);
-        }
+        let evicted = self.pending.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            target: "tower_idempotency",
+            evicted,
+            evicted_total = total,
+            "MemoryStore is full: completed records were dropped before their expiry to make \
+             room for new keys; a retry of a dropped record runs the handler again. Raise \
+             max_entries or max_bytes, or shorten the TTL."
+        );
     }
 }
 
@@ -292,16 +391,25 @@ impl Default for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &self.inner.config;
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
-            .field(
-                "max_entries",
-                &self.inner.max_entries.load(Ordering::Relaxed),
-            )
+            .field("max_entries", &config.max_entries)
             .field("bytes", &self.bytes())
-            .field("max_bytes", &self.inner.max_bytes.load(Ordering::Relaxed))
+            .field("max_bytes", &config.max_bytes)
+            .field("evicted", &self.evicted())
+            .field("prune_interval", &config.prune_interval)
+            .field("shards", &self.inner.shards.len())
             .finish()
     }
+}
+
+/// The error of a new key that finds its shard full of in-flight records.
+fn full() -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::CapacityExceeded,
+        "the store is full of requests in flight: no completed record can be dropped to make room",
+    )
 }
 
 impl IdempotencyStore for MemoryStore {
@@ -313,39 +421,21 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<Begin, StoreError> {
         self.ensure_pruner();
         let inner = &*self.inner;
-        let now = Instant::now();
+        let hash = inner.hash(key);
+        let shard = inner.shard(hash);
+        let now = inner.now();
         // Replays, 409 and 422 only read: a shared lock, and no copy of the key.
-        if let Some(record) = inner.map.get(key) {
-            if record.is_live(now) {
-                return Ok(record.decide(fingerprint));
-            }
+        if let Some(answer) = read(shard).decide(hash, key, fingerprint, now) {
+            return Ok(answer);
         }
-        inner.prune_if_full(now);
-        let token = LockToken::random();
-        let fresh = Record::in_flight(key, *fingerprint, token, now + lease);
-        // The entry holds the shard's write lock: the decision and the write are one step.
-        match inner.map.entry(key.clone()) {
-            MapEntry::Occupied(mut entry) => {
-                if entry.get().is_live(now) {
-                    return Ok(entry.get().decide(fingerprint));
-                }
-                // Expired, or in flight with its holder gone: the key is free again.
-                inner.resize(entry.get().size, fresh.size);
-                entry.insert(fresh);
-            }
-            MapEntry::Vacant(entry) => {
-                let max = inner.max_entries.load(Ordering::Relaxed);
-                let over_bytes =
-                    inner.bytes.load(Ordering::Relaxed) >= inner.max_bytes.load(Ordering::Relaxed);
-                if inner.len.fetch_add(1, Ordering::Relaxed) >= max || over_bytes {
-                    inner.len.fetch_sub(1, Ordering::Relaxed);
-                    return Err(StoreError::capacity_exceeded());
-                }
-                inner.bytes.fetch_add(fresh.size, Ordering::Relaxed);
-                entry.insert(fresh);
-            }
+        let mut removed = Removed::default();
+        let lease_until = now.saturating_add(nanos(lease));
+        // The write lock: the decision and the write are one step.
+        let begun = write(shard).begin(hash, key, fingerprint, lease_until, now, &mut removed);
+        if removed.evicted > 0 {
+            inner.evicted(removed.evicted, now);
         }
-        Ok(Begin::Acquired(token))
+        begun.map_err(|Full| full())
     }
 
     async fn renew(
@@ -354,15 +444,13 @@ impl IdempotencyStore for MemoryStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        match self.inner.map.get_mut(key) {
-            Some(mut record) if record.held_by(token) => {
-                record.state = State::InFlight {
-                    token,
-                    lease_until: Instant::now() + lease,
-                };
-                Ok(())
-            }
-            _ => Err(StoreError::lease_lost()),
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        let lease_until = inner.now().saturating_add(nanos(lease));
+        if write(inner.shard(hash)).renew(hash, key, token, lease_until) {
+            Ok(())
+        } else {
+            Err(StoreError::lease_lost())
         }
     }
 
@@ -373,205 +461,43 @@ impl IdempotencyStore for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        match self.inner.map.get_mut(key) {
-            Some(mut record) if record.held_by(token) => {
-                let size = Record::completed_size(key, &response);
-                self.inner.resize(record.size, size);
-                record.size = size;
-                record.state = State::Completed {
-                    response,
-                    expires_at: Instant::now() + ttl,
-                };
-                Ok(())
-            }
-            _ => Err(StoreError::lease_lost()),
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        let expires_at = inner.now().saturating_add(nanos(ttl));
+        if write(inner.shard(hash)).complete(hash, key, token, response, expires_at) {
+            Ok(())
+        } else {
+            Err(StoreError::lease_lost())
         }
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        match self
-            .inner
-            .map
-            .remove_if(key, |_, record| record.held_by(token))
-        {
-            Some((_, record)) => {
-                self.inner.len.fetch_sub(1, Ordering::Relaxed);
-                self.inner.bytes.fetch_sub(record.size, Ordering::Relaxed);
-                Ok(())
-            }
-            None => Err(StoreError::lease_lost()),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tenant::TenantId;
-    use bytes::Bytes;
-    use http::{HeaderMap, StatusCode};
-
-    fn key(k: &str) -> RecordKey {
-        RecordKey::new(TenantId::shared(), k)
-    }
-
-    fn fp(n: u8) -> Fingerprint {
-        Fingerprint::from_bytes([n; 32])
-    }
-
-    fn response() -> StoredResponse {
-        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"))
-    }
-
-    const LEASE: Duration = Duration::from_secs(10);
-    const TTL: Duration = Duration::from_secs(100);
-
-    async fn acquire(store: &MemoryStore, k: &str, n: u8) -> LockToken {
-        match store.begin(&key(k), &fp(n), LEASE).await.unwrap() {
-            Begin::Acquired(token) => token,
-            other => panic!("expected Acquired, got {other:?}"),
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        if write(inner.shard(hash)).release(hash, key, token) {
+            Ok(())
+        } else {
+            Err(StoreError::lease_lost())
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn expired_records_are_invisible_at_once() {
-        let store = MemoryStore::new();
-        let token = acquire(&store, "a", 1).await;
-        store
-            .complete(&key("a"), token, response(), TTL)
-            .await
-            .unwrap();
-        tokio::time::advance(TTL - Duration::from_millis(1)).await;
-        assert!(matches!(
-            store.begin(&key("a"), &fp(2), LEASE).await.unwrap(),
-            Begin::Mismatch
-        ));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        // Expired but not yet pruned: a new request takes the key, even a different one.
-        assert_eq!(store.len(), 1);
-        acquire(&store, "a", 2).await;
-        assert_eq!(store.len(), 1);
+    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        let now = inner.now();
+        let Some(info) = read(inner.shard(hash)).lookup(hash, key, now) else {
+            return Ok(None);
+        };
+        let wall = SystemTime::now();
+        Ok(Some(info.into_record_info(|deadline| {
+            wall + Duration::from_nanos(deadline.saturating_sub(now))
+        })))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn renew_release_and_fencing() {
-        let store = MemoryStore::new();
-        let token = acquire(&store, "a", 1).await;
-        tokio::time::advance(LEASE / 2).await;
-        store.renew(&key("a"), token, LEASE).await.unwrap();
-        tokio::time::advance(LEASE / 2 + LEASE / 4).await;
-        assert!(matches!(
-            store.begin(&key("a"), &fp(1), LEASE).await.unwrap(),
-            Begin::InFlight
-        ));
-        tokio::time::advance(LEASE).await;
-        let taken = acquire(&store, "a", 1).await;
-        for result in [
-            store.renew(&key("a"), token, LEASE).await,
-            store.complete(&key("a"), token, response(), TTL).await,
-            store.release(&key("a"), token).await,
-        ] {
-            assert_eq!(result.unwrap_err().kind(), crate::StoreErrorKind::LeaseLost);
-        }
-        store.release(&key("a"), taken).await.unwrap();
-        assert!(store.is_empty());
-        assert_eq!(
-            store.release(&key("a"), taken).await.unwrap_err().kind(),
-            crate::StoreErrorKind::LeaseLost
-        );
-        // A completed record cannot be released.
-        let token = acquire(&store, "b", 1).await;
-        store
-            .complete(&key("b"), token, response(), TTL)
-            .await
-            .unwrap();
-        assert!(store.release(&key("b"), token).await.is_err());
-        assert!(matches!(
-            store.begin(&key("b"), &fp(1), LEASE).await.unwrap(),
-            Begin::Completed(r) if r.body() == "ok"
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_background_pruner_prunes_and_ends_with_the_store() {
-        let store = MemoryStore::new().prune_interval(Duration::from_secs(5));
-        let token = acquire(&store, "a", 1).await;
-        store
-            .complete(&key("a"), token, response(), Duration::from_secs(1))
-            .await
-            .unwrap();
-        acquire(&store, "b", 1).await; // in flight, lease 10 s
-        assert_eq!(store.len(), 2);
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_eq!(store.len(), 1, "the expired completed record was pruned");
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(store.is_empty(), "the dead in-flight record was pruned");
-
-        let weak = Arc::downgrade(&store.inner);
-        let tasks = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
-        assert_eq!(tasks, 1, "the pruner is running");
-        drop(store);
-        assert!(
-            weak.upgrade().is_none(),
-            "the pruner holds no strong reference"
-        );
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let tasks = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
-        assert_eq!(tasks, 0, "the pruner ended with the store");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_byte_budget_refuses_new_keys_and_is_given_back() {
-        let store = MemoryStore::new().max_bytes(10_000);
-        let body = Bytes::from(vec![0; 9_600]);
-        let big = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
-        let token = acquire(&store, "a", 1).await;
-        assert_eq!(store.bytes(), RECORD_OVERHEAD + 1);
-        let ttl = Duration::from_secs(1);
-        store.complete(&key("a"), token, big, ttl).await.unwrap();
-        assert_eq!(store.bytes(), RECORD_OVERHEAD + 1 + 9_600);
-        let token = acquire(&store, "b", 1).await;
-        store
-            .complete(&key("b"), token, response(), TTL)
-            .await
-            .unwrap();
-        // Over the budget: a new key is refused, known keys still answer.
-        let err = store.begin(&key("c"), &fp(1), LEASE).await.unwrap_err();
-        assert_eq!(err.kind(), crate::StoreErrorKind::CapacityExceeded);
-        let known = store.begin(&key("b"), &fp(1), LEASE).await.unwrap();
-        assert!(matches!(known, Begin::Completed(_)));
-        // Once "a" expires, pruning on demand gives its bytes back.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        acquire(&store, "c", 1).await;
-        let b = Record::completed_size(&key("b"), &response());
-        assert_eq!(store.bytes(), b + RECORD_OVERHEAD + 1);
-        assert_eq!(store.len(), 2);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn the_bound_holds_under_concurrent_inserts() {
-        let store = MemoryStore::new().max_entries(100);
-        let tasks: Vec<_> = (0..1000)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move { store.begin(&key(&i.to_string()), &fp(1), LEASE).await })
-            })
-            .collect();
-        let mut acquired = 0;
-        let mut refused = 0;
-        for task in tasks {
-            match task.await.unwrap() {
-                Ok(Begin::Acquired(_)) => acquired += 1,
-                Err(e) if e.kind() == crate::StoreErrorKind::CapacityExceeded => refused += 1,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert_eq!(acquired, 100);
-        assert_eq!(refused, 900);
-        assert_eq!(store.len(), 100);
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let inner = &*self.inner;
+        let hash = inner.hash(key);
+        let now = inner.now();
+        Ok(write(inner.shard(hash)).forget(hash, key, force, now))
     }
 }

@@ -1,0 +1,501 @@
+//! One shard of the [`MemoryStore`](super::MemoryStore): its records, the order in which its
+//! completed records expire, and the list of its in-flight records.
+//!
+//! Every function here runs under the shard's lock, and none of them looks at another shard.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use hashbrown::HashTable;
+
+use super::Nanos;
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::store::{Begin, Forget, LockToken, RecordInfo, RecordKey, RecordState};
+
+/// The estimated bytes a record takes besides its key and response: its table slot, its boxed
+/// record, its place in the expiry queue, and the stored response's own allocations.
+pub(super) const RECORD_OVERHEAD: usize = 256;
+/// The estimated bytes a stored header takes besides its name and value.
+const HEADER_OVERHEAD: usize = 32;
+
+/// A table slot: the record's hash beside a pointer to it, so that growing the table moves
+/// 16 bytes per record and hashes nothing again.
+struct Slot {
+    hash: u64,
+    record: Box<Record>,
+}
+
+struct Record {
+    key: RecordKey,
+    fingerprint: Fingerprint,
+    /// Unique within the shard: what the expiry queue and the in-flight list point to.
+    id: u64,
+    /// In flight: when the lease runs out; completed: when the record expires.
+    deadline: Nanos,
+    /// The bytes this record counts for in the shard's budget.
+    size: usize,
+    state: State,
+}
+
+enum State {
+    /// `slot` is the record's index in [`Shard::in_flight`].
+    InFlight {
+        token: LockToken,
+        slot: usize,
+    },
+    Completed(StoredResponse),
+}
+
+impl Record {
+    fn is_live(&self, now: Nanos) -> bool {
+        self.deadline > now
+    }
+
+    /// What `begin` answers for a live record.
+    fn decide(&self, fingerprint: &Fingerprint) -> Begin {
+        if self.fingerprint != *fingerprint {
+            return Begin::Mismatch;
+        }
+        match &self.state {
+            State::InFlight { .. } => Begin::InFlight,
+            State::Completed(response) => Begin::Completed(response.clone()),
+        }
+    }
+
+    fn held_by(&self, token: LockToken) -> bool {
+        matches!(self.state, State::InFlight { token: held, .. } if held == token)
+    }
+}
+
+/// A completed record's place in the expiry queue. An entry whose record is gone (forgotten,
+/// or expired and taken over by a new request) is stale, and is dropped when it reaches the
+/// front.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    at: Nanos,
+    id: u64,
+    hash: u64,
+}
+
+/// An in-flight record, as its shard lists it for the pruning of holders that died.
+#[derive(Clone, Copy)]
+struct Held {
+    hash: u64,
+    id: u64,
+}
+
+/// What a shard removed to make room or while pruning.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Removed {
+    /// Live completed records dropped before their expiry.
+    pub(super) evicted: u64,
+    /// Expired records, and in-flight records whose holder died.
+    pub(super) pruned: u64,
+}
+
+/// Why a shard refused a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Full;
+
+pub(super) struct Shard {
+    table: HashTable<Slot>,
+    /// Completed records by expiry, nearest first.
+    expiries: BinaryHeap<Reverse<Due>>,
+    /// In-flight records, in no order: there are as many as requests running.
+    in_flight: Vec<Held>,
+    next_id: u64,
+    bytes: usize,
+    max_len: usize,
+    max_bytes: usize,
+}
+
+impl Shard {
+    pub(super) fn new(max_len: usize, max_bytes: usize) -> Self {
+        Self {
+            table: HashTable::new(),
+            expiries: BinaryHeap::new(),
+            in_flight: Vec::new(),
+            next_id: 0,
+            bytes: 0,
+            max_len,
+            max_bytes,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Entries in the expiry queue, stale ones included.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.expiries.len()
+    }
+
+    fn find(&self, hash: u64, key: &RecordKey) -> Option<&Record> {
+        let slot = self
+            .table
+            .find(hash, |slot| slot.hash == hash && slot.record.key == *key)?;
+        Some(&slot.record)
+    }
+
+    fn find_mut(&mut self, hash: u64, key: &RecordKey) -> Option<&mut Record> {
+        let slot = self
+            .table
+            .find_mut(hash, |slot| slot.hash == hash && slot.record.key == *key)?;
+        Some(&mut slot.record)
+    }
+
+    /// The answer for a live record, if there is one: what replays, 409 and 422 need, under a
+    /// shared lock.
+    pub(super) fn decide(
+        &self,
+        hash: u64,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        now: Nanos,
+    ) -> Option<Begin> {
+        let record = self.find(hash, key)?;
+        record.is_live(now).then(|| record.decide(fingerprint))
+    }
+
+    /// `begin` under the write lock: answers a live record, takes over a dead one, or inserts a
+    /// new in-flight record, making room first when the shard is full.
+    pub(super) fn begin(
+        &mut self,
+        hash: u64,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease_until: Nanos,
+        now: Nanos,
+        removed: &mut Removed,
+    ) -> Result<Begin, Full> {
+        let token = LockToken::random();
+        let id = self.next_id;
+        let size = RECORD_OVERHEAD + key.key().len();
+        if let Some(record) = self.find_mut(hash, key) {
+            if record.is_live(now) {
+                return Ok(record.decide(fingerprint));
+            }
+            // Expired, or in flight with its holder gone: the key is free again. The record's
+            // allocation is reused; its old place in the expiry queue becomes stale.
+            let old_size = record.size;
+            let old_slot = match record.state {
+                State::InFlight { slot, .. } => Some(slot),
+                State::Completed(_) => None,
+            };
+            *record = Record {
+                key: key.clone(),
+                fingerprint: *fingerprint,
+                id,
+                deadline: lease_until,
+                size,
+                state: State::InFlight { token, slot: 0 },
+            };
+            self.next_id += 1;
+            self.bytes = self.bytes - old_size + size;
+            if let Some(slot) = old_slot {
+                self.unlist(slot);
+            }
+            let slot = self.in_flight.len();
+            self.in_flight.push(Held { hash, id });
+            if let Some(record) = self.find_mut(hash, key) {
+                record.state = State::InFlight { token, slot };
+            }
+            removed.pruned += 1;
+            return Ok(Begin::Acquired(token));
+        }
+        if !self.make_room(now, removed) {
+            return Err(Full);
+        }
+        let record = Box::new(Record {
+            key: key.clone(),
+            fingerprint: *fingerprint,
+            id,
+            deadline: lease_until,
+            size,
+            state: State::InFlight {
+                token,
+                slot: self.in_flight.len(),
+            },
+        });
+        self.next_id += 1;
+        self.bytes += size;
+        self.in_flight.push(Held { hash, id });
+        self.table
+            .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
+        Ok(Begin::Acquired(token))
+    }
+
+    fn has_room(&self) -> bool {
+        self.table.len() < self.max_len && self.bytes < self.max_bytes
+    }
+
+    /// Removes completed records, nearest expiry first, until there is room for one more
+    /// record. Expired ones count as pruned, live ones as evicted. In-flight records are never
+    /// touched; `false` when they alone fill the shard.
+    fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> bool {
+        while !self.has_room() {
+            let Some(Reverse(due)) = self.expiries.pop() else {
+                // Only in-flight records: those whose holder died can go.
+                removed.pruned += self.prune_in_flight(now);
+                return self.has_room();
+            };
+            if let Some(record) = self.remove_due(due) {
+                if record.is_live(now) {
+                    removed.evicted += 1;
+                } else {
+                    removed.pruned += 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes the completed record `due` points to, if the entry is not stale.
+    fn remove_due(&mut self, due: Due) -> Option<Box<Record>> {
+        let entry = self
+            .table
+            .find_entry(due.hash, |slot| slot.record.id == due.id)
+            .ok()?;
+        if !matches!(entry.get().record.state, State::Completed(_)) {
+            return None;
+        }
+        let (slot, _) = entry.remove();
+        self.bytes -= slot.record.size;
+        Some(slot.record)
+    }
+
+    /// Takes entry `slot` out of the in-flight list, and tells the record moved into its place.
+    fn unlist(&mut self, slot: usize) {
+        self.in_flight.swap_remove(slot);
+        if let Some(&Held { hash, id }) = self.in_flight.get(slot) {
+            let moved = self.table.find_mut(hash, |s| s.record.id == id);
+            if let Some(Slot { record, .. }) = moved {
+                if let State::InFlight { slot: held, .. } = &mut record.state {
+                    *held = slot;
+                }
+            }
+        }
+    }
+
+    pub(super) fn renew(
+        &mut self,
+        hash: u64,
+        key: &RecordKey,
+        token: LockToken,
+        lease_until: Nanos,
+    ) -> bool {
+        match self.find_mut(hash, key) {
+            Some(record) if record.held_by(token) => {
+                record.deadline = lease_until;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn complete(
+        &mut self,
+        hash: u64,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        expires_at: Nanos,
+    ) -> bool {
+        let size = completed_size(key, &response);
+        let Some(record) = self.find_mut(hash, key) else {
+            return false;
+        };
+        let State::InFlight { token: held, slot } = record.state else {
+            return false;
+        };
+        if held != token {
+            return false;
+        }
+        let (old, id) = (record.size, record.id);
+        record.size = size;
+        record.deadline = expires_at;
+        record.state = State::Completed(response);
+        self.bytes = self.bytes - old + size;
+        self.unlist(slot);
+        self.expiries.push(Reverse(Due {
+            at: expires_at,
+            id,
+            hash,
+        }));
+        true
+    }
+
+    pub(super) fn release(&mut self, hash: u64, key: &RecordKey, token: LockToken) -> bool {
+        let found = self.table.find_entry(hash, |slot| {
+            slot.hash == hash && slot.record.key == *key && slot.record.held_by(token)
+        });
+        let Ok(entry) = found else {
+            return false;
+        };
+        let (slot, _) = entry.remove();
+        self.forget_removed(&slot.record);
+        true
+    }
+
+    /// Accounts for a record taken out of the table.
+    fn forget_removed(&mut self, record: &Record) {
+        self.bytes -= record.size;
+        if let State::InFlight { slot, .. } = record.state {
+            self.unlist(slot);
+        }
+    }
+
+    pub(super) fn lookup(&self, hash: u64, key: &RecordKey, now: Nanos) -> Option<Info> {
+        let record = self.find(hash, key).filter(|r| r.is_live(now))?;
+        let state = match &record.state {
+            State::InFlight { .. } => InfoState::InFlight,
+            State::Completed(response) => InfoState::Completed {
+                status: response.status(),
+                replayable: !response.is_omitted(),
+            },
+        };
+        Some(Info {
+            fingerprint: record.fingerprint,
+            deadline: record.deadline,
+            state,
+        })
+    }
+
+    pub(super) fn forget(&mut self, hash: u64, key: &RecordKey, force: bool, now: Nanos) -> Forget {
+        let found = self
+            .table
+            .find_entry(hash, |slot| slot.hash == hash && slot.record.key == *key);
+        let Ok(entry) = found else {
+            return Forget::NotFound;
+        };
+        let record = &entry.get().record;
+        let answer = if !record.is_live(now) {
+            Forget::NotFound
+        } else if matches!(record.state, State::InFlight { .. }) && !force {
+            return Forget::InFlight;
+        } else {
+            Forget::Forgotten
+        };
+        // A dead record is removed too: it is invisible already.
+        let (slot, _) = entry.remove();
+        self.forget_removed(&slot.record);
+        self.compact_expiries();
+        answer
+    }
+
+    /// Removes every expired record and every in-flight record whose holder died, at most
+    /// `budget` expired ones; returns how many were removed and whether expired ones are left.
+    pub(super) fn prune(&mut self, now: Nanos, budget: usize) -> (u64, bool) {
+        let mut removed = 0;
+        for _ in 0..budget {
+            match self.expiries.peek() {
+                Some(Reverse(due)) if due.at <= now => {}
+                _ => return (removed + self.prune_in_flight(now), false),
+            }
+            let Some(Reverse(due)) = self.expiries.pop() else {
+                break;
+            };
+            removed += u64::from(self.remove_due(due).is_some());
+        }
+        (removed + self.prune_in_flight(now), true)
+    }
+
+    /// Removes the in-flight records whose lease ran out: their holder died.
+    fn prune_in_flight(&mut self, now: Nanos) -> u64 {
+        let mut removed = 0;
+        let mut i = 0;
+        while let Some(&Held { hash, id }) = self.in_flight.get(i) {
+            let dead = self
+                .table
+                .find_entry(hash, |slot| slot.record.id == id)
+                .ok()
+                .filter(|entry| !entry.get().record.is_live(now));
+            match dead {
+                Some(entry) => {
+                    let (slot, _) = entry.remove();
+                    // Moves the last entry to `i`, which is looked at next.
+                    self.forget_removed(&slot.record);
+                    removed += 1;
+                }
+                None => i += 1,
+            }
+        }
+        removed
+    }
+
+    /// Rebuilds the expiry queue when stale entries (of forgotten records) outnumber the live
+    /// ones, so that it never grows past twice the records it orders.
+    fn compact_expiries(&mut self) {
+        let completed = self.table.len() - self.in_flight.len();
+        if self.expiries.len() <= 2 * completed + 64 {
+            return;
+        }
+        let live: Vec<_> = self
+            .table
+            .iter()
+            .filter(|slot| matches!(slot.record.state, State::Completed(_)))
+            .map(|slot| {
+                Reverse(Due {
+                    at: slot.record.deadline,
+                    id: slot.record.id,
+                    hash: slot.hash,
+                })
+            })
+            .collect();
+        self.expiries = BinaryHeap::from(live);
+    }
+}
+
+/// A record as `lookup` reads it, with its deadline still on the store's clock.
+pub(super) struct Info {
+    pub(super) fingerprint: Fingerprint,
+    pub(super) deadline: Nanos,
+    pub(super) state: InfoState,
+}
+
+pub(super) enum InfoState {
+    InFlight,
+    Completed {
+        status: http::StatusCode,
+        replayable: bool,
+    },
+}
+
+impl Info {
+    /// The public form, with `deadline` turned into wall-clock time by `at`.
+    pub(super) fn into_record_info(
+        self,
+        at: impl Fn(Nanos) -> std::time::SystemTime,
+    ) -> RecordInfo {
+        let deadline = at(self.deadline);
+        let state = match self.state {
+            InfoState::InFlight => RecordState::InFlight {
+                lease_until: deadline,
+            },
+            InfoState::Completed { status, replayable } => RecordState::Completed {
+                status,
+                replayable,
+                expires_at: deadline,
+            },
+        };
+        RecordInfo::new(self.fingerprint, state)
+    }
+}
+
+/// The bytes a completed record counts for: its key, its stored headers and body, and the
+/// fixed overheads.
+pub(super) fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
+    let headers: usize = response
+        .header_list()
+        .iter()
+        .map(|(name, value)| HEADER_OVERHEAD + name.as_str().len() + value.len())
+        .sum();
+    RECORD_OVERHEAD + key.key().len() + headers + response.body().len()
+}
