@@ -146,6 +146,19 @@ struct Model {
     records: HashMap<(u8, u8), Record>,
     runs: usize,
     now: Duration,
+    /// The store's bound on records, when the test sets one: a new key then makes room.
+    eviction: Option<Eviction>,
+}
+
+/// What a bounded `MemoryStore` does when it is full: it drops the live completed record
+/// nearest its expiry (the one begun first among equals), never an in-flight one, and refuses
+/// the new key when in-flight records alone fill it.
+#[derive(Default)]
+struct Eviction {
+    cap: usize,
+    /// The order in which each slot's record was begun.
+    begun: HashMap<(u8, u8), u64>,
+    next: u64,
 }
 
 /// What the model expects a request to get.
@@ -155,6 +168,8 @@ enum Expect {
     Conflict,
     Mismatch,
     Replay(StatusCode, String),
+    /// The store is full of in-flight records: `503`, nothing runs.
+    Full,
 }
 
 impl Model {
@@ -167,6 +182,9 @@ impl Model {
         };
         if !live {
             self.records.remove(&slot);
+            if !self.make_room(slot) {
+                return Expect::Full;
+            }
             return Expect::Runs;
         }
         match &self.records[&slot] {
@@ -175,6 +193,43 @@ impl Model {
             Record::InFlight(..) => Expect::Conflict,
             Record::Completed { status, body, .. } => Expect::Replay(*status, body.clone()),
         }
+    }
+
+    fn is_live(&self, record: &Record) -> bool {
+        match record {
+            Record::Completed { expires_at, .. } => *expires_at > self.now,
+            Record::InFlight(_, lease_until) => lease_until.is_none_or(|t| t > self.now),
+        }
+    }
+
+    /// A new record for `slot` is about to begin: with a bound, drop a completed record if the
+    /// live ones fill the store; `false` when none can go.
+    fn make_room(&mut self, slot: (u8, u8)) -> bool {
+        let Some(eviction) = &self.eviction else {
+            return true;
+        };
+        let live = self.records.values().filter(|r| self.is_live(r)).count();
+        if live >= eviction.cap {
+            let nearest = self
+                .records
+                .iter()
+                .filter(|(_, r)| self.is_live(r))
+                .filter_map(|(slot, r)| match r {
+                    Record::Completed { expires_at, .. } => {
+                        Some(((*expires_at, eviction.begun[slot]), *slot))
+                    }
+                    Record::InFlight(..) => None,
+                })
+                .min();
+            let Some((_, evicted)) = nearest else {
+                return false;
+            };
+            self.records.remove(&evicted);
+        }
+        let eviction = self.eviction.as_mut().expect("set");
+        eviction.next += 1;
+        eviction.begun.insert(slot, eviction.next);
+        true
     }
 }
 
@@ -267,14 +322,23 @@ impl Clock {
 }
 
 /// Runs `steps` against the layer over `store` and checks every outcome against the model.
-async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, clock: Clock) {
+async fn check<S: IdempotencyStore>(
+    store: S,
+    steps: Vec<Step>,
+    scope: String,
+    clock: Clock,
+    eviction: Option<Eviction>,
+) {
     let api = Api {
         runs: Arc::default(),
         behaviour: Arc::new(Mutex::new(Behaviour::Created)),
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     let app = app(store, &api);
-    let mut model = Model::default();
+    let mut model = Model {
+        eviction,
+        ..Model::default()
+    };
     let mut blocked: Vec<(Req, tokio::task::JoinHandle<common::Reply>)> = Vec::new();
 
     for (i, step) in steps.into_iter().enumerate() {
@@ -324,6 +388,9 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                                 assert!(reply.replayed(), "step {i}");
                                 assert_eq!(reply.body, body, "step {i}");
                             }
+                            Expect::Full => {
+                                assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE)
+                            }
                             Expect::Runs => unreachable!(),
                         }
                     }
@@ -347,6 +414,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                             assert!(reply.replayed());
                             assert_eq!((reply.status, reply.body), (status, body.into()));
                         }
+                        Expect::Full => assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE),
                         Expect::Runs => unreachable!(),
                     }
                     continue;
@@ -401,6 +469,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                         Expect::Conflict => StatusCode::CONFLICT,
                         Expect::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
                         Expect::Replay(status, _) => status,
+                        Expect::Full => StatusCode::SERVICE_UNAVAILABLE,
                         Expect::Runs => unreachable!(),
                     };
                     assert_eq!(status, expected, "step {i}");
@@ -459,7 +528,17 @@ proptest! {
 
     #[test]
     fn memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
-        paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into(), Clock::Paused));
+        paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into(), Clock::Paused, None));
+    }
+
+    /// A store bound to 3 records for 6 keys: new keys drop the completed records nearest
+    /// expiry, or get `503` when in-flight records fill it. A retry of a dropped record runs
+    /// again, and that is the only way a completed key runs twice.
+    #[test]
+    fn a_full_memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
+        let store = MemoryStore::new().max_entries(3);
+        let eviction = Eviction { cap: 3, ..Eviction::default() };
+        paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
     }
 }
 
@@ -483,7 +562,7 @@ proptest! {
         real_runtime().block_on(async {
             let Some(store) = common::shared::redis().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
-            check(store, steps, scope, Clock::Real).await;
+            check(store, steps, scope, Clock::Real, None).await;
         });
     }
 
@@ -493,7 +572,7 @@ proptest! {
         real_runtime().block_on(async {
             let Some(store) = common::shared::postgres().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
-            check(store, steps, scope, Clock::Real).await;
+            check(store, steps, scope, Clock::Real, None).await;
         });
     }
 }

@@ -104,6 +104,9 @@ pub(super) struct Shard {
     expiries: BinaryHeap<Reverse<Due>>,
     /// In-flight records, in no order: there are as many as requests running.
     in_flight: Vec<Held>,
+    /// No in-flight record's lease runs out before this: until then, none is dead, and the
+    /// list need not be looked at.
+    dead_check_at: Nanos,
     next_id: u64,
     bytes: usize,
     max_len: usize,
@@ -116,6 +119,7 @@ impl Shard {
             table: HashTable::new(),
             expiries: BinaryHeap::new(),
             in_flight: Vec::new(),
+            dead_check_at: Nanos::MAX,
             next_id: 0,
             bytes: 0,
             max_len,
@@ -203,7 +207,7 @@ impl Shard {
                 self.unlist(slot);
             }
             let slot = self.in_flight.len();
-            self.in_flight.push(Held { hash, id });
+            self.list(hash, id, lease_until);
             if let Some(record) = self.find_mut(hash, key) {
                 record.state = State::InFlight { token, slot };
             }
@@ -226,7 +230,7 @@ impl Shard {
         });
         self.next_id += 1;
         self.bytes += size;
-        self.in_flight.push(Held { hash, id });
+        self.list(hash, id, lease_until);
         self.table
             .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
         Ok(Begin::Acquired(token))
@@ -236,15 +240,17 @@ impl Shard {
         self.table.len() < self.max_len && self.bytes < self.max_bytes
     }
 
-    /// Removes completed records, nearest expiry first, until there is room for one more
-    /// record. Expired ones count as pruned, live ones as evicted. In-flight records are never
-    /// touched; `false` when they alone fill the shard.
+    /// Makes room for one more record. First go the records that are dead already: in-flight
+    /// ones whose holder died, then expired completed ones (the front of the expiry queue);
+    /// then live completed records, nearest expiry first, which count as evicted. In-flight
+    /// records are never touched: `false` when they alone fill the shard.
     fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> bool {
+        if !self.has_room() && now >= self.dead_check_at {
+            removed.pruned += self.prune_in_flight(now);
+        }
         while !self.has_room() {
             let Some(Reverse(due)) = self.expiries.pop() else {
-                // Only in-flight records: those whose holder died can go.
-                removed.pruned += self.prune_in_flight(now);
-                return self.has_room();
+                return false;
             };
             if let Some(record) = self.remove_due(due) {
                 if record.is_live(now) {
@@ -269,6 +275,12 @@ impl Shard {
         let (slot, _) = entry.remove();
         self.bytes -= slot.record.size;
         Some(slot.record)
+    }
+
+    /// Puts a new in-flight record in the list.
+    fn list(&mut self, hash: u64, id: u64, lease_until: Nanos) {
+        self.in_flight.push(Held { hash, id });
+        self.dead_check_at = self.dead_check_at.min(lease_until);
     }
 
     /// Takes entry `slot` out of the in-flight list, and tells the record moved into its place.
@@ -409,24 +421,30 @@ impl Shard {
 
     /// Removes the in-flight records whose lease ran out: their holder died.
     fn prune_in_flight(&mut self, now: Nanos) -> u64 {
+        if now < self.dead_check_at {
+            return 0;
+        }
         let mut removed = 0;
+        let mut next_check = Nanos::MAX;
         let mut i = 0;
         while let Some(&Held { hash, id }) = self.in_flight.get(i) {
-            let dead = self
-                .table
-                .find_entry(hash, |slot| slot.record.id == id)
-                .ok()
-                .filter(|entry| !entry.get().record.is_live(now));
-            match dead {
-                Some(entry) => {
-                    let (slot, _) = entry.remove();
-                    // Moves the last entry to `i`, which is looked at next.
-                    self.forget_removed(&slot.record);
-                    removed += 1;
-                }
-                None => i += 1,
+            let Ok(entry) = self.table.find_entry(hash, |slot| slot.record.id == id) else {
+                // Every listed record is in the table; were one not, its entry would go.
+                self.in_flight.swap_remove(i);
+                continue;
+            };
+            let deadline = entry.get().record.deadline;
+            if deadline > now {
+                next_check = next_check.min(deadline);
+                i += 1;
+                continue;
             }
+            let (slot, _) = entry.remove();
+            // Moves the last entry to `i`, which is looked at next.
+            self.forget_removed(&slot.record);
+            removed += 1;
         }
+        self.dead_check_at = next_check;
         removed
     }
 

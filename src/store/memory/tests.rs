@@ -436,3 +436,15 @@ async fn the_bound_holds_under_concurrent_inserts() {
     assert_eq!(refused, 900);
     assert_eq!(store.len(), 100);
 }
+
+#[tokio::test(start_paused = true)]
+async fn dead_holders_make_room_before_live_records_are_dropped() {
+    let store = MemoryStore::new().max_entries(2);
+    acquire(&store, "dead", 1).await;
+    store_completed(&store, "live", TTL).await;
+    tokio::time::advance(LEASE).await;
+    acquire(&store, "new", 1).await;
+    assert_eq!(store.evicted(), 0, "the dead holder's record went first");
+    assert!(store.lookup(&key("live")).await.unwrap().is_some());
+    assert_eq!(store.len(), 2);
+}

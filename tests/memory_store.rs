@@ -1,0 +1,258 @@
+//! `MemoryStore` behind the layer when it is full: it makes room by dropping the completed
+//! records nearest their expiry, refuses a new key only when in-flight records alone fill it,
+//! and keeps every record it does not drop.
+//!
+//! The flood test is ignored by default; run it in release:
+//! `cargo test --release --test memory_store -- --ignored --nocapture`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{Runs, api, post_with_key, send};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, TenantId};
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn app(runs: &Runs, store: &MemoryStore) -> Router {
+    api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).ttl(TTL))
+}
+
+async fn created(app: &Router, key: &str) -> bool {
+    let reply = send(app, post_with_key("/payments", key, "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{key}");
+    !reply.replayed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_store_drops_the_record_nearest_expiry_and_the_new_key_runs() {
+    let runs = Runs::default();
+    let store = MemoryStore::new().max_entries(3);
+    let app = app(&runs, &store);
+    for key in ["a", "b", "c"] {
+        assert!(created(&app, key).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(store.len(), 3);
+
+    let reply = send(&app, post_with_key("/payments", "d", "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert!(!reply.replayed());
+    assert_eq!(runs.get(), 4, "the new key ran");
+    assert_eq!(store.len(), 3);
+    assert_eq!(store.evicted(), 1, "the drop is counted");
+    let a = RecordKey::new(TenantId::shared(), "a");
+    assert_eq!(
+        store.lookup(&a).await.unwrap(),
+        None,
+        "a, nearest expiry, is gone"
+    );
+    // The others still replay.
+    for key in ["c", "d"] {
+        assert!(!created(&app, key).await, "{key} replays");
+    }
+    assert_eq!(runs.get(), 4);
+    // A retry of the dropped record runs again: the one way a completed key runs twice. It
+    // makes room in turn, by dropping b.
+    assert!(created(&app, "a").await);
+    assert_eq!(runs.get(), 5);
+    assert_eq!(store.evicted(), 2);
+    assert!(created(&app, "b").await, "b was dropped next");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_full_of_in_flight_records_answers_503_runs_nothing_and_loses_nothing() {
+    let runs = Runs::default();
+    let store = MemoryStore::new().max_entries(2);
+    let app = app(&runs, &store);
+    let slow: Vec<_> = ["s1", "s2"]
+        .into_iter()
+        .map(|key| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, post_with_key("/slow/5000", key, "{}")).await })
+        })
+        .collect();
+    while runs.get() < 2 {
+        tokio::task::yield_now().await;
+    }
+
+    let full = send(&app, post_with_key("/payments", "new", "{}")).await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.code(), "idempotency_store_unavailable");
+    assert!(full.header("retry-after").is_some());
+    assert_eq!(full.header("idempotency-key"), Some("new"));
+    assert_eq!(runs.get(), 2, "nothing ran");
+    assert_eq!(store.evicted(), 0);
+    // Both in-flight records are kept: their duplicates get 409.
+    for key in ["s1", "s2"] {
+        let reply = send(&app, post_with_key("/slow/5000", key, "{}")).await;
+        assert_eq!(reply.status, StatusCode::CONFLICT, "{key}");
+    }
+
+    tokio::time::advance(Duration::from_secs(6)).await;
+    for task in slow {
+        assert_eq!(task.await.unwrap().status, StatusCode::CREATED);
+    }
+    // Completed now, they can make room for the refused key.
+    assert!(created(&app, "new").await);
+    assert_eq!(runs.get(), 3);
+    assert_eq!(store.evicted(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_records_are_invisible_at_once() {
+    let runs = Runs::default();
+    let store = MemoryStore::new();
+    let app = app(&runs, &store);
+    assert!(created(&app, "k").await);
+    tokio::time::advance(TTL - Duration::from_millis(1)).await;
+    let reuse = send(&app, post_with_key("/payments", "k", r#"{"other":1}"#)).await;
+    assert_eq!(reuse.status, StatusCode::UNPROCESSABLE_ENTITY);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let reply = send(&app, post_with_key("/payments", "k", r#"{"other":1}"#)).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert!(!reply.replayed());
+    assert_eq!(runs.get(), 2);
+    assert_eq!(store.len(), 1);
+}
+
+/// Evictions are reported as a warning, at most every 10 seconds, with their count.
+#[cfg(feature = "tracing")]
+#[tokio::test(start_paused = true)]
+async fn evictions_are_reported_with_a_rate_limit() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let evictions = || {
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter(|line| line.contains("dropped before their expiry"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    let runs = Runs::default();
+    let store = MemoryStore::new().max_entries(1);
+    let app = app(&runs, &store);
+    for i in 0..5 {
+        assert!(created(&app, &format!("k{i}")).await);
+    }
+    assert_eq!(store.evicted(), 4);
+    let lines = evictions();
+    assert_eq!(lines.len(), 1, "one event for a burst: {lines:?}");
+    assert!(lines[0].contains("evicted=1"), "{}", lines[0]);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(created(&app, "k5").await);
+    let lines = evictions();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("evicted=4 evicted_total=5"),
+        "{}",
+        lines[1]
+    );
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// 2,000,000 new keys through the default store (1,000,000 records, 1 GiB): no `503`, the
+/// store stays at its bound by dropping old records, memory stays under the byte bound, and
+/// the rate at the end (store full, evicting) is reported next to the rate at the start
+/// (store empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "2,000,000 requests: run in release, with --ignored"]
+async fn a_flood_of_two_million_keys_through_the_default_store() {
+    const KEYS: usize = 2_000_000;
+    const WORKERS: usize = 4;
+    const WINDOW: usize = 100_000;
+    let runs = Runs::default();
+    let store = MemoryStore::new();
+    let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    let rss_before = rss_kib();
+    let started = Instant::now();
+
+    // Windows of WINDOW keys, sent by WORKERS tasks each; timed one by one.
+    let mut rates = Vec::new();
+    let mut max_rss = rss_before;
+    for window in 0..KEYS / WINDOW {
+        let window_started = Instant::now();
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    for i in (window * WINDOW + w..(window + 1) * WINDOW).step_by(WORKERS) {
+                        let request = Request::post("/status/201")
+                            .header("idempotency-key", format!("flood-{i:08}"))
+                            .body(Body::from(r#"{"amount":1000,"currency":"eur"}"#))
+                            .unwrap();
+                        let response = app.clone().oneshot(request).await.unwrap();
+                        assert_eq!(response.status(), StatusCode::CREATED, "key {i}");
+                        let _ = response.into_body().collect().await;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        rates.push(WINDOW as f64 / window_started.elapsed().as_secs_f64());
+        max_rss = max_rss.max(rss_kib());
+    }
+    let elapsed = started.elapsed();
+    let rss_after = rss_kib();
+    let start_rate = rates[0];
+    let end_rate = rates[rates.len() - 1];
+    println!(
+        "flood: {KEYS} new keys in {elapsed:.1?} ({:.0} keys/s); first {WINDOW}: {start_rate:.0} keys/s, \
+         last {WINDOW}: {end_rate:.0} keys/s ({:.2} of the first); store {} records, {} MiB counted, \
+         {} evicted; RSS {} MiB before, {} MiB at most, {} MiB after",
+        KEYS as f64 / elapsed.as_secs_f64(),
+        end_rate / start_rate,
+        store.len(),
+        store.bytes() >> 20,
+        store.evicted(),
+        rss_before >> 10,
+        max_rss >> 10,
+        rss_after >> 10,
+    );
+    assert_eq!(runs.get(), KEYS, "every key ran: no 503");
+    assert_eq!(store.len(), 1_000_000);
+    assert_eq!(store.evicted(), (KEYS - 1_000_000) as u64);
+    // The byte bound is 1 GiB of counted bytes; allow a quarter more for the allocator.
+    let slack_kib = (1 << 20) / 4;
+    assert!(
+        max_rss - rss_before < (1 << 20) + slack_kib,
+        "RSS grew by {} MiB",
+        (max_rss - rss_before) >> 10
+    );
+}
