@@ -2,25 +2,49 @@
 //!
 //! (Add `--release` before measuring anything.) The server `scripts/load-test` drives: one
 //! payments handler (reads the JSON body, answers `201` with `Location` and a small JSON body,
-//! no simulated work) on two routes, so that a load generator measures the layer and nothing
-//! else:
+//! no simulated work) on three routes, so that a load generator measures the layers and
+//! nothing else:
 //!
-//! - `POST /payments`: behind `IdempotencyLayer` on the in-memory store;
-//! - `POST /bare/payments`: the same handler without the layer.
+//! - `POST /payments`: behind `IdempotencyLayer`;
+//! - `POST /bare/payments`: the same handler without a layer;
+//! - `POST /ai/payments`: behind `axum-idempotent` (header-key mode) and the session and cookie
+//!   layers it needs; the cookie of an open session is printed at start (`ai-cookie: ...`).
 //!
-//! Listens on 127.0.0.1, on the port in `PORT` or, without it, on a free port; the first line
-//! it prints is `listening on 127.0.0.1:PORT`.
+//! Settings, from the environment:
+//!
+//! - `PORT`: the port on 127.0.0.1 (default: a free one); the first line printed is
+//!   `listening on 127.0.0.1:PORT`;
+//! - `STORE`: `memory` (default), `redis` (with `REDIS_URL`, built with `--features redis`) or
+//!   `postgres` (with `POSTGRES_URL`, built with `--features postgres`);
+//! - `MAX_ENTRIES`, `MAX_BYTES`: the memory store's bounds (default: `MemoryStore::new()`'s,
+//!   1,000,000 records and 1 GiB);
+//! - `PREFILL`: completed records put in the memory store before listening (default 0): with
+//!   `PREFILL=1000000` the default store starts full, so every new key makes room;
+//! - `TTL_SECS`: the layer's TTL (default: the layer's, 24 hours).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::http::{StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use axum_idempotent::{IdempotentLayer, IdempotentOptions};
+use ruts::store::Ttl;
+use ruts::store::moka::MokaStore;
+use ruts::{CookieOptions, Session, SessionLayer};
+use tower::ServiceExt;
+use tower_cookies::CookieManagerLayer;
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey,
+    StoredResponse, TenantId,
+};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 async fn create_payment(body: Bytes) -> impl IntoResponse {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -38,27 +62,127 @@ async fn create_payment(body: Bytes) -> impl IntoResponse {
     )
 }
 
-fn app() -> Router {
-    // A load test sends far more new keys than a real client would: lift the store's bound so
-    // that it never answers 503.
-    let store = MemoryStore::new().max_entries(50_000_000);
-    let idempotent = Router::new()
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let value = std::env::var(name).ok()?;
+    let parsed = value.parse().ok();
+    assert!(parsed.is_some(), "{name}={value} is not valid");
+    parsed
+}
+
+fn ttl() -> Duration {
+    env::<u64>("TTL_SECS").map_or(DAY, Duration::from_secs)
+}
+
+fn idempotent<S: IdempotencyStore>(store: S) -> Router {
+    Router::new()
         .route("/payments", post(create_payment))
-        .layer(IdempotencyLayer::new(store));
-    let bare = Router::new().route("/bare/payments", post(create_payment));
-    idempotent.merge(bare)
+        .layer(IdempotencyLayer::new(store).ttl(ttl()))
+}
+
+/// The memory store, with the bounds from the environment, filled with `PREFILL` completed
+/// records shaped like the handler's.
+async fn memory_store() -> MemoryStore {
+    let mut store = MemoryStore::new();
+    if let Some(max) = env("MAX_ENTRIES") {
+        store = store.max_entries(max);
+    }
+    if let Some(max) = env("MAX_BYTES") {
+        store = store.max_bytes(max);
+    }
+    let prefill: u64 = env("PREFILL").unwrap_or(0);
+    let started = Instant::now();
+    for i in 0..prefill {
+        let key = RecordKey::new(TenantId::shared(), format!("prefill-{i:012}"));
+        let mut bytes = [0; 32];
+        bytes[..8].copy_from_slice(&i.to_le_bytes());
+        let fingerprint = Fingerprint::from_bytes(bytes);
+        let Ok(Begin::Acquired(token)) = store.begin(&key, &fingerprint, DAY).await else {
+            panic!("prefill: record {i} not acquired");
+        };
+        let mut headers = HeaderMap::new();
+        let location = HeaderValue::try_from(format!("/payments/p{i}")).unwrap();
+        headers.insert(header::LOCATION, location);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = Bytes::from(format!(
+            r#"{{"id":{i},"amount_bytes":75,"status":"succeeded"}}"#
+        ));
+        let response = StoredResponse::new(StatusCode::CREATED, headers, body);
+        // Spread over the TTL, as records completed over a day would be.
+        let ttl = ttl().mul_f64((i + 1) as f64 / prefill as f64);
+        store.complete(&key, token, response, ttl).await.unwrap();
+    }
+    if prefill > 0 {
+        eprintln!(
+            "prefilled {prefill} records in {:.1?}: {store:?}",
+            started.elapsed()
+        );
+    }
+    store
+}
+
+async fn layered() -> Router {
+    match std::env::var("STORE").as_deref().unwrap_or("memory") {
+        "memory" => idempotent(memory_store().await),
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let url = std::env::var("REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+            let store = tower_idempotency::RedisStore::connect(&url).await;
+            idempotent(store.expect("REDIS_URL: cannot connect"))
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" => {
+            let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
+            let store = tower_idempotency::PostgresStore::connect(&url).await;
+            let store = store.expect("POSTGRES_URL: cannot connect");
+            store.migrate().await.expect("migration");
+            idempotent(store)
+        }
+        other => panic!("STORE={other}: memory, redis (--features redis) or postgres (--features postgres)"),
+    }
+}
+
+/// The `axum-idempotent` route with the session and cookie layers it requires, and the cookie
+/// of a session opened on it.
+async fn axum_idempotent() -> (Router, String) {
+    let sessions = Arc::new(MokaStore::builder().build());
+    let options = IdempotentOptions::default()
+        .use_idempotency_key_header(Some("idempotency-key"), false)
+        .expire_after(24 * 3600);
+    let cookies = CookieOptions::build()
+        .name("session")
+        .max_age(24 * 3600)
+        .path("/");
+    let app = Router::new()
+        .route("/ai/payments", post(create_payment))
+        .layer(IdempotentLayer::<MokaStore>::new(options))
+        .route(
+            "/ai/session",
+            post(|session: Session<MokaStore>| async move {
+                let ttl = Ttl::new(24 * 3600).unwrap();
+                session.set("user", &1_u64, ttl, None).await.unwrap();
+                "session opened"
+            }),
+        )
+        .layer(SessionLayer::new(sessions).with_cookie_options(cookies))
+        .layer(CookieManagerLayer::new());
+    let open = Request::post("/ai/session").body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(open).await.unwrap();
+    let set_cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    (app, cookie)
 }
 
 #[tokio::main]
 async fn main() {
-    let port: u16 = std::env::var("PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let port: u16 = env("PORT").unwrap_or(0);
+    let (ai, cookie) = axum_idempotent().await;
+    let bare = Router::new().route("/bare/payments", post(create_payment));
+    let app = layered().await.merge(bare).merge(ai);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
     let addr = listener.local_addr().expect("local address");
     println!("listening on {addr}");
-    axum::serve(listener, app()).await.expect("server error");
+    println!("ai-cookie: {cookie}");
+    axum::serve(listener, app).await.expect("server error");
 }
