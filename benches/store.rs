@@ -8,6 +8,11 @@
 //!   key, and `begin` of a completed key picked at random, on stores holding 1, 10,000 and
 //!   1,000,000 live records: the cost must stay flat.
 //!
+//! - `store/evicting/{100k,1M}`: one thread, `begin` + `complete` of a fresh key (24 h TTL) on
+//!   a store full of completed records (its `max_entries` reached, expiries spread over the
+//!   TTL), so that every new key drops the record nearest its expiry: a full store's steady
+//!   state.
+//!
 //! Times are per operation; with several threads, the wall time of all threads' operations
 //! divided by their count, so `thrpt` is the store's total throughput; on one thread, the
 //! thread's CPU time (`BENCH_CLOCK=wall` for wall-clock time), with keys made in small batches
@@ -249,6 +254,42 @@ fn live_benches(c: &mut Criterion, rt: &Runtime) {
     group.finish();
 }
 
+/// A store bounded to `max` records and full of completed ones, expiring over the day.
+fn full(rt: &Runtime, max: usize) -> MemoryStore {
+    let _runtime = rt.enter();
+    let store = MemoryStore::new().max_entries(max);
+    for i in 0..max as u64 {
+        let ttl = TTL.mul_f64((i + 1) as f64 / max as f64);
+        begin_complete(&store, &key(0, i), &response(i), ttl);
+    }
+    store
+}
+
+fn evicting_benches(c: &mut Criterion, rt: &Runtime) {
+    let mut group = c.benchmark_group("store");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(1));
+    let stored = response(1);
+    let mut sample = 1_u32;
+    for (max, name) in [(100_000, "100k"), (1_000_000, "1M")] {
+        let store = full(rt, max);
+        group.bench_function(BenchmarkId::new("evicting", name), |b| {
+            b.iter_custom(|iters| {
+                let _runtime = rt.enter();
+                sample += 1;
+                batched(
+                    iters,
+                    |i| key(sample, i),
+                    |key| begin_complete(&store, key, &stored, TTL),
+                )
+            });
+        });
+        assert!(store.evicted() > 0, "the store made room");
+        drop(store);
+    }
+    group.finish();
+}
+
 fn print_report(report: &Report) {
     let median = |function: &str, param: &str| report.median_ns("store", function, param);
     println!("\nMemoryStore alone (medians of this run, per operation; threads: wall-clock time)");
@@ -288,6 +329,20 @@ fn print_report(report: &Report) {
         );
     }
     println!("Target: flat from 1 to 1M live records.");
+    println!(
+        "\nOne thread, a full store: every new key drops a record ({})",
+        clock_name()
+    );
+    for name in ["100k", "1M"] {
+        let evicting = median("evicting", name);
+        let ratio = ratio(evicting, median("live_records", "1"));
+        println!(
+            "{:<14} {:>18} {:>10}",
+            name,
+            cell(evicting.map(time)),
+            cell(ratio)
+        );
+    }
 }
 
 fn main() {
@@ -300,6 +355,7 @@ fn main() {
         .expect("runtime");
     thread_benches(&mut c, &rt);
     live_benches(&mut c, &rt);
+    evicting_benches(&mut c, &rt);
     c.final_summary();
     print_report(&report);
 }
