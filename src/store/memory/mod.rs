@@ -17,6 +17,7 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
+mod expiries;
 mod shard;
 #[cfg(test)]
 mod tests;

@@ -3,12 +3,10 @@
 //!
 //! Every function here runs under the shard's lock, and none of them looks at another shard.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-
 use hashbrown::HashTable;
 
 use super::Nanos;
+use super::expiries::{Due, Expiries};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::{Begin, Forget, LockToken, RecordInfo, RecordKey, RecordState};
@@ -68,16 +66,6 @@ impl Record {
     }
 }
 
-/// A completed record's place in the expiry queue. An entry whose record is gone (forgotten,
-/// or expired and taken over by a new request) is stale, and is dropped when it reaches the
-/// front.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Due {
-    at: Nanos,
-    id: u64,
-    hash: u64,
-}
-
 /// An in-flight record, as its shard lists it for the pruning of holders that died.
 #[derive(Clone, Copy)]
 struct Held {
@@ -101,7 +89,7 @@ pub(super) struct Full;
 pub(super) struct Shard {
     table: HashTable<Slot>,
     /// Completed records by expiry, nearest first.
-    expiries: BinaryHeap<Reverse<Due>>,
+    expiries: Expiries,
     /// In-flight records, in no order: there are as many as requests running.
     in_flight: Vec<Held>,
     /// No in-flight record's lease runs out before this: until then, none is dead, and the
@@ -117,7 +105,7 @@ impl Shard {
     pub(super) fn new(max_len: usize, max_bytes: usize) -> Self {
         Self {
             table: HashTable::new(),
-            expiries: BinaryHeap::new(),
+            expiries: Expiries::default(),
             in_flight: Vec::new(),
             dead_check_at: Nanos::MAX,
             next_id: 0,
@@ -249,7 +237,7 @@ impl Shard {
             removed.pruned += self.prune_in_flight(now);
         }
         while !self.has_room() {
-            let Some(Reverse(due)) = self.expiries.pop() else {
+            let Some(due) = self.expiries.pop() else {
                 return false;
             };
             if let Some(record) = self.remove_due(due) {
@@ -336,11 +324,11 @@ impl Shard {
         record.state = State::Completed(response);
         self.bytes = self.bytes - old + size;
         self.unlist(slot);
-        self.expiries.push(Reverse(Due {
+        self.expiries.push(Due {
             at: expires_at,
             id,
             hash,
-        }));
+        });
         true
     }
 
@@ -408,10 +396,10 @@ impl Shard {
         let mut removed = 0;
         for _ in 0..budget {
             match self.expiries.peek() {
-                Some(Reverse(due)) if due.at <= now => {}
+                Some(due) if due.at <= now => {}
                 _ => return (removed + self.prune_in_flight(now), false),
             }
-            let Some(Reverse(due)) = self.expiries.pop() else {
+            let Some(due) = self.expiries.pop() else {
                 break;
             };
             removed += u64::from(self.remove_due(due).is_some());
@@ -455,19 +443,16 @@ impl Shard {
         if self.expiries.len() <= 2 * completed + 64 {
             return;
         }
-        let live: Vec<_> = self
+        let live = self
             .table
             .iter()
             .filter(|slot| matches!(slot.record.state, State::Completed(_)))
-            .map(|slot| {
-                Reverse(Due {
-                    at: slot.record.deadline,
-                    id: slot.record.id,
-                    hash: slot.hash,
-                })
-            })
-            .collect();
-        self.expiries = BinaryHeap::from(live);
+            .map(|slot| Due {
+                at: slot.record.deadline,
+                id: slot.record.id,
+                hash: slot.hash,
+            });
+        self.expiries.rebuild(live);
     }
 }
 
