@@ -38,8 +38,8 @@ use ruts::{CookieOptions, Session, SessionLayer};
 use tower::ServiceExt;
 use tower_cookies::CookieManagerLayer;
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey,
-    StoredResponse, TenantId,
+    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, StoredResponse,
+    TenantId,
 };
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -102,7 +102,10 @@ async fn memory_store() -> MemoryStore {
         let mut headers = HeaderMap::new();
         let location = HeaderValue::try_from(format!("/payments/p{i}")).unwrap();
         headers.insert(header::LOCATION, location);
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         let body = Bytes::from(format!(
             r#"{{"id":{i},"amount_bytes":75,"status":"succeeded"}}"#
         ));
@@ -137,7 +140,9 @@ async fn layered() -> Router {
             store.migrate().await.expect("migration");
             idempotent(store)
         }
-        other => panic!("STORE={other}: memory, redis (--features redis) or postgres (--features postgres)"),
+        other => panic!(
+            "STORE={other}: memory, redis (--features redis) or postgres (--features postgres)"
+        ),
     }
 }
 
