@@ -116,11 +116,12 @@ impl MemoryStore {
 
     fn with_config(config: Config) -> Self {
         let count = shard_count(config.max_entries, config.max_bytes);
+        let tokens = random_u64();
         let shards = (0..count)
             .map(|i| {
                 let entries = share(config.max_entries, count, i);
                 let bytes = share(config.max_bytes, count, i);
-                Padded(RwLock::new(Shard::new(entries, bytes)))
+                Padded(RwLock::new(Shard::new(entries, bytes, tokens ^ i as u64)))
             })
             .collect();
         Self {
@@ -268,13 +269,15 @@ fn share(total: usize, count: usize, i: usize) -> usize {
 /// identity across a fleet is the [`RecordKey`] itself, never this hash.
 fn map_hasher() -> SeedableRandomState {
     static SHARED: OnceLock<SharedSeed> = OnceLock::new();
-    let random = || {
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-    };
-    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random()));
-    SeedableRandomState::with_seed(random(), shared)
+    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random_u64()));
+    SeedableRandomState::with_seed(random_u64(), shared)
+}
+
+/// 64 random bits, from the keys the standard library draws from the operating system.
+fn random_u64() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {

@@ -96,19 +96,24 @@ pub(super) struct Shard {
     /// list need not be looked at.
     dead_check_at: Nanos,
     next_id: u64,
+    /// The high half of this shard's lock tokens; the low half is the record's id. Unique per
+    /// shard of a store, so tokens never repeat within a store, and taken from no counter
+    /// shared between threads.
+    token_seed: u64,
     bytes: usize,
     max_len: usize,
     max_bytes: usize,
 }
 
 impl Shard {
-    pub(super) fn new(max_len: usize, max_bytes: usize) -> Self {
+    pub(super) fn new(max_len: usize, max_bytes: usize, token_seed: u64) -> Self {
         Self {
             table: HashTable::new(),
             expiries: Expiries::default(),
             in_flight: Vec::new(),
             dead_check_at: Nanos::MAX,
             next_id: 0,
+            token_seed,
             bytes: 0,
             max_len,
             max_bytes,
@@ -167,8 +172,8 @@ impl Shard {
         now: Nanos,
         removed: &mut Removed,
     ) -> Result<Begin, Full> {
-        let token = LockToken::random();
         let id = self.next_id;
+        let token = LockToken::from_u128(u128::from(self.token_seed) << 64 | u128::from(id));
         let size = RECORD_OVERHEAD + key.key().len();
         if let Some(record) = self.find_mut(hash, key) {
             if record.is_live(now) {
