@@ -53,6 +53,11 @@ impl TenantId {
         Self(hasher.finalize().into())
     }
 
+    /// Whether this is the [`shared`](Self::shared) scope.
+    pub fn is_shared(&self) -> bool {
+        *self == Self::shared()
+    }
+
     /// The 32 bytes of the hash.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
