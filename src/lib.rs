@@ -100,6 +100,7 @@ mod key;
 mod layer;
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+mod operator;
 mod outcome;
 mod response;
 mod service;
@@ -115,6 +116,7 @@ pub use layer::{
     IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
     default_cache_policy,
 };
+pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;

@@ -4,7 +4,7 @@ mod sql;
 
 use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
@@ -12,7 +12,10 @@ use tokio_postgres::{NoTls, Row};
 
 use self::sql::{Sql, Table};
 use super::background::StartOnce;
-use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use super::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
+    StoreErrorKind,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
@@ -406,6 +409,69 @@ impl IdempotencyStore for PostgresStore {
         self.fenced(&self.inner.sql.release, &[&tenant, &key.key(), &token])
             .await
     }
+
+    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let tenant = &key.tenant().as_bytes()[..];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.lookup)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&statement, &[&tenant, &key.key()])
+            .await
+            .map_err(pg_error)?;
+        row.as_ref().map(record_info).transpose()
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let tenant = &key.tenant().as_bytes()[..];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.forget)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_one(&statement, &[&tenant, &key.key(), &force])
+            .await
+            .map_err(pg_error)?;
+        match row.try_get::<_, &str>(0).map_err(corrupt)? {
+            "forgotten" => Ok(Forget::Forgotten),
+            "in_flight" => Ok(Forget::InFlight),
+            _ => Ok(Forget::NotFound),
+        }
+    }
+}
+
+/// Reads a row of `lookup`.
+fn record_info(row: &Row) -> Result<RecordInfo, StoreError> {
+    let state: &str = row.try_get(0).map_err(corrupt)?;
+    let fingerprint: &[u8] = row.try_get(1).map_err(corrupt)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint).map_err(|_| {
+        StoreError::msg(StoreErrorKind::Corrupt, "a fingerprint is not 32 bytes")
+    })?;
+    let expires_at: SystemTime = row.try_get(3).map_err(corrupt)?;
+    let state = match state {
+        "in_flight" => RecordState::InFlight {
+            lease_until: expires_at,
+        },
+        _ => {
+            let bytes: Option<&[u8]> = row.try_get(2).map_err(corrupt)?;
+            let bytes = bytes.ok_or_else(|| {
+                StoreError::msg(
+                    StoreErrorKind::Corrupt,
+                    "a completed record has no response",
+                )
+            })?;
+            let response = StoredResponse::decode(bytes).map_err(corrupt)?;
+            RecordState::Completed {
+                status: response.status(),
+                replayable: !response.is_omitted(),
+                expires_at,
+            }
+        }
+    };
+    Ok(RecordInfo::new(Fingerprint::from_bytes(fingerprint), state))
 }
 
 /// Reads the row `begin` returned; `None` when the statement must run again.
