@@ -248,7 +248,10 @@ async fn lookup_then_forget_a_completed_key<S: IdempotencyStore + Clone>(store: 
     assert_eq!(report.fingerprint_prefix().len(), 16);
     assert_eq!(report.to_json()["state"], "completed");
     // The quoted form names the same key; another tenant's scope does not.
-    assert_eq!(operator.lookup(tenant, &quoted).await.unwrap(), Some(report));
+    assert_eq!(
+        operator.lookup(tenant, &quoted).await.unwrap(),
+        Some(report)
+    );
     let stranger = DefaultTenant::scope_for("Bearer someone-else");
     assert!(operator.lookup(stranger, &key).await.unwrap().is_none());
     assert_eq!(
@@ -344,9 +347,15 @@ async fn invalid_keys_and_unsupported_stores_are_errors() {
     let operator = Operator::new(MapStore::default());
     for bad in ["", "two words", "a,b", "\"unterminated"] {
         let err = operator.lookup(TenantId::shared(), bad).await.unwrap_err();
-        assert!(matches!(err, OperatorError::InvalidKey(_)), "{bad:?}: {err}");
+        assert!(
+            matches!(err, OperatorError::InvalidKey(_)),
+            "{bad:?}: {err}"
+        );
         let err = operator.forget(TenantId::shared(), bad).await.unwrap_err();
-        assert!(matches!(err, OperatorError::InvalidKey(_)), "{bad:?}: {err}");
+        assert!(
+            matches!(err, OperatorError::InvalidKey(_)),
+            "{bad:?}: {err}"
+        );
     }
 
     let legacy = Operator::new(Legacy::default());
@@ -367,7 +376,9 @@ async fn invalid_keys_and_unsupported_stores_are_errors() {
 
 // ---- Scopes built from the raw value equal the extractors' ----------------------------------
 
-fn parts(build: impl FnOnce(axum::http::request::Builder) -> axum::http::request::Builder) -> Parts {
+fn parts(
+    build: impl FnOnce(axum::http::request::Builder) -> axum::http::request::Builder,
+) -> Parts {
     build(Request::builder()).body(()).unwrap().into_parts().0
 }
 

@@ -59,7 +59,10 @@ pub async fn lookup_reports_each_state<S: IdempotencyStore>(store: S) {
             expires_at,
         } => {
             assert_eq!(status, StatusCode::CREATED, "lookup completed: status");
-            assert!(replayable, "lookup completed: a stored response is replayable");
+            assert!(
+                replayable,
+                "lookup completed: a stored response is replayable"
+            );
             near(expires_at, ttl, "expiry");
         }
         other => panic!("lookup completed: expected Completed, got {other:?}"),
@@ -76,7 +79,12 @@ pub async fn lookup_reports_each_state<S: IdempotencyStore>(store: S) {
         store.complete(&omitted, token, response, LONG).await,
         "complete without a body",
     );
-    match live(store.lookup(&omitted).await, "lookup of an omitted response").state {
+    match live(
+        store.lookup(&omitted).await,
+        "lookup of an omitted response",
+    )
+    .state
+    {
         RecordState::Completed {
             status, replayable, ..
         } => {
@@ -100,10 +108,19 @@ pub async fn lookup_reports_each_state<S: IdempotencyStore>(store: S) {
         "complete with a short TTL",
     );
     let leased = record("lookup-lease");
-    acquired(store.begin(&leased, &fp, SHORT).await, "begin with a short lease");
+    acquired(
+        store.begin(&leased, &fp, SHORT).await,
+        "begin with a short lease",
+    );
     sleep(SHORT + MARGIN).await;
-    gone(store.lookup(&expiring).await, "lookup after the TTL ran out");
-    gone(store.lookup(&leased).await, "lookup after the lease ran out");
+    gone(
+        store.lookup(&expiring).await,
+        "lookup after the TTL ran out",
+    );
+    gone(
+        store.lookup(&leased).await,
+        "lookup after the lease ran out",
+    );
 }
 
 /// `forget` removes a completed record: the next `begin` acquires the key, even with another
@@ -187,11 +204,17 @@ pub async fn forget_in_flight_needs_force<S: IdempotencyStore>(store: S) {
             .await,
         "complete by the holder of a forgotten record",
     );
-    let next = acquired(store.begin(&key, &fp, LONG).await, "begin after a forced forget");
+    let next = acquired(
+        store.begin(&key, &fp, LONG).await,
+        "begin after a forced forget",
+    );
     assert_ne!(next, token, "a forgotten record's key gets a new token");
 
     let dead = record("forget-dead-holder");
-    acquired(store.begin(&dead, &fp, SHORT).await, "begin with a short lease");
+    acquired(
+        store.begin(&dead, &fp, SHORT).await,
+        "begin with a short lease",
+    );
     sleep(SHORT + MARGIN).await;
     assert_eq!(
         outcome(store.forget(&dead, false).await, "forget after the lease"),
@@ -218,7 +241,10 @@ pub async fn operator_calls_respect_tenants<S: IdempotencyStore>(store: S) {
     };
     assert!(other.is_none(), "lookup in another tenant: expected None");
     assert_eq!(
-        outcome(store.forget(&theirs, true).await, "forget in another tenant"),
+        outcome(
+            store.forget(&theirs, true).await,
+            "forget in another tenant"
+        ),
         Forget::NotFound,
         "forget in another tenant"
     );
