@@ -249,3 +249,29 @@ async fn early_evictions_are_counted() {
     seen.take(&snapshotter);
     assert_eq!(seen.evicted(), 1, "{:?}", seen.counters);
 }
+
+/// `describe` gives the recorder each metric's help text and unit.
+#[tokio::test]
+async fn metrics_are_described() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    tower_idempotency::metrics::describe();
+    let runs = Runs::default();
+    send(
+        &layered(MemoryStore::new(), &runs),
+        post_with_key("/payments", "k", "{}"),
+    )
+    .await;
+    let snapshot = snapshotter.snapshot().into_vec();
+    let (_, unit, help, _) = snapshot
+        .iter()
+        .find(|(key, ..)| key.key().name() == REQUESTS_TOTAL)
+        .expect("the request was counted");
+    assert_eq!(*unit, Some(metrics::Unit::Count));
+    assert!(
+        help.as_deref().is_some_and(|h| h.contains("by outcome")),
+        "{help:?}"
+    );
+}
