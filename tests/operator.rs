@@ -283,7 +283,7 @@ async fn in_flight_keys_need_force<S: IdempotencyStore + Clone>(store: S) {
     let tenant = DefaultTenant::scope_for(AUTHORIZATION);
 
     let slow = tokio::spawn({
-        let (app, request) = (app.clone(), payment(&key, "/slow/400"));
+        let (app, request) = (app.clone(), payment(&key, "/slow/1500"));
         async move { send(&app, request).await }
     });
     while runs.get() == 0 {
@@ -297,7 +297,7 @@ async fn in_flight_keys_need_force<S: IdempotencyStore + Clone>(store: S) {
         operator.forget(tenant, &key).await.unwrap(),
         Forget::InFlight
     );
-    let retry = send(&app, payment(&key, "/slow/400")).await;
+    let retry = send(&app, payment(&key, "/slow/1500")).await;
     assert_eq!(retry.status, StatusCode::CONFLICT, "still in flight");
 
     assert_eq!(
