@@ -1,6 +1,6 @@
 //! Looking keys up and forgetting them (`Operator`), through a real layer: on a small in-test
-//! store that implements every call, and on PostgreSQL when `POSTGRES_URL` is set (run through
-//! `scripts/test-services`). The in-test store also runs the conformance suite, operator cases
+//! store that implements every call, and on every store of the crate (PostgreSQL and Redis
+//! when `POSTGRES_URL` and `REDIS_URL` are set: run through `scripts/test-services`). The in-test store also runs the conformance suite, operator cases
 //! included.
 
 mod common;
@@ -324,6 +324,36 @@ async fn completed_keys_on_an_in_test_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_keys_on_an_in_test_store() {
     in_flight_keys_need_force(MapStore::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits on MemoryStore's lookup and forget"]
+async fn completed_keys_on_memory() {
+    lookup_then_forget_a_completed_key(MemoryStore::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits on MemoryStore's lookup and forget"]
+async fn in_flight_keys_on_memory() {
+    in_flight_keys_need_force(MemoryStore::new()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits on RedisStore's lookup and forget"]
+async fn completed_keys_on_redis() {
+    if let Some(store) = common::shared::redis().await {
+        lookup_then_forget_a_completed_key(store).await;
+    }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits on RedisStore's lookup and forget"]
+async fn in_flight_keys_on_redis() {
+    if let Some(store) = common::shared::redis().await {
+        in_flight_keys_need_force(store).await;
+    }
 }
 
 #[cfg(feature = "postgres")]
