@@ -76,7 +76,10 @@ const DELETE_BATCH: i64 = 1000;
 /// row, so the decision (acquired, in flight, completed, mismatch) is made atomically by the
 /// database; no check-then-insert. `renew`, `complete` and `release` are one `UPDATE` or
 /// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they
-/// fail with [`StoreErrorKind::LeaseLost`].
+/// fail with [`StoreErrorKind::LeaseLost`]. The operator calls are one statement each too:
+/// [`lookup`](IdempotencyStore::lookup) a `SELECT` of the live row, and
+/// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
+/// when forced) combined with a read of the in-flight row that stopped it.
 ///
 /// # Expired rows
 ///
