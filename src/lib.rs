@@ -103,6 +103,7 @@ mod layer;
 mod lease;
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+mod operator;
 mod outcome;
 mod response;
 mod service;
@@ -119,6 +120,7 @@ pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
+pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;
