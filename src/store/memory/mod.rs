@@ -91,6 +91,9 @@ struct Inner {
     config: Config,
     pruner: StartOnce,
     epoch: Instant,
+    /// The wall-clock time at `epoch`: a record's deadline read back by `lookup` is
+    /// `wall_epoch + deadline`, the same at every call.
+    wall_epoch: SystemTime,
     evicted: AtomicU64,
     #[cfg(feature = "tracing")]
     report: Report,
@@ -132,6 +135,7 @@ impl MemoryStore {
                 config,
                 pruner: StartOnce::default(),
                 epoch: Instant::now(),
+                wall_epoch: SystemTime::now(),
                 evicted: AtomicU64::new(0),
                 #[cfg(feature = "tracing")]
                 report: Report::default(),
@@ -492,9 +496,9 @@ impl IdempotencyStore for MemoryStore {
         let Some(info) = read(inner.shard(hash)).lookup(hash, key, now) else {
             return Ok(None);
         };
-        let wall = SystemTime::now();
+        let wall_epoch = inner.wall_epoch;
         Ok(Some(info.into_record_info(|deadline| {
-            wall + Duration::from_nanos(deadline.saturating_sub(now))
+            wall_epoch + Duration::from_nanos(deadline)
         })))
     }
 
