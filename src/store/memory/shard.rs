@@ -82,6 +82,9 @@ pub(super) struct Removed {
     pub(super) pruned: u64,
 }
 
+/// Room for a new record, and the allocation of a record removed to make it, if any.
+struct Room(Option<Box<Record>>);
+
 /// Why a shard refused a new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Full;
@@ -207,10 +210,8 @@ impl Shard {
             removed.pruned += 1;
             return Ok(Begin::Acquired(token));
         }
-        if !self.make_room(now, removed) {
-            return Err(Full);
-        }
-        let record = Box::new(Record {
+        let Room(spare) = self.make_room(now, removed).ok_or(Full)?;
+        let fresh = Record {
             key: key.clone(),
             fingerprint: *fingerprint,
             id,
@@ -220,7 +221,15 @@ impl Shard {
                 token,
                 slot: self.in_flight.len(),
             },
-        });
+        };
+        // A record dropped to make room lends its allocation to the new one.
+        let record = match spare {
+            Some(mut record) => {
+                *record = fresh;
+                record
+            }
+            None => Box::new(fresh),
+        };
         self.next_id += 1;
         self.bytes += size;
         self.list(hash, id, lease_until);
@@ -236,24 +245,24 @@ impl Shard {
     /// Makes room for one more record. First go the records that are dead already: in-flight
     /// ones whose holder died, then expired completed ones (the front of the expiry queue);
     /// then live completed records, nearest expiry first, which count as evicted. In-flight
-    /// records are never touched: `false` when they alone fill the shard.
-    fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> bool {
+    /// records are never touched: `None` when they alone fill the shard.
+    fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> Option<Room> {
         if !self.has_room() && now >= self.dead_check_at {
             removed.pruned += self.prune_in_flight(now);
         }
+        let mut spare = None;
         while !self.has_room() {
-            let Some(due) = self.expiries.pop() else {
-                return false;
-            };
+            let due = self.expiries.pop()?;
             if let Some(record) = self.remove_due(due) {
                 if record.is_live(now) {
                     removed.evicted += 1;
                 } else {
                     removed.pruned += 1;
                 }
+                spare = Some(record);
             }
         }
-        true
+        Some(Room(spare))
     }
 
     /// Removes the completed record `due` points to, if the entry is not stale.
