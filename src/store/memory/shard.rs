@@ -290,10 +290,10 @@ impl Shard {
         self.in_flight.swap_remove(slot);
         if let Some(&Held { hash, id }) = self.in_flight.get(slot) {
             let moved = self.table.find_mut(hash, |s| s.record.id == id);
-            if let Some(Slot { record, .. }) = moved {
-                if let State::InFlight { slot: held, .. } = &mut record.state {
-                    *held = slot;
-                }
+            if let Some(Slot { record, .. }) = moved
+                && let State::InFlight { slot: held, .. } = &mut record.state
+            {
+                *held = slot;
             }
         }
     }
