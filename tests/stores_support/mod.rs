@@ -16,7 +16,13 @@ use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, LockToken};
+use tower_idempotency::{
+    Begin, Fingerprint, Forget, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, LockToken,
+    RecordKey, RecordState, TenantId,
+};
+
+#[cfg(feature = "redis")]
+pub mod cluster;
 
 /// The URL in `var`, or `None` after printing that the test is skipped.
 pub fn server_url(var: &str, test: &str) -> Option<String> {
@@ -297,6 +303,77 @@ pub async fn lease_renewal_across_servers<S: IdempotencyStore>(a: S, b: S) {
         .await
         .assert_replay_of(&original);
     assert_eq!(runs.get(), 1);
+}
+
+/// `lookup` and `forget` as the trait documents them: `lookup` reads without changing; `forget`
+/// removes a completed record, leaves a live in-flight one unless forced, and finds nothing
+/// where there is no record.
+pub async fn lookup_and_forget<S: IdempotencyStore>(store: S) {
+    let lease = Duration::from_secs(30);
+    let fp = Fingerprint::from_bytes([9; 32]);
+    let key = RecordKey::new(TenantId::from_bytes("operator"), unique_key("lookup"));
+    assert!(store.lookup(&key).await.unwrap().is_none());
+    assert_eq!(store.forget(&key, false).await.unwrap(), Forget::NotFound);
+    assert_eq!(store.forget(&key, true).await.unwrap(), Forget::NotFound);
+
+    let Begin::Acquired(token) = store.begin(&key, &fp, lease).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    let info = store.lookup(&key).await.unwrap().expect("in flight");
+    assert_eq!(info.fingerprint, fp);
+    let RecordState::InFlight { lease_until } = info.state else {
+        panic!("in flight expected: {info:?}");
+    };
+    let now = std::time::SystemTime::now();
+    assert!(lease_until > now + Duration::from_secs(20) && lease_until < now + lease * 2);
+    assert_eq!(store.forget(&key, false).await.unwrap(), Forget::InFlight);
+    assert!(matches!(
+        store.begin(&key, &fp, lease).await.unwrap(),
+        Begin::InFlight
+    ));
+
+    let response = tower_idempotency::StoredResponse::new(
+        StatusCode::ACCEPTED,
+        HeaderMap::new(),
+        Bytes::from_static(b"done"),
+    );
+    let ttl = Duration::from_secs(600);
+    store
+        .complete(&key, token, response.clone(), ttl)
+        .await
+        .unwrap();
+    let info = store.lookup(&key).await.unwrap().expect("completed");
+    let RecordState::Completed {
+        status,
+        replayable,
+        expires_at,
+    } = info.state
+    else {
+        panic!("completed expected: {info:?}");
+    };
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(replayable);
+    assert!(expires_at > now + ttl / 2 && expires_at < now + ttl * 2);
+    // `lookup` changed nothing: the record still replays.
+    assert!(
+        matches!(store.begin(&key, &fp, lease).await.unwrap(), Begin::Completed(r) if r == response)
+    );
+
+    assert_eq!(store.forget(&key, false).await.unwrap(), Forget::Forgotten);
+    assert!(store.lookup(&key).await.unwrap().is_none());
+    assert_eq!(store.forget(&key, false).await.unwrap(), Forget::NotFound);
+    let Begin::Acquired(token) = store.begin(&key, &fp, lease).await.unwrap() else {
+        panic!("a forgotten key runs again");
+    };
+
+    // Forced: a live in-flight record goes, and its holder can no longer complete it.
+    assert_eq!(store.forget(&key, true).await.unwrap(), Forget::Forgotten);
+    assert!(store.lookup(&key).await.unwrap().is_none());
+    let err = store
+        .complete(&key, token, response, ttl)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), tower_idempotency::StoreErrorKind::LeaseLost);
 }
 
 /// Polls until `check` is true, for at most `limit`.

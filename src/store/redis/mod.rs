@@ -116,6 +116,29 @@ struct ReplicaWait {
     timeout: Duration,
 }
 
+impl ReplicaWait {
+    fn new(replicas: u32, timeout: Duration) -> Self {
+        assert!(
+            replicas > 0,
+            "RedisStore::replica_wait: replicas must be at least 1"
+        );
+        assert!(
+            !timeout.is_zero(),
+            "RedisStore::replica_wait: the timeout must be longer than zero"
+        );
+        Self { replicas, timeout }
+    }
+}
+
+fn checked_prefix(prefix: String) -> Arc<str> {
+    assert!(
+        !prefix.contains(['{', '}']),
+        "RedisStore::prefix: {prefix:?} contains a brace; the record key's hash tag must be the \
+         first one"
+    );
+    Arc::from(prefix)
+}
+
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`, or
     /// `rediss://` with the `redis` crate's TLS features) and loads the store's scripts.
@@ -272,13 +295,7 @@ impl RedisStore {
     /// ```
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        assert!(
-            !prefix.contains(['{', '}']),
-            "RedisStore::prefix: {prefix:?} contains a brace; the record key's hash tag must \
-             be the first one"
-        );
-        self.prefix = Arc::from(prefix);
+        self.prefix = checked_prefix(prefix.into());
         self
     }
 
@@ -324,15 +341,7 @@ impl RedisStore {
     /// ```
     #[must_use]
     pub fn replica_wait(mut self, replicas: u32, timeout: Duration) -> Self {
-        assert!(
-            replicas > 0,
-            "RedisStore::replica_wait: replicas must be at least 1"
-        );
-        assert!(
-            !timeout.is_zero(),
-            "RedisStore::replica_wait: the timeout must be longer than zero"
-        );
-        self.replica_wait = Some(ReplicaWait { replicas, timeout });
+        self.replica_wait = Some(ReplicaWait::new(replicas, timeout));
         self
     }
 
@@ -379,5 +388,21 @@ mod tests {
         let expected = format!("idempotency:{{{}:a{{b}}:c}}", "0".repeat(64));
         // The key does not depend on the connection, only on the prefix and the record key.
         assert_eq!(format!("{DEFAULT_PREFIX}{{{key}}}"), expected);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert_eq!(&*checked_prefix("api:idem:".into()), "api:idem:");
+        assert_eq!(&*checked_prefix(String::new()), "");
+        assert!(std::panic::catch_unwind(|| checked_prefix("api{1}:".into())).is_err());
+        assert!(std::panic::catch_unwind(|| checked_prefix("api}".into())).is_err());
+
+        let wait = ReplicaWait::new(2, Duration::from_millis(50));
+        assert_eq!(
+            (wait.replicas, wait.timeout),
+            (2, Duration::from_millis(50))
+        );
+        assert!(std::panic::catch_unwind(|| ReplicaWait::new(0, Duration::from_secs(1))).is_err());
+        assert!(std::panic::catch_unwind(|| ReplicaWait::new(1, Duration::ZERO)).is_err());
     }
 }
