@@ -166,13 +166,16 @@ async fn resharding_under_duplicates() {
         let mut keys = HashSet::new();
         let mut replies = Vec::new();
         for round in 0..400 {
-            // Four duplicates of each key, two to each server, at once.
+            // Four duplicates of each key, two to each server, at once, and two retries of
+            // the previous key, which completed.
             let key = format!("reshard-{round}");
+            let previous = format!("reshard-{}", round.max(1) - 1);
             keys.insert(key.clone());
-            let batch: Vec<_> = (0..4)
+            let batch: Vec<_> = (0..6)
                 .map(|i| {
                     let app = servers[i % 2].clone();
-                    let request = payment(&key, r#"{"amount":1}"#);
+                    let key = if i < 4 { &key } else { &previous };
+                    let request = payment(key, r#"{"amount":1}"#);
                     tokio::spawn(async move { send(&app, request).await })
                 })
                 .collect();
@@ -222,6 +225,7 @@ async fn resharding_under_duplicates() {
         );
     }
     let replays = replies.iter().filter(|r| r.replayed()).count();
+    assert!(replays > 0, "retries of completed keys replayed");
     eprintln!(
         "resharding: {} keys, {} requests, {replays} replays, {moves} reshards",
         keys.len(),

@@ -74,6 +74,21 @@ impl Node {
         self.child.is_some()
     }
 
+    /// Sends `signal` to the server: `STOP` freezes it, `CONT` wakes it.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the server runs")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
     /// Kills the server, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -174,6 +189,16 @@ impl Cluster {
             if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
                 return false;
             }
+            // A replica promoted before its first sync would take over with no records.
+            let Ok(info) = node_command(&url, &["INFO", "REPLICATION"]).await else {
+                return false;
+            };
+            if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                return false;
+            }
+            if info.contains("role:master") && info.contains("state=wait_bgsave") {
+                return false;
+            }
         }
         let check = self.cli(&[
             "--cluster",
@@ -209,6 +234,39 @@ fn text(value: &redis::Value) -> String {
         redis::Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join("\n"),
         other => format!("{other:?}"),
     }
+}
+
+/// The port of the primary that holds the record of `redis_key`, as the node at `url` sees it.
+pub async fn primary_of(url: &str, redis_key: &str) -> u16 {
+    let slot: i64 = node_command(url, &["CLUSTER", "KEYSLOT", redis_key])
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // CLUSTER SLOTS: [[start, end, [host, port, id], replicas...], ...]
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for range in ranges {
+        let redis::Value::Array(fields) = range else {
+            continue;
+        };
+        let (redis::Value::Int(start), redis::Value::Int(end), redis::Value::Array(primary)) =
+            (&fields[0], &fields[1], &fields[2])
+        else {
+            continue;
+        };
+        if (*start..=*end).contains(&slot) {
+            if let redis::Value::Int(port) = primary[1] {
+                return port as u16;
+            }
+        }
+    }
+    panic!("no primary serves slot {slot}");
 }
 
 /// The ports of the nodes among `urls` that answer and are primaries.
