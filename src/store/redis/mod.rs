@@ -180,6 +180,9 @@ impl RedisStore {
     /// after 500 ms. For other settings (TLS, credentials, timeouts), build your own
     /// [`ClusterClient`] and use [`from_cluster`](Self::from_cluster).
     ///
+    /// The scripts are loaded on every primary when it connects; a node that lacks them later
+    /// (a promoted replica, a restarted node) gets them on its first call.
+    ///
     /// Fails with [`StoreErrorKind::Other`] when `nodes` is empty or a URL is invalid, and
     /// with [`StoreErrorKind::Unavailable`] when no node can be reached.
     ///
@@ -227,7 +230,11 @@ impl RedisStore {
             .build()
             .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
         let conn = client.get_async_connection().await.map_err(redis_error)?;
-        Ok(Self::from_cluster(conn))
+        let conn = Conn::Cluster(conn);
+        // On every primary, so that first calls need no `EVAL`. A primary that is down now
+        // gets the scripts on its first `NOSCRIPT`: starting during a failover is fine.
+        let _ = conn.load(&record::all()).await;
+        Ok(Self::with_conn(conn))
     }
 
     /// A store over an existing connection manager (one Redis server), with the default
