@@ -106,8 +106,9 @@ impl Drop for Node {
 }
 
 /// A Redis Cluster of the test's own: `primaries` primaries with `replicas` replicas each, a
-/// one-second node timeout (a failover takes about two seconds) and no full-coverage
-/// requirement (a dead primary stops only its own slots).
+/// two-second node timeout (a failover takes about four seconds; shorter would risk failovers
+/// nobody asked for on a loaded machine) and no full-coverage requirement (a dead primary stops
+/// only its own slots).
 pub struct Cluster {
     pub nodes: Vec<Node>,
     cli: String,
@@ -130,11 +131,13 @@ impl Cluster {
                         "--cluster-port",
                         &bus,
                         "--cluster-node-timeout",
-                        "1000",
+                        "2000",
                         "--cluster-replica-validity-factor",
                         "0",
                         "--cluster-require-full-coverage",
                         "no",
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ],
                 )
             })
