@@ -9,6 +9,8 @@
 //! | in flight (409), reuse (422)   | 1: `begin` |
 //! | lease renewal                  | none on the request's path |
 //!
+//! With the Redis replica wait, each write adds a `WAIT`: a fresh key takes 4.
+//!
 //! Run through `scripts/test-services`; each store is skipped when its variables are not set.
 
 mod stores_support;
@@ -114,8 +116,8 @@ fn assert_round_trips(counts: &Counts, replay: u64) {
 const IN_SCRIPTS: [&str; 6] = ["getrange", "get", "set", "pexpire", "del", "pttl"];
 
 /// Counts the commands sent to a Redis server, through one connection of its own (a new
-/// connection would count its handshake), `INFO` itself and the commands run inside scripts
-/// left out.
+/// connection would count its handshake), `INFO` itself, replication traffic and the commands
+/// run inside scripts left out.
 struct RedisCalls(redis::aio::MultiplexedConnection);
 
 impl RedisCalls {
@@ -138,7 +140,8 @@ impl RedisCalls {
             else {
                 continue;
             };
-            if name == "info" || IN_SCRIPTS.contains(&name) {
+            // `REPLCONF` is a replica's acknowledgements, not a client's command.
+            if name == "info" || name == "replconf" || IN_SCRIPTS.contains(&name) {
                 continue;
             }
             let calls = stats.split("calls=").nth(1).unwrap();
@@ -164,6 +167,39 @@ async fn redis_round_trips() {
 
     let counts = measure("redis+cache", ReplayCache::new(store), &calls).await;
     assert_round_trips(&counts, 0);
+}
+
+/// With the replica wait, each write is followed by `WAIT`: a fresh key takes 4 round trips;
+/// answers that write nothing still take 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_replica_wait_round_trips() {
+    let Some(bin) = binary("REDIS_SERVER_BIN", "redis_replica_wait_round_trips") else {
+        return;
+    };
+    let primary = Node::start(&bin, &["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port.to_string();
+    let replica = Node::start(&bin, &["--replicaof", "127.0.0.1", &port]);
+    let synced = eventually(Duration::from_secs(30), async || {
+        let info = stores_support::cluster::node_command(&primary.url(), &["INFO", "REPLICATION"])
+            .await
+            .unwrap();
+        info.contains("state=online")
+    })
+    .await;
+    assert!(synced, "the replica of {} synced", replica.url());
+
+    let url = primary.url();
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .replica_wait(1, Duration::from_millis(400));
+    let counter = RedisCalls::open(&url).await;
+    let counts = measure("redis-replica-wait", store, async || counter.total().await).await;
+    assert_eq!(counts.fresh, 4, "begin, WAIT, complete, WAIT");
+    assert_eq!(
+        (counts.replay, counts.mismatch, counts.in_flight),
+        (1, 1, 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
