@@ -458,3 +458,67 @@ impl<S: fmt::Debug> fmt::Debug for ReplayCache<S> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::TenantId;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn cached(size: usize) -> Cached {
+        Cached {
+            fingerprint: Fingerprint::from_bytes([0; 32]),
+            response: StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new()),
+            expires_at: Instant::now() + Duration::from_secs(60),
+            size,
+            generation: 0,
+        }
+    }
+
+    fn key(n: usize) -> RecordKey {
+        RecordKey::new(TenantId::shared(), n.to_string())
+    }
+
+    #[test]
+    fn shards_keep_their_bounds_and_count_bytes_exactly() {
+        let mut shard = Shard::default();
+        for n in 0..100 {
+            shard.insert(key(n), cached(10), 8, 1_000);
+            assert!(shard.records.len() <= 8);
+            let bytes: usize = shard.records.values().map(|c| c.size).sum();
+            assert_eq!(shard.bytes, bytes);
+        }
+        // The oldest made room: the last eight remain.
+        assert!((92..100).all(|n| shard.records.contains_key(&key(n))));
+
+        // Replacing a key counts its bytes once; the stale order entry is skipped, then
+        // compacted away.
+        for _ in 0..100 {
+            shard.insert(key(99), cached(20), 8, 1_000);
+        }
+        assert_eq!(shard.records.len(), 8);
+        assert_eq!(shard.bytes, 7 * 10 + 20);
+        assert!(shard.order.len() <= 2 * 8 + SHARDS);
+
+        // By bytes.
+        shard.insert(key(1000), cached(950), 8, 1_000);
+        assert!(shard.bytes <= 1_000);
+        assert!(shard.records.contains_key(&key(1000)));
+        shard.remove(&key(1000));
+        let bytes: usize = shard.records.values().map(|c| c.size).sum();
+        assert_eq!(shard.bytes, bytes);
+    }
+
+    #[test]
+    fn weights_count_key_headers_and_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert("location", "/p/1".parse().unwrap());
+        let response = StoredResponse::new(StatusCode::OK, headers, Bytes::from_static(b"12345"));
+        let key = RecordKey::new(TenantId::shared(), "abc");
+        assert_eq!(
+            weight(&key, &response),
+            ENTRY_OVERHEAD + 3 + ("location".len() + 4 + 32) + 5
+        );
+    }
+}
