@@ -1,15 +1,15 @@
 //! [`ReplayCache`]: completed records kept in process, in front of any store, so that a replay
 //! costs no store call.
 
-use std::collections::VecDeque;
-use std::collections::hash_map::{Entry as MapEntry, HashMap};
+mod shard;
+
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use self::shard::{Cached, Inner, SHARDS, weight};
 use super::{Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -20,9 +20,6 @@ const DEFAULT_MAX_ENTRIES: usize = 10_000;
 const DEFAULT_MAX_BYTES: usize = 64 << 20;
 /// The default longest life of a cached record.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
-/// The estimated bytes of an entry besides its key and response.
-const ENTRY_OVERHEAD: usize = 160;
-const SHARDS: usize = 16;
 
 /// An in-process cache of completed records in front of any [`IdempotencyStore`]: a replay
 /// it holds costs no store call.
@@ -87,36 +84,6 @@ pub struct ReplayCacheBuilder {
     max_entries: usize,
     max_bytes: usize,
     max_age: Duration,
-}
-
-struct Inner {
-    max_age: Duration,
-    /// Per shard.
-    max_entries: usize,
-    /// Per shard.
-    max_bytes: usize,
-    hasher: RandomState,
-    shards: Box<[Mutex<Shard>]>,
-}
-
-#[derive(Default)]
-struct Shard {
-    records: HashMap<RecordKey, Cached>,
-    /// Keys in the order they were cached, with the generation that was cached: the front is
-    /// dropped first. A key replaced or removed since leaves a stale entry, skipped.
-    order: VecDeque<(RecordKey, u64)>,
-    /// The fingerprint of each key this process holds, by its lock token.
-    held: HashMap<LockToken, (Fingerprint, Instant)>,
-    bytes: usize,
-    generation: u64,
-}
-
-struct Cached {
-    fingerprint: Fingerprint,
-    response: StoredResponse,
-    expires_at: Instant,
-    size: usize,
-    generation: u64,
 }
 
 impl Default for ReplayCacheBuilder {
@@ -185,13 +152,7 @@ impl ReplayCacheBuilder {
             !self.max_age.is_zero(),
             "ReplayCache: max_age must be longer than zero"
         );
-        let inner = Inner {
-            max_age: self.max_age,
-            max_entries: self.max_entries / SHARDS,
-            max_bytes: self.max_bytes / SHARDS,
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-        };
+        let inner = Inner::new(self.max_entries, self.max_bytes, self.max_age);
         ReplayCache {
             store,
             inner: Arc::new(inner),
@@ -228,132 +189,13 @@ impl<S> ReplayCache<S> {
 
     /// The number of cached records, expired ones not yet dropped included.
     pub fn entry_count(&self) -> usize {
-        self.inner.shards().map(|s| s.records.len()).sum()
+        self.inner.entry_count()
     }
 
     /// The estimated bytes of the cached records.
     pub fn weighted_size(&self) -> usize {
-        self.inner.shards().map(|s| s.bytes).sum()
+        self.inner.weighted_size()
     }
-}
-
-impl Inner {
-    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(key) as usize % SHARDS;
-        lock(&self.shards[index])
-    }
-
-    fn shards(&self) -> impl Iterator<Item = MutexGuard<'_, Shard>> {
-        self.shards.iter().map(lock)
-    }
-
-    /// The answer of a cached, live record of `key`.
-    fn answer(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Begin> {
-        let mut shard = self.shard(key);
-        let cached = shard.records.get(key)?;
-        if cached.expires_at <= Instant::now() {
-            shard.remove(key);
-            return None;
-        }
-        Some(if cached.fingerprint == *fingerprint {
-            Begin::Completed(cached.response.clone())
-        } else {
-            Begin::Mismatch
-        })
-    }
-
-    fn insert(&self, key: &RecordKey, cached: Cached) {
-        if cached.size > self.max_bytes {
-            return;
-        }
-        let mut shard = self.shard(key);
-        shard.insert(key.clone(), cached, self.max_entries, self.max_bytes);
-    }
-
-    fn hold(&self, key: &RecordKey, token: LockToken, fingerprint: Fingerprint) {
-        let now = Instant::now();
-        let max_age = self.max_age;
-        let limit = self.max_entries;
-        let mut shard = self.shard(key);
-        if shard.held.len() >= limit {
-            // Holders that never completed nor released (their task was cut short): forget the
-            // long-gone ones; if it is still full, this record will not be cached on complete.
-            shard
-                .held
-                .retain(|_, (_, since)| now.duration_since(*since) < max_age * 10);
-            if shard.held.len() >= limit {
-                return;
-            }
-        }
-        shard.held.insert(token, (fingerprint, now));
-    }
-
-    fn unhold(&self, key: &RecordKey, token: LockToken) -> Option<Fingerprint> {
-        self.shard(key).held.remove(&token).map(|(fp, _)| fp)
-    }
-}
-
-impl Shard {
-    fn remove(&mut self, key: &RecordKey) {
-        if let Some(cached) = self.records.remove(key) {
-            self.bytes -= cached.size;
-        }
-    }
-
-    fn insert(&mut self, key: RecordKey, mut cached: Cached, max_entries: usize, max_bytes: usize) {
-        self.generation += 1;
-        cached.generation = self.generation;
-        self.bytes += cached.size;
-        self.order.push_back((key.clone(), cached.generation));
-        match self.records.entry(key) {
-            MapEntry::Occupied(mut entry) => {
-                self.bytes -= entry.get().size;
-                entry.insert(cached);
-            }
-            MapEntry::Vacant(entry) => {
-                entry.insert(cached);
-            }
-        }
-        while self.records.len() > max_entries || self.bytes > max_bytes {
-            let Some((key, generation)) = self.order.pop_front() else {
-                break;
-            };
-            if self
-                .records
-                .get(&key)
-                .is_some_and(|c| c.generation == generation)
-            {
-                self.remove(&key);
-            }
-        }
-        // Stale order entries (keys replaced or removed since) are dropped once they outnumber
-        // the live ones.
-        if self.order.len() > 2 * self.records.len() + SHARDS {
-            let records = &self.records;
-            self.order.retain(|(key, generation)| {
-                records
-                    .get(key)
-                    .is_some_and(|c| c.generation == *generation)
-            });
-        }
-    }
-}
-
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // A panic while holding a shard leaves it consistent enough: at worst a byte count off.
-    shard
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The estimated bytes of a cached record.
-fn weight(key: &RecordKey, response: &StoredResponse) -> usize {
-    let headers: usize = response
-        .header_list()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 32)
-        .sum();
-    ENTRY_OVERHEAD + key.key().len() + headers + response.body().len()
 }
 
 impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
@@ -431,10 +273,10 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        self.inner.shard(key).remove(key);
+        self.inner.forget(key);
         let forgotten = self.store.forget(key, force).await;
         // Again: a replay may have cached the record while the store was removing it.
-        self.inner.shard(key).remove(key);
+        self.inner.forget(key);
         forgotten
     }
 }
@@ -456,69 +298,5 @@ impl<S: fmt::Debug> fmt::Debug for ReplayCache<S> {
             .field("max_entries", &(self.inner.max_entries * SHARDS))
             .field("max_bytes", &(self.inner.max_bytes * SHARDS))
             .finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tenant::TenantId;
-    use bytes::Bytes;
-    use http::{HeaderMap, StatusCode};
-
-    fn cached(size: usize) -> Cached {
-        Cached {
-            fingerprint: Fingerprint::from_bytes([0; 32]),
-            response: StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new()),
-            expires_at: Instant::now() + Duration::from_secs(60),
-            size,
-            generation: 0,
-        }
-    }
-
-    fn key(n: usize) -> RecordKey {
-        RecordKey::new(TenantId::shared(), n.to_string())
-    }
-
-    #[test]
-    fn shards_keep_their_bounds_and_count_bytes_exactly() {
-        let mut shard = Shard::default();
-        for n in 0..100 {
-            shard.insert(key(n), cached(10), 8, 1_000);
-            assert!(shard.records.len() <= 8);
-            let bytes: usize = shard.records.values().map(|c| c.size).sum();
-            assert_eq!(shard.bytes, bytes);
-        }
-        // The oldest made room: the last eight remain.
-        assert!((92..100).all(|n| shard.records.contains_key(&key(n))));
-
-        // Replacing a key counts its bytes once; the stale order entry is skipped, then
-        // compacted away.
-        for _ in 0..100 {
-            shard.insert(key(99), cached(20), 8, 1_000);
-        }
-        assert_eq!(shard.records.len(), 8);
-        assert_eq!(shard.bytes, 7 * 10 + 20);
-        assert!(shard.order.len() <= 2 * 8 + SHARDS);
-
-        // By bytes.
-        shard.insert(key(1000), cached(950), 8, 1_000);
-        assert!(shard.bytes <= 1_000);
-        assert!(shard.records.contains_key(&key(1000)));
-        shard.remove(&key(1000));
-        let bytes: usize = shard.records.values().map(|c| c.size).sum();
-        assert_eq!(shard.bytes, bytes);
-    }
-
-    #[test]
-    fn weights_count_key_headers_and_body() {
-        let mut headers = HeaderMap::new();
-        headers.insert("location", "/p/1".parse().unwrap());
-        let response = StoredResponse::new(StatusCode::OK, headers, Bytes::from_static(b"12345"));
-        let key = RecordKey::new(TenantId::shared(), "abc");
-        assert_eq!(
-            weight(&key, &response),
-            ENTRY_OVERHEAD + 3 + ("location".len() + 4 + 32) + 5
-        );
     }
 }
