@@ -2,14 +2,14 @@
 //! `scripts/test-services`).
 
 #[macro_use]
-mod stores_support;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use redis::AsyncCommands;
-use stores_support::*;
+use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, RecordKey, RedisStore, StoreErrorKind, StoredResponse,
     TenantId,
@@ -30,7 +30,7 @@ fleet_scenarios!(store);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_and_forget() {
     let Some(store) = store().await else { return };
-    stores_support::lookup_and_forget(store).await;
+    scenario_lookup_and_forget(store).await;
 }
 
 /// A replica wait that a server without replicas cannot meet: `begin` fails and frees the key

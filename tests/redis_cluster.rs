@@ -6,14 +6,14 @@
 //! Failovers, which kill primaries, are in `redis_failover.rs`, on clusters of their own.
 
 #[macro_use]
-mod stores_support;
+mod support;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use stores_support::cluster::{Cluster, keys_on, node_command, primaries, shared_cluster};
-use stores_support::*;
+use support::cluster::{Cluster, keys_on, node_command, primaries, shared_cluster};
+use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, RecordKey, RedisStore, StoreErrorKind, TenantId,
 };
@@ -33,7 +33,7 @@ fleet_scenarios!(store);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_and_forget() {
     let Some(store) = store().await else { return };
-    stores_support::lookup_and_forget(store).await;
+    scenario_lookup_and_forget(store).await;
 }
 
 /// Records spread over the slots of every primary, each record one key in one slot.

@@ -2,13 +2,13 @@
 //! (three primaries, one replica each, from `REDIS_SERVER_BIN` and `REDIS_CLI_BIN`) and kills
 //! or freezes its nodes, so that no other test sees it. Skipped without those variables.
 
-mod stores_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use stores_support::cluster::{Cluster, primary_of};
-use stores_support::*;
+use support::cluster::{Cluster, primary_of};
+use support::*;
 use tower_idempotency::{RecordKey, RedisStore, TenantId};
 
 /// The Redis key of `key` under the default prefix and the shared tenant scope.
@@ -165,7 +165,7 @@ async fn replica_wait_unmet_answers_503_without_running() {
         .replica_wait(1, Duration::from_millis(100));
     let runs = Runs::default();
     let app = server(store, &runs, Duration::ZERO, |l| l);
-    let primaries = stores_support::cluster::primaries(&urls).await;
+    let primaries = support::cluster::primaries(&urls).await;
     let replicas: Vec<_> = cluster
         .nodes
         .iter()

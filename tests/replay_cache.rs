@@ -2,7 +2,7 @@
 //! fingerprints checked on a hit, only completed records kept, expiry by TTL and by its cap,
 //! bounds, and `forget`.
 
-mod stores_support;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use http::HeaderMap;
-use stores_support::*;
+use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, Forget, IdempotencyStore, LockToken, MemoryStore, RecordInfo, RecordKey,
     ReplayCache, StoreError, StoredResponse, TenantId,

@@ -13,14 +13,14 @@
 //!
 //! Run through `scripts/test-services`; each store is skipped when its variables are not set.
 
-mod stores_support;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::StatusCode;
-use stores_support::cluster::{Cluster, Node, binary};
-use stores_support::*;
+use support::cluster::{Cluster, Node, binary};
+use support::*;
 use tower_idempotency::{IdempotencyStore, PostgresStore, RedisStore, ReplayCache};
 
 /// Store calls counted on the server, per kind of request.
@@ -180,7 +180,7 @@ async fn redis_replica_wait_round_trips() {
     let port = primary.port.to_string();
     let replica = Node::start(&bin, &["--replicaof", "127.0.0.1", &port]);
     let synced = eventually(Duration::from_secs(30), async || {
-        let info = stores_support::cluster::node_command(&primary.url(), &["INFO", "REPLICATION"])
+        let info = support::cluster::node_command(&primary.url(), &["INFO", "REPLICATION"])
             .await
             .unwrap();
         info.contains("state=online")

@@ -3,13 +3,7 @@
 //! `None`.
 
 fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("skipped: {var} is not set (run the tests through scripts/test-services)");
-            None
-        }
-    }
+    super::server_url(var, "shared store")
 }
 
 #[cfg(feature = "redis")]
