@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+
+use crate::tenant::TenantRejection;
 
 /// The machine-readable code of an error the layer answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,6 +123,97 @@ impl Problem {
     pub(crate) fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
+    }
+
+    /// `400 idempotency_key_missing`.
+    pub(crate) fn key_missing(header: &HeaderName) -> Self {
+        let detail = format!("This endpoint requires an {header} header.");
+        Self::new(ErrorCode::KeyMissing, StatusCode::BAD_REQUEST, detail)
+    }
+
+    /// `400 idempotency_key_invalid`, saying `why`.
+    pub(crate) fn key_invalid(header: &HeaderName, why: impl fmt::Display) -> Self {
+        let detail = format!(
+            "The {header} header is invalid: {why}. A key is 1 to 255 visible ASCII characters, sent once."
+        );
+        Self::new(ErrorCode::KeyInvalid, StatusCode::BAD_REQUEST, detail)
+    }
+
+    /// `idempotency_tenant_rejected`, with the status and detail the tenant extractor chose.
+    pub(crate) fn tenant_rejected(rejection: &TenantRejection) -> Self {
+        let detail = rejection.detail().to_owned();
+        Self::new(ErrorCode::TenantRejected, rejection.status(), detail)
+    }
+
+    /// `413 request_body_too_large`.
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        let detail = format!(
+            "The request body is larger than the {limit} bytes allowed for idempotent requests."
+        );
+        Self::new(
+            ErrorCode::BodyTooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            detail,
+        )
+    }
+
+    /// `400 request_body_incomplete`.
+    pub(crate) fn body_incomplete() -> Self {
+        Self::new(
+            ErrorCode::BodyIncomplete,
+            StatusCode::BAD_REQUEST,
+            "The request body could not be read to the end.",
+        )
+    }
+
+    /// `409 idempotency_key_in_progress`, with `Retry-After`.
+    pub(crate) fn in_progress(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::KeyInProgress,
+            StatusCode::CONFLICT,
+            "A request with this key is still being processed. Retry after the Retry-After delay.",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    /// `422 idempotency_key_reuse`.
+    pub(crate) fn key_reuse() -> Self {
+        Self::new(
+            ErrorCode::KeyReuse,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "This idempotency key was already used for a different request (method, path, query or body). Use a new key for a new request.",
+        )
+    }
+
+    /// `409 idempotency_response_not_stored`: the request completed with `status`, too large to
+    /// store.
+    pub(crate) fn not_stored(status: StatusCode) -> Self {
+        let detail = format!(
+            "A request with this key already completed with status {}, but its response was too large to store, so it cannot be replayed.",
+            status.as_u16()
+        );
+        Self::new(ErrorCode::ResponseNotStored, StatusCode::CONFLICT, detail)
+    }
+
+    /// `503 idempotency_store_unavailable`, with `Retry-After`.
+    pub(crate) fn store_unavailable(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The idempotency store is unavailable; the request was not processed. Retry after the Retry-After delay.",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    /// `503 idempotency_store_unavailable` from a store full of requests in flight, with a
+    /// `Retry-After` of about a lease.
+    pub(crate) fn store_full(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The idempotency store is full of requests in flight; the request was not processed. Retry after the Retry-After delay.",
+        )
+        .with_retry_after(retry_after)
     }
 
     /// The machine-readable code.

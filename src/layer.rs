@@ -7,18 +7,12 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
+use crate::config::{Config, Shared, StatusSet};
+use crate::detach::DetachedRuns;
 use crate::error::{ErrorRenderer, ProblemJson};
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
 use crate::tenant::{DefaultTenant, TenantExtractor};
-
-/// The default name of the key header, `Idempotency-Key`.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The header set to `true` on a replayed response, `Idempotent-Replayed`.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// The header set on a response that ran without idempotency protection because the store failed
-/// and the layer is fail-open, `Idempotency-Bypassed` (value `store-unavailable`).
-pub const IDEMPOTENCY_BYPASSED: HeaderName = HeaderName::from_static("idempotency-bypassed");
 
 /// A [`Layer`] that makes a service safe to retry with idempotency keys.
 ///
@@ -37,97 +31,16 @@ pub const IDEMPOTENCY_BYPASSED: HeaderName = HeaderName::from_static("idempotenc
 ///
 /// Defaults: POST and PATCH are covered; the key is optional; records live 24 hours; request
 /// bodies are capped at 2 MiB and stored responses at 1 MiB; the in-flight lease is 30 seconds,
-/// renewed while the handler runs; 2xx, 3xx and 4xx responses (but 408 and 429) are stored; a
-/// store failure answers `503` (fail closed).
+/// renewed while the handler runs; 2xx, 3xx and the 4xx that are outcomes of the operation are
+/// stored ([`default_cache_policy`]); a handler whose client went away runs to its end; a store
+/// failure answers `503` (fail closed).
 #[must_use]
 pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
     store: Arc<St>,
     tenant: Arc<T>,
     renderer: Arc<E>,
     config: Config,
-}
-
-/// Settings shared by every request.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) header: HeaderName,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) require_key: bool,
-    pub(crate) ttl: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) retry_after: Duration,
-    pub(crate) store_timeout: Duration,
-    pub(crate) max_body_bytes: usize,
-    pub(crate) max_response_bytes: usize,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) canonical_json: bool,
-    pub(crate) skip_response_headers: Vec<HeaderName>,
-    pub(crate) cache_policy: StatusSet,
-    pub(crate) fail_open: bool,
-}
-
-impl Config {
-    /// `Retry-After` in whole seconds, at least 1.
-    pub(crate) fn retry_after_secs(&self) -> u64 {
-        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            header: IDEMPOTENCY_KEY,
-            methods: vec![Method::POST, Method::PATCH],
-            require_key: false,
-            ttl: Duration::from_secs(24 * 60 * 60),
-            lease: Duration::from_secs(30),
-            retry_after: Duration::from_secs(1),
-            store_timeout: Duration::from_secs(2),
-            max_body_bytes: 2 * 1024 * 1024,
-            max_response_bytes: 1024 * 1024,
-            fingerprint_headers: Vec::new(),
-            canonical_json: false,
-            skip_response_headers: Vec::new(),
-            cache_policy: StatusSet::from_fn(default_cache_policy),
-            fail_open: false,
-        }
-    }
-}
-
-/// The default cache policy: store 2xx, 3xx and 4xx but 408 and 429; 1xx and 5xx release the
-/// key so that a retry runs again.
-pub fn default_cache_policy(status: StatusCode) -> bool {
-    (200..500).contains(&status.as_u16())
-        && status != StatusCode::REQUEST_TIMEOUT
-        && status != StatusCode::TOO_MANY_REQUESTS
-}
-
-/// A set of status codes 100..=999 as a bit set, decided once when the layer is built.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct StatusSet([u64; 16]);
-
-impl StatusSet {
-    fn from_fn(f: impl Fn(StatusCode) -> bool) -> Self {
-        let mut bits = [0u64; 16];
-        for code in 100..1000u16 {
-            if StatusCode::from_u16(code).is_ok_and(&f) {
-                bits[usize::from(code / 64)] |= 1 << (code % 64);
-            }
-        }
-        Self(bits)
-    }
-
-    pub(crate) fn contains(&self, status: StatusCode) -> bool {
-        let code = status.as_u16();
-        self.0[usize::from(code / 64)] & (1 << (code % 64)) != 0
-    }
-}
-
-impl fmt::Debug for StatusSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let codes = (100..1000u16).filter(|&c| self.contains(StatusCode::from_u16(c).unwrap()));
-        f.debug_set().entries(codes).finish()
-    }
+    detached: DetachedRuns,
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -139,6 +52,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             tenant: Arc::new(DefaultTenant),
             renderer: Arc::new(ProblemJson),
             config: Config::default(),
+            detached: DetachedRuns::default(),
         }
     }
 }
@@ -151,7 +65,15 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(3600));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `ttl` is zero.
     pub fn ttl(mut self, ttl: Duration) -> Self {
+        assert!(
+            !ttl.is_zero(),
+            "IdempotencyLayer::ttl must be more than zero"
+        );
         self.config.ttl = ttl;
         self
     }
@@ -253,14 +175,26 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).store_timeout(Duration::from_millis(500));
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "IdempotencyLayer::store_timeout must be more than zero"
+        );
         self.config.store_timeout = timeout;
         self
     }
 
     /// Which response statuses are stored and replayed; the others release the key so that a
-    /// retry runs the handler again. Default: [`default_cache_policy`] (2xx, 3xx and 4xx but 408
-    /// and 429).
+    /// retry runs the handler again. Default: [`default_cache_policy`] (2xx, 3xx and the 4xx that
+    /// are outcomes of the operation, such as `402`, `404` and `409`; not the refusals that say
+    /// it did not run, such as `400`, `401`, `403`, `415` and `422`).
+    ///
+    /// A handler decides for one response with [`CacheDecision`](crate::CacheDecision), which
+    /// wins over the policy.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
@@ -326,6 +260,67 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
+    /// Whether a handler whose client goes away runs to its end. Default: `true`.
+    ///
+    /// hyper drops a request's future when its client closes the connection, which would cancel
+    /// the handler at its next `.await`, half-way through its work. With this on, a request
+    /// that holds its key hands its handler to a task of its own instead: the handler runs to
+    /// its end, its response is stored (or its key released) as if the client had stayed, and
+    /// the client's retry gets `409` while it runs, then the replay. Nothing is spawned while
+    /// the client stays.
+    ///
+    /// `false` restores cancel-and-release: the handler is dropped and the key released, so
+    /// that a retry runs it again. Only for handlers that are safe to cancel at any `.await`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).finish_on_disconnect(false);
+    /// ```
+    pub fn finish_on_disconnect(mut self, finish: bool) -> Self {
+        self.config.finish_on_disconnect = finish;
+        self
+    }
+
+    /// The most handlers that run on at once after their client went away. Past it, a handler
+    /// whose client leaves is cancelled and its key released (as with
+    /// [`finish_on_disconnect(false)`](Self::finish_on_disconnect)), and a warning is logged.
+    /// Default: 1024.
+    ///
+    /// It bounds the work that clients who hang up on purpose can start beyond what clients who
+    /// wait can: every detached run holds the key of a request that was accepted, and runs once.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_detached_runs(256);
+    /// ```
+    pub fn max_detached_runs(mut self, max: usize) -> Self {
+        self.config.max_detached_runs = max;
+        self
+    }
+
+    /// The handlers of this layer (and of every clone of it) that run on after their client
+    /// went away, to wait for on shutdown. See [`DetachedRuns`].
+    pub fn detached_runs(&self) -> DetachedRuns {
+        self.detached.clone()
+    }
+
+    /// Replay `Set-Cookie` in the shared scope too. Default: `false`.
+    ///
+    /// A request without a tenant of its own (no `Authorization` header with the default
+    /// tenant) lives in one scope shared by every caller: there, a replay may reach another
+    /// caller who sent the same key, so the stored response keeps no `Set-Cookie`. Inside a
+    /// tenant's scope, a replay is always the whole original response. Turn this on only if
+    /// every covered route sets cookies that are safe to hand to another caller.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).replay_cookies_in_shared_scope(true);
+    /// ```
+    pub fn replay_cookies_in_shared_scope(mut self, replay: bool) -> Self {
+        self.config.shared_scope_cookies = replay;
+        self
+    }
+
     /// How a request's tenant is decided: the record key is (tenant, key). Default:
     /// [`DefaultTenant`].
     ///
@@ -341,6 +336,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             tenant: Arc::new(tenant),
             renderer: self.renderer,
             config: self.config,
+            detached: self.detached,
         }
     }
 
@@ -351,6 +347,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             tenant: self.tenant,
             renderer: Arc::new(renderer),
             config: self.config,
+            detached: self.detached,
         }
     }
 
@@ -367,6 +364,7 @@ impl<St, T, E> Clone for IdempotencyLayer<St, T, E> {
             tenant: self.tenant.clone(),
             renderer: self.renderer.clone(),
             config: self.config.clone(),
+            detached: self.detached.clone(),
         }
     }
 }
@@ -393,53 +391,8 @@ impl<S, St, T, E> Layer<S> for IdempotencyLayer<St, T, E> {
                 tenant: self.tenant.clone(),
                 renderer: self.renderer.clone(),
                 config: self.config.clone(),
+                detached: self.detached.clone(),
             }),
         )
-    }
-}
-
-/// What every clone of the service shares.
-pub(crate) struct Shared<St, T, E> {
-    pub(crate) store: Arc<St>,
-    pub(crate) tenant: Arc<T>,
-    pub(crate) renderer: Arc<E>,
-    pub(crate) config: Config,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_policy() {
-        let set = Config::default().cache_policy;
-        for (code, stored) in [
-            (200, true),
-            (201, true),
-            (302, true),
-            (400, true),
-            (404, true),
-            (408, false),
-            (429, false),
-            (500, false),
-            (503, false),
-            (101, false),
-        ] {
-            assert_eq!(
-                set.contains(StatusCode::from_u16(code).unwrap()),
-                stored,
-                "{code}"
-            );
-        }
-    }
-
-    #[test]
-    fn retry_after_rounds_up() {
-        let mut config = Config::default();
-        assert_eq!(config.retry_after_secs(), 1);
-        config.retry_after = Duration::from_millis(1500);
-        assert_eq!(config.retry_after_secs(), 2);
-        config.retry_after = Duration::ZERO;
-        assert_eq!(config.retry_after_secs(), 1);
     }
 }

@@ -90,16 +90,20 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+mod detach;
 mod error;
 mod fingerprint;
 mod future;
 mod key;
 mod layer;
+mod lease;
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+mod operator;
 mod outcome;
 mod response;
 mod service;
@@ -107,14 +111,16 @@ mod store;
 mod tenant;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+pub use config::{
+    CacheDecision, IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, default_cache_policy,
+};
+pub use detach::DetachedRuns;
 pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, MAX_KEY_LEN};
-pub use layer::{
-    IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer,
-    default_cache_policy,
-};
+pub use layer::IdempotencyLayer;
+pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;

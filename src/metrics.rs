@@ -1,13 +1,26 @@
 //! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`).
 //!
-//! Every function here is a no-op without the feature, so callers need no `cfg` of their own.
-//! The names are public API: dashboards and alerts depend on them.
+//! With the feature on, the layer records four metrics with whatever recorder the application
+//! installed (`metrics-exporter-prometheus`, say; see `examples/metrics.rs`):
+//!
+//! | name                                      | type      | labels            |
+//! |-------------------------------------------|-----------|-------------------|
+//! | [`idempotency_requests_total`][REQUESTS_TOTAL] | counter | `outcome`       |
+//! | [`idempotency_store_call_duration_seconds`][STORE_CALL_DURATION_SECONDS] | histogram | `op`, `result` |
+//! | [`idempotency_detached_runs`][DETACHED_RUNS] | gauge    |                   |
+//! | [`idempotency_evicted_total`][EVICTED_TOTAL] | counter  |                   |
+//!
+//! The names are public API: dashboards and alerts depend on them. Without a recorder, or
+//! without the feature, recording costs nothing.
 
 use std::time::Duration;
 
 use crate::Outcome;
 
-/// Counter, label `outcome`: requests the layer handled (and passed through without a key).
+/// Counter, label `outcome` ([`Outcome::as_str`]: `executed`, `replayed`, `in_progress`,
+/// `mismatch`, `released`, `missing_key`, `invalid_key`, `too_large`, `store_error`,
+/// `bypassed`, ...): requests the layer answered or ran. Requests that pass through untouched
+/// (a method not covered, no key when none is required) are not counted.
 pub const REQUESTS_TOTAL: &str = "idempotency_requests_total";
 /// Histogram (seconds), labels `op` (`begin`, `renew`, `complete`, `release`) and `result`
 /// (`ok`, `error`): how long each store call took, timeouts included.
@@ -16,6 +29,39 @@ pub const STORE_CALL_DURATION_SECONDS: &str = "idempotency_store_call_duration_s
 pub const DETACHED_RUNS: &str = "idempotency_detached_runs";
 /// Counter: completed records a full store dropped before their expiry to make room.
 pub const EVICTED_TOTAL: &str = "idempotency_evicted_total";
+
+/// Describes the four metrics (help text and unit) to the recorder installed now, for
+/// exporters that show descriptions (Prometheus' `# HELP`). Call it once, after installing the
+/// recorder; recording works without it.
+///
+/// ```
+/// tower_idempotency::metrics::describe();
+/// ```
+#[cfg(feature = "metrics")]
+pub fn describe() {
+    use metrics::Unit;
+
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Requests the idempotency layer answered or ran, by outcome."
+    );
+    metrics::describe_histogram!(
+        STORE_CALL_DURATION_SECONDS,
+        Unit::Seconds,
+        "Idempotency store calls, by operation and result."
+    );
+    metrics::describe_gauge!(
+        DETACHED_RUNS,
+        Unit::Count,
+        "Handlers still running after their client went away."
+    );
+    metrics::describe_counter!(
+        EVICTED_TOTAL,
+        Unit::Count,
+        "Completed idempotency records dropped before their expiry to make room."
+    );
+}
 
 /// A store call, for the `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -130,6 +130,10 @@ pub(crate) fn emit(
     use tracing::Level;
 
     crate::metrics::outcome(outcome);
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("outcome", outcome.as_str());
+    }
     let level = match outcome {
         Outcome::StoreError | Outcome::Bypassed => Level::WARN,
         _ => Level::DEBUG,
@@ -146,6 +150,7 @@ pub(crate) fn emit(
                     key_hash = key_hash.as_deref(),
                     tenant_hash = tenant_hash.as_deref(),
                     elapsed_us = started.0.elapsed().as_micros() as u64,
+                    detached = crate::detach::in_detached_run(),
                     "idempotency {}",
                     outcome.as_str()
                 );
@@ -178,6 +183,136 @@ pub(crate) fn store_failure(
         );
     }
 }
+
+/// The span of one keyed request (level `INFO`, target `tower_idempotency`, name
+/// `idempotency`): the handler's own events nest under it. It carries hashes of the key and the
+/// tenant (never the key itself), the method and the path; the outcome, whether the handler ran
+/// on after its client left, and the store calls' durations are recorded on it when known.
+/// Without the `tracing` feature it is nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestSpan(#[cfg(feature = "tracing")] tracing::Span);
+
+impl RequestSpan {
+    /// The span of a keyed request.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn new(parts: &http::request::Parts, key: &str, tenant: &crate::TenantId) -> Self {
+        use tracing::field::Empty;
+        Self(tracing::info_span!(
+            target: "tower_idempotency",
+            "idempotency",
+            key_hash = key_hash(key),
+            tenant_hash = short_hex(tenant.as_bytes()),
+            method = %parts.method,
+            path = parts.uri.path(),
+            outcome = Empty,
+            detached = Empty,
+            store_begin_us = Empty,
+            store_complete_us = Empty,
+            store_release_us = Empty,
+        ))
+    }
+
+    /// The span of a keyed request.
+    #[cfg(not(feature = "tracing"))]
+    #[inline(always)]
+    pub(crate) fn new(_: &http::request::Parts, _: &str, _: &crate::TenantId) -> Self {
+        Self()
+    }
+
+    /// The span the code runs in now.
+    #[inline]
+    pub(crate) fn current() -> Self {
+        #[cfg(feature = "tracing")]
+        return Self(tracing::Span::current());
+        #[cfg(not(feature = "tracing"))]
+        return Self();
+    }
+
+    /// Runs `f` inside the span.
+    #[inline]
+    pub(crate) fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "tracing")]
+        return self.0.in_scope(f);
+        #[cfg(not(feature = "tracing"))]
+        return f();
+    }
+}
+
+/// Whether the current request's span records store call durations.
+#[cfg(feature = "tracing")]
+#[inline]
+pub(crate) fn span_records_store_calls() -> bool {
+    !tracing::Span::current().is_disabled()
+}
+
+/// Records a store call's duration on the current request's span.
+#[cfg(feature = "tracing")]
+pub(crate) fn record_store_call(op: crate::metrics::StoreOp, elapsed: std::time::Duration) {
+    use crate::metrics::StoreOp;
+    let field = match op {
+        StoreOp::Begin => "store_begin_us",
+        StoreOp::Complete => "store_complete_us",
+        StoreOp::Release => "store_release_us",
+        StoreOp::Renew => return,
+    };
+    tracing::Span::current().record(field, elapsed.as_micros() as u64);
+}
+
+/// Reports a handler that goes on running after its client left (in the request's span).
+#[cfg(feature = "tracing")]
+pub(crate) fn detached() {
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("detached", true);
+    }
+    tracing::debug!(
+        target: "tower_idempotency",
+        "client went away; the handler runs to its end"
+    );
+}
+
+/// Reports a handler that was cancelled when its client left because too many runs were
+/// already detached: its key is released.
+#[cfg(feature = "tracing")]
+pub(crate) fn detach_refused(limit: usize) {
+    tracing::warn!(
+        target: "tower_idempotency",
+        limit,
+        "client went away and {limit} handlers already run detached: cancelled, key released"
+    );
+}
+
+/// Reports a detached run that a runtime shutdown cancelled: its key keeps its lease.
+#[cfg(feature = "tracing")]
+pub(crate) fn lease_kept(record: &crate::RecordKey) {
+    tracing::warn!(
+        target: "tower_idempotency",
+        key_hash = key_hash(record.key()),
+        "detached run cancelled by shutdown; its key is taken over once its lease ends"
+    );
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn span_records_store_calls() -> bool {
+    false
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn record_store_call(_op: crate::metrics::StoreOp, _elapsed: std::time::Duration) {}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn detached() {}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn detach_refused(_limit: usize) {}
+
+#[cfg(not(feature = "tracing"))]
+#[inline(always)]
+pub(crate) fn lease_kept(_record: &crate::RecordKey) {}
 
 #[cfg(not(feature = "tracing"))]
 #[inline(always)]

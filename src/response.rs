@@ -153,22 +153,27 @@ impl StoredResponse {
         self.0.body_omitted
     }
 
-    /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
-    /// `Date`, the echoed key header and the headers in `skip`.
     /// The stored headers as kept, without building the map that
     /// [`headers`](Self::headers) returns.
     pub(crate) fn header_list(&self) -> &[(HeaderName, HeaderValue)] {
         &self.0.headers
     }
 
+    /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
+    /// `Date`, the echoed key header, the headers in `skip`, and `Set-Cookie` when
+    /// `skip_cookies`.
     pub(crate) fn from_parts(
         parts: &response::Parts,
         body: Bytes,
         key_header: &HeaderName,
         skip: &[HeaderName],
+        skip_cookies: bool,
     ) -> Self {
         let kept = |name: &HeaderName| {
-            !(NEVER_STORED.contains(name) || name == key_header || skip.contains(name))
+            !(NEVER_STORED.contains(name)
+                || name == key_header
+                || skip.contains(name)
+                || (skip_cookies && name == http::header::SET_COOKIE))
         };
         let headers: Box<[_]> = parts
             .headers
@@ -378,6 +383,7 @@ mod tests {
             Bytes::new(),
             &HeaderName::from_static("idempotency-key"),
             &[HeaderName::from_static("x-secret")],
+            false,
         );
         let names: Vec<_> = stored.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["content-type", "set-cookie"]);
@@ -385,5 +391,18 @@ mod tests {
             stored.headers().get_all(header::SET_COOKIE).iter().count(),
             2
         );
+        let without_cookies = StoredResponse::from_parts(
+            &parts,
+            Bytes::new(),
+            &HeaderName::from_static("idempotency-key"),
+            &[],
+            true,
+        );
+        let names: Vec<_> = without_cookies
+            .headers()
+            .keys()
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(names, ["x-secret", "content-type"]);
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! `call` decides at once what needs no I/O: pass-through for uncovered methods and requests
 //! without a key, `400` for a missing or invalid key, the tenant, `413` for an announced body
-//! over the limit. A keyed request then runs [`run`]: buffer and fingerprint the body, one
-//! atomic `begin`, and replay, `409`, `422`, or run the handler and store its response.
+//! over the limit. A keyed request then runs its [`prelude`]: buffer and fingerprint the body,
+//! one atomic `begin`, and a replay, `409`, `422` or `503` without the handler. A request that
+//! acquired its key runs [`execute`]: the handler, once, then its response stored or its key
+//! released. That part runs to its end even when the client goes away (see `detach`).
 
 use std::fmt;
 use std::future::Future;
@@ -13,20 +15,23 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, header};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
 
 use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
-use crate::error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
+use crate::config::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
+use crate::detach::Execution;
+use crate::error::{ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::{Fingerprint, Hasher};
-use crate::future::{Guard, ResponseFuture, timed};
+use crate::future::{ResponseFuture, Running, Step};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
-use crate::layer::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
-use crate::outcome::{self, Outcome, Started};
+use crate::lease::{Guard, timed};
+use crate::metrics::StoreOp;
+use crate::outcome::{self, Outcome, RequestSpan, Started};
 use crate::response::StoredResponse;
-use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
+use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
 
 /// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -100,103 +105,95 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = &self.shared;
-        let config = &shared.config;
+        let config = &self.shared.config;
         if !config.methods.contains(req.method()) {
-            return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
+            return self.pass(req);
         }
         let key = match key::parse(req.headers(), &config.header) {
             Ok(key) => key,
-            Err(KeyError::Missing) if !config.require_key => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(req.map(RequestBody::streaming)),
-                );
-            }
+            Err(KeyError::Missing) if !config.require_key => return self.pass(req),
             Err(KeyError::Missing) => {
-                let detail = format!("This endpoint requires an {} header.", config.header);
-                let problem = Problem::new(ErrorCode::KeyMissing, StatusCode::BAD_REQUEST, detail);
-                return ResponseFuture::ready(refuse(
-                    shared,
-                    problem,
-                    Outcome::MissingKey,
-                    None,
-                    None,
-                ));
+                let problem = Problem::key_missing(&config.header);
+                return self.refuse(problem, Outcome::MissingKey, None, None);
             }
             Err(KeyError::Invalid(why)) => {
-                let detail = format!(
-                    "The {} header is invalid: {why}. A key is 1 to 255 visible ASCII characters, sent once.",
-                    config.header
-                );
-                let problem = Problem::new(ErrorCode::KeyInvalid, StatusCode::BAD_REQUEST, detail);
-                return ResponseFuture::ready(refuse(
-                    shared,
-                    problem,
-                    Outcome::InvalidKey,
-                    None,
-                    None,
-                ));
+                let problem = Problem::key_invalid(&config.header, why);
+                return self.refuse(problem, Outcome::InvalidKey, None, None);
             }
         };
         let (parts, body) = req.into_parts();
-        let tenant = match shared.tenant.extract(&parts) {
+        let tenant = match self.shared.tenant.extract(&parts) {
             Ok(tenant) => tenant,
             Err(rejection) => {
-                let problem = Problem::new(
-                    ErrorCode::TenantRejected,
-                    rejection.status(),
-                    rejection.detail().to_owned(),
-                );
-                return ResponseFuture::ready(refuse(
-                    shared,
-                    problem,
-                    Outcome::TenantRejected,
-                    Some(&key),
-                    None,
-                ));
+                let problem = Problem::tenant_rejected(&rejection);
+                return self.refuse(problem, Outcome::TenantRejected, Some(&key), None);
             }
         };
         if content_length(&parts).is_some_and(|len| len > config.max_body_bytes as u64) {
-            return ResponseFuture::ready(refuse(
-                shared,
-                too_large(config),
-                Outcome::TooLarge,
-                Some(&key),
-                Some(&tenant),
-            ));
+            let problem = Problem::body_too_large(config.max_body_bytes);
+            return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
         }
+        let span = RequestSpan::new(&parts, &key.key, &tenant);
         // The service that `poll_ready` made ready is the one that runs the request.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
-        ResponseFuture::idempotent(Box::pin(run(
-            shared.clone(),
-            inner,
-            parts,
-            body,
-            key,
-            tenant,
-        )))
+        let shared = self.shared.clone();
+        let finish_on_disconnect = config.finish_on_disconnect;
+        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant));
+        ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
 
-/// The idempotent flow of one keyed request.
+impl<S, St, T, E> Idempotency<S, St, T, E> {
+    /// Passes a request through untouched.
+    fn pass<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    {
+        ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)))
+    }
+
+    /// Answers at once, without a store call.
+    fn refuse<F, B, Err>(
+        &self,
+        problem: Problem,
+        outcome: Outcome,
+        key: Option<&ParsedKey>,
+        tenant: Option<&TenantId>,
+    ) -> ResponseFuture<F, B, Err>
+    where
+        E: ErrorRenderer,
+    {
+        ResponseFuture::ready(refuse(&self.shared, problem, outcome, key, tenant))
+    }
+}
+
+/// The first part of a keyed request's flow: reads and fingerprints the body, and asks the
+/// store, in one atomic step, what the request does. Dropped (its client went away) before it
+/// holds the key, it runs nothing and holds nothing.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn run<S, St, T, E, ReqBody, ResBody>(
+fn prelude<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
-    mut inner: S,
-    mut parts: Parts,
+    inner: S,
+    parts: Parts,
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
-) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
+) -> impl Future<Output = Step<ResBody, S::Error>> + Send
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     St: IdempotencyStore,
+    T: Send + Sync + 'static,
     E: ErrorRenderer,
-    ReqBody: Body,
-    ReqBody::Data: Buf,
-    ResBody: Body + Unpin,
-    ResBody::Data: Buf,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Buf + Send,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Data: Buf + Send,
     ResBody::Error: Into<BoxError>,
 {
     async move {
@@ -204,109 +201,132 @@ where
         let config = &shared.config;
         let (chunks, fingerprint) = match read_body(body, &parts, config).await {
             Ok(read) => read,
-            Err(BodyError::TooLarge) => {
-                return Ok(refuse(
-                    &shared,
-                    too_large(config),
-                    Outcome::TooLarge,
-                    Some(&key),
-                    Some(&tenant),
-                ));
-            }
-            Err(BodyError::Read) => {
-                let problem = Problem::new(
-                    ErrorCode::BodyIncomplete,
-                    StatusCode::BAD_REQUEST,
-                    "The request body could not be read to the end.",
-                );
-                return Ok(refuse(
-                    &shared,
-                    problem,
-                    Outcome::BodyError,
-                    Some(&key),
-                    Some(&tenant),
-                ));
+            Err(err) => {
+                let (problem, outcome) = err.problem(config);
+                let response = refuse(&shared, problem, outcome, Some(&key), Some(&tenant));
+                return Step::Answer(Ok(response));
             }
         };
-        let ParsedKey { key: key_str, raw } = key;
-        let record = RecordKey::new(tenant, key_str);
-        let done = |response, outcome| {
-            let report = Report::keyed(&raw, &record, started);
-            finish(response, outcome, config, report)
-        };
-
-        let begin = timed(
-            config.store_timeout,
-            shared.store.begin(&record, &fingerprint, config.lease),
-        )
-        .await;
-        let token = match begin {
-            Ok(Begin::Acquired(token)) => token,
-            Ok(Begin::Completed(stored)) if stored.is_omitted() => {
-                let detail = format!(
-                    "A request with this key already completed with status {}, but its response was too large to store, so it cannot be replayed.",
-                    stored.status().as_u16()
-                );
-                let problem =
-                    Problem::new(ErrorCode::ResponseNotStored, StatusCode::CONFLICT, detail);
-                return Ok(done(render(&shared, &problem), Outcome::NotStored));
+        let ParsedKey { key, raw } = key;
+        let record = RecordKey::new(tenant, key);
+        let begin = shared.store.begin(&record, &fingerprint, config.lease);
+        let begin = timed(StoreOp::Begin, config.store_timeout, begin).await;
+        let report = Report::keyed(&raw, &record, started);
+        match begin {
+            Ok(Begin::Acquired(token)) => {
+                let req = keyed_request(parts, chunks, &record);
+                Step::Run(hold(shared, inner, req, raw, record, token, started))
             }
-            Ok(Begin::Completed(stored)) => {
-                // Room for the two headers a replay adds: this one and the echoed key.
-                let mut response = stored.into_replay(2).map(ResponseBody::full);
-                response
-                    .headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-                return Ok(done(response, Outcome::Replayed));
-            }
+            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report))),
             Ok(Begin::InFlight) => {
-                let problem = Problem::new(
-                    ErrorCode::KeyInProgress,
-                    StatusCode::CONFLICT,
-                    "A request with this key is still being processed. Retry after the Retry-After delay.",
-                )
-                .with_retry_after(config.retry_after_secs());
-                return Ok(done(render(&shared, &problem), Outcome::InProgress));
+                let problem = Problem::in_progress(config.retry_after_secs());
+                Step::Answer(Ok(answer(&shared, &problem, Outcome::InProgress, report)))
             }
             Ok(Begin::Mismatch) => {
-                let problem = Problem::new(
-                    ErrorCode::KeyReuse,
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "This idempotency key was already used for a different request (method, path, query or body). Use a new key for a new request.",
-                );
-                return Ok(done(render(&shared, &problem), Outcome::Mismatch));
+                let problem = Problem::key_reuse();
+                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report)))
             }
             Err(_) if config.fail_open => {
-                parts
-                    .extensions
-                    .insert(IdempotencyKey::from_record(&record));
-                let req = Request::from_parts(parts, RequestBody::buffered(chunks));
-                let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
-                response.headers_mut().insert(
-                    IDEMPOTENCY_BYPASSED,
-                    HeaderValue::from_static("store-unavailable"),
-                );
-                return Ok(done(response, Outcome::Bypassed));
+                let req = keyed_request(parts, chunks, &record);
+                Step::Answer(bypass(config, inner, req, report).await)
             }
-            Err(_) => {
-                let problem = Problem::new(
-                    ErrorCode::StoreUnavailable,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The idempotency store is unavailable; the request was not processed. Retry after the Retry-After delay.",
-                )
-                .with_retry_after(config.retry_after_secs());
-                return Ok(done(render(&shared, &problem), Outcome::StoreError));
-            }
-        };
-
-        // This request holds the key. The handler's part of the flow is boxed on its own, so that
-        // the answers without a handler (replays, 409, 422) live in a small allocation.
-        parts
-            .extensions
-            .insert(IdempotencyKey::from_record(&record));
-        let req = Request::from_parts(parts, RequestBody::buffered(chunks));
-        Box::pin(execute(shared, inner, req, raw, record, token, started)).await
+            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report))),
+        }
     }
+}
+
+/// The request the handler gets: its buffered body, and its key in the extensions.
+fn keyed_request<B>(
+    mut parts: Parts,
+    chunks: Chunks,
+    record: &RecordKey,
+) -> Request<RequestBody<B>> {
+    parts.extensions.insert(IdempotencyKey::from_record(record));
+    Request::from_parts(parts, RequestBody::buffered(chunks))
+}
+
+/// A completed request's stored response, replayed; or `409` when it was too large to store.
+fn replay<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    stored: StoredResponse,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    if stored.is_omitted() {
+        let problem = Problem::not_stored(stored.status());
+        return answer(shared, &problem, Outcome::NotStored, report);
+    }
+    // Room for the two headers a replay adds: this one and the echoed key.
+    let mut response = stored.into_replay(2).map(ResponseBody::full);
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    finish(response, Outcome::Replayed, &shared.config, report)
+}
+
+/// `503`: the store failed, timed out, or is full of requests in flight.
+fn unavailable<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    err: &StoreError,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    let config = &shared.config;
+    let problem = match err.kind() {
+        StoreErrorKind::CapacityExceeded => {
+            Problem::store_full(config.store_full_retry_after_secs())
+        }
+        _ => Problem::store_unavailable(config.retry_after_secs()),
+    };
+    answer(shared, &problem, Outcome::StoreError, report)
+}
+
+/// Fail-open: the store failed, so the handler runs without protection.
+async fn bypass<S, ReqBody, ResBody>(
+    config: &Config,
+    mut inner: S,
+    req: Request<RequestBody<ReqBody>>,
+    report: Report<'_>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+{
+    let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
+    response.headers_mut().insert(
+        IDEMPOTENCY_BYPASSED,
+        HeaderValue::from_static("store-unavailable"),
+    );
+    Ok(finish(response, Outcome::Bypassed, config, report))
+}
+
+/// Arms the guard of a request that acquired its key, and boxes the handler's part of its flow
+/// on its own: the answers without a handler (replays, 409, 422) live in a small allocation,
+/// and this part can be detached when the client goes away.
+fn hold<S, St, T, E, ReqBody, ResBody>(
+    shared: Arc<Shared<St, T, E>>,
+    inner: S,
+    req: Request<RequestBody<ReqBody>>,
+    raw: HeaderValue,
+    record: RecordKey,
+    token: LockToken,
+    started: Started,
+) -> Running<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    T: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Unpin + Send + 'static,
+    ResBody::Data: Buf + Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let (store, timeout) = (shared.store.clone(), config.store_timeout);
+    let guard = Guard::new(store, record, token, timeout, started);
+    let (runs, limit) = (shared.detached.clone(), config.max_detached_runs);
+    let execute = execute(shared, inner, req, raw, guard, started);
+    Box::pin(Execution::new(execute, &runs, limit))
 }
 
 /// Runs the handler of a request that holds its key, once, renewing the lease while it runs;
@@ -317,8 +337,7 @@ fn execute<S, St, T, E, ReqBody, ResBody>(
     mut inner: S,
     req: Request<RequestBody<ReqBody>>,
     raw: HeaderValue,
-    record: RecordKey,
-    token: LockToken,
+    mut guard: Guard<St>,
     started: Started,
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
 where
@@ -330,13 +349,6 @@ where
 {
     async move {
         let config = &shared.config;
-        let mut guard = Guard::new(
-            shared.store.clone(),
-            record,
-            token,
-            config.store_timeout,
-            started,
-        );
         let response = match guard.renewing(config.lease, inner.call(req)).await {
             Ok(response) => response,
             Err(err) => {
@@ -344,65 +356,66 @@ where
                 return Err(err);
             }
         };
-
-        let status = response.status();
-        if !config.cache_policy.contains(status) {
+        let (response, outcome) = if config.stores(&response) {
+            keep(config, &mut guard, response).await
+        } else {
             guard.release().await;
-            let response = response.map(ResponseBody::inner);
-            return Ok(finish(
-                response,
-                Outcome::Released,
-                config,
-                Report::keyed(&raw, guard.key(), started),
-            ));
-        }
-        let (head, body) = response.into_parts();
-        let body = match read_response(body, config.max_response_bytes).await {
-            ResponseRead::Whole(chunks) => {
-                let bytes = chunks.to_bytes();
-                let stored = StoredResponse::from_parts(
-                    &head,
-                    bytes.clone(),
-                    &config.header,
-                    &config.skip_response_headers,
-                );
-                guard.complete(stored, config.ttl).await;
-                ResponseBody::full(bytes)
-            }
-            ResponseRead::TooLarge { prefix, rest } => {
-                guard
-                    .complete(StoredResponse::omitted(status), config.ttl)
-                    .await;
-                ResponseBody::from(ResponseKind::Prefixed {
-                    prefix: Some(prefix.to_bytes()),
-                    body: rest,
-                })
-            }
-            ResponseRead::Failed { prefix, error } => {
-                guard.release().await;
-                let response = Response::from_parts(
-                    head,
-                    ResponseBody::from(ResponseKind::Failed {
-                        prefix: Some(prefix.to_bytes()),
-                        error: Some(error),
-                    }),
-                );
-                return Ok(finish(
-                    response,
-                    Outcome::Released,
-                    config,
-                    Report::keyed(&raw, guard.key(), started),
-                ));
-            }
+            (response.map(ResponseBody::inner), Outcome::Released)
         };
-        let response = Response::from_parts(head, body);
         Ok(finish(
             response,
-            Outcome::Executed,
+            outcome,
             config,
             Report::keyed(&raw, guard.key(), started),
         ))
     }
+}
+
+/// Stores a handler's response for replay, and gives it back for the client. A response over
+/// the response cap completes the key as not replayable; a body that fails releases it.
+async fn keep<St, B>(
+    config: &Config,
+    guard: &mut Guard<St>,
+    response: Response<B>,
+) -> (Response<ResponseBody<B>>, Outcome)
+where
+    St: IdempotencyStore,
+    B: Body + Unpin,
+    B::Data: Buf,
+    B::Error: Into<BoxError>,
+{
+    let (head, body) = response.into_parts();
+    let (body, outcome) = match read_response(body, config.max_response_bytes).await {
+        ResponseRead::Whole(chunks) => {
+            let bytes = chunks.to_bytes();
+            // In the shared scope a replay may reach another caller: its cookies stay out.
+            let skip_cookies = !config.shared_scope_cookies && guard.key().tenant().is_shared();
+            let skip = &config.skip_response_headers;
+            let stored = StoredResponse::from_parts(
+                &head,
+                bytes.clone(),
+                &config.header,
+                skip,
+                skip_cookies,
+            );
+            guard.complete(stored, config.ttl).await;
+            (ResponseBody::full(bytes), Outcome::Executed)
+        }
+        ResponseRead::TooLarge { prefix, rest } => {
+            let omitted = StoredResponse::omitted(head.status);
+            guard.complete(omitted, config.ttl).await;
+            let prefix = Some(prefix.to_bytes());
+            let body = ResponseKind::Prefixed { prefix, body: rest };
+            (ResponseBody::from(body), Outcome::Executed)
+        }
+        ResponseRead::Failed { prefix, error } => {
+            guard.release().await;
+            let (prefix, error) = (Some(prefix.to_bytes()), Some(error));
+            let body = ResponseKind::Failed { prefix, error };
+            (ResponseBody::from(body), Outcome::Released)
+        }
+    };
+    (Response::from_parts(head, body), outcome)
 }
 
 /// What a response reports about its request: the key header to echo, and the key and tenant
@@ -443,6 +456,16 @@ fn finish<B>(
     response
 }
 
+/// Renders `problem` as the answer to a keyed request.
+fn answer<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    problem: &Problem,
+    outcome: Outcome,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    finish(render(shared, problem), outcome, &shared.config, report)
+}
+
 /// Renders `problem` with the configured renderer, adding `Retry-After` when it has one.
 fn render<St, T, E: ErrorRenderer, B>(
     shared: &Shared<St, T, E>,
@@ -476,18 +499,6 @@ fn refuse<St, T, E: ErrorRenderer, B>(
     finish(response, outcome, &shared.config, report)
 }
 
-fn too_large(config: &Config) -> Problem {
-    let detail = format!(
-        "The request body is larger than the {} bytes allowed for idempotent requests.",
-        config.max_body_bytes
-    );
-    Problem::new(
-        ErrorCode::BodyTooLarge,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        detail,
-    )
-}
-
 fn content_length(parts: &Parts) -> Option<u64> {
     parts
         .headers
@@ -501,6 +512,18 @@ fn content_length(parts: &Parts) -> Option<u64> {
 enum BodyError {
     TooLarge,
     Read,
+}
+
+impl BodyError {
+    fn problem(self, config: &Config) -> (Problem, Outcome) {
+        match self {
+            Self::TooLarge => (
+                Problem::body_too_large(config.max_body_bytes),
+                Outcome::TooLarge,
+            ),
+            Self::Read => (Problem::body_incomplete(), Outcome::BodyError),
+        }
+    }
 }
 
 /// Reads the request body up to the limit, hashing each chunk as it arrives (one pass, no

@@ -53,6 +53,11 @@ impl TenantId {
         Self(hasher.finalize().into())
     }
 
+    /// Whether this is the [`shared`](Self::shared) scope.
+    pub fn is_shared(&self) -> bool {
+        *self == Self::shared()
+    }
+
     /// The 32 bytes of the hash.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -147,6 +152,22 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultTenant;
 
+impl DefaultTenant {
+    /// The scope of requests whose `Authorization` header is `authorization`: the same
+    /// [`TenantId`] that [`extract`](TenantExtractor::extract) gives them, for looking a key up
+    /// (see `Operator`). Requests without the header are in [`TenantId::shared`].
+    ///
+    /// ```
+    /// use tower_idempotency::DefaultTenant;
+    ///
+    /// let tenant = DefaultTenant::scope_for("Bearer 4f1c2a");
+    /// # let _ = tenant;
+    /// ```
+    pub fn scope_for(authorization: impl AsRef<[u8]>) -> TenantId {
+        TenantId::hash_parts("authorization", authorization.as_ref())
+    }
+}
+
 impl TenantExtractor for DefaultTenant {
     fn extract(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
         let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
@@ -185,6 +206,21 @@ impl TenantFromHeader {
         self.optional = true;
         self
     }
+
+    /// The scope of requests whose header carries `value`: the same [`TenantId`] that
+    /// [`extract`](TenantExtractor::extract) gives them, for looking a key up (see `Operator`).
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency::TenantFromHeader;
+    ///
+    /// let tenants = TenantFromHeader::new(HeaderName::from_static("x-api-key"));
+    /// let tenant = tenants.scope_for("key_live_1234");
+    /// # let _ = tenant;
+    /// ```
+    pub fn scope_for(&self, value: impl AsRef<[u8]>) -> TenantId {
+        TenantId::hash_parts(self.name.as_str(), value.as_ref())
+    }
 }
 
 impl TenantExtractor for TenantFromHeader {
@@ -220,6 +256,22 @@ impl<T> TenantFromExtension<T> {
         Self {
             _marker: PhantomData,
         }
+    }
+
+    /// The scope of requests whose extension is `value`: the same [`TenantId`] that
+    /// [`extract`](TenantExtractor::extract) gives them, for looking a key up (see `Operator`).
+    ///
+    /// ```
+    /// use tower_idempotency::TenantFromExtension;
+    ///
+    /// let tenant = TenantFromExtension::<u64>::scope_for(&42);
+    /// # let _ = tenant;
+    /// ```
+    pub fn scope_for(value: &T) -> TenantId
+    where
+        T: fmt::Display,
+    {
+        TenantId::from_display(value)
     }
 }
 

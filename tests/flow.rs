@@ -12,25 +12,25 @@ fn app(runs: &Runs) -> Router {
     api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()))
 }
 
+/// A keyed request in a tenant's scope (a static API key, with the default tenant).
+fn tenant_post(uri: &str, key: &str, body: &'static str) -> Request<Body> {
+    let mut request = post_with_key(uri, key, body);
+    let token = header::HeaderValue::from_static("Bearer sk_test_1");
+    request.headers_mut().insert(header::AUTHORIZATION, token);
+    request
+}
+
 #[tokio::test]
 async fn first_request_runs_and_retry_replays_byte_for_byte() {
     let runs = Runs::default();
     let app = app(&runs);
-    let first = send(
-        &app,
-        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
-    )
-    .await;
+    let first = send(&app, tenant_post("/payments", "key-1", r#"{"amount":100}"#)).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.header("idempotency-key"), Some("key-1"));
     assert_eq!(first.header("idempotent-replayed"), None);
     assert_eq!(first.outcome, Some(Outcome::Executed));
 
-    let retry = send(
-        &app,
-        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
-    )
-    .await;
+    let retry = send(&app, tenant_post("/payments", "key-1", r#"{"amount":100}"#)).await;
     assert_eq!(runs.get(), 1, "the handler ran once");
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed());
@@ -55,11 +55,7 @@ async fn first_request_runs_and_retry_replays_byte_for_byte() {
         "Date is not replayed"
     );
 
-    let third = send(
-        &app,
-        post_with_key("/payments", "key-1", r#"{"amount":100}"#),
-    )
-    .await;
+    let third = send(&app, tenant_post("/payments", "key-1", r#"{"amount":100}"#)).await;
     assert!(third.replayed());
     assert_eq!(third.body, first.body);
     assert_eq!(runs.get(), 1);
@@ -227,10 +223,18 @@ async fn stored_statuses_replay_and_failures_release() {
         (200, true),
         (202, true),
         (303, true),
-        (400, true),
+        (402, true),
         (404, true),
         (409, true),
-        (422, true),
+        (410, true),
+        (400, false),
+        (401, false),
+        (403, false),
+        (405, false),
+        (412, false),
+        (413, false),
+        (415, false),
+        (422, false),
         (408, false),
         (429, false),
         (500, false),

@@ -84,13 +84,38 @@ async fn records_expire_after_the_ttl_counted_from_completion() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_dropped_request_releases_its_key() {
+async fn a_dropped_request_runs_to_its_end_and_its_retry_replays() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let detached = layer.detached_runs();
+    let app = api(runs.clone()).layer(layer);
+    let first = spawn_send(&app, post_with_key("/slow/600", "k", "{}"));
+    until(|| runs.get() == 1).await;
+    first.abort(); // the client went away
+    assert!(first.await.unwrap_err().is_cancelled());
+    assert_eq!(detached.count(), 1, "the handler runs on, detached");
+    let early = send(&app, post_with_key("/slow/600", "k", "{}")).await;
+    assert_eq!(early.status, StatusCode::CONFLICT, "still running: 409");
+    assert!(early.header("retry-after").is_some());
+    assert!(detached.wait_timeout(Duration::from_secs(1)).await);
+    let retry = send(&app, post_with_key("/slow/600", "k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "the first run's response was stored");
+    assert_eq!(&retry.body[..], b"slow run 1");
+    assert_eq!(runs.get(), 1, "the handler ran once in all");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_finish_on_disconnect_a_dropped_request_releases_its_key() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).finish_on_disconnect(false);
+    let detached = layer.detached_runs();
+    let app = api(runs.clone()).layer(layer);
     let first = spawn_send(&app, post_with_key("/slow/60000", "k", "{}"));
     until(|| runs.get() == 1).await;
     first.abort(); // the client went away
     assert!(first.await.unwrap_err().is_cancelled());
+    assert_eq!(detached.count(), 0, "cancelled, not detached");
     // The release runs in a background task; let it.
     for _ in 0..10 {
         tokio::task::yield_now().await;

@@ -155,7 +155,7 @@ async fn the_entry_cap_holds_and_refuses_new_keys_with_503() {
     let full = send(&app, post_with_key("/payments", "d", "{}")).await;
     assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.code(), "idempotency_store_unavailable");
-    assert_eq!(full.header("retry-after"), Some("1"));
+    assert_eq!(full.header("retry-after"), Some("30"), "about a lease");
     assert_eq!(full.header("idempotency-key"), Some("d"));
     assert_eq!(runs.get(), 3);
     assert_eq!(store.len(), 3);

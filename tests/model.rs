@@ -1,6 +1,6 @@
 //! A model-based property test: random sequences of requests (keys, tenants, bodies, methods),
-//! handler outcomes (2xx, 4xx, 5xx, 429, panic, slow), dropped requests and clock advances past
-//! the lease and the TTL. After every step, the status, the replay header, the body and the
+//! handler outcomes (2xx, 4xx outcomes, 4xx refusals, 5xx, 429, panic, slow), clients that hang
+//! up while their handler runs, and clock advances past the lease and the TTL. After every step, the status, the replay header, the body and the
 //! number of handler runs must match a small reference model of the contract.
 
 mod common;
@@ -28,7 +28,10 @@ const TTL: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Behaviour {
     Created,
+    /// A 4xx that is an outcome of the operation: stored.
     NotFound,
+    /// A 4xx that refuses the request before it ran (validation): not stored.
+    Refused,
     ServerError,
     TooManyRequests,
     Panic,
@@ -39,6 +42,7 @@ impl Behaviour {
         match self {
             Self::Created => StatusCode::CREATED,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Refused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::Panic => unreachable!("a panic has no status"),
@@ -79,8 +83,10 @@ enum Step {
     Start(Req),
     /// Let every blocked handler finish (with 201).
     Finish,
-    /// Send a request whose handler blocks, then drop it (the client goes away).
-    Drop(Req),
+    /// Send a request whose handler blocks, then drop it: the client hangs up. The handler
+    /// runs on, detached, until `Finish`, and its response is stored as if the client had
+    /// stayed.
+    HangUp(Req),
     /// Send a request whose handler blocks, then lose its server: the future is leaked, never
     /// dropped, so nothing releases or renews the key. Its lease runs out.
     Crash(Req),
@@ -102,6 +108,7 @@ fn behaviour() -> impl Strategy<Value = Behaviour> {
     prop_oneof![
         4 => Just(Behaviour::Created),
         2 => Just(Behaviour::NotFound),
+        2 => Just(Behaviour::Refused),
         2 => Just(Behaviour::ServerError),
         1 => Just(Behaviour::TooManyRequests),
         1 => Just(Behaviour::Panic),
@@ -116,7 +123,7 @@ fn step(with_time: bool) -> BoxedStrategy<Step> {
         8 => (req(), behaviour()).prop_map(|(r, b)| Step::Send(r, b)),
         2 => req().prop_map(|r| Step::Start(Req { route: Route::Slow, ..r })),
         2 => Just(Step::Finish),
-        1 => req().prop_map(|r| Step::Drop(Req { route: Route::Slow, ..r })),
+        1 => req().prop_map(|r| Step::HangUp(Req { route: Route::Slow, ..r })),
         crash => req().prop_map(|r| Step::Crash(Req { route: Route::Crash, ..r })),
         advance => prop_oneof![
             Just(Duration::from_secs(1)),
@@ -276,6 +283,8 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
     let app = app(store, &api);
     let mut model = Model::default();
     let mut blocked: Vec<(Req, tokio::task::JoinHandle<common::Reply>)> = Vec::new();
+    // Handlers whose client hung up, with their run number: they run on until `Finish`.
+    let mut detached: Vec<(Req, usize)> = Vec::new();
 
     for (i, step) in steps.into_iter().enumerate() {
         match step {
@@ -329,7 +338,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                     }
                 }
             }
-            Step::Start(r) | Step::Drop(r) => {
+            Step::Start(r) | Step::HangUp(r) => {
                 let expect = model.expect(r);
                 let runs_before = api.runs.load(Ordering::SeqCst);
                 let app2 = app.clone();
@@ -360,14 +369,14 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                 }
                 assert_eq!(api.runs.load(Ordering::SeqCst), runs_before + 1, "step {i}");
                 model.runs += 1;
-                if matches!(step, Step::Drop(_)) {
+                model
+                    .records
+                    .insert((r.tenant, r.key), Record::InFlight(r, None));
+                if matches!(step, Step::HangUp(_)) {
                     task.abort();
                     let _ = task.await;
-                    clock.settle().await; // the release runs in the background
+                    detached.push((r, model.runs));
                 } else {
-                    model
-                        .records
-                        .insert((r.tenant, r.key), Record::InFlight(r, None));
                     blocked.push((r, task));
                 }
             }
@@ -407,8 +416,18 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
                 }
             }
             Step::Finish => {
-                let count = blocked.len();
+                let count = blocked.len() + detached.len();
                 api.gate.add_permits(count);
+                for (r, n) in detached.drain(..) {
+                    let record = Record::Completed {
+                        req: r,
+                        status: StatusCode::CREATED,
+                        body: format!("run {n}"),
+                        expires_at: model.now + TTL,
+                    };
+                    model.records.insert((r.tenant, r.key), record);
+                }
+                clock.settle().await; // the detached runs store their responses
                 for (r, task) in blocked.drain(..) {
                     let reply = task.await.unwrap();
                     assert_eq!(reply.status, StatusCode::CREATED, "step {i}");
@@ -440,7 +459,7 @@ async fn check<S: IdempotencyStore>(store: S, steps: Vec<Step>, scope: String, c
             "step {i}: run count"
         );
     }
-    api.gate.add_permits(blocked.len());
+    api.gate.add_permits(blocked.len() + detached.len());
     for (_, task) in blocked {
         task.await.unwrap();
     }

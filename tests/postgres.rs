@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use stores_support::*;
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyStore, PostgresStore, RecordKey, StoreErrorKind, StoredResponse,
-    TenantId,
+    Begin, Fingerprint, Forget, IdempotencyStore, PostgresStore, RecordKey, StoreErrorKind,
+    StoredResponse, TenantId,
 };
 
 async fn store() -> Option<PostgresStore> {
@@ -211,7 +211,9 @@ async fn background_cleanup_deletes_expired_rows() {
     let Some(store) = store_with_table(&table).await else {
         return;
     };
-    let observer = store.clone().table(&table).unwrap();
+    let observer = PostgresStore::from_pool(store.pool().clone())
+        .table(&table)
+        .unwrap();
     let store = store.cleanup_interval(Duration::from_millis(200));
     let fp = Fingerprint::from_bytes([4; 32]);
     for i in 0..10 {
@@ -321,4 +323,47 @@ async fn begin_is_atomic_over_many_rounds() {
         }
         assert_eq!(acquired, 1, "round {round}: exactly one caller acquires");
     }
+}
+
+/// A forced forget racing the holder's `complete`: whichever the database runs first, the
+/// record is forgotten, and `complete` either succeeded before or lost its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forced_forget_racing_complete_leaves_no_record() {
+    let Some(store) = store().await else { return };
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let (mut completed_first, mut forgotten_first) = (0, 0);
+    for round in 0..30 {
+        let key = RecordKey::new(TenantId::shared(), unique_key(&format!("race-{round}")));
+        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
+        else {
+            panic!("expected Acquired");
+        };
+        let response = StoredResponse::new(
+            StatusCode::CREATED,
+            HeaderMap::new(),
+            Bytes::from_static(b"x"),
+        );
+        let complete = tokio::spawn({
+            let (store, key) = (store.clone(), key.clone());
+            async move {
+                store
+                    .complete(&key, token, response, Duration::from_secs(60))
+                    .await
+            }
+        });
+        let forget = tokio::spawn({
+            let (store, key) = (store.clone(), key.clone());
+            async move { store.forget(&key, true).await }
+        });
+        assert_eq!(forget.await.unwrap().unwrap(), Forget::Forgotten);
+        match complete.await.unwrap() {
+            Ok(()) => completed_first += 1,
+            Err(err) => {
+                assert_eq!(err.kind(), StoreErrorKind::LeaseLost, "{err}");
+                forgotten_first += 1;
+            }
+        }
+        assert_eq!(store.lookup(&key).await.unwrap(), None, "round {round}");
+    }
+    eprintln!("complete first: {completed_first}, forget first: {forgotten_first}");
 }

@@ -43,6 +43,10 @@
 //! - The store must be atomic per record key across threads and connections: one case races
 //!   200 callers on one key.
 //!
+//! - The operator calls ([`lookup`](IdempotencyStore::lookup) and
+//!   [`forget`](IdempotencyStore::forget)) are optional: their cases print that they were
+//!   skipped, and pass, when the store answers `StoreErrorKind::Unsupported`.
+//!
 //! Left to the store, and not checked: whether the holder of a lease that ran out, but that
 //! nobody took over yet, can still renew or complete it (`MemoryStore` and `PostgresStore`
 //! allow it; in `RedisStore` the record is already gone, so it is `LeaseLost`). Either way, once
@@ -51,6 +55,7 @@
 mod check;
 mod fidelity;
 mod lifecycle;
+mod operator;
 
 use std::future::Future;
 
@@ -66,6 +71,10 @@ pub use lifecycle::{
     lease_expiry_allows_takeover, mismatch_in_flight_and_completed, release_then_reacquire,
     renew_extends_the_lease, takeover_is_atomic, ttl_expiry_after_complete,
     unknown_records_are_lease_lost,
+};
+pub use operator::{
+    forget_in_flight_needs_force, forget_removes_a_completed_record, lookup_reports_each_state,
+    operator_calls_respect_tenants,
 };
 
 /// Generates one `#[test]` per conformance case, each running on its own multi-threaded Tokio
@@ -101,6 +110,10 @@ macro_rules! conformance_tests {
             keys_with_every_visible_ascii_char,
             tenants_do_not_meet,
             distinct_keys_are_independent,
+            lookup_reports_each_state,
+            forget_removes_a_completed_record,
+            forget_in_flight_needs_force,
+            operator_calls_respect_tenants,
         );
     };
 }
@@ -146,7 +159,11 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
     many_headers_round_trip(store.clone()).await;
     keys_with_every_visible_ascii_char(store.clone()).await;
     tenants_do_not_meet(store.clone()).await;
-    distinct_keys_are_independent(store).await;
+    distinct_keys_are_independent(store.clone()).await;
+    lookup_reports_each_state(store.clone()).await;
+    forget_removes_a_completed_record(store.clone()).await;
+    forget_in_flight_needs_force(store.clone()).await;
+    operator_calls_respect_tenants(store).await;
 }
 
 /// Runs one case on a new multi-threaded Tokio runtime (4 workers, time and I/O enabled), with

@@ -4,7 +4,7 @@ mod sql;
 
 use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::types::ToSql;
@@ -12,7 +12,10 @@ use tokio_postgres::{NoTls, Row};
 
 use self::sql::{Sql, Table};
 use super::background::StartOnce;
-use super::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use super::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
+    StoreErrorKind,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
@@ -73,7 +76,10 @@ const DELETE_BATCH: i64 = 1000;
 /// row, so the decision (acquired, in flight, completed, mismatch) is made atomically by the
 /// database; no check-then-insert. `renew`, `complete` and `release` are one `UPDATE` or
 /// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they
-/// fail with [`StoreErrorKind::LeaseLost`].
+/// fail with [`StoreErrorKind::LeaseLost`]. The operator calls are one statement each too:
+/// [`lookup`](IdempotencyStore::lookup) a `SELECT` of the live row, and
+/// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
+/// when forced) combined with a read of the in-flight row that stopped it.
 ///
 /// # Expired rows
 ///
@@ -90,7 +96,9 @@ const DELETE_BATCH: i64 = 1000;
 /// connects without TLS; for TLS, build a pool with a TLS connector and use
 /// [`from_pool`](Self::from_pool).
 ///
-/// Cloning is cheap and shares the pool.
+/// Cloning is cheap and shares the pool and the configuration. Configure a store
+/// ([`table`](Self::table), [`cleanup_interval`](Self::cleanup_interval)) before cloning or
+/// using it.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -165,27 +173,35 @@ impl PostgresStore {
     /// ```
     pub fn from_pool(pool: Pool) -> Self {
         let table = Table::parse(DEFAULT_TABLE).expect("the default table name is valid");
-        Self::build(pool, table, None)
-    }
-
-    fn build(pool: Pool, table: Table, cleanup_interval: Option<Duration>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
                 sql: Sql::new(&table),
                 table,
-                cleanup_interval,
+                cleanup_interval: None,
                 cleanup: StartOnce::default(),
             }),
         }
     }
 
+    /// Applies a setting to the store's configuration, in place.
+    ///
+    /// Configuration belongs to a store that nothing shares yet: a setting on one clone must
+    /// not change another, and a store in use must not change under its requests.
+    fn configure(mut self, setting: &str, apply: impl FnOnce(&mut Inner)) -> Self {
+        let Some(inner) = Arc::get_mut(&mut self.inner) else {
+            panic!(
+                "PostgresStore::{setting} called on a store that is cloned or in use: \
+                 configure the store before sharing it"
+            );
+        };
+        apply(inner);
+        self
+    }
+
     /// The table that holds the records: `name` or `schema.name`, each part
     /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
     /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
-    ///
-    /// Fails with [`StoreErrorKind::Other`] for any other name; a name is never spliced into
-    /// SQL unchecked.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
@@ -196,13 +212,23 @@ impl PostgresStore {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::Other`] for any other name; a name is never spliced into SQL
+    /// unchecked.
+    ///
+    /// # Panics
+    ///
+    /// When the store was cloned, or its cleanup task started, before: configure a store before
+    /// sharing it. (For a second store over the same connections, use
+    /// [`from_pool`](Self::from_pool) with [`pool`](Self::pool)`().clone()`.)
     pub fn table(self, name: &str) -> Result<Self, StoreError> {
         let table = Table::parse(name)?;
-        Ok(Self::build(
-            self.inner.pool.clone(),
-            table,
-            self.inner.cleanup_interval,
-        ))
+        Ok(self.configure("table", |inner| {
+            inner.sql = Sql::new(&table);
+            inner.table = table;
+        }))
     }
 
     /// Deletes expired rows every `interval` in a background task, which starts on the store's
@@ -219,14 +245,19 @@ impl PostgresStore {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// When `interval` is zero, and as [`table`](Self::table) when the store is already shared.
     #[must_use]
     pub fn cleanup_interval(self, interval: Duration) -> Self {
-        let interval = interval.max(Duration::from_millis(1));
-        Self::build(
-            self.inner.pool.clone(),
-            self.inner.table.clone(),
-            Some(interval),
-        )
+        assert!(
+            !interval.is_zero(),
+            "PostgresStore::cleanup_interval: the interval must not be zero"
+        );
+        self.configure("cleanup_interval", |inner| {
+            inner.cleanup_interval = Some(interval);
+        })
     }
 
     /// The pool the store queries through.
@@ -406,6 +437,68 @@ impl IdempotencyStore for PostgresStore {
         self.fenced(&self.inner.sql.release, &[&tenant, &key.key(), &token])
             .await
     }
+
+    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let tenant = &key.tenant().as_bytes()[..];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.lookup)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&statement, &[&tenant, &key.key()])
+            .await
+            .map_err(pg_error)?;
+        row.as_ref().map(record_info).transpose()
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let tenant = &key.tenant().as_bytes()[..];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(&self.inner.sql.forget)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_one(&statement, &[&tenant, &key.key(), &force])
+            .await
+            .map_err(pg_error)?;
+        match row.try_get::<_, &str>(0).map_err(corrupt)? {
+            "forgotten" => Ok(Forget::Forgotten),
+            "in_flight" => Ok(Forget::InFlight),
+            _ => Ok(Forget::NotFound),
+        }
+    }
+}
+
+/// Reads a row of `lookup`.
+fn record_info(row: &Row) -> Result<RecordInfo, StoreError> {
+    let state: &str = row.try_get(0).map_err(corrupt)?;
+    let fingerprint: &[u8] = row.try_get(1).map_err(corrupt)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map_err(|_| StoreError::msg(StoreErrorKind::Corrupt, "a fingerprint is not 32 bytes"))?;
+    let expires_at: SystemTime = row.try_get(3).map_err(corrupt)?;
+    let state = match state {
+        "in_flight" => RecordState::InFlight {
+            lease_until: expires_at,
+        },
+        _ => {
+            let bytes: Option<&[u8]> = row.try_get(2).map_err(corrupt)?;
+            let bytes = bytes.ok_or_else(|| {
+                StoreError::msg(
+                    StoreErrorKind::Corrupt,
+                    "a completed record has no response",
+                )
+            })?;
+            let response = StoredResponse::decode(bytes).map_err(corrupt)?;
+            RecordState::Completed {
+                status: response.status(),
+                replayable: !response.is_omitted(),
+                expires_at,
+            }
+        }
+    };
+    Ok(RecordInfo::new(Fingerprint::from_bytes(fingerprint), state))
 }
 
 /// Reads the row `begin` returned; `None` when the statement must run again.
@@ -457,6 +550,47 @@ fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store over a pool that has not connected (nothing connects until the first query).
+    fn unconnected() -> PostgresStore {
+        let config: tokio_postgres::Config = "postgres://nobody@127.0.0.1:1/db".parse().unwrap();
+        let pool = Pool::builder(Manager::new(config, NoTls)).build().unwrap();
+        PostgresStore::from_pool(pool)
+    }
+
+    #[test]
+    fn configuration_is_validated_and_applied_in_place() {
+        let store = unconnected()
+            .table("billing.idem")
+            .unwrap()
+            .cleanup_interval(Duration::from_secs(60));
+        assert_eq!(store.inner.table.quoted, "\"billing\".\"idem\"");
+        assert!(store.inner.sql.begin.contains("\"billing\".\"idem\""));
+        assert!(store.inner.sql.forget.contains("\"billing\".\"idem\""));
+        assert_eq!(store.inner.cleanup_interval, Some(Duration::from_secs(60)));
+        let debug = format!("{store:?}");
+        assert!(
+            debug.contains("billing") && debug.contains("60s"),
+            "{debug}"
+        );
+
+        let err = unconnected().table("no-dashes").unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+    }
+
+    #[test]
+    #[should_panic(expected = "configure the store before sharing it")]
+    fn configuring_a_shared_store_panics() {
+        let store = unconnected();
+        let _shared = store.clone();
+        let _ = store.table("other");
+    }
+
+    #[test]
+    #[should_panic(expected = "must not be zero")]
+    fn a_zero_cleanup_interval_panics() {
+        let _ = unconnected().cleanup_interval(Duration::ZERO);
+    }
 
     #[test]
     fn millis_round_up_and_clamp() {

@@ -64,6 +64,8 @@ pub(super) struct Sql {
     pub(super) renew: String,
     pub(super) complete: String,
     pub(super) release: String,
+    pub(super) lookup: String,
+    pub(super) forget: String,
     pub(super) delete_expired: String,
 }
 
@@ -125,6 +127,29 @@ impl Sql {
             ),
             release: format!(
                 "DELETE FROM {t} WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'in_flight'"
+            ),
+            lookup: format!(
+                "SELECT state, fingerprint, response, expires_at FROM {t}
+                 WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()"
+            ),
+            // One statement: the delete of a live record (completed, or in flight when $3 forces
+            // it) and, when it deleted nothing, whether a live in-flight record stopped it.
+            forget: format!(
+                "WITH forgotten AS (
+                    DELETE FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
+                      AND (state = 'completed' OR $3::boolean)
+                    RETURNING 1
+                )
+                SELECT CASE
+                    WHEN EXISTS (SELECT 1 FROM forgotten) THEN 'forgotten'
+                    WHEN EXISTS (
+                        SELECT 1 FROM {t}
+                        WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
+                          AND state = 'in_flight'
+                    ) THEN 'in_flight'
+                    ELSE 'not_found'
+                END"
             ),
             delete_expired: format!(
                 "DELETE FROM {t} WHERE (tenant, key) IN (

@@ -1,0 +1,241 @@
+//! Runs that outlive their request: a handler whose client went away runs to its end.
+//!
+//! hyper drops a request's future when its client closes the connection. A keyed request that
+//! holds its key is then handed, as it is, to a task of its own, which drives the handler to its
+//! end and stores its response (or releases the key) by the same rules as if the client had
+//! stayed. Nothing is spawned while the client stays: the hand-over happens in the request
+//! future's `Drop`.
+
+use std::cell::Cell;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+
+use crate::lease::drop_keeping_lease;
+use crate::outcome::RequestSpan;
+
+/// A keyed request's future from the moment it holds its key: it can be handed to a task of
+/// its own when its request goes away.
+pub(crate) trait Detachable: Future + Send {
+    /// Runs the rest of this future on a task of its own, or, past the limit of detached runs or
+    /// without a runtime, drops it (its key is then released).
+    fn detach(self: Pin<Box<Self>>);
+}
+
+pin_project! {
+    /// The handler's part of a keyed request, ready to be detached.
+    #[project = ExecutionProj]
+    pub(crate) struct Execution<F> {
+        #[pin]
+        future: F,
+        runs: DetachedRuns,
+        limit: usize,
+        span: RequestSpan,
+    }
+}
+
+impl<F> Execution<F> {
+    /// Wraps the handler's part of a request, in the request's span (the current one).
+    pub(crate) fn new(future: F, runs: &DetachedRuns, limit: usize) -> Self {
+        Self {
+            future,
+            runs: runs.clone(),
+            limit,
+            span: RequestSpan::current(),
+        }
+    }
+}
+
+impl<F: Future> ExecutionProj<'_, F> {
+    fn poll_in_span(self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let future = self.future;
+        self.span.in_scope(|| future.poll(cx))
+    }
+}
+
+impl<F: Future> Future for Execution<F> {
+    type Output = F::Output;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().future.poll(cx)
+    }
+}
+
+impl<F: Future + Send + 'static> Detachable for Execution<F> {
+    fn detach(self: Pin<Box<Self>>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime to run on: dropped, and its key released
+        };
+        let span = self.span.clone();
+        let Some(slot) = self.runs.enter(self.limit) else {
+            span.in_scope(|| crate::outcome::detach_refused(self.limit));
+            return;
+        };
+        span.in_scope(crate::outcome::detached);
+        drop(runtime.spawn(DetachedRun {
+            run: Some(self),
+            polling: false,
+            _slot: slot,
+        }));
+    }
+}
+
+thread_local! {
+    /// Set while a detached run is polled, so that its events say so.
+    static DETACHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the code running now is a detached run's.
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) fn in_detached_run() -> bool {
+    DETACHED.with(Cell::get)
+}
+
+/// The task of a detached run.
+struct DetachedRun<F> {
+    run: Option<Pin<Box<Execution<F>>>>,
+    /// Set while the run is polled: still set when it is dropped, the run panicked.
+    polling: bool,
+    _slot: Slot,
+}
+
+impl<F: Future> Future for DetachedRun<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let Some(run) = this.run.as_mut() else {
+            return Poll::Ready(());
+        };
+        this.polling = true;
+        DETACHED.with(|detached| detached.set(true));
+        let poll = run.as_mut().project().poll_in_span(cx);
+        DETACHED.with(|detached| detached.set(false));
+        this.polling = false;
+        match poll {
+            Poll::Ready(_response) => {
+                this.run = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<F> Drop for DetachedRun<F> {
+    fn drop(&mut self) {
+        DETACHED.with(|detached| detached.set(false));
+        match self.run.take() {
+            // It panicked: its key is released, as for a request whose client stayed.
+            Some(run) if self.polling => drop(run),
+            // Its runtime is shutting down while the handler may be half-way: the key keeps its
+            // lease and is taken over once the lease ends, never released under a live handler.
+            Some(run) => drop_keeping_lease(run),
+            None => {}
+        }
+    }
+}
+
+/// The handlers of a layer that run on after their client went away.
+///
+/// Get it from [`IdempotencyLayer::detached_runs`](crate::IdempotencyLayer::detached_runs). On
+/// shutdown, once the server stopped accepting connections, wait for them with a deadline, so
+/// that a run started before the shutdown stores its response:
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # use axum::{Router, routing::post};
+/// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+/// # #[tokio::main]
+/// # async fn main() -> std::io::Result<()> {
+/// let layer = IdempotencyLayer::new(MemoryStore::new());
+/// let detached = layer.detached_runs();
+/// let app: Router = Router::new().route("/payments", post(|| async { "ok" })).layer(layer);
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// axum::serve(listener, app)
+///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.unwrap() })
+///     .await?;
+/// // Connections are closed; handlers whose client left may still be running.
+/// if !detached.wait_timeout(Duration::from_secs(30)).await {
+///     eprintln!("{} runs still going; their keys are taken over once their lease ends", detached.count());
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// A run still going when the runtime shuts down is cancelled, and its key keeps its lease: it
+/// is taken over by a retry only once the lease ends, never released while the handler may be
+/// half-way through.
+#[derive(Clone, Default)]
+pub struct DetachedRuns(Arc<Tracker>);
+
+#[derive(Default)]
+struct Tracker {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl DetachedRuns {
+    /// How many handlers are running now after their client left.
+    pub fn count(&self) -> usize {
+        self.0.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no handler runs detached.
+    pub async fn wait(&self) {
+        loop {
+            let idle = self.0.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Waits until no handler runs detached, or `timeout` passed; `true` when none runs.
+    pub async fn wait_timeout(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.wait()).await.is_ok()
+    }
+
+    /// Takes a slot for a new detached run, unless `limit` runs are detached already.
+    fn enter(&self, limit: usize) -> Option<Slot> {
+        let counted = self
+            .0
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            });
+        counted.ok()?;
+        crate::metrics::detached_runs(1.0);
+        Some(Slot(self.0.clone()))
+    }
+}
+
+impl fmt::Debug for DetachedRuns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DetachedRuns")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+/// One detached run, counted until it ends (or panics).
+struct Slot(Arc<Tracker>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        crate::metrics::detached_runs(-1.0);
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Holding a key: the guard that completes or releases an in-flight record, the lease renewal
+//! that runs beside the handler, and the timeout every store call runs under.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::metrics::{self, StoreOp};
+use crate::outcome::{self, Outcome, Started};
+use crate::response::StoredResponse;
+use crate::store::{IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+
+/// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
+///
+/// The timer is armed only if the call does not answer at its first poll: a store that answers
+/// at once (the memory store always does) costs no timer, and no clock read unless metrics or
+/// the request's span record the call's duration.
+pub(crate) async fn timed<T>(
+    op: StoreOp,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let clock = CallClock::start(op);
+    let mut call = pin!(call);
+    let result = match poll_once(call.as_mut()).await {
+        Poll::Ready(result) => result,
+        Poll::Pending => match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::timeout(timeout)),
+        },
+    };
+    clock.stop(result.is_ok());
+    result
+}
+
+/// Times a store call for the metrics and the request's span, when either records it.
+struct CallClock {
+    op: StoreOp,
+    started: Option<std::time::Instant>,
+}
+
+impl CallClock {
+    #[inline]
+    fn start(op: StoreOp) -> Self {
+        let timed = metrics::times_store_calls() || outcome::span_records_store_calls();
+        Self {
+            op,
+            started: timed.then(std::time::Instant::now),
+        }
+    }
+
+    #[inline]
+    fn stop(self, ok: bool) {
+        if let Some(started) = self.started {
+            let elapsed = started.elapsed();
+            metrics::store_call(self.op, ok, elapsed);
+            outcome::record_store_call(self.op, elapsed);
+        }
+    }
+}
+
+/// Polls `future` once and answers at once: `Ready` with its output, or `Pending` (its waker
+/// registered) if it has none yet.
+pub(crate) fn poll_once<F: Future + Unpin>(mut future: F) -> impl Future<Output = Poll<F::Output>> {
+    std::future::poll_fn(move |cx| Poll::Ready(Pin::new(&mut future).poll(cx)))
+}
+
+thread_local! {
+    /// Set while a detached run is dropped without finishing: its runtime is shutting down, and
+    /// its handler may have done part of its work, so its key keeps its lease instead of being
+    /// released.
+    static KEEP_LEASE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Drops `value` so that a [`Guard`] inside it keeps its lease instead of releasing its key.
+pub(crate) fn drop_keeping_lease<T>(value: T) {
+    KEEP_LEASE.with(|keep| keep.set(true));
+    drop(value);
+    KEEP_LEASE.with(|keep| keep.set(false));
+}
+
+/// Holds an in-flight record for the request that acquired it.
+///
+/// Completing or releasing disarms it. Dropped while armed (the handler panicked, or the
+/// request was cancelled with `finish_on_disconnect(false)`), it releases the record in a
+/// background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down
+/// under a detached run, it keeps its lease, which then ends by itself; dropped while completing,
+/// it finishes the completion in the background, so a response the handler already produced is
+/// not lost and the handler does not run again.
+pub(crate) struct Guard<St: IdempotencyStore> {
+    store: Arc<St>,
+    key: RecordKey,
+    token: LockToken,
+    timeout: Duration,
+    state: GuardState,
+    started: Started,
+}
+
+enum GuardState {
+    Held,
+    Completing(StoredResponse, Duration),
+    Done,
+}
+
+impl<St: IdempotencyStore> Guard<St> {
+    pub(crate) fn new(
+        store: Arc<St>,
+        key: RecordKey,
+        token: LockToken,
+        timeout: Duration,
+        started: Started,
+    ) -> Self {
+        Self {
+            store,
+            key,
+            token,
+            timeout,
+            state: GuardState::Held,
+            started,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    /// Drives `handler` to its end while renewing the lease every third of its length.
+    ///
+    /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
+    /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
+    /// and completing is fenced by the token either way); it is reported as a `tracing` event.
+    pub(crate) async fn renewing<F: Future>(&self, lease: Duration, handler: F) -> F::Output {
+        let period = lease / 3;
+        let renew = || {
+            let call = self.store.renew(&self.key, self.token, lease);
+            timed(StoreOp::Renew, self.timeout, call)
+        };
+        let mut handler = pin!(handler);
+        // The timer is armed only once the handler is pending: one that answers at once costs
+        // no timer and no clock read.
+        let mut tick = pin!(None::<tokio::time::Sleep>);
+        let mut renewal = pin!(None);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = handler.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            if tick.is_none() {
+                tick.set(Some(tokio::time::sleep(period)));
+            }
+            let mut timer = tick.as_mut().as_pin_mut().expect("armed above");
+            while timer.as_mut().poll(cx).is_ready() {
+                let next = timer.deadline() + period;
+                timer.as_mut().reset(next);
+                // A renewal still running when the next is due stands for both.
+                if renewal.is_none() {
+                    renewal.set(Some(renew()));
+                }
+            }
+            if self.poll_renewal(renewal.as_mut().as_pin_mut(), cx) {
+                renewal.set(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Polls a renewal under way, if any; `true` once it is done.
+    fn poll_renewal<F: Future<Output = Result<(), StoreError>>>(
+        &self,
+        call: Option<Pin<&mut F>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let Some(Poll::Ready(result)) = call.map(|call| call.poll(cx)) else {
+            return false;
+        };
+        if let Err(err) = result {
+            self.report("renew", &err);
+        }
+        true
+    }
+
+    /// Reports a store call that failed after the request acquired its key.
+    fn report(&self, call: &'static str, err: &StoreError) {
+        outcome::store_failure(call, err, &self.key);
+    }
+
+    /// Stores `response`. If this fails, the record stays in flight until its lease ends: it is
+    /// not released, so a retry cannot run the handler again while the lease lives.
+    /// A failure is reported as a `tracing` event.
+    pub(crate) async fn complete(&mut self, response: StoredResponse, ttl: Duration) {
+        self.state = GuardState::Completing(response.clone(), ttl);
+        let call = self.store.complete(&self.key, self.token, response, ttl);
+        let result = timed(StoreOp::Complete, self.timeout, call).await;
+        self.state = GuardState::Done;
+        if let Err(err) = result {
+            self.report("complete", &err);
+        }
+    }
+
+    /// Removes the record so that a retry runs the handler again. A release that fails is
+    /// reported and retried in the background; should that fail too, the lease ends by itself.
+    pub(crate) async fn release(&mut self) {
+        let call = self.store.release(&self.key, self.token);
+        let result = timed(StoreOp::Release, self.timeout, call).await;
+        self.state = GuardState::Done;
+        if let Err(err) = result {
+            self.report("release", &err);
+            if err.kind() != StoreErrorKind::LeaseLost {
+                self.spawn_release();
+            }
+        }
+    }
+
+    fn spawn_release(&self) {
+        self.spawn_with(|store, key, token, timeout| async move {
+            let mut backoff = Duration::from_millis(50);
+            for _ in 0..4 {
+                match timed(StoreOp::Release, timeout, store.release(&key, token)).await {
+                    Ok(()) => return,
+                    Err(err) if err.kind() == StoreErrorKind::LeaseLost => return,
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Runs `task` on the current Tokio runtime, detached from this request. Without a runtime
+    /// (it is shutting down), nothing runs and the lease ends by itself.
+    fn spawn_with<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Arc<St>, RecordKey, LockToken, Duration) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            handle.spawn(task(store, key, self.token, self.timeout));
+        }
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Guard<St> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, GuardState::Done) {
+            GuardState::Done => {}
+            GuardState::Held if KEEP_LEASE.with(Cell::get) => {
+                // The runtime is going away under a detached run: the handler may have done
+                // part of its work, so the key is not released; it is taken over once its
+                // lease ends.
+                outcome::lease_kept(&self.key);
+            }
+            GuardState::Held => {
+                // The handler panicked, or the request was cancelled: no response reports this
+                // outcome, so the event does.
+                let key = Some(self.key.key());
+                outcome::emit(
+                    Outcome::Released,
+                    key,
+                    Some(self.key.tenant()),
+                    self.started,
+                );
+                self.spawn_release();
+            }
+            GuardState::Completing(response, ttl) => {
+                self.spawn_with(|store, key, token, timeout| async move {
+                    let call = store.complete(&key, token, response, ttl);
+                    let _ = timed(StoreOp::Complete, timeout, call).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! A client that hangs up while its handler runs: the handler runs to its end, once, and the
+//! client's retry gets `409` while it runs, then the replay. Through real servers on loopback
+//! (`axum::serve`), with clients on raw `TcpStream`s that close their socket, on every store:
+//! on the shared stores a client hangs up on one server of two and retries on the other.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use common::Runs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tower_idempotency::{DetachedRuns, IdempotencyLayer, IdempotencyStore};
+
+/// What the handlers did: `started` counts runs that began (the side effect: a charge),
+/// `finished` runs that got to their end.
+#[derive(Clone, Default)]
+struct Effects {
+    started: Runs,
+    finished: Runs,
+}
+
+/// `POST /charge`: charges, then works for 300 ms. `POST /charge-then-fail` charges, works
+/// 200 ms, then answers 500. `POST /charge-then-panic` does the same but panics on its first run
+/// and answers 201 on the others.
+fn app(effects: Effects) -> Router {
+    async fn charge(State(e): State<Effects>) -> impl IntoResponse {
+        let n = e.started.bump();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        e.finished.bump();
+        (StatusCode::CREATED, format!("charge {n}"))
+    }
+    async fn charge_then_panic(State(e): State<Effects>) -> impl IntoResponse {
+        let n = e.started.bump();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if n == 1 {
+            panic!("the first run fails half-way");
+        }
+        e.finished.bump();
+        (StatusCode::CREATED, format!("charge {n}"))
+    }
+    async fn charge_then_fail(State(e): State<Effects>) -> impl IntoResponse {
+        let n = e.started.bump();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        e.finished.bump();
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("failed {n}"))
+    }
+    Router::new()
+        .route("/charge", post(charge))
+        .route("/charge-then-panic", post(charge_then_panic))
+        .route("/charge-then-fail", post(charge_then_fail))
+        .with_state(effects)
+}
+
+/// A server on loopback, stopped (gracefully) when dropped or shut down.
+struct Server {
+    addr: SocketAddr,
+    detached: DetachedRuns,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effects) -> Self {
+        let detached = layer.detached_runs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let app = app(effects.clone()).layer(layer);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            detached,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// Stops accepting connections, waits for the open ones, then for the detached runs.
+    async fn shut_down(mut self, deadline: Duration) -> bool {
+        let _ = self.shutdown.take().unwrap().send(());
+        (&mut self.task).await.unwrap();
+        self.detached.wait_timeout(deadline).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A key no other test (nor an earlier run against the same shared store) has used.
+fn fresh_key(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn request(path: &str, key: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sends a request and hangs up once the handler has started (`started` reaches `at`).
+async fn send_and_hang_up(addr: SocketAddr, path: &str, key: &str, started: &Runs, at: usize) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(request(path, key, "{}").as_bytes())
+        .await
+        .unwrap();
+    until(|| started.get() >= at).await;
+    drop(stream); // the client gives up
+}
+
+/// A response read from a raw connection.
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn replayed(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+}
+
+/// Sends a whole request and reads the whole response (the server closes the connection).
+async fn send(addr: SocketAddr, path: &str, key: &str) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(request(path, key, "{}").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    Reply {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("timed out waiting");
+}
+
+/// Two servers on one store (for the memory store, two servers in one process sharing it).
+async fn pair<St: IdempotencyStore + Clone>(
+    store: St,
+    effects: &Effects,
+    configure: impl Fn(IdempotencyLayer<St>) -> IdempotencyLayer<St>,
+) -> (Server, Server) {
+    let a = Server::start(configure(IdempotencyLayer::new(store.clone())), effects).await;
+    let b = Server::start(configure(IdempotencyLayer::new(store)), effects).await;
+    (a, b)
+}
+
+fn defaults<St>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
+    layer
+}
+
+async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: St) {
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let key = fresh_key("later");
+    send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = send(b.addr, "/charge", &key).await;
+    assert_eq!(retry.status, 201);
+    assert!(retry.replayed(), "the retry replays the first run");
+    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.header("idempotency-key"), Some(key.as_str()));
+    assert_eq!(effects.started.get(), 1, "the handler ran once");
+    assert_eq!(effects.finished.get(), 1, "and ran to its end");
+}
+
+async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore + Clone>(
+    store: St,
+) {
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let key = fresh_key("quick");
+    send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let early = send(b.addr, "/charge", &key).await;
+    assert_eq!(early.status, 409, "{}", early.body);
+    assert!(early.header("retry-after").is_some());
+    assert!(early.body.contains("idempotency_key_in_progress"));
+    until(|| a.detached.count() == 1).await; // the first run goes on, detached
+    assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
+    let retry = send(b.addr, "/charge", &key).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "charge 1");
+    assert_eq!(effects.started.get(), 1);
+}
+
+async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore + Clone>(store: St) {
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let keys: Vec<_> = (0..100).map(|i| fresh_key(&format!("many{i}"))).collect();
+    let hang_ups = keys.iter().map(|key| {
+        let (addr, key, started) = (a.addr, key.clone(), effects.started.clone());
+        tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(request("/charge", &key, "{}").as_bytes())
+                .await
+                .unwrap();
+            // Hang up once every handler has started.
+            until(|| started.get() >= 100).await;
+        })
+    });
+    for hang_up in hang_ups.collect::<Vec<_>>() {
+        hang_up.await.unwrap();
+    }
+    until(|| effects.finished.get() == 100).await;
+    assert!(a.detached.wait_timeout(Duration::from_secs(10)).await);
+    assert_eq!(effects.started.get(), 100, "one run per key");
+    let retries = keys.iter().map(|key| {
+        let (addr, key) = (b.addr, key.clone());
+        tokio::spawn(async move { send(addr, "/charge", &key).await })
+    });
+    for retry in retries.collect::<Vec<_>>() {
+        let retry = retry.await.unwrap();
+        assert_eq!(retry.status, 201);
+        assert!(retry.replayed(), "{}", retry.body);
+    }
+    assert_eq!(effects.started.get(), 100, "100 runs for 100 keys");
+    assert_eq!(effects.finished.get(), 100);
+}
+
+async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let key = fresh_key("panic");
+    send_and_hang_up(a.addr, "/charge-then-panic", &key, &effects.started, 1).await;
+    until(|| a.detached.count() == 1).await;
+    assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
+    // The release runs in the background: wait for the key to be free.
+    let mut retry = send(b.addr, "/charge-then-panic", &key).await;
+    for _ in 0..50 {
+        if retry.status != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = send(b.addr, "/charge-then-panic", &key).await;
+    }
+    assert_eq!(
+        effects.started.get(),
+        2,
+        "the retry ran: the key was released"
+    );
+    assert_eq!(retry.status, 201);
+    assert_eq!(retry.body, "charge 2");
+    assert!(!retry.replayed());
+    // Both servers keep serving.
+    let other = fresh_key("after-panic");
+    assert_eq!(send(a.addr, "/charge", &other).await.status, 201);
+}
+
+async fn a_5xx_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let key = fresh_key("fail");
+    send_and_hang_up(a.addr, "/charge-then-fail", &key, &effects.started, 1).await;
+    until(|| effects.finished.get() == 1).await; // the run got to its end
+    assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
+    let retry = send(b.addr, "/charge-then-fail", &key).await;
+    assert_eq!(retry.status, 500, "{}", retry.body);
+    assert!(!retry.replayed());
+    assert_eq!(retry.body, "failed 2", "released: the retry ran");
+}
+
+async fn a_hang_up_during_the_body_runs_nothing_and_holds_nothing<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, defaults).await;
+    let key = fresh_key("body");
+    let mut stream = TcpStream::connect(a.addr).await.unwrap();
+    let head = format!(
+        "POST /charge HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
+         Content-Length: 100\r\n\r\n{{\"amount\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream); // gone before the body arrived
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(effects.started.get(), 0, "nothing ran");
+    assert_eq!(a.detached.count(), 0);
+    let retry = send(b.addr, "/charge", &key).await;
+    assert_eq!(retry.status, 201, "nothing held the key: {}", retry.body);
+    assert!(!retry.replayed());
+    assert_eq!(effects.started.get(), 1);
+}
+
+async fn shutdown_waits_for_a_detached_run_and_a_new_server_replays_it<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let effects = Effects::default();
+    let old = Server::start(IdempotencyLayer::new(store.clone()), &effects).await;
+    let key = fresh_key("shutdown");
+    send_and_hang_up(old.addr, "/charge", &key, &effects.started, 1).await;
+    until(|| old.detached.count() == 1).await; // the server saw the hang-up
+    assert!(
+        old.shut_down(Duration::from_secs(5)).await,
+        "the detached run finished within the deadline"
+    );
+    assert_eq!(effects.finished.get(), 1);
+    let new = Server::start(IdempotencyLayer::new(store), &effects).await;
+    let retry = send(new.addr, "/charge", &key).await;
+    assert!(
+        retry.replayed(),
+        "the new server replays what the old one stored"
+    );
+    assert_eq!(retry.body, "charge 1");
+    assert_eq!(effects.started.get(), 1);
+}
+
+async fn without_finish_on_disconnect_the_handler_is_cancelled<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let effects = Effects::default();
+    let (a, b) = pair(store, &effects, |layer| layer.finish_on_disconnect(false)).await;
+    let key = fresh_key("cancel");
+    send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a.detached.count(), 0);
+    // The release runs in the background: wait for the key to be free.
+    let mut retry = send(b.addr, "/charge", &key).await;
+    for _ in 0..50 {
+        if retry.status != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = send(b.addr, "/charge", &key).await;
+    }
+    assert_eq!(retry.status, 201);
+    assert!(!retry.replayed());
+    assert_eq!(
+        retry.body, "charge 2",
+        "cancelled and released: the retry ran again"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(effects.finished.get(), 1, "only the retry got to its end");
+}
+
+/// Instantiates every case for every store.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(tower_idempotency::MemoryStore::new()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    if let Some(store) = crate::common::shared::redis().await {
+                        super::$case(store).await;
+                    }
+                }
+            )*
+        }
+
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    if let Some(store) = crate::common::shared::postgres().await {
+                        super::$case(store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+cases!(
+    hang_up_then_retry_later_replays,
+    hang_up_then_quick_retry_gets_409_then_the_replay,
+    a_hundred_clients_hang_up_and_retry_one_run_each,
+    a_panic_after_the_hang_up_releases_the_key,
+    a_5xx_after_the_hang_up_releases_the_key,
+    a_hang_up_during_the_body_runs_nothing_and_holds_nothing,
+    shutdown_waits_for_a_detached_run_and_a_new_server_replays_it,
+    without_finish_on_disconnect_the_handler_is_cancelled,
+);

@@ -1,0 +1,277 @@
+//! Metrics (feature `metrics`): known traffic through the layer, counted by `metrics-util`'s
+//! debugging recorder. Each test installs a recorder of its own for its thread (the tests run
+//! on current-thread runtimes, so the layer's tasks record on that thread too), so tests never
+//! see each other's counts.
+#![cfg(feature = "metrics")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::{FaultyStore, Runs, api, post_with_key, send};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use tower::ServiceExt;
+use tower_idempotency::metrics::{
+    DETACHED_RUNS, EVICTED_TOTAL, REQUESTS_TOTAL, STORE_CALL_DURATION_SECONDS,
+};
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+/// What a recorder saw, added up over snapshots (a snapshot drains counters, gauges and
+/// histograms).
+#[derive(Default)]
+struct Seen {
+    counters: HashMap<String, u64>,
+    gauges: HashMap<String, f64>,
+    histograms: HashMap<String, usize>,
+}
+
+impl Seen {
+    /// Adds what the recorder saw since the last snapshot.
+    fn take(&mut self, snapshotter: &Snapshotter) {
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let key = key.key();
+            let mut labels: Vec<_> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let id = format!("{}{{{}}}", key.name(), labels.join(","));
+            match value {
+                DebugValue::Counter(n) => *self.counters.entry(id).or_default() += n,
+                DebugValue::Gauge(v) => *self.gauges.entry(id).or_default() += v.into_inner(),
+                DebugValue::Histogram(samples) => {
+                    *self.histograms.entry(id).or_default() += samples.len();
+                }
+            }
+        }
+    }
+
+    fn requests(&self, outcome: &str) -> u64 {
+        let id = format!("{REQUESTS_TOTAL}{{outcome={outcome}}}");
+        self.counters.get(&id).copied().unwrap_or(0)
+    }
+
+    fn store_calls(&self, op: &str, result: &str) -> usize {
+        let id = format!("{STORE_CALL_DURATION_SECONDS}{{op={op},result={result}}}");
+        self.histograms.get(&id).copied().unwrap_or(0)
+    }
+
+    fn detached_runs(&self) -> f64 {
+        let id = format!("{DETACHED_RUNS}{{}}");
+        self.gauges.get(&id).copied().unwrap_or(0.0)
+    }
+
+    fn evicted(&self) -> u64 {
+        let id = format!("{EVICTED_TOTAL}{{}}");
+        self.counters.get(&id).copied().unwrap_or(0)
+    }
+}
+
+fn layered(store: impl tower_idempotency::IdempotencyStore + Clone, runs: &Runs) -> Router {
+    api(runs.clone()).layer(IdempotencyLayer::new(store))
+}
+
+/// Known traffic: a first run, its replay, a 409, a 422, an invalid key, a
+/// missing key (passes through, not counted), and a store that fails (503).
+#[tokio::test(start_paused = true)]
+async fn requests_are_counted_by_outcome() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = layered(MemoryStore::new(), &runs);
+    assert_eq!(
+        send(&app, post_with_key("/payments", "k1", "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert!(
+        send(&app, post_with_key("/payments", "k1", "{}"))
+            .await
+            .replayed()
+    );
+    let reuse = send(&app, post_with_key("/payments", "k1", r#"{"other":1}"#)).await;
+    assert_eq!(reuse.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let invalid = send(&app, post_with_key("/payments", "two words", "{}")).await;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    let no_key = Request::post("/payments").body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, no_key).await.status, StatusCode::CREATED);
+
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with_key("/slow/1000", "k2", "{}")).await }
+    });
+    while runs.get() < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let conflict = send(&app, post_with_key("/slow/1000", "k2", "{}")).await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
+
+    let failing = FaultyStore::default();
+    failing.fail(true);
+    let down = layered(failing, &runs);
+    let unavailable = send(&down, post_with_key("/payments", "k3", "{}")).await;
+    assert_eq!(unavailable.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("executed"), 2, "k1 and k2 ran");
+    assert_eq!(seen.requests("replayed"), 1);
+    assert_eq!(seen.requests("in_progress"), 1);
+    assert_eq!(seen.requests("mismatch"), 1);
+    assert_eq!(seen.requests("invalid_key"), 1);
+    assert_eq!(seen.requests("store_error"), 1);
+    let total: u64 = seen
+        .counters
+        .iter()
+        .filter(|(id, _)| id.starts_with(REQUESTS_TOTAL))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        total, 7,
+        "the request without a key passed through uncounted: {:?}",
+        seen.counters
+    );
+}
+
+/// Released keys (5xx) and requests refused for a missing key are counted too.
+#[tokio::test(start_paused = true)]
+async fn released_and_missing_keys_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).require_key(true));
+    let failed = send(&app, post_with_key("/status/500", "k", "{}")).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let missing = Request::post("/payments").body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, missing).await.status, StatusCode::BAD_REQUEST);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("released"), 1);
+    assert_eq!(seen.requests("missing_key"), 1);
+}
+
+/// Each store call of one request is timed: `begin` and `complete`, both `ok`; a store that
+/// fails records `begin` as an `error`.
+#[tokio::test(start_paused = true)]
+#[ignore = "waits on the store-call metrics in the request flow"]
+async fn store_calls_are_timed_by_op_and_result() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = layered(MemoryStore::new(), &runs);
+    send(&app, post_with_key("/payments", "k1", "{}")).await;
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.store_calls("begin", "ok"), 1, "{:?}", seen.histograms);
+    assert_eq!(
+        seen.store_calls("complete", "ok"),
+        1,
+        "{:?}",
+        seen.histograms
+    );
+    assert_eq!(seen.store_calls("begin", "error"), 0);
+
+    let failing = FaultyStore::default();
+    failing.fail(true);
+    send(
+        &layered(failing, &runs),
+        post_with_key("/payments", "k2", "{}"),
+    )
+    .await;
+    seen.take(&snapshotter);
+    assert_eq!(
+        seen.store_calls("begin", "error"),
+        1,
+        "{:?}",
+        seen.histograms
+    );
+    assert_eq!(seen.store_calls("begin", "ok"), 1);
+}
+
+/// A handler whose client went away runs on, counted by the gauge until it ends.
+#[tokio::test(start_paused = true)]
+#[ignore = "waits on the detached-runs metric in the request flow"]
+async fn detached_runs_are_gauged() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = layered(MemoryStore::new(), &runs);
+    let client = tokio::spawn({
+        let app = app.clone();
+        async move { app.oneshot(post_with_key("/slow/1000", "k", "{}")).await }
+    });
+    while runs.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client.abort();
+    let _ = client.await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.detached_runs(), 1.0, "{:?}", seen.gauges);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    seen.take(&snapshotter);
+    assert_eq!(seen.detached_runs(), 0.0, "the run ended");
+    assert_eq!(seen.requests("executed"), 1, "its response was stored");
+}
+
+/// A full store drops completed records early to make room, and counts them.
+#[tokio::test(start_paused = true)]
+#[ignore = "waits on eviction in MemoryStore"]
+async fn early_evictions_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = layered(MemoryStore::new().max_entries(2), &runs);
+    for key in ["k1", "k2", "k3"] {
+        let reply = send(&app, post_with_key("/payments", key, "{}")).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{key}");
+    }
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.evicted(), 1, "{:?}", seen.counters);
+}
+
+/// `describe` gives the recorder each metric's help text and unit.
+#[tokio::test]
+async fn metrics_are_described() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    tower_idempotency::metrics::describe();
+    let runs = Runs::default();
+    send(
+        &layered(MemoryStore::new(), &runs),
+        post_with_key("/payments", "k", "{}"),
+    )
+    .await;
+    let snapshot = snapshotter.snapshot().into_vec();
+    let (_, unit, help, _) = snapshot
+        .iter()
+        .find(|(key, ..)| key.key().name() == REQUESTS_TOTAL)
+        .expect("the request was counted");
+    assert_eq!(*unit, Some(metrics::Unit::Count));
+    assert!(
+        help.as_deref().is_some_and(|h| h.contains("by outcome")),
+        "{help:?}"
+    );
+}
