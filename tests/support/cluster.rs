@@ -263,10 +263,10 @@ pub async fn primary_of(url: &str, redis_key: &str) -> u16 {
         else {
             continue;
         };
-        if (*start..=*end).contains(&slot) {
-            if let redis::Value::Int(port) = primary[1] {
-                return port as u16;
-            }
+        if (*start..=*end).contains(&slot)
+            && let redis::Value::Int(port) = primary[1]
+        {
+            return port as u16;
         }
     }
     panic!("no primary serves slot {slot}");
@@ -276,10 +276,10 @@ pub async fn primary_of(url: &str, redis_key: &str) -> u16 {
 pub async fn primaries(urls: &[String]) -> Vec<u16> {
     let mut ports = Vec::new();
     for url in urls {
-        if let Ok(role) = node_command(url, &["ROLE"]).await {
-            if role.starts_with("master") {
-                ports.push(port_of(url));
-            }
+        if let Ok(role) = node_command(url, &["ROLE"]).await
+            && role.starts_with("master")
+        {
+            ports.push(port_of(url));
         }
     }
     ports
