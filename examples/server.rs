@@ -1,21 +1,56 @@
 //! Run with: cargo run --example server
 //!
-//! A small payments API behind `IdempotencyLayer` on the in-memory store. `POST /payments`
-//! creates a payment (after ~100 ms of simulated work); `GET /payments/{id}` reads it back.
-//! Listens on 127.0.0.1:3000; set `PORT` to change the port.
+//! A small payments API behind `IdempotencyLayer` on the in-memory store, with keys scoped by
+//! the account that authentication verified. `POST /payments` creates a payment (after ~100 ms
+//! of simulated work); `GET /payments/{id}` reads it back. Listens on 127.0.0.1:3000; set `PORT`
+//! to change the port.
+//!
+//! Demo credentials: `Bearer alice-token-1` and `Bearer alice-token-2` are two access tokens of
+//! the account `alice` (a client that refreshed its token); `Bearer bob-token` is `bob`'s.
+//! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{DetachedRuns, IdempotencyLayer, MemoryStore, TenantFromExtension};
+
+/// The principal that authentication verified: the tenant of its idempotency keys.
+#[derive(Debug, Clone)]
+struct Account(&'static str);
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// A tiny authentication middleware: verifies the bearer token and puts its account in the
+/// request extensions. A real app verifies a JWT's signature or looks a session up; what
+/// matters is that the account comes from what was verified, never from unverified claims.
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let account = match token {
+        Some("alice-token-1" | "alice-token-2") => Account("alice"),
+        Some("bob-token") => Account("bob"),
+        _ => return (StatusCode::UNAUTHORIZED, "unknown or missing bearer token").into_response(),
+    };
+    request.extensions_mut().insert(account);
+    next.run(request).await
+}
 
 #[derive(Clone, Default)]
 struct Payments {
@@ -51,13 +86,20 @@ async fn get_payment(State(payments): State<Payments>, Path(id): Path<u64>) -> i
     }
 }
 
-/// The payments API, idempotent on POST and PATCH.
-fn app() -> Router {
-    Router::new()
+/// The payments API, idempotent on POST and PATCH, keys scoped by account. Authentication sits
+/// outside the idempotency layer: a `401` never reaches it, and the account is in the
+/// extensions when it runs.
+fn app() -> (Router, DetachedRuns) {
+    let idempotency =
+        IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new());
+    let detached = idempotency.detached_runs();
+    let app = Router::new()
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))
         .with_state(Payments::default())
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(idempotency)
+        .layer(middleware::from_fn(authenticate));
+    (app, detached)
 }
 
 #[tokio::main]
@@ -70,15 +112,39 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
     let base = format!("http://127.0.0.1:{port}");
+    let post = |token: &str, body: &str| {
+        format!(
+            "  curl -i -X POST {base}/payments -H 'Authorization: Bearer {token}' \\\n       \
+             -H 'Idempotency-Key: order-42' -H 'Content-Type: application/json' -d '{body}'\n"
+        )
+    };
+    let body = r#"{"amount":1000,"currency":"eur"}"#;
     println!("payments API on {base}\n");
     println!("Create a payment (run it twice: the second answer is a replay):");
-    println!(
-        "  curl -i -X POST {base}/payments -H 'Idempotency-Key: order-42' \\\n       -H 'Content-Type: application/json' -d '{{\"amount\":1000,\"currency\":\"eur\"}}'\n"
-    );
+    println!("{}", post("alice-token-1", body));
+    println!("The same retry after a token refresh is still a replay (same account):");
+    println!("{}", post("alice-token-2", body));
+    println!("Another account with the same key gets its own payment:");
+    println!("{}", post("bob-token", body));
     println!("Same key, different body: 422 idempotency_key_reuse:");
+    println!("{}", post("alice-token-1", r#"{"amount":9999}"#));
     println!(
-        "  curl -i -X POST {base}/payments -H 'Idempotency-Key: order-42' \\\n       -H 'Content-Type: application/json' -d '{{\"amount\":9999}}'\n"
+        "Read it back:\n  curl -i {base}/payments/1 -H 'Authorization: Bearer alice-token-1'\n"
     );
-    println!("Read it back:\n  curl -i {base}/payments/1\n");
-    axum::serve(listener, app()).await.expect("server error");
+
+    let (app, detached) = app();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .expect("server error");
+    // Connections are closed; handlers whose client went away may still be running: give them
+    // time to finish and store their responses. A run still going keeps its key's lease.
+    if !detached.wait_timeout(Duration::from_secs(30)).await {
+        eprintln!(
+            "{} handlers still running; their keys are taken over once their lease ends",
+            detached.count()
+        );
+    }
 }

@@ -171,6 +171,13 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty body, for middleware that answers on its own (`tower_http`'s `TimeoutLayer`, say).
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::full(Bytes::new())
+    }
+}
+
 impl<B> From<ResponseKind<B>> for ResponseBody<B> {
     fn from(kind: ResponseKind<B>) -> Self {
         Self { kind }

@@ -149,6 +149,19 @@ where
 
 /// The default tenant: a hash of the `Authorization` header when present, otherwise the one
 /// shared scope.
+///
+/// Right for credentials that do not change between a request and its retry: static API keys
+/// (`Bearer sk_live_…`), Basic auth. Wrong for the two setups most APIs run today:
+///
+/// - **Tokens that rotate** (OAuth2, JWT access tokens): a client that times out, refreshes
+///   its token and retries with the same key lands in another scope, and the handler runs a
+///   second time.
+/// - **Cookie sessions**: without `Authorization`, every caller shares one scope, and a caller
+///   who guesses another's key (and sends the same request) is served that caller's response.
+///
+/// For both, scope by the principal your auth middleware verified, with
+/// [`TenantFromExtension`]. With the `tracing` feature, this extractor warns once per process
+/// when it sees a bearer token shaped like a JWT, or a `Cookie` without `Authorization`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultTenant;
 
@@ -172,12 +185,113 @@ impl TenantExtractor for DefaultTenant {
     fn extract(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
         let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
         match (values.next(), values.next()) {
-            (None, _) => Ok(TenantId::shared()),
-            (Some(value), None) => Ok(TenantId::hash_parts("authorization", value.as_bytes())),
+            (None, _) => {
+                #[cfg(feature = "tracing")]
+                if parts.headers.contains_key(header::COOKIE) {
+                    warn_once::cookie_without_authorization();
+                }
+                Ok(TenantId::shared())
+            }
+            (Some(value), None) => {
+                #[cfg(feature = "tracing")]
+                warn_once::if_jwt(value.as_bytes());
+                Ok(Self::scope_for(value.as_bytes()))
+            }
             (Some(_), Some(_)) => Err(TenantRejection::new(
                 StatusCode::BAD_REQUEST,
                 "the Authorization header was sent more than once",
             )),
+        }
+    }
+}
+
+/// The warnings of the default tenant, each logged once per process.
+#[cfg(feature = "tracing")]
+mod warn_once {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static JWT: AtomicBool = AtomicBool::new(false);
+    static COOKIE: AtomicBool = AtomicBool::new(false);
+
+    /// `true` the first time only.
+    fn first(flag: &AtomicBool) -> bool {
+        !flag.load(Ordering::Relaxed) && !flag.swap(true, Ordering::Relaxed)
+    }
+
+    /// Warns, once, when `authorization` is a bearer token shaped like a JWT: three base64url
+    /// segments. Its claims are never read: the token is not verified here.
+    pub(super) fn if_jwt(authorization: &[u8]) {
+        if JWT.load(Ordering::Relaxed) || !is_bearer_jwt(authorization) || !first(&JWT) {
+            return;
+        }
+        tracing::warn!(
+            target: "tower_idempotency",
+            "idempotency keys are scoped by the Authorization header, which carries a JWT: when \
+             the client refreshes its token and retries, the retry lands in another scope and the \
+             handler runs twice. Scope by the verified principal instead: \
+             IdempotencyLayer::tenant(TenantFromExtension::<YourPrincipal>::new())"
+        );
+    }
+
+    /// Warns, once, about a covered request with a `Cookie` and no `Authorization`.
+    pub(super) fn cookie_without_authorization() {
+        if COOKIE.load(Ordering::Relaxed) || !first(&COOKIE) {
+            return;
+        }
+        tracing::warn!(
+            target: "tower_idempotency",
+            "a keyed request carries a Cookie but no Authorization, so it is in the one scope shared \
+             by every caller: a caller who guesses another's key gets that caller's response. \
+             Scope by the session's verified principal: \
+             IdempotencyLayer::tenant(TenantFromExtension::<YourPrincipal>::new())"
+        );
+    }
+
+    pub(super) fn is_bearer_jwt(authorization: &[u8]) -> bool {
+        let Some(token) = authorization
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+            .map(|_| &authorization[7..])
+        else {
+            return false;
+        };
+        let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+        let mut segments = token.split(|&b| b == b'.');
+        let (Some(header), Some(claims), Some(signature), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return false;
+        };
+        !header.is_empty()
+            && !claims.is_empty()
+            && [header, claims, signature]
+                .iter()
+                .all(|s| s.iter().all(base64url))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn jwt_shapes() {
+            for jwt in [
+                "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl",
+                "bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.",
+            ] {
+                assert!(super::is_bearer_jwt(jwt.as_bytes()), "{jwt}");
+            }
+            for not_jwt in [
+                "Bearer sk_live_4f1c2a",
+                "Basic dXNlcjpwYXNz",
+                "Bearer a.b",
+                "Bearer a.b.c.d",
+                "Bearer a b.c.d",
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln",
+            ] {
+                assert!(!super::is_bearer_jwt(not_jwt.as_bytes()), "{not_jwt}");
+            }
         }
     }
 }

@@ -164,7 +164,6 @@ async fn released_and_missing_keys_are_counted() {
 /// Each store call of one request is timed: `begin` and `complete`, both `ok`; a store that
 /// fails records `begin` as an `error`.
 #[tokio::test(start_paused = true)]
-#[ignore = "waits on the store-call metrics in the request flow"]
 async fn store_calls_are_timed_by_op_and_result() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -203,7 +202,6 @@ async fn store_calls_are_timed_by_op_and_result() {
 
 /// A handler whose client went away runs on, counted by the gauge until it ends.
 #[tokio::test(start_paused = true)]
-#[ignore = "waits on the detached-runs metric in the request flow"]
 async fn detached_runs_are_gauged() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();

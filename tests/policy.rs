@@ -1,0 +1,321 @@
+//! What is stored: refusals that say the operation did not run are not, outcomes are, and a
+//! handler decides per response. And where the layer goes in a middleware stack: the orders
+//! that change what is stored (a timeout outside and inside, compression outside, a panic
+//! caught outside). Through real axum `Router`s, counting handler runs.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use common::{Runs, send};
+use http_body_util::BodyExt;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_idempotency::{CacheDecision, IdempotencyLayer, MemoryStore, Outcome};
+
+fn post_json(
+    uri: &str,
+    key: &str,
+    content_type: Option<&str>,
+    body: &'static str,
+) -> Request<Body> {
+    let mut builder = Request::post(uri).header("idempotency-key", key);
+    if let Some(content_type) = content_type {
+        builder = builder.header(header::CONTENT_TYPE, content_type);
+    }
+    builder.body(Body::from(body)).unwrap()
+}
+
+/// `POST /orders` takes JSON with axum's `Json` extractor: `415` without `Content-Type`, `422`
+/// for JSON that does not fit, `201` otherwise.
+fn orders(runs: &Runs) -> Router {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        amount: u64,
+    }
+    async fn create(State(runs): State<Runs>, Json(order): Json<Order>) -> impl IntoResponse {
+        let n = runs.bump();
+        (
+            StatusCode::CREATED,
+            format!("order {n} of {}", order.amount),
+        )
+    }
+    Router::new()
+        .route("/orders", post(create))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn a_415_is_not_stored_and_the_corrected_retry_runs() {
+    let runs = Runs::default();
+    let app = orders(&runs);
+    let refused = send(
+        &app,
+        post_json("/orders", "trap-1", None, r#"{"amount":5}"#),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(refused.outcome, Some(Outcome::Released));
+    assert_eq!(refused.header("idempotency-key"), Some("trap-1"));
+    let json = Some("application/json");
+    let corrected = send(
+        &app,
+        post_json("/orders", "trap-1", json, r#"{"amount":5}"#),
+    )
+    .await;
+    assert_eq!(corrected.status, StatusCode::CREATED);
+    assert!(!corrected.replayed(), "the corrected retry runs");
+    assert_eq!(&corrected.body[..], b"order 1 of 5");
+    let retry = send(
+        &app,
+        post_json("/orders", "trap-1", json, r#"{"amount":5}"#),
+    )
+    .await;
+    assert!(retry.replayed());
+    assert_eq!(runs.get(), 1, "the handler ran once in all");
+}
+
+#[tokio::test]
+async fn a_422_from_the_json_extractor_is_not_stored() {
+    let runs = Runs::default();
+    let app = orders(&runs);
+    let json = Some("application/json");
+    let invalid = send(&app, post_json("/orders", "k", json, r#"{"amount":"x"}"#)).await;
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(invalid.outcome, Some(Outcome::Released));
+    // The same request again fails again, harmlessly: nothing happened.
+    let again = send(&app, post_json("/orders", "k", json, r#"{"amount":"x"}"#)).await;
+    assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(!again.replayed());
+    assert_eq!(runs.get(), 0);
+}
+
+/// `POST /decide/{what}`: `skip` answers a 201 marked not to be stored, `store` a 422 marked to
+/// be stored.
+fn decisions(runs: &Runs) -> Router {
+    async fn skip(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        (
+            StatusCode::CREATED,
+            Extension(CacheDecision::Skip),
+            format!("secret {n}"),
+        )
+    }
+    async fn store(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        let declined = format!("declined {n}");
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Extension(CacheDecision::Store),
+            declined,
+        )
+    }
+    Router::new()
+        .route("/decide/skip", post(skip))
+        .route("/decide/store", post(store))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn a_handler_that_marks_a_201_skip_runs_again_on_retry() {
+    let runs = Runs::default();
+    let app = decisions(&runs);
+    let first = send(&app, post_json("/decide/skip", "k", None, "")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.outcome, Some(Outcome::Released));
+    let retry = send(&app, post_json("/decide/skip", "k", None, "")).await;
+    assert!(!retry.replayed());
+    assert_eq!(&retry.body[..], b"secret 2");
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_handler_that_marks_a_422_store_is_replayed() {
+    let runs = Runs::default();
+    let app = decisions(&runs);
+    let first = send(&app, post_json("/decide/store", "k", None, "")).await;
+    assert_eq!(first.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(first.outcome, Some(Outcome::Executed));
+    let retry = send(&app, post_json("/decide/store", "k", None, "")).await;
+    assert_eq!(retry.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(retry.replayed());
+    assert_eq!(&retry.body[..], b"declined 1");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn the_handlers_decision_wins_over_the_policy() {
+    let runs = Runs::default();
+    async fn skip(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        (
+            StatusCode::OK,
+            Extension(CacheDecision::Skip),
+            format!("run {n}"),
+        )
+    }
+    // A policy that stores everything still lets the handler skip.
+    let app = Router::new()
+        .route("/", post(skip))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()).cache_policy(|_| true));
+    send(&app, post_json("/", "k", None, "")).await;
+    let retry = send(&app, post_json("/", "k", None, "")).await;
+    assert!(!retry.replayed());
+    assert_eq!(runs.get(), 2);
+}
+
+/// `POST /work`: charges (counted), works for 300 ms, then 201.
+fn work(runs: &Runs) -> Router {
+    async fn work(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (StatusCode::CREATED, format!("work {n}"))
+    }
+    Router::new()
+        .route("/work", post(work))
+        .with_state(runs.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_outside_the_layer_looks_like_a_client_that_left() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let detached = layer.detached_runs();
+    let timeout =
+        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_millis(100));
+    let app = work(&runs).layer(ServiceBuilder::new().layer(timeout).layer(layer));
+    let first = send(&app, post_json("/work", "k", None, "")).await;
+    assert_eq!(
+        first.status,
+        StatusCode::REQUEST_TIMEOUT,
+        "the client hears of the timeout"
+    );
+    assert_eq!(detached.count(), 1, "and the run goes on");
+    assert!(detached.wait_timeout(Duration::from_secs(1)).await);
+    let retry = send(&app, post_json("/work", "k", None, "")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(
+        retry.replayed(),
+        "the run that timed out for its client finished"
+    );
+    assert_eq!(&retry.body[..], b"work 1");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_inside_the_layer_cancels_the_handler_and_releases() {
+    let runs = Runs::default();
+    let timeout =
+        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_millis(100));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let app = work(&runs).layer(ServiceBuilder::new().layer(layer).layer(timeout));
+    let first = send(&app, post_json("/work", "k", None, "")).await;
+    assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(
+        first.outcome,
+        Some(Outcome::Released),
+        "a 408 releases the key"
+    );
+    let retry = send(&app, post_json("/work", "k", None, "")).await;
+    assert_eq!(retry.status, StatusCode::REQUEST_TIMEOUT);
+    assert!(!retry.replayed());
+    assert_eq!(runs.get(), 2, "the handler was cut half-way, and ran again");
+}
+
+#[tokio::test]
+async fn compression_outside_stores_identity_and_encodes_each_replay() {
+    let runs = Runs::default();
+    async fn report(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        let body = format!("{{\"report\":{n},\"rows\":\"{}\"}}", "abc".repeat(500));
+        (
+            StatusCode::CREATED,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+    }
+    let app = Router::new()
+        .route("/reports", post(report))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(CompressionLayer::new());
+    let request = |encoding: Option<&str>| {
+        let mut builder = Request::post("/reports").header("idempotency-key", "k");
+        if let Some(encoding) = encoding {
+            builder = builder.header(header::ACCEPT_ENCODING, encoding);
+        }
+        builder.body(Body::empty()).unwrap()
+    };
+    let gzip = app.clone().oneshot(request(Some("gzip"))).await.unwrap();
+    assert_eq!(gzip.headers()[header::CONTENT_ENCODING], "gzip");
+    let gzip_body = gzip.into_body().collect().await.unwrap().to_bytes();
+
+    let identity = send(&app, request(None)).await;
+    assert!(identity.replayed());
+    assert_eq!(
+        identity.header("content-encoding"),
+        None,
+        "stored as identity"
+    );
+    assert!(identity.body.starts_with(b"{\"report\":1,"));
+
+    let replayed_gzip = app.clone().oneshot(request(Some("gzip"))).await.unwrap();
+    assert_eq!(replayed_gzip.headers()["idempotent-replayed"], "true");
+    assert_eq!(replayed_gzip.headers()[header::CONTENT_ENCODING], "gzip");
+    let replayed_body = replayed_gzip
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(replayed_body, gzip_body, "the same bytes, encoded again");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn a_panic_caught_outside_the_layer_releases_the_key() {
+    let runs = Runs::default();
+    async fn flaky(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        if n == 1 {
+            panic!("the first run fails");
+        }
+        (StatusCode::CREATED, format!("run {n}"))
+    }
+    let app = Router::new()
+        .route("/flaky", post(flaky))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(CatchPanicLayer::new());
+    let first = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(
+        first.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the panic became a 500"
+    );
+    // The release runs in the background.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let retry = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "released: the retry runs"
+    );
+    assert_eq!(&retry.body[..], b"run 2");
+    let replay = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert!(replay.replayed());
+    assert_eq!(runs.get(), 2);
+}
