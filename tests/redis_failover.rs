@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use support::cluster::{Cluster, primary_of};
 use support::*;
-use tower_idempotency::{RecordKey, RedisStore, TenantId};
+use tower_idempotency::{RecordKey, RedisStore};
 
-/// The Redis key of `key` under the default prefix and the shared tenant scope.
+/// The Redis key of `key` under the default prefix, as the fleet scenarios' client sends it.
 fn redis_key(store: &RedisStore, key: &str) -> String {
-    store.redis_key(&RecordKey::new(TenantId::shared(), key))
+    store.redis_key(&RecordKey::new(client_tenant(), key))
 }
 
 /// A primary dies: requests for its slots get `503` within the store timeout and run nothing,

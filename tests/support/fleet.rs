@@ -59,9 +59,20 @@ pub fn server<S: IdempotencyStore>(
     payments_api(runs.clone(), delay).layer(configure(IdempotencyLayer::new(store)))
 }
 
+/// The `Authorization` of the fleet scenarios' client: its requests are scoped to its own
+/// tenant, where replays carry every header (`Set-Cookie` included).
+pub const CLIENT: &str = "Bearer fleet-scenarios-client";
+
+/// The tenant of [`CLIENT`]'s records.
+pub fn client_tenant() -> TenantId {
+    tower_idempotency::DefaultTenant::scope_for(CLIENT)
+}
+
+/// A keyed `POST /payments` from [`CLIENT`].
 pub fn payment(key: &str, body: &str) -> Request<Body> {
     Request::post("/payments")
         .header("idempotency-key", key)
+        .header(header::AUTHORIZATION, CLIENT)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body.to_owned()))
         .unwrap()

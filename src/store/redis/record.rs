@@ -101,8 +101,9 @@ return 0
     ))
 });
 
-/// `lookup`. Returns nil when there is no record, or the record and its remaining time in ms.
-/// Changes nothing.
+/// `lookup`. Returns nil when there is no record, or the record and its expiry in ms since the
+/// Unix epoch, on the server's clock (`PEXPIRETIME`, or `TIME` + `PTTL` before Redis 7), so that
+/// two lookups of one record agree. Changes nothing.
 pub(super) static LOOKUP: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r"
@@ -110,7 +111,17 @@ local record = redis.call('GET', KEYS[1])
 if not record then
   return false
 end
-return {record, redis.call('PTTL', KEYS[1])}
+local at = redis.pcall('PEXPIRETIME', KEYS[1])
+if type(at) ~= 'number' then
+  local now = redis.call('TIME')
+  local pttl = redis.call('PTTL', KEYS[1])
+  if pttl < 0 then
+    at = pttl
+  else
+    at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + pttl
+  end
+end
+return {record, at}
 ",
     )
 });
@@ -179,8 +190,8 @@ pub(super) fn decode_completed(bytes: &[u8]) -> Result<StoredResponse, StoreErro
     }
 }
 
-/// Reads any record back for `lookup`, given its remaining time (`PTTL`) in ms.
-pub(super) fn decode_info(bytes: &[u8], pttl: i64) -> Result<RecordInfo, StoreError> {
+/// Reads any record back for `lookup`, given its expiry in ms since the Unix epoch.
+pub(super) fn decode_info(bytes: &[u8], expires_at_ms: i64) -> Result<RecordInfo, StoreError> {
     let Some((head, rest)) = bytes.split_at_checked(HEAD_LEN) else {
         return Err(corrupt());
     };
@@ -188,8 +199,8 @@ pub(super) fn decode_info(bytes: &[u8], pttl: i64) -> Result<RecordInfo, StoreEr
     fingerprint.copy_from_slice(&head[2..34]);
     let fingerprint = Fingerprint::from_bytes(fingerprint);
     // Every record is written with an expiry; a key without one (-1) was not written here.
-    let remaining = u64::try_from(pttl).map_err(|_| corrupt())?;
-    let until = SystemTime::now() + Duration::from_millis(remaining);
+    let at = u64::try_from(expires_at_ms).map_err(|_| corrupt())?;
+    let until = SystemTime::UNIX_EPOCH + Duration::from_millis(at);
     let state = match head[..2] {
         [VERSION, IN_FLIGHT] if rest.is_empty() => RecordState::InFlight { lease_until: until },
         [VERSION, COMPLETED] => {
@@ -270,7 +281,7 @@ mod tests {
         let RecordState::InFlight { lease_until } = info.state else {
             panic!("in flight expected: {info:?}");
         };
-        assert!(lease_until > SystemTime::now() + Duration::from_secs(4));
+        assert_eq!(lease_until, SystemTime::UNIX_EPOCH + Duration::from_secs(5));
 
         let info = decode_info(&completed(&StoredResponse::omitted(StatusCode::OK)), 1).unwrap();
         assert!(matches!(

@@ -126,8 +126,8 @@ impl IdempotencyStore for RedisStore {
         {
             Value::Nil => Ok(None),
             Value::Array(reply) => match reply.as_slice() {
-                [Value::BulkString(bytes), Value::Int(pttl)] => {
-                    record::decode_info(bytes, *pttl).map(Some)
+                [Value::BulkString(bytes), Value::Int(expires_at)] => {
+                    record::decode_info(bytes, *expires_at).map(Some)
                 }
                 _ => Err(unexpected(&Value::Array(reply))),
             },
