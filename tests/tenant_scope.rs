@@ -1,0 +1,167 @@
+//! Scoping keys by who the caller is. Through a real axum `Router` with a small auth layer that
+//! verifies a bearer token and puts its account (the principal) in the request extensions.
+
+mod common;
+
+use std::fmt;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request as AxumRequest, State};
+use axum::http::{Request, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use common::{Runs, send};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
+
+/// The principal that authentication verified.
+#[derive(Debug, Clone)]
+struct Account(&'static str);
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+// Access tokens shaped like JWTs: `alice` holds two (before and after a refresh), `bob` one.
+// A real app verifies the signature; here the whole token is looked up, so a token whose
+// claims were edited (a forged `sub`) is unknown.
+const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";
+const ALICE_T2: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6Mn0.c2lnLWFsaWNlLTI";
+const BOB: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IiLCJleHAiOjF9.c2lnLWJvYg";
+const FORGED_ALICE: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.Zm9yZ2Vk";
+
+async fn authenticate(mut request: AxumRequest, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let account = match token {
+        Some(ALICE_T1 | ALICE_T2) => Account("alice"),
+        Some(BOB) => Account("bob"),
+        _ => return StatusCode::UNAUTHORIZED.into_response(),
+    };
+    request.extensions_mut().insert(account);
+    next.run(request).await
+}
+
+/// `POST /payments`: 201 naming the run, with a session cookie.
+fn routes(runs: &Runs) -> Router {
+    async fn pay(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        let cookie = format!("session=s{n}; HttpOnly");
+        (
+            StatusCode::CREATED,
+            [(header::SET_COOKIE, cookie)],
+            format!("payment {n}"),
+        )
+    }
+    Router::new()
+        .route("/payments", post(pay))
+        .with_state(runs.clone())
+}
+
+/// Keys scoped by the verified account; authentication outside the layer.
+fn principal_app(runs: &Runs) -> Router {
+    routes(runs)
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new()),
+        )
+        .layer(middleware::from_fn(authenticate))
+}
+
+fn pay(token: Option<&str>, key: &str) -> Request<Body> {
+    let mut builder = Request::post("/payments").header("idempotency-key", key);
+    if let Some(token) = token {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    builder.body(Body::from(r#"{"amount":100}"#)).unwrap()
+}
+
+#[tokio::test]
+async fn a_retry_after_a_token_refresh_replays() {
+    let runs = Runs::default();
+    let app = principal_app(&runs);
+    let first = send(&app, pay(Some(ALICE_T1), "order-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, pay(Some(ALICE_T2), "order-1")).await;
+    assert!(retry.replayed(), "same account, new token: a replay");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(
+        retry.header("set-cookie"),
+        Some("session=s1; HttpOnly"),
+        "inside a tenant's scope the replay is the whole response"
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn two_principals_with_the_same_key_never_meet() {
+    let runs = Runs::default();
+    let app = principal_app(&runs);
+    let alice = send(&app, pay(Some(ALICE_T1), "order-1")).await;
+    let bob = send(&app, pay(Some(BOB), "order-1")).await;
+    assert!(!bob.replayed());
+    assert_eq!(&alice.body[..], b"payment 1");
+    assert_eq!(&bob.body[..], b"payment 2");
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_forged_token_never_reaches_another_principals_records() {
+    let runs = Runs::default();
+    let app = principal_app(&runs);
+    send(&app, pay(Some(ALICE_T1), "order-1")).await;
+    let forged = send(&app, pay(Some(FORGED_ALICE), "order-1")).await;
+    assert_eq!(
+        forged.status,
+        StatusCode::UNAUTHORIZED,
+        "auth refuses it first"
+    );
+    assert!(!forged.replayed());
+
+    // With the default tenant (a hash of the whole Authorization header), a forged token is a
+    // scope of its own: its claims are never read.
+    let runs = Runs::default();
+    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let alice = send(&app, pay(Some(ALICE_T1), "order-1")).await;
+    let forged = send(&app, pay(Some(FORGED_ALICE), "order-1")).await;
+    assert!(!forged.replayed(), "never alice's response");
+    assert_ne!(forged.body, alice.body);
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn set_cookie_is_not_replayed_in_the_shared_scope() {
+    let runs = Runs::default();
+    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let first = send(&app, pay(None, "cart-1")).await;
+    assert_eq!(
+        first.header("set-cookie"),
+        Some("session=s1; HttpOnly"),
+        "the first caller gets it"
+    );
+    let other_caller = send(&app, pay(None, "cart-1")).await;
+    assert!(other_caller.replayed());
+    assert_eq!(other_caller.body, first.body);
+    assert_eq!(
+        other_caller.header("set-cookie"),
+        None,
+        "never another caller's session"
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn set_cookie_is_replayed_in_the_shared_scope_when_asked() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).replay_cookies_in_shared_scope(true);
+    let app = routes(&runs).layer(layer);
+    send(&app, pay(None, "cart-1")).await;
+    let retry = send(&app, pay(None, "cart-1")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.header("set-cookie"), Some("session=s1; HttpOnly"));
+}
