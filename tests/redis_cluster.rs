@@ -19,10 +19,7 @@ use tower_idempotency::{
 };
 
 async fn store() -> Option<RedisStore> {
-    let urls = shared_cluster("redis_cluster")?;
-    let store = RedisStore::connect_cluster(&urls)
-        .await
-        .expect("connect to REDIS_CLUSTER_URLS");
+    let store = support::shared::redis_cluster().await?;
     assert!(store.is_cluster());
     Some(store)
 }
