@@ -107,11 +107,14 @@
 //! | feature            | store           | for                                                           |
 //! |--------------------|-----------------|---------------------------------------------------------------|
 //! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
-//! | `redis`            | `RedisStore`    | a fleet: one Lua script per step, expiry kept by Redis        |
+//! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
+//!
+//! [`ReplayCache`] sits in front of any store and keeps completed records in process, so that a
+//! replay it holds costs no store call.
 //!
 //! Every server of a fleet must share one store, with the same key prefix (Redis) or table
 //! (PostgreSQL): the record key is (tenant hash, key), with no per-process seed, so a retry

@@ -101,11 +101,20 @@ async fn the_request_span_carries_hashes_and_records_the_outcome() {
     assert_eq!(executed["tenant_hash"].len(), 16);
     assert!(executed.contains_key("store_begin_us"), "{executed:?}");
     assert!(executed.contains_key("store_complete_us"), "{executed:?}");
-    let replayed = spans.values().find(|f| f["outcome"] == "replayed").expect("replay span");
-    assert_eq!(replayed["key_hash"], executed["key_hash"], "the same key, hashed the same");
+    let replayed = spans
+        .values()
+        .find(|f| f["outcome"] == "replayed")
+        .expect("replay span");
+    assert_eq!(
+        replayed["key_hash"], executed["key_hash"],
+        "the same key, hashed the same"
+    );
     for fields in spans.values() {
         for value in fields.values() {
-            assert!(!value.contains("secret-key"), "the raw key never appears: {fields:?}");
+            assert!(
+                !value.contains("secret-key"),
+                "the raw key never appears: {fields:?}"
+            );
             assert!(!value.contains("sk_test"), "nor the credential: {fields:?}");
         }
     }
