@@ -66,14 +66,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(3600));
     /// ```
     ///
-    /// # Panics
-    ///
-    /// If `ttl` is zero.
+    /// A zero TTL keeps nothing: a completed record expires at once, and a retry runs again.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        assert!(
-            !ttl.is_zero(),
-            "IdempotencyLayer::ttl must be more than zero"
-        );
         self.config.ttl = ttl;
         self
     }
