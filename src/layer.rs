@@ -32,7 +32,7 @@ use crate::tenant::{DefaultTenant, TenantExtractor};
 /// Defaults: POST and PATCH are covered; the key is optional; records live 24 hours; request
 /// bodies are capped at 2 MiB and stored responses at 1 MiB; the in-flight lease is 30 seconds,
 /// renewed while the handler runs; 2xx, 3xx and the 4xx that are outcomes of the operation are
-/// stored ([`default_cache_policy`]); a handler whose client went away runs to its end; a store
+/// stored ([`default_cache_policy`](crate::default_cache_policy)); a handler whose client went away runs to its end; a store
 /// failure answers `503` (fail closed).
 #[must_use]
 pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
@@ -66,14 +66,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(3600));
     /// ```
     ///
-    /// # Panics
-    ///
-    /// If `ttl` is zero.
+    /// A zero TTL keeps nothing: a completed record expires at once, and a retry runs again.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        assert!(
-            !ttl.is_zero(),
-            "IdempotencyLayer::ttl must be more than zero"
-        );
         self.config.ttl = ttl;
         self
     }
@@ -189,7 +183,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     }
 
     /// Which response statuses are stored and replayed; the others release the key so that a
-    /// retry runs the handler again. Default: [`default_cache_policy`] (2xx, 3xx and the 4xx that
+    /// retry runs the handler again. Default: [`default_cache_policy`](crate::default_cache_policy) (2xx, 3xx and the 4xx that
     /// are outcomes of the operation, such as `402`, `404` and `409`; not the refusals that say
     /// it did not run, such as `400`, `401`, `403`, `415` and `422`).
     ///

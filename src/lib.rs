@@ -2,18 +2,44 @@
 //! same response back.
 //!
 //! ```
+//! use axum::extract::Request;
+//! use axum::middleware::{self, Next};
+//! use axum::response::{IntoResponse, Response};
 //! use axum::{Router, http::StatusCode, routing::post};
 //! use tower::ServiceExt;
-//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
+//!
+//! /// The account your authentication verified: keys are scoped by it.
+//! #[derive(Clone)]
+//! struct AccountId(u64);
+//!
+//! impl std::fmt::Display for AccountId {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         write!(f, "{}", self.0)
+//!     }
+//! }
+//!
+//! async fn authenticate(mut request: Request, next: Next) -> Response {
+//!     // A real app verifies a token or a session here.
+//!     match request.headers().get("authorization").map(|v| v.as_bytes()) {
+//!         Some(b"Bearer token-of-42") => {
+//!             request.extensions_mut().insert(AccountId(42));
+//!             next.run(request).await
+//!         }
+//!         _ => StatusCode::UNAUTHORIZED.into_response(),
+//!     }
+//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let app = Router::new()
 //!     .route("/payments", post(|| async { (StatusCode::CREATED, "payment 1") }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<AccountId>::new()))
+//!     .layer(middleware::from_fn(authenticate));
 //!
 //! let request = || {
 //!     http::Request::post("/payments")
+//!         .header("authorization", "Bearer token-of-42")
 //!         .header("idempotency-key", "8e03978e-40d5-43e8-bc93-6894a57f9324")
 //!         .body(axum::body::Body::from(r#"{"amount":100}"#))
 //!         .unwrap()
@@ -26,6 +52,9 @@
 //! assert_eq!(retry.headers()["idempotent-replayed"], "true");
 //! # }
 //! ```
+//!
+//! With static API keys, `IdempotencyLayer::new(MemoryStore::new())` alone is enough: the
+//! default tenant is a hash of the `Authorization` header.
 //!
 //! # How it works
 //!
@@ -42,12 +71,18 @@
 //! | any live record, different fingerprint   | `422 idempotency_key_reuse`                                   |
 //! | completed, response too large to store   | `409 idempotency_response_not_stored`; the handler never reruns |
 //!
-//! The handler's response then decides the record's fate: 2xx, 3xx and 4xx (but 408 and 429) are
-//! stored for the TTL (24 hours by default, counted from completion); 5xx, 408 and 429 release
-//! the key so that a retry runs again. A request whose future is dropped (the client went away)
-//! or whose handler panics releases its key too: a key never stays stuck in `409`. While the
-//! handler runs, the lease is renewed, so only a holder that died can be taken over; and
-//! completing needs the lock token, so a holder that lost its lease cannot overwrite.
+//! The handler's response then decides the record's fate ([`default_cache_policy`]): 2xx, 3xx
+//! and the 4xx that are outcomes of the operation (`402`, `404`, `409`, `410`, ...) are stored
+//! for the TTL (24 hours by default, counted from completion); 5xx, 408, 429 and the refusals
+//! that say the operation did not run (`400`, `401`, `403`, `413`, `415`, `422`, ...) release
+//! the key so that a (corrected) retry runs. A handler decides for one response with
+//! [`CacheDecision`]. A handler whose client goes away (hyper drops the request's future) runs
+//! to its end on a task of its own, and its response is stored as if the client had stayed:
+//! the retry gets `409`, then the replay ([`finish_on_disconnect`](IdempotencyLayer::finish_on_disconnect),
+//! [`DetachedRuns`] for shutdown). A handler that panics releases its key: a key never stays
+//! stuck in `409`. While the handler runs, the lease is renewed, so only a holder that died can
+//! be taken over; and completing needs the lock token, so a holder that lost its lease cannot
+//! overwrite.
 //!
 //! Other answers: a missing key passes through (or `400 idempotency_key_missing` with
 //! [`require_key`](IdempotencyLayer::require_key)); an empty, over-long, non-visible-ASCII or
@@ -58,21 +93,28 @@
 //! echoes its `Idempotency-Key`. Errors are `application/problem+json` ([`ProblemJson`]) unless
 //! you plug your own [`ErrorRenderer`].
 //!
-//! Keys are scoped by tenant ([`TenantExtractor`]): by default a hash of the `Authorization`
-//! header, so two clients that pick the same key never see each other's responses.
+//! Keys are scoped by tenant ([`TenantExtractor`]): scope by the principal your authentication
+//! verified ([`TenantFromExtension`]), so that a retry after a token refresh still replays. The
+//! default, a hash of the `Authorization` header, suits static API keys; see [`DefaultTenant`]
+//! for when it does not.
 //!
 //! The handler finds the request's key in the request extensions ([`IdempotencyKey`]), and
-//! every handled response carries an [`Outcome`] in its extensions, for metrics.
+//! every handled response carries an [`Outcome`] in its extensions, for metrics. Support tools
+//! look a key up and forget it with [`Operator`].
 //!
 //! # Stores and feature flags
 //!
 //! | feature            | store           | for                                                           |
 //! |--------------------|-----------------|---------------------------------------------------------------|
 //! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
-//! | `redis`            | `RedisStore`    | a fleet: one Lua script per step, expiry kept by Redis        |
+//! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
-//! | `tracing`          |                 | a `tracing` event per [`Outcome`]                             |
+//! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
+//! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
+//!
+//! [`ReplayCache`] sits in front of any store and keeps completed records in process, so that a
+//! replay it holds costs no store call.
 //!
 //! Every server of a fleet must share one store, with the same key prefix (Redis) or table
 //! (PostgreSQL): the record key is (tenant hash, key), with no per-process seed, so a retry
@@ -124,6 +166,7 @@ pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;
+pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::memory::MemoryStore;

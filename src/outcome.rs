@@ -25,7 +25,8 @@ use std::fmt;
 #[non_exhaustive]
 pub enum Outcome {
     /// The handler ran and its response was stored (or, when over the response cap, recorded as
-    /// not replayable).
+    /// not replayable). A handler that ran on after its client went away is `Executed` too: its
+    /// `tracing` event and its request's span carry `detached = true`.
     Executed,
     /// A stored response was replayed; the handler did not run.
     Replayed,
@@ -46,8 +47,10 @@ pub enum Outcome {
     StoreError,
     /// The store failed and the layer is fail-open: the handler ran without protection.
     Bypassed,
-    /// The handler ran, its response was not stored (5xx, 408, 429 by default) and the key was
-    /// released so that a retry runs again.
+    /// The handler ran, its response was not stored (5xx, 408, 429 and the refusals that say the
+    /// operation did not run, by default, or a handler's [`CacheDecision::Skip`](crate::CacheDecision))
+    /// and the key was released so that a retry runs again. Also reported, as an event, for a
+    /// handler that panicked or was cancelled.
     Released,
     /// `409`: the key completed but its response was too large to store.
     NotStored,

@@ -340,7 +340,6 @@ async fn in_flight_keys_on_memory() {
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits on RedisStore's lookup and forget"]
 async fn completed_keys_on_redis() {
     if let Some(store) = common::shared::redis().await {
         lookup_then_forget_a_completed_key(store).await;
@@ -349,7 +348,6 @@ async fn completed_keys_on_redis() {
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits on RedisStore's lookup and forget"]
 async fn in_flight_keys_on_redis() {
     if let Some(store) = common::shared::redis().await {
         in_flight_keys_need_force(store).await;

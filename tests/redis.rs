@@ -2,14 +2,14 @@
 //! `scripts/test-services`).
 
 #[macro_use]
-mod stores_support;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use redis::AsyncCommands;
-use stores_support::*;
+use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, RecordKey, RedisStore, StoreErrorKind, StoredResponse,
     TenantId,
@@ -26,6 +26,40 @@ async fn store() -> Option<RedisStore> {
 
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_and_forget() {
+    let Some(store) = store().await else { return };
+    scenario_lookup_and_forget(store).await;
+}
+
+/// A replica wait that a server without replicas cannot meet: `begin` fails and frees the key
+/// it wrote; `complete` keeps the record as the server has it and reports the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_wait_without_replicas_fails_and_frees_the_key() {
+    let Some(store) = store().await else { return };
+    let waiting = store.clone().replica_wait(1, Duration::from_millis(20));
+    let fp = Fingerprint::from_bytes([8; 32]);
+    let lease = Duration::from_secs(30);
+    let key = RecordKey::new(TenantId::shared(), unique_key("wait"));
+    let err = waiting.begin(&key, &fp, lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert!(store.lookup(&key).await.unwrap().is_none(), "released");
+
+    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, lease).await else {
+        panic!("the key is free again");
+    };
+    let response = StoredResponse::omitted(StatusCode::OK);
+    let err = waiting
+        .complete(&key, token, response, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert!(
+        matches!(store.begin(&key, &fp, lease).await, Ok(Begin::Completed(_))),
+        "the record stays completed on the primary"
+    );
+}
 
 async fn raw_connection() -> redis::aio::MultiplexedConnection {
     let url = std::env::var("REDIS_URL").unwrap();

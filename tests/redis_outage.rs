@@ -5,14 +5,14 @@
 //! The test runs its own `redis-server` (from `REDIS_SERVER_BIN`, which
 //! `scripts/test-services` exports) on a free port, so that killing it disturbs no other test.
 
-mod stores_support;
+mod support;
 
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use stores_support::*;
+use support::*;
 use tower_idempotency::RedisStore;
 
 /// A `redis-server` of the test's own, killed when dropped.
@@ -97,7 +97,7 @@ async fn outage_answers_503_then_recovers_without_rebuilding_the_store() {
     let mut server = Server::start(&bin);
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let runs = Runs::default();
-    let app = stores_support::server(store, &runs, Duration::ZERO, |l| {
+    let app = support::server(store, &runs, Duration::ZERO, |l| {
         l.store_timeout(Duration::from_millis(300))
     });
 

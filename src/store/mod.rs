@@ -23,6 +23,7 @@ use http::StatusCode;
 
 #[cfg(any(feature = "memory", feature = "postgres"))]
 mod background;
+pub(crate) mod cache;
 mod error;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;

@@ -1,15 +1,9 @@
 //! The shared stores, against the servers `scripts/test-services` starts (`REDIS_URL`,
-//! `POSTGRES_URL`). Without them, each function prints that its test is skipped and returns
+//! `REDIS_CLUSTER_URLS`, `POSTGRES_URL`). Without them, each function prints that its test is skipped and returns
 //! `None`.
 
 fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("skipped: {var} is not set (run the tests through scripts/test-services)");
-            None
-        }
-    }
+    super::server_url(var, "shared store")
 }
 
 #[cfg(feature = "redis")]
@@ -19,6 +13,17 @@ pub async fn redis() -> Option<tower_idempotency::RedisStore> {
         tower_idempotency::RedisStore::connect(&url)
             .await
             .expect("connect to REDIS_URL"),
+    )
+}
+
+/// A store on the shared Redis Cluster.
+#[cfg(feature = "redis")]
+pub async fn redis_cluster() -> Option<tower_idempotency::RedisStore> {
+    let urls = url("REDIS_CLUSTER_URLS")?;
+    Some(
+        tower_idempotency::RedisStore::connect_cluster(urls.split(','))
+            .await
+            .expect("connect to REDIS_CLUSTER_URLS"),
     )
 }
 

@@ -1,0 +1,158 @@
+//! [`IdempotencyStore`] for [`RedisStore`]: each call one script, then the replica wait.
+
+use std::time::Duration;
+
+use ::redis::Value;
+
+use super::record::{self, Lua};
+use super::{RedisStore, redis_error};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::store::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
+};
+
+impl RedisStore {
+    async fn invoke(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
+        self.conn.run(script, key, args).await.map_err(redis_error)
+    }
+
+    /// Runs one of the scripts that answer 1 (done) or 0 (not held by the token).
+    async fn fenced(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<(), StoreError> {
+        match self.invoke(script, key, args).await? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(StoreError::lease_lost()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// With a replica wait set, waits until enough replicas have the writes made so far on the
+    /// connection that carried the write to `key`.
+    async fn replicated(&self, key: &str) -> Result<(), StoreError> {
+        let Some(wait) = self.replica_wait else {
+            return Ok(());
+        };
+        let acknowledged = self
+            .conn
+            .wait(key, wait.replicas, wait.timeout)
+            .await
+            .map_err(redis_error)?;
+        if acknowledged >= i64::from(wait.replicas) {
+            return Ok(());
+        }
+        Err(StoreError::msg(
+            StoreErrorKind::Unavailable,
+            format!(
+                "the write reached {acknowledged} of the {} replicas required within {:?}",
+                wait.replicas, wait.timeout
+            ),
+        ))
+    }
+}
+
+impl IdempotencyStore for RedisStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let token = LockToken::random();
+        let redis_key = self.redis_key(key);
+        let record = record::in_flight(fingerprint, token);
+        let lease = record::millis(lease);
+        let args: [&[u8]; 3] = [fingerprint.as_bytes(), &record, lease.as_bytes()];
+        match self.invoke(&record::BEGIN, &redis_key, &args).await? {
+            Value::Int(0) => match self.replicated(&redis_key).await {
+                Ok(()) => Ok(Begin::Acquired(token)),
+                Err(err) => {
+                    // The handler will not run: free the key for the retry. Should this fail
+                    // too, the record's lease ends it.
+                    let token = token.as_u128().to_be_bytes();
+                    let _ = self.fenced(&record::RELEASE, &redis_key, &[&token]).await;
+                    Err(err)
+                }
+            },
+            Value::Int(1) => Ok(Begin::InFlight),
+            Value::Int(2) => Ok(Begin::Mismatch),
+            Value::Int(3) => Err(StoreError::msg(
+                StoreErrorKind::Corrupt,
+                "the Redis key does not hold an idempotency record",
+            )),
+            Value::BulkString(bytes) => record::decode_completed(&bytes).map(Begin::Completed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        let lease = record::millis(lease);
+        let args: [&[u8]; 2] = [&token, lease.as_bytes()];
+        self.fenced(&record::RENEW, &self.redis_key(key), &args)
+            .await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let redis_key = self.redis_key(key);
+        let token = token.as_u128().to_be_bytes();
+        let encoded = response.encode();
+        let ttl = record::millis(ttl);
+        let args: [&[u8]; 3] = [&token, &encoded, ttl.as_bytes()];
+        self.fenced(&record::COMPLETE, &redis_key, &args).await?;
+        self.replicated(&redis_key).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        self.fenced(&record::RELEASE, &self.redis_key(key), &[&token])
+            .await
+    }
+
+    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        match self
+            .invoke(&record::LOOKUP, &self.redis_key(key), &[])
+            .await?
+        {
+            Value::Nil => Ok(None),
+            Value::Array(reply) => match reply.as_slice() {
+                [Value::BulkString(bytes), Value::Int(expires_at)] => {
+                    record::decode_info(bytes, *expires_at).map(Some)
+                }
+                _ => Err(unexpected(&Value::Array(reply))),
+            },
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let redis_key = self.redis_key(key);
+        let force: &[u8] = if force { b"1" } else { b"0" };
+        match self.invoke(&record::FORGET, &redis_key, &[force]).await? {
+            Value::Int(0) => Ok(Forget::NotFound),
+            Value::Int(1) => {
+                self.replicated(&redis_key).await?;
+                Ok(Forget::Forgotten)
+            }
+            Value::Int(2) => Ok(Forget::InFlight),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(value: &Value) -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Corrupt,
+        format!("unexpected reply from an idempotency script: {value:?}"),
+    )
+}
