@@ -84,7 +84,11 @@ async fn a_store_full_of_in_flight_records_answers_503_runs_nothing_and_loses_no
     let full = send(&app, post_with_key("/payments", "new", "{}")).await;
     assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.code(), "idempotency_store_unavailable");
-    assert!(full.header("retry-after").is_some());
+    assert_eq!(
+        full.header("retry-after"),
+        Some("30"),
+        "a lease: the longest an in-flight record holds its place"
+    );
     assert_eq!(full.header("idempotency-key"), Some("new"));
     assert_eq!(runs.get(), 2, "nothing ran");
     assert_eq!(store.evicted(), 0);

@@ -231,7 +231,6 @@ async fn detached_runs_are_gauged() {
 
 /// A full store drops completed records early to make room, and counts them.
 #[tokio::test(start_paused = true)]
-#[ignore = "waits on eviction in MemoryStore"]
 async fn early_evictions_are_counted() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();

@@ -327,13 +327,11 @@ async fn in_flight_keys_on_an_in_test_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits on MemoryStore's lookup and forget"]
 async fn completed_keys_on_memory() {
     lookup_then_forget_a_completed_key(MemoryStore::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits on MemoryStore's lookup and forget"]
 async fn in_flight_keys_on_memory() {
     in_flight_keys_need_force(MemoryStore::new()).await;
 }
