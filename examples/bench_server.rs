@@ -14,8 +14,9 @@
 //!
 //! - `PORT`: the port on 127.0.0.1 (default: a free one); the first line printed is
 //!   `listening on 127.0.0.1:PORT`;
-//! - `STORE`: `memory` (default), `redis` (with `REDIS_URL`, built with `--features redis`) or
-//!   `postgres` (with `POSTGRES_URL`, built with `--features postgres`);
+//! - `STORE`: `memory` (default), `redis` (with `REDIS_URL`, built with `--features redis`),
+//!   `cluster` (a Redis Cluster, with `REDIS_CLUSTER_URLS`, comma-separated, built with
+//!   `--features redis`) or `postgres` (with `POSTGRES_URL`, built with `--features postgres`);
 //! - `MAX_ENTRIES`, `MAX_BYTES`: the memory store's bounds (default: `MemoryStore::new()`'s,
 //!   1,000,000 records and 1 GiB);
 //! - `PREFILL`: completed records put in the memory store before listening (default 0): with
@@ -132,6 +133,12 @@ async fn layered() -> Router {
             let store = tower_idempotency::RedisStore::connect(&url).await;
             idempotent(store.expect("REDIS_URL: cannot connect"))
         }
+        #[cfg(feature = "redis")]
+        "cluster" => {
+            let urls = std::env::var("REDIS_CLUSTER_URLS").expect("REDIS_CLUSTER_URLS is needed");
+            let store = tower_idempotency::RedisStore::connect_cluster(urls.split(',')).await;
+            idempotent(store.expect("REDIS_CLUSTER_URLS: cannot connect"))
+        }
         #[cfg(feature = "postgres")]
         "postgres" => {
             let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
@@ -141,7 +148,7 @@ async fn layered() -> Router {
             idempotent(store)
         }
         other => panic!(
-            "STORE={other}: memory, redis (--features redis) or postgres (--features postgres)"
+            "STORE={other}: memory, redis or cluster (--features redis), postgres (--features postgres)"
         ),
     }
 }
