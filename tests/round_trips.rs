@@ -21,7 +21,10 @@ use axum::Router;
 use axum::http::StatusCode;
 use support::cluster::{Cluster, Node, binary};
 use support::*;
-use tower_idempotency::{IdempotencyStore, PostgresStore, RedisStore, ReplayCache};
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyStore, PostgresStore, RecordKey, RedisStore, ReplayCache,
+    TenantId,
+};
 
 /// Store calls counted on the server, per kind of request.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -193,6 +196,21 @@ async fn redis_replica_wait_round_trips() {
         .await
         .unwrap()
         .replica_wait(1, Duration::from_millis(400));
+    // On a loaded machine the first waits may time out while the replica settles: warm up until
+    // one write is replicated in time, before counting.
+    let warm = eventually(Duration::from_secs(30), async || {
+        let key = RecordKey::new(TenantId::shared(), unique_key("warm-up"));
+        let fingerprint = Fingerprint::from_bytes([0; 32]);
+        match store
+            .begin(&key, &fingerprint, Duration::from_secs(5))
+            .await
+        {
+            Ok(Begin::Acquired(token)) => store.release(&key, token).await.is_ok(),
+            _ => false,
+        }
+    })
+    .await;
+    assert!(warm, "a write replicated within the wait");
     let counter = RedisCalls::open(&url).await;
     let counts = measure("redis-replica-wait", store, async || counter.total().await).await;
     assert_eq!(counts.fresh, 4, "begin, WAIT, complete, WAIT");
