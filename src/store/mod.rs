@@ -34,6 +34,19 @@ pub(crate) mod redis;
 
 pub use error::{StoreError, StoreErrorKind};
 
+/// The longest duration a shared store writes, 100 years in milliseconds: longer ones are
+/// clamped to it.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// A duration as whole milliseconds, as the shared stores write leases and TTLs: rounded up,
+/// at least 1, at most [`MAX_MILLIS`].
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn whole_millis(duration: Duration) -> u64 {
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    ms.clamp(1, u128::from(MAX_MILLIS)) as u64
+}
+
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::tenant::TenantId;
@@ -481,6 +494,15 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(LockToken::from_u128(a.as_u128()), a);
         assert_eq!(a.to_string().len(), 32);
+    }
+
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    #[test]
+    fn whole_millis_round_up_and_clamp() {
+        assert_eq!(whole_millis(Duration::ZERO), 1);
+        assert_eq!(whole_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(whole_millis(Duration::from_millis(300)), 300);
+        assert_eq!(whole_millis(Duration::MAX), MAX_MILLIS);
     }
 
     #[test]

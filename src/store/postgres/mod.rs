@@ -12,6 +12,7 @@ use tokio_postgres::{NoTls, Row};
 
 use self::sql::{Sql, Table};
 use super::background::StartOnce;
+use super::whole_millis;
 use super::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
     StoreErrorKind,
@@ -22,7 +23,6 @@ use crate::response::StoredResponse;
 /// The default table.
 const DEFAULT_TABLE: &str = "idempotency_records";
 /// The longest lease or TTL written, about 100 years; longer ones are cut to it.
-const MAX_MILLIS: i64 = 100 * 365 * 24 * 60 * 60 * 1000;
 /// How many times `begin` runs its statement again when a concurrent writer changed the record
 /// between the statement's snapshot and its insert (see [`Sql::begin`]).
 const BEGIN_ATTEMPTS: usize = 10;
@@ -529,10 +529,10 @@ fn decide(row: Option<&Row>, token: LockToken) -> Result<Option<Begin>, StoreErr
     Ok(Some(begin))
 }
 
-/// A duration as whole milliseconds, rounded up, at least 1, at most [`MAX_MILLIS`].
+/// A duration as whole milliseconds ([`whole_millis`]), as the statements take it.
 fn millis(duration: Duration) -> i64 {
-    let ms = duration.as_nanos().div_ceil(1_000_000);
-    ms.clamp(1, MAX_MILLIS as u128) as i64
+    // At most `MAX_MILLIS`, 100 years: well within an `i64`.
+    whole_millis(duration) as i64
 }
 
 fn pool_error(err: PoolError) -> StoreError {
@@ -596,6 +596,6 @@ mod tests {
     fn millis_round_up_and_clamp() {
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(2001)), 3);
-        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+        assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS as i64);
     }
 }

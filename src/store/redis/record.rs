@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::store::{LockToken, RecordInfo, RecordState, StoreError, StoreErrorKind};
+use crate::store::{LockToken, RecordInfo, RecordState, StoreError, StoreErrorKind, whole_millis};
 
 /// The first byte of every record: the layout's version.
 pub(super) const VERSION: u8 = 1;
@@ -15,9 +15,6 @@ pub(super) const IN_FLIGHT: u8 = b'f';
 pub(super) const COMPLETED: u8 = b'c';
 /// Version, state, fingerprint (32 bytes) and lock token (16 bytes).
 pub(super) const HEAD_LEN: usize = 2 + 32 + 16;
-
-/// The longest lease or TTL written, about 100 years; longer ones are cut to it.
-const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// `true`, and the record's head, when `KEYS[1]` is in flight and held by the token `t`.
 const HELD: &str = r"
@@ -172,11 +169,10 @@ pub(super) fn in_flight(fingerprint: &Fingerprint, token: LockToken) -> Vec<u8> 
     record
 }
 
-/// A duration as whole milliseconds (rounded up, at least 1, at most [`MAX_MILLIS`]), in
-/// decimal, as `PX`, `PEXPIRE` and `WAIT` take it.
+/// A duration as whole milliseconds ([`whole_millis`]), in decimal, as `PX`, `PEXPIRE` and
+/// `WAIT` take it.
 pub(super) fn millis(duration: Duration) -> String {
-    let ms = duration.as_nanos().div_ceil(1_000_000);
-    ms.clamp(1, u128::from(MAX_MILLIS)).to_string()
+    whole_millis(duration).to_string()
 }
 
 /// Reads a completed record back: its head, then the encoded response.
@@ -235,7 +231,7 @@ mod tests {
         assert_eq!(millis(Duration::ZERO), "1");
         assert_eq!(millis(Duration::from_micros(1500)), "2");
         assert_eq!(millis(Duration::from_millis(300)), "300");
-        assert_eq!(millis(Duration::MAX), MAX_MILLIS.to_string());
+        assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS.to_string());
     }
 
     fn completed(response: &StoredResponse) -> Vec<u8> {
