@@ -260,3 +260,30 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
         (max_rss - rss_before) >> 10
     );
 }
+
+/// A store built after a paused test runtime, outside it, counts time on that runtime's clock:
+/// a lease ends exactly when it should.
+#[test]
+fn a_store_built_outside_a_paused_runtime_ends_leases_on_time() {
+    use tower_idempotency::{Begin, Fingerprint};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let store = MemoryStore::new();
+    runtime.block_on(async {
+        let key = RecordKey::new(TenantId::shared(), "k");
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(3);
+        let first = store.begin(&key, &fingerprint, lease).await.unwrap();
+        assert!(matches!(first, Begin::Acquired(_)));
+        tokio::time::advance(lease).await;
+        let after = store.begin(&key, &fingerprint, lease).await.unwrap();
+        assert!(
+            matches!(after, Begin::Acquired(_)),
+            "the lease ended on time: {after:?}"
+        );
+    });
+}

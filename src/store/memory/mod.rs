@@ -90,10 +90,11 @@ struct Inner {
     hasher: SeedableRandomState,
     config: Config,
     pruner: StartOnce,
-    epoch: Instant,
-    /// The wall-clock time at `epoch`: a record's deadline read back by `lookup` is
-    /// `wall_epoch + deadline`, the same at every call.
-    wall_epoch: SystemTime,
+    /// The store's time zero, and the wall-clock time then: a record's deadline read back by
+    /// `lookup` is `wall_epoch + deadline`, the same at every call. Read at the store's first
+    /// call rather than when it is built, so that it is on the clock of the runtime that uses
+    /// the store (a paused test clock starts before a store built outside its runtime).
+    epoch: OnceLock<(Instant, SystemTime)>,
     evicted: AtomicU64,
     #[cfg(feature = "tracing")]
     report: Report,
@@ -134,8 +135,7 @@ impl MemoryStore {
                 hasher: map_hasher(),
                 config,
                 pruner: StartOnce::default(),
-                epoch: Instant::now(),
-                wall_epoch: SystemTime::now(),
+                epoch: OnceLock::new(),
                 evicted: AtomicU64::new(0),
                 #[cfg(feature = "tracing")]
                 report: Report::default(),
@@ -313,7 +313,17 @@ async fn prune_periodically(store: Weak<Inner>, period: Duration) {
 
 impl Inner {
     fn now(&self) -> Nanos {
-        nanos(Instant::now().saturating_duration_since(self.epoch))
+        let now = Instant::now();
+        let (epoch, _) = self.epoch.get_or_init(|| (now, SystemTime::now()));
+        nanos(now.saturating_duration_since(*epoch))
+    }
+
+    /// The wall-clock time at the store's time zero.
+    fn wall_epoch(&self) -> SystemTime {
+        let _ = self.now();
+        self.epoch
+            .get()
+            .map_or_else(SystemTime::now, |&(_, wall)| wall)
     }
 
     fn shards(&self) -> impl Iterator<Item = &RwLock<Shard>> {
@@ -496,7 +506,7 @@ impl IdempotencyStore for MemoryStore {
         let Some(info) = read(inner.shard(hash)).lookup(hash, key, now) else {
             return Ok(None);
         };
-        let wall_epoch = inner.wall_epoch;
+        let wall_epoch = inner.wall_epoch();
         Ok(Some(info.into_record_info(|deadline| {
             wall_epoch + Duration::from_nanos(deadline)
         })))
