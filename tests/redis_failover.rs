@@ -123,7 +123,16 @@ async fn replica_wait_keeps_completed_records_through_failover() {
     let keys: Vec<String> = (0..30).rev().map(|i| format!("wait-{i}")).collect();
     let mut originals = Vec::new();
     for key in &keys {
-        let reply = send(&app, payment(key, r#"{"amount":3}"#)).await;
+        // A cluster just built may not replicate within the wait at first: such a request gets
+        // 503 and runs nothing, and its retry runs once the replicas keep up.
+        let mut reply = send(&app, payment(key, r#"{"amount":3}"#)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while reply.status == StatusCode::SERVICE_UNAVAILABLE
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reply = send(&app, payment(key, r#"{"amount":3}"#)).await;
+        }
         assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
         originals.push(reply);
     }

@@ -7,94 +7,19 @@
 
 mod support;
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use support::cluster::Node;
 use support::*;
 use tower_idempotency::RedisStore;
-
-/// A `redis-server` of the test's own, killed when dropped.
-struct Server {
-    bin: String,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start(bin: &str) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self {
-            bin: bin.to_owned(),
-            port,
-            child: None,
-        };
-        server.restart();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on its port and waits until it accepts connections.
-    fn restart(&mut self) {
-        let child = Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Sends `signal` to the server: `STOP` freezes it (connections hang, as with a server
-    /// that stopped answering), `CONT` wakes it.
-    fn signal(&self, signal: &str) {
-        let pid = self
-            .child
-            .as_ref()
-            .expect("the server runs")
-            .id()
-            .to_string();
-        let status = Command::new("kill")
-            .args(["-s", signal, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -s {signal} {pid}");
-    }
-
-    /// Kills the server, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_answers_503_then_recovers_without_rebuilding_the_store() {
     let Some(bin) = server_url("REDIS_SERVER_BIN", "redis_outage") else {
         return;
     };
-    let mut server = Server::start(&bin);
+    let mut server = Node::start(&bin, &[]);
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let runs = Runs::default();
     let app = support::server(store, &runs, Duration::ZERO, |l| {

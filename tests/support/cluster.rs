@@ -32,6 +32,8 @@ pub fn shared_cluster(test: &str) -> Option<Vec<String>> {
 /// One `redis-server` process of the test's own, killed when dropped.
 pub struct Node {
     pub port: u16,
+    bin: String,
+    args: Vec<String>,
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -44,26 +46,35 @@ impl Node {
         let dir =
             std::env::temp_dir().join(format!("idempotency-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut node = Self {
+            port,
+            bin: bin.to_owned(),
+            args: args.iter().map(|&arg| arg.to_owned()).collect(),
+            child: None,
+            dir,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts the server (again, after `kill`) on its port, and waits until it accepts
+    /// connections.
+    pub fn restart(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(&dir)
-            .args(args)
+            .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        let node = Self {
-            port,
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        node
     }
 
     pub fn url(&self) -> String {
