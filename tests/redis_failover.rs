@@ -47,6 +47,17 @@ async fn primary_killed_503_then_recovery() {
         .zip(&owners)
         .partition(|(_, owner)| **owner == victim);
     assert!(!elsewhere.is_empty(), "keys spread over several primaries");
+    // Without the replica wait a failover loses what the replica had not yet received: let it
+    // catch up first, so that this test is about the outage, not about that loss.
+    let victim_url = cluster.node(victim).url();
+    let caught_up = eventually(Duration::from_secs(30), async || {
+        let info = support::cluster::node_command(&victim_url, &["INFO", "REPLICATION"])
+            .await
+            .unwrap_or_default();
+        replica_caught_up(&info)
+    })
+    .await;
+    assert!(caught_up, "the victim's replica caught up");
     cluster.node(victim).kill();
 
     for (key, _) in &on_victim {
@@ -228,4 +239,23 @@ async fn replica_wait_unmet_answers_503_without_running() {
         assert!(ran, "{key} runs once the replicas are back");
     }
     assert_eq!(runs.get(), 5, "each key ran once");
+}
+
+/// Whether `INFO REPLICATION` of a primary shows a replica online at the primary's offset.
+fn replica_caught_up(info: &str) -> bool {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(',')
+            .find_map(|part| part.trim().strip_prefix(name)?.parse().ok())
+    };
+    let Some(offset) = info.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix("master_repl_offset:")?
+            .parse::<u64>()
+            .ok()
+    }) else {
+        return false;
+    };
+    info.lines()
+        .filter(|line| line.starts_with("slave"))
+        .any(|line| line.contains("state=online") && field(line, "offset=") == Some(offset))
 }
