@@ -77,7 +77,7 @@ fn ttl() -> Duration {
 fn idempotent<S: IdempotencyStore>(store: S) -> Router {
     Router::new()
         .route("/payments", post(create_payment))
-        .layer(IdempotencyLayer::new(store).ttl(ttl()))
+        .layer(IdempotencyLayer::new(store).shared_scope(true).ttl(ttl()))
 }
 
 /// The memory store, with the bounds from the environment, filled with `PREFILL` completed

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
 
+use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
+use crate::tenant::Sealer;
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -34,8 +36,10 @@ pub(crate) struct Config {
     pub(crate) cache_policy: StatusSet,
     pub(crate) fail_open: bool,
     pub(crate) finish_on_disconnect: bool,
-    pub(crate) max_detached_runs: usize,
+    pub(crate) admission: Limits,
+    pub(crate) shared_scope: bool,
     pub(crate) shared_scope_cookies: bool,
+    pub(crate) sealer: Sealer,
 }
 
 impl Config {
@@ -74,14 +78,13 @@ impl Default for Config {
             cache_policy: StatusSet::from_fn(default_cache_policy),
             fail_open: false,
             finish_on_disconnect: true,
-            max_detached_runs: DEFAULT_MAX_DETACHED_RUNS,
+            admission: Limits::default(),
+            shared_scope: false,
             shared_scope_cookies: false,
+            sealer: Sealer::default(),
         }
     }
 }
-
-/// The default bound on handlers that run on after their client left.
-pub(crate) const DEFAULT_MAX_DETACHED_RUNS: usize = 1024;
 
 /// The refusals that say the operation did not run, with why. They are not stored by
 /// [`default_cache_policy`]: the corrected retry may reuse its key.
@@ -206,6 +209,7 @@ pub(crate) struct Shared<St, T, E> {
     pub(crate) renderer: Arc<E>,
     pub(crate) config: Config,
     pub(crate) detached: DetachedRuns,
+    pub(crate) admission: Arc<Admission>,
 }
 
 #[cfg(test)]

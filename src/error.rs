@@ -43,6 +43,13 @@ pub enum ErrorCode {
     /// `idempotency_tenant_rejected`, with the status the tenant extractor chose: the request's
     /// tenant could not be determined.
     TenantRejected,
+    /// `400 idempotency_tenant_missing`: the request carries a key but names no tenant (with
+    /// the default tenant, no `Authorization` header), and the layer does not let such
+    /// requests share one scope (see `IdempotencyLayer::shared_scope`); nothing ran.
+    TenantMissing,
+    /// `503 idempotency_overloaded`: the layer is working on its most keyed requests at once,
+    /// overall or for this tenant; nothing ran. Retry after `Retry-After` seconds.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -58,6 +65,8 @@ impl ErrorCode {
             Self::StoreUnavailable => "idempotency_store_unavailable",
             Self::ResponseNotStored => "idempotency_response_not_stored",
             Self::TenantRejected => "idempotency_tenant_rejected",
+            Self::TenantMissing => "idempotency_tenant_missing",
+            Self::Overloaded => "idempotency_overloaded",
         }
     }
 
@@ -73,6 +82,8 @@ impl ErrorCode {
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::ResponseNotStored => "Response not stored",
             Self::TenantRejected => "Tenant rejected",
+            Self::TenantMissing => "Tenant missing",
+            Self::Overloaded => "Too many requests in progress",
         }
     }
 
@@ -87,6 +98,8 @@ impl ErrorCode {
             Self::StoreUnavailable => "StoreUnavailable",
             Self::ResponseNotStored => "ResponseNotStored",
             Self::TenantRejected => "TenantRejected",
+            Self::TenantMissing => "TenantMissing",
+            Self::Overloaded => "Overloaded",
         }
     }
 }
@@ -143,6 +156,25 @@ impl Problem {
     pub(crate) fn tenant_rejected(rejection: &TenantRejection) -> Self {
         let detail = rejection.detail().to_owned();
         Self::new(ErrorCode::TenantRejected, rejection.status(), detail)
+    }
+
+    /// `400 idempotency_tenant_missing`.
+    pub(crate) fn tenant_missing() -> Self {
+        Self::new(
+            ErrorCode::TenantMissing,
+            StatusCode::BAD_REQUEST,
+            "This request carries an idempotency key but does not identify its caller, so its response could be replayed to someone else. Authenticate the request.",
+        )
+    }
+
+    /// `503 idempotency_overloaded`, with `Retry-After`.
+    pub(crate) fn overloaded(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::Overloaded,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many requests with idempotency keys are in progress; the request was not processed. Retry after the Retry-After delay.",
+        )
+        .with_retry_after(retry_after)
     }
 
     /// `413 request_body_too_large`.

@@ -67,9 +67,10 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
         .map_err(|_| KeyError::Invalid("the key must be visible ASCII"))
 }
 
-/// The request's idempotency key, put in the request's extensions before the handler runs, so
-/// that the handler can pass it on (for example as the idempotency key of a payment provider).
+/// The request's idempotency key, put in the request's extensions before the handler runs.
 ///
+/// To pass it on as the idempotency key of a downstream API (a payment provider), use
+/// [`scoped`](Self::scoped), which is unique per tenant, never the client's key itself.
 /// With axum, extract it with `Extension<IdempotencyKey>`:
 ///
 /// ```
@@ -77,7 +78,7 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
 /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
 ///
 /// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> String {
-///     format!("charging with idempotency key {}", key.as_str())
+///     format!("charging with the provider's idempotency key {}", key.scoped())
 /// }
 ///
 /// let app: Router = Router::new()
@@ -106,6 +107,39 @@ impl IdempotencyKey {
     /// The tenant scope the key lives in.
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
+    }
+
+    /// A value unique to this key in this tenant's scope, to pass on as the idempotency key of
+    /// a downstream API (a payment provider, say): 64 lowercase hex characters.
+    ///
+    /// Pass this on, not [`as_str`](Self::as_str). At the provider, every tenant of your app
+    /// shares your one account, so the client's own key would let tenant B, who knows or
+    /// guesses tenant A's key, take it first: A's charge would then fail, or return B's result.
+    /// This value is a SHA-256 digest of the tenant's sealed scope and the key: the same on
+    /// every retry and on every server of a fleet, different for every tenant, and not
+    /// computable by another tenant (it needs the tenant's credential, and the layer's
+    /// [`tenant_secret`](crate::IdempotencyLayer::tenant_secret) when one is set).
+    ///
+    /// ```
+    /// use axum::{Extension, Router, routing::post};
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
+    ///
+    /// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> String {
+    ///     let provider_key = key.scoped(); // e.g. the provider's `Idempotency-Key` header
+    ///     format!("charging with idempotency key {provider_key}")
+    /// }
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/payments", post(create_payment))
+    ///     .layer(IdempotencyLayer::new(MemoryStore::new()));
+    /// ```
+    pub fn scoped(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new_with_prefix(b"tower-idempotency:scoped-key\0")
+            .chain_update(self.tenant.as_bytes())
+            .chain_update(self.key.as_bytes())
+            .finalize();
+        crate::util::hex(&digest)
     }
 }
 

@@ -7,12 +7,13 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
+use crate::admission::Admission;
 use crate::config::{Config, Shared, StatusSet};
 use crate::detach::DetachedRuns;
 use crate::error::{ErrorRenderer, ProblemJson};
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
-use crate::tenant::{DefaultTenant, TenantExtractor};
+use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
 
 /// A [`Layer`] that makes a service safe to retry with idempotency keys.
 ///
@@ -41,6 +42,7 @@ pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
     renderer: Arc<E>,
     config: Config,
     detached: DetachedRuns,
+    admission: Arc<Admission>,
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -53,6 +55,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             renderer: Arc::new(ProblemJson),
             config: Config::default(),
             detached: DetachedRuns::default(),
+            admission: Arc::default(),
         }
     }
 }
@@ -275,20 +278,101 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
-    /// The most handlers that run on at once after their client went away. Past it, a handler
-    /// whose client leaves is cancelled and its key released (as with
-    /// [`finish_on_disconnect(false)`](Self::finish_on_disconnect)), and a warning is logged.
-    /// Default: 1024.
+    /// The most keyed requests this layer works on at once, across tenants. Default: 10,000.
     ///
-    /// It bounds the work that clients who hang up on purpose can start beyond what clients who
-    /// wait can: every detached run holds the key of a request that was accepted, and runs once.
+    /// A keyed request is counted from the moment it is admitted (before the store is asked)
+    /// until its flow ends, including a handler that runs on after its client went away. Past
+    /// the bound, a new keyed request is answered `503 idempotency_overloaded` with
+    /// `Retry-After`, and nothing is started. A request already admitted is never cut off:
+    /// whatever other callers do (hang up, flood), a handler that holds its key runs to its
+    /// end. The layer, its clones and every service it builds share one count.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
-    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_detached_runs(256);
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_in_flight(2_000);
     /// ```
-    pub fn max_detached_runs(mut self, max: usize) -> Self {
-        self.config.max_detached_runs = max;
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        assert!(max > 0, "IdempotencyLayer::max_in_flight must be at least 1");
+        self.config.admission.total = max;
+        self
+    }
+
+    /// The most keyed requests of one tenant this layer works on at once. Default: 1,000.
+    ///
+    /// Past it, that tenant's new keyed requests are answered `503 idempotency_overloaded`
+    /// with `Retry-After`; other tenants are not affected. So one caller cannot take the whole
+    /// of [`max_in_flight`](Self::max_in_flight), for example by sending slow requests and
+    /// hanging up on each. The shared scope counts as one tenant.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_in_flight_per_tenant(100);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0.
+    pub fn max_in_flight_per_tenant(mut self, max: usize) -> Self {
+        assert!(
+            max > 0,
+            "IdempotencyLayer::max_in_flight_per_tenant must be at least 1"
+        );
+        self.config.admission.per_tenant = max;
+        self
+    }
+
+    /// Whether keyed requests without a tenant of their own share one scope. Default: `false`.
+    ///
+    /// With the default, a keyed request for which the tenant extractor finds no tenant
+    /// ([`TenantId::shared`](crate::TenantId::shared): no `Authorization` header with
+    /// [`DefaultTenant`], an optional header that is absent, ...) is refused with
+    /// `400 idempotency_tenant_missing`: no response is ever replayed to a caller the app did
+    /// not identify. Turn this on only for an API whose callers are anonymous by design; then
+    /// anyone who sends another caller's key with the same request gets that caller's
+    /// response, so keys must be unguessable (UUID v4), and `Set-Cookie` is not replayed there
+    /// (see [`replay_cookies_in_shared_scope`](Self::replay_cookies_in_shared_scope)).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
+    /// ```
+    pub fn shared_scope(mut self, shared: bool) -> Self {
+        self.config.shared_scope = shared;
+        self
+    }
+
+    /// The secret that keys tenant scopes: what a store holds for a tenant is
+    /// HMAC-SHA256(secret, the extractor's digest), never a plain hash of a credential.
+    ///
+    /// Use at least 32 random bytes from your secret manager, the same on every server of a
+    /// fleet (servers with different secrets do not see each other's records). Changing it
+    /// starts every tenant afresh: records stored under the old secret are not found (a retry
+    /// that spans the change runs again), so rotate it when no retries are expected, or
+    /// between TTLs. Without it, a public default key is used: stored tenant ids are still not
+    /// plain hashes, but anyone who can read the store and knows this crate can test
+    /// candidate credentials (a Basic-auth password, a short API key) against them. Give the
+    /// same secret to [`Operator::tenant_secret`](crate::Operator::tenant_secret).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # let secret_from_your_vault = vec![7u8; 32];
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).tenant_secret(&secret_from_your_vault);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is shorter than 16 bytes.
+    pub fn tenant_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        assert!(
+            secret.len() >= MIN_SECRET_LEN,
+            "IdempotencyLayer::tenant_secret must be at least {MIN_SECRET_LEN} bytes (32 random bytes recommended)"
+        );
+        self.config.sealer = Sealer::new(secret);
         self
     }
 
@@ -331,6 +415,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             renderer: self.renderer,
             config: self.config,
             detached: self.detached,
+            admission: self.admission,
         }
     }
 
@@ -342,6 +427,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             renderer: Arc::new(renderer),
             config: self.config,
             detached: self.detached,
+            admission: self.admission,
         }
     }
 
@@ -359,6 +445,7 @@ impl<St, T, E> Clone for IdempotencyLayer<St, T, E> {
             renderer: self.renderer.clone(),
             config: self.config.clone(),
             detached: self.detached.clone(),
+            admission: self.admission.clone(),
         }
     }
 }
@@ -386,6 +473,7 @@ impl<S, St, T, E> Layer<S> for IdempotencyLayer<St, T, E> {
                 renderer: self.renderer.clone(),
                 config: self.config.clone(),
                 detached: self.detached.clone(),
+                admission: self.admission.clone(),
             }),
         )
     }

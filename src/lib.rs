@@ -131,6 +131,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod admission;
 mod body;
 mod config;
 #[cfg(feature = "conformance")]
@@ -151,6 +152,7 @@ mod response;
 mod service;
 mod store;
 mod tenant;
+mod util;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use config::{

@@ -77,14 +77,22 @@ impl fmt::Debug for DebugHeaders<'_> {
     }
 }
 
-/// A map of `headers` with room for `extra` more, without growing.
+/// The most entries a capacity is asked for: `HeaderMap` refuses larger ones (its table is
+/// at most 32,768 slots, and it keeps a quarter of them free).
+const MAX_HEADER_CAPACITY: usize = 24_576;
+
+/// A map of `headers` with room for `extra` more, without growing. A map cannot hold more
+/// than 32,768 entries: past that, the rest are left out rather than panicking.
 fn to_map(
     headers: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>,
     extra: usize,
 ) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len() + extra);
+    let capacity = (headers.len() + extra).min(MAX_HEADER_CAPACITY);
+    let mut map = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
     for (name, value) in headers {
-        map.append(name, value);
+        if map.try_append(name, value).is_err() {
+            break;
+        }
     }
     map
 }
@@ -256,7 +264,9 @@ impl StoredResponse {
             StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
         let count = take_u32(buf)? as usize;
         // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
-        let mut headers = HeaderMap::with_capacity(count.min(buf.len() / 8));
+        let capacity = count.min(buf.len() / 8).min(MAX_HEADER_CAPACITY);
+        let mut headers = HeaderMap::try_with_capacity(capacity)
+            .map_err(|_| DecodeError("too many headers"))?;
         for _ in 0..count {
             let len = take_u32(buf)? as usize;
             let name = HeaderName::from_bytes(take(buf, len)?)
@@ -264,7 +274,9 @@ impl StoredResponse {
             let len = take_u32(buf)? as usize;
             let value = HeaderValue::from_bytes(take(buf, len)?)
                 .map_err(|_| DecodeError("invalid header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
         let body = Bytes::copy_from_slice(take(buf, len)?);
@@ -359,6 +371,51 @@ mod tests {
         let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
         bytes.extend(u32::MAX.to_be_bytes());
         assert!(StoredResponse::decode(&bytes).is_err());
+    }
+
+    /// A record with more headers than a `HeaderMap` can take, as a store could hold it: an
+    /// error, never a panic.
+    fn many_headers(count: u32) -> Vec<u8> {
+        let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
+        bytes.extend(count.to_be_bytes());
+        for _ in 0..count {
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'x');
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'v');
+        }
+        bytes.extend(0u64.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn too_many_headers_are_an_error_not_a_panic() {
+        for count in [24_576, 24_577, 32_768, 32_769, 40_000, 70_000] {
+            // Decoded or refused, and replayed without a panic.
+            if let Ok(stored) = StoredResponse::decode(&many_headers(count)) {
+                let replay = stored.into_replay(2);
+                assert!(!replay.headers().is_empty(), "{count}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics() {
+        use std::hash::{BuildHasher, Hasher};
+        let sample = sample().encode();
+        let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+        for round in 0..20_000u32 {
+            seed.write_u32(round);
+            let r = seed.finish();
+            let mut bytes = sample.to_vec();
+            // Flip a few bytes, and cut or extend the input.
+            for i in 0..(r % 4) {
+                let at = ((r >> (8 * i)) as usize) % bytes.len();
+                bytes[at] ^= (r >> 32) as u8 | 1;
+            }
+            bytes.truncate(((r >> 40) as usize) % (bytes.len() + 1));
+            let _ = StoredResponse::decode(&bytes);
+        }
     }
 
     #[test]

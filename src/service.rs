@@ -20,6 +20,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
 
+use crate::admission::Permit;
 use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
 use crate::config::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
 use crate::detach::Execution;
@@ -123,7 +124,11 @@ where
         };
         let (parts, body) = req.into_parts();
         let tenant = match self.shared.tenant.extract(&parts) {
-            Ok(tenant) => tenant,
+            Ok(tenant) if tenant.is_shared() && !config.shared_scope => {
+                let problem = Problem::tenant_missing();
+                return self.refuse(problem, Outcome::TenantMissing, Some(&key), None);
+            }
+            Ok(tenant) => config.sealer.seal(tenant),
             Err(rejection) => {
                 let problem = Problem::tenant_rejected(&rejection);
                 return self.refuse(problem, Outcome::TenantRejected, Some(&key), None);
@@ -133,13 +138,18 @@ where
             let problem = Problem::body_too_large(config.max_body_bytes);
             return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
         }
+        // Keyed work is bounded here, before anything starts, never by cutting off a run.
+        let Ok(permit) = self.shared.admission.admit(&tenant, config.admission) else {
+            let problem = Problem::overloaded(config.retry_after_secs());
+            return self.refuse(problem, Outcome::Overloaded, Some(&key), Some(&tenant));
+        };
         let span = RequestSpan::new(&parts, &key.key, &tenant);
         // The service that `poll_ready` made ready is the one that runs the request.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
         let shared = self.shared.clone();
         let finish_on_disconnect = config.finish_on_disconnect;
-        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant));
+        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant, permit));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
@@ -182,6 +192,7 @@ fn prelude<S, St, T, E, ReqBody, ResBody>(
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
+    permit: Permit,
 ) -> impl Future<Output = Step<ResBody, S::Error>> + Send
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -215,7 +226,14 @@ where
         match begin {
             Ok(Begin::Acquired(token)) => {
                 let req = keyed_request(parts, chunks, &record);
-                Step::Run(hold(shared, inner, req, raw, record, token, started))
+                let held = Held {
+                    raw,
+                    record,
+                    token,
+                    permit,
+                    started,
+                };
+                Step::Run(hold(shared, inner, req, held))
             }
             Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report))),
             Ok(Begin::InFlight) => {
@@ -304,10 +322,7 @@ fn hold<S, St, T, E, ReqBody, ResBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
     req: Request<RequestBody<ReqBody>>,
-    raw: HeaderValue,
-    record: RecordKey,
-    token: LockToken,
-    started: Started,
+    held: Held,
 ) -> Running<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -321,12 +336,29 @@ where
     ResBody::Data: Buf + Send,
     ResBody::Error: Into<BoxError>,
 {
+    let Held {
+        raw,
+        record,
+        token,
+        permit,
+        started,
+    } = held;
     let config = &shared.config;
     let (store, timeout) = (shared.store.clone(), config.store_timeout);
     let guard = Guard::new(store, record, token, timeout, started);
-    let (runs, limit) = (shared.detached.clone(), config.max_detached_runs);
+    let runs = shared.detached.clone();
     let execute = execute(shared, inner, req, raw, guard, started);
-    Box::pin(Execution::new(execute, &runs, limit))
+    Box::pin(Execution::new(execute, &runs, permit))
+}
+
+/// What a request that acquired its key holds: the key as the client sent it, the record and
+/// its lock token, and its admission.
+struct Held {
+    raw: HeaderValue,
+    record: RecordKey,
+    token: LockToken,
+    permit: Permit,
+    started: Started,
 }
 
 /// Runs the handler of a request that holds its key, once, renewing the lease while it runs;

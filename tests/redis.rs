@@ -73,10 +73,13 @@ async fn raw_connection() -> redis::aio::MultiplexedConnection {
 async fn records_use_the_documented_key_and_server_side_expiry() {
     let Some(store) = store().await else { return };
     let mut raw = raw_connection().await;
-    let tenant = TenantId::from_bytes("layout");
-    let key = RecordKey::new(tenant, unique_key("layout{x}:y"));
-    let redis_key = format!("idempotency:{{{tenant}:{}}}", key.key());
-    assert_eq!(store.redis_key(&key), redis_key);
+    let tenant = TenantId::hashed("layout");
+    let key = RecordKey::new(tenant, unique_key("layout{x}:y%"));
+    // `%` and `}` are percent-encoded, so that no key ends the hash tag early.
+    let escaped = key.key().replace('%', "%25").replace('}', "%7D");
+    let redis_key = format!("idempotency:{{{tenant}:{escaped}}}");
+    let exists: bool = raw.exists(&redis_key).await.unwrap();
+    assert!(!exists);
 
     let fp = Fingerprint::from_bytes([1; 32]);
     let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {

@@ -77,7 +77,7 @@ async fn the_request_span_carries_hashes_and_records_the_outcome() {
     }
     let app = Router::new()
         .route("/payments", post(pay))
-        .layer(IdempotencyLayer::new(MemoryStore::new()));
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let request = || {
         Request::post("/payments?x=1")
             .header("idempotency-key", "secret-key-42")

@@ -34,19 +34,53 @@ async fn default_tenant_scopes_by_authorization() {
     assert!(!alice.replayed());
     assert!(!bob.replayed(), "another tenant's key never replays");
     assert_ne!(alice.body, bob.body);
-    let anonymous = send(&app, keyed(None)).await;
-    assert!(!anonymous.replayed());
-    assert_eq!(runs.get(), 3);
+    assert_eq!(runs.get(), 2);
 
     let alice_again = send(&app, keyed(Some("Bearer alice"))).await;
     assert!(alice_again.replayed());
     assert_eq!(alice_again.body, alice.body);
-    let anonymous_again = send(&app, keyed(None)).await;
-    assert!(
-        anonymous_again.replayed(),
-        "requests without Authorization share one scope"
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_keyed_request_without_a_tenant_is_refused_unless_the_scope_is_shared() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    for _ in 0..2 {
+        let anonymous = send(&app, keyed(None)).await;
+        assert_eq!(anonymous.status, StatusCode::BAD_REQUEST);
+        assert_eq!(anonymous.code(), "idempotency_tenant_missing");
+        assert_eq!(
+            anonymous.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_eq!(anonymous.header("idempotency-key"), Some("shared-key"));
+        assert!(!anonymous.replayed());
+    }
+    assert_eq!(runs.get(), 0, "nothing ran");
+    // Without a key, the request is not the layer's business: it passes through.
+    let unkeyed = Request::post("/payments").body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, unkeyed).await.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+
+    // An optional header that is absent is the shared scope too.
+    let optional = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .tenant(TenantFromHeader::new(HeaderName::from_static("x-api-key")).optional()),
     );
-    assert_eq!(runs.get(), 3);
+    let reply = send(&optional, keyed(None)).await;
+    assert_eq!(reply.code(), "idempotency_tenant_missing");
+    assert_eq!(runs.get(), 1);
+
+    // Opted in: requests without Authorization share one scope.
+    let runs = Runs::default();
+    let shared = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let first = send(&shared, keyed(None)).await;
+    assert!(!first.replayed());
+    let again = send(&shared, keyed(None)).await;
+    assert!(again.replayed(), "requests without Authorization share one scope");
+    assert_eq!(again.body, first.body);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
@@ -119,7 +153,7 @@ async fn tenant_from_a_closure() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).tenant(
         |parts: &axum::http::request::Parts| match parts.uri.query() {
-            Some(q) => Ok(TenantId::from_bytes(q)),
+            Some(q) => Ok(TenantId::hashed(q)),
             None => Err(TenantRejection::new(StatusCode::FORBIDDEN, "no tenant")),
         },
     ));
@@ -176,6 +210,7 @@ async fn a_custom_renderer_gives_an_error_envelope() {
     ));
     let post = |body: &'static str| {
         Request::post("/payments")
+            .header("authorization", "Bearer alice")
             .header("idempotency-key", "k")
             .body(Body::from(body))
             .unwrap()
