@@ -149,7 +149,8 @@ fn layered(
     ttl: Duration,
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<impl Body<Error: Debug>>, Error = Infallible>
 + Clone {
-    IdempotencyLayer::new(store).shared_scope(true)
+    IdempotencyLayer::new(store)
+        .shared_scope(true)
         .ttl(ttl)
         .layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
 }
@@ -387,7 +388,8 @@ fn axum_benches(c: &mut Criterion, rt: &Runtime) {
             b.to_async(rt).iter_custom(|iters| {
                 let body = body.clone();
                 async move {
-                    let mut app = axum_app().layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+                    let mut app = axum_app()
+                        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
                     let warm_up = axum_request(&shared_value("warm-up"), &body, None);
                     assert_eq!(
                         send_one(&mut app, warm_up).await,
@@ -398,7 +400,8 @@ fn axum_benches(c: &mut Criterion, rt: &Runtime) {
             });
         });
 
-        let mut app = axum_app().layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+        let mut app =
+            axum_app().layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
         let replay_key = shared_value("replay-key");
         for replayed in [false, true] {
             let req = axum_request(&replay_key, &body, None);

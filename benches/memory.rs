@@ -74,7 +74,9 @@ fn layered(
     store: MemoryStore,
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<impl Body<Error: Debug>>, Error: Debug>
 {
-    IdempotencyLayer::new(store).shared_scope(true).layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
+    IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
 }
 
 /// The heap the store holds per record after `n` requests with new keys.

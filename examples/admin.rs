@@ -75,7 +75,10 @@ async fn require_admin(State(admin): State<Arc<str>>, request: Request, next: Ne
 fn same_secret(given: &str, expected: &str) -> bool {
     use sha2::{Digest, Sha256};
     let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
-    a.iter().zip(b.iter()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
 }
 
 async fn create_payment(Extension(account): Extension<Account>) -> impl IntoResponse {

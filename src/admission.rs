@@ -164,7 +164,12 @@ mod tests {
         assert_eq!(admission.admit(&b, limits).err(), Some(Refused::Total));
         drop((a2, a3, b1));
         assert_eq!(admission.in_flight(), 0);
-        assert!(admission.tenants.iter().all(|m| m.lock().unwrap().is_empty()));
+        assert!(
+            admission
+                .tenants
+                .iter()
+                .all(|m| m.lock().unwrap().is_empty())
+        );
     }
 
     #[test]
@@ -180,14 +185,20 @@ mod tests {
                 scope.spawn(move || {
                     let tenant = TenantId::from_bytes([t % 3; 32]);
                     for _ in 0..2_000 {
-                        let permits: Vec<_> =
-                            (0..4).filter_map(|_| admission.admit(&tenant, limits).ok()).collect();
+                        let permits: Vec<_> = (0..4)
+                            .filter_map(|_| admission.admit(&tenant, limits).ok())
+                            .collect();
                         assert!(permits.len() <= 8);
                     }
                 });
             }
         });
         assert_eq!(admission.in_flight(), 0);
-        assert!(admission.tenants.iter().all(|m| m.lock().unwrap().is_empty()));
+        assert!(
+            admission
+                .tenants
+                .iter()
+                .all(|m| m.lock().unwrap().is_empty())
+        );
     }
 }

@@ -296,7 +296,10 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     ///
     /// If `max` is 0.
     pub fn max_in_flight(mut self, max: usize) -> Self {
-        assert!(max > 0, "IdempotencyLayer::max_in_flight must be at least 1");
+        assert!(
+            max > 0,
+            "IdempotencyLayer::max_in_flight must be at least 1"
+        );
         self.config.admission.total = max;
         self
     }

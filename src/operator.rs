@@ -90,8 +90,14 @@ impl<St: IdempotencyStore> Operator<St> {
         self
     }
 
-    /// The record key of (`tenant`, `key`) as the layer stores it.
-    fn record_key(&self, tenant: TenantId, key: &str) -> Result<RecordKey, OperatorError> {
+    /// The record key of (`tenant`, `key`) as the layer stores it: the tenant sealed with the
+    /// secret (see [`tenant_secret`](Self::tenant_secret)), the key validated and unquoted.
+    /// For finding a record by hand in a shared store (a Redis key, a PostgreSQL row).
+    ///
+    /// # Errors
+    ///
+    /// [`OperatorError::InvalidKey`] when the layer would refuse the key.
+    pub fn record_key(&self, tenant: TenantId, key: &str) -> Result<RecordKey, OperatorError> {
         record_key(self.sealer.seal(tenant), key)
     }
 

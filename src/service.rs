@@ -9,30 +9,30 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tower_service::Service;
 
 use crate::admission::Permit;
-use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
-use crate::config::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
+use crate::body::{
+    BoxError, Chunks, RequestBody, ResponseBody, ResponseKind, ResponseRead, content_length,
+    read_body, read_response,
+};
+use crate::config::{Config, IDEMPOTENCY_BYPASSED, Shared};
 use crate::detach::Execution;
 use crate::error::{ErrorRenderer, Problem, ProblemJson};
-use crate::fingerprint::{Fingerprint, Hasher};
 use crate::future::{ResponseFuture, Running, Step};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
-use crate::outcome::{self, Outcome, RequestSpan, Started};
-use crate::response::StoredResponse;
-use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use crate::outcome::{Outcome, RequestSpan, Started};
+use crate::response::{Report, StoredResponse, answer, finish, refuse, replay, unavailable};
+use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
 
 /// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -80,26 +80,63 @@ impl<S: fmt::Debug, St, T, E> fmt::Debug for Idempotency<S, St, T, E> {
     }
 }
 
-impl<S, St, T, E, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
+/// What the flow needs of the inner service, its response body and its errors, written once:
+/// implemented for every `Service` that fits, and named by every step of the flow.
+#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
+pub trait Handler<ReqBody>: Clone + Send + 'static {
+    /// The handler's response body.
+    type Body: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static;
+    /// The inner service's error.
+    type Error: Send + 'static;
+    /// The inner service's future.
+    type Future: Future<Output = Result<Response<Self::Body>, Self::Error>> + Send + 'static;
+
+    /// `Service::poll_ready`.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>>;
+
+    /// `Service::call`.
+    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future;
+}
+
+impl<S, ReqBody, B> Handler<ReqBody> for S
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static,
+{
+    type Body = B;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::poll_ready(self, cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future {
+        Service::call(self, req)
+    }
+}
+
+/// What the flow needs of a keyed request's body, written once.
+#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
+pub trait RequestBodyOf: Body<Data: Buf + Send> + Send + 'static {}
+
+impl<B: Body<Data: Buf + Send> + Send + 'static> RequestBodyOf for B {}
+
+impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
+where
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: TenantExtractor,
     E: ErrorRenderer,
-    ReqBody: Body + Send + 'static,
-    ReqBody::Data: Buf + Send,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: RequestBodyOf,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResponseBody<S::Body>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, S::Body, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -156,12 +193,12 @@ where
 
 impl<S, St, T, E> Idempotency<S, St, T, E> {
     /// Passes a request through untouched.
-    fn pass<ReqBody, ResBody>(
+    fn pass<ReqBody>(
         &mut self,
         req: Request<ReqBody>,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    ) -> ResponseFuture<S::Future, S::Body, S::Error>
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+        S: Handler<ReqBody>,
     {
         ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)))
     }
@@ -185,7 +222,7 @@ impl<S, St, T, E> Idempotency<S, St, T, E> {
 /// store, in one atomic step, what the request does. Dropped (its client went away) before it
 /// holds the key, it runs nothing and holds nothing.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn prelude<S, St, T, E, ReqBody, ResBody>(
+fn prelude<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
     parts: Parts,
@@ -193,19 +230,13 @@ fn prelude<S, St, T, E, ReqBody, ResBody>(
     key: ParsedKey,
     tenant: TenantId,
     permit: Permit,
-) -> impl Future<Output = Step<ResBody, S::Error>> + Send
+) -> impl Future<Output = Step<S::Body, S::Error>> + Send
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: Send + Sync + 'static,
     E: ErrorRenderer,
-    ReqBody: Body + Send + 'static,
-    ReqBody::Data: Buf + Send,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: RequestBodyOf,
 {
     async move {
         let started = Started::now();
@@ -263,49 +294,15 @@ fn keyed_request<B>(
     Request::from_parts(parts, RequestBody::buffered(chunks))
 }
 
-/// A completed request's stored response, replayed; or `409` when it was too large to store.
-fn replay<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    stored: StoredResponse,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    if stored.is_omitted() {
-        let problem = Problem::not_stored(stored.status());
-        return answer(shared, &problem, Outcome::NotStored, report);
-    }
-    // Room for the two headers a replay adds: this one and the echoed key.
-    let mut response = stored.into_replay(2).map(ResponseBody::full);
-    response
-        .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    finish(response, Outcome::Replayed, &shared.config, report)
-}
-
-/// `503`: the store failed, timed out, or is full of requests in flight.
-fn unavailable<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    err: &StoreError,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    let config = &shared.config;
-    let problem = match err.kind() {
-        StoreErrorKind::CapacityExceeded => {
-            Problem::store_full(config.store_full_retry_after_secs())
-        }
-        _ => Problem::store_unavailable(config.retry_after_secs()),
-    };
-    answer(shared, &problem, Outcome::StoreError, report)
-}
-
 /// Fail-open: the store failed, so the handler runs without protection.
-async fn bypass<S, ReqBody, ResBody>(
+async fn bypass<S, ReqBody>(
     config: &Config,
     mut inner: S,
     req: Request<RequestBody<ReqBody>>,
     report: Report<'_>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+) -> Result<Response<ResponseBody<S::Body>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Handler<ReqBody>,
 {
     let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
     response.headers_mut().insert(
@@ -318,23 +315,18 @@ where
 /// Arms the guard of a request that acquired its key, and boxes the handler's part of its flow
 /// on its own: the answers without a handler (replays, 409, 422) live in a small allocation,
 /// and this part can be detached when the client goes away.
-fn hold<S, St, T, E, ReqBody, ResBody>(
+fn hold<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
     req: Request<RequestBody<ReqBody>>,
     held: Held,
-) -> Running<ResBody, S::Error>
+) -> Running<S::Body, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: Send + Sync + 'static,
     E: Send + Sync + 'static,
     ReqBody: Send + 'static,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
 {
     let Held {
         raw,
@@ -364,20 +356,17 @@ struct Held {
 /// Runs the handler of a request that holds its key, once, renewing the lease while it runs;
 /// then stores its response, or releases the key.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn execute<S, St, T, E, ReqBody, ResBody>(
+fn execute<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
     req: Request<RequestBody<ReqBody>>,
     raw: HeaderValue,
     mut guard: Guard<St>,
     started: Started,
-) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
+) -> impl Future<Output = Result<Response<ResponseBody<S::Body>>, S::Error>>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
-    ResBody: Body + Unpin,
-    ResBody::Data: Buf,
-    ResBody::Error: Into<BoxError>,
 {
     async move {
         let config = &shared.config;
@@ -448,184 +437,4 @@ where
         }
     };
     (Response::from_parts(head, body), outcome)
-}
-
-/// What a response reports about its request: the key header to echo, and the key and tenant
-/// whose hashes go into the outcome's event.
-struct Report<'a> {
-    raw: Option<&'a HeaderValue>,
-    key: Option<&'a str>,
-    tenant: Option<&'a TenantId>,
-    started: Started,
-}
-
-impl<'a> Report<'a> {
-    fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Started) -> Self {
-        Self {
-            raw: Some(raw),
-            key: Some(record.key()),
-            tenant: Some(record.tenant()),
-            started,
-        }
-    }
-}
-
-/// Adds what every response to a keyed request carries: the echoed key (exactly as the client
-/// sent it) and the outcome, in the extensions and as a `tracing` event.
-fn finish<B>(
-    mut response: Response<B>,
-    outcome: Outcome,
-    config: &Config,
-    report: Report<'_>,
-) -> Response<B> {
-    outcome::emit(outcome, report.key, report.tenant, report.started);
-    if let Some(raw) = report.raw {
-        response
-            .headers_mut()
-            .insert(config.header.clone(), raw.clone());
-    }
-    response.extensions_mut().insert(outcome);
-    response
-}
-
-/// Renders `problem` as the answer to a keyed request.
-fn answer<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: &Problem,
-    outcome: Outcome,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    finish(render(shared, problem), outcome, &shared.config, report)
-}
-
-/// Renders `problem` with the configured renderer, adding `Retry-After` when it has one.
-fn render<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: &Problem,
-) -> Response<ResponseBody<B>> {
-    let mut response = shared.renderer.render(problem).map(ResponseBody::full);
-    if let Some(seconds) = problem.retry_after() {
-        response
-            .headers_mut()
-            .entry(header::RETRY_AFTER)
-            .or_insert_with(|| HeaderValue::from(seconds));
-    }
-    response
-}
-
-/// A response decided before any store call.
-fn refuse<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: Problem,
-    outcome: Outcome,
-    key: Option<&ParsedKey>,
-    tenant: Option<&TenantId>,
-) -> Response<ResponseBody<B>> {
-    let response = render(shared, &problem);
-    let report = Report {
-        raw: key.map(|k| &k.raw),
-        key: key.map(|k| &*k.key),
-        tenant,
-        started: Started::now(),
-    };
-    finish(response, outcome, &shared.config, report)
-}
-
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-enum BodyError {
-    TooLarge,
-    Read,
-}
-
-impl BodyError {
-    fn problem(self, config: &Config) -> (Problem, Outcome) {
-        match self {
-            Self::TooLarge => (
-                Problem::body_too_large(config.max_body_bytes),
-                Outcome::TooLarge,
-            ),
-            Self::Read => (Problem::body_incomplete(), Outcome::BodyError),
-        }
-    }
-}
-
-/// Reads the request body up to the limit, hashing each chunk as it arrives (one pass, no
-/// copy: the chunks go on to the handler as they came).
-async fn read_body<B>(
-    body: B,
-    parts: &Parts,
-    config: &Config,
-) -> Result<(Chunks, Fingerprint), BodyError>
-where
-    B: Body,
-    B::Data: Buf,
-{
-    let mut hasher = Hasher::new(parts, &config.fingerprint_headers);
-    let mut chunks = Chunks::default();
-    let mut body = pin!(body);
-    while let Some(frame) = body.frame().await {
-        let Ok(mut data) = frame.map_err(|_| BodyError::Read)?.into_data() else {
-            continue; // trailers are not part of the fingerprint
-        };
-        if chunks.len() + data.remaining() > config.max_body_bytes {
-            return Err(BodyError::TooLarge);
-        }
-        let chunk = data.copy_to_bytes(data.remaining());
-        if !config.canonical_json {
-            hasher.body(&chunk);
-        }
-        chunks.push(chunk);
-    }
-    if config.canonical_json {
-        hasher.json_body(&chunks.to_bytes());
-    }
-    Ok((chunks, hasher.finish()))
-}
-
-enum ResponseRead<B> {
-    Whole(Chunks),
-    TooLarge { prefix: Chunks, rest: B },
-    Failed { prefix: Chunks, error: BoxError },
-}
-
-/// Reads a handler's response body to store it, up to `limit` bytes.
-async fn read_response<B>(mut body: B, limit: usize) -> ResponseRead<B>
-where
-    B: Body + Unpin,
-    B::Data: Buf,
-    B::Error: Into<BoxError>,
-{
-    let mut chunks = Chunks::default();
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Err(error) => {
-                return ResponseRead::Failed {
-                    prefix: chunks,
-                    error: error.into(),
-                };
-            }
-            Ok(frame) => {
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // trailers are not stored
-                };
-                chunks.push(data.copy_to_bytes(data.remaining()));
-                if chunks.len() > limit {
-                    return ResponseRead::TooLarge {
-                        prefix: chunks,
-                        rest: body,
-                    };
-                }
-            }
-        }
-    }
-    ResponseRead::Whole(chunks)
 }

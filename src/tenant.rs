@@ -159,8 +159,14 @@ impl Default for Sealer {
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key = if self.secret { "<secret>" } else { "<public default>" };
-        f.debug_tuple("Sealer").field(&format_args!("{key}")).finish()
+        let key = if self.secret {
+            "<secret>"
+        } else {
+            "<public default>"
+        };
+        f.debug_tuple("Sealer")
+            .field(&format_args!("{key}"))
+            .finish()
     }
 }
 

@@ -15,7 +15,10 @@ impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         for &byte in self.0 {
-            let pair = [DIGITS[usize::from(byte >> 4)], DIGITS[usize::from(byte & 0xf)]];
+            let pair = [
+                DIGITS[usize::from(byte >> 4)],
+                DIGITS[usize::from(byte & 0xf)],
+            ];
             // Both are ASCII hex digits.
             f.write_str(std::str::from_utf8(&pair).map_err(|_| fmt::Error)?)?;
         }

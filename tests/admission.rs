@@ -117,13 +117,19 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
 
     // Every admitted run, the victim's included, runs to its end, once.
     assert!(
-        support::eventually(Duration::from_secs(10), async || effects.finished.get() == 17).await,
+        support::eventually(Duration::from_secs(10), async || effects.finished.get()
+            == 17)
+        .await,
         "finished {}",
         effects.finished.get()
     );
     let replay = send(addr, "Bearer alice", &victim).await;
     assert_eq!(status(&replay), 201, "{replay}");
-    assert!(replay.to_ascii_lowercase().contains("idempotent-replayed: true"));
+    assert!(
+        replay
+            .to_ascii_lowercase()
+            .contains("idempotent-replayed: true")
+    );
     assert!(replay.ends_with("charge 17"), "{replay}");
     assert_eq!(effects.started.get(), 17, "the victim's charge ran once");
 }
@@ -148,11 +154,17 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     assert!(lower.contains("application/problem+json"), "{refused}");
     assert!(refused.contains("idempotency_overloaded"), "{refused}");
     assert!(lower.contains(&format!("idempotency-key: {refused_key}")));
-    assert_eq!(effects.started.get(), 4, "nothing ran for the refused request");
+    assert_eq!(
+        effects.started.get(),
+        4,
+        "nothing ran for the refused request"
+    );
 
     // Once the runs end, the same key is admitted and runs, once.
     assert!(
-        support::eventually(Duration::from_secs(10), async || effects.finished.get() == 4).await
+        support::eventually(Duration::from_secs(10), async || effects.finished.get()
+            == 4)
+        .await
     );
     let admitted = send(addr, "Bearer e", &refused_key).await;
     assert_eq!(status(&admitted), 201, "{admitted}");

@@ -189,8 +189,16 @@ async fn pair<St: IdempotencyStore + Clone>(
     effects: &Effects,
     configure: impl Fn(IdempotencyLayer<St>) -> IdempotencyLayer<St>,
 ) -> (Server, Server) {
-    let a = Server::start(configure(IdempotencyLayer::new(store.clone()).shared_scope(true)), effects).await;
-    let b = Server::start(configure(IdempotencyLayer::new(store).shared_scope(true)), effects).await;
+    let a = Server::start(
+        configure(IdempotencyLayer::new(store.clone()).shared_scope(true)),
+        effects,
+    )
+    .await;
+    let b = Server::start(
+        configure(IdempotencyLayer::new(store).shared_scope(true)),
+        effects,
+    )
+    .await;
     (a, b)
 }
 
@@ -339,7 +347,11 @@ where
     St: IdempotencyStore + Clone,
 {
     let effects = Effects::default();
-    let old = Server::start(IdempotencyLayer::new(store.clone()).shared_scope(true), &effects).await;
+    let old = Server::start(
+        IdempotencyLayer::new(store.clone()).shared_scope(true),
+        &effects,
+    )
+    .await;
     let key = fresh_key("shutdown");
     send_and_hang_up(old.addr, "/charge", &key, &effects.started, 1).await;
     until(|| old.detached.count() == 1).await; // the server saw the hang-up

@@ -28,7 +28,8 @@ struct World<S> {
 impl<S: IdempotencyStore + Clone> World<S> {
     fn new(store: FaultyStore<S>, lease: Duration) -> Self {
         let runs = Runs::default();
-        let layer = IdempotencyLayer::new(store.clone()).shared_scope(true)
+        let layer = IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
             .lease(lease)
             .store_timeout(STORE_TIMEOUT);
         let app = api(runs.clone()).layer(layer);
@@ -267,7 +268,11 @@ async fn fail_open_runs_unprotected_and_says_so<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
 {
-    let app = api(w.runs.clone()).layer(IdempotencyLayer::new(w.store.clone()).shared_scope(true).fail_open(true));
+    let app = api(w.runs.clone()).layer(
+        IdempotencyLayer::new(w.store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     w.store.fail(true);
     for n in 1..=2 {
         let reply = send(&app, payment()).await;

@@ -108,8 +108,11 @@ async fn patch_is_covered_by_default_and_methods_are_configurable() {
     assert_eq!(runs.get(), 1);
 
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).methods([Method::PUT]));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .methods([Method::PUT]),
+    );
     let put = || {
         Request::put("/payments")
             .header("idempotency-key", "p")
@@ -131,7 +134,11 @@ async fn patch_is_covered_by_default_and_methods_are_configurable() {
 #[tokio::test]
 async fn missing_key_is_400_when_required() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).require_key(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .require_key(true),
+    );
     let reply = send(
         &app,
         Request::post("/payments").body(Body::from("{}")).unwrap(),
@@ -275,7 +282,9 @@ async fn stored_statuses_replay_and_failures_release() {
 async fn cache_policy_is_configurable() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).cache_policy(|s| s.is_success() || s == 503),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .cache_policy(|s| s.is_success() || s == 503),
     );
     for code in [404, 503] {
         let uri = format!("/status/{code}");
@@ -343,8 +352,11 @@ async fn json_bodies_differing_in_order_are_different_requests_by_default() {
 #[tokio::test]
 async fn canonical_json_makes_key_order_and_whitespace_irrelevant() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).canonical_json(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .canonical_json(true),
+    );
     let first = send(&app, post_with_key("/payments", "k", r#"{"a":1,"b":2}"#)).await;
     let retry = send(
         &app,
@@ -362,7 +374,9 @@ async fn canonical_json_makes_key_order_and_whitespace_irrelevant() {
 async fn selected_headers_join_the_fingerprint() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).fingerprint_headers([header::CONTENT_TYPE]),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .fingerprint_headers([header::CONTENT_TYPE]),
     );
     send(&app, post_with_key("/payments", "k", "{}")).await;
     let text = Request::post("/payments")
@@ -385,7 +399,9 @@ async fn selected_headers_join_the_fingerprint() {
 async fn skipped_response_headers_are_not_replayed() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).skip_response_headers([header::SET_COOKIE]),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .skip_response_headers([header::SET_COOKIE]),
     );
     let first = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(first.headers.get_all(header::SET_COOKIE).iter().count(), 2);
@@ -410,7 +426,8 @@ async fn binary_bodies_replay_exactly() {
 async fn custom_key_header_name() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).shared_scope(true)
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
             .header_name(axum::http::HeaderName::from_static("x-request-key")),
     );
     let request = || {

@@ -28,8 +28,11 @@ struct Server {
 
 async fn start<S: IdempotencyStore>(store: S) -> Server {
     let runs = Runs::default();
-    let app: Router =
-        api(runs.clone()).layer(IdempotencyLayer::new(store).shared_scope(true).max_body_bytes(MAX_BODY));
+    let app: Router = api(runs.clone()).layer(
+        IdempotencyLayer::new(store)
+            .shared_scope(true)
+            .max_body_bytes(MAX_BODY),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -245,7 +248,8 @@ async fn a_flood_of_distinct_keys_stays_under_the_cap() {
     const KEYS: usize = 100_000;
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(CAP);
-    let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
+    let app: Router =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     let rss_before = rss_kib();
     let started = Instant::now();
     let workers: Vec<_> = (0..4)

@@ -34,8 +34,11 @@ fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<c
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_in_flight_gets_409_with_retry_after_and_a_different_request_422() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).retry_after(Duration::from_secs(3)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .retry_after(Duration::from_secs(3)),
+    );
     let first = spawn_send(&app, post_with_key("/slow/1000", "k", "{}"));
     until(|| runs.get() == 1).await;
 
@@ -61,8 +64,11 @@ async fn a_duplicate_in_flight_gets_409_with_retry_after_and_a_different_request
 #[tokio::test(start_paused = true)]
 async fn records_expire_after_the_ttl_counted_from_completion() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).ttl(Duration::from_secs(60)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .ttl(Duration::from_secs(60)),
+    );
     // The handler takes 30 s; the TTL starts when it completes.
     send(&app, post_with_key("/slow/30000", "k", "{}")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -108,7 +114,9 @@ async fn a_dropped_request_runs_to_its_end_and_its_retry_replays() {
 #[tokio::test(start_paused = true)]
 async fn without_finish_on_disconnect_a_dropped_request_releases_its_key() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).finish_on_disconnect(false);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .finish_on_disconnect(false);
     let detached = layer.detached_runs();
     let app = api(runs.clone()).layer(layer);
     let first = spawn_send(&app, post_with_key("/slow/60000", "k", "{}"));
@@ -151,7 +159,11 @@ async fn a_panicking_handler_releases_its_key() {
 async fn a_slow_handler_keeps_its_lease_and_is_never_taken_over() {
     let runs = Runs::default();
     let lease = Duration::from_secs(3);
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).lease(lease));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .lease(lease),
+    );
     // The handler runs ten times longer than the lease.
     let first = spawn_send(&app, post_with_key("/slow/30000", "k", "{}"));
     until(|| runs.get() == 1).await;
@@ -255,7 +267,11 @@ async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
 async fn a_failing_store_runs_the_request_unprotected_when_fail_open() {
     let runs = Runs::default();
     let store = FaultyStore::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true).fail_open(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     store.fail(true);
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::CREATED);
@@ -315,8 +331,11 @@ impl IdempotencyStore for HangingStore {
 #[tokio::test(start_paused = true)]
 async fn a_store_call_past_its_timeout_answers_503() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(HangingStore).shared_scope(true).store_timeout(Duration::from_millis(250)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(HangingStore)
+            .shared_scope(true)
+            .store_timeout(Duration::from_millis(250)),
+    );
     let started = tokio::time::Instant::now();
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -333,7 +352,8 @@ async fn a_slow_lease_renewal_does_not_hold_up_the_handler() {
     // Renewals every 2 s, each taking 3 s (within the 5 s store timeout).
     store.always(Op::Renew, Fault::Delay(Duration::from_secs(3)));
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(store.clone()).shared_scope(true)
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
             .lease(Duration::from_secs(6))
             .store_timeout(Duration::from_secs(5)),
     );

@@ -13,7 +13,11 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 #[tokio::test]
 async fn announced_body_over_the_limit_is_413_and_nothing_runs_or_is_stored() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).max_body_bytes(16));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(16),
+    );
     let reply = send(
         &app,
         post_with_key("/payments", "k", r#"{"amount":1000000000}"#),
@@ -33,8 +37,11 @@ async fn announced_body_over_the_limit_is_413_and_nothing_runs_or_is_stored() {
 #[tokio::test]
 async fn streamed_body_over_the_limit_is_413() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).max_body_bytes(1024));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(1024),
+    );
     // No Content-Length: chunks of 400 bytes, four of them.
     let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'a'; 400])));
     let body = Body::from_stream(futures_stream(chunks.collect()));
@@ -56,7 +63,11 @@ async fn streamed_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn requests_without_key_are_not_capped() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).max_body_bytes(8));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(8),
+    );
     let request = Request::post("/payments")
         .body(Body::from(vec![b'a'; 4096]))
         .unwrap();
@@ -115,8 +126,11 @@ async fn a_body_that_fails_midway_is_400_and_nothing_runs() {
 #[tokio::test]
 async fn response_over_the_cap_reaches_the_client_but_is_never_rerun() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).max_response_bytes(1000));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_response_bytes(1000),
+    );
     let first = send(&app, post_with_key("/big/5000", "k", "")).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(
@@ -142,8 +156,11 @@ async fn response_over_the_cap_reaches_the_client_but_is_never_rerun() {
 async fn the_entry_cap_holds_and_a_full_store_makes_room() {
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(3);
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true).ttl(Duration::from_secs(60)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(Duration::from_secs(60)),
+    );
     for key in ["a", "b", "c"] {
         let reply = send(&app, post_with_key("/payments", key, "{}")).await;
         assert_eq!(reply.status, StatusCode::CREATED);

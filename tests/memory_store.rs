@@ -20,7 +20,11 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, RecordK
 const TTL: Duration = Duration::from_secs(60);
 
 fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true).ttl(TTL))
+    api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(TTL),
+    )
 }
 
 async fn created(app: &Router, key: &str) -> bool {
@@ -146,7 +150,8 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
     const WINDOW: usize = 100_000;
     let runs = Runs::default();
     let store = MemoryStore::new();
-    let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
+    let app: Router =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     let rss_before = rss_kib();
     let started = Instant::now();
 

@@ -15,7 +15,11 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 const TTL: Duration = Duration::from_secs(60);
 
 fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true).ttl(TTL))
+    api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(TTL),
+    )
 }
 
 async fn created(app: &Router, key: &str) -> bool {

@@ -149,7 +149,11 @@ async fn released_and_missing_keys_are_counted() {
     let _local = metrics::set_default_local_recorder(&recorder);
 
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).require_key(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .require_key(true),
+    );
     let failed = send(&app, post_with_key("/status/500", "k", "{}")).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let missing = Request::post("/payments").body(Body::from("{}")).unwrap();

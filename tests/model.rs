@@ -279,7 +279,12 @@ fn app<S: IdempotencyStore>(store: S, api: &Api) -> Router {
             api.behaviour.clone(),
             api.gate.clone(),
         ))
-        .layer(IdempotencyLayer::new(store).shared_scope(true).lease(LEASE).ttl(TTL))
+        .layer(
+            IdempotencyLayer::new(store)
+                .shared_scope(true)
+                .lease(LEASE)
+                .ttl(TTL),
+        )
 }
 
 fn request(r: Req, scope: &str) -> Request<Body> {

@@ -34,7 +34,11 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let (runs, store) = (Runs::default(), FaultyStore::default());
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true).fail_open(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     store.fail(true);
     send(&app, post_with_key("/payments", "secret-key-123", "{}")).await;
     store.fail(false);

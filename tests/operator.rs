@@ -216,7 +216,9 @@ fn unique_key(label: &str) -> String {
 /// A completed key is reported (status, fingerprint, expiry), forgotten, and then runs again.
 async fn lookup_then_forget_a_completed_key<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(store).shared_scope(true).ttl(Duration::from_secs(3600));
+    let layer = IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .ttl(Duration::from_secs(3600));
     let operator = Operator::new(layer.store().clone());
     let app = api(runs.clone()).layer(layer);
     let key = unique_key("completed");

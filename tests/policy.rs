@@ -168,7 +168,11 @@ async fn the_handlers_decision_wins_over_the_policy() {
     let app = Router::new()
         .route("/", post(skip))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true).cache_policy(|_| true));
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .shared_scope(true)
+                .cache_policy(|_| true),
+        );
     send(&app, post_json("/", "k", None, "")).await;
     let retry = send(&app, post_json("/", "k", None, "")).await;
     assert!(!retry.replayed());

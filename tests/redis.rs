@@ -76,8 +76,7 @@ async fn records_use_the_documented_key_and_server_side_expiry() {
     let tenant = TenantId::hashed("layout");
     let key = RecordKey::new(tenant, unique_key("layout{x}:y%"));
     // `%` and `}` are percent-encoded, so that no key ends the hash tag early.
-    let escaped = key.key().replace('%', "%25").replace('}', "%7D");
-    let redis_key = format!("idempotency:{{{tenant}:{escaped}}}");
+    let redis_key = redis_key(&key);
     let exists: bool = raw.exists(&redis_key).await.unwrap();
     assert!(!exists);
 
@@ -139,6 +138,13 @@ async fn prefixes_separate_fleets() {
     ));
 }
 
+/// The Redis key of a record, as documented: `idempotency:{<tenant hex>:<key>}`, with `%` and
+/// `}` in the key percent-encoded.
+fn redis_key(key: &RecordKey) -> String {
+    let escaped = key.key().replace('%', "%25").replace('}', "%7D");
+    format!("idempotency:{{{}:{escaped}}}", key.tenant())
+}
+
 /// A key that holds something else than a record is `Corrupt`, never a panic or a replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_values_are_corrupt() {
@@ -149,7 +155,7 @@ async fn foreign_values_are_corrupt() {
 
     let key = RecordKey::new(TenantId::shared(), unique_key("garbage"));
     let _: () = raw
-        .set_ex(store.redis_key(&key), "not a record", 60)
+        .set_ex(redis_key(&key), "not a record", 60)
         .await
         .unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
@@ -160,16 +166,13 @@ async fn foreign_values_are_corrupt() {
     value.extend_from_slice(fp.as_bytes());
     value.extend_from_slice(&[0; 16]);
     value.extend_from_slice(b"\x01\x00truncated");
-    let _: () = raw.set_ex(store.redis_key(&key), value, 60).await.unwrap();
+    let _: () = raw.set_ex(redis_key(&key), value, 60).await.unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 
     let key = RecordKey::new(TenantId::shared(), unique_key("hash"));
-    let _: () = raw
-        .hset(store.redis_key(&key), "field", "value")
-        .await
-        .unwrap();
-    let _: () = raw.expire(store.redis_key(&key), 60).await.unwrap();
+    let _: () = raw.hset(redis_key(&key), "field", "value").await.unwrap();
+    let _: () = raw.expire(redis_key(&key), 60).await.unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 }

@@ -74,11 +74,15 @@ async fn a_keyed_request_without_a_tenant_is_refused_unless_the_scope_is_shared(
 
     // Opted in: requests without Authorization share one scope.
     let runs = Runs::default();
-    let shared = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let shared =
+        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let first = send(&shared, keyed(None)).await;
     assert!(!first.replayed());
     let again = send(&shared, keyed(None)).await;
-    assert!(again.replayed(), "requests without Authorization share one scope");
+    assert!(
+        again.replayed(),
+        "requests without Authorization share one scope"
+    );
     assert_eq!(again.body, first.body);
     assert_eq!(runs.get(), 1);
 }
@@ -229,4 +233,79 @@ async fn a_custom_renderer_gives_an_error_envelope() {
             .contains("different request")
     );
     assert_eq!(json["details"]["retry_after"], serde_json::Value::Null);
+}
+
+/// What a store holds for a tenant depends on the layer's secret: two layers with different
+/// secrets never see each other's records, and an operator finds them only with the secret.
+#[tokio::test]
+async fn the_tenant_secret_keys_what_the_store_holds() {
+    use tower_idempotency::{DefaultTenant, Operator};
+
+    let store = MemoryStore::new();
+    let runs = Runs::default();
+    let one =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).tenant_secret([1u8; 32]));
+    let two =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).tenant_secret([2u8; 32]));
+    let first = send(&one, keyed(Some("Basic dXNlcjpodW50ZXIy"))).await;
+    assert!(
+        !send(&two, keyed(Some("Basic dXNlcjpodW50ZXIy")))
+            .await
+            .replayed()
+    );
+    let again = send(&one, keyed(Some("Basic dXNlcjpodW50ZXIy"))).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(runs.get(), 2);
+
+    // The stored tenant is neither the extractor's digest nor the public default's sealing.
+    let scope = DefaultTenant::scope_for("Basic dXNlcjpodW50ZXIy");
+    let with_secret = Operator::new(store.clone()).tenant_secret([1u8; 32]);
+    let report = with_secret.lookup(scope, "shared-key").await.unwrap();
+    assert!(report.is_some_and(|r| !r.is_in_flight()));
+    let without = Operator::new(store.clone());
+    assert!(without.lookup(scope, "shared-key").await.unwrap().is_none());
+
+    // A secret that is too short is refused when the layer is configured.
+    let short = std::panic::catch_unwind(|| {
+        IdempotencyLayer::new(MemoryStore::new()).tenant_secret(b"short")
+    });
+    assert!(short.is_err());
+}
+
+/// `IdempotencyKey::scoped()` is the same on every retry and differs between tenants that send
+/// the same key: safe to pass on as a downstream API's idempotency key.
+#[tokio::test]
+async fn the_scoped_key_is_unique_per_tenant_and_stable_across_retries() {
+    use axum::Extension;
+    use axum::routing::post;
+    use tower_idempotency::IdempotencyKey;
+
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            post(move |Extension(key): Extension<IdempotencyKey>| {
+                let runs = counted.clone();
+                async move {
+                    runs.bump();
+                    (StatusCode::CREATED, key.scoped())
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryStore::new()).tenant_secret([9u8; 32]));
+    let alice = send(&app, keyed(Some("Bearer alice"))).await;
+    let bob = send(&app, keyed(Some("Bearer bob"))).await;
+    let alice_retry = send(&app, keyed(Some("Bearer alice"))).await;
+    assert!(alice_retry.replayed());
+    assert_eq!(alice_retry.body, alice.body);
+    assert_ne!(
+        alice.body, bob.body,
+        "the same key, two tenants, two downstream keys"
+    );
+    assert_eq!(alice.body.len(), 64);
+    assert!(alice.body.iter().all(u8::is_ascii_hexdigit));
+    assert!(!String::from_utf8_lossy(&alice.body).contains("shared-key"));
+    assert_eq!(runs.get(), 2);
 }

@@ -53,8 +53,11 @@ pub(crate) fn check_period(setting: &str, period: std::time::Duration) {
 /// A tick that fails is the tick's business (it is retried at the next one); nothing here can
 /// end the loop early, and a period past [`MAX_PERIOD`] is clamped to it rather than
 /// overflowing.
-pub(crate) async fn every<T, F, Fut>(store: std::sync::Weak<T>, period: std::time::Duration, tick: F)
-where
+pub(crate) async fn every<T, F, Fut>(
+    store: std::sync::Weak<T>,
+    period: std::time::Duration,
+    tick: F,
+) where
     F: Fn(std::sync::Arc<T>) -> Fut,
     Fut: Future<Output = ()>,
 {

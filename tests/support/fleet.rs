@@ -56,7 +56,8 @@ pub fn server<S: IdempotencyStore>(
     delay: Duration,
     configure: impl FnOnce(IdempotencyLayer<S>) -> IdempotencyLayer<S>,
 ) -> Router {
-    payments_api(runs.clone(), delay).layer(configure(IdempotencyLayer::new(store).shared_scope(true)))
+    payments_api(runs.clone(), delay)
+        .layer(configure(IdempotencyLayer::new(store).shared_scope(true)))
 }
 
 /// The `Authorization` of the fleet scenarios' client: its requests are scoped to its own
