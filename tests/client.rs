@@ -1,0 +1,1 @@
+//! The client side end to end.
