@@ -52,7 +52,10 @@ async fn main() -> Result<(), BoxError> {
         .await?
         .call(payment(None)?)
         .await
-        .map_err(|e| format!("is the demo server running (cargo run --example server)? {e}"))?;
+        .map_err(|e| {
+            let cause = e.inner().map(ToString::to_string).unwrap_or_default();
+            format!("{e} ({cause}); is the demo server running (cargo run --example server)?")
+        })?;
     let outcome = RetryOutcome::of(&response).cloned().ok_or("no outcome")?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();

@@ -11,20 +11,21 @@ use crate::body::BoxError;
 
 /// Why a request through an [`IdempotentRetryLayer`](super::IdempotentRetryLayer) has no
 /// response: the inner service failed on the last attempt, or the request's body could not be
-/// kept for retries, or no key could be made. `E` is the inner service's error.
+/// kept for retries, or no key could be made.
 ///
-/// [`source`](Error::source) is the underlying error: the inner service's, the body's, or the
-/// random source's.
+/// [`source`](Error::source) is the underlying error: the inner service's (boxed, as tower's
+/// own middleware box theirs: [`inner`](Self::inner) and `downcast_ref` reach its type), the
+/// body's, or the random source's.
 #[derive(Debug)]
-pub struct RetryError<E> {
-    kind: Kind<E>,
+pub struct RetryError {
+    kind: Kind,
     attempts: u32,
     key: Option<HeaderValue>,
 }
 
 #[derive(Debug)]
-enum Kind<E> {
-    Service(E),
+enum Kind {
+    Service(BoxError),
     BodyTooLarge { limit: usize },
     Body(BoxError),
     KeyGeneration(BoxError),
@@ -46,10 +47,10 @@ pub enum RetryErrorKind {
     KeyGeneration,
 }
 
-impl<E> RetryError<E> {
-    pub(crate) fn service(error: E, attempts: u32, key: HeaderValue) -> Self {
+impl RetryError {
+    pub(crate) fn service(error: impl Into<BoxError>, attempts: u32, key: HeaderValue) -> Self {
         Self {
-            kind: Kind::Service(error),
+            kind: Kind::Service(error.into()),
             attempts,
             key: Some(key),
         }
@@ -57,9 +58,9 @@ impl<E> RetryError<E> {
 
     /// An error of the inner service before any attempt of the layer's own (a pass-through
     /// request, or a service that was not ready).
-    pub(crate) fn passthrough(error: E, attempts: u32) -> Self {
+    pub(crate) fn passthrough(error: impl Into<BoxError>, attempts: u32) -> Self {
         Self {
-            kind: Kind::Service(error),
+            kind: Kind::Service(error.into()),
             attempts,
             key: None,
         }
@@ -106,16 +107,17 @@ impl<E> RetryError<E> {
         self.key.as_ref()
     }
 
-    /// The inner service's error, when it is one.
-    pub fn inner(&self) -> Option<&E> {
+    /// The inner service's error, when it is one; `downcast_ref` finds its type (hyper-util's
+    /// `client::legacy::Error`, tower's `timeout::error::Elapsed`, ...).
+    pub fn inner(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
         match &self.kind {
-            Kind::Service(error) => Some(error),
+            Kind::Service(error) => Some(&**error),
             _ => None,
         }
     }
 
     /// The inner service's error, when it is one.
-    pub fn into_inner(self) -> Option<E> {
+    pub fn into_inner(self) -> Option<BoxError> {
         match self.kind {
             Kind::Service(error) => Some(error),
             _ => None,
@@ -123,7 +125,7 @@ impl<E> RetryError<E> {
     }
 }
 
-impl<E> fmt::Display for RetryError<E> {
+impl fmt::Display for RetryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             Kind::Service(_) => match self.attempts {
@@ -143,15 +145,11 @@ impl<E> fmt::Display for RetryError<E> {
     }
 }
 
-impl<E> Error for RetryError<E>
-where
-    E: Error + 'static,
-{
+impl Error for RetryError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
-            Kind::Service(error) => Some(error),
             Kind::BodyTooLarge { .. } => None,
-            Kind::Body(error) | Kind::KeyGeneration(error) => Some(&**error),
+            Kind::Service(error) | Kind::Body(error) | Kind::KeyGeneration(error) => Some(&**error),
         }
     }
 }
@@ -170,25 +168,22 @@ mod tests {
         assert_eq!(error.key(), Some(&key));
         assert_eq!(error.to_string(), "the request failed after 3 attempts");
         assert_eq!(error.source().unwrap().to_string(), "reset");
-        assert_eq!(
-            error.into_inner().unwrap().kind(),
-            std::io::ErrorKind::ConnectionReset
-        );
+        let inner = error.into_inner().unwrap();
+        let io = inner.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
 
-        let error: RetryError<std::io::Error> =
-            RetryError::buffer(BufferError::TooLarge { limit: 10 }, key.clone());
+        let error = RetryError::buffer(BufferError::TooLarge { limit: 10 }, key.clone());
         assert_eq!(error.kind(), RetryErrorKind::BodyTooLarge);
         assert_eq!(error.attempts(), 0);
         assert!(error.inner().is_none());
         assert!(error.source().is_none());
         assert!(error.to_string().contains("10-byte limit"), "{error}");
 
-        let error: RetryError<std::io::Error> =
-            RetryError::buffer(BufferError::Read("truncated".into()), key);
+        let error = RetryError::buffer(BufferError::Read("truncated".into()), key);
         assert_eq!(error.kind(), RetryErrorKind::Body);
         assert_eq!(error.source().unwrap().to_string(), "truncated");
 
-        let error: RetryError<std::io::Error> = RetryError::key_generation("no entropy".into());
+        let error = RetryError::key_generation("no entropy".into());
         assert_eq!(error.kind(), RetryErrorKind::KeyGeneration);
         assert!(error.key().is_none());
         assert_eq!(error.source().unwrap().to_string(), "no entropy");

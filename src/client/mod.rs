@@ -96,8 +96,8 @@ impl Default for Config {
 ///
 /// The layer takes `http::Request<B>` for any body `B` and hands the inner service
 /// `http::Request<RetryBody<B>>`: the buffered bytes of a covered request, or `B` itself when
-/// the request passes through. Its error is [`RetryError<E>`](RetryError), `E` being the inner
-/// service's error.
+/// the request passes through. Its error is [`RetryError`], which holds the inner service's
+/// error (any `Into<BoxError>`, boxed as tower's own middleware do) on the last attempt.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -195,6 +195,7 @@ impl IdempotentRetryLayer {
         self.config.max_body_bytes
     }
 
+    #[cfg(feature = "reqwest")]
     pub(crate) fn config(&self) -> &Arc<Config> {
         &self.config
     }

@@ -1,6 +1,5 @@
 //! [`IdempotentRetryMiddleware`]: the client side for `reqwest`, through `reqwest-middleware`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::Extensions;
@@ -35,7 +34,7 @@ use super::{Config, IdempotentRetryLayer};
 /// errors, those of middleware further down the chain included, are returned at once. The
 /// last attempt's error is returned as it is; a body over `max_body_bytes`, a body that fails
 /// while it is read, or a random source that fails is an
-/// [`Error::Middleware`] holding a [`RetryError<Infallible>`](RetryError), and nothing is
+/// [`Error::Middleware`] holding a [`RetryError`], and nothing is
 /// sent. A streaming body is read whole, up to the cap, before the first attempt.
 ///
 /// Put it before middleware that should run on every attempt (logging, auth refresh): those
@@ -85,7 +84,7 @@ impl Middleware for IdempotentRetryMiddleware {
             Some(key) => key.clone(),
             None => {
                 let key = policy::new_key()
-                    .map_err(|e| Error::middleware(RetryError::<Infallible>::key_generation(e)))?;
+                    .map_err(|e| Error::middleware(RetryError::key_generation(e)))?;
                 request
                     .headers_mut()
                     .insert(config.header.clone(), key.clone());
@@ -95,7 +94,7 @@ impl Middleware for IdempotentRetryMiddleware {
         if let Some(body) = request.body_mut().take() {
             let buffered = buffer(body, config.max_body_bytes)
                 .await
-                .map_err(|e| Error::middleware(RetryError::<Infallible>::buffer(e, key.clone())))?;
+                .map_err(|e| Error::middleware(RetryError::buffer(e, key.clone())))?;
             *request.body_mut() = Some(reqwest::Body::from(buffered.data));
         }
         let mut schedule = Schedule::start();

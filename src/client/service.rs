@@ -60,14 +60,14 @@ impl<S, B, ResBody> Service<Request<B>> for IdempotentRetry<S>
 where
     S: Service<Request<RetryBody<B>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Send + 'static,
+    S::Error: Into<BoxError> + Send,
     B: Body + Send + 'static,
     B::Error: Into<BoxError>,
     ResBody: Send + 'static,
 {
     type Response = Response<ResBody>;
-    type Error = RetryError<S::Error>;
-    type Future = RetryFuture<S::Future, ResBody, S::Error>;
+    type Error = RetryError;
+    type Future = RetryFuture<S::Future, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner
@@ -93,29 +93,30 @@ where
     }
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, RetryError<E>>> + Send>>;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, RetryError>> + Send>>;
 
 pin_project! {
     /// The response future of [`IdempotentRetry`].
-    pub struct RetryFuture<F, ResBody, E> {
+    pub struct RetryFuture<F, ResBody> {
         #[pin]
-        kind: Kind<F, ResBody, E>,
+        kind: Kind<F, ResBody>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, ResBody, E> {
+    enum Kind<F, ResBody> {
         Passthrough { #[pin] future: F },
-        Retrying { future: BoxFuture<Response<ResBody>, E> },
+        Retrying { future: BoxFuture<Response<ResBody>> },
     }
 }
 
-impl<F, ResBody, E> Future for RetryFuture<F, ResBody, E>
+impl<F, ResBody, E> Future for RetryFuture<F, ResBody>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
+    E: Into<BoxError>,
 {
-    type Output = Result<Response<ResBody>, RetryError<E>>;
+    type Output = Result<Response<ResBody>, RetryError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
@@ -127,7 +128,7 @@ where
     }
 }
 
-impl<F, ResBody, E> fmt::Debug for RetryFuture<F, ResBody, E> {
+impl<F, ResBody> fmt::Debug for RetryFuture<F, ResBody> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Passthrough { .. } => "passthrough",
@@ -143,9 +144,10 @@ async fn attempts<S, B, ResBody>(
     mut inner: S,
     config: Arc<Config>,
     request: Request<B>,
-) -> Result<Response<ResBody>, RetryError<S::Error>>
+) -> Result<Response<ResBody>, RetryError>
 where
     S: Service<Request<RetryBody<B>>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError> + Send,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -163,10 +165,10 @@ where
         .map_err(|e| RetryError::buffer(e, key.clone()))?;
     let mut schedule = Schedule::start();
     loop {
-        if schedule.attempts() > 0 {
-            if let Err(error) = poll_fn(|cx| inner.poll_ready(cx)).await {
-                return Err(RetryError::service(error, schedule.attempts(), key));
-            }
+        if schedule.attempts() > 0
+            && let Err(error) = poll_fn(|cx| inner.poll_ready(cx)).await
+        {
+            return Err(RetryError::service(error, schedule.attempts(), key));
         }
         let result = inner
             .call(Request::from_parts(parts.clone(), body.body()))
@@ -187,11 +189,11 @@ where
 }
 
 /// The last attempt's answer, with its [`RetryOutcome`].
-fn finish<ResBody, E>(
+fn finish<ResBody, E: Into<BoxError>>(
     result: Result<Response<ResBody>, E>,
     attempts: u32,
     key: HeaderValue,
-) -> Result<Response<ResBody>, RetryError<E>> {
+) -> Result<Response<ResBody>, RetryError> {
     match result {
         Ok(mut response) => {
             let replayed = policy::replayed(response.headers());
