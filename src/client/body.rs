@@ -37,7 +37,17 @@ pin_project! {
 }
 
 impl<B> RetryBody<B> {
-    pub(crate) fn streaming(body: B) -> Self {
+    /// `body`, untouched: for calling the client without the layer.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower_idempotency::RetryBody;
+    ///
+    /// let body = RetryBody::new(Full::new(Bytes::from_static(b"{}")));
+    /// # let _ = body;
+    /// ```
+    pub fn new(body: B) -> Self {
         Self {
             kind: Kind::Streaming { body },
         }

@@ -11,11 +11,11 @@ use crate::body::BoxError;
 
 /// Why a request through an [`IdempotentRetryLayer`](super::IdempotentRetryLayer) has no
 /// response: the inner service failed on the last attempt, or the request's body could not be
-/// kept for retries, or no key could be made.
+/// kept for retries.
 ///
 /// [`source`](Error::source) is the underlying error: the inner service's (boxed, as tower's
-/// own middleware box theirs: [`inner`](Self::inner) and `downcast_ref` reach its type), the
-/// body's, or the random source's.
+/// own middleware box theirs: [`inner`](Self::inner) and `downcast_ref` reach its type), or the
+/// body's.
 #[derive(Debug)]
 pub struct RetryError {
     kind: Kind,
@@ -28,7 +28,6 @@ enum Kind {
     Service(BoxError),
     BodyTooLarge { limit: usize },
     Body(BoxError),
-    KeyGeneration(BoxError),
 }
 
 /// What a [`RetryError`] is about.
@@ -43,8 +42,6 @@ pub enum RetryErrorKind {
     BodyTooLarge,
     /// The request body failed while it was read: nothing was sent.
     Body,
-    /// The system's random source failed, so no key could be made: nothing was sent.
-    KeyGeneration,
 }
 
 impl RetryError {
@@ -78,21 +75,12 @@ impl RetryError {
         }
     }
 
-    pub(crate) fn key_generation(error: BoxError) -> Self {
-        Self {
-            kind: Kind::KeyGeneration(error),
-            attempts: 0,
-            key: None,
-        }
-    }
-
     /// What the error is about.
     pub fn kind(&self) -> RetryErrorKind {
         match self.kind {
             Kind::Service(_) => RetryErrorKind::Service,
             Kind::BodyTooLarge { .. } => RetryErrorKind::BodyTooLarge,
             Kind::Body(_) => RetryErrorKind::Body,
-            Kind::KeyGeneration(_) => RetryErrorKind::KeyGeneration,
         }
     }
 
@@ -102,7 +90,7 @@ impl RetryError {
     }
 
     /// The request's key (the caller's, or the one the layer made), to retry the operation
-    /// later; `None` for a request that passed through or had no key made.
+    /// later; `None` for a request that passed through.
     pub fn key(&self) -> Option<&HeaderValue> {
         self.key.as_ref()
     }
@@ -138,9 +126,6 @@ impl fmt::Display for RetryError {
                 "the request body is over the {limit}-byte limit kept for retries"
             ),
             Kind::Body(_) => f.write_str("the request body could not be read"),
-            Kind::KeyGeneration(_) => {
-                f.write_str("no idempotency key could be made: the random source failed")
-            }
         }
     }
 }
@@ -149,7 +134,7 @@ impl Error for RetryError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
             Kind::BodyTooLarge { .. } => None,
-            Kind::Service(error) | Kind::Body(error) | Kind::KeyGeneration(error) => Some(&**error),
+            Kind::Service(error) | Kind::Body(error) => Some(&**error),
         }
     }
 }
@@ -182,10 +167,5 @@ mod tests {
         let error = RetryError::buffer(BufferError::Read("truncated".into()), key);
         assert_eq!(error.kind(), RetryErrorKind::Body);
         assert_eq!(error.source().unwrap().to_string(), "truncated");
-
-        let error = RetryError::key_generation("no entropy".into());
-        assert_eq!(error.kind(), RetryErrorKind::KeyGeneration);
-        assert!(error.key().is_none());
-        assert_eq!(error.source().unwrap().to_string(), "no entropy");
     }
 }

@@ -7,8 +7,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::time::Instant;
 
 use super::Config;
-use crate::body::BoxError;
 use crate::config::IDEMPOTENT_REPLAYED;
+use crate::util::{Hex, random_bytes};
 
 /// Whether a response is worth another attempt with the same key: `409` (the first attempt
 /// still runs), `429`, and `5xx` but `501` and `505` (the server failed and released the key);
@@ -98,33 +98,31 @@ fn backoff_ceiling(config: &Config, attempts: u32) -> Duration {
         .min(config.max_delay)
 }
 
-/// Full jitter: a random wait between zero and `ceiling` (the ceiling itself if the system's
-/// random source fails).
+/// Full jitter: a random wait between zero and `ceiling`.
 fn jitter(ceiling: Duration) -> Duration {
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    match (getrandom::u64(), nanos.checked_add(1)) {
-        (Ok(random), Some(span)) => Duration::from_nanos(random % span),
-        (Ok(random), None) => Duration::from_nanos(random),
-        (Err(_), _) => ceiling,
+    let [a, b, c, d, e, f, g, h, ..] = random_bytes();
+    let random = u64::from_le_bytes([a, b, c, d, e, f, g, h]);
+    match nanos.checked_add(1) {
+        Some(span) => Duration::from_nanos(random % span),
+        None => Duration::from_nanos(random),
     }
 }
 
 /// A new key: a random (version 4) UUID, lowercase and hyphenated.
-pub(crate) fn new_key() -> Result<HeaderValue, BoxError> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| -> BoxError { Box::new(e) })?;
+pub(crate) fn new_key() -> HeaderValue {
+    let mut bytes = random_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
     bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = Vec::with_capacity(36);
-    for (i, byte) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            text.push(b'-');
-        }
-        text.push(HEX[usize::from(byte >> 4)]);
-        text.push(HEX[usize::from(byte & 0x0f)]);
-    }
-    Ok(HeaderValue::from_bytes(&text)?)
+    let text = format!(
+        "{}-{}-{}-{}-{}",
+        Hex(&bytes[..4]),
+        Hex(&bytes[4..6]),
+        Hex(&bytes[6..8]),
+        Hex(&bytes[8..10]),
+        Hex(&bytes[10..16])
+    );
+    HeaderValue::from_str(&text).expect("hex digits and hyphens make a valid header value")
 }
 
 #[cfg(test)]
@@ -248,7 +246,7 @@ mod tests {
 
     #[test]
     fn keys_are_version_4_uuids() {
-        let key = new_key().unwrap();
+        let key = new_key();
         let text = key.to_str().unwrap();
         assert_eq!(text.len(), 36);
         let groups: Vec<_> = text.split('-').map(str::len).collect();
@@ -259,6 +257,6 @@ mod tests {
         );
         assert_eq!(&text[14..15], "4");
         assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"));
-        assert_ne!(new_key().unwrap(), key);
+        assert_ne!(new_key(), key);
     }
 }

@@ -32,10 +32,9 @@ use super::{Config, IdempotentRetryLayer};
 /// Retried errors: reqwest's connect, timeout and request errors (the request may or may not
 /// have run; set a timeout on the `reqwest::Client` or the request to bound an attempt). Other
 /// errors, those of middleware further down the chain included, are returned at once. The
-/// last attempt's error is returned as it is; a body over `max_body_bytes`, a body that fails
-/// while it is read, or a random source that fails is an
-/// [`Error::Middleware`] holding a [`RetryError`], and nothing is
-/// sent. A streaming body is read whole, up to the cap, before the first attempt.
+/// last attempt's error is returned as it is. A body over `max_body_bytes`, or a body that
+/// fails while it is read, is an [`Error::Middleware`] holding a [`RetryError`], and nothing
+/// is sent. A streaming body is read whole, up to the cap, before the first attempt.
 ///
 /// Put it before middleware that should run on every attempt (logging, auth refresh): those
 /// run once per attempt; the ones before it run once per request.
@@ -83,8 +82,7 @@ impl Middleware for IdempotentRetryMiddleware {
         let key = match request.headers().get(&config.header) {
             Some(key) => key.clone(),
             None => {
-                let key = policy::new_key()
-                    .map_err(|e| Error::middleware(RetryError::key_generation(e)))?;
+                let key = policy::new_key();
                 request
                     .headers_mut()
                     .insert(config.header.clone(), key.clone());

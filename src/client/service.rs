@@ -77,7 +77,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if !self.config.covers(request.method()) {
-            let future = self.inner.call(request.map(RetryBody::streaming));
+            let future = self.inner.call(request.map(RetryBody::new));
             return RetryFuture {
                 kind: Kind::Passthrough { future },
             };
@@ -155,7 +155,7 @@ where
     let key = match parts.headers.get(&config.header) {
         Some(key) => key.clone(),
         None => {
-            let key = policy::new_key().map_err(RetryError::key_generation)?;
+            let key = policy::new_key();
             parts.headers.insert(config.header.clone(), key.clone());
             key
         }
