@@ -78,7 +78,8 @@ impl Default for Config {
 ///   failed and released the key). It never retries another `4xx`: a `422` means the key was
 ///   used for a different request, a bug a retry cannot fix. A response marked
 ///   `Idempotent-Replayed: true` is the operation's answer, whatever its status, and is never
-///   retried;
+///   retried (a `409` that the operation itself answered is stored by the server: its retry
+///   gets the replay and stops there);
 /// - between attempts it waits what the response's `Retry-After` says (delta-seconds or an
 ///   HTTP-date), capped at [`max_delay`](IdempotentRetryLayerBuilder::max_delay); otherwise an
 ///   exponential backoff with full jitter: a random wait between zero and
