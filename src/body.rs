@@ -257,7 +257,7 @@ fn exact(data: &Option<Bytes>) -> SizeHint {
 }
 
 /// Polls a frame of `body`, turning its data into `Bytes` (without a copy when it already is).
-fn poll_bytes<B>(
+pub(crate) fn poll_bytes<B>(
     body: Pin<&mut B>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>

@@ -112,6 +112,7 @@
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
+//! | `client`           |                 | the client side: `IdempotentRetryLayer`, one key per operation and safe retries for tower HTTP clients (`reqwest`: `IdempotentRetryMiddleware` for `reqwest-middleware`) |
 //!
 //! [`ReplayCache`] sits in front of any store and keeps completed records in process, so that a
 //! replay it holds costs no store call.
@@ -133,6 +134,8 @@
 
 mod admission;
 mod body;
+#[cfg(feature = "client")]
+mod client;
 mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -155,6 +158,15 @@ mod tenant;
 mod util;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use client::IdempotentRetryMiddleware;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub use client::{
+    IdempotentRetry, IdempotentRetryLayer, IdempotentRetryLayerBuilder, RetryBody, RetryError,
+    RetryErrorKind, RetryFuture, RetryOutcome,
+};
 pub use config::{
     CacheDecision, IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, default_cache_policy,
 };
