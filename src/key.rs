@@ -176,13 +176,63 @@ fn unquote(value: &[u8]) -> Result<Vec<u8>, KeyError> {
             return Err(KeyError::Invalid("the key is longer than 255 characters"));
         }
     }
-    let rest = bytes.as_slice().trim_ascii_start();
-    match rest.first() {
-        None => Ok(out),
-        Some(b',') => Err(KeyError::Invalid("the header was sent more than once")),
-        Some(_) => Err(KeyError::Invalid(
-            "the quoted key is followed by other characters",
-        )),
+    parameters(bytes.as_slice())?;
+    Ok(out)
+}
+
+/// Checks what follows a quoted key: nothing, or RFC 8941 parameters (`;name` or
+/// `;name=value`), which a Structured-Field Item may carry and which are ignored, as RFC 8941
+/// asks of parameters a recipient does not know. A comma outside quotes means several header
+/// lines were combined.
+fn parameters(mut rest: &[u8]) -> Result<(), KeyError> {
+    const INVALID: KeyError = KeyError::Invalid("the quoted key is followed by other characters");
+    loop {
+        rest = rest.trim_ascii_start();
+        match rest.split_first() {
+            None => return Ok(()),
+            Some((b',', _)) => return Err(KeyError::Invalid("the header was sent more than once")),
+            Some((b';', after)) => rest = after.trim_ascii_start(),
+            Some(_) => return Err(INVALID),
+        }
+        // The parameter's name: a lowercase letter or `*`, then lowercase letters, digits,
+        // `_`, `-`, `.`, `*`.
+        let name_len = rest
+            .iter()
+            .position(|b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
+            .unwrap_or(rest.len());
+        if name_len == 0 || !matches!(rest[0], b'a'..=b'z' | b'*') {
+            return Err(INVALID);
+        }
+        rest = &rest[name_len..];
+        let Some(after) = rest.strip_prefix(b"=") else {
+            continue; // a name alone is `true`
+        };
+        rest = match after.first() {
+            // A string: up to its closing quote, with `\"` and `\\` escapes.
+            Some(b'"') => {
+                let mut at = 1;
+                loop {
+                    match after.get(at) {
+                        None => return Err(INVALID),
+                        Some(b'\\') => at += 2,
+                        Some(b'"') => break &after[at + 1..],
+                        Some(_) => at += 1,
+                    }
+                }
+            }
+            // A token, number, byte sequence or boolean: visible characters up to the next
+            // parameter.
+            _ => {
+                let len = after
+                    .iter()
+                    .position(|&b| b == b';' || b == b',' || !b.is_ascii_graphic())
+                    .unwrap_or(after.len());
+                if len == 0 {
+                    return Err(INVALID);
+                }
+                &after[len..]
+            }
+        };
     }
 }
 
@@ -250,6 +300,25 @@ mod tests {
         assert!(invalid(b"\"abc"));
         assert!(invalid(b"\"abc\"x"));
         assert!(invalid(b"\"ab\\c\""));
+    }
+
+    #[test]
+    fn structured_field_parameters_are_ignored() {
+        assert_eq!(ok(b"\"abc\";x=1"), "abc");
+        assert_eq!(ok(b"\"abc\"; x=1;y"), "abc");
+        assert_eq!(
+            ok(b"\"abc\";a=?1;b=tok/en;c=\"s;t,r\\\"\";d=:AQ==:;e=1.5"),
+            "abc"
+        );
+        assert!(invalid(b"\"abc\";"));
+        assert!(invalid(b"\"abc\";X=1"));
+        assert!(invalid(b"\"abc\";1x=1"));
+        assert!(invalid(b"\"abc\";x="));
+        assert!(invalid(b"\"abc\";x=\"open"));
+        assert!(invalid(b"\"abc\";x=1, \"def\""));
+        assert!(invalid(b"\"abc\" x"));
+        // A bare key keeps its characters: `;` is one of them.
+        assert_eq!(ok(b"abc;x=1"), "abc;x=1");
     }
 
     #[test]

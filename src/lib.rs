@@ -53,8 +53,47 @@
 //! # }
 //! ```
 //!
-//! With static API keys, `IdempotencyLayer::new(MemoryStore::new())` alone is enough: the
-//! default tenant is a hash of the `Authorization` header.
+//! [`TenantFromExtension`] scopes keys by the type's name and the value's `Display`. With static
+//! API keys, `IdempotencyLayer::new(MemoryStore::new())` alone is enough: the default tenant is
+//! the `Authorization` header (a keyed request without one is refused with `400`, unless
+//! [`shared_scope(true)`](IdempotencyLayer::shared_scope)). Set
+//! [`tenant_secret`](IdempotencyLayer::tenant_secret) in production. The key is optional by
+//! default, so that adding the layer breaks no client that sends none; on a payments route,
+//! [`require_key(true)`](IdempotencyLayer::require_key) makes every request retry-safe.
+//!
+//! # Where the layer goes in a stack
+//!
+//! The order of layers changes what is stored. With `tower::ServiceBuilder`, the first layer
+//! listed is the outermost:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use axum::{Router, http::StatusCode, middleware, routing::post};
+//! # use axum::{extract::Request, middleware::Next, response::Response};
+//! # use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
+//! use tower::ServiceBuilder;
+//! use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, timeout::TimeoutLayer};
+//! # #[derive(Clone)] struct AccountId(u64);
+//! # impl std::fmt::Display for AccountId {
+//! #     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { self.0.fmt(f) }
+//! # }
+//! # async fn authenticate(request: Request, next: Next) -> Response { next.run(request).await }
+//!
+//! let app: Router = Router::new().route("/payments", post(|| async { "created" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(CatchPanicLayer::new()) // outside: the layer sees the panic and releases the key
+//!         .layer(CompressionLayer::new()) // outside: stored responses are identity-encoded
+//!         // outside: a timeout looks like a client that left; the run finishes and is stored
+//!         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)))
+//!         .layer(middleware::from_fn(authenticate)) // outside: a 401 never reaches the layer
+//!         .layer(IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<AccountId>::new())),
+//! );
+//! ```
+//!
+//! A `TimeoutLayer` *inside* the idempotency layer would cancel the handler half-way and answer
+//! `408`, which releases the key: the retry would run the handler again. Use
+//! `Router::route_layer` rather than `Router::layer` to add it, so that requests to routes that do
+//! not exist store nothing.
 //!
 //! # How it works
 //!

@@ -222,6 +222,15 @@ async fn quoted_and_bare_forms_are_the_same_key_and_echo_as_sent() {
     assert!(retry.replayed());
     assert_eq!(retry.header("idempotency-key"), Some("abc"));
     assert_eq!(runs.get(), 1);
+    // A Structured-Field Item may carry parameters, which are ignored: the same key.
+    let with_parameters = send(&app, post_with_key("/payments", "\"abc\";x=1;y", "{}")).await;
+    assert!(with_parameters.replayed());
+    assert_eq!(
+        with_parameters.header("idempotency-key"),
+        Some("\"abc\";x=1;y")
+    );
+    assert_eq!(with_parameters.body, first.body);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
