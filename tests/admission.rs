@@ -4,6 +4,7 @@
 //! caller who floods a slow route and hangs up on every request can no longer make another
 //! caller's handler be cancelled half-way (and run twice on its retry).
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -15,9 +16,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use support::Runs;
+use support::{Runs, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 /// What the handlers did: `started` counts charges, `finished` runs that got to their end.
@@ -40,12 +41,9 @@ fn app(effects: Effects) -> Router {
         .with_state(effects)
 }
 
-async fn serve(layer: IdempotencyLayer<MemoryStore>, effects: &Effects) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = app(effects.clone()).layer(layer);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+async fn serve(layer: IdempotencyLayer<MemoryStore>, effects: &Effects) -> Server {
+    let detached = layer.detached_runs();
+    Server::start(app(effects.clone()).layer(layer), detached).await
 }
 
 fn key(name: &str) -> String {
@@ -93,7 +91,8 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(64)
         .max_in_flight_per_tenant(16);
-    let addr = serve(layer, &effects).await;
+    let server = serve(layer, &effects).await;
+    let addr = server.addr;
 
     // The attacker: 40 keyed requests to the slow route, hanging up on each after its body.
     let flood: Vec<_> = (0..40)
@@ -140,7 +139,8 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(4)
         .max_in_flight_per_tenant(4);
-    let addr = serve(layer, &effects).await;
+    let server = serve(layer, &effects).await;
+    let addr = server.addr;
 
     for tenant in ["a", "b", "c", "d"] {
         send_and_hang_up(addr, &format!("Bearer {tenant}"), &key("busy")).await;

@@ -1,6 +1,7 @@
 //! Exactly-once under real concurrency: many tasks on many threads.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,14 +5,15 @@
 //! Every case runs on each store: on `MemoryStore` with Tokio's paused clock, and on the shared
 //! stores (when `scripts/test-services` provides their servers) in real time with a short lease.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
+use support::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, Outcome};
 
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -342,7 +343,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(store) = common::shared::redis().await else { return };
+                    let Some(store) = support::shared::redis().await else { return };
                     super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
                 }
             )*
@@ -355,7 +356,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(store) = common::shared::postgres().await else { return };
+                    let Some(store) = support::shared::postgres().await else { return };
                     super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
                 }
             )*

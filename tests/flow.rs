@@ -1,11 +1,12 @@
 //! The request flow of DESIGN.md, row by row, through a real axum `Router`.
 
-mod common;
+#[macro_use]
+mod support;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 
 fn app(runs: &Runs) -> Router {
@@ -40,7 +41,7 @@ async fn first_request_runs_and_retry_replays_byte_for_byte() {
     for name in ["location", "x-custom", "content-type"] {
         assert_eq!(retry.headers.get(name), first.headers.get(name), "{name}");
     }
-    let cookies = |r: &common::Reply| -> Vec<_> {
+    let cookies = |r: &support::Reply| -> Vec<_> {
         r.headers
             .get_all(header::SET_COOKIE)
             .iter()

@@ -1,14 +1,15 @@
 //! The life of a record: in flight, completed, expired, released by a drop or a panic, leases
 //! renewed and taken over, and what a failing store does.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FaultyStore, Runs, api, post_with_key, send};
+use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome, RecordKey,
@@ -26,7 +27,7 @@ async fn until(mut done: impl FnMut() -> bool) {
     panic!("condition never held");
 }
 
-fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<common::Reply> {
+fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<support::Reply> {
     let app = app.clone();
     tokio::spawn(async move { send(&app, request).await })
 }
@@ -346,7 +347,7 @@ async fn a_store_call_past_its_timeout_answers_503() {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_lease_renewal_does_not_hold_up_the_handler() {
-    use common::{Fault, Op};
+    use support::{Fault, Op};
     let runs = Runs::default();
     let store = FaultyStore::default();
     // Renewals every 2 s, each taking 3 s (within the 5 s store timeout).

@@ -1,13 +1,14 @@
 //! Limits and bad input: body size, response size, unreadable bodies, the entry cap.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bytes::Bytes;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 
 #[tokio::test]

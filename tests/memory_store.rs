@@ -5,15 +5,16 @@
 //! The flood test is ignored by default; run it in release:
 //! `cargo test --release --test memory_store -- --ignored --nocapture`.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{Runs, api, post_with_key, send};
 use http_body_util::BodyExt;
+use support::{Runs, api, post_with_key, rss_kib, send};
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, TenantId};
 
@@ -127,15 +128,6 @@ async fn expired_records_are_invisible_at_once() {
     assert!(!reply.replayed());
     assert_eq!(runs.get(), 2);
     assert_eq!(store.len(), 1);
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// 2,000,000 new keys through the default store (1,000,000 records, 1 GiB): no `503`, the

@@ -3,13 +3,14 @@
 //! without a subscriber would hide the event from this one.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 const TTL: Duration = Duration::from_secs(60);

@@ -4,7 +4,8 @@
 //! see each other's counts.
 #![cfg(feature = "metrics")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FaultyStore, Runs, api, post_with_key, send};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
 use tower_idempotency::metrics::{
     DETACHED_RUNS, EVICTED_TOTAL, REQUESTS_TOTAL, STORE_CALL_DURATION_SECONDS,

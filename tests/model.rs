@@ -3,7 +3,8 @@
 //! up while their handler runs, and clock advances past the lease and the TTL. After every step, the status, the replay header, the body and the
 //! number of handler runs must match a small reference model of the contract.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,8 +17,8 @@ use axum::extract::State;
 use axum::http::{Method, Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use common::send;
 use proptest::prelude::*;
+use support::send;
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
@@ -351,7 +352,7 @@ async fn check<S: IdempotencyStore>(
         eviction,
         ..Model::default()
     };
-    let mut blocked: Vec<(Req, tokio::task::JoinHandle<common::Reply>)> = Vec::new();
+    let mut blocked: Vec<(Req, tokio::task::JoinHandle<support::Reply>)> = Vec::new();
     // Handlers whose client hung up, with their run number: they run on until `Finish`.
     let mut detached: Vec<(Req, usize)> = Vec::new();
 
@@ -584,7 +585,7 @@ proptest! {
     #[test]
     fn redis_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
         real_runtime().block_on(async {
-            let Some(store) = common::shared::redis().await else { return };
+            let Some(store) = support::shared::redis().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
             check(store, steps, scope, Clock::Real, None).await;
         });
@@ -594,7 +595,7 @@ proptest! {
     #[test]
     fn postgres_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
         real_runtime().block_on(async {
-            let Some(store) = common::shared::postgres().await else { return };
+            let Some(store) = support::shared::postgres().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
             check(store, steps, scope, Clock::Real, None).await;
         });

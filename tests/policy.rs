@@ -3,7 +3,8 @@
 //! that change what is stored (a timeout outside and inside, compression outside, a panic
 //! caught outside). Through real axum `Router`s, counting handler runs.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
@@ -13,8 +14,8 @@ use axum::http::{Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use common::{Runs, send};
 use http_body_util::BodyExt;
+use support::{Runs, send};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;

@@ -4,7 +4,8 @@
 //! binary: `tracing` caches per-callsite interest process-wide.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,7 +15,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::send;
+use support::send;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};

@@ -1,7 +1,8 @@
 //! Scoping keys by who the caller is. Through a real axum `Router` with a small auth layer that
 //! verifies a bearer token and puts its account (the principal) in the request extensions.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::fmt;
 
@@ -12,7 +13,7 @@ use axum::http::{Request, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{Runs, send};
+use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
 
 /// The principal that authentication verified.

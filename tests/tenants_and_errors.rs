@@ -1,12 +1,13 @@
 //! Tenant scoping and error rendering.
 
-mod common;
+#[macro_use]
+mod support;
 
 use axum::body::Body;
 use axum::http::{HeaderName, Request, Response, StatusCode, header};
 use axum::middleware::{self, Next};
 use bytes::Bytes;
-use common::{Runs, api, send};
+use support::{Runs, api, send};
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore, Outcome, Problem, TenantFromExtension, TenantFromHeader,
     TenantId, TenantRejection,

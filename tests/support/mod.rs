@@ -4,8 +4,7 @@
 //! (`faults`), the shared stores of `scripts/test-services` (`shared`) and Redis servers and
 //! clusters of a test's own (`cluster`).
 //!
-//! Test files say `mod support;` (or `#[macro_use] mod support;` for `fleet_scenarios!`). The
-//! older names `mod common;` and `mod stores_support;` load this same module.
+//! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::sync::Arc;
@@ -24,6 +23,7 @@ pub mod app;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
+pub mod server;
 #[macro_use]
 pub mod fleet;
 pub mod shared;
@@ -31,6 +31,7 @@ pub mod shared;
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
 pub use fleet::*;
+pub use server::{Server, rss_kib};
 
 /// Counts handler runs.
 #[derive(Clone, Default)]
