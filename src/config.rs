@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 
 use crate::detach::DetachedRuns;
+use crate::fingerprint::BodyFingerprint;
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -29,7 +30,7 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_response_bytes: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) canonical_json: bool,
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) skip_response_headers: Vec<HeaderName>,
     pub(crate) cache_policy: StatusSet,
     pub(crate) fail_open: bool,
@@ -69,7 +70,7 @@ impl Default for Config {
             max_body_bytes: 2 * 1024 * 1024,
             max_response_bytes: 1024 * 1024,
             fingerprint_headers: Vec::new(),
-            canonical_json: false,
+            body_fingerprint: BodyFingerprint::default(),
             skip_response_headers: Vec::new(),
             cache_policy: StatusSet::from_fn(default_cache_policy),
             fail_open: false,
