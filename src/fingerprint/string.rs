@@ -7,7 +7,23 @@ use super::json::ESCAPED;
 use super::write::Sink;
 
 /// The offset of the first `"`, `\` or control character from `at` (or the body's end).
-pub(super) fn plain_run(body: &[u8], at: usize) -> usize {
+pub(super) fn plain_run(body: &[u8], mut at: usize) -> usize {
+    // Eight bytes at a time while none of them stops the run.
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    while let Some(chunk) = body.get(at..at + 8) {
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let stops = has_zero(x ^ (ONES * u64::from(b'"')))
+            | has_zero(x ^ (ONES * u64::from(b'\\')))
+            | (x.wrapping_sub(ONES * 0x20) & !x);
+        if stops & HIGH != 0 {
+            // The lowest byte flagged is the first that stops the run (a flag can be wrong
+            // only above a byte rightly flagged).
+            return at + (stops & HIGH).trailing_zeros() as usize / 8;
+        }
+        at += 8;
+    }
     at + body[at..]
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
@@ -72,12 +88,21 @@ fn plain_key(body: &[u8], key: u32) -> &[u8] {
     &body[at..plain_run(body, at)]
 }
 
-/// Orders two keys by their decoded bytes (the order of Rust's `str`).
-pub(super) fn compare_keys(body: &[u8], a: u32, b: u32) -> Ordering {
-    if (a | b) & ESCAPED == 0 {
-        plain_key(body, a).cmp(plain_key(body, b))
+/// Orders two keys, each its offset (flagged [`ESCAPED`]) and the offset of its closing quote,
+/// by their decoded bytes (the order of Rust's `str`).
+pub(super) fn compare_keys(body: &[u8], a: (u32, u32), b: (u32, u32)) -> Ordering {
+    if (a.0 | b.0) & ESCAPED == 0 {
+        let (a, b) = (
+            &body[a.0 as usize..a.1 as usize],
+            &body[b.0 as usize..b.1 as usize],
+        );
+        // Keys are short and mostly differ early: cheaper than a call to `memcmp`.
+        match a.iter().zip(b).find(|(x, y)| x != y) {
+            Some((x, y)) => x.cmp(y),
+            None => a.len().cmp(&b.len()),
+        }
     } else {
-        key_bytes(body, a).cmp(key_bytes(body, b))
+        key_bytes(body, a.0).cmp(key_bytes(body, b.0))
     }
 }
 
@@ -156,6 +181,85 @@ pub(super) fn skip_string(body: &[u8], at: usize) -> usize {
             b'"' => return at + 1,
             b'\\' => at += 2,
             _ => at += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn naive_run(body: &[u8], at: usize) -> usize {
+        at + body[at..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(body.len() - at)
+    }
+
+    #[test]
+    fn runs_stop_at_quotes_backslashes_and_control_characters() {
+        let body = b"abcdefghijklmnop\"q";
+        assert_eq!(plain_run(body, 0), 16);
+        assert_eq!(plain_run(b"0123456\\", 0), 7);
+        assert_eq!(plain_run(b"\x1f2345678", 0), 0);
+        assert_eq!(plain_run("ééééééé\u{7f}x".as_bytes(), 0), 16);
+        assert_eq!(plain_run(b"short", 0), 5);
+        assert_eq!(plain_run(b"", 0), 0);
+    }
+
+    #[test]
+    fn escapes() {
+        let decode = |s: &str| unescape(s.as_bytes(), 0);
+        assert_eq!(decode("n"), Some(('\n', 1)));
+        assert_eq!(decode("/"), Some(('/', 1)));
+        assert_eq!(decode("u00e9"), Some(('é', 5)));
+        assert_eq!(decode("uD83D\\uDE00"), Some(('😀', 11)));
+        for bad in [
+            "x",
+            "u12",
+            "uD83D",
+            "uD83D\\n",
+            "uD83D\\u0041",
+            "uDE00",
+            "u00G0",
+            "",
+        ] {
+            assert_eq!(decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_compare_decoded() {
+        // `"b"`, `"\u0061"` (a), `"a"`, `"ab"` in one body.
+        let body = br#""b""\u0061""a""ab""#;
+        let plain = |at: u32, end: u32| (at, end);
+        let escaped = |at: u32, end: u32| (at | ESCAPED, end);
+        let (b, a_escaped, a, ab) = (plain(1, 2), escaped(4, 10), plain(12, 13), plain(15, 17));
+        assert_eq!(compare_keys(body, a, b), Ordering::Less);
+        assert_eq!(compare_keys(body, a_escaped, a), Ordering::Equal);
+        assert_eq!(compare_keys(body, a_escaped, b), Ordering::Less);
+        assert_eq!(compare_keys(body, ab, a), Ordering::Greater);
+        assert_eq!(compare_keys(body, a_escaped, ab), Ordering::Less);
+        assert!(key_eq(body, a_escaped.0, b"a"));
+        assert!(!key_eq(body, a_escaped.0, b"ab"));
+        assert!(key_eq(body, ab.0, b"ab"));
+    }
+
+    proptest! {
+        #[test]
+        fn eight_at_a_time_is_one_at_a_time(body in prop::collection::vec(any::<u8>(), 0..64), at in 0usize..64) {
+            let at = at.min(body.len());
+            prop_assert_eq!(plain_run(&body, at), naive_run(&body, at));
+        }
+
+        #[test]
+        fn mostly_plain_runs(prefix in "[a-zé ]{0,40}", stop in prop::sample::select(vec![b'"', b'\\', 0u8, 0x1f, b'\n'])) {
+            let mut body = prefix.into_bytes();
+            body.push(stop);
+            body.extend_from_slice(b"tail after the stop");
+            prop_assert_eq!(plain_run(&body, 0), naive_run(&body, 0));
         }
     }
 }

@@ -190,6 +190,12 @@ impl<F: FnMut(&[u8])> Writer<'_, '_, F> {
     /// characters escaped as `serde_json` writes them; returns the offset past it.
     fn string(&mut self, at: usize) -> usize {
         let body = self.scanned.body;
+        let run = plain_run(body, at + 1);
+        if body[run] == b'"' {
+            // No escape: the string as sent, quotes included.
+            self.out.bytes(&body[at..=run]);
+            return run + 1;
+        }
         self.out.byte(b'"');
         let mut at = at + 1;
         loop {
