@@ -5,7 +5,8 @@
 //! 1. [`scan`] checks that the body is one JSON value (RFC 8259, UTF-8), at most
 //!    [`MAX_DEPTH`] levels deep, with no key twice in an object. For each object of two or more
 //!    members it keeps the offsets of their keys, sorted: 4 bytes per member and 12 per object,
-//!    offsets into the body, nothing copied.
+//!    offsets into the body, nothing copied (and, while an object is open, 8 bytes per member
+//!    of it). Arrays, scalars and objects of one member are kept nowhere.
 //! 2. [`Scanned::write`] walks the body again and writes the canonical form in pieces to a sink
 //!    (the hasher), through a small buffer: members in key order, no whitespace, each string
 //!    and number in one form (see [`IdempotencyLayer::canonical_json`] for the forms), and the

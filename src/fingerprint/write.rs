@@ -159,12 +159,8 @@ impl<F: FnMut(&[u8])> Writer<'_, '_, F> {
                     at
                 } else {
                     let key = at as u32 + 1;
-                    let escaped = body[at + 1..].iter().position(|&b| b == b'"' || b == b'\\');
-                    let key = if escaped.is_some_and(|i| body[at + 1 + i] == b'\\') {
-                        key | ESCAPED
-                    } else {
-                        key
-                    };
+                    let escaped = body[plain_run(body, at + 1)] == b'\\';
+                    let key = if escaped { key | ESCAPED } else { key };
                     let end = self.member(key, ignore);
                     skip_ws(body, end)
                 }
