@@ -301,7 +301,8 @@ impl BodyError {
 }
 
 /// Reads the request body up to the limit, hashing each chunk as it arrives (one pass, no
-/// copy: the chunks go on to the handler as they came).
+/// copy: the chunks go on to the handler as they came), or the whole body once read when the
+/// layer fingerprints JSON canonically or with a `Fingerprinter`.
 pub(crate) async fn read_body<B>(
     body: B,
     parts: &Parts,
@@ -312,6 +313,7 @@ where
     B::Data: Buf,
 {
     let mut hasher = Hasher::new(parts, &config.fingerprint_headers);
+    let whole = config.body_fingerprint.start(&mut hasher, parts);
     let mut chunks = Chunks::default();
     let mut body = pin!(body);
     while let Some(frame) = body.frame().await {
@@ -322,13 +324,14 @@ where
             return Err(BodyError::TooLarge);
         }
         let chunk = data.copy_to_bytes(data.remaining());
-        if !config.canonical_json {
+        if !whole {
             hasher.body(&chunk);
         }
         chunks.push(chunk);
     }
-    if config.canonical_json {
-        hasher.json_body(&chunks.to_bytes());
+    if whole {
+        let body = chunks.to_bytes();
+        config.body_fingerprint.whole(&mut hasher, parts, &body);
     }
     Ok((chunks, hasher.finish()))
 }

@@ -9,6 +9,7 @@ use http::{HeaderName, Method, StatusCode};
 use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
 use crate::tenant::Sealer;
+use crate::fingerprint::BodyFingerprint;
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -31,7 +32,7 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_response_bytes: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) canonical_json: bool,
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) skip_response_headers: Vec<HeaderName>,
     pub(crate) cache_policy: StatusSet,
     pub(crate) fail_open: bool,
@@ -73,7 +74,7 @@ impl Default for Config {
             max_body_bytes: 2 * 1024 * 1024,
             max_response_bytes: 1024 * 1024,
             fingerprint_headers: Vec::new(),
-            canonical_json: false,
+            body_fingerprint: BodyFingerprint::default(),
             skip_response_headers: Vec::new(),
             cache_policy: StatusSet::from_fn(default_cache_policy),
             fail_open: false,

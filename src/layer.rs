@@ -11,6 +11,8 @@ use crate::admission::Admission;
 use crate::config::{Config, Shared, StatusSet};
 use crate::detach::DetachedRuns;
 use crate::error::{ErrorRenderer, ProblemJson};
+use crate::fingerprint::Fingerprinter;
+use crate::fingerprint::pointer::Pointers;
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
 use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
@@ -231,16 +233,113 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
-    /// Fingerprint JSON bodies canonically (object keys sorted, insignificant whitespace
-    /// dropped), so that `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }` are the same request. A body
-    /// that is not JSON is fingerprinted as sent. Default: `false`.
+    /// Fingerprint JSON bodies canonically, so that `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
+    /// are the same request. Default: `false`.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).canonical_json(true);
     /// ```
+    ///
+    /// A body is JSON when its `Content-Type` is `application/json` or any type with the
+    /// `+json` suffix (parameters such as `charset` aside). Any other body, one that is not
+    /// a single valid JSON value (RFC 8259, UTF-8), one nested more than 128 levels deep, and
+    /// one with an object that names a key twice are fingerprinted as sent, byte for byte:
+    /// parsers disagree on what a repeated key means, so such a body is never taken for
+    /// another. Canonicalising reads the body twice and builds no tree of values: its memory
+    /// is a few bytes per object member, whatever the body's depth or size.
+    ///
+    /// What counts as the same:
+    ///
+    /// - whitespace between tokens is dropped, and object members are sorted by key (the
+    ///   bytes of the decoded key);
+    /// - strings are compared by their characters: `"\u0041"` is `"A"`, `"\/"` is `"/"`,
+    ///   `"\u00e9"` is `"é"`;
+    /// - numbers are compared by their exact decimal value, never through `f64` or `u64`:
+    ///   `1`, `1.0`, `1e0`, `10e-1` and `0.1e1` are the same number, `-0` is `0`, and
+    ///   `100000000000000000001` is not `100000000000000000002`.
+    ///
+    /// What does not: the order of array elements; a string and a number (`"1"`, `1`); a
+    /// member that is `null` and one that is absent; Unicode normalisation (`"é"` and
+    /// `"e\u0301"` differ); and a number whose exponent has more than 18 digits, which is
+    /// compared as sent.
+    ///
+    /// A JSON body that was canonicalised is never the same request as one that was not (a
+    /// body sent once as `application/json`, then as `text/plain`, is `422`).
     pub fn canonical_json(mut self, enabled: bool) -> Self {
-        self.config.canonical_json = enabled;
+        self.config.body_fingerprint.canonical_json = enabled;
+        self
+    }
+
+    /// Leave the values these JSON Pointers (RFC 6901) name out of the fingerprint, so that
+    /// a retry whose body differs only there (a timestamp, a trace id, a nonce the client
+    /// makes anew for every attempt) replays the first request's response. Replaces the
+    /// pointers set before; none by default.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .ignore_json_pointers(["/timestamp", "/metadata/trace_id", "/items/0/nonce"]);
+    /// ```
+    ///
+    /// A pointer is a path of reference tokens, each after a `/`: a member's key, or an array
+    /// element's index (`0`, `1`, ...); `~1` stands for `/` in a key and `~0` for `~`. A
+    /// pointer that names nothing in a body leaves nothing out.
+    ///
+    /// Pointers imply [`canonical_json`](Self::canonical_json) for JSON bodies: the body is
+    /// canonicalised, and each value named is replaced by a marker. The member or element
+    /// itself still counts: a body without the member (or with a shorter array) is another
+    /// request. A body that is not JSON, or not canonicalised (see `canonical_json`), is
+    /// fingerprinted as sent, with nothing left out.
+    ///
+    /// Everything left out is something the first request's response is replayed for: a
+    /// retry that differs there gets the first request's answer, not its own. Name only
+    /// values that do not change what the request does.
+    ///
+    /// # Panics
+    ///
+    /// If a pointer is not a JSON Pointer: it does not start with `/` (the empty pointer, the
+    /// whole body, included: see [`fingerprint_with`](Self::fingerprint_with)), or it has a
+    /// `~` that is not `~0` or `~1`.
+    pub fn ignore_json_pointers<P: AsRef<str>>(
+        mut self,
+        pointers: impl IntoIterator<Item = P>,
+    ) -> Self {
+        let pointers = Pointers::parse(pointers)
+            .unwrap_or_else(|err| panic!("IdempotencyLayer::ignore_json_pointers: {err}"));
+        self.config.body_fingerprint.ignore = pointers.map(Arc::new);
+        self
+    }
+
+    /// Fingerprint what `fingerprinter` makes of the body, in place of the body: for rules
+    /// that [`canonical_json`](Self::canonical_json) and
+    /// [`ignore_json_pointers`](Self::ignore_json_pointers) do not express. Those two do
+    /// not apply while a fingerprinter is set.
+    ///
+    /// ```
+    /// use http::request::Parts;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // The body's first line only (say, a command; the rest is a log the client appends).
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .fingerprint_with(|_parts: &Parts, body: &[u8]| {
+    ///         body.split(|&b| b == b'\n').next().unwrap_or_default().to_vec()
+    ///     });
+    /// ```
+    ///
+    /// Its bytes are hashed with the method, the path, the query and the
+    /// [`fingerprint_headers`](Self::fingerprint_headers), always: the path stays in so that
+    /// a key reused on another route is still `422`, whatever the function returns. It gets
+    /// the request head and the whole body, read once (up to
+    /// [`max_body_bytes`](Self::max_body_bytes)); it runs on every keyed request, before the
+    /// store is asked, so it should be quick and must not block.
+    ///
+    /// The risk is plain: two requests whose bytes are equal are the same request. A
+    /// function that leaves out too much (an amount, an account, a body it cannot parse
+    /// mapped to nothing) replays one request's response to a different request, which then
+    /// never runs. Map a body you cannot read to itself (`body.to_vec()`).
+    pub fn fingerprint_with(mut self, fingerprinter: impl Fingerprinter) -> Self {
+        self.config.body_fingerprint.custom = Some(Arc::new(fingerprinter));
         self
     }
 

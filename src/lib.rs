@@ -211,7 +211,7 @@ pub use config::{
 };
 pub use detach::DetachedRuns;
 pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
@@ -249,20 +249,42 @@ pub mod fuzzing {
         crate::key::parse_value(value).ok()
     }
 
-    /// The fingerprint of a request whose body arrives in `chunks`.
+    /// The fingerprint of a request whose body arrives in `chunks`, with `canonical_json`
+    /// and the pointers `ignore` as the layer has them.
     pub fn fingerprint(
         parts: &Parts,
         chunks: &[&[u8]],
         canonical_json: bool,
+        ignore: &[&str],
     ) -> crate::Fingerprint {
+        let options = crate::fingerprint::BodyFingerprint {
+            canonical_json,
+            ignore: crate::fingerprint::pointer::Pointers::parse(ignore)
+                .ok()
+                .flatten()
+                .map(std::sync::Arc::new),
+            custom: None,
+        };
         let mut hasher = crate::fingerprint::Hasher::new(parts, &[]);
-        if canonical_json {
-            hasher.json_body(&chunks.concat());
+        if options.start(&mut hasher, parts) {
+            options.whole(&mut hasher, parts, &chunks.concat());
         } else {
             for chunk in chunks {
                 hasher.body(chunk);
             }
         }
         hasher.finish()
+    }
+
+    /// The canonical form of a JSON body, with `?` for the values `ignore` points at; `None`
+    /// when the body has none (it is then fingerprinted as sent).
+    pub fn canonical_json(body: &[u8], ignore: &[&str]) -> Option<Vec<u8>> {
+        let ignore = crate::fingerprint::pointer::Pointers::parse(ignore)
+            .ok()
+            .flatten();
+        let scanned = crate::fingerprint::json::scan(body).ok()?;
+        let mut out = Vec::new();
+        scanned.write(ignore.as_ref(), |piece| out.extend_from_slice(piece));
+        Some(out)
     }
 }
