@@ -176,12 +176,13 @@ impl fmt::Debug for BodyFingerprint {
     }
 }
 
-/// Whether the request says its body is JSON: `Content-Type` `application/json` or any type
+/// Whether the request's body may be JSON: `Content-Type` `application/json` or any type
 /// with the `+json` suffix (`application/problem+json`, `application/vnd.api+json`), in any
-/// case, with or without parameters.
+/// case, with or without parameters; or no `Content-Type` at all (many clients send JSON
+/// without one: the body is then JSON if it parses as JSON, and fingerprinted as sent if not).
 pub(crate) fn is_json(parts: &Parts) -> bool {
     let Some(value) = parts.headers.get(header::CONTENT_TYPE) else {
-        return false;
+        return true;
     };
     let essence = value
         .as_bytes()
@@ -387,7 +388,7 @@ mod tests {
         }
         let mut p = parts("POST", "/a");
         p.headers.remove(header::CONTENT_TYPE);
-        assert!(!is_json(&p));
+        assert!(is_json(&p), "without a Content-Type, a body that parses is JSON");
     }
 
     #[test]

@@ -242,7 +242,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// ```
     ///
     /// A body is JSON when its `Content-Type` is `application/json` or any type with the
-    /// `+json` suffix (parameters such as `charset` aside). Any other body, one that is not
+    /// `+json` suffix (parameters such as `charset` aside), or when the request has no
+    /// `Content-Type` and its body parses as JSON. Any other body, one that is not
     /// a single valid JSON value (RFC 8259, UTF-8), one nested more than 128 levels deep, and
     /// one with an object that names a key twice are fingerprinted as sent, byte for byte:
     /// parsers disagree on what a repeated key means, so such a body is never taken for
