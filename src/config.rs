@@ -8,8 +8,8 @@ use http::{HeaderName, Method, StatusCode};
 
 use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
-use crate::tenant::Sealer;
 use crate::fingerprint::BodyFingerprint;
+use crate::tenant::Sealer;
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");

@@ -6,7 +6,6 @@
 //! stayed. Nothing is spawned while the client stays: the hand-over happens in the request
 //! future's `Drop`.
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -90,17 +89,6 @@ impl<F: Future + Send + 'static> Detachable for Execution<F> {
     }
 }
 
-thread_local! {
-    /// Set while a detached run is polled, so that its events say so.
-    static DETACHED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether the code running now is a detached run's.
-#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
-pub(crate) fn in_detached_run() -> bool {
-    DETACHED.with(Cell::get)
-}
-
 /// The task of a detached run.
 struct DetachedRun<F> {
     run: Option<Pin<Box<Execution<F>>>>,
@@ -118,9 +106,9 @@ impl<F: Future> Future for DetachedRun<F> {
             return Poll::Ready(());
         };
         this.polling = true;
-        DETACHED.with(|detached| detached.set(true));
+        crate::outcome::set_detached_run(true);
         let poll = run.as_mut().project().poll_in_span(cx);
-        DETACHED.with(|detached| detached.set(false));
+        crate::outcome::set_detached_run(false);
         this.polling = false;
         match poll {
             Poll::Ready(_response) => {
@@ -134,7 +122,7 @@ impl<F: Future> Future for DetachedRun<F> {
 
 impl<F> Drop for DetachedRun<F> {
     fn drop(&mut self) {
-        DETACHED.with(|detached| detached.set(false));
+        crate::outcome::set_detached_run(false);
         match self.run.take() {
             // It panicked: its key is released, as for a request whose client stayed.
             Some(run) if self.polling => drop(run),

@@ -388,7 +388,10 @@ mod tests {
         }
         let mut p = parts("POST", "/a");
         p.headers.remove(header::CONTENT_TYPE);
-        assert!(is_json(&p), "without a Content-Type, a body that parses is JSON");
+        assert!(
+            is_json(&p),
+            "without a Content-Type, a body that parses is JSON"
+        );
     }
 
     #[test]

@@ -15,9 +15,7 @@
 
 use std::time::Duration;
 
-use crate::Outcome;
-
-/// Counter, label `outcome` ([`Outcome::as_str`]: `executed`, `replayed`, `in_progress`,
+/// Counter, label `outcome` ([`Outcome::as_str`](crate::Outcome::as_str): `executed`, `replayed`, `in_progress`,
 /// `mismatch`, `released`, `missing_key`, `invalid_key`, `too_large`, `store_error`,
 /// `bypassed`, ...): requests the layer answered or ran. Requests that pass through untouched
 /// (a method not covered, no key when none is required) are not counted.
@@ -84,13 +82,13 @@ impl StoreOp {
     }
 }
 
-/// Counts one request by its outcome.
+/// Counts one request by its outcome's label ([`Outcome::as_str`](crate::Outcome::as_str)(crate::Outcome::as_str)).
 #[inline]
-pub(crate) fn outcome(outcome: Outcome) {
+pub(crate) fn outcome(label: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!(REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+    metrics::counter!(REQUESTS_TOTAL, "outcome" => label).increment(1);
     #[cfg(not(feature = "metrics"))]
-    let _ = outcome;
+    let _ = label;
 }
 
 /// Records how long a store call took, and whether it succeeded.

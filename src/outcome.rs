@@ -126,6 +126,22 @@ fn tenant_hash(tenant: &crate::TenantId) -> String {
     log_tag(b"tenant", tenant.as_bytes())
 }
 
+thread_local! {
+    /// Set while a detached run is polled, so that its events say so.
+    static DETACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the code running now as a detached run's (or no longer).
+pub(crate) fn set_detached_run(detached: bool) {
+    DETACHED.with(|cell| cell.set(detached));
+}
+
+/// Whether the code running now is a detached run's.
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) fn in_detached_run() -> bool {
+    DETACHED.with(std::cell::Cell::get)
+}
+
 /// When the layer started on a request, for the time its `tracing` event reports. Without the
 /// `tracing` feature nothing reads the clock.
 #[cfg(feature = "tracing")]
@@ -160,7 +176,7 @@ pub(crate) fn emit(
 ) {
     use tracing::Level;
 
-    crate::metrics::outcome(outcome);
+    crate::metrics::outcome(outcome.as_str());
     let span = tracing::Span::current();
     if !span.is_disabled() {
         span.record("outcome", outcome.as_str());
@@ -181,7 +197,7 @@ pub(crate) fn emit(
                     key_hash = key_hash.as_deref(),
                     tenant_hash = tenant_hash.as_deref(),
                     elapsed_us = started.0.elapsed().as_micros() as u64,
-                    detached = crate::detach::in_detached_run(),
+                    detached = in_detached_run(),
                     "idempotency {}",
                     outcome.as_str()
                 );
@@ -347,5 +363,5 @@ pub(crate) fn emit(
     _tenant: Option<&crate::TenantId>,
     _started: Started,
 ) {
-    crate::metrics::outcome(outcome);
+    crate::metrics::outcome(outcome.as_str());
 }

@@ -28,6 +28,7 @@ impl fmt::Display for Hex<'_> {
 
 /// 32 bytes that no one outside this process can predict: each 8 comes from a standard-library
 /// `RandomState`, whose SipHash keys are drawn from the operating system's random source.
+#[cfg_attr(not(any(feature = "tracing", feature = "client")), allow(dead_code))]
 pub(crate) fn random_bytes() -> [u8; 32] {
     let mut bytes = [0u8; 32];
     for (i, chunk) in bytes.chunks_mut(8).enumerate() {
