@@ -17,23 +17,20 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
+mod builder;
 mod expiries;
 mod shard;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+use builder::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
+pub use builder::{MemoryStoreBuilder, MemoryStoreSettings};
 use shard::{Full, Removed, Shard};
 
 /// A moment on the store's clock: nanoseconds since the store was built.
 type Nanos = u64;
 
-/// The default bound on records, live or expired but not yet pruned.
-pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
-/// The default bound on the bytes held by records (keys, stored headers and bodies, and a fixed
-/// estimate of each record's own overhead).
-pub(crate) const DEFAULT_MAX_BYTES: usize = 1 << 30;
-/// The default period of the background pruning of expired records.
-pub(crate) const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// The most shards a store has. Each shard is a lock, a hash table, an expiry queue and a share
 /// of the bounds; more shards mean shorter pauses when a table grows.
 const MAX_SHARDS: usize = 256;
@@ -49,13 +46,29 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// An in-memory [`IdempotencyStore`] for a single server: a sharded map, atomic per record key.
 ///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// // The defaults:
+/// let layer = IdempotencyLayer::new(MemoryStore::new());
+/// // Other settings, from the builder:
+/// let store = MemoryStore::builder()
+///     .max_entries(200_000)
+///     .max_bytes(256 << 20)
+///     .cleanup_interval(Duration::from_secs(30))
+///     .build();
+/// # let _ = (layer, store);
+/// ```
+///
 /// - An expired record is invisible at once: `begin` treats it as absent.
-/// - Expired records are pruned by a background task (every 60 seconds by default), which holds
-///   only a weak reference to the store and ends when the store is dropped. It starts on first
-///   use, on the Tokio runtime of that call. Each shard keeps its completed records in order of
+/// - Expired records are pruned by a background task (every 60 seconds by default,
+///   [`cleanup_interval`](MemoryStoreBuilder::cleanup_interval)), which holds only a weak
+///   reference to the store and ends when the store is dropped, and only then. It starts on
+///   first use, on the Tokio runtime of that call. Each shard keeps its completed records in order of
 ///   expiry, so pruning and making room never scan the whole store.
-/// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default)
-///   and about [`max_bytes`](Self::max_bytes) bytes of keys and stored responses (1 GiB by
+/// - The store holds at most [`max_entries`](MemoryStoreBuilder::max_entries) records
+///   (1,000,000 by default) and about [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes of keys and stored responses (1 GiB by
 ///   default). When it is full, a new key makes room: the completed records nearest their
 ///   expiry (the least likely to be retried) are dropped, counted by
 ///   [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature `metrics`)
@@ -74,21 +87,15 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-/// The settings of a store, fixed when it is built.
-#[derive(Debug, Clone, Copy)]
-struct Config {
-    max_entries: usize,
-    max_bytes: usize,
-    prune_interval: Duration,
-}
-
 struct Inner {
     shards: Box<[Padded<RwLock<Shard>>]>,
     /// The shard of a hash is `(hash >> SHARD_SHIFT) & mask`: bits the tables do not use for
     /// their buckets (the low bits) nor for their tags (the top 7 bits).
     mask: u64,
     hasher: SeedableRandomState,
-    config: Config,
+    /// What the store was built from: its settings, and what rebuilds it.
+    builder: MemoryStoreBuilder,
+    settings: MemoryStoreSettings,
     pruner: StartOnce,
     /// The store's time zero, and the wall-clock time then: a record's deadline read back by
     /// `lookup` is `wall_epoch + deadline`, the same at every call. Read at the store's first
@@ -108,23 +115,42 @@ const SHARD_SHIFT: u32 = 40;
 struct Padded<T>(T);
 
 impl MemoryStore {
-    /// An empty store with the default bounds (1,000,000 records, 1 GiB) and pruning period
-    /// (60 s).
+    /// An empty store with the default settings: 1,000,000 records, 1 GiB, expired records
+    /// pruned every 60 s. [`builder`](Self::builder) sets others.
+    ///
+    /// ```
+    /// let store = tower_idempotency::MemoryStore::new();
+    /// # let _ = store;
+    /// ```
     pub fn new() -> Self {
-        Self::with_config(Config {
-            max_entries: DEFAULT_MAX_ENTRIES,
-            max_bytes: DEFAULT_MAX_BYTES,
-            prune_interval: DEFAULT_PRUNE_INTERVAL,
-        })
+        MemoryStoreBuilder::default().build()
     }
 
-    fn with_config(config: Config) -> Self {
-        let count = shard_count(config.max_entries, config.max_bytes);
+    /// Settings for a store, with the defaults; [`build`](MemoryStoreBuilder::build) checks
+    /// them and makes the store.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder()
+    ///     .max_entries(100_000)
+    ///     .cleanup_interval(Duration::from_secs(10))
+    ///     .build();
+    /// # let _ = store;
+    /// ```
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    pub(super) fn with_builder(builder: MemoryStoreBuilder) -> Self {
+        let settings = builder.settings();
+        let count = shard_count(settings.max_entries(), settings.max_bytes());
         let tokens = random_u64();
         let shards = (0..count)
             .map(|i| {
-                let entries = share(config.max_entries, count, i);
-                let bytes = share(config.max_bytes, count, i);
+                let entries = share(settings.max_entries(), count, i);
+                let bytes = share(settings.max_bytes(), count, i);
                 Padded(RwLock::new(Shard::new(entries, bytes, tokens ^ i as u64)))
             })
             .collect();
@@ -133,7 +159,8 @@ impl MemoryStore {
                 shards,
                 mask: count as u64 - 1,
                 hasher: map_hasher(),
-                config,
+                builder,
+                settings,
                 pruner: StartOnce::default(),
                 epoch: OnceLock::new(),
                 evicted: AtomicU64::new(0),
@@ -143,97 +170,93 @@ impl MemoryStore {
         }
     }
 
-    /// A store like this one with other settings. Settings belong to a new store: once it is
-    /// cloned or used, they cannot change.
-    fn configure(self, name: &str, set: impl FnOnce(&mut Config)) -> Self {
+    /// This store rebuilt with one setting changed, for the shorthands. Settings belong to a
+    /// new store: once it is cloned or used, they cannot change.
+    fn rebuild(
+        self,
+        name: &str,
+        set: impl FnOnce(MemoryStoreBuilder) -> MemoryStoreBuilder,
+    ) -> Self {
         let unused = Arc::strong_count(&self.inner) == 1
             && Arc::weak_count(&self.inner) == 0
-            && self.is_empty();
+            && self.inner.epoch.get().is_none();
         assert!(
             unused,
-            "MemoryStore::{name} must be called on a new store, before it is cloned or used"
+            "MemoryStore::{name} must be called on a new store, before it is cloned or used; \
+             MemoryStore::builder() sets every option before the store exists"
         );
-        let mut config = self.inner.config;
-        set(&mut config);
-        Self::with_config(config)
+        set(self.inner.builder.clone()).build()
     }
 
-    /// The most records the store holds (1,000,000 by default). When it is full, the completed
-    /// records nearest their expiry are dropped to make room for new keys.
+    /// A shorthand for [`MemoryStore::builder`]`().max_entries(max).build()`, on a store just
+    /// made: see [`MemoryStoreBuilder::max_entries`]. To set several options, use the builder.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_entries(100_000);
+    /// assert_eq!(store.settings().max_entries(), 100_000);
     /// ```
     ///
     /// # Panics
     ///
-    /// If `max` is 0, or if the store was already cloned or used.
+    /// As [`MemoryStoreBuilder::build`] when `max` is 0, and if the store was already cloned or
+    /// used.
     #[must_use]
     pub fn max_entries(self, max: usize) -> Self {
-        assert!(max > 0, "MemoryStore::max_entries must be at least 1");
-        self.configure("max_entries", |config| config.max_entries = max)
+        self.rebuild("max_entries", |builder| builder.max_entries(max))
     }
 
-    /// About how many bytes of keys and stored responses the store holds (1 GiB by default),
-    /// counting a fixed estimate per record and per header for their own overhead. When it is
-    /// full, the completed records nearest their expiry are dropped to make room for new keys.
-    /// A response completing while the store is full is still stored, so the bound can be
-    /// passed by the responses of the requests already in flight.
+    /// A shorthand for [`MemoryStore::builder`]`().max_bytes(max).build()`, on a store just
+    /// made: see [`MemoryStoreBuilder::max_bytes`]. To set several options, use the builder.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_bytes(256 * 1024 * 1024);
+    /// assert_eq!(store.settings().max_bytes(), 256 << 20);
     /// ```
     ///
     /// # Panics
     ///
-    /// If `max` is 0, or if the store was already cloned or used.
+    /// As [`MemoryStoreBuilder::build`] when `max` is 0, and if the store was already cloned or
+    /// used.
     #[must_use]
     pub fn max_bytes(self, max: usize) -> Self {
-        assert!(max > 0, "MemoryStore::max_bytes must be at least 1");
-        self.configure("max_bytes", |config| config.max_bytes = max)
+        self.rebuild("max_bytes", |builder| builder.max_bytes(max))
     }
 
-    /// How often the background task prunes expired records (60 s by default).
+    /// What the store was built with.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_idempotency::MemoryStore;
-    /// let store = MemoryStore::new().prune_interval(Duration::from_secs(10));
+    ///
+    /// let store = MemoryStore::builder().cleanup_interval(Duration::from_secs(5)).build();
+    /// assert_eq!(store.settings().cleanup_interval(), Duration::from_secs(5));
     /// ```
-    ///
-    /// # Panics
-    ///
-    /// If `interval` is zero, or if the store was already cloned or used.
-    #[must_use]
-    pub fn prune_interval(self, interval: Duration) -> Self {
-        assert!(
-            !interval.is_zero(),
-            "MemoryStore::prune_interval must not be zero"
-        );
-        self.configure("prune_interval", |config| config.prune_interval = interval)
+    pub fn settings(&self) -> MemoryStoreSettings {
+        self.inner.settings
     }
 
     /// The number of records held, live or expired but not yet pruned.
-    pub fn len(&self) -> usize {
+    pub fn entry_count(&self) -> usize {
         self.inner.shards().map(|shard| read(shard).len()).sum()
     }
 
     /// `true` when the store holds no record.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entry_count() == 0
     }
 
     /// About how many bytes the records hold, as counted against
-    /// [`max_bytes`](Self::max_bytes).
-    pub fn bytes(&self) -> usize {
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes).
+    pub fn weighted_size(&self) -> usize {
         self.inner.shards().map(|shard| read(shard).bytes()).sum()
     }
 
     /// How many completed records were dropped before their expiry to make room, since the
     /// store was built. A store that keeps evicting needs a larger
-    /// [`max_entries`](Self::max_entries) or [`max_bytes`](Self::max_bytes), or a shorter TTL.
+    /// [`max_entries`](MemoryStoreBuilder::max_entries) or
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes), or a shorter TTL.
     pub fn evicted(&self) -> u64 {
         self.inner.evicted.load(Ordering::Relaxed)
     }
@@ -247,7 +270,7 @@ impl MemoryStore {
         let inner = &self.inner;
         inner
             .pruner
-            .start(|| prune_periodically(Arc::downgrade(inner), inner.config.prune_interval));
+            .start(|| prune_periodically(Arc::downgrade(inner), inner.settings.cleanup_interval()));
     }
 }
 
@@ -298,17 +321,32 @@ fn nanos(d: Duration) -> Nanos {
 }
 
 /// The background pruner: it holds only a weak reference, so it ends at its first tick after
-/// the store is dropped.
+/// the store is dropped, and only then: a tick that panics is reported and the next one runs.
 async fn prune_periodically(store: Weak<Inner>, period: Duration) {
     let mut interval = tokio::time::interval_at(Instant::now() + period, period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
         let Some(inner) = store.upgrade() else {
-            return;
+            break;
         };
-        inner.prune(inner.now());
+        let pruned =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.prune(inner.now())));
+        #[cfg(feature = "tracing")]
+        if pruned.is_err() {
+            tracing::error!(
+                target: "tower_idempotency",
+                "MemoryStore: pruning expired records panicked; the next run is in {period:?}"
+            );
+        }
+        #[cfg(not(feature = "tracing"))]
+        let _ = pruned;
     }
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        target: "tower_idempotency",
+        "MemoryStore dropped: its background pruning ended"
+    );
 }
 
 impl Inner {
@@ -409,14 +447,11 @@ impl Default for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let config = &self.inner.config;
         f.debug_struct("MemoryStore")
-            .field("len", &self.len())
-            .field("max_entries", &config.max_entries)
-            .field("bytes", &self.bytes())
-            .field("max_bytes", &config.max_bytes)
+            .field("entry_count", &self.entry_count())
+            .field("weighted_size", &self.weighted_size())
             .field("evicted", &self.evicted())
-            .field("prune_interval", &config.prune_interval)
+            .field("settings", &self.inner.settings)
             .field("shards", &self.inner.shards.len())
             .finish()
     }
