@@ -244,7 +244,11 @@ async fn a_flood_of_distinct_keys_stays_under_the_cap() {
     const CAP: usize = 20_000;
     const KEYS: usize = 100_000;
     let runs = Runs::default();
-    let store = MemoryStore::new().max_entries(CAP);
+    // One tenant (the shared scope) sends every key: its bound is the store's.
+    let store = MemoryStore::builder()
+        .max_entries(CAP)
+        .max_entries_per_tenant(CAP)
+        .build();
     let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
     let rss_before = rss_kib();
     let started = Instant::now();

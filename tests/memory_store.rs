@@ -145,7 +145,11 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
     const WORKERS: usize = 4;
     const WINDOW: usize = 100_000;
     let runs = Runs::default();
-    let store = MemoryStore::new();
+    // The default bounds; one tenant (the shared scope) sends every key: its bound is the
+    // store's.
+    let store = MemoryStore::builder()
+        .max_entries_per_tenant(1_000_000)
+        .build();
     let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
     let rss_before = rss_kib();
     let started = Instant::now();

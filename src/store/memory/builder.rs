@@ -14,6 +14,10 @@ pub(crate) const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
 /// The longest period a background task accepts. Tokio's timer cannot schedule a tick at
 /// `u64::MAX` milliseconds (adding such a period to an instant overflows and panics), so a
 /// longer one is refused in `build` rather than left to end the task.
+/// The default bound on one tenant's records is `max_entries / DEFAULT_TENANT_SHARE`...
+pub(crate) const DEFAULT_TENANT_SHARE: usize = 8;
+/// ... but at least this many, or `max_entries` when it is smaller.
+pub(crate) const DEFAULT_TENANT_MIN: usize = 10_000;
 pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Settings of a [`MemoryStore`], checked by [`build`](Self::build). Once built, a store's
@@ -35,6 +39,8 @@ pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct MemoryStoreBuilder {
     pub(super) max_entries: usize,
     pub(super) max_bytes: usize,
+    /// `None`: the default, from `max_entries`.
+    pub(super) max_entries_per_tenant: Option<usize>,
     pub(super) cleanup_interval: Duration,
 }
 
@@ -43,6 +49,7 @@ impl Default for MemoryStoreBuilder {
         Self {
             max_entries: DEFAULT_MAX_ENTRIES,
             max_bytes: DEFAULT_MAX_BYTES,
+            max_entries_per_tenant: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
         }
     }
@@ -77,6 +84,37 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// The most records one tenant (a [`TenantId`](crate::TenantId), the shared scope
+    /// included) holds. Default: an eighth of [`max_entries`](Self::max_entries), but at least
+    /// 10,000 (or `max_entries` when it is smaller): 125,000 for the default store.
+    ///
+    /// A tenant at its bound that begins a new key makes room from its own records: its
+    /// completed record nearest expiry is dropped (counted by
+    /// [`evicted`](super::MemoryStore::evicted)); when all its records are in flight, its new key
+    /// is refused with [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind), which the
+    /// layer answers with `503`. Other tenants' records are never dropped for it, so a caller
+    /// that floods the store with keys costs itself replays, not the others: with the default,
+    /// it takes eight tenants at their bound to fill the store.
+    ///
+    /// The bound is split over the store's shards as `max_entries` is: a tenant's keys are
+    /// spread evenly over them, and each shard holds the tenant to its share. A tenant may so
+    /// start dropping its own records a little before it holds the whole bound.
+    ///
+    /// An application with one tenant (or whose requests all share the shared scope) sets it
+    /// to `max_entries`.
+    ///
+    /// ```
+    /// let store = tower_idempotency::MemoryStore::builder()
+    ///     .max_entries(1_000_000)
+    ///     .max_entries_per_tenant(50_000)
+    ///     .build();
+    /// assert_eq!(store.settings().max_entries_per_tenant(), 50_000);
+    /// ```
+    pub fn max_entries_per_tenant(mut self, max: usize) -> Self {
+        self.max_entries_per_tenant = Some(max);
+        self
+    }
+
     /// How often the background task removes expired records. Default: 60 s. Expired records
     /// are invisible at once whatever this period; it bounds how long they keep their memory.
     ///
@@ -97,8 +135,8 @@ impl MemoryStoreBuilder {
     ///
     /// # Panics
     ///
-    /// If `max_entries` or `max_bytes` is 0, or if `cleanup_interval` is zero or longer than
-    /// 365 days.
+    /// If `max_entries` or `max_bytes` is 0, if `max_entries_per_tenant` is 0 or larger than
+    /// `max_entries`, or if `cleanup_interval` is zero or longer than 365 days.
     pub fn build(self) -> MemoryStore {
         assert!(
             self.max_entries > 0,
@@ -108,6 +146,14 @@ impl MemoryStoreBuilder {
             self.max_bytes > 0,
             "MemoryStore: max_bytes must be at least 1"
         );
+        if let Some(max) = self.max_entries_per_tenant {
+            assert!(
+                max > 0 && max <= self.max_entries,
+                "MemoryStore: max_entries_per_tenant must be at least 1 and at most max_entries \
+                 ({}), got {max}",
+                self.max_entries
+            );
+        }
         check_interval("cleanup_interval", self.cleanup_interval);
         MemoryStore::with_builder(self)
     }
@@ -117,9 +163,18 @@ impl MemoryStoreBuilder {
         MemoryStoreSettings {
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
+            max_entries_per_tenant: self
+                .max_entries_per_tenant
+                .unwrap_or_else(|| default_per_tenant(self.max_entries)),
             cleanup_interval: self.cleanup_interval,
         }
     }
+}
+
+/// An eighth of `max_entries`, but at least 10,000, or `max_entries` when it is smaller: below
+/// that, an eighth would refuse an ordinary tenant's traffic long before the store fills.
+fn default_per_tenant(max_entries: usize) -> usize {
+    (max_entries / DEFAULT_TENANT_SHARE).max(max_entries.min(DEFAULT_TENANT_MIN))
 }
 
 fn check_interval(name: &str, interval: Duration) {
@@ -146,6 +201,7 @@ fn check_interval(name: &str, interval: Duration) {
 pub struct MemoryStoreSettings {
     max_entries: usize,
     max_bytes: usize,
+    max_entries_per_tenant: usize,
     cleanup_interval: Duration,
 }
 
@@ -158,6 +214,11 @@ impl MemoryStoreSettings {
     /// About how many bytes of keys and stored responses the store holds.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
+    }
+
+    /// The most records one tenant holds (the default resolved).
+    pub fn max_entries_per_tenant(&self) -> usize {
+        self.max_entries_per_tenant
     }
 
     /// How often the background task removes expired records.

@@ -21,6 +21,9 @@ mod builder;
 mod expiries;
 mod shard;
 #[cfg(test)]
+mod tenant_tests;
+mod tenants;
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]
@@ -38,6 +41,10 @@ const MAX_SHARDS: usize = 256;
 /// not split into shares too small to hold one large response.
 const MIN_SHARD_ENTRIES: usize = 2048;
 const MIN_SHARD_BYTES: usize = 4 << 20;
+/// The smallest share of the bound on one tenant's records a shard has, when the bound allows
+/// it: the shares of a tenant's records even out across shards, so that it is not held to a
+/// share much smaller than its fair part of the bound.
+const MIN_SHARD_TENANT_ENTRIES: usize = 64;
 /// How many expired records the pruner removes before it lets go of a shard's lock.
 const PRUNE_BATCH: usize = 4096;
 /// Evictions are reported as a `tracing` event at most this often.
@@ -69,7 +76,11 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 ///   expiry, so pruning and making room never scan the whole store.
 /// - The store holds at most [`max_entries`](MemoryStoreBuilder::max_entries) records
 ///   (1,000,000 by default) and about [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes of keys and stored responses (1 GiB by
-///   default). When it is full, a new key makes room: the completed records nearest their
+///   default). One tenant holds at most
+///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) of them (an eighth
+///   of `max_entries` by default, at least 10,000): a tenant at its bound makes room from its
+///   own completed records, never from other tenants', so that one caller's flood of keys
+///   costs that caller alone. When the store is full, a new key makes room: the completed records nearest their
 ///   expiry (the least likely to be retried) are dropped, counted by
 ///   [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature `metrics`)
 ///   and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A retry of a
@@ -145,20 +156,24 @@ impl MemoryStore {
 
     pub(super) fn with_builder(builder: MemoryStoreBuilder) -> Self {
         let settings = builder.settings();
-        let count = shard_count(settings.max_entries(), settings.max_bytes());
+        let per_tenant = settings.max_entries_per_tenant();
+        let count = shard_count(settings.max_entries(), settings.max_bytes(), per_tenant);
         let tokens = random_u64();
+        let hasher = map_hasher();
         let shards = (0..count)
             .map(|i| {
                 let entries = share(settings.max_entries(), count, i);
                 let bytes = share(settings.max_bytes(), count, i);
-                Padded(RwLock::new(Shard::new(entries, bytes, tokens ^ i as u64)))
+                let tenant = share(per_tenant, count, i);
+                let shard = Shard::new(entries, bytes, tenant, tokens ^ i as u64, hasher.clone());
+                Padded(RwLock::new(shard))
             })
             .collect();
         Self {
             inner: Arc::new(Inner {
                 shards,
                 mask: count as u64 - 1,
-                hasher: map_hasher(),
+                hasher,
                 builder,
                 settings,
                 pruner: StartOnce::default(),
@@ -247,6 +262,20 @@ impl MemoryStore {
         self.entry_count() == 0
     }
 
+    /// How many records `tenant` holds, live or expired but not yet pruned, as counted against
+    /// [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant).
+    ///
+    /// ```
+    /// use tower_idempotency::{MemoryStore, TenantId};
+    /// assert_eq!(MemoryStore::new().tenant_entry_count(&TenantId::shared()), 0);
+    /// ```
+    pub fn tenant_entry_count(&self, tenant: &crate::tenant::TenantId) -> usize {
+        self.inner
+            .shards()
+            .map(|shard| read(shard).tenant_len(tenant))
+            .sum()
+    }
+
     /// About how many bytes the records hold, as counted against
     /// [`max_bytes`](MemoryStoreBuilder::max_bytes).
     pub fn weighted_size(&self) -> usize {
@@ -275,12 +304,13 @@ impl MemoryStore {
 }
 
 /// How many shards a store of these bounds has: a power of two, at most [`MAX_SHARDS`], each
-/// with a share of at least [`MIN_SHARD_ENTRIES`] and [`MIN_SHARD_BYTES`] when the bounds
-/// allow it.
-fn shard_count(max_entries: usize, max_bytes: usize) -> usize {
+/// with a share of at least [`MIN_SHARD_ENTRIES`], [`MIN_SHARD_BYTES`] and
+/// [`MIN_SHARD_TENANT_ENTRIES`] when the bounds allow it.
+fn shard_count(max_entries: usize, max_bytes: usize, max_per_tenant: usize) -> usize {
     let by_entries = max_entries / MIN_SHARD_ENTRIES;
     let by_bytes = max_bytes / MIN_SHARD_BYTES;
-    let count = by_entries.min(by_bytes).clamp(1, MAX_SHARDS);
+    let by_tenant = max_per_tenant / MIN_SHARD_TENANT_ENTRIES;
+    let count = by_entries.min(by_bytes).min(by_tenant).clamp(1, MAX_SHARDS);
     // The largest power of two not above `count`.
     1 << count.ilog2()
 }
@@ -457,12 +487,20 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-/// The error of a new key that finds its shard full of in-flight records.
-fn full() -> StoreError {
-    StoreError::msg(
-        StoreErrorKind::CapacityExceeded,
-        "the store is full of requests in flight: no completed record can be dropped to make room",
-    )
+/// The error of a new key that finds its shard, or its tenant's share, full of in-flight
+/// records.
+fn full(full: Full) -> StoreError {
+    let message = match full {
+        Full::Store => {
+            "the store is full of requests in flight: no completed record can be dropped to make \
+             room"
+        }
+        Full::Tenant => {
+            "this tenant holds as many records as it may (max_entries_per_tenant), all of them \
+             requests in flight: none of its completed records can be dropped to make room"
+        }
+    };
+    StoreError::msg(StoreErrorKind::CapacityExceeded, message)
 }
 
 impl IdempotencyStore for MemoryStore {
@@ -488,7 +526,7 @@ impl IdempotencyStore for MemoryStore {
         if removed.evicted > 0 {
             inner.evicted(removed.evicted, now);
         }
-        begun.map_err(|Full| full())
+        begun.map_err(full)
     }
 
     async fn renew(

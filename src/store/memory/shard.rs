@@ -3,10 +3,12 @@
 //!
 //! Every function here runs under the shard's lock, and none of them looks at another shard.
 
+use foldhash::fast::SeedableRandomState;
 use hashbrown::HashTable;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
+use super::tenants::Tenants;
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::{Begin, Forget, LockToken, RecordInfo, RecordKey, RecordState};
@@ -87,7 +89,12 @@ struct Room(Option<Box<Record>>);
 
 /// Why a shard refused a new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Full;
+pub(super) enum Full {
+    /// In-flight records fill the shard.
+    Store,
+    /// The tenant's records fill its share of the shard, and all of them are in flight.
+    Tenant,
+}
 
 pub(super) struct Shard {
     table: HashTable<Slot>,
@@ -106,10 +113,18 @@ pub(super) struct Shard {
     bytes: usize,
     max_len: usize,
     max_bytes: usize,
+    /// How many records each tenant holds, and its completed ones by expiry.
+    tenants: Tenants,
 }
 
 impl Shard {
-    pub(super) fn new(max_len: usize, max_bytes: usize, token_seed: u64) -> Self {
+    pub(super) fn new(
+        max_len: usize,
+        max_bytes: usize,
+        max_per_tenant: usize,
+        token_seed: u64,
+        hasher: SeedableRandomState,
+    ) -> Self {
         Self {
             table: HashTable::new(),
             expiries: Expiries::default(),
@@ -120,7 +135,13 @@ impl Shard {
             bytes: 0,
             max_len,
             max_bytes,
+            tenants: Tenants::new(max_per_tenant, hasher),
         }
+    }
+
+    /// How many records `tenant` holds in this shard.
+    pub(super) fn tenant_len(&self, tenant: &crate::tenant::TenantId) -> usize {
+        self.tenants.count(tenant)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -135,6 +156,36 @@ impl Shard {
     #[cfg(test)]
     pub(super) fn queued(&self) -> usize {
         self.expiries.len()
+    }
+
+    /// Entries in the tenants' queues, stale ones included.
+    #[cfg(test)]
+    pub(super) fn tenants_queued(&self) -> usize {
+        self.tenants.queued()
+    }
+
+    /// Checks the shard's counts against its records: each tenant's count, the bytes, the
+    /// in-flight list.
+    #[cfg(test)]
+    pub(super) fn check_counts(&self) {
+        use std::collections::HashMap;
+        let mut tenants: HashMap<crate::tenant::TenantId, usize> = HashMap::new();
+        let mut bytes = 0;
+        let mut in_flight = 0;
+        for slot in &self.table {
+            *tenants.entry(*slot.record.key.tenant()).or_default() += 1;
+            bytes += slot.record.size;
+            in_flight += usize::from(matches!(slot.record.state, State::InFlight { .. }));
+        }
+        let counted: HashMap<_, _> = self.tenants.counts().collect();
+        assert_eq!(counted, tenants, "each tenant's count is its records");
+        assert_eq!(self.bytes, bytes, "bytes");
+        assert_eq!(self.in_flight.len(), in_flight, "the in-flight list");
+        assert!(self.table.len() <= self.max_len, "the shard's bound");
+        assert!(
+            counted.values().all(|&n| n <= self.tenants.max),
+            "each tenant's bound"
+        );
     }
 
     fn find(&self, hash: u64, key: &RecordKey) -> Option<&Record> {
@@ -210,7 +261,16 @@ impl Shard {
             removed.pruned += 1;
             return Ok(Begin::Acquired(token));
         }
-        let Room(spare) = self.make_room(now, removed).ok_or(Full)?;
+        // A tenant at its bound makes room from its own records, before the shard does.
+        let tenant = *key.tenant();
+        if !self.tenants.try_add(tenant) {
+            self.make_tenant_room(&tenant, now, removed)?;
+            self.tenants.add(tenant);
+        }
+        let Some(Room(spare)) = self.make_room(now, removed) else {
+            self.tenants.remove(&tenant);
+            return Err(Full::Store);
+        };
         let fresh = Record {
             key: key.clone(),
             fingerprint: *fingerprint,
@@ -265,6 +325,38 @@ impl Shard {
         Some(Room(spare))
     }
 
+    /// Makes room for one more record of `tenant`, which holds its share of the shard: first go
+    /// the records that are dead already (in-flight ones whose holder died, the tenant's expired
+    /// ones), then the tenant's live completed records, nearest expiry first, which count as
+    /// evicted. Other tenants' live records are never touched, nor in-flight ones:
+    /// [`Full::Tenant`] when the tenant's in-flight records alone fill its share.
+    fn make_tenant_room(
+        &mut self,
+        tenant: &crate::tenant::TenantId,
+        now: Nanos,
+        removed: &mut Removed,
+    ) -> Result<(), Full> {
+        if now >= self.dead_check_at {
+            removed.pruned += self.prune_in_flight(now);
+        }
+        while self.tenants.count(tenant) >= self.tenants.max {
+            let due = self.tenants.get_mut(tenant).and_then(|t| t.completed.pop());
+            let Some(due) = due else {
+                return Err(Full::Tenant);
+            };
+            if let Some(record) = self.remove_due(due) {
+                if record.is_live(now) {
+                    removed.evicted += 1;
+                } else {
+                    removed.pruned += 1;
+                }
+            }
+        }
+        // The records dropped here left stale entries in the shard's queue.
+        self.compact_expiries();
+        Ok(())
+    }
+
     /// Removes the completed record `due` points to, if the entry is not stale.
     fn remove_due(&mut self, due: Due) -> Option<Box<Record>> {
         let entry = self
@@ -276,6 +368,7 @@ impl Shard {
         }
         let (slot, _) = entry.remove();
         self.bytes -= slot.record.size;
+        self.tenants.remove(slot.record.key.tenant());
         Some(slot.record)
     }
 
@@ -338,11 +431,20 @@ impl Shard {
         record.state = State::Completed(response);
         self.bytes = self.bytes - old + size;
         self.unlist(slot);
-        self.expiries.push(Due {
+        let due = Due {
             at: expires_at,
             id,
             hash,
-        });
+        };
+        self.expiries.push(due);
+        let table = &self.table;
+        if let Some(tenant) = self.tenants.get_mut(key.tenant()) {
+            tenant.push(due, |due| {
+                table
+                    .find(due.hash, |slot| slot.record.id == due.id)
+                    .is_some()
+            });
+        }
         true
     }
 
@@ -361,6 +463,7 @@ impl Shard {
     /// Accounts for a record taken out of the table.
     fn forget_removed(&mut self, record: &Record) {
         self.bytes -= record.size;
+        self.tenants.remove(record.key.tenant());
         if let State::InFlight { slot, .. } = record.state {
             self.unlist(slot);
         }

@@ -409,11 +409,27 @@ fn settings_are_checked_in_build_and_belong_to_a_new_store() {
 
 #[test]
 fn shards_split_the_bounds() {
-    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES), 1);
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000), 1);
-    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES), 32);
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES), 256);
-    assert_eq!(shard_count(usize::MAX, usize::MAX), 256);
+    const ANY: usize = usize::MAX;
+    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES, ANY), 1);
+    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000, ANY), 1);
+    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY), 32);
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, ANY),
+        256
+    );
+    assert_eq!(shard_count(usize::MAX, usize::MAX, ANY), 256);
+    // A small bound per tenant keeps its shares from getting too small to even out.
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 1_000),
+        8
+    );
+    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 10), 1);
+    // The default bound per tenant leaves the default store its 256 shards.
+    assert_eq!(MemoryStore::new().inner.shards.len(), 256);
+    assert_eq!(
+        MemoryStore::new().settings().max_entries_per_tenant(),
+        125_000
+    );
     let total: usize = (0..32).map(|i| share(100_003, 32, i)).sum();
     assert_eq!(total, 100_003);
 }
