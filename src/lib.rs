@@ -169,7 +169,9 @@ pub use service::Idempotency;
 pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use store::memory::{MemoryStore, MemoryStoreBuilder, MemoryStoreSettings};
+pub use store::memory::{
+    MemoryStore, MemoryStoreBuilder, MemoryStoreSettings, SnapshotLoad, SnapshotStatus,
+};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::PostgresStore;

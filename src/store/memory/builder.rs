@@ -1,5 +1,6 @@
 //! [`MemoryStoreBuilder`]: a [`MemoryStore`]'s settings, checked once, in `build`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::MemoryStore;
@@ -18,6 +19,8 @@ pub(crate) const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_TENANT_SHARE: usize = 8;
 /// ... but at least this many, or `max_entries` when it is smaller.
 pub(crate) const DEFAULT_TENANT_MIN: usize = 10_000;
+/// The default period of the snapshot's periodic write.
+pub(crate) const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Settings of a [`MemoryStore`], checked by [`build`](Self::build). Once built, a store's
@@ -42,6 +45,8 @@ pub struct MemoryStoreBuilder {
     /// `None`: the default, from `max_entries`.
     pub(super) max_entries_per_tenant: Option<usize>,
     pub(super) cleanup_interval: Duration,
+    pub(super) snapshot: Option<PathBuf>,
+    pub(super) snapshot_interval: Duration,
 }
 
 impl Default for MemoryStoreBuilder {
@@ -51,6 +56,8 @@ impl Default for MemoryStoreBuilder {
             max_bytes: DEFAULT_MAX_BYTES,
             max_entries_per_tenant: None,
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
+            snapshot: None,
+            snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
         }
     }
 }
@@ -131,12 +138,63 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Keeps the completed records across a restart, in the file at `path`. Off by default:
+    /// a store without it starts empty after a restart, and every retry of a request completed
+    /// before it runs the handler again.
+    ///
+    /// - **Written**: by [`save_snapshot`](super::MemoryStore::save_snapshot), which the app
+    ///   calls at graceful shutdown (see there for the sequence), and every
+    ///   [`snapshot_interval`](Self::snapshot_interval) by a background task, so that a crash
+    ///   loses what completed since the last write, not everything. Only live completed
+    ///   records are written, never in-flight ones; the file is replaced whole, never left
+    ///   half-written.
+    /// - **Read**: by [`build`](Self::build), a blocking read of the file. Records that expired
+    ///   are dropped; the others are put in the store at its first use, when its clock starts,
+    ///   as many as its bounds hold (the nearest expiry left out first).
+    /// - **A file that cannot be used** (missing, truncated, corrupt: its SHA-256 does not
+    ///   match, from another format version, or not a snapshot) is ignored: the store starts
+    ///   empty, nothing panics. What was found is in
+    ///   [`snapshot_status`](super::MemoryStore::snapshot_status), and a `tracing` event
+    ///   (feature `tracing`).
+    ///
+    /// One store per file: two stores (or two processes) writing one file keep the last
+    /// writer's records only.
+    ///
+    /// ```
+    /// let path = std::env::temp_dir().join("tower-idempotency-doc.snapshot");
+    /// let store = tower_idempotency::MemoryStore::builder().snapshot(&path).build();
+    /// assert_eq!(store.snapshot_path(), Some(path.as_path()));
+    /// ```
+    pub fn snapshot(mut self, path: impl Into<PathBuf>) -> Self {
+        self.snapshot = Some(path.into());
+        self
+    }
+
+    /// How often the background task writes the [snapshot](Self::snapshot). Default: 30 s.
+    /// Each write copies the completed records (a read lock per shard, a reference count per
+    /// response) and writes them off the async threads.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let builder = tower_idempotency::MemoryStore::builder()
+    ///     .snapshot(std::env::temp_dir().join("tower-idempotency-doc-interval.snapshot"))
+    ///     .snapshot_interval(Duration::from_secs(10));
+    /// # let _ = builder;
+    /// ```
+    pub fn snapshot_interval(mut self, interval: Duration) -> Self {
+        self.snapshot_interval = interval;
+        self
+    }
+
     /// The store.
     ///
     /// # Panics
     ///
     /// If `max_entries` or `max_bytes` is 0, if `max_entries_per_tenant` is 0 or larger than
-    /// `max_entries`, or if `cleanup_interval` is zero or longer than 365 days.
+    /// `max_entries`, if `cleanup_interval` or `snapshot_interval` is zero or longer than 365
+    /// days, or if the `snapshot` path names no file (empty, or ending in `..`). A snapshot file
+    /// that cannot be read is not a panic: see [`snapshot`](Self::snapshot).
     pub fn build(self) -> MemoryStore {
         assert!(
             self.max_entries > 0,
@@ -155,6 +213,13 @@ impl MemoryStoreBuilder {
             );
         }
         check_interval("cleanup_interval", self.cleanup_interval);
+        check_interval("snapshot_interval", self.snapshot_interval);
+        if let Some(path) = &self.snapshot {
+            assert!(
+                path.file_name().is_some(),
+                "MemoryStore: the snapshot path must name a file, got {path:?}"
+            );
+        }
         MemoryStore::with_builder(self)
     }
 
@@ -167,6 +232,7 @@ impl MemoryStoreBuilder {
                 .max_entries_per_tenant
                 .unwrap_or_else(|| default_per_tenant(self.max_entries)),
             cleanup_interval: self.cleanup_interval,
+            snapshot_interval: self.snapshot_interval,
         }
     }
 }
@@ -203,6 +269,7 @@ pub struct MemoryStoreSettings {
     max_bytes: usize,
     max_entries_per_tenant: usize,
     cleanup_interval: Duration,
+    snapshot_interval: Duration,
 }
 
 impl MemoryStoreSettings {
@@ -224,5 +291,11 @@ impl MemoryStoreSettings {
     /// How often the background task removes expired records.
     pub fn cleanup_interval(&self) -> Duration {
         self.cleanup_interval
+    }
+
+    /// How often the snapshot is written, when the store has one
+    /// ([`MemoryStore::snapshot_path`](super::MemoryStore::snapshot_path)).
+    pub fn snapshot_interval(&self) -> Duration {
+        self.snapshot_interval
     }
 }

@@ -20,6 +20,9 @@ use crate::response::StoredResponse;
 mod builder;
 mod expiries;
 mod shard;
+mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tenant_tests;
 mod tenants;
@@ -30,6 +33,7 @@ mod tests;
 use builder::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
 pub use builder::{MemoryStoreBuilder, MemoryStoreSettings};
 use shard::{Full, Removed, Shard};
+pub use snapshot::{SnapshotLoad, SnapshotStatus};
 
 /// A moment on the store's clock: nanoseconds since the store was built.
 type Nanos = u64;
@@ -116,6 +120,8 @@ struct Inner {
     evicted: AtomicU64,
     #[cfg(feature = "tracing")]
     report: Report,
+    /// The snapshot file, when the store keeps its records across a restart.
+    snapshot: Option<snapshot::Snapshot>,
 }
 
 const SHARD_SHIFT: u32 = 40;
@@ -169,8 +175,17 @@ impl MemoryStore {
                 Padded(RwLock::new(shard))
             })
             .collect();
+        // A file larger than this is not one this store wrote: its records would not fit.
+        let max_file = (settings.max_bytes() as u64)
+            .saturating_mul(2)
+            .saturating_add(1 << 20);
+        let snapshot = builder
+            .snapshot
+            .clone()
+            .map(|path| snapshot::Snapshot::open(path, max_file));
         Self {
             inner: Arc::new(Inner {
+                snapshot,
                 shards,
                 mask: count as u64 - 1,
                 hasher,
@@ -295,11 +310,17 @@ impl MemoryStore {
         self.inner.prune(self.inner.now()) as usize
     }
 
-    fn ensure_pruner(&self) {
+    fn ensure_tasks(&self) {
         let inner = &self.inner;
         inner
             .pruner
             .start(|| prune_periodically(Arc::downgrade(inner), inner.settings.cleanup_interval()));
+        if let Some(snapshot) = &inner.snapshot {
+            let period = inner.settings.snapshot_interval();
+            snapshot
+                .task
+                .start(|| snapshot::save_periodically(Arc::downgrade(inner), period));
+        }
     }
 }
 
@@ -382,8 +403,16 @@ async fn prune_periodically(store: Weak<Inner>, period: Duration) {
 impl Inner {
     fn now(&self) -> Nanos {
         let now = Instant::now();
-        let (epoch, _) = self.epoch.get_or_init(|| (now, SystemTime::now()));
-        nanos(now.saturating_duration_since(*epoch))
+        let &(epoch, wall) = self.epoch.get_or_init(|| (now, SystemTime::now()));
+        let now = nanos(now.saturating_duration_since(epoch));
+        // The records read from a snapshot enter at the first use, once the clock has started;
+        // every caller waits for them. No caller holds a shard's lock here.
+        if let Some(snapshot) = &self.snapshot {
+            snapshot
+                .restored
+                .get_or_init(|| self.restore(snapshot, now, wall));
+        }
+        now
     }
 
     /// The wall-clock time at the store's time zero.
@@ -482,6 +511,7 @@ impl fmt::Debug for MemoryStore {
             .field("weighted_size", &self.weighted_size())
             .field("evicted", &self.evicted())
             .field("settings", &self.inner.settings)
+            .field("snapshot", &self.snapshot_path())
             .field("shards", &self.inner.shards.len())
             .finish()
     }
@@ -510,7 +540,7 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        self.ensure_pruner();
+        self.ensure_tasks();
         let inner = &*self.inner;
         let hash = inner.hash(key);
         let shard = inner.shard(hash);

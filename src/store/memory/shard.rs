@@ -8,6 +8,7 @@ use hashbrown::HashTable;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
+use super::snapshot::Saved;
 use super::tenants::Tenants;
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -436,15 +437,79 @@ impl Shard {
             id,
             hash,
         };
+        self.queue_completed(key.tenant(), due);
+        true
+    }
+
+    /// Puts a completed record in the shard's expiry queue and its tenant's.
+    fn queue_completed(&mut self, tenant: &crate::tenant::TenantId, due: Due) {
         self.expiries.push(due);
         let table = &self.table;
-        if let Some(tenant) = self.tenants.get_mut(key.tenant()) {
+        if let Some(tenant) = self.tenants.get_mut(tenant) {
             tenant.push(due, |due| {
                 table
                     .find(due.hash, |slot| slot.record.id == due.id)
                     .is_some()
             });
         }
+    }
+
+    /// The live completed records, for a snapshot; `wall` turns a deadline into wall-clock
+    /// time.
+    pub(super) fn saved(
+        &self,
+        now: Nanos,
+        out: &mut Vec<Saved>,
+        wall: impl Fn(Nanos) -> std::time::SystemTime,
+    ) {
+        for Slot { record, .. } in &self.table {
+            if let State::Completed(response) = &record.state
+                && record.is_live(now)
+            {
+                out.push(Saved {
+                    key: record.key.clone(),
+                    fingerprint: record.fingerprint,
+                    response: response.clone(),
+                    expires_at: wall(record.deadline),
+                });
+            }
+        }
+    }
+
+    /// Puts a completed record read from a snapshot in the shard, if its key is absent and
+    /// there is room for it without dropping another record; `false` otherwise.
+    pub(super) fn restore(&mut self, hash: u64, saved: Saved, expires_at: Nanos) -> bool {
+        if self.find(hash, &saved.key).is_some() {
+            return false;
+        }
+        let tenant = *saved.key.tenant();
+        if !self.tenants.try_add(tenant) {
+            return false;
+        }
+        if !self.has_room() {
+            self.tenants.remove(&tenant);
+            return false;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let size = completed_size(&saved.key, &saved.response);
+        self.bytes += size;
+        let record = Box::new(Record {
+            key: saved.key,
+            fingerprint: saved.fingerprint,
+            id,
+            deadline: expires_at,
+            size,
+            state: State::Completed(saved.response),
+        });
+        self.table
+            .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
+        let due = Due {
+            at: expires_at,
+            id,
+            hash,
+        };
+        self.queue_completed(&tenant, due);
         true
     }
 
