@@ -3,37 +3,36 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use foldhash::SharedSeed;
 use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
+use super::RecordKey;
 use super::background::StartOnce;
-use super::{
-    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
-};
-use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 
 mod builder;
+mod calls;
 mod expiries;
 mod shard;
 mod snapshot;
-#[cfg(test)]
-mod snapshot_tests;
 #[cfg(test)]
 mod tenant_tests;
 mod tenants;
 #[cfg(test)]
 mod tests;
+mod upkeep;
 
 #[cfg(test)]
 use builder::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
 pub use builder::{MemoryStoreBuilder, MemoryStoreSettings};
-use shard::{Full, Removed, Shard};
+use shard::Shard;
 pub use snapshot::{SnapshotLoad, SnapshotStatus};
+#[cfg(feature = "tracing")]
+use upkeep::Report;
+use upkeep::prune_periodically;
 
 /// A moment on the store's clock: nanoseconds since the store was built.
 type Nanos = u64;
@@ -51,11 +50,8 @@ const MIN_SHARD_BYTES: usize = 4 << 20;
 const MIN_SHARD_TENANT_ENTRIES: usize = 64;
 /// How many expired records the pruner removes before it lets go of a shard's lock.
 const PRUNE_BATCH: usize = 4096;
-/// Evictions are reported as a `tracing` event at most this often.
-#[cfg(feature = "tracing")]
-const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// An in-memory [`IdempotencyStore`] for a single server: a sharded map, atomic per record key.
+/// An in-memory [`IdempotencyStore`](super::IdempotencyStore) for a single server: a sharded map, atomic per record key.
 ///
 /// ```
 /// use std::time::Duration;
@@ -90,7 +86,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 ///   and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A retry of a
 ///   dropped record runs the handler again. An in-flight record is never dropped: only when
 ///   in-flight records alone fill the store is a new key refused, with
-///   [`StoreErrorKind::CapacityExceeded`], which the layer answers with `503` and `Retry-After`.
+///   [`StoreErrorKind::CapacityExceeded`](super::StoreErrorKind::CapacityExceeded), which the layer answers with `503` and `Retry-After`.
 /// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
 ///   least 2,048 records and 4 MiB); a key's shard makes room within its own share.
 ///
@@ -371,35 +367,6 @@ fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The background pruner: it holds only a weak reference, so it ends at its first tick after
-/// the store is dropped, and only then: a tick that panics is reported and the next one runs.
-async fn prune_periodically(store: Weak<Inner>, period: Duration) {
-    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = store.upgrade() else {
-            break;
-        };
-        let pruned =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.prune(inner.now())));
-        #[cfg(feature = "tracing")]
-        if pruned.is_err() {
-            tracing::error!(
-                target: "tower_idempotency",
-                "MemoryStore: pruning expired records panicked; the next run is in {period:?}"
-            );
-        }
-        #[cfg(not(feature = "tracing"))]
-        let _ = pruned;
-    }
-    #[cfg(feature = "tracing")]
-    tracing::debug!(
-        target: "tower_idempotency",
-        "MemoryStore dropped: its background pruning ended"
-    );
-}
-
 impl Inner {
     fn now(&self) -> Nanos {
         let now = Instant::now();
@@ -462,42 +429,6 @@ impl Inner {
     }
 }
 
-/// The rate limit of the `tracing` event that reports evictions.
-#[cfg(feature = "tracing")]
-#[derive(Default)]
-struct Report {
-    /// When the last event was emitted, plus one (0: never).
-    last: AtomicU64,
-    /// Evictions since the last event.
-    pending: AtomicU64,
-}
-
-#[cfg(feature = "tracing")]
-impl Report {
-    fn evicted(&self, count: u64, now: Nanos, total: u64) {
-        self.pending.fetch_add(count, Ordering::Relaxed);
-        let last = self.last.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last - 1) >= nanos(REPORT_EVERY);
-        let claimed = due
-            && self
-                .last
-                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        if !claimed {
-            return;
-        }
-        let evicted = self.pending.swap(0, Ordering::Relaxed);
-        tracing::warn!(
-            target: "tower_idempotency",
-            evicted,
-            evicted_total = total,
-            "MemoryStore is full: completed records were dropped before their expiry to make \
-             room for new keys; a retry of a dropped record runs the handler again. Raise \
-             max_entries or max_bytes, or shorten the TTL."
-        );
-    }
-}
-
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -514,111 +445,5 @@ impl fmt::Debug for MemoryStore {
             .field("snapshot", &self.snapshot_path())
             .field("shards", &self.inner.shards.len())
             .finish()
-    }
-}
-
-/// The error of a new key that finds its shard, or its tenant's share, full of in-flight
-/// records.
-fn full(full: Full) -> StoreError {
-    let message = match full {
-        Full::Store => {
-            "the store is full of requests in flight: no completed record can be dropped to make \
-             room"
-        }
-        Full::Tenant => {
-            "this tenant holds as many records as it may (max_entries_per_tenant), all of them \
-             requests in flight: none of its completed records can be dropped to make room"
-        }
-    };
-    StoreError::msg(StoreErrorKind::CapacityExceeded, message)
-}
-
-impl IdempotencyStore for MemoryStore {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        self.ensure_tasks();
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let shard = inner.shard(hash);
-        let now = inner.now();
-        // Replays, 409 and 422 only read: a shared lock, and no copy of the key.
-        if let Some(answer) = read(shard).decide(hash, key, fingerprint, now) {
-            return Ok(answer);
-        }
-        let mut removed = Removed::default();
-        let lease_until = now.saturating_add(nanos(lease));
-        // The write lock: the decision and the write are one step.
-        let begun = write(shard).begin(hash, key, fingerprint, lease_until, now, &mut removed);
-        if removed.evicted > 0 {
-            inner.evicted(removed.evicted, now);
-        }
-        begun.map_err(full)
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let lease_until = inner.now().saturating_add(nanos(lease));
-        if write(inner.shard(hash)).renew(hash, key, token, lease_until) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let expires_at = inner.now().saturating_add(nanos(ttl));
-        if write(inner.shard(hash)).complete(hash, key, token, response, expires_at) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        if write(inner.shard(hash)).release(hash, key, token) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let now = inner.now();
-        let Some(info) = read(inner.shard(hash)).lookup(hash, key, now) else {
-            return Ok(None);
-        };
-        let wall_epoch = inner.wall_epoch();
-        Ok(Some(info.into_record_info(|deadline| {
-            wall_epoch + Duration::from_nanos(deadline)
-        })))
-    }
-
-    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let now = inner.now();
-        Ok(write(inner.shard(hash)).forget(hash, key, force, now))
     }
 }

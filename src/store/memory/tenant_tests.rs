@@ -8,6 +8,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::StoreErrorKind;
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::store::{Begin, Forget, IdempotencyStore, LockToken};
 use crate::tenant::TenantId;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};

@@ -8,11 +8,16 @@ use hashbrown::HashTable;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
-use super::snapshot::Saved;
 use super::tenants::Tenants;
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::store::{Begin, Forget, LockToken, RecordInfo, RecordKey, RecordState};
+use crate::store::{Begin, Forget, LockToken, RecordKey};
+
+#[cfg(test)]
+mod checks;
+mod info;
+mod room;
+mod snapshot;
 
 /// The estimated bytes a record takes besides its key and response: its table slot, its boxed
 /// record, its place in the expiry queue, and the stored response's own allocations.
@@ -116,6 +121,9 @@ pub(super) struct Shard {
     max_bytes: usize,
     /// How many records each tenant holds, and its completed ones by expiry.
     tenants: Tenants,
+    /// Counts the changes to the completed records that a snapshot holds (completed, forgotten,
+    /// restored), so that a periodic snapshot of an unchanged store is skipped.
+    changes: u64,
 }
 
 impl Shard {
@@ -137,6 +145,7 @@ impl Shard {
             max_len,
             max_bytes,
             tenants: Tenants::new(max_per_tenant, hasher),
+            changes: 0,
         }
     }
 
@@ -153,40 +162,9 @@ impl Shard {
         self.bytes
     }
 
-    /// Entries in the expiry queue, stale ones included.
-    #[cfg(test)]
-    pub(super) fn queued(&self) -> usize {
-        self.expiries.len()
-    }
-
-    /// Entries in the tenants' queues, stale ones included.
-    #[cfg(test)]
-    pub(super) fn tenants_queued(&self) -> usize {
-        self.tenants.queued()
-    }
-
-    /// Checks the shard's counts against its records: each tenant's count, the bytes, the
-    /// in-flight list.
-    #[cfg(test)]
-    pub(super) fn check_counts(&self) {
-        use std::collections::HashMap;
-        let mut tenants: HashMap<crate::tenant::TenantId, usize> = HashMap::new();
-        let mut bytes = 0;
-        let mut in_flight = 0;
-        for slot in &self.table {
-            *tenants.entry(*slot.record.key.tenant()).or_default() += 1;
-            bytes += slot.record.size;
-            in_flight += usize::from(matches!(slot.record.state, State::InFlight { .. }));
-        }
-        let counted: HashMap<_, _> = self.tenants.counts().collect();
-        assert_eq!(counted, tenants, "each tenant's count is its records");
-        assert_eq!(self.bytes, bytes, "bytes");
-        assert_eq!(self.in_flight.len(), in_flight, "the in-flight list");
-        assert!(self.table.len() <= self.max_len, "the shard's bound");
-        assert!(
-            counted.values().all(|&n| n <= self.tenants.max),
-            "each tenant's bound"
-        );
+    /// The count of changes to the completed records a snapshot holds.
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn find(&self, hash: u64, key: &RecordKey) -> Option<&Record> {
@@ -299,80 +277,6 @@ impl Shard {
         Ok(Begin::Acquired(token))
     }
 
-    fn has_room(&self) -> bool {
-        self.table.len() < self.max_len && self.bytes < self.max_bytes
-    }
-
-    /// Makes room for one more record. First go the records that are dead already: in-flight
-    /// ones whose holder died, then expired completed ones (the front of the expiry queue);
-    /// then live completed records, nearest expiry first, which count as evicted. In-flight
-    /// records are never touched: `None` when they alone fill the shard.
-    fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> Option<Room> {
-        if !self.has_room() && now >= self.dead_check_at {
-            removed.pruned += self.prune_in_flight(now);
-        }
-        let mut spare = None;
-        while !self.has_room() {
-            let due = self.expiries.pop()?;
-            if let Some(record) = self.remove_due(due) {
-                if record.is_live(now) {
-                    removed.evicted += 1;
-                } else {
-                    removed.pruned += 1;
-                }
-                spare = Some(record);
-            }
-        }
-        Some(Room(spare))
-    }
-
-    /// Makes room for one more record of `tenant`, which holds its share of the shard: first go
-    /// the records that are dead already (in-flight ones whose holder died, the tenant's expired
-    /// ones), then the tenant's live completed records, nearest expiry first, which count as
-    /// evicted. Other tenants' live records are never touched, nor in-flight ones:
-    /// [`Full::Tenant`] when the tenant's in-flight records alone fill its share.
-    fn make_tenant_room(
-        &mut self,
-        tenant: &crate::tenant::TenantId,
-        now: Nanos,
-        removed: &mut Removed,
-    ) -> Result<(), Full> {
-        if now >= self.dead_check_at {
-            removed.pruned += self.prune_in_flight(now);
-        }
-        while self.tenants.count(tenant) >= self.tenants.max {
-            let due = self.tenants.get_mut(tenant).and_then(|t| t.completed.pop());
-            let Some(due) = due else {
-                return Err(Full::Tenant);
-            };
-            if let Some(record) = self.remove_due(due) {
-                if record.is_live(now) {
-                    removed.evicted += 1;
-                } else {
-                    removed.pruned += 1;
-                }
-            }
-        }
-        // The records dropped here left stale entries in the shard's queue.
-        self.compact_expiries();
-        Ok(())
-    }
-
-    /// Removes the completed record `due` points to, if the entry is not stale.
-    fn remove_due(&mut self, due: Due) -> Option<Box<Record>> {
-        let entry = self
-            .table
-            .find_entry(due.hash, |slot| slot.record.id == due.id)
-            .ok()?;
-        if !matches!(entry.get().record.state, State::Completed(_)) {
-            return None;
-        }
-        let (slot, _) = entry.remove();
-        self.bytes -= slot.record.size;
-        self.tenants.remove(slot.record.key.tenant());
-        Some(slot.record)
-    }
-
     /// Puts a new in-flight record in the list.
     fn list(&mut self, hash: u64, id: u64, lease_until: Nanos) {
         self.in_flight.push(Held { hash, id });
@@ -438,6 +342,7 @@ impl Shard {
             hash,
         };
         self.queue_completed(key.tenant(), due);
+        self.changes = self.changes.wrapping_add(1);
         true
     }
 
@@ -452,65 +357,6 @@ impl Shard {
                     .is_some()
             });
         }
-    }
-
-    /// The live completed records, for a snapshot; `wall` turns a deadline into wall-clock
-    /// time.
-    pub(super) fn saved(
-        &self,
-        now: Nanos,
-        out: &mut Vec<Saved>,
-        wall: impl Fn(Nanos) -> std::time::SystemTime,
-    ) {
-        for Slot { record, .. } in &self.table {
-            if let State::Completed(response) = &record.state
-                && record.is_live(now)
-            {
-                out.push(Saved {
-                    key: record.key.clone(),
-                    fingerprint: record.fingerprint,
-                    response: response.clone(),
-                    expires_at: wall(record.deadline),
-                });
-            }
-        }
-    }
-
-    /// Puts a completed record read from a snapshot in the shard, if its key is absent and
-    /// there is room for it without dropping another record; `false` otherwise.
-    pub(super) fn restore(&mut self, hash: u64, saved: Saved, expires_at: Nanos) -> bool {
-        if self.find(hash, &saved.key).is_some() {
-            return false;
-        }
-        let tenant = *saved.key.tenant();
-        if !self.tenants.try_add(tenant) {
-            return false;
-        }
-        if !self.has_room() {
-            self.tenants.remove(&tenant);
-            return false;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let size = completed_size(&saved.key, &saved.response);
-        self.bytes += size;
-        let record = Box::new(Record {
-            key: saved.key,
-            fingerprint: saved.fingerprint,
-            id,
-            deadline: expires_at,
-            size,
-            state: State::Completed(saved.response),
-        });
-        self.table
-            .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
-        let due = Due {
-            at: expires_at,
-            id,
-            hash,
-        };
-        self.queue_completed(&tenant, due);
-        true
     }
 
     pub(super) fn release(&mut self, hash: u64, key: &RecordKey, token: LockToken) -> bool {
@@ -534,22 +380,6 @@ impl Shard {
         }
     }
 
-    pub(super) fn lookup(&self, hash: u64, key: &RecordKey, now: Nanos) -> Option<Info> {
-        let record = self.find(hash, key).filter(|r| r.is_live(now))?;
-        let state = match &record.state {
-            State::InFlight { .. } => InfoState::InFlight,
-            State::Completed(response) => InfoState::Completed {
-                status: response.status(),
-                replayable: !response.is_omitted(),
-            },
-        };
-        Some(Info {
-            fingerprint: record.fingerprint,
-            deadline: record.deadline,
-            state,
-        })
-    }
-
     pub(super) fn forget(&mut self, hash: u64, key: &RecordKey, force: bool, now: Nanos) -> Forget {
         let found = self
             .table
@@ -567,110 +397,10 @@ impl Shard {
         };
         // A dead record is removed too: it is invisible already.
         let (slot, _) = entry.remove();
+        self.changes = self.changes.wrapping_add(1);
         self.forget_removed(&slot.record);
         self.compact_expiries();
         answer
-    }
-
-    /// Removes every expired record and every in-flight record whose holder died, at most
-    /// `budget` expired ones; returns how many were removed and whether expired ones are left.
-    pub(super) fn prune(&mut self, now: Nanos, budget: usize) -> (u64, bool) {
-        let mut removed = 0;
-        for _ in 0..budget {
-            match self.expiries.peek() {
-                Some(due) if due.at <= now => {}
-                _ => return (removed + self.prune_in_flight(now), false),
-            }
-            let Some(due) = self.expiries.pop() else {
-                break;
-            };
-            removed += u64::from(self.remove_due(due).is_some());
-        }
-        (removed + self.prune_in_flight(now), true)
-    }
-
-    /// Removes the in-flight records whose lease ran out: their holder died.
-    fn prune_in_flight(&mut self, now: Nanos) -> u64 {
-        if now < self.dead_check_at {
-            return 0;
-        }
-        let mut removed = 0;
-        let mut next_check = Nanos::MAX;
-        let mut i = 0;
-        while let Some(&Held { hash, id }) = self.in_flight.get(i) {
-            let Ok(entry) = self.table.find_entry(hash, |slot| slot.record.id == id) else {
-                // Every listed record is in the table; were one not, its entry would go.
-                self.in_flight.swap_remove(i);
-                continue;
-            };
-            let deadline = entry.get().record.deadline;
-            if deadline > now {
-                next_check = next_check.min(deadline);
-                i += 1;
-                continue;
-            }
-            let (slot, _) = entry.remove();
-            // Moves the last entry to `i`, which is looked at next.
-            self.forget_removed(&slot.record);
-            removed += 1;
-        }
-        self.dead_check_at = next_check;
-        removed
-    }
-
-    /// Rebuilds the expiry queue when stale entries (of forgotten records) outnumber the live
-    /// ones, so that it never grows past twice the records it orders.
-    fn compact_expiries(&mut self) {
-        let completed = self.table.len() - self.in_flight.len();
-        if self.expiries.len() <= 2 * completed + 64 {
-            return;
-        }
-        let live = self
-            .table
-            .iter()
-            .filter(|slot| matches!(slot.record.state, State::Completed(_)))
-            .map(|slot| Due {
-                at: slot.record.deadline,
-                id: slot.record.id,
-                hash: slot.hash,
-            });
-        self.expiries.rebuild(live);
-    }
-}
-
-/// A record as `lookup` reads it, with its deadline still on the store's clock.
-pub(super) struct Info {
-    pub(super) fingerprint: Fingerprint,
-    pub(super) deadline: Nanos,
-    pub(super) state: InfoState,
-}
-
-pub(super) enum InfoState {
-    InFlight,
-    Completed {
-        status: http::StatusCode,
-        replayable: bool,
-    },
-}
-
-impl Info {
-    /// The public form, with `deadline` turned into wall-clock time by `at`.
-    pub(super) fn into_record_info(
-        self,
-        at: impl Fn(Nanos) -> std::time::SystemTime,
-    ) -> RecordInfo {
-        let deadline = at(self.deadline);
-        let state = match self.state {
-            InfoState::InFlight => RecordState::InFlight {
-                lease_until: deadline,
-            },
-            InfoState::Completed { status, replayable } => RecordState::Completed {
-                status,
-                replayable,
-                expires_at: deadline,
-            },
-        };
-        RecordInfo::new(self.fingerprint, state)
     }
 }
 

@@ -7,9 +7,13 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use proptest::prelude::*;
 
-use super::snapshot::{Saved, decode, encode};
+use super::super::*;
+use super::file::{HEADER_LEN, decode, encode};
 use super::*;
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
 use crate::store::RecordState;
+use crate::store::{Begin, IdempotencyStore};
 use crate::tenant::TenantId;
 
 const LEASE: Duration = Duration::from_secs(10);
@@ -361,6 +365,34 @@ async fn the_background_writer_saves_every_interval_and_ends_with_the_store() {
     assert!(ended, "nothing holds the store once it is dropped");
 }
 
+#[tokio::test]
+async fn the_periodic_write_skips_a_store_that_did_not_change() {
+    let dir = TempDir::new();
+    let store = with_snapshot(&dir.file());
+    complete(&store, &key(1, "a"), created(b"a"), TTL).await;
+    assert_eq!(store.inner.save(false).await.unwrap(), Some(1));
+    assert_eq!(
+        store.inner.save(false).await.unwrap(),
+        None,
+        "nothing changed"
+    );
+    // An in-flight record is no change to the file.
+    let Begin::Acquired(token) = store.begin(&key(1, "b"), &fp(1), LEASE).await.unwrap() else {
+        panic!("a new key");
+    };
+    assert_eq!(store.inner.save(false).await.unwrap(), None);
+    store
+        .complete(&key(1, "b"), token, created(b"b"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(store.inner.save(false).await.unwrap(), Some(2));
+    store.forget(&key(1, "a"), false).await.unwrap();
+    assert_eq!(store.inner.save(false).await.unwrap(), Some(1));
+    // `save_snapshot` always writes.
+    assert_eq!(store.save_snapshot().await.unwrap(), 1);
+    assert_eq!(dir.entries(), ["store.snapshot"]);
+}
+
 #[test]
 fn snapshot_settings_are_checked_in_build() {
     fn message(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
@@ -413,7 +445,7 @@ proptest! {
         }];
         let mut bytes = encode(&records, now);
         // Past the header, with the checksum recomputed: what the record decoder sees.
-        let payload_at = 8 + 4 + 8 + 32;
+        let payload_at = HEADER_LEN;
         for (at, value) in flips {
             let i = payload_at + at.index(bytes.len() - payload_at);
             bytes[i] ^= value | 1;
