@@ -51,7 +51,8 @@ const MIN_SHARD_TENANT_ENTRIES: usize = 64;
 /// How many expired records the pruner removes before it lets go of a shard's lock.
 const PRUNE_BATCH: usize = 4096;
 
-/// An in-memory [`IdempotencyStore`](super::IdempotencyStore) for a single server: a sharded map, atomic per record key.
+/// An in-memory [`IdempotencyStore`](super::IdempotencyStore) for a single server: a sharded
+/// map, atomic per record key.
 ///
 /// ```
 /// use std::time::Duration;
@@ -72,23 +73,28 @@ const PRUNE_BATCH: usize = 4096;
 /// - Expired records are pruned by a background task (every 60 seconds by default,
 ///   [`cleanup_interval`](MemoryStoreBuilder::cleanup_interval)), which holds only a weak
 ///   reference to the store and ends when the store is dropped, and only then. It starts on
-///   first use, on the Tokio runtime of that call. Each shard keeps its completed records in order of
-///   expiry, so pruning and making room never scan the whole store.
+///   first use, on the Tokio runtime of that call. Each shard keeps its completed records in
+///   order of expiry, so pruning and making room never scan the whole store.
 /// - The store holds at most [`max_entries`](MemoryStoreBuilder::max_entries) records
-///   (1,000,000 by default) and about [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes of keys and stored responses (1 GiB by
-///   default). One tenant holds at most
-///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) of them (an eighth
+///   (1,000,000 by default) and about [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes of
+///   keys and stored responses (1 GiB by default). When it is full, a new key makes room: the
+///   completed records nearest their expiry (the least likely to be retried) are dropped,
+///   counted by [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature
+///   `metrics`) and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A
+///   retry of a dropped record runs the handler again. An in-flight record is never dropped:
+///   only when in-flight records alone fill the store is a new key refused, with
+///   [`StoreErrorKind::CapacityExceeded`](super::StoreErrorKind::CapacityExceeded), which the
+///   layer answers with `503` and `Retry-After`.
+/// - One tenant holds at most
+///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) records (an eighth
 ///   of `max_entries` by default, at least 10,000): a tenant at its bound makes room from its
 ///   own completed records, never from other tenants', so that one caller's flood of keys
-///   costs that caller alone. When the store is full, a new key makes room: the completed records nearest their
-///   expiry (the least likely to be retried) are dropped, counted by
-///   [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature `metrics`)
-///   and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A retry of a
-///   dropped record runs the handler again. An in-flight record is never dropped: only when
-///   in-flight records alone fill the store is a new key refused, with
-///   [`StoreErrorKind::CapacityExceeded`](super::StoreErrorKind::CapacityExceeded), which the layer answers with `503` and `Retry-After`.
+///   costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
-///   least 2,048 records and 4 MiB); a key's shard makes room within its own share.
+///   least 2,048 records, 4 MiB and 64 records of a tenant); a key's shard makes room within
+///   its own share.
+/// - Nothing is kept across a restart, unless the store has a
+///   [`snapshot`](MemoryStoreBuilder::snapshot) file: then what the last snapshot held.
 ///
 /// Cloning is cheap and shares the records. For a fleet of servers, use a shared store.
 ///
