@@ -7,7 +7,10 @@
 //!
 //! Demo credentials: `Bearer alice-token-1` and `Bearer alice-token-2` are two access tokens of
 //! the account `alice` (a client that refreshed its token); `Bearer bob-token` is `bob`'s.
-//! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away.
+//! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away,
+//! then saves the completed records to a snapshot file (`SNAPSHOT`, by default
+//! `tower-idempotency-demo.snapshot` in the system's temporary directory), which the next start
+//! reads back: a retry sent after a restart is still a replay.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -89,9 +92,8 @@ async fn get_payment(State(payments): State<Payments>, Path(id): Path<u64>) -> i
 /// The payments API, idempotent on POST and PATCH, keys scoped by account. Authentication sits
 /// outside the idempotency layer: a `401` never reaches it, and the account is in the
 /// extensions when it runs.
-fn app() -> (Router, DetachedRuns) {
-    let idempotency =
-        IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new());
+fn app(store: MemoryStore) -> (Router, DetachedRuns) {
+    let idempotency = IdempotencyLayer::new(store).tenant(TenantFromExtension::<Account>::new());
     let detached = idempotency.detached_runs();
     let app = Router::new()
         .route("/payments", post(create_payment))
@@ -132,7 +134,15 @@ async fn main() {
         "Read it back:\n  curl -i {base}/payments/1 -H 'Authorization: Bearer alice-token-1'\n"
     );
 
-    let (app, detached) = app();
+    let snapshot = std::env::var_os("SNAPSHOT").map_or_else(
+        || std::env::temp_dir().join("tower-idempotency-demo.snapshot"),
+        std::path::PathBuf::from,
+    );
+    let store = MemoryStore::builder().snapshot(&snapshot).build();
+    if let Some(status) = store.snapshot_status() {
+        println!("snapshot {}: {:?}\n", snapshot.display(), status.load());
+    }
+    let (app, detached) = app(store.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -146,5 +156,10 @@ async fn main() {
             "{} handlers still running; their keys are taken over once their lease ends",
             detached.count()
         );
+    }
+    // Then the completed records go to the snapshot, for the next start.
+    match store.save_snapshot().await {
+        Ok(saved) => println!("{saved} completed records saved to {}", snapshot.display()),
+        Err(e) => eprintln!("cannot save the snapshot to {}: {e}", snapshot.display()),
     }
 }

@@ -145,7 +145,7 @@
 //!
 //! | feature            | store           | for                                                           |
 //! |--------------------|-----------------|---------------------------------------------------------------|
-//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded (per tenant too); an optional snapshot keeps completed records across a restart |
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
@@ -222,7 +222,9 @@ pub use service::Idempotency;
 pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use store::memory::MemoryStore;
+pub use store::memory::{
+    MemoryStore, MemoryStoreBuilder, MemoryStoreSettings, SnapshotLoad, SnapshotStatus,
+};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::PostgresStore;

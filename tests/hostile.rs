@@ -244,7 +244,11 @@ async fn a_flood_of_distinct_keys_stays_under_the_cap() {
     const CAP: usize = 20_000;
     const KEYS: usize = 100_000;
     let runs = Runs::default();
-    let store = MemoryStore::new().max_entries(CAP);
+    // One tenant (the shared scope) sends every key: its bound is the store's.
+    let store = MemoryStore::builder()
+        .max_entries(CAP)
+        .max_entries_per_tenant(CAP)
+        .build();
     let app: Router =
         api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     let rss_before = rss_kib();
@@ -286,12 +290,12 @@ async fn a_flood_of_distinct_keys_stays_under_the_cap() {
         "flood: {KEYS} distinct keys in {elapsed:?} ({:.0} keys/s); {created} created, {refused} refused (503); \
          store holds {} records (cap {CAP}), {} evicted; RSS {rss_before} KiB -> {rss_after} KiB",
         KEYS as f64 / elapsed.as_secs_f64(),
-        store.len(),
+        store.entry_count(),
         store.evicted(),
     );
     assert_eq!(created, KEYS, "a full store makes room: every new key runs");
     assert_eq!(refused, 0);
-    assert_eq!(store.len(), CAP, "the cap holds");
+    assert_eq!(store.entry_count(), CAP, "the cap holds");
     assert_eq!(
         store.evicted(),
         (KEYS - CAP) as u64,

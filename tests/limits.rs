@@ -169,7 +169,7 @@ async fn the_entry_cap_holds_and_a_full_store_makes_room() {
     }
     let d = send(&app, post_with_key("/payments", "d", "{}")).await;
     assert_eq!(d.status, StatusCode::CREATED, "a full store makes room");
-    assert_eq!(store.len(), 3, "the cap holds");
+    assert_eq!(store.entry_count(), 3, "the cap holds");
     assert_eq!(store.evicted(), 1);
     // The record nearest its expiry made room; the others still replay.
     for key in ["b", "c", "d"] {

@@ -164,6 +164,9 @@ struct Model {
 #[derive(Default)]
 struct Eviction {
     cap: usize,
+    /// The store's bound on one tenant's records, when set: a tenant at it drops its own
+    /// completed record nearest expiry, never another tenant's, or gets `503`.
+    per_tenant: Option<usize>,
     /// The order in which each slot's record was begun.
     begun: HashMap<(u8, u8), u64>,
     next: u64,
@@ -212,27 +215,46 @@ impl Model {
 
     /// A new record for `slot` is about to begin: with a bound, drop a completed record if the
     /// live ones fill the store; `false` when none can go.
+    /// Drops the live completed record nearest its expiry among the slots `of` selects;
+    /// `false` when there is none.
+    fn drop_nearest(&mut self, of: impl Fn((u8, u8)) -> bool) -> bool {
+        let eviction = self.eviction.as_ref().expect("set");
+        let nearest = self
+            .records
+            .iter()
+            .filter(|(slot, r)| of(**slot) && self.is_live(r))
+            .filter_map(|(slot, r)| match r {
+                Record::Completed { expires_at, .. } => {
+                    Some(((*expires_at, eviction.begun[slot]), *slot))
+                }
+                Record::InFlight(..) => None,
+            })
+            .min();
+        let Some((_, evicted)) = nearest else {
+            return false;
+        };
+        self.records.remove(&evicted);
+        true
+    }
+
     fn make_room(&mut self, slot: (u8, u8)) -> bool {
         let Some(eviction) = &self.eviction else {
             return true;
         };
-        let live = self.records.values().filter(|r| self.is_live(r)).count();
-        if live >= eviction.cap {
-            let nearest = self
+        let (cap, per_tenant) = (eviction.cap, eviction.per_tenant);
+        if let Some(per_tenant) = per_tenant {
+            let tenant_live = self
                 .records
                 .iter()
-                .filter(|(_, r)| self.is_live(r))
-                .filter_map(|(slot, r)| match r {
-                    Record::Completed { expires_at, .. } => {
-                        Some(((*expires_at, eviction.begun[slot]), *slot))
-                    }
-                    Record::InFlight(..) => None,
-                })
-                .min();
-            let Some((_, evicted)) = nearest else {
+                .filter(|(s, r)| s.0 == slot.0 && self.is_live(r))
+                .count();
+            if tenant_live >= per_tenant && !self.drop_nearest(|s| s.0 == slot.0) {
                 return false;
-            };
-            self.records.remove(&evicted);
+            }
+        }
+        let live = self.records.values().filter(|r| self.is_live(r)).count();
+        if live >= cap && !self.drop_nearest(|_| true) {
+            return false;
         }
         let eviction = self.eviction.as_mut().expect("set");
         eviction.next += 1;
@@ -563,6 +585,18 @@ proptest! {
     fn a_full_memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
         let store = MemoryStore::new().max_entries(3);
         let eviction = Eviction { cap: 3, ..Eviction::default() };
+        paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
+    }
+
+    /// A store of 4 records, 2 per tenant, for 2 tenants of 3 keys: a tenant at its bound
+    /// drops its own completed record nearest expiry (never the other tenant's), or gets `503`
+    /// when its records are all in flight; a full store drops the nearest of all.
+    #[test]
+    fn a_memory_store_bound_per_tenant_matches_the_model(
+        steps in prop::collection::vec(step(true), 1..40),
+    ) {
+        let store = MemoryStore::builder().max_entries(4).max_entries_per_tenant(2).build();
+        let eviction = Eviction { cap: 4, per_tenant: Some(2), ..Eviction::default() };
         paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
     }
 }
