@@ -156,6 +156,7 @@ mod service;
 mod store;
 mod tenant;
 mod util;
+mod wait;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 #[cfg(feature = "reqwest")]
