@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use support::{Reply, Runs, Served, eventually, serve, unique_key};
+use support::{Reply, Runs, Transport, Via, eventually, unique_key};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -96,34 +96,6 @@ fn waiting<St: IdempotencyStore>(store: St) -> IdempotencyLayer<St> {
     IdempotencyLayer::new(store).wait_for_in_flight(Duration::from_secs(60))
 }
 
-/// How requests reach the app.
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Oneshot,
-    Loopback,
-}
-
-/// An app, reached through `oneshot` or a real server.
-#[derive(Clone)]
-enum Via {
-    Oneshot(Router),
-    Loopback(Arc<Served>),
-}
-
-impl Via {
-    async fn send(&self, request: Request<Body>) -> Reply {
-        match self {
-            Via::Oneshot(app) => support::send(app, request).await,
-            Via::Loopback(server) => server.send(request).await,
-        }
-    }
-
-    fn spawn(&self, request: Request<Body>) -> JoinHandle<Reply> {
-        let via = self.clone();
-        tokio::spawn(async move { via.send(request).await })
-    }
-}
-
 /// One server: `POST /orders` behind `layer`, behind `CatchPanicLayer`.
 struct Server<St> {
     via: Via,
@@ -141,12 +113,8 @@ async fn start<St: IdempotencyStore>(
         .with_state(api.clone())
         .layer(layer.clone())
         .layer(CatchPanicLayer::new());
-    let via = match transport {
-        Transport::Oneshot => Via::Oneshot(app),
-        Transport::Loopback => Via::Loopback(Arc::new(serve(app).await)),
-    };
     Server {
-        via,
+        via: Via::new(app, transport).await,
         layer,
         api: api.clone(),
     }

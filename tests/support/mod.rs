@@ -33,7 +33,7 @@ pub mod shared;
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
 pub use fleet::*;
-pub use serve::{Served, serve};
+pub use serve::{Served, Transport, Via, serve};
 
 /// Counts handler runs.
 #[derive(Clone, Default)]

@@ -1,8 +1,9 @@
 //! A real server on loopback (`axum::serve` on 127.0.0.1:0) and a real client for it: requests
 //! go over TCP through hyper-util's client and come back as a [`Reply`]; a raw `TcpStream` sends
-//! a request and hangs up.
+//! a request and hangs up. [`Via`] runs one test through `oneshot` or a real server.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -13,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use super::Reply;
 
@@ -80,5 +82,45 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// How a test's requests reach its app.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    /// `oneshot` on a clone of the `Router`.
+    Oneshot,
+    /// A real server on loopback and hyper-util's client.
+    Loopback,
+}
+
+/// An app, reached through `oneshot` or a real server on loopback.
+#[derive(Clone)]
+pub enum Via {
+    Oneshot(Router),
+    Loopback(Arc<Served>),
+}
+
+impl Via {
+    /// `app`, reached by `transport` (served on loopback for [`Transport::Loopback`]).
+    pub async fn new(app: Router, transport: Transport) -> Self {
+        match transport {
+            Transport::Oneshot => Via::Oneshot(app),
+            Transport::Loopback => Via::Loopback(Arc::new(serve(app).await)),
+        }
+    }
+
+    /// Sends `request` and reads the whole response.
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        match self {
+            Via::Oneshot(app) => super::send(app, request).await,
+            Via::Loopback(server) => server.send(request).await,
+        }
+    }
+
+    /// Sends `request` on a task of its own.
+    pub fn spawn(&self, request: Request<Body>) -> JoinHandle<Reply> {
+        let via = self.clone();
+        tokio::spawn(async move { via.send(request).await })
     }
 }
