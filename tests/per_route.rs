@@ -85,15 +85,21 @@ impl Api {
 ///   duplicates wait for the first;
 /// - `POST /transfers` and `POST /transfers/{id}/reverse`: one layer for the group
 ///   (`Router::route_layer`), replayed for an hour.
+///
+/// `/payments` and `/refunds` have clones of one base layer (they share its admission counts);
+/// the group has a layer of its own over a clone of the store.
 fn app<St: IdempotencyStore + Clone>(store: St, api: &Api) -> Router {
-    let payments = IdempotencyLayer::new(store.clone())
+    let transfers = IdempotencyLayer::new(store.clone()).ttl(Duration::from_secs(60 * 60));
+    let base = IdempotencyLayer::new(store);
+    let payments = base
+        .clone()
         .ttl(Duration::from_secs(24 * 60 * 60))
         .require_key(true);
-    let refunds = IdempotencyLayer::new(store.clone())
+    let refunds = base
+        .clone()
         .ttl(Duration::from_secs(10))
         .cache_policy(|status| status.is_success())
         .wait_for_in_flight(Duration::from_secs(30));
-    let transfers = IdempotencyLayer::new(store).ttl(Duration::from_secs(60 * 60));
     Router::new()
         .route(
             "/payments",
