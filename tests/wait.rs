@@ -345,6 +345,50 @@ async fn a_hung_up_waiter_leaves_nothing<St: IdempotencyStore>(store: St, transp
     assert_eq!(api.runs.get(), 1);
 }
 
+/// The first request's client hangs up: its handler runs on, detached, and its end wakes the
+/// waiters, who get its replay.
+async fn a_detached_first_run_wakes_its_waiters<St: IdempotencyStore>(
+    store: St,
+    transport: Transport,
+) {
+    let api = Api::new(First::Created);
+    let server = start(waiting(store), &api, transport).await;
+    let key = unique_key("detached");
+    match &server.via {
+        Via::Oneshot(_) => {
+            let first = server.via.spawn(order(&key, "{}"));
+            server.until_runs(1).await;
+            first.abort(); // its future is dropped: the handler goes on, detached
+            assert!(first.await.unwrap_err().is_cancelled());
+        }
+        Via::Loopback(served) => {
+            let stream = served.send_then_hang_up(order(&key, "{}")).await;
+            server.until_runs(1).await;
+            drop(stream);
+        }
+    }
+    let detached = server.layer.detached_runs();
+    assert!(eventually(Duration::from_secs(30), async || detached.count() == 1).await);
+    let waiters: Vec<_> = (0..3)
+        .map(|_| server.via.spawn(order(&key, "{}")))
+        .collect();
+    server.until_waiting(3).await;
+    api.open();
+    let replies = all(waiters).await;
+    assert_eq!(replies[0].status, StatusCode::CREATED);
+    assert!(replies[0].replayed(), "{:?}", replies[0]);
+    assert!(replies[0].body.starts_with(b"order 1"));
+    for reply in &replies[1..] {
+        assert_eq!(
+            (reply.status, &reply.headers, &reply.body),
+            (replies[0].status, &replies[0].headers, &replies[0].body),
+            "every waiter gets the same replay"
+        );
+    }
+    assert_eq!(api.runs.get(), 1);
+    server.assert_nobody_waits().await;
+}
+
 /// Past `max_waiters`, a duplicate gets `409` at once; the others still get their replay.
 async fn past_max_waiters_409_at_once<St: IdempotencyStore>(store: St, transport: Transport) {
     let api = Api::new(First::Created);
@@ -551,6 +595,7 @@ cases!(
         a_panic_lets_one_waiter_run,
         a_thousand_duplicates,
         a_hung_up_waiter_leaves_nothing,
+        a_detached_first_run_wakes_its_waiters,
         past_max_waiters_409_at_once,
         another_request_with_the_key_gets_422,
         off_by_default,
