@@ -20,7 +20,9 @@ use crate::wait::Waiters;
 ///
 /// The first request with a key runs the inner service once; every retry of the same request
 /// gets the same response back, marked `Idempotent-Replayed: true`. A retry that arrives while
-/// the first is running gets `409`; a key reused for a different request gets `422`.
+/// the first is running gets `409` (or waits for it, with
+/// [`wait_for_in_flight`](Self::wait_for_in_flight)); a key reused for a different request gets
+/// `422`.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -363,7 +365,9 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// The most requests this layer lets wait at once for the first request with their key
     /// (see [`wait_for_in_flight`](Self::wait_for_in_flight)), across keys. Default: 1,000.
     /// Past it, a duplicate gets `409` at once. The layer, its clones and every service it
-    /// builds share one count. However large, no more than 64 wait for one key.
+    /// builds share one count. However large, no more than 64 wait for one key. Each waiter
+    /// holds its buffered body, so this also bounds that memory: at most `max` times
+    /// [`max_body_bytes`](Self::max_body_bytes).
     ///
     /// ```
     /// # use std::time::Duration;
