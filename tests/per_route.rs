@@ -360,5 +360,11 @@ async fn two_layers_on_one_route_over_one_store_conflict() {
     let via = Via::new(app, Transport::Oneshot).await;
     let reply = via.send(keyed("/payments", "twice", "{}")).await;
     reply.assert_in_progress();
+    let retry = via.send(keyed("/payments", "twice", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert!(
+        retry.replayed(),
+        "the outer layer stored the 409: {retry:?}"
+    );
     assert_eq!(api.payments.runs.get(), 0, "the handler never runs");
 }

@@ -389,6 +389,33 @@ async fn a_detached_first_run_wakes_its_waiters<St: IdempotencyStore>(
     server.assert_nobody_waits().await;
 }
 
+/// The first's response is too large to store: its waiters get `409
+/// idempotency_response_not_stored`, and the handler never runs again.
+async fn a_response_too_large_to_store_is_not_replayed<St: IdempotencyStore>(
+    store: St,
+    transport: Transport,
+) {
+    let api = Api::new(First::Created);
+    let server = start(waiting(store).max_response_bytes(4), &api, transport).await;
+    let key = unique_key("too-large");
+    let first = server.via.spawn(order(&key, "{}"));
+    server.until_runs(1).await;
+    let waiter = server.via.spawn(order(&key, "{}"));
+    server.until_waiting(1).await;
+    api.open();
+    let original = first.await.unwrap();
+    assert_eq!(original.status, StatusCode::CREATED);
+    assert!(
+        original.body.starts_with(b"order 1"),
+        "the first client gets it whole"
+    );
+    let waiter = waiter.await.unwrap();
+    assert_eq!(waiter.status, StatusCode::CONFLICT, "{waiter:?}");
+    assert_eq!(waiter.code(), "idempotency_response_not_stored");
+    assert_eq!(api.runs.get(), 1);
+    server.assert_nobody_waits().await;
+}
+
 /// Past `max_waiters`, a duplicate gets `409` at once; the others still get their replay.
 async fn past_max_waiters_409_at_once<St: IdempotencyStore>(store: St, transport: Transport) {
     let api = Api::new(First::Created);
@@ -596,6 +623,7 @@ cases!(
         a_thousand_duplicates,
         a_hung_up_waiter_leaves_nothing,
         a_detached_first_run_wakes_its_waiters,
+        a_response_too_large_to_store_is_not_replayed,
         past_max_waiters_409_at_once,
         another_request_with_the_key_gets_422,
         off_by_default,
