@@ -10,6 +10,7 @@ use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
 use crate::fingerprint::BodyFingerprint;
 use crate::tenant::Sealer;
+use crate::wait::{DEFAULT_MAX_WAITERS, Waiters};
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -41,6 +42,9 @@ pub(crate) struct Config {
     pub(crate) shared_scope: bool,
     pub(crate) shared_scope_cookies: bool,
     pub(crate) sealer: Sealer,
+    /// How long a duplicate waits for the first request with its key; `None`: `409` at once.
+    pub(crate) wait: Option<Duration>,
+    pub(crate) max_waiters: usize,
 }
 
 impl Config {
@@ -83,6 +87,8 @@ impl Default for Config {
             shared_scope: false,
             shared_scope_cookies: false,
             sealer: Sealer::default(),
+            wait: None,
+            max_waiters: DEFAULT_MAX_WAITERS,
         }
     }
 }
@@ -211,6 +217,7 @@ pub(crate) struct Shared<St, T, E> {
     pub(crate) config: Config,
     pub(crate) detached: DetachedRuns,
     pub(crate) admission: Arc<Admission>,
+    pub(crate) waiters: Arc<Waiters>,
 }
 
 #[cfg(test)]

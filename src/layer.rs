@@ -16,12 +16,15 @@ use crate::fingerprint::pointer::Pointers;
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
 use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
+use crate::wait::Waiters;
 
 /// A [`Layer`] that makes a service safe to retry with idempotency keys.
 ///
 /// The first request with a key runs the inner service once; every retry of the same request
 /// gets the same response back, marked `Idempotent-Replayed: true`. A retry that arrives while
-/// the first is running gets `409`; a key reused for a different request gets `422`.
+/// the first is running gets `409` (or waits for it, with
+/// [`wait_for_in_flight`](Self::wait_for_in_flight)); a key reused for a different request gets
+/// `422`.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -45,6 +48,7 @@ pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
     config: Config,
     detached: DetachedRuns,
     admission: Arc<Admission>,
+    waiters: Arc<Waiters>,
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -58,6 +62,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             config: Config::default(),
             detached: DetachedRuns::default(),
             admission: Arc::default(),
+            waiters: Arc::default(),
         }
     }
 }
@@ -428,6 +433,72 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
+    /// Let a duplicate that arrives while the first request with its key runs wait up to `wait`
+    /// for the first to finish, instead of answering `409` at once. Default: off
+    /// (`Duration::ZERO` turns it off again).
+    ///
+    /// When the first completes, the waiter gets its replay (`Idempotent-Replayed: true`, same
+    /// status, headers and body). When the first ends without a stored response (a `5xx`, a
+    /// refusal that is not stored, a panic), exactly one waiter gets the key and runs the
+    /// handler; the others wait on for that one. Still running at the deadline:
+    /// `409 idempotency_key_in_progress` with `Retry-After`, as without waiting. A key bound to
+    /// another request meanwhile: `422`.
+    ///
+    /// A waiter holds its connection, its buffered body and its admission
+    /// ([`max_in_flight`](Self::max_in_flight)) while it waits. At most
+    /// [`max_waiters`](Self::max_waiters) requests wait at once (1,000 by default) and at most 64
+    /// for one key; past either bound, a duplicate gets `409` at once. A waiter is woken as soon
+    /// as the first request finishes in this layer; a first request on another server (a shared
+    /// store), or under another layer, is seen by polling the store: 25 ms after the wait
+    /// starts, then backing off to every 500 ms, one poll per waiting key.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(5));
+    /// ```
+    pub fn wait_for_in_flight(mut self, wait: Duration) -> Self {
+        self.config.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// The most requests this layer lets wait at once for the first request with their key
+    /// (see [`wait_for_in_flight`](Self::wait_for_in_flight)), across keys. Default: 1,000.
+    /// Past it, a duplicate gets `409` at once. The layer, its clones and every service it
+    /// builds share one count. However large, no more than 64 wait for one key. Each waiter
+    /// holds its buffered body, so this also bounds that memory: at most `max` times
+    /// [`max_body_bytes`](Self::max_body_bytes).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .wait_for_in_flight(Duration::from_secs(5))
+    ///     .max_waiters(200);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 (leave [`wait_for_in_flight`](Self::wait_for_in_flight) off instead).
+    pub fn max_waiters(mut self, max: usize) -> Self {
+        assert!(max > 0, "IdempotencyLayer::max_waiters must be at least 1");
+        self.config.max_waiters = max;
+        self
+    }
+
+    /// How many requests wait now for the first request with their key, in this layer and its
+    /// clones.
+    #[doc(hidden)]
+    pub fn waiting_requests(&self) -> usize {
+        self.waiters.requests()
+    }
+
+    /// How many keys have requests waiting now, in this layer and its clones.
+    #[doc(hidden)]
+    pub fn waiting_keys(&self) -> usize {
+        self.waiters.keys()
+    }
+
     /// Whether keyed requests without a tenant of their own share one scope. Default: `false`.
     ///
     /// With the default, a keyed request for which the tenant extractor finds no tenant
@@ -519,6 +590,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             config: self.config,
             detached: self.detached,
             admission: self.admission,
+            waiters: self.waiters,
         }
     }
 
@@ -531,6 +603,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             config: self.config,
             detached: self.detached,
             admission: self.admission,
+            waiters: self.waiters,
         }
     }
 
@@ -549,6 +622,7 @@ impl<St, T, E> Clone for IdempotencyLayer<St, T, E> {
             config: self.config.clone(),
             detached: self.detached.clone(),
             admission: self.admission.clone(),
+            waiters: self.waiters.clone(),
         }
     }
 }
@@ -577,6 +651,7 @@ impl<S, St, T, E> Layer<S> for IdempotencyLayer<St, T, E> {
                 config: self.config.clone(),
                 detached: self.detached.clone(),
                 admission: self.admission.clone(),
+                waiters: self.waiters.clone(),
             }),
         )
     }

@@ -105,6 +105,7 @@
 //! |------------------------------------------|---------------------------------------------------------------|
 //! | absent, or expired                       | an in-flight record is created; the handler runs              |
 //! | in flight, same fingerprint              | `409 idempotency_key_in_progress` with `Retry-After`          |
+//! | in flight, same fingerprint, [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) | waits for the first: its replay, or `409` at the deadline |
 //! | in flight, its lease expired (holder died) | taken over with a new lock token; the handler runs          |
 //! | completed, same fingerprint              | the stored response, with `Idempotent-Replayed: true`         |
 //! | any live record, different fingerprint   | `422 idempotency_key_reuse`                                   |
@@ -195,6 +196,7 @@ mod service;
 mod store;
 mod tenant;
 mod util;
+mod wait;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 #[cfg(feature = "reqwest")]

@@ -34,6 +34,7 @@ use crate::outcome::{Outcome, RequestSpan, Started};
 use crate::response::{Report, StoredResponse, answer, finish, refuse, replay, unavailable};
 use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
+use crate::wait;
 
 /// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
 pub struct Idempotency<S, St, T = DefaultTenant, E = ProblemJson> {
@@ -252,7 +253,13 @@ where
         let ParsedKey { key, raw } = key;
         let record = RecordKey::new(tenant, key);
         let begin = shared.store.begin(&record, &fingerprint, config.lease);
-        let begin = timed(StoreOp::Begin, config.store_timeout, begin).await;
+        let begin = match timed(StoreOp::Begin, config.store_timeout, begin).await {
+            // A duplicate may wait for the first request's answer instead of `409`.
+            Ok(Begin::InFlight) if config.wait.is_some() => {
+                wait::for_first(&shared, &record, &fingerprint).await
+            }
+            begin => begin,
+        };
         let report = Report::keyed(&raw, &record, started);
         match begin {
             Ok(Begin::Acquired(token)) => {
@@ -337,7 +344,8 @@ where
     } = held;
     let config = &shared.config;
     let (store, timeout) = (shared.store.clone(), config.store_timeout);
-    let guard = Guard::new(store, record, token, timeout, started);
+    let waiters = config.wait.map(|_| shared.waiters.clone());
+    let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
     let execute = execute(shared, inner, req, raw, guard, started);
     Box::pin(Execution::new(execute, &runs, permit))

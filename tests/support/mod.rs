@@ -1,8 +1,9 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), the shared stores of `scripts/test-services` (`shared`) and Redis servers and
-//! clusters of a test's own (`cluster`).
+//! (`faults`), a real server on loopback and its client (`serve`), the shared stores of
+//! `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
+//! (`cluster`).
 //!
 //! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
@@ -26,11 +27,13 @@ pub mod faults;
 pub mod server;
 #[macro_use]
 pub mod fleet;
+pub mod serve;
 pub mod shared;
 
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
 pub use fleet::*;
+pub use serve::{Served, Transport, Via, serve};
 pub use server::{Server, rss_kib};
 
 /// Counts handler runs.
