@@ -244,6 +244,10 @@ impl RequestSpan {
     #[cfg(feature = "tracing")]
     pub(crate) fn new(parts: &http::request::Parts, key: &str, tenant: &crate::TenantId) -> Self {
         use tracing::field::Empty;
+        // No subscriber wants it: no span, and no tag computed for it.
+        if !tracing::enabled!(target: "tower_idempotency", tracing::Level::INFO) {
+            return Self(tracing::Span::none());
+        }
         Self(tracing::info_span!(
             target: "tower_idempotency",
             "idempotency",
