@@ -12,14 +12,14 @@ pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 pub(crate) const DEFAULT_MAX_BYTES: usize = 1 << 30;
 /// The default period of the background pruning of expired records.
 pub(crate) const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
-/// The longest period a background task accepts. Tokio's timer cannot schedule a tick at
-/// `u64::MAX` milliseconds (adding such a period to an instant overflows and panics), so a
-/// longer one is refused in `build` rather than left to end the task.
 /// The default share of one tenant in a full store is `max_entries / DEFAULT_TENANT_SHARE`.
 pub(crate) const DEFAULT_TENANT_SHARE: usize = 8;
 /// The default period of the snapshot's periodic write.
 pub(crate) const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
-pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest period a background task accepts (one year): longer ones are refused in
+/// `build` rather than left to overflow the timer and end the task.
+#[cfg(test)]
+pub(crate) const MAX_INTERVAL: Duration = crate::store::background::MAX_PERIOD;
 
 /// Settings of a [`MemoryStore`], checked by [`build`](Self::build). Once built, a store's
 /// settings do not change.
@@ -241,14 +241,7 @@ fn default_per_tenant(max_entries: usize) -> usize {
 }
 
 fn check_interval(name: &str, interval: Duration) {
-    assert!(
-        !interval.is_zero(),
-        "MemoryStore: {name} must be longer than zero"
-    );
-    assert!(
-        interval <= MAX_INTERVAL,
-        "MemoryStore: {name} must be at most 365 days, got {interval:?}"
-    );
+    crate::store::background::check_period(&format!("MemoryStore: {name}"), interval);
 }
 
 /// What a [`MemoryStore`] was built with, from [`MemoryStore::settings`].

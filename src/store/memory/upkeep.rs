@@ -6,8 +6,6 @@ use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::Inner;
 #[cfg(feature = "tracing")]
 use super::{Nanos, nanos};
@@ -19,13 +17,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The background pruner: it holds only a weak reference, so it ends at its first tick after
 /// the store is dropped, and only then: a tick that panics is reported and the next one runs.
 pub(super) async fn prune_periodically(store: Weak<Inner>, period: Duration) {
-    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = store.upgrade() else {
-            break;
-        };
+    crate::store::background::every(store, period, |inner: std::sync::Arc<Inner>| async move {
         let pruned =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.prune(inner.now())));
         #[cfg(feature = "tracing")]
@@ -37,7 +29,8 @@ pub(super) async fn prune_periodically(store: Weak<Inner>, period: Duration) {
         }
         #[cfg(not(feature = "tracing"))]
         let _ = pruned;
-    }
+    })
+    .await;
     #[cfg(feature = "tracing")]
     tracing::debug!(
         target: "tower_idempotency",
