@@ -232,7 +232,7 @@ pub use store::memory::{
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::redis::RedisStore;
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
     StoreErrorKind,

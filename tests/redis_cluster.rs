@@ -40,10 +40,11 @@ async fn records_land_on_every_primary() {
         return;
     };
     let prefix = format!("spread-{}:", tower_idempotency::LockToken::random());
-    let store = RedisStore::connect_cluster(urls.iter().map(String::as_str))
+    let store = RedisStore::builder()
+        .prefix(prefix.clone())
+        .connect_cluster(urls.iter().map(String::as_str))
         .await
-        .unwrap()
-        .prefix(prefix.clone());
+        .unwrap();
     let fp = Fingerprint::from_bytes([5; 32]);
     for i in 0..60 {
         let key = RecordKey::new(TenantId::shared(), format!("key-{i}"));
@@ -105,7 +106,9 @@ async fn replica_wait_met_and_unmet() {
     let fp = Fingerprint::from_bytes([6; 32]);
     let lease = Duration::from_secs(30);
 
-    let met = store.clone().replica_wait(1, Duration::from_millis(400));
+    let met = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(400))
+        .share(&store);
     let key = RecordKey::new(TenantId::shared(), unique_key("wait-met"));
     let Ok(Begin::Acquired(token)) = met.begin(&key, &fp, lease).await else {
         panic!("acquired with one replica acknowledging");
@@ -115,7 +118,9 @@ async fn replica_wait_met_and_unmet() {
         .await
         .unwrap();
 
-    let unmet = store.clone().replica_wait(2, Duration::from_millis(50));
+    let unmet = RedisStore::builder()
+        .replica_wait(2, Duration::from_millis(50))
+        .share(&store);
     let key = RecordKey::new(TenantId::shared(), unique_key("wait-unmet"));
     let err = unmet.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
