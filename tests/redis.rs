@@ -27,12 +27,6 @@ async fn store() -> Option<RedisStore> {
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_and_forget() {
-    let Some(store) = store().await else { return };
-    scenario_lookup_and_forget(store).await;
-}
-
 /// A replica wait that a server without replicas cannot meet: `begin` fails and frees the key
 /// it wrote; `complete` keeps the record as the server has it and reports the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

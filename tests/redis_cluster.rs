@@ -27,12 +27,6 @@ async fn store() -> Option<RedisStore> {
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_and_forget() {
-    let Some(store) = store().await else { return };
-    scenario_lookup_and_forget(store).await;
-}
-
 /// Records spread over the slots of every primary, each record one key in one slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_land_on_every_primary() {
