@@ -1,11 +1,12 @@
 //! The records of each tenant within one shard: how many it holds, and its completed ones in
-//! order of expiry, so that when the shard is full, a tenant over its share makes room from its
-//! own records, and a tenant within its share from the records of one that is over it.
+//! order of expiry, so that when the shard is full, a tenant at its share or over it makes room
+//! from its own records, and a tenant within its share from the records of the one that holds
+//! the most, when that one is over its share.
 //!
 //! Why per shard: every count changes under the shard's lock that the record's own change
 //! already holds, so counts are exact without a second lock or an atomic, and no lock is ever
 //! taken inside another. A tenant's records are spread evenly over the shards by the hash of
-//! their keys, so each shard holds the tenant to its share of
+//! their keys, so each shard gives the tenant its share of
 //! [`max_entries_per_tenant`](super::MemoryStoreBuilder::max_entries_per_tenant), as each shard
 //! already holds the store to its share of `max_entries`. The cost on the path of a new key is
 //! one lookup in a small map (`entry`), in the shard already locked; a replay costs nothing.
