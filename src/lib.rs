@@ -146,7 +146,7 @@
 //!
 //! | feature            | store           | for                                                           |
 //! |--------------------|-----------------|---------------------------------------------------------------|
-//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded (per tenant too); an optional snapshot keeps completed records across a restart |
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded, and shared fairly among tenants once full; an optional snapshot keeps completed records across a restart |
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |

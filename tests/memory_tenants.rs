@@ -1,5 +1,6 @@
-//! `MemoryStore`'s bound per tenant through a real server on loopback: a tenant that floods a
-//! small store with keys drops its own records, never another tenant's.
+//! `MemoryStore`'s share per tenant through a real server on loopback: a tenant alone fills the
+//! whole store; a tenant that floods a full store with keys drops its own records, never another
+//! tenant's.
 
 #[macro_use]
 mod support;
@@ -14,12 +15,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use support::{Runs, api};
-use tower_idempotency::{DefaultTenant, IdempotencyLayer, MemoryStore};
+use tower_idempotency::{DefaultTenant, IdempotencyLayer, MemoryStore, Operator, TenantId};
 
 const FLOODER: &str = "Bearer flooder";
 const VICTIM: &str = "Bearer victim";
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The tenant of the `Authorization` header `auth`, as the layer stores it: sealed.
+fn stored_tenant(store: &MemoryStore, auth: &str) -> TenantId {
+    let operator = Operator::new(store.clone());
+    let key = operator.record_key(DefaultTenant::scope_for(auth), "k");
+    *key.unwrap().tenant()
+}
 
 async fn post(
     client: &HttpClient,
@@ -44,7 +52,7 @@ async fn post(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flooding_tenant_drops_its_own_records_and_the_victim_still_replays() {
+async fn a_tenant_flooding_a_full_store_drops_its_own_records_and_the_victim_still_replays() {
     const FLOOD: usize = 5_000;
     const WORKERS: usize = 8;
     let store = MemoryStore::builder()
@@ -84,13 +92,15 @@ async fn a_flooding_tenant_drops_its_own_records_and_the_victim_still_replays() 
     }
     assert_eq!(runs.get(), 1 + FLOOD, "every flood key ran once");
 
-    let flooder = DefaultTenant::scope_for(FLOODER);
-    let victim = DefaultTenant::scope_for(VICTIM);
-    assert!(store.tenant_entry_count(&flooder) <= 200);
+    let flooder = stored_tenant(&store, FLOODER);
+    let victim = stored_tenant(&store, VICTIM);
+    // The flooder had the room the victim left, then paid for each new key with its own record.
+    assert_eq!(store.tenant_entry_count(&flooder), 999);
     assert_eq!(store.tenant_entry_count(&victim), 1);
+    assert_eq!(store.entry_count(), 1_000);
     assert_eq!(
         store.evicted(),
-        (FLOOD - 200) as u64,
+        (FLOOD - 999) as u64,
         "the flooder's own records went"
     );
 
@@ -112,4 +122,59 @@ async fn a_flooding_tenant_drops_its_own_records_and_the_victim_still_replays() 
         StatusCode::NOT_FOUND
     );
     assert_eq!(store.entry_count(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_alone_fills_the_whole_store_and_every_key_replays() {
+    const MAX: usize = 400;
+    const WORKERS: usize = 4;
+    // The default share: an eighth of the store, 50 records.
+    let store = MemoryStore::builder().max_entries(MAX).build();
+    assert_eq!(store.settings().max_entries_per_tenant(), MAX / 8);
+    let runs = Runs::default();
+    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    let send_all = |expect_replayed: bool| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in (w..MAX).step_by(WORKERS) {
+                        let (status, replayed, body) =
+                            post(&client, addr, VICTIM, &format!("order-{i}")).await;
+                        assert_eq!(status, StatusCode::CREATED, "key {i}");
+                        assert_eq!(replayed, expect_replayed, "key {i}");
+                        assert!(!body.is_empty());
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        async move {
+            for worker in workers {
+                worker.await.unwrap();
+            }
+        }
+    };
+    send_all(false).await;
+    assert_eq!(runs.get(), MAX);
+    let tenant = stored_tenant(&store, VICTIM);
+    assert_eq!(
+        store.tenant_entry_count(&tenant),
+        MAX,
+        "the share bounds no one"
+    );
+    assert_eq!(store.evicted(), 0);
+    // Every retry replays: nothing of the tenant's was dropped.
+    send_all(true).await;
+    assert_eq!(runs.get(), MAX, "no handler ran twice");
+
+    // The store is full: the next key makes room from the tenant's own records.
+    let (status, replayed, _) = post(&client, addr, VICTIM, "one-more").await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_eq!(store.evicted(), 1);
+    assert_eq!(store.tenant_entry_count(&tenant), MAX);
 }

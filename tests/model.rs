@@ -164,8 +164,11 @@ struct Model {
 #[derive(Default)]
 struct Eviction {
     cap: usize,
-    /// The store's bound on one tenant's records, when set: a tenant at it drops its own
-    /// completed record nearest expiry, never another tenant's, or gets `503`.
+    /// One tenant's share of the store, when set. It bounds no one while the store has room;
+    /// once the store is full, a tenant at its share or over it drops its own completed record
+    /// nearest expiry, never another tenant's, or gets `503` when its records are all in
+    /// flight; a tenant within its share drops a record of the tenant over its share, if any,
+    /// and then the store drops its nearest expiry of all.
     per_tenant: Option<usize>,
     /// The order in which each slot's record was begun.
     begun: HashMap<(u8, u8), u64>,
@@ -213,8 +216,6 @@ impl Model {
         }
     }
 
-    /// A new record for `slot` is about to begin: with a bound, drop a completed record if the
-    /// live ones fill the store; `false` when none can go.
     /// Drops the live completed record nearest its expiry among the slots `of` selects;
     /// `false` when there is none.
     fn drop_nearest(&mut self, of: impl Fn((u8, u8)) -> bool) -> bool {
@@ -237,24 +238,41 @@ impl Model {
         true
     }
 
+    /// The live records of the tenant `tenant`, or of every tenant.
+    fn live(&self, tenant: Option<u8>) -> usize {
+        self.records
+            .iter()
+            .filter(|(s, r)| tenant.is_none_or(|t| s.0 == t) && self.is_live(r))
+            .count()
+    }
+
+    /// A new record for `slot` is about to begin: when the live records fill the store (the
+    /// dead ones go first), room is made, fairly when there is a share per tenant; `false` when
+    /// the new key is refused.
     fn make_room(&mut self, slot: (u8, u8)) -> bool {
         let Some(eviction) = &self.eviction else {
             return true;
         };
         let (cap, per_tenant) = (eviction.cap, eviction.per_tenant);
-        if let Some(per_tenant) = per_tenant {
-            let tenant_live = self
-                .records
-                .iter()
-                .filter(|(s, r)| s.0 == slot.0 && self.is_live(r))
-                .count();
-            if tenant_live >= per_tenant && !self.drop_nearest(|s| s.0 == slot.0) {
+        if self.live(None) >= cap {
+            if let Some(share) = per_tenant {
+                if self.live(Some(slot.0)) >= share {
+                    // At its share or over it: its own record, or `503`.
+                    if !self.drop_nearest(|s| s.0 == slot.0) {
+                        return false;
+                    }
+                } else if let Some(heaviest) = [0, 1]
+                    .into_iter()
+                    .find(|&t| t != slot.0 && self.live(Some(t)) > share)
+                {
+                    // Within its share: a record of the tenant over its share (with a cap of
+                    // twice the share, there is one at most), if it has a completed one.
+                    self.drop_nearest(|s| s.0 == heaviest);
+                }
+            }
+            if self.live(None) >= cap && !self.drop_nearest(|_| true) {
                 return false;
             }
-        }
-        let live = self.records.values().filter(|r| self.is_live(r)).count();
-        if live >= cap && !self.drop_nearest(|_| true) {
-            return false;
         }
         let eviction = self.eviction.as_mut().expect("set");
         eviction.next += 1;
@@ -578,19 +596,23 @@ proptest! {
         paused_runtime().block_on(check(MemoryStore::new(), steps, "m".into(), Clock::Paused, None));
     }
 
-    /// A store bound to 3 records for 6 keys: new keys drop the completed records nearest
-    /// expiry, or get `503` when in-flight records fill it. A retry of a dropped record runs
-    /// again, and that is the only way a completed key runs twice.
+    /// A store bound to 3 records for 6 keys, with the default share per tenant (an eighth,
+    /// at least 1: here 1): new keys of a full store drop completed records, or get `503` when
+    /// in-flight records fill it. A retry of a dropped record runs again, and that is the only
+    /// way a completed key runs twice.
     #[test]
     fn a_full_memory_store_matches_the_model(steps in prop::collection::vec(step(true), 1..40)) {
         let store = MemoryStore::new().max_entries(3);
-        let eviction = Eviction { cap: 3, ..Eviction::default() };
+        assert_eq!(store.settings().max_entries_per_tenant(), 1);
+        let eviction = Eviction { cap: 3, per_tenant: Some(1), ..Eviction::default() };
         paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
     }
 
-    /// A store of 4 records, 2 per tenant, for 2 tenants of 3 keys: a tenant at its bound
-    /// drops its own completed record nearest expiry (never the other tenant's), or gets `503`
-    /// when its records are all in flight; a full store drops the nearest of all.
+    /// A store of 4 records (one shard), a share of 2 per tenant, for 2 tenants of 3 keys: one
+    /// tenant fills the store alone; once it is full, a tenant at its share or over it drops
+    /// its own completed record nearest expiry (never the other tenant's), or gets `503` when
+    /// its records are all in flight; a tenant within its share takes a record of the one over
+    /// it, or the store drops its nearest of all.
     #[test]
     fn a_memory_store_bound_per_tenant_matches_the_model(
         steps in prop::collection::vec(step(true), 1..40),

@@ -90,8 +90,8 @@ impl MemoryStoreBuilder {
     }
 
     /// One tenant's share of a full store (a [`TenantId`](crate::TenantId), the shared scope
-    /// included). Default: an eighth of [`max_entries`](Self::max_entries), 125,000 for the
-    /// default store.
+    /// included). Default: an eighth of [`max_entries`](Self::max_entries) (at least 1),
+    /// 125,000 for the default store.
     ///
     /// The share bounds no one while the store has room: an application whose keys all come
     /// from one tenant has the whole store. Once the store is full, a new key makes room
@@ -105,7 +105,7 @@ impl MemoryStoreBuilder {
     /// to crowd the others out.
     ///
     /// The share is split over the store's shards as `max_entries` is: a tenant's keys are
-    /// spread evenly over them, and each shard holds the tenant to its part.
+    /// spread evenly over them, and a full shard holds the tenant to its part.
     ///
     /// ```
     /// let store = tower_idempotency::MemoryStore::builder()

@@ -85,11 +85,14 @@ const PRUNE_BATCH: usize = 4096;
 ///   only when in-flight records alone fill the store is a new key refused, with
 ///   [`StoreErrorKind::CapacityExceeded`](super::StoreErrorKind::CapacityExceeded), which the
 ///   layer answers with `503` and `Retry-After`.
-/// - One tenant holds at most
-///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) records (an eighth
-///   of `max_entries` by default, at least 10,000): a tenant at its bound makes room from its
-///   own completed records, never from other tenants', so that one caller's flood of keys
-///   costs that caller alone.
+/// - While the store has room, no tenant is bounded: one tenant alone can fill it. Once it is
+///   full, each tenant has a share,
+///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) (an eighth of
+///   `max_entries` by default, at least 1): dead records go first, then a tenant at its share
+///   or over it makes room from its own completed records, never from other tenants' (its new
+///   key is refused when all its records are in flight), and a tenant within its share from
+///   those of the tenant that holds the most, when that one is over its share. So one caller's
+///   flood of keys costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
 ///   least 2,048 records, 4 MiB and 64 records of a tenant); a key's shard makes room within
 ///   its own share.

@@ -55,80 +55,200 @@ fn check_counts(store: &MemoryStore) {
     }
 }
 
+/// The tenant (1, 2, ...) whose id is the smallest: the one a shard drops from among tenants
+/// that hold as many records.
+fn smallest(tenants: &[u8]) -> u8 {
+    *tenants
+        .iter()
+        .min_by_key(|&&t| *tenant(t).as_bytes())
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_tenant_at_its_bound_drops_its_own_record_nearest_expiry() {
+async fn a_tenant_alone_fills_the_whole_store_before_any_eviction() {
+    const MAX: usize = 2_000;
+    let store = MemoryStore::builder().max_entries(MAX).build();
+    assert_eq!(store.inner.shards.len(), 1);
+    assert_eq!(store.settings().max_entries_per_tenant(), MAX / 8);
+    for k in 0..MAX {
+        // The nearest expiry first: key 0.
+        let ttl = TTL + Duration::from_secs(k as u64);
+        completed(&store, 1, &k.to_string(), ttl).await;
+    }
+    assert_eq!(
+        store.evicted(),
+        0,
+        "the share bounds no one while the store has room"
+    );
+    assert_eq!(store.entry_count(), MAX);
+    assert_eq!(store.tenant_entry_count(&tenant(1)), MAX);
+    for k in 0..MAX {
+        let begun = store.begin(&key(1, &k.to_string()), &fp(1), LEASE).await;
+        assert!(matches!(begun.unwrap(), Begin::Completed(_)), "{k} replays");
+    }
+    // Full: the tenant, over its share, makes room from its own nearest expiry.
+    acquire(&store, 1, "one more").await;
+    assert_eq!(store.evicted(), 1);
+    assert_eq!(store.entry_count(), MAX);
+    assert_eq!(store.lookup(&key(1, "0")).await.unwrap(), None);
+    assert!(store.lookup(&key(1, "1")).await.unwrap().is_some());
+    check_counts(&store);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_at_its_share_of_a_full_store_drops_its_own_record_nearest_expiry() {
     let store = MemoryStore::builder()
-        .max_entries(10)
-        .max_entries_per_tenant(3)
+        .max_entries(4)
+        .max_entries_per_tenant(2)
         .build();
     completed(&store, 2, "victim", TTL / 10).await; // the nearest expiry of the store
     completed(&store, 1, "far", TTL).await;
     completed(&store, 1, "near", TTL / 2).await;
     completed(&store, 1, "middle", TTL - Duration::from_secs(1)).await;
-    assert_eq!(store.tenant_entry_count(&tenant(1)), 3);
+    assert_eq!(
+        store.tenant_entry_count(&tenant(1)),
+        3,
+        "over its share: room"
+    );
+    assert_eq!(store.evicted(), 0);
 
-    acquire(&store, 1, "new").await;
+    completed(&store, 1, "new", TTL).await;
     assert_eq!(store.evicted(), 1, "counted as evicted");
     assert_eq!(store.tenant_entry_count(&tenant(1)), 3);
+    assert_eq!(store.tenant_entry_count(&tenant(2)), 1);
     assert_eq!(store.lookup(&key(1, "near")).await.unwrap(), None);
     assert!(store.lookup(&key(1, "far")).await.unwrap().is_some());
+    assert!(store.lookup(&key(1, "middle")).await.unwrap().is_some());
     let victim = store.begin(&key(2, "victim"), &fp(1), LEASE).await.unwrap();
     assert!(
         matches!(victim, Begin::Completed(_)),
         "another tenant's record, though nearer its expiry, is kept"
     );
-    // An expired record of the tenant goes first, and is not an eviction.
+    // An expired record goes first, whoever's it is, and is not an eviction: the victim's
+    // (the nearest), which leaves room; the tenant's own expired one stays until pruned.
     tokio::time::advance(TTL - Duration::from_millis(500)).await;
     acquire(&store, 1, "newer").await;
     assert_eq!(store.evicted(), 1, "the expired one was pruned");
+    assert_eq!(store.tenant_entry_count(&tenant(2)), 0);
+    assert_eq!(store.tenant_entry_count(&tenant(1)), 4);
+    assert_eq!(store.entry_count(), 4);
     assert_eq!(store.lookup(&key(1, "middle")).await.unwrap(), None);
     assert!(store.lookup(&key(1, "far")).await.unwrap().is_some());
+    assert_eq!(store.prune(), 1, "the tenant's expired record");
     check_counts(&store);
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_tenant_whose_records_are_all_in_flight_is_refused_and_the_others_are_not() {
+async fn a_tenant_within_its_share_drops_a_record_of_the_heaviest_tenant_over_its_share() {
     let store = MemoryStore::builder()
-        .max_entries(10)
+        .max_entries(8)
         .max_entries_per_tenant(2)
         .build();
-    let held = [acquire(&store, 1, "a").await, acquire(&store, 1, "b").await];
-    let err = store.begin(&key(1, "c"), &fp(1), LEASE).await.unwrap_err();
+    completed(&store, 3, "victim", TTL / 10).await; // the nearest expiry of the store
+    for (k, secs) in [("a", 20), ("b", 80), ("c", 90)] {
+        completed(&store, 1, k, Duration::from_secs(secs)).await;
+    }
+    for (k, secs) in [("a", 30), ("b", 60), ("c", 70), ("d", 95)] {
+        completed(&store, 2, k, Duration::from_secs(secs)).await;
+    }
+    assert_eq!(store.entry_count(), 8);
+    // Tenant 4 holds nothing; tenants 1 and 2 are over their share, 2 holds the most: its
+    // nearest expiry goes, not tenant 1's nearer one, nor the victim's nearest of all.
+    acquire(&store, 4, "x").await;
+    assert_eq!(store.evicted(), 1);
+    assert_eq!(store.lookup(&key(2, "a")).await.unwrap(), None);
+    let counts = |ts: [u8; 4]| ts.map(|t| store.tenant_entry_count(&tenant(t)));
+    assert_eq!(counts([1, 2, 3, 4]), [3, 3, 1, 1]);
+    // Tenants 1 and 2 hold as many: the one of the smallest id pays.
+    let payer = smallest(&[1, 2]);
+    let (other, nearest) = if payer == 1 { (2, "a") } else { (1, "b") };
+    acquire(&store, 5, "x").await;
+    assert_eq!(store.evicted(), 2);
+    assert_eq!(store.lookup(&key(payer, nearest)).await.unwrap(), None);
+    assert_eq!(store.tenant_entry_count(&tenant(payer)), 2);
+    assert_eq!(store.tenant_entry_count(&tenant(other)), 3);
+    // Tenant 3, within its share, makes room from the one tenant still over it.
+    acquire(&store, 3, "y").await;
+    assert_eq!(store.evicted(), 3);
+    assert_eq!(store.tenant_entry_count(&tenant(other)), 2);
+    assert!(
+        matches!(
+            store.begin(&key(3, "victim"), &fp(1), LEASE).await.unwrap(),
+            Begin::Completed(_)
+        ),
+        "the victim's record is kept while a tenant is over its share"
+    );
+    // No one over their share now: a full store drops its nearest expiry, the victim's.
+    assert_eq!(counts([1, 2, 3, 4]), [2, 2, 2, 1]);
+    acquire(&store, 6, "x").await;
+    assert_eq!(store.evicted(), 4);
+    assert_eq!(store.lookup(&key(3, "victim")).await.unwrap(), None);
+    check_counts(&store);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_over_its_share_with_all_its_records_in_flight_is_refused() {
+    let store = MemoryStore::builder()
+        .max_entries(4)
+        .max_entries_per_tenant(2)
+        .build();
+    completed(&store, 2, "kept", TTL).await;
+    let held = [
+        acquire(&store, 1, "a").await,
+        acquire(&store, 1, "b").await,
+        acquire(&store, 1, "c").await,
+    ];
+    // Full, and tenant 1 over its share with nothing completed: it is refused, and tenant 2's
+    // record stays.
+    let err = store.begin(&key(1, "d"), &fp(1), LEASE).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
     assert!(err.to_string().contains("max_entries_per_tenant"), "{err}");
-    assert_eq!(store.tenant_entry_count(&tenant(1)), 2);
-    // Other tenants, the shared scope among them, still begin.
-    acquire(&store, 2, "c").await;
+    assert_eq!(store.tenant_entry_count(&tenant(1)), 3);
+    let kept = store.begin(&key(2, "kept"), &fp(1), LEASE).await.unwrap();
+    assert!(matches!(kept, Begin::Completed(_)));
+    assert_eq!(store.evicted(), 0);
+    // Another tenant, the shared scope, still begins: the tenant over its share has nothing to
+    // give, so the nearest expiry of the store goes.
     let shared = RecordKey::new(TenantId::shared(), "c");
     assert!(matches!(
         store.begin(&shared, &fp(1), LEASE).await.unwrap(),
         Begin::Acquired(_)
     ));
-    assert_eq!(store.evicted(), 0);
+    assert_eq!(store.evicted(), 1);
+    assert_eq!(store.lookup(&key(2, "kept")).await.unwrap(), None);
+    // In-flight records alone fill the store: any new key is refused.
+    let err = store.begin(&key(2, "z"), &fp(1), LEASE).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
+    assert!(
+        err.to_string().contains("full of requests in flight"),
+        "{err}"
+    );
     // Once one of its records completes, the tenant makes room from it.
     store
         .complete(&key(1, "a"), held[0], response(), TTL)
         .await
         .unwrap();
-    acquire(&store, 1, "c").await;
-    assert_eq!(store.evicted(), 1);
-    assert_eq!(store.lookup(&key(1, "a")).await.unwrap(), None);
-    // A holder of the tenant that died frees its place without an eviction.
-    tokio::time::advance(LEASE).await;
     acquire(&store, 1, "d").await;
-    assert_eq!(store.evicted(), 1);
-    let _ = held[1];
+    assert_eq!(store.evicted(), 2);
+    assert_eq!(store.lookup(&key(1, "a")).await.unwrap(), None);
+    // Holders that died free their places without an eviction.
+    tokio::time::advance(LEASE).await;
+    acquire(&store, 1, "e").await;
+    assert_eq!(store.evicted(), 2);
+    assert_eq!(store.entry_count(), 1);
+    assert_eq!(store.tenant_entry_count(&tenant(1)), 1);
+    let _ = held;
     check_counts(&store);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_shared_scope_is_a_tenant_like_any_other() {
     let store = MemoryStore::builder()
-        .max_entries(10)
+        .max_entries(4)
         .max_entries_per_tenant(2)
         .build();
     completed(&store, 1, "other", TTL / 2).await;
-    for k in ["a", "b", "c", "d"] {
+    for k in ["a", "b", "c", "d", "e"] {
         let shared = RecordKey::new(TenantId::shared(), k);
         let Begin::Acquired(token) = store.begin(&shared, &fp(1), LEASE).await.unwrap() else {
             panic!("{k} runs");
@@ -138,9 +258,12 @@ async fn the_shared_scope_is_a_tenant_like_any_other() {
             .await
             .unwrap();
     }
-    assert_eq!(store.tenant_entry_count(&TenantId::shared()), 2);
-    assert_eq!(store.evicted(), 2);
+    assert_eq!(store.tenant_entry_count(&TenantId::shared()), 3);
+    assert_eq!(store.evicted(), 2, "a and b, its own");
     assert!(store.lookup(&key(1, "other")).await.unwrap().is_some());
+    let shared = |k| RecordKey::new(TenantId::shared(), k);
+    assert_eq!(store.lookup(&shared("a")).await.unwrap(), None);
+    assert_eq!(store.lookup(&shared("b")).await.unwrap(), None);
     check_counts(&store);
 }
 
@@ -154,7 +277,7 @@ async fn a_full_store_still_drops_the_nearest_expiry_of_any_tenant() {
     completed(&store, 1, "b", TTL).await;
     completed(&store, 2, "c", TTL).await;
     completed(&store, 2, "d", TTL).await;
-    // Tenant 3 is under its bound; the store is full: the nearest expiry of all goes.
+    // Tenant 3 is within its share, no tenant is over it: the nearest expiry of all goes.
     acquire(&store, 3, "e").await;
     assert_eq!(store.evicted(), 1);
     assert_eq!(store.lookup(&key(1, "a")).await.unwrap(), None);
@@ -183,26 +306,37 @@ fn the_bound_per_tenant_is_checked_in_build() {
         .max_entries_per_tenant(10)
         .build();
     assert_eq!(store.settings().max_entries_per_tenant(), 10);
-    // The default: an eighth, at least 10,000 or max_entries.
+    // The default: an eighth of max_entries, at least 1.
     let default = |n| {
-        MemoryStore::new()
+        MemoryStore::builder()
             .max_entries(n)
+            .build()
             .settings()
             .max_entries_per_tenant()
     };
-    assert_eq!(default(3), 3);
-    assert_eq!(default(50_000), 10_000);
-    assert_eq!(default(800_000), 100_000);
+    assert_eq!(default(3), 1);
+    assert_eq!(default(8), 1);
+    assert_eq!(default(17), 2);
+    assert_eq!(default(50_000), 6_250);
+    assert_eq!(default(1_000_000), 125_000);
+    assert_eq!(
+        MemoryStore::new().settings().max_entries_per_tenant(),
+        125_000
+    );
 }
 
-/// Real threads, tenants flooding at once: every count stays exact, each tenant stays within
-/// its bound, and a victim tenant's records are never dropped.
+/// Real threads, tenants flooding a full store at once: every count stays exact, evictions
+/// included, and the victim tenant, within its share, never loses a record.
 #[test]
 fn counts_stay_exact_under_concurrent_floods() {
     const THREADS: u8 = 4;
     const KEYS: usize = 5_000;
+    const MAX: usize = 2_000;
+    // No lease or record runs out while the test runs, however slow the machine.
+    const LONG_LEASE: Duration = Duration::from_secs(3600);
+    const LONG_TTL: Duration = Duration::from_secs(3600);
     let store = MemoryStore::builder()
-        .max_entries(2_000)
+        .max_entries(MAX)
         .max_entries_per_tenant(300)
         .build();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -212,40 +346,55 @@ fn counts_stay_exact_under_concurrent_floods() {
     let _enter = runtime.enter();
     for k in 0..100 {
         let k = key(100, &k.to_string());
-        let Ok(Begin::Acquired(token)) = store.begin(&k, &fp(1), LEASE).now_or_never().unwrap()
-        else {
+        let begun = store.begin(&k, &fp(1), LONG_LEASE).now_or_never().unwrap();
+        let Ok(Begin::Acquired(token)) = begun else {
             panic!("the victim's key runs");
         };
-        let done = store.complete(&k, token, response(), TTL).now_or_never();
+        let done = store
+            .complete(&k, token, response(), LONG_TTL)
+            .now_or_never();
         done.unwrap().unwrap();
     }
-    std::thread::scope(|scope| {
-        for t in 0..THREADS {
-            let store = &store;
-            scope.spawn(move || {
-                // Two tenants per thread, sharing them with the next thread.
-                for i in 0..KEYS {
-                    let tenant = (t + (i % 2) as u8) % THREADS;
-                    let k = key(tenant, &format!("{t}-{i}"));
-                    let begun = store.begin(&k, &fp(1), LEASE).now_or_never().unwrap();
-                    let token = match begun {
-                        Ok(Begin::Acquired(token)) => token,
-                        Err(e) if e.kind() == StoreErrorKind::CapacityExceeded => continue,
-                        other => panic!("{other:?}"),
-                    };
-                    let end = if i % 7 == 0 {
-                        store.release(&k, token).now_or_never()
-                    } else {
-                        store.complete(&k, token, response(), TTL).now_or_never()
-                    };
-                    end.unwrap().expect("an in-flight record is never dropped");
-                    if i % 13 == 0 {
-                        let forgotten = store.forget(&k, true).now_or_never().unwrap();
-                        let _ = forgotten.unwrap();
+    // Per thread: records begun, released, forgotten.
+    let tallies: Vec<(usize, usize, usize)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = &store;
+                scope.spawn(move || {
+                    let (mut begun, mut released, mut forgotten) = (0, 0, 0);
+                    // Two tenants per thread, sharing them with the next thread.
+                    for i in 0..KEYS {
+                        let tenant = (t + (i % 2) as u8) % THREADS;
+                        let k = key(tenant, &format!("{t}-{i}"));
+                        let got = store.begin(&k, &fp(1), LONG_LEASE).now_or_never().unwrap();
+                        // Every tenant that floods holds hundreds of completed records: none
+                        // is ever refused.
+                        let Ok(Begin::Acquired(token)) = got else {
+                            panic!("{k:?}: {got:?}");
+                        };
+                        begun += 1;
+                        let end = if i % 7 == 0 {
+                            released += 1;
+                            store.release(&k, token).now_or_never()
+                        } else {
+                            store
+                                .complete(&k, token, response(), LONG_TTL)
+                                .now_or_never()
+                        };
+                        end.unwrap().expect("an in-flight record is never dropped");
+                        if i % 13 == 0 && i % 7 != 0 {
+                            let forgot = store.forget(&k, true).now_or_never().unwrap();
+                            // Another thread's new key may have evicted it first.
+                            if forgot.unwrap() == Forget::Forgotten {
+                                forgotten += 1;
+                            }
+                        }
                     }
-                }
-            });
-        }
+                    (begun, released, forgotten)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     check_counts(&store);
     assert_eq!(
@@ -258,9 +407,15 @@ fn counts_stay_exact_under_concurrent_floods() {
         .map(|t| store.tenant_entry_count(&tenant(t)))
         .sum();
     assert_eq!(total, store.entry_count());
-    for t in 0..THREADS {
-        assert!(store.tenant_entry_count(&tenant(t)) <= 300);
-    }
+    assert_eq!(store.entry_count(), MAX, "the floods fill the store");
+    let begun: usize = tallies.iter().map(|t| t.0).sum();
+    let gone: usize = tallies.iter().map(|t| t.1 + t.2).sum();
+    assert_eq!(begun, THREADS as usize * KEYS);
+    assert_eq!(
+        store.evicted() as usize,
+        100 + begun - gone - store.entry_count(),
+        "every record that left, and was neither released nor forgotten, was evicted"
+    );
     for shard in store.inner.shards() {
         let shard = read(shard);
         assert!(
@@ -270,8 +425,10 @@ fn counts_stay_exact_under_concurrent_floods() {
     }
 }
 
-// The model: every path that adds or removes a record, on a store of 6 records with 3 per
-// tenant, checked after each step against a reference and against the shard's own recount.
+// The model: every path that adds or removes a record, on a store of one shard of 6 records
+// with a share of 2 per tenant, for 3 tenants of 4 keys: two tenants can be over their share at
+// once, and hold as many. Checked after each step against a reference and against the shard's
+// own recount.
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -284,7 +441,7 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let slot = (0..3u8, 0..4u8);
+    let slot = (0..TENANTS, 0..4u8);
     prop_oneof![
         6 => (slot.clone(), 0..2u8).prop_map(|((t, k), f)| Op::Begin { t, k, f }),
         4 => (slot.clone(), any::<bool>()).prop_map(|((t, k), long)| Op::Complete { t, k, long }),
@@ -315,7 +472,8 @@ struct Model {
 }
 
 const MAX: usize = 6;
-const PER_TENANT: usize = 3;
+const PER_TENANT: usize = 2;
+const TENANTS: u8 = 3;
 
 impl Model {
     fn live(&self, r: &Rec) -> bool {
@@ -331,15 +489,19 @@ impl Model {
         self.records.retain(|_, r| r.completed || r.deadline > now);
     }
 
-    /// Drops the completed record nearest expiry among those `of` selects.
-    fn drop_nearest(&mut self, of: impl Fn(u8) -> bool) -> bool {
-        let nearest = self
-            .records
+    /// The completed record nearest expiry among those `of` selects (the one begun first among
+    /// equals).
+    fn nearest(&self, of: impl Fn(u8) -> bool) -> Option<((u8, u8), Rec)> {
+        self.records
             .iter()
             .filter(|((t, _), r)| r.completed && of(*t))
             .min_by_key(|(_, r)| (r.deadline, r.seq))
-            .map(|(slot, r)| (*slot, *r));
-        let Some((slot, rec)) = nearest else {
+            .map(|(slot, r)| (*slot, *r))
+    }
+
+    /// Drops the completed record nearest expiry among those `of` selects.
+    fn drop_nearest(&mut self, of: impl Fn(u8) -> bool) -> bool {
+        let Some((slot, rec)) = self.nearest(of) else {
             return false;
         };
         self.records.remove(&slot);
@@ -349,29 +511,61 @@ impl Model {
         true
     }
 
+    /// The tenant that holds the most records, if it holds more than its share; among equals,
+    /// the one of the smallest id.
+    fn heaviest_over_share(&self) -> Option<u8> {
+        (0..TENANTS)
+            .map(|t| {
+                (
+                    self.tenant_len(t),
+                    std::cmp::Reverse(*tenant(t).as_bytes()),
+                    t,
+                )
+            })
+            .max()
+            .filter(|&(n, ..)| n > PER_TENANT)
+            .map(|(.., t)| t)
+    }
+
     /// `Ok(Some(seq))`: acquired; `Ok(None)`: an answer from a live record; `Err(())`: full.
     fn begin(&mut self, t: u8, k: u8, f: u8) -> Result<Option<u64>, ()> {
         if let Some(r) = self.records.get(&(t, k)) {
             if self.live(r) {
                 return Ok(None);
             }
+            // A dead record of the key is taken over: no room is made, no share checked.
             let seq = self.take_seq();
             self.records.insert((t, k), self.in_flight(f, seq));
             return Ok(Some(seq));
         }
-        if self.tenant_len(t) >= PER_TENANT {
-            self.remove_dead_in_flight();
-            while self.tenant_len(t) >= PER_TENANT {
-                if !self.drop_nearest(|rt| rt == t) {
-                    return Err(());
-                }
-            }
-        }
         if self.records.len() >= MAX {
+            // Full: dead records go first, whoever's they are, expired ones nearest first while
+            // the store is still full.
             self.remove_dead_in_flight();
             while self.records.len() >= MAX {
-                if !self.drop_nearest(|_| true) {
-                    return Err(());
+                match self.nearest(|_| true) {
+                    Some((slot, r)) if !self.live(&r) => {
+                        self.records.remove(&slot);
+                    }
+                    _ => break,
+                }
+            }
+            if self.records.len() >= MAX {
+                // Still full: every record is live. A tenant at its share or over it pays with
+                // its own record, or is refused; a tenant within it takes one of the heaviest
+                // tenant's, when that one is over its share.
+                if self.tenant_len(t) >= PER_TENANT {
+                    if !self.drop_nearest(|rt| rt == t) {
+                        return Err(());
+                    }
+                } else if let Some(heaviest) = self.heaviest_over_share() {
+                    self.drop_nearest(|rt| rt == heaviest);
+                }
+                // Then the nearest expiry of all, while the store is full.
+                while self.records.len() >= MAX {
+                    if !self.drop_nearest(|_| true) {
+                        return Err(());
+                    }
                 }
             }
         }
@@ -503,7 +697,7 @@ async fn run_model(ops: Vec<Op>) {
             model.records.len(),
             "step {i}: records"
         );
-        for t in 0..3 {
+        for t in 0..TENANTS {
             let n = store.tenant_entry_count(&tenant(t));
             assert_eq!(n, model.tenant_len(t), "step {i}: tenant {t}'s count");
         }

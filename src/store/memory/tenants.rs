@@ -1,11 +1,12 @@
 //! The records of each tenant within one shard: how many it holds, and its completed ones in
-//! order of expiry, so that when the shard is full, a tenant over its share makes room from its
-//! own records, and a tenant within its share from the records of one that is over it.
+//! order of expiry, so that when the shard is full, a tenant at its share or over it makes room
+//! from its own records, and a tenant within its share from the records of the one that holds
+//! the most, when that one is over its share.
 //!
 //! Why per shard: every count changes under the shard's lock that the record's own change
 //! already holds, so counts are exact without a second lock or an atomic, and no lock is ever
 //! taken inside another. A tenant's records are spread evenly over the shards by the hash of
-//! their keys, so each shard holds the tenant to its share of
+//! their keys, so each shard gives the tenant its share of
 //! [`max_entries_per_tenant`](super::MemoryStoreBuilder::max_entries_per_tenant), as each shard
 //! already holds the store to its share of `max_entries`. The cost on the path of a new key is
 //! one lookup in a small map (`entry`), in the shard already locked; a replay costs nothing.
@@ -32,6 +33,9 @@ pub(super) struct Tenants {
     map: HashMap<TenantId, Tenant, SeedableRandomState>,
     /// This shard's share of the bound on one tenant's records.
     pub(super) max: usize,
+    /// How many tenants hold more than `max`: when none does, or one, finding the heaviest
+    /// takes no scan.
+    over: usize,
     /// The tenant that held the most records when it last grew: a hint, checked before use
     /// (it may have shrunk since), that spares a scan of every tenant.
     heaviest: Option<TenantId>,
@@ -42,14 +46,20 @@ impl Tenants {
         Self {
             map: HashMap::with_hasher(hasher),
             max,
+            over: 0,
             heaviest: None,
         }
     }
 
-    /// A tenant that holds more than its share, the one that holds the most if the hint is
-    /// stale; `None` when every tenant is within its share.
+    /// The tenant that holds the most records, when it holds more than its share (among
+    /// equals, the smallest id); `None` when every tenant is within its share. No scan unless
+    /// two tenants or more are over their share, or the hint is stale.
     pub(super) fn over_share(&mut self) -> Option<TenantId> {
-        if let Some(tenant) = self.heaviest
+        if self.over == 0 {
+            return None;
+        }
+        if self.over == 1
+            && let Some(tenant) = self.heaviest
             && self.count(&tenant) > self.max
         {
             return Some(tenant);
@@ -58,29 +68,24 @@ impl Tenants {
             .map
             .iter()
             .map(|(tenant, t)| (*tenant, t.count))
-            .max_by_key(|&(_, count)| count)?;
+            .max_by(|a, b| {
+                a.1.cmp(&b.1)
+                    .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+            })?;
         self.heaviest = Some(tenant);
         (count > self.max).then_some(tenant)
     }
 
-    /// Counts a new record of `tenant` if the tenant is under its bound; `false` (and nothing
-    /// counted) when it is at it.
-    pub(super) fn try_add(&mut self, tenant: TenantId) -> bool {
-        let entry = self.map.entry(tenant).or_default();
-        if entry.count >= self.max {
-            return false;
-        }
-        entry.count += 1;
-        true
-    }
-
-    /// Counts a new record of `tenant`, whatever its bound (the caller made room).
+    /// Counts a new record of `tenant` (the caller made room for it).
     pub(super) fn add(&mut self, tenant: TenantId) {
         let count = {
             let entry = self.map.entry(tenant).or_default();
             entry.count += 1;
             entry.count
         };
+        if count == self.max + 1 {
+            self.over += 1;
+        }
         if self.heaviest != Some(tenant)
             && self
                 .heaviest
@@ -93,6 +98,9 @@ impl Tenants {
     /// Uncounts a record of `tenant` that left the table; a tenant left with none goes.
     pub(super) fn remove(&mut self, tenant: &TenantId) {
         if let Some(entry) = self.map.get_mut(tenant) {
+            if entry.count == self.max + 1 {
+                self.over -= 1;
+            }
             entry.count -= 1;
             if entry.count == 0 {
                 self.map.remove(tenant);
@@ -113,6 +121,12 @@ impl Tenants {
     #[cfg(test)]
     pub(super) fn counts(&self) -> impl Iterator<Item = (TenantId, usize)> + '_ {
         self.map.iter().map(|(tenant, t)| (*tenant, t.count))
+    }
+
+    /// How many tenants the shard counts as over their share.
+    #[cfg(test)]
+    pub(super) fn over(&self) -> usize {
+        self.over
     }
 
     /// The queued entries of every tenant, stale ones included.

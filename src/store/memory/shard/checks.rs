@@ -33,9 +33,10 @@ impl Shard {
         assert_eq!(self.bytes, bytes, "bytes");
         assert_eq!(self.in_flight.len(), in_flight, "the in-flight list");
         assert!(self.table.len() <= self.max_len, "the shard's bound");
-        assert!(
-            counted.values().all(|&n| n <= self.tenants.max),
-            "each tenant's bound"
+        assert_eq!(
+            self.tenants.over(),
+            counted.values().filter(|&&n| n > self.tenants.max).count(),
+            "the tenants over their share"
         );
     }
 }

@@ -34,12 +34,14 @@ impl Shard {
     }
 
     /// Makes room for one more record of `tenant` in a full shard, fairly. First go the records
-    /// that are dead already (in-flight ones whose holder died). Then, when `tenant` holds its
-    /// share or more, one of its own live completed records, nearest expiry first (counted as
-    /// evicted): other tenants' records are never dropped for it, and [`Full::Tenant`] when its
-    /// in-flight records alone fill its share. When it is within its share, one completed
-    /// record of the tenant that holds the most, if that one is over its share. Otherwise
-    /// nothing here: the shard then drops the nearest expiry of all ([`make_room`](Self::make_room)).
+    /// that are dead already, whoever's they are: in-flight ones whose holder died, then
+    /// expired completed ones, nearest expiry first, while the shard is full. Then, when
+    /// `tenant` holds its share or more, one of its own live completed records, nearest expiry
+    /// first (counted as evicted): other tenants' records are never dropped for it, and
+    /// [`Full::Tenant`] when all its records are in flight. When it is within its share, one
+    /// completed record of the tenant that holds the most, if that one is over its share.
+    /// Otherwise nothing here: the shard then drops the nearest expiry of all
+    /// ([`make_room`](Self::make_room)).
     pub(super) fn make_fair_room(
         &mut self,
         tenant: &crate::tenant::TenantId,
@@ -48,6 +50,17 @@ impl Shard {
     ) -> Result<(), Full> {
         if now >= self.dead_check_at {
             removed.pruned += self.prune_in_flight(now);
+        }
+        // An expired record goes before any live one is evicted, and before a tenant is
+        // refused.
+        while !self.has_room() {
+            match self.expiries.peek() {
+                Some(due) if due.at <= now => {}
+                _ => break,
+            }
+            if let Some(due) = self.expiries.pop() {
+                removed.pruned += u64::from(self.remove_due(due).is_some());
+            }
         }
         if self.has_room() {
             return Ok(());

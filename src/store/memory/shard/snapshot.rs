@@ -29,7 +29,9 @@ impl Shard {
     }
 
     /// Puts a completed record read from a snapshot in the shard, if its key is absent and
-    /// there is room for it without dropping another record; `false` otherwise.
+    /// there is room for it without dropping another record; `false` otherwise. As for a new
+    /// key in a shard with room, no tenant's share bounds it: a store that one tenant filled
+    /// comes back whole.
     pub(in crate::store::memory) fn restore(
         &mut self,
         hash: u64,
@@ -39,14 +41,11 @@ impl Shard {
         if self.find(hash, &saved.key).is_some() {
             return false;
         }
-        let tenant = *saved.key.tenant();
-        if !self.tenants.try_add(tenant) {
-            return false;
-        }
         if !self.has_room() {
-            self.tenants.remove(&tenant);
             return false;
         }
+        let tenant = *saved.key.tenant();
+        self.tenants.add(tenant);
         let id = self.next_id;
         self.next_id += 1;
         let size = completed_size(&saved.key, &saved.response);

@@ -220,8 +220,15 @@ async fn a_store_restores_what_its_bounds_hold_the_farthest_expiry_first() {
         .build();
     assert_eq!(store.entry_count(), 0, "put in the store at its first use");
     assert!(store.lookup(&key(1, "9")).await.unwrap().is_some());
-    assert!(store.lookup(&key(1, "5")).await.unwrap().is_none());
-    assert_eq!(store.entry_count(), 4, "the tenant's bound holds");
+    assert!(store.lookup(&key(1, "2")).await.unwrap().is_some());
+    assert!(store.lookup(&key(1, "1")).await.unwrap().is_none());
+    assert!(store.lookup(&key(1, "0")).await.unwrap().is_none());
+    assert_eq!(
+        store.entry_count(),
+        8,
+        "one tenant fills the store, its share notwithstanding"
+    );
+    assert_eq!(store.tenant_entry_count(key(1, "0").tenant()), 8);
     assert_eq!(store.evicted(), 0);
 }
 
