@@ -132,6 +132,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+mod claim;
+#[cfg(not(any(feature = "postgres", feature = "sqlx")))]
+#[path = "claim_off.rs"]
+mod claim;
 mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -153,6 +158,8 @@ mod store;
 mod tenant;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub use claim::{Claim, ClaimConnection, ClaimError, ClaimErrorKind};
 pub use config::{
     CacheDecision, IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, default_cache_policy,
 };
@@ -166,6 +173,9 @@ pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
+pub use store::ClaimTarget;
 pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
@@ -176,9 +186,12 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
+#[cfg(feature = "sqlx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub use store::sqlx::{SqlxStore, SqlxStoreBuilder};
 pub use store::{
-    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
-    StoreErrorKind,
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, Settled,
+    StoreError, StoreErrorKind,
 };
 pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,
