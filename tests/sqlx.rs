@@ -380,3 +380,90 @@ async fn unreachable_servers_fail_clearly() {
         StoreErrorKind::Unavailable
     );
 }
+
+/// A row that a transaction holds (as a handler between `Claim::respond_in` and its COMMIT
+/// does) is in flight for both stores, even with its lease run out: never taken over, never
+/// waited for; the renewal lets it be. After COMMIT it replays; another fingerprint is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_held_by_a_transaction_is_in_flight() {
+    let Some((Mixed::Postgres(pg), Mixed::Sqlx(sx))) = mixed_pair().await else {
+        return;
+    };
+    let pool = sx.pool().clone();
+    let (fp, other) = (
+        Fingerprint::from_bytes([12; 32]),
+        Fingerprint::from_bytes([13; 32]),
+    );
+    let key = RecordKey::new(TenantId::from_bytes("held"), unique_key("held"));
+    let Ok(Begin::Acquired(token)) = sx.begin(&key, &fp, Duration::from_millis(100)).await else {
+        panic!()
+    };
+    let response = StoredResponse::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from_static(b"held"),
+    );
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE idempotency_records SET state = 'completed', response = $3,
+                expires_at = clock_timestamp() + interval '1 minute'
+         WHERE tenant = $1 AND key = $2",
+    )
+    .bind(&key.tenant().as_bytes()[..])
+    .bind(key.key())
+    .bind(&response.encode()[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the lease ran out
+    for store in [&Mixed::Sqlx(sx.clone()), &Mixed::Postgres(pg.clone())] {
+        let begin = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.begin(&key, &fp, Duration::from_secs(30)),
+        )
+        .await
+        .expect("begin does not wait for the transaction");
+        assert!(matches!(begin, Ok(Begin::InFlight)), "{begin:?}");
+        let begin = store.begin(&key, &other, Duration::from_secs(30)).await;
+        assert!(
+            matches!(begin, Ok(Begin::InFlight)),
+            "expired and locked: in flight, {begin:?}"
+        );
+        let renew = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.renew(&key, token, Duration::from_secs(30)),
+        )
+        .await
+        .expect("renew does not wait for the transaction");
+        assert!(renew.is_ok(), "{renew:?}");
+    }
+    // An instance starting meanwhile migrates without waiting for the transaction, and
+    // without queueing the other statements on the table behind it.
+    let wait = Duration::from_secs(5);
+    tokio::time::timeout(wait, sx.migrate())
+        .await
+        .expect("sqlx migrate waited")
+        .unwrap();
+    tokio::time::timeout(wait, pg.migrate())
+        .await
+        .expect("postgres migrate waited")
+        .unwrap();
+    let fresh = RecordKey::new(TenantId::from_bytes("held"), unique_key("fresh"));
+    let begin = tokio::time::timeout(wait, sx.begin(&fresh, &fp, wait))
+        .await
+        .unwrap();
+    assert!(matches!(begin, Ok(Begin::Acquired(_))), "{begin:?}");
+    tx.commit().await.unwrap();
+    for store in [&Mixed::Sqlx(sx.clone()), &Mixed::Postgres(pg.clone())] {
+        let begin = store.begin(&key, &fp, Duration::from_secs(30)).await;
+        assert!(
+            matches!(&begin, Ok(Begin::Completed(r)) if *r == response),
+            "{begin:?}"
+        );
+        assert!(matches!(
+            store.begin(&key, &other, Duration::from_secs(30)).await,
+            Ok(Begin::Mismatch)
+        ));
+        assert_eq!(store.settle(&key, token).await.unwrap(), Settled::Completed);
+    }
+}

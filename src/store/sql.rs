@@ -30,6 +30,8 @@ pub(crate) struct Table {
     pub(crate) quoted: String,
     /// The quoted name of its index, in the table's schema.
     pub(crate) index: String,
+    /// The quoted name of its index, schema-qualified when the table is.
+    pub(crate) qualified_index: String,
 }
 
 impl Table {
@@ -62,7 +64,15 @@ impl Table {
             "\"{}{SUFFIX}\"",
             &table[..table.len().min(63 - SUFFIX.len())]
         );
-        Ok(Self { quoted, index })
+        let qualified_index = match schema {
+            Some(schema) => format!("\"{schema}\".{index}"),
+            None => index.clone(),
+        };
+        Ok(Self {
+            quoted,
+            index,
+            qualified_index,
+        })
     }
 
     /// The advisory lock `migrate` takes: the same on every instance, one per table.
@@ -78,7 +88,9 @@ impl Table {
 
 /// The store's statements, built once for its table.
 pub(crate) struct Sql {
-    pub(crate) migrate: String,
+    pub(crate) create_table: String,
+    pub(crate) index_exists: String,
+    pub(crate) create_index: String,
     pub(crate) begin: String,
     pub(crate) renew: String,
     pub(crate) complete: String,
@@ -96,7 +108,10 @@ impl Sql {
         let (t, index) = (&table.quoted, &table.index);
         let expiry = "clock_timestamp() + $5::bigint * interval '1 millisecond'";
         Self {
-            migrate: format!(
+            // `migrate`: the table, then its index unless it exists. `CREATE INDEX IF NOT
+            // EXISTS` would lock the table before looking, and queue every statement on it
+            // behind a handler's transaction that holds a row (`Claim::respond_in`).
+            create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     tenant      bytea       NOT NULL,
                     key         text        COLLATE \"C\" NOT NULL,
@@ -106,9 +121,13 @@ impl Sql {
                     response    bytea,
                     expires_at  timestamptz NOT NULL,
                     PRIMARY KEY (tenant, key)
-                );
-                CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at);"
+                )"
             ),
+            index_exists: format!(
+                "SELECT to_regclass('{}') IS NOT NULL",
+                table.qualified_index
+            ),
+            create_index: format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
             // One statement: the insert (or the takeover of a row that is no longer live) and,
             // when it wrote nothing, a read of the live row it met. The read uses the
             // statement's snapshot; if a concurrent writer committed the live row after that
@@ -347,6 +366,8 @@ mod tests {
         assert_eq!(table.quoted, "\"Billing\".\"_idem2\"");
         assert_eq!(table.index, "\"_idem2_expires_idx\"");
         let long = "a".repeat(63);
+        let table = Table::parse("s.t").unwrap();
+        assert_eq!(table.qualified_index, "\"s\".\"t_expires_idx\"");
         let table = Table::parse(&long).unwrap();
         assert!(table.index.len() <= 63 + 2);
 

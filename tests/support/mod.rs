@@ -24,6 +24,8 @@ pub mod app;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
+#[cfg(feature = "sqlx")]
+pub mod payments;
 #[macro_use]
 pub mod fleet;
 pub mod shared;

@@ -275,9 +275,19 @@ impl PostgresStore {
         )
         .await
         .map_err(pg_error)?;
-        tx.batch_execute(&self.inner.sql.migrate)
+        let sql = &self.inner.sql;
+        tx.batch_execute(&sql.create_table)
             .await
             .map_err(pg_error)?;
+        let row = tx
+            .query_one(&sql.index_exists, &[])
+            .await
+            .map_err(pg_error)?;
+        if !row.try_get::<_, bool>(0).map_err(corrupt)? {
+            tx.batch_execute(&sql.create_index)
+                .await
+                .map_err(pg_error)?;
+        }
         tx.commit().await.map_err(pg_error)
     }
 

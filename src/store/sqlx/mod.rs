@@ -50,8 +50,7 @@ use crate::response::StoredResponse;
 ///
 /// # Connections
 ///
-/// Every call takes a connection from the pool for one statement (two for `migrate`, which
-/// runs in a transaction). While PostgreSQL is down, calls fail (the layer answers `503` once
+/// Every call takes a connection from the pool for one statement (`migrate` for a transaction). While PostgreSQL is down, calls fail (the layer answers `503` once
 /// its store timeout passes, or at once when the pool fails first), and once it is back the
 /// pool reconnects by itself. A handler holding a transaction holds one connection of the same
 /// pool: size it for both.
@@ -196,9 +195,17 @@ impl SqlxStore {
             .execute(&mut *tx)
             .await
             .map_err(sqlx_error)?;
-        // One statement at a time: the extended protocol takes one per query.
-        for statement in self.inner.sql.migrate.split_terminator(';') {
-            sqlx::query(statement)
+        let sql = &self.inner.sql;
+        sqlx::query(&sql.create_table)
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlx_error)?;
+        let exists: bool = sqlx::query_scalar(&sql.index_exists)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlx_error)?;
+        if !exists {
+            sqlx::query(&sql.create_index)
                 .execute(&mut *tx)
                 .await
                 .map_err(sqlx_error)?;
