@@ -27,10 +27,7 @@ async fn setup(label: &str) -> Option<(PgPool, SqlxStore, String)> {
     let pool = PgPool::connect(&url).await.unwrap();
     let store = SqlxStore::new(pool.clone());
     store.migrate().await.unwrap();
-    let table = format!(
-        "payments_{}",
-        &tower_idempotency::LockToken::random().to_string()[16..]
-    );
+    let table = format!("payments_{}", tower_idempotency::LockToken::random());
     payments::create_table(&pool, &table).await;
     Some((pool, store, table))
 }

@@ -167,6 +167,66 @@ async fn plain(
     Ok(created(id))
 }
 
+/// `POST /payments` with `Claim` over a deadpool-postgres pool: the tokio-postgres path of
+/// `respond_in`. Put a layer over a `PostgresStore` on it.
+#[cfg(feature = "postgres")]
+pub fn api_tokio_postgres(
+    pool: deadpool_postgres::Pool,
+    table: &str,
+    runs: Runs,
+    end: End,
+) -> Router {
+    Router::new()
+        .route("/payments", post(claimed_tokio_postgres))
+        .with_state(TokioPostgres {
+            pool,
+            table: table.into(),
+            runs,
+            end,
+        })
+}
+
+#[cfg(feature = "postgres")]
+#[derive(Clone)]
+struct TokioPostgres {
+    pool: deadpool_postgres::Pool,
+    table: Arc<str>,
+    runs: Runs,
+    end: End,
+}
+
+#[cfg(feature = "postgres")]
+async fn claimed_tokio_postgres(
+    State(api): State<TokioPostgres>,
+    claim: Claim,
+    body: Bytes,
+) -> Result<Response, ClaimError> {
+    api.runs.bump();
+    let mut client = api.pool.get().await.map_err(ClaimError::database)?;
+    let tx = client.transaction().await.map_err(ClaimError::database)?;
+    let sql = format!(
+        "INSERT INTO {} (key, body) VALUES ($1, $2) RETURNING id",
+        api.table
+    );
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let row = tx
+        .query_one(&sql, &[&claim.key().key(), &body])
+        .await
+        .map_err(ClaimError::database)?;
+    let response = claim.respond_in(&tx, created(row.get(0))).await?;
+    match &api.end {
+        End::Rollback => {
+            tx.rollback().await.map_err(ClaimError::database)?;
+            return Ok(response);
+        }
+        End::CrashBeforeCommit => std::process::abort(),
+        _ => {}
+    }
+    tx.commit().await.map_err(ClaimError::database)?;
+    after_commit(&api.end);
+    Ok(response)
+}
+
 fn after_commit(end: &End) {
     match end {
         End::CrashAfterCommit => std::process::abort(),
