@@ -98,6 +98,10 @@
 //! default, a hash of the `Authorization` header, suits static API keys; see [`DefaultTenant`]
 //! for when it does not.
 //!
+//! With `PostgresStore` or `SqlxStore`, a handler can complete its record inside its own
+//! database transaction (`Claim::respond_in`), so that its effects and its stored response
+//! commit together: a crash between the two can no longer run it twice.
+//!
 //! The handler finds the request's key in the request extensions ([`IdempotencyKey`]), and
 //! every handled response carries an [`Outcome`] in its extensions, for metrics. Support tools
 //! look a key up and forget it with [`Operator`].
@@ -109,6 +113,7 @@
 //! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
+//! | `sqlx`             | `SqlxStore`     | the same table on your own `sqlx::PgPool`; with `Claim`, the record completes in your transaction |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |

@@ -73,6 +73,17 @@ use crate::response::StoredResponse;
 /// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
 /// when forced) combined with a read of the in-flight row that stopped it.
 ///
+/// # Completing in the handler's transaction
+///
+/// A handler can complete its record inside its own transaction on the same database
+/// ([`Claim::respond_in`](crate::Claim::respond_in) with a tokio-postgres or deadpool-postgres
+/// transaction). Until its COMMIT the row is locked: `begin` and `renew` lock an in-flight row
+/// with `NOWAIT`, so a duplicate answers in flight (`409`) at once instead of waiting, and
+/// nothing takes the row over while the transaction holds it, even past its lease. The layer
+/// then settles the record ([`settle`](IdempotencyStore::settle)): released when the
+/// transaction did not commit. `migrate` creates the index only when it is missing, so an
+/// instance starting meanwhile does not queue the table's traffic behind that transaction.
+///
 /// # Expired rows
 ///
 /// Expired rows are ignored at once, and overwritten when their key is used again, but they
