@@ -1,7 +1,8 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), the shared stores of `scripts/test-services` (`shared`) and Redis servers and
+//! (`faults`), a payments API on PostgreSQL that completes its records with `Claim`
+//! (`payments`, feature `sqlx`), the shared stores of `scripts/test-services` (`shared`) and Redis servers and
 //! clusters of a test's own (`cluster`).
 //!
 //! Test files say `mod support;` (or `#[macro_use] mod support;` for `fleet_scenarios!`). The
