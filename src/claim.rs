@@ -294,6 +294,10 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Claim {
 /// - `&mut sqlx::PgConnection` (feature `sqlx`): `&mut *tx` for a `sqlx::Transaction`;
 /// - `&tokio_postgres::Transaction<'_>` and `&deadpool_postgres::Transaction<'_>` (feature
 ///   `postgres`).
+///
+/// The connection must reach the store's database. A `&mut sqlx::PgConnection` outside a
+/// transaction completes the record at once, as the layer would after the handler: only a
+/// transaction ties it to the handler's effects.
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
 pub trait ClaimConnection: sealed::Sealed {}
 
