@@ -224,6 +224,18 @@ async fn large(State(ctx): State<Ctx>, claim: Claim) -> Response {
     outcome(response)
 }
 
+/// `respond_in`, then a later step fails: the error drops the transaction, which rolls back.
+async fn fails_after(State(ctx): State<Ctx>, claim: Claim) -> Result<Response, ClaimError> {
+    ctx.runs.bump();
+    let mut tx = ctx.pool.begin().await.map_err(ClaimError::database)?;
+    claim.respond_in(&mut *tx, StatusCode::CREATED).await?;
+    sqlx::query("SELECT 1/0")
+        .execute(&mut *tx)
+        .await
+        .map_err(ClaimError::database)?;
+    unreachable!("division by zero fails");
+}
+
 /// Whether the request has a claim, and what it says.
 async fn optional(State(ctx): State<Ctx>, claim: Option<Claim>) -> String {
     ctx.runs.bump();
@@ -244,6 +256,7 @@ fn routes(pool: &PgPool, runs: &Runs) -> Router {
         .route("/refused", post(refused))
         .route("/large", post(large))
         .route("/optional", post(optional))
+        .route("/fails-after", post(fails_after))
         .route("/required", post(required))
         .with_state(Ctx {
             pool: pool.clone(),
@@ -301,6 +314,21 @@ async fn misuse_and_edge_cases_are_clear_errors() {
     let retry = send(&app, request("/large", &key)).await;
     assert_eq!(retry.status, StatusCode::CONFLICT);
     assert_eq!(retry.code(), "idempotency_response_not_stored");
+
+    let key = unique_key("fails-after");
+    let reply = send(&app, request("/fails-after", &key)).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert_eq!(
+        reply.outcome,
+        Some(Outcome::Released),
+        "the dropped transaction rolled back"
+    );
+    let before = runs.get();
+    assert_eq!(
+        send(&app, request("/fails-after", &key)).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(runs.get(), before + 1, "the retry ran");
 
     let key = unique_key("optional");
     let reply = send(&app, request("/optional", &key)).await;
