@@ -15,7 +15,12 @@
 //!   `axum-idempotent` (header-key mode) with the session and cookie layers it needs
 //!   (`sessions` is those two layers alone).
 //!
-//! Every workload runs with request bodies of 0 B, 1 KiB, 64 KiB and 1 MiB. Times are the CPU
+//! - `json/*`: a retry of a completed request whose body is a 1 KiB pretty-printed JSON
+//!   payment, fingerprinted as sent (`raw`), in canonical form (`canonical`), and in canonical
+//!   form with two pointers left out (`pointers`): the differences are what canonical JSON
+//!   costs per request.
+//!
+//! Every `layer` and `axum` workload runs with request bodies of 0 B, 1 KiB, 64 KiB and 1 MiB. Times are the CPU
 //! time of the benchmarking thread, which runs everything measured, so that other processes on
 //! a shared machine do not inflate them (`BENCH_CLOCK=wall` for wall-clock time). Requests are
 //! made (not timed) in small batches just before they are sent, so that the layer reads headers
@@ -150,6 +155,7 @@ fn layered(
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<impl Body<Error: Debug>>, Error = Infallible>
 + Clone {
     IdempotencyLayer::new(store)
+        .shared_scope(true)
         .ttl(ttl)
         .layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
 }
@@ -304,6 +310,68 @@ fn layer_benches(c: &mut Criterion, rt: &Runtime) {
     group.finish();
 }
 
+/// A payment as a client sends it, pretty-printed, about 1 KiB.
+fn json_payment() -> Bytes {
+    let item = |i: u32| {
+        format!(
+            r#"    {{
+      "sku": "sku-{i:04}",
+      "description": "Line {i} of the order, as the client describes it",
+      "quantity": {i},
+      "unit_price": 12.5,
+      "metadata": {{ "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "attempt": 1 }}
+    }}"#
+        )
+    };
+    let items: Vec<String> = (1..=4).map(item).collect();
+    let body = format!(
+        r#"{{
+  "timestamp": "2026-12-06T10:00:00Z",
+  "customer": "cus_8e03978e40d5",
+  "currency": "EUR",
+  "amount": 10000,
+  "items": [
+{}
+  ]
+}}"#,
+        items.join(",\n")
+    );
+    Bytes::from(body)
+}
+
+fn json_benches(c: &mut Criterion, rt: &Runtime) {
+    let mut group = c.benchmark_group("json");
+    let body = json_payment();
+    group.throughput(throughput(body.len()));
+    let layers = [
+        ("raw", IdempotencyLayer::new(MemoryStore::new())),
+        (
+            "canonical",
+            IdempotencyLayer::new(MemoryStore::new()).canonical_json(true),
+        ),
+        (
+            "pointers",
+            IdempotencyLayer::new(MemoryStore::new())
+                .ignore_json_pointers(["/timestamp", "/items/0/metadata/trace_id"]),
+        ),
+    ];
+    for (name, layer) in layers {
+        let mut svc = layer.layer(service_fn(handler::<RequestBody<Full<Bytes>>>));
+        let replay_key = shared_value("json-replay-key");
+        let first = rt.block_on(send_one(&mut svc, request(&replay_key, &body)));
+        assert_eq!(first, (StatusCode::CREATED, false));
+        let again = rt.block_on(send_one(&mut svc, request(&replay_key, &body)));
+        assert_eq!(again, (StatusCode::CREATED, true));
+        group.bench_function(BenchmarkId::new(name, "1KiB"), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let (mut svc, key, body) = (svc.clone(), replay_key.clone(), body.clone());
+                async move { drive(&mut svc, iters, |_| request(&key, &body)).await }
+            });
+        });
+    }
+    group.finish();
+}
+
 /// The handler as an axum route.
 async fn create_payment(body: Bytes) -> impl IntoResponse {
     black_box(&body);
@@ -387,7 +455,8 @@ fn axum_benches(c: &mut Criterion, rt: &Runtime) {
             b.to_async(rt).iter_custom(|iters| {
                 let body = body.clone();
                 async move {
-                    let mut app = axum_app().layer(IdempotencyLayer::new(MemoryStore::new()));
+                    let mut app = axum_app()
+                        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
                     let warm_up = axum_request(&shared_value("warm-up"), &body, None);
                     assert_eq!(
                         send_one(&mut app, warm_up).await,
@@ -398,7 +467,8 @@ fn axum_benches(c: &mut Criterion, rt: &Runtime) {
             });
         });
 
-        let mut app = axum_app().layer(IdempotencyLayer::new(MemoryStore::new()));
+        let mut app =
+            axum_app().layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
         let replay_key = shared_value("replay-key");
         for replayed in [false, true] {
             let req = axum_request(&replay_key, &body, None);
@@ -515,6 +585,19 @@ fn print_report(report: &Report) {
     println!("replay, 409 and 422 never run the handler. Δ replay = replay − noop, a service that");
     println!("answers at once without reading the body: the replay's own cost. Target: ≤ 1 µs.");
 
+    let m = |f: &str| median("json", f, "1KiB");
+    println!(
+        "\nA replay of a 1 KiB JSON body, by fingerprint (medians of this run, {}): raw {}, \
+         canonical {} (Δ {}), pointers {} (Δ {})",
+        clock_name(),
+        cell(m("raw").map(time)),
+        cell(m("canonical").map(time)),
+        cell(delta(m("canonical"), m("raw")).map(time)),
+        cell(m("pointers").map(time)),
+        cell(delta(m("pointers"), m("raw")).map(time)),
+    );
+    println!("Δ = what canonicalising the body costs. Target: a few µs.");
+
     println!(
         "\nThe same route in axum: this layer vs axum-idempotent (medians of this run, {})",
         clock_name()
@@ -549,6 +632,7 @@ fn main() {
     let mut c = common::criterion();
     let rt = runtime();
     layer_benches(&mut c, &rt);
+    json_benches(&mut c, &rt);
     axum_benches(&mut c, &rt);
     c.final_summary();
     print_report(&report);

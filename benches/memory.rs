@@ -74,14 +74,19 @@ fn layered(
     store: MemoryStore,
 ) -> impl Service<Request<Full<Bytes>>, Response = Response<impl Body<Error: Debug>>, Error: Debug>
 {
-    IdempotencyLayer::new(store).layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
+    IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .layer(service_fn(handler::<RequestBody<Full<Bytes>>>))
 }
 
 /// The heap the store holds per record after `n` requests with new keys.
 fn bytes_per_record(rt: &Runtime, n: u64) -> (f64, usize) {
     let _runtime = rt.enter();
     let body = Bytes::from_static(br#"{"amount":1000,"currency":"eur"}"#);
-    let store = MemoryStore::new().max_entries(usize::MAX);
+    let store = MemoryStore::builder()
+        .max_entries(usize::MAX)
+        .max_entries_per_tenant(usize::MAX)
+        .build();
     let mut svc = layered(store.clone());
     // The first request starts the store's pruning task: not a record's cost.
     assert_eq!(
@@ -110,7 +115,7 @@ fn bytes_per_record(rt: &Runtime, n: u64) -> (f64, usize) {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len())
             .sum::<usize>();
-    assert_eq!(store.len() as u64, n + 1);
+    assert_eq!(store.entry_count() as u64, n + 1);
     (held as f64 / n as f64, payload)
 }
 

@@ -122,7 +122,11 @@ fn batched(
 /// so that the measurements are never refused.
 fn filled(rt: &Runtime, live: usize) -> MemoryStore {
     let _runtime = rt.enter();
-    let store = MemoryStore::new().max_entries(live + 4_000_000);
+    // One tenant holds every key: its bound is the store's.
+    let store = MemoryStore::builder()
+        .max_entries(live + 4_000_000)
+        .max_entries_per_tenant(live + 4_000_000)
+        .build();
     for i in 0..live as u64 {
         begin_complete(&store, &key(0, i), &response(i), TTL);
     }
@@ -257,7 +261,11 @@ fn live_benches(c: &mut Criterion, rt: &Runtime) {
 /// A store bounded to `max` records and full of completed ones, expiring over the day.
 fn full(rt: &Runtime, max: usize) -> MemoryStore {
     let _runtime = rt.enter();
-    let store = MemoryStore::new().max_entries(max);
+    // One tenant holds every key: its bound is the store's.
+    let store = MemoryStore::builder()
+        .max_entries(max)
+        .max_entries_per_tenant(max)
+        .build();
     for i in 0..max as u64 {
         let ttl = TTL.mul_f64((i + 1) as f64 / max as f64);
         begin_complete(&store, &key(0, i), &response(i), ttl);

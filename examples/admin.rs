@@ -10,7 +10,9 @@
 //! - `DELETE` on the same path: forgets a completed record (204; 409 while in flight, 404 when
 //!   there is none); `?force=true` forgets an in-flight one too.
 //!
-//! Admin routes need `Authorization: Bearer $ADMIN_TOKEN` (default `admin-token`). Keys go in
+//! Admin routes need `Authorization: Bearer $ADMIN_TOKEN`: the example refuses to start
+//! without `ADMIN_TOKEN` (at least 16 characters; there is no default, and the token is never
+//! printed), e.g. `ADMIN_TOKEN=$(openssl rand -hex 24) cargo run --example admin`. Keys go in
 //! the path percent-encoded. Uses the in-memory store, or PostgreSQL when built with
 //! `--features postgres` and `POSTGRES_URL` is set. Listens on 127.0.0.1:3000 (`PORT`).
 
@@ -60,12 +62,23 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-/// The admin check: only the admin token passes.
+/// The admin check: only the admin token passes, compared in constant time.
 async fn require_admin(State(admin): State<Arc<str>>, request: Request, next: Next) -> Response {
-    if bearer(&request) != Some(&*admin) {
+    if !bearer(&request).is_some_and(|token| same_secret(token, &admin)) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     next.run(request).await
+}
+
+/// Whether `given` is `expected`, in time that depends on neither: both are hashed to 32 bytes
+/// first (so their lengths do not show), then every byte is compared.
+fn same_secret(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |diff, (x, y)| diff | (x ^ y))
+        == 0
 }
 
 async fn create_payment(Extension(account): Extension<Account>) -> impl IntoResponse {
@@ -140,9 +153,16 @@ fn app<St: IdempotencyStore + Clone>(store: St, admin_token: Arc<str>) -> Router
 }
 
 async fn serve<St: IdempotencyStore + Clone>(store: St) {
-    let admin_token: Arc<str> = std::env::var("ADMIN_TOKEN")
-        .unwrap_or_else(|_| "admin-token".to_owned())
-        .into();
+    let admin_token: Arc<str> = match std::env::var("ADMIN_TOKEN") {
+        Ok(token) if token.len() >= 16 => token.into(),
+        _ => {
+            eprintln!(
+                "Set ADMIN_TOKEN to a secret of at least 16 characters, e.g.\n  \
+                 ADMIN_TOKEN=$(openssl rand -hex 24) cargo run --example admin"
+            );
+            std::process::exit(2);
+        }
+    };
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -158,8 +178,8 @@ async fn serve<St: IdempotencyStore + Clone>(store: St) {
     );
     println!("Look the key up, then forget it (the next payment with it runs again):");
     let path = format!("{base}/admin/accounts/alice/idempotency-keys/order-42");
-    println!("  curl -i {path} -H 'Authorization: Bearer {admin_token}'");
-    println!("  curl -i -X DELETE {path} -H 'Authorization: Bearer {admin_token}'\n");
+    println!("  curl -i {path} -H \"Authorization: Bearer $ADMIN_TOKEN\"");
+    println!("  curl -i -X DELETE {path} -H \"Authorization: Bearer $ADMIN_TOKEN\"\n");
     axum::serve(listener, app(store, admin_token))
         .await
         .expect("server error");

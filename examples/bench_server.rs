@@ -78,19 +78,22 @@ fn ttl() -> Duration {
 fn idempotent<S: IdempotencyStore>(store: S) -> Router {
     Router::new()
         .route("/payments", post(create_payment))
-        .layer(IdempotencyLayer::new(store).ttl(ttl()))
+        .layer(IdempotencyLayer::new(store).shared_scope(true).ttl(ttl()))
 }
 
 /// The memory store, with the bounds from the environment, filled with `PREFILL` completed
-/// records shaped like the handler's.
+/// records shaped like the handler's. The bound per tenant is `MAX_ENTRIES_PER_TENANT`, or
+/// the store's bound: the load test's keys and the prefill share one tenant.
 async fn memory_store() -> MemoryStore {
-    let mut store = MemoryStore::new();
-    if let Some(max) = env("MAX_ENTRIES") {
-        store = store.max_entries(max);
-    }
+    let max_entries = env("MAX_ENTRIES").unwrap_or(1_000_000);
+    let per_tenant = env("MAX_ENTRIES_PER_TENANT").unwrap_or(max_entries);
+    let mut builder = MemoryStore::builder()
+        .max_entries(max_entries)
+        .max_entries_per_tenant(per_tenant);
     if let Some(max) = env("MAX_BYTES") {
-        store = store.max_bytes(max);
+        builder = builder.max_bytes(max);
     }
+    let store = builder.build();
     let prefill: u64 = env("PREFILL").unwrap_or(0);
     let started = Instant::now();
     for i in 0..prefill {

@@ -5,7 +5,7 @@
 //! overrides).
 //!
 //! ```sh
-//! curl -i -X POST http://127.0.0.1:3001/orders -H 'Idempotency-Key: o-1' -d 'two coffees'
+//! curl -i -X POST http://127.0.0.1:3001/orders -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: o-1' -d 'two coffees'
 //! ```
 
 use std::convert::Infallible;
@@ -47,7 +47,7 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     println!("orders API on http://127.0.0.1:{port}");
     println!(
-        "  curl -i -X POST http://127.0.0.1:{port}/orders -H 'Idempotency-Key: o-1' -d 'two coffees'"
+        "  curl -i -X POST http://127.0.0.1:{port}/orders -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: o-1' -d 'two coffees'"
     );
 
     let orders = Arc::new(AtomicU64::new(0));

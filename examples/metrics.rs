@@ -64,7 +64,9 @@ async fn main() {
     let base = format!("http://127.0.0.1:{port}");
     println!("payments API with metrics on {base}\n");
     println!("Send a payment twice (the second answer is a replay):");
-    println!("  curl -i -X POST {base}/payments -H 'Idempotency-Key: order-42'\n");
+    println!(
+        "  curl -i -X POST {base}/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: order-42'\n"
+    );
     println!("Then read the counts:\n  curl -s {base}/metrics | grep idempotency_\n");
     axum::serve(listener, app(metrics))
         .await

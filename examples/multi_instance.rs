@@ -79,20 +79,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         r#"Instances "a" on http://127.0.0.1:3001 and "b" on http://127.0.0.1:3002 share one Redis.
 
 1. Create a payment on instance a:
-   curl -i -X POST http://127.0.0.1:3001/payments -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
+   curl -i -X POST http://127.0.0.1:3001/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
    -> 201 Created, "created_by":"a"
 
 2. Retry it on instance b (a load balancer could send it anywhere):
-   curl -i -X POST http://127.0.0.1:3002/payments -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
+   curl -i -X POST http://127.0.0.1:3002/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
    -> the same 201, byte for byte, with Idempotent-Replayed: true; b's handler did not run
 
 3. Reuse the key for a different request:
-   curl -i -X POST http://127.0.0.1:3002/payments -H 'Idempotency-Key: pay-123' -d '{{"amount":999}}'
+   curl -i -X POST http://127.0.0.1:3002/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-123' -d '{{"amount":999}}'
    -> 422 idempotency_key_reuse
 
 4. Send two at once, one to each instance, with a new key:
-   curl -s -X POST http://127.0.0.1:3001/payments -H 'Idempotency-Key: pay-456' -d '{{}}' &
-   curl -s -X POST http://127.0.0.1:3002/payments -H 'Idempotency-Key: pay-456' -d '{{}}'
+   curl -s -X POST http://127.0.0.1:3001/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-456' -d '{{}}' &
+   curl -s -X POST http://127.0.0.1:3002/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-456' -d '{{}}'
    -> one runs (201); the other gets 409 idempotency_key_in_progress with Retry-After
 
 Press Ctrl-C to stop."#

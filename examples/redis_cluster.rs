@@ -70,11 +70,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 (replica wait: {}).
 
 1. Create a payment:
-   curl -i -X POST http://127.0.0.1:3000/payments -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
+   curl -i -X POST http://127.0.0.1:3000/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
    -> 201 Created
 
 2. Retry it:
-   curl -i -X POST http://127.0.0.1:3000/payments -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
+   curl -i -X POST http://127.0.0.1:3000/payments -H 'Authorization: Bearer sk_test_1' -H 'Idempotency-Key: pay-123' -d '{{"amount":100}}'
    -> the same 201 with Idempotent-Replayed: true, from the in-process cache
 
 3. See the record on its primary (and its replica):

@@ -2,12 +2,16 @@
 //!
 //! A small payments API behind `IdempotencyLayer` on the in-memory store, with keys scoped by
 //! the account that authentication verified. `POST /payments` creates a payment (after ~100 ms
-//! of simulated work); `GET /payments/{id}` reads it back. Listens on 127.0.0.1:3000; set `PORT`
-//! to change the port.
+//! of simulated work) and requires an `Idempotency-Key`; `GET /payments/{id}` reads one of the
+//! caller's own payments back (another account's is `404`). Listens on 127.0.0.1:3000; set
+//! `PORT` to change the port.
 //!
 //! Demo credentials: `Bearer alice-token-1` and `Bearer alice-token-2` are two access tokens of
 //! the account `alice` (a client that refreshed its token); `Bearer bob-token` is `bob`'s.
-//! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away.
+//! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away,
+//! then saves the completed records to a snapshot file (`SNAPSHOT`, by default
+//! `tower-idempotency-demo.snapshot` in the system's temporary directory), which the next start
+//! reads back: a retry sent after a restart is still a replay.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -52,14 +56,16 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// The payments, each with the account that made it.
 #[derive(Clone, Default)]
 struct Payments {
     next_id: Arc<AtomicU64>,
-    by_id: Arc<Mutex<HashMap<u64, Value>>>,
+    by_id: Arc<Mutex<HashMap<u64, (&'static str, Value)>>>,
 }
 
 async fn create_payment(
     State(payments): State<Payments>,
+    Extension(account): Extension<Account>,
     Json(request): Json<Value>,
 ) -> impl IntoResponse {
     // Simulated work: talking to a payment processor.
@@ -71,7 +77,8 @@ async fn create_payment(
         "currency": request.get("currency").cloned().unwrap_or(json!("eur")),
         "status": "succeeded",
     });
-    payments.by_id.lock().unwrap().insert(id, payment.clone());
+    let owned = (account.0, payment.clone());
+    payments.by_id.lock().unwrap().insert(id, owned);
     (
         StatusCode::CREATED,
         [(header::LOCATION, format!("/payments/{id}"))],
@@ -79,25 +86,36 @@ async fn create_payment(
     )
 }
 
-async fn get_payment(State(payments): State<Payments>, Path(id): Path<u64>) -> impl IntoResponse {
+/// One of the caller's own payments; another account's is `404`, as if it did not exist.
+async fn get_payment(
+    State(payments): State<Payments>,
+    Extension(account): Extension<Account>,
+    Path(id): Path<u64>,
+) -> impl IntoResponse {
     match payments.by_id.lock().unwrap().get(&id) {
-        Some(payment) => Ok(Json(payment.clone())),
-        None => Err(StatusCode::NOT_FOUND),
+        Some((owner, payment)) if *owner == account.0 => Ok(Json(payment.clone())),
+        _ => Err(StatusCode::NOT_FOUND),
     }
 }
 
 /// The payments API, idempotent on POST and PATCH, keys scoped by account. Authentication sits
 /// outside the idempotency layer: a `401` never reaches it, and the account is in the
 /// extensions when it runs.
-fn app() -> (Router, DetachedRuns) {
-    let idempotency =
-        IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new());
+///
+/// The key is required here: a payment sent without one could not be retried safely. (The
+/// layer's default leaves it optional, so that adding the layer to an API breaks no client that
+/// does not send keys yet.) `route_layer` keeps requests to routes that do not exist from
+/// storing anything.
+fn app(store: MemoryStore) -> (Router, DetachedRuns) {
+    let idempotency = IdempotencyLayer::new(store)
+        .tenant(TenantFromExtension::<Account>::new())
+        .require_key(true);
     let detached = idempotency.detached_runs();
     let app = Router::new()
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))
         .with_state(Payments::default())
-        .layer(idempotency)
+        .route_layer(idempotency)
         .layer(middleware::from_fn(authenticate));
     (app, detached)
 }
@@ -129,10 +147,21 @@ async fn main() {
     println!("Same key, different body: 422 idempotency_key_reuse:");
     println!("{}", post("alice-token-1", r#"{"amount":9999}"#));
     println!(
-        "Read it back:\n  curl -i {base}/payments/1 -H 'Authorization: Bearer alice-token-1'\n"
+        "Read it back (bob gets 404 for alice's payment):\n  curl -i {base}/payments/1 -H 'Authorization: Bearer alice-token-1'\n"
+    );
+    println!(
+        "Without a key: 400 idempotency_key_missing:\n  curl -i -X POST {base}/payments -H 'Authorization: Bearer alice-token-1' -H 'Content-Type: application/json' -d '{body}'\n"
     );
 
-    let (app, detached) = app();
+    let snapshot = std::env::var_os("SNAPSHOT").map_or_else(
+        || std::env::temp_dir().join("tower-idempotency-demo.snapshot"),
+        std::path::PathBuf::from,
+    );
+    let store = MemoryStore::builder().snapshot(&snapshot).build();
+    if let Some(status) = store.snapshot_status() {
+        println!("snapshot {}: {:?}\n", snapshot.display(), status.load());
+    }
+    let (app, detached) = app(store.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -146,5 +175,10 @@ async fn main() {
             "{} handlers still running; their keys are taken over once their lease ends",
             detached.count()
         );
+    }
+    // Then the completed records go to the snapshot, for the next start.
+    match store.save_snapshot().await {
+        Ok(saved) => println!("{saved} completed records saved to {}", snapshot.display()),
+        Err(e) => eprintln!("cannot save the snapshot to {}: {e}", snapshot.display()),
     }
 }

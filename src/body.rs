@@ -1,12 +1,22 @@
-//! The request and response body types of the [`Idempotency`](crate::Idempotency) service.
+//! The request and response body types of the [`Idempotency`](crate::Idempotency) service,
+//! and the reading of bodies: a keyed request's, fingerprinted in one pass, and a handler's
+//! response, to store it.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use http::header;
+use http::request::Parts;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
+
+use crate::config::Config;
+use crate::error::Problem;
+use crate::fingerprint::{Fingerprint, Hasher};
+use crate::outcome::Outcome;
 
 pin_project! {
     /// The request body the inner service receives: the client's body untouched when the
@@ -247,7 +257,7 @@ fn exact(data: &Option<Bytes>) -> SizeHint {
 }
 
 /// Polls a frame of `body`, turning its data into `Bytes` (without a copy when it already is).
-fn poll_bytes<B>(
+pub(crate) fn poll_bytes<B>(
     body: Pin<&mut B>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
@@ -258,6 +268,111 @@ where
     body.poll_frame(cx).map(|frame| {
         frame.map(|frame| frame.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))))
     })
+}
+
+// Reading bodies: a keyed request's whole body, fingerprinted as it arrives, and a handler's
+// response, up to the cap, to store it.
+
+pub(crate) fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+pub(crate) enum BodyError {
+    TooLarge,
+    Read,
+}
+
+impl BodyError {
+    pub(crate) fn problem(self, config: &Config) -> (Problem, Outcome) {
+        match self {
+            Self::TooLarge => (
+                Problem::body_too_large(config.max_body_bytes),
+                Outcome::TooLarge,
+            ),
+            Self::Read => (Problem::body_incomplete(), Outcome::BodyError),
+        }
+    }
+}
+
+/// Reads the request body up to the limit, hashing each chunk as it arrives (one pass, no
+/// copy: the chunks go on to the handler as they came), or the whole body once read when the
+/// layer fingerprints JSON canonically or with a `Fingerprinter`.
+pub(crate) async fn read_body<B>(
+    body: B,
+    parts: &Parts,
+    config: &Config,
+) -> Result<(Chunks, Fingerprint), BodyError>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    let mut hasher = Hasher::new(parts, &config.fingerprint_headers);
+    let whole = config.body_fingerprint.start(&mut hasher, parts);
+    let mut chunks = Chunks::default();
+    let mut body = pin!(body);
+    while let Some(frame) = body.frame().await {
+        let Ok(mut data) = frame.map_err(|_| BodyError::Read)?.into_data() else {
+            continue; // trailers are not part of the fingerprint
+        };
+        if chunks.len() + data.remaining() > config.max_body_bytes {
+            return Err(BodyError::TooLarge);
+        }
+        let chunk = data.copy_to_bytes(data.remaining());
+        if !whole {
+            hasher.body(&chunk);
+        }
+        chunks.push(chunk);
+    }
+    if whole {
+        let body = chunks.to_bytes();
+        config.body_fingerprint.whole(&mut hasher, parts, &body);
+    }
+    Ok((chunks, hasher.finish()))
+}
+
+pub(crate) enum ResponseRead<B> {
+    Whole(Chunks),
+    TooLarge { prefix: Chunks, rest: B },
+    Failed { prefix: Chunks, error: BoxError },
+}
+
+/// Reads a handler's response body to store it, up to `limit` bytes.
+pub(crate) async fn read_response<B>(mut body: B, limit: usize) -> ResponseRead<B>
+where
+    B: Body + Unpin,
+    B::Data: Buf,
+    B::Error: Into<BoxError>,
+{
+    let mut chunks = Chunks::default();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Err(error) => {
+                return ResponseRead::Failed {
+                    prefix: chunks,
+                    error: error.into(),
+                };
+            }
+            Ok(frame) => {
+                let Ok(mut data) = frame.into_data() else {
+                    continue; // trailers are not stored
+                };
+                chunks.push(data.copy_to_bytes(data.remaining()));
+                if chunks.len() > limit {
+                    return ResponseRead::TooLarge {
+                        prefix: chunks,
+                        rest: body,
+                    };
+                }
+            }
+        }
+    }
+    ResponseRead::Whole(chunks)
 }
 
 #[cfg(test)]

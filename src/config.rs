@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
 
+use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
+use crate::fingerprint::BodyFingerprint;
+use crate::tenant::Sealer;
+use crate::wait::{DEFAULT_MAX_WAITERS, Waiters};
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -29,13 +33,18 @@ pub(crate) struct Config {
     pub(crate) max_body_bytes: usize,
     pub(crate) max_response_bytes: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) canonical_json: bool,
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) skip_response_headers: Vec<HeaderName>,
     pub(crate) cache_policy: StatusSet,
     pub(crate) fail_open: bool,
     pub(crate) finish_on_disconnect: bool,
-    pub(crate) max_detached_runs: usize,
+    pub(crate) admission: Limits,
+    pub(crate) shared_scope: bool,
     pub(crate) shared_scope_cookies: bool,
+    pub(crate) sealer: Sealer,
+    /// How long a duplicate waits for the first request with its key; `None`: `409` at once.
+    pub(crate) wait: Option<Duration>,
+    pub(crate) max_waiters: usize,
 }
 
 impl Config {
@@ -69,19 +78,20 @@ impl Default for Config {
             max_body_bytes: 2 * 1024 * 1024,
             max_response_bytes: 1024 * 1024,
             fingerprint_headers: Vec::new(),
-            canonical_json: false,
+            body_fingerprint: BodyFingerprint::default(),
             skip_response_headers: Vec::new(),
             cache_policy: StatusSet::from_fn(default_cache_policy),
             fail_open: false,
             finish_on_disconnect: true,
-            max_detached_runs: DEFAULT_MAX_DETACHED_RUNS,
+            admission: Limits::default(),
+            shared_scope: false,
             shared_scope_cookies: false,
+            sealer: Sealer::default(),
+            wait: None,
+            max_waiters: DEFAULT_MAX_WAITERS,
         }
     }
 }
-
-/// The default bound on handlers that run on after their client left.
-pub(crate) const DEFAULT_MAX_DETACHED_RUNS: usize = 1024;
 
 /// The refusals that say the operation did not run, with why. They are not stored by
 /// [`default_cache_policy`]: the corrected retry may reuse its key.
@@ -206,6 +216,8 @@ pub(crate) struct Shared<St, T, E> {
     pub(crate) renderer: Arc<E>,
     pub(crate) config: Config,
     pub(crate) detached: DetachedRuns,
+    pub(crate) admission: Arc<Admission>,
+    pub(crate) waiters: Arc<Waiters>,
 }
 
 #[cfg(test)]

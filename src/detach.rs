@@ -6,7 +6,6 @@
 //! stayed. Nothing is spawned while the client stays: the hand-over happens in the request
 //! future's `Drop`.
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,14 +17,15 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::sync::Notify;
 
+use crate::admission::Permit;
 use crate::lease::drop_keeping_lease;
 use crate::outcome::RequestSpan;
 
 /// A keyed request's future from the moment it holds its key: it can be handed to a task of
 /// its own when its request goes away.
 pub(crate) trait Detachable: Future + Send {
-    /// Runs the rest of this future on a task of its own, or, past the limit of detached runs or
-    /// without a runtime, drops it (its key is then released).
+    /// Runs the rest of this future on a task of its own. Without a runtime to run on (it is
+    /// shutting down), drops it keeping its lease: its handler may be half-way.
     fn detach(self: Pin<Box<Self>>);
 }
 
@@ -36,19 +36,20 @@ pin_project! {
         #[pin]
         future: F,
         runs: DetachedRuns,
-        limit: usize,
         span: RequestSpan,
+        // The request's admission, held until the handler's part ends, detached or not.
+        permit: Permit,
     }
 }
 
 impl<F> Execution<F> {
     /// Wraps the handler's part of a request, in the request's span (the current one).
-    pub(crate) fn new(future: F, runs: &DetachedRuns, limit: usize) -> Self {
+    pub(crate) fn new(future: F, runs: &DetachedRuns, permit: Permit) -> Self {
         Self {
             future,
             runs: runs.clone(),
-            limit,
             span: RequestSpan::current(),
+            permit,
         }
     }
 }
@@ -72,31 +73,20 @@ impl<F: Future> Future for Execution<F> {
 impl<F: Future + Send + 'static> Detachable for Execution<F> {
     fn detach(self: Pin<Box<Self>>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // no runtime to run on: dropped, and its key released
-        };
-        let span = self.span.clone();
-        let Some(slot) = self.runs.enter(self.limit) else {
-            span.in_scope(|| crate::outcome::detach_refused(self.limit));
+            // No runtime to run on: its handler may be half-way, so its key keeps its lease.
+            drop_keeping_lease(self);
             return;
         };
-        span.in_scope(crate::outcome::detached);
+        // Never refused: keyed work is bounded when it is admitted, not by cutting off a run
+        // that holds its key (see `admission`).
+        let slot = self.runs.enter();
+        self.span.in_scope(crate::outcome::detached);
         drop(runtime.spawn(DetachedRun {
             run: Some(self),
             polling: false,
             _slot: slot,
         }));
     }
-}
-
-thread_local! {
-    /// Set while a detached run is polled, so that its events say so.
-    static DETACHED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether the code running now is a detached run's.
-#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
-pub(crate) fn in_detached_run() -> bool {
-    DETACHED.with(Cell::get)
 }
 
 /// The task of a detached run.
@@ -116,9 +106,9 @@ impl<F: Future> Future for DetachedRun<F> {
             return Poll::Ready(());
         };
         this.polling = true;
-        DETACHED.with(|detached| detached.set(true));
+        crate::outcome::set_detached_run(true);
         let poll = run.as_mut().project().poll_in_span(cx);
-        DETACHED.with(|detached| detached.set(false));
+        crate::outcome::set_detached_run(false);
         this.polling = false;
         match poll {
             Poll::Ready(_response) => {
@@ -132,7 +122,7 @@ impl<F: Future> Future for DetachedRun<F> {
 
 impl<F> Drop for DetachedRun<F> {
     fn drop(&mut self) {
-        DETACHED.with(|detached| detached.set(false));
+        crate::outcome::set_detached_run(false);
         match self.run.take() {
             // It panicked: its key is released, as for a request whose client stayed.
             Some(run) if self.polling => drop(run),
@@ -206,17 +196,11 @@ impl DetachedRuns {
         tokio::time::timeout(timeout, self.wait()).await.is_ok()
     }
 
-    /// Takes a slot for a new detached run, unless `limit` runs are detached already.
-    fn enter(&self, limit: usize) -> Option<Slot> {
-        let counted = self
-            .0
-            .count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            });
-        counted.ok()?;
+    /// Counts a new detached run.
+    fn enter(&self) -> Slot {
+        self.0.count.fetch_add(1, Ordering::AcqRel);
         crate::metrics::detached_runs(1.0);
-        Some(Slot(self.0.clone()))
+        Slot(self.0.clone())
     }
 }
 

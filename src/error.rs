@@ -17,19 +17,19 @@ use crate::tenant::TenantRejection;
 #[non_exhaustive]
 pub enum ErrorCode {
     /// `400 idempotency_key_missing`: the layer requires a key and the request has none.
-    KeyMissing,
+    MissingKey,
     /// `400 idempotency_key_invalid`: the key is empty, longer than 255 characters, not visible
     /// ASCII, or the header was sent more than once.
-    KeyInvalid,
+    InvalidKey,
     /// `409 idempotency_key_in_progress`: a request with this key is still running; retry after
     /// `Retry-After` seconds.
-    KeyInProgress,
+    InProgress,
     /// `422 idempotency_key_reuse`: the key was already used for a different request (method,
     /// path, query or body).
-    KeyReuse,
+    Mismatch,
     /// `413 request_body_too_large`: the request body is over the layer's `max_body_bytes`; the
     /// handler did not run.
-    BodyTooLarge,
+    TooLarge,
     /// `400 request_body_incomplete`: the request body ended before the length it announced, or
     /// could not be read; the handler did not run.
     BodyIncomplete,
@@ -39,54 +39,90 @@ pub enum ErrorCode {
     /// `409 idempotency_response_not_stored`: a request with this key already completed, but its
     /// response was over the layer's `max_response_bytes`, so it cannot be replayed. The handler
     /// is not run again.
-    ResponseNotStored,
+    NotStored,
     /// `idempotency_tenant_rejected`, with the status the tenant extractor chose: the request's
     /// tenant could not be determined.
     TenantRejected,
+    /// `400 idempotency_tenant_missing`: the request carries a key but names no tenant (with
+    /// the default tenant, no `Authorization` header), and the layer does not let such
+    /// requests share one scope (see `IdempotencyLayer::shared_scope`); nothing ran.
+    TenantMissing,
+    /// `503 idempotency_overloaded`: the layer is working on its most keyed requests at once,
+    /// overall or for this tenant; nothing ran. Retry after `Retry-After` seconds.
+    Overloaded,
+}
+
+/// The names these codes had before they took the names of their [`Outcome`](crate::Outcome).
+#[allow(non_upper_case_globals)]
+impl ErrorCode {
+    /// Renamed [`MissingKey`](Self::MissingKey).
+    #[deprecated(note = "renamed `ErrorCode::MissingKey`")]
+    pub const KeyMissing: Self = Self::MissingKey;
+    /// Renamed [`InvalidKey`](Self::InvalidKey).
+    #[deprecated(note = "renamed `ErrorCode::InvalidKey`")]
+    pub const KeyInvalid: Self = Self::InvalidKey;
+    /// Renamed [`InProgress`](Self::InProgress).
+    #[deprecated(note = "renamed `ErrorCode::InProgress`")]
+    pub const KeyInProgress: Self = Self::InProgress;
+    /// Renamed [`Mismatch`](Self::Mismatch).
+    #[deprecated(note = "renamed `ErrorCode::Mismatch`")]
+    pub const KeyReuse: Self = Self::Mismatch;
+    /// Renamed [`TooLarge`](Self::TooLarge).
+    #[deprecated(note = "renamed `ErrorCode::TooLarge`")]
+    pub const BodyTooLarge: Self = Self::TooLarge;
+    /// Renamed [`NotStored`](Self::NotStored).
+    #[deprecated(note = "renamed `ErrorCode::NotStored`")]
+    pub const ResponseNotStored: Self = Self::NotStored;
 }
 
 impl ErrorCode {
     /// The snake_case code, as in the `code` member of a problem body.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Self::KeyMissing => "idempotency_key_missing",
-            Self::KeyInvalid => "idempotency_key_invalid",
-            Self::KeyInProgress => "idempotency_key_in_progress",
-            Self::KeyReuse => "idempotency_key_reuse",
-            Self::BodyTooLarge => "request_body_too_large",
+            Self::MissingKey => "idempotency_key_missing",
+            Self::InvalidKey => "idempotency_key_invalid",
+            Self::InProgress => "idempotency_key_in_progress",
+            Self::Mismatch => "idempotency_key_reuse",
+            Self::TooLarge => "request_body_too_large",
             Self::BodyIncomplete => "request_body_incomplete",
             Self::StoreUnavailable => "idempotency_store_unavailable",
-            Self::ResponseNotStored => "idempotency_response_not_stored",
+            Self::NotStored => "idempotency_response_not_stored",
             Self::TenantRejected => "idempotency_tenant_rejected",
+            Self::TenantMissing => "idempotency_tenant_missing",
+            Self::Overloaded => "idempotency_overloaded",
         }
     }
 
     /// A short, human-readable summary that does not change from occurrence to occurrence.
     pub const fn title(self) -> &'static str {
         match self {
-            Self::KeyMissing => "Idempotency key missing",
-            Self::KeyInvalid => "Idempotency key invalid",
-            Self::KeyInProgress => "Request in progress",
-            Self::KeyReuse => "Idempotency key reused",
-            Self::BodyTooLarge => "Request body too large",
+            Self::MissingKey => "Idempotency key missing",
+            Self::InvalidKey => "Idempotency key invalid",
+            Self::InProgress => "Request in progress",
+            Self::Mismatch => "Idempotency key reused",
+            Self::TooLarge => "Request body too large",
             Self::BodyIncomplete => "Request body incomplete",
             Self::StoreUnavailable => "Idempotency store unavailable",
-            Self::ResponseNotStored => "Response not stored",
+            Self::NotStored => "Response not stored",
             Self::TenantRejected => "Tenant rejected",
+            Self::TenantMissing => "Tenant missing",
+            Self::Overloaded => "Too many requests in progress",
         }
     }
 
     fn anchor(self) -> &'static str {
         match self {
-            Self::KeyMissing => "KeyMissing",
-            Self::KeyInvalid => "KeyInvalid",
-            Self::KeyInProgress => "KeyInProgress",
-            Self::KeyReuse => "KeyReuse",
-            Self::BodyTooLarge => "BodyTooLarge",
+            Self::MissingKey => "MissingKey",
+            Self::InvalidKey => "InvalidKey",
+            Self::InProgress => "InProgress",
+            Self::Mismatch => "Mismatch",
+            Self::TooLarge => "TooLarge",
             Self::BodyIncomplete => "BodyIncomplete",
             Self::StoreUnavailable => "StoreUnavailable",
-            Self::ResponseNotStored => "ResponseNotStored",
+            Self::NotStored => "NotStored",
             Self::TenantRejected => "TenantRejected",
+            Self::TenantMissing => "TenantMissing",
+            Self::Overloaded => "Overloaded",
         }
     }
 }
@@ -128,7 +164,7 @@ impl Problem {
     /// `400 idempotency_key_missing`.
     pub(crate) fn key_missing(header: &HeaderName) -> Self {
         let detail = format!("This endpoint requires an {header} header.");
-        Self::new(ErrorCode::KeyMissing, StatusCode::BAD_REQUEST, detail)
+        Self::new(ErrorCode::MissingKey, StatusCode::BAD_REQUEST, detail)
     }
 
     /// `400 idempotency_key_invalid`, saying `why`.
@@ -136,7 +172,7 @@ impl Problem {
         let detail = format!(
             "The {header} header is invalid: {why}. A key is 1 to 255 visible ASCII characters, sent once."
         );
-        Self::new(ErrorCode::KeyInvalid, StatusCode::BAD_REQUEST, detail)
+        Self::new(ErrorCode::InvalidKey, StatusCode::BAD_REQUEST, detail)
     }
 
     /// `idempotency_tenant_rejected`, with the status and detail the tenant extractor chose.
@@ -145,16 +181,31 @@ impl Problem {
         Self::new(ErrorCode::TenantRejected, rejection.status(), detail)
     }
 
+    /// `400 idempotency_tenant_missing`.
+    pub(crate) fn tenant_missing() -> Self {
+        Self::new(
+            ErrorCode::TenantMissing,
+            StatusCode::BAD_REQUEST,
+            "This request carries an idempotency key but does not identify its caller, so its response could be replayed to someone else. Authenticate the request.",
+        )
+    }
+
+    /// `503 idempotency_overloaded`, with `Retry-After`.
+    pub(crate) fn overloaded(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::Overloaded,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many requests with idempotency keys are in progress; the request was not processed. Retry after the Retry-After delay.",
+        )
+        .with_retry_after(retry_after)
+    }
+
     /// `413 request_body_too_large`.
     pub(crate) fn body_too_large(limit: usize) -> Self {
         let detail = format!(
             "The request body is larger than the {limit} bytes allowed for idempotent requests."
         );
-        Self::new(
-            ErrorCode::BodyTooLarge,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            detail,
-        )
+        Self::new(ErrorCode::TooLarge, StatusCode::PAYLOAD_TOO_LARGE, detail)
     }
 
     /// `400 request_body_incomplete`.
@@ -169,7 +220,7 @@ impl Problem {
     /// `409 idempotency_key_in_progress`, with `Retry-After`.
     pub(crate) fn in_progress(retry_after: u64) -> Self {
         Self::new(
-            ErrorCode::KeyInProgress,
+            ErrorCode::InProgress,
             StatusCode::CONFLICT,
             "A request with this key is still being processed. Retry after the Retry-After delay.",
         )
@@ -179,7 +230,7 @@ impl Problem {
     /// `422 idempotency_key_reuse`.
     pub(crate) fn key_reuse() -> Self {
         Self::new(
-            ErrorCode::KeyReuse,
+            ErrorCode::Mismatch,
             StatusCode::UNPROCESSABLE_ENTITY,
             "This idempotency key was already used for a different request (method, path, query or body). Use a new key for a new request.",
         )
@@ -192,7 +243,7 @@ impl Problem {
             "A request with this key already completed with status {}, but its response was too large to store, so it cannot be replayed.",
             status.as_u16()
         );
-        Self::new(ErrorCode::ResponseNotStored, StatusCode::CONFLICT, detail)
+        Self::new(ErrorCode::NotStored, StatusCode::CONFLICT, detail)
     }
 
     /// `503 idempotency_store_unavailable`, with `Retry-After`.
@@ -281,7 +332,7 @@ where
 ///
 /// ```json
 /// {
-///   "type": "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.ErrorCode.html#variant.KeyReuse",
+///   "type": "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.ErrorCode.html#variant.Mismatch",
 ///   "title": "Idempotency key reused",
 ///   "status": 422,
 ///   "detail": "This idempotency key was already used for a different request ...",
@@ -321,7 +372,7 @@ mod tests {
     #[test]
     fn problem_json_has_every_member() {
         let problem = Problem::new(
-            ErrorCode::KeyReuse,
+            ErrorCode::Mismatch,
             StatusCode::UNPROCESSABLE_ENTITY,
             "reused",
         );
@@ -340,7 +391,7 @@ mod tests {
             body["type"]
                 .as_str()
                 .unwrap()
-                .ends_with("#variant.KeyReuse")
+                .ends_with("#variant.Mismatch")
         );
     }
 }

@@ -2,13 +2,23 @@
 //!
 //! Every field is length-prefixed, so fields cannot run into each other (`/a` + `?bc` never
 //! equals `/ab` + `?c`). The body comes last and is hashed as it arrives, in one pass, followed
-//! by its length.
+//! by its length; or, with the layer's JSON options, in canonical form ([`json`]); or as a
+//! [`Fingerprinter`] of the application's makes it.
 
 use std::fmt;
+use std::sync::Arc;
 
-use http::HeaderName;
 use http::request::Parts;
+use http::{HeaderName, header};
 use sha2::{Digest, Sha256};
+
+pub(crate) mod json;
+mod number;
+pub(crate) mod pointer;
+mod string;
+mod write;
+
+use pointer::Pointers;
 
 /// The SHA-256 fingerprint of a request. A key is bound to the fingerprint of its first request.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,10 +53,7 @@ impl fmt::Debug for Fingerprint {
 /// Lowercase hex of the 32 bytes.
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        crate::util::Hex(&self.0).fmt(f)
     }
 }
 
@@ -89,13 +96,13 @@ impl Hasher {
         self.body_len += chunk.len() as u64;
     }
 
-    /// Hashes a whole JSON body in canonical form (object keys sorted, insignificant whitespace
-    /// dropped); a body that is not JSON is hashed as sent.
-    pub(crate) fn json_body(&mut self, body: &[u8]) {
-        match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(value) => {
+    /// Hashes a whole JSON body in canonical form, leaving out the values `ignore` points at;
+    /// a body that has no canonical form (see [`json::scan`]) is hashed as sent.
+    pub(crate) fn json_body(&mut self, body: &[u8], ignore: Option<&Pointers>) {
+        match json::scan(body) {
+            Ok(scanned) => {
                 self.sha.update([1]);
-                self.canonical(&value);
+                scanned.write(ignore, |piece| self.body(piece));
             }
             Err(_) => {
                 self.sha.update([0]);
@@ -104,40 +111,10 @@ impl Hasher {
         }
     }
 
-    /// Writes `value` with object keys sorted and no whitespace. Keys are sorted here, not left
-    /// to `serde_json`, whose maps keep insertion order when its `preserve_order` feature is on.
-    fn canonical(&mut self, value: &serde_json::Value) {
-        use serde_json::Value;
-        match value {
-            Value::Array(items) => {
-                self.body(b"[");
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        self.body(b",");
-                    }
-                    self.canonical(item);
-                }
-                self.body(b"]");
-            }
-            Value::Object(map) => {
-                let mut entries: Vec<_> = map.iter().collect();
-                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                self.body(b"{");
-                for (i, (key, item)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        self.body(b",");
-                    }
-                    // Writing into a hasher cannot fail.
-                    let _ = serde_json::to_writer(ShaWriter(self), key);
-                    self.body(b":");
-                    self.canonical(item);
-                }
-                self.body(b"}");
-            }
-            scalar => {
-                let _ = serde_json::to_writer(ShaWriter(self), scalar);
-            }
-        }
+    /// Hashes what a [`Fingerprinter`] made of the body, in place of the body.
+    fn made_body(&mut self, made: &[u8]) {
+        self.sha.update([2]);
+        self.body(made);
     }
 
     pub(crate) fn finish(mut self) -> Fingerprint {
@@ -151,16 +128,126 @@ fn field(sha: &mut Sha256, bytes: &[u8]) {
     sha.update(bytes);
 }
 
-struct ShaWriter<'a>(&'a mut Hasher);
+/// How the body enters the fingerprint: as sent (the default), in canonical form when it is
+/// JSON, or as a [`Fingerprinter`] makes it. Set on the layer; immutable once the layer is
+/// built.
+#[derive(Clone, Default)]
+pub(crate) struct BodyFingerprint {
+    pub(crate) canonical_json: bool,
+    pub(crate) ignore: Option<Arc<Pointers>>,
+    pub(crate) custom: Option<Arc<dyn Fingerprinter>>,
+}
 
-impl std::io::Write for ShaWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.body(buf);
-        Ok(buf.len())
+impl BodyFingerprint {
+    /// Starts the body's part of `hasher`: returns `true` when the body is hashed whole, once
+    /// read, by [`whole`](Self::whole), `false` when it is hashed chunk by chunk with
+    /// [`Hasher::body`] as it arrives.
+    pub(crate) fn start(&self, hasher: &mut Hasher, parts: &Parts) -> bool {
+        if self.custom.is_some() {
+            return true;
+        }
+        if !self.canonical_json && self.ignore.is_none() {
+            return false;
+        }
+        if is_json(parts) {
+            return true;
+        }
+        // Hashed as sent, the way a JSON body that does not parse is.
+        hasher.sha.update([0]);
+        false
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    /// Hashes the whole body, after [`start`](Self::start) returned `true`.
+    pub(crate) fn whole(&self, hasher: &mut Hasher, parts: &Parts, body: &[u8]) {
+        match &self.custom {
+            Some(custom) => hasher.made_body(&custom.fingerprint(parts, body)),
+            None => hasher.json_body(body, self.ignore.as_deref()),
+        }
+    }
+}
+
+impl fmt::Debug for BodyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BodyFingerprint")
+            .field("canonical_json", &self.canonical_json)
+            .field("ignore_json_pointers", &self.ignore.is_some())
+            .field("fingerprint_with", &self.custom.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// Whether the request's body may be JSON: `Content-Type` `application/json` or any type
+/// with the `+json` suffix (`application/problem+json`, `application/vnd.api+json`), in any
+/// case, with or without parameters; or no `Content-Type` at all (many clients send JSON
+/// without one: the body is then JSON if it parses as JSON, and fingerprinted as sent if not).
+pub(crate) fn is_json(parts: &Parts) -> bool {
+    let Some(value) = parts.headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let essence = value
+        .as_bytes()
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default();
+    let essence = essence.trim_ascii();
+    let Some(slash) = essence.iter().position(|&b| b == b'/') else {
+        return false;
+    };
+    let (kind, subtype) = (&essence[..slash], &essence[slash + 1..]);
+    let valid = |part: &[u8]| {
+        !part.is_empty()
+            && part
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    valid(kind)
+        && valid(subtype)
+        && (kind.eq_ignore_ascii_case(b"application") && subtype.eq_ignore_ascii_case(b"json")
+            || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json"))
+}
+
+/// Decides what a request's body adds to its fingerprint, in place of the body as sent: see
+/// [`IdempotencyLayer::fingerprint_with`](crate::IdempotencyLayer::fingerprint_with).
+///
+/// Implemented for closures `Fn(&Parts, &[u8]) -> Vec<u8>`. The method, path and query, and
+/// the [`fingerprint_headers`](crate::IdempotencyLayer::fingerprint_headers), are hashed
+/// beside the bytes it returns, always.
+///
+/// ```
+/// use http::request::Parts;
+/// use tower_idempotency::{Fingerprinter, IdempotencyLayer, MemoryStore};
+///
+/// /// A payment is the same payment when its amount, currency and payee are, whatever else
+/// /// the client sends (a body that is not such JSON counts as sent).
+/// struct PaymentFields;
+///
+/// impl Fingerprinter for PaymentFields {
+///     fn fingerprint(&self, _parts: &Parts, body: &[u8]) -> Vec<u8> {
+///         match serde_json::from_slice::<serde_json::Value>(body) {
+///             Ok(json) => {
+///                 let fields = [&json["amount"], &json["currency"], &json["payee"]];
+///                 serde_json::to_vec(&fields).unwrap_or_default()
+///             }
+///             Err(_) => body.to_vec(),
+///         }
+///     }
+/// }
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_with(PaymentFields);
+/// ```
+pub trait Fingerprinter: Send + Sync + 'static {
+    /// The bytes that stand for the request's body in its fingerprint. `parts` is the request
+    /// head, `body` the whole body as read (up to
+    /// [`max_body_bytes`](crate::IdempotencyLayer::max_body_bytes)).
+    fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Vec<u8>;
+}
+
+impl<F> Fingerprinter for F
+where
+    F: Fn(&Parts, &[u8]) -> Vec<u8> + Send + Sync + 'static,
+{
+    fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Vec<u8> {
+        self(parts, body)
     }
 }
 
@@ -228,7 +315,7 @@ mod tests {
         let p = parts("POST", "/a");
         let json = |body: &[u8]| {
             let mut h = Hasher::new(&p, &[]);
-            h.json_body(body);
+            h.json_body(body, None);
             h.finish()
         };
         assert_eq!(json(br#"{"a":1,"b":2}"#), json(br#"{ "b": 2, "a": 1 }"#));
@@ -241,5 +328,156 @@ mod tests {
         assert_ne!(json(br#"{"a":"1"}"#), json(br#"{"a":1}"#));
         assert_eq!(json(b"not json"), json(b"not json"));
         assert_ne!(json(b"not json"), json(b"not json "));
+    }
+
+    /// The fingerprint of `body` sent with `content_type`, under `options`, in `chunks`.
+    fn with(options: &BodyFingerprint, content_type: &str, body: &[u8]) -> Fingerprint {
+        let mut p = parts("POST", "/a");
+        p.headers
+            .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        let mut hasher = Hasher::new(&p, &[]);
+        if options.start(&mut hasher, &p) {
+            options.whole(&mut hasher, &p, body);
+        } else {
+            for chunk in body.chunks(3) {
+                hasher.body(chunk);
+            }
+        }
+        hasher.finish()
+    }
+
+    fn canonical() -> BodyFingerprint {
+        BodyFingerprint {
+            canonical_json: true,
+            ..BodyFingerprint::default()
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        let json = |ct: &str| {
+            let mut p = parts("POST", "/a");
+            p.headers.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            is_json(&p)
+        };
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/problem+json",
+            "application/vnd.api+json",
+            "application/merge-patch+JSON",
+            "text/x-report+json",
+        ] {
+            assert!(json(yes), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/jsonx",
+            "application/x-json-stream",
+            "application/json-seq",
+            "json",
+            "application/+json",
+            "/json",
+            "application/",
+            "multipart/form-data; boundary=\"+json\"",
+            "application/x-www-form-urlencoded",
+        ] {
+            assert!(!json(no), "{no}");
+        }
+        let mut p = parts("POST", "/a");
+        p.headers.remove(header::CONTENT_TYPE);
+        assert!(
+            is_json(&p),
+            "without a Content-Type, a body that parses is JSON"
+        );
+    }
+
+    #[test]
+    fn json_options_apply_to_json_bodies_only() {
+        let options = canonical();
+        let (a, b) = (br#"{"a":1,"b":2}"#, br#"{ "b": 2, "a": 1 }"#);
+        assert_eq!(
+            with(&options, "application/json", a),
+            with(&options, "application/json", b)
+        );
+        assert_ne!(
+            with(&options, "text/plain", a),
+            with(&options, "text/plain", b)
+        );
+        // A body that was canonicalised never meets one that was not.
+        assert_ne!(
+            with(&options, "application/json", a),
+            with(&options, "text/plain", a)
+        );
+        // A JSON body that does not parse is hashed as sent, as a body of another type is.
+        assert_eq!(
+            with(&options, "application/json", b"{oops"),
+            with(&options, "text/plain", b"{oops")
+        );
+        // Without options, the content type changes nothing.
+        let none = BodyFingerprint::default();
+        assert_eq!(
+            with(&none, "application/json", a),
+            with(&none, "text/plain", a)
+        );
+        assert_eq!(
+            with(&none, "application/json", a),
+            Fingerprint::of_request(&parts("POST", "/a"), a)
+        );
+    }
+
+    #[test]
+    fn pointers_imply_canonical_json() {
+        let options = BodyFingerprint {
+            ignore: Pointers::parse(["/ts"]).unwrap().map(Arc::new),
+            ..BodyFingerprint::default()
+        };
+        let first = with(&options, "application/json", br#"{"amount":1,"ts":1}"#);
+        assert_eq!(
+            first,
+            with(&options, "application/json", br#"{"ts":2, "amount":1.0}"#)
+        );
+        assert_ne!(
+            first,
+            with(&options, "application/json", br#"{"ts":2,"amount":2}"#)
+        );
+        assert_ne!(
+            with(&options, "text/plain", br#"{"amount":1,"ts":1}"#),
+            with(&options, "text/plain", br#"{"amount":1,"ts":2}"#)
+        );
+    }
+
+    #[test]
+    fn a_fingerprinter_replaces_the_body() {
+        let options = BodyFingerprint {
+            // The body up to its first `;`, whatever its type; JSON options do not apply.
+            custom: Some(Arc::new(|_: &Parts, body: &[u8]| {
+                body.split(|&b| b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec()
+            })),
+            ..canonical()
+        };
+        let first = with(&options, "text/plain", b"pay 10;trace 1");
+        assert_eq!(first, with(&options, "application/json", b"pay 10;trace 2"));
+        assert_ne!(first, with(&options, "text/plain", b"pay 11;trace 1"));
+        // Its bytes never equal a body's: `pay 10` as sent is another fingerprint.
+        assert_ne!(
+            first,
+            with(&BodyFingerprint::default(), "text/plain", b"pay 10")
+        );
+        // The path is still in.
+        let mut other = parts("POST", "/b");
+        other
+            .headers
+            .insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        let mut hasher = Hasher::new(&other, &[]);
+        assert!(options.start(&mut hasher, &other));
+        options.whole(&mut hasher, &other, b"pay 10;trace 1");
+        assert_ne!(hasher.finish(), first);
+        assert!(format!("{options:?}").contains("<fn>"));
     }
 }

@@ -67,9 +67,10 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
         .map_err(|_| KeyError::Invalid("the key must be visible ASCII"))
 }
 
-/// The request's idempotency key, put in the request's extensions before the handler runs, so
-/// that the handler can pass it on (for example as the idempotency key of a payment provider).
+/// The request's idempotency key, put in the request's extensions before the handler runs.
 ///
+/// To pass it on as the idempotency key of a downstream API (a payment provider), use
+/// [`scoped`](Self::scoped), which is unique per tenant, never the client's key itself.
 /// With axum, extract it with `Extension<IdempotencyKey>`:
 ///
 /// ```
@@ -77,7 +78,7 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
 /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
 ///
 /// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> String {
-///     format!("charging with idempotency key {}", key.as_str())
+///     format!("charging with the provider's idempotency key {}", key.scoped())
 /// }
 ///
 /// let app: Router = Router::new()
@@ -106,6 +107,39 @@ impl IdempotencyKey {
     /// The tenant scope the key lives in.
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
+    }
+
+    /// A value unique to this key in this tenant's scope, to pass on as the idempotency key of
+    /// a downstream API (a payment provider, say): 64 lowercase hex characters.
+    ///
+    /// Pass this on, not [`as_str`](Self::as_str). At the provider, every tenant of your app
+    /// shares your one account, so the client's own key would let tenant B, who knows or
+    /// guesses tenant A's key, take it first: A's charge would then fail, or return B's result.
+    /// This value is a SHA-256 digest of the tenant's sealed scope and the key: the same on
+    /// every retry and on every server of a fleet, different for every tenant, and not
+    /// computable by another tenant (it needs the tenant's credential, and the layer's
+    /// [`tenant_secret`](crate::IdempotencyLayer::tenant_secret) when one is set).
+    ///
+    /// ```
+    /// use axum::{Extension, Router, routing::post};
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
+    ///
+    /// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> String {
+    ///     let provider_key = key.scoped(); // e.g. the provider's `Idempotency-Key` header
+    ///     format!("charging with idempotency key {provider_key}")
+    /// }
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/payments", post(create_payment))
+    ///     .layer(IdempotencyLayer::new(MemoryStore::new()));
+    /// ```
+    pub fn scoped(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new_with_prefix(b"tower-idempotency:scoped-key\0")
+            .chain_update(self.tenant.as_bytes())
+            .chain_update(self.key.as_bytes())
+            .finalize();
+        crate::util::hex(&digest)
     }
 }
 
@@ -142,13 +176,63 @@ fn unquote(value: &[u8]) -> Result<Vec<u8>, KeyError> {
             return Err(KeyError::Invalid("the key is longer than 255 characters"));
         }
     }
-    let rest = bytes.as_slice().trim_ascii_start();
-    match rest.first() {
-        None => Ok(out),
-        Some(b',') => Err(KeyError::Invalid("the header was sent more than once")),
-        Some(_) => Err(KeyError::Invalid(
-            "the quoted key is followed by other characters",
-        )),
+    parameters(bytes.as_slice())?;
+    Ok(out)
+}
+
+/// Checks what follows a quoted key: nothing, or RFC 8941 parameters (`;name` or
+/// `;name=value`), which a Structured-Field Item may carry and which are ignored, as RFC 8941
+/// asks of parameters a recipient does not know. A comma outside quotes means several header
+/// lines were combined.
+fn parameters(mut rest: &[u8]) -> Result<(), KeyError> {
+    const INVALID: KeyError = KeyError::Invalid("the quoted key is followed by other characters");
+    loop {
+        rest = rest.trim_ascii_start();
+        match rest.split_first() {
+            None => return Ok(()),
+            Some((b',', _)) => return Err(KeyError::Invalid("the header was sent more than once")),
+            Some((b';', after)) => rest = after.trim_ascii_start(),
+            Some(_) => return Err(INVALID),
+        }
+        // The parameter's name: a lowercase letter or `*`, then lowercase letters, digits,
+        // `_`, `-`, `.`, `*`.
+        let name_len = rest
+            .iter()
+            .position(|b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
+            .unwrap_or(rest.len());
+        if name_len == 0 || !matches!(rest[0], b'a'..=b'z' | b'*') {
+            return Err(INVALID);
+        }
+        rest = &rest[name_len..];
+        let Some(after) = rest.strip_prefix(b"=") else {
+            continue; // a name alone is `true`
+        };
+        rest = match after.first() {
+            // A string: up to its closing quote, with `\"` and `\\` escapes.
+            Some(b'"') => {
+                let mut at = 1;
+                loop {
+                    match after.get(at) {
+                        None => return Err(INVALID),
+                        Some(b'\\') => at += 2,
+                        Some(b'"') => break &after[at + 1..],
+                        Some(_) => at += 1,
+                    }
+                }
+            }
+            // A token, number, byte sequence or boolean: visible characters up to the next
+            // parameter.
+            _ => {
+                let len = after
+                    .iter()
+                    .position(|&b| b == b';' || b == b',' || !b.is_ascii_graphic())
+                    .unwrap_or(after.len());
+                if len == 0 {
+                    return Err(INVALID);
+                }
+                &after[len..]
+            }
+        };
     }
 }
 
@@ -216,6 +300,25 @@ mod tests {
         assert!(invalid(b"\"abc"));
         assert!(invalid(b"\"abc\"x"));
         assert!(invalid(b"\"ab\\c\""));
+    }
+
+    #[test]
+    fn structured_field_parameters_are_ignored() {
+        assert_eq!(ok(b"\"abc\";x=1"), "abc");
+        assert_eq!(ok(b"\"abc\"; x=1;y"), "abc");
+        assert_eq!(
+            ok(b"\"abc\";a=?1;b=tok/en;c=\"s;t,r\\\"\";d=:AQ==:;e=1.5"),
+            "abc"
+        );
+        assert!(invalid(b"\"abc\";"));
+        assert!(invalid(b"\"abc\";X=1"));
+        assert!(invalid(b"\"abc\";1x=1"));
+        assert!(invalid(b"\"abc\";x="));
+        assert!(invalid(b"\"abc\";x=\"open"));
+        assert!(invalid(b"\"abc\";x=1, \"def\""));
+        assert!(invalid(b"\"abc\" x"));
+        // A bare key keeps its characters: `;` is one of them.
+        assert_eq!(ok(b"abc;x=1"), "abc;x=1");
     }
 
     #[test]

@@ -7,18 +7,24 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
+use crate::admission::Admission;
 use crate::config::{Config, Shared, StatusSet};
 use crate::detach::DetachedRuns;
 use crate::error::{ErrorRenderer, ProblemJson};
+use crate::fingerprint::Fingerprinter;
+use crate::fingerprint::pointer::Pointers;
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
-use crate::tenant::{DefaultTenant, TenantExtractor};
+use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
+use crate::wait::Waiters;
 
 /// A [`Layer`] that makes a service safe to retry with idempotency keys.
 ///
 /// The first request with a key runs the inner service once; every retry of the same request
 /// gets the same response back, marked `Idempotent-Replayed: true`. A retry that arrives while
-/// the first is running gets `409`; a key reused for a different request gets `422`.
+/// the first is running gets `409` (or waits for it, with
+/// [`wait_for_in_flight`](Self::wait_for_in_flight)); a key reused for a different request gets
+/// `422`.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -41,6 +47,8 @@ pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
     renderer: Arc<E>,
     config: Config,
     detached: DetachedRuns,
+    admission: Arc<Admission>,
+    waiters: Arc<Waiters>,
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
@@ -53,6 +61,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             renderer: Arc::new(ProblemJson),
             config: Config::default(),
             detached: DetachedRuns::default(),
+            admission: Arc::default(),
+            waiters: Arc::default(),
         }
     }
 }
@@ -228,16 +238,114 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
-    /// Fingerprint JSON bodies canonically (object keys sorted, insignificant whitespace
-    /// dropped), so that `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }` are the same request. A body
-    /// that is not JSON is fingerprinted as sent. Default: `false`.
+    /// Fingerprint JSON bodies canonically, so that `{"a":1,"b":2}` and `{ "b": 2, "a": 1 }`
+    /// are the same request. Default: `false`.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).canonical_json(true);
     /// ```
+    ///
+    /// A body is JSON when its `Content-Type` is `application/json` or any type with the
+    /// `+json` suffix (parameters such as `charset` aside), or when the request has no
+    /// `Content-Type` and its body parses as JSON. Any other body, one that is not
+    /// a single valid JSON value (RFC 8259, UTF-8), one nested more than 128 levels deep, and
+    /// one with an object that names a key twice are fingerprinted as sent, byte for byte:
+    /// parsers disagree on what a repeated key means, so such a body is never taken for
+    /// another. Canonicalising reads the body twice and builds no tree of values: its memory
+    /// is a few bytes per object member, whatever the body's depth or size.
+    ///
+    /// What counts as the same:
+    ///
+    /// - whitespace between tokens is dropped, and object members are sorted by key (the
+    ///   bytes of the decoded key);
+    /// - strings are compared by their characters: `"\u0041"` is `"A"`, `"\/"` is `"/"`,
+    ///   `"\u00e9"` is `"é"`;
+    /// - numbers are compared by their exact decimal value, never through `f64` or `u64`:
+    ///   `1`, `1.0`, `1e0`, `10e-1` and `0.1e1` are the same number, `-0` is `0`, and
+    ///   `100000000000000000001` is not `100000000000000000002`.
+    ///
+    /// What does not: the order of array elements; a string and a number (`"1"`, `1`); a
+    /// member that is `null` and one that is absent; Unicode normalisation (`"é"` and
+    /// `"e\u0301"` differ); and a number whose exponent has more than 18 digits, which is
+    /// compared as sent.
+    ///
+    /// A JSON body that was canonicalised is never the same request as one that was not (a
+    /// body sent once as `application/json`, then as `text/plain`, is `422`).
     pub fn canonical_json(mut self, enabled: bool) -> Self {
-        self.config.canonical_json = enabled;
+        self.config.body_fingerprint.canonical_json = enabled;
+        self
+    }
+
+    /// Leave the values these JSON Pointers (RFC 6901) name out of the fingerprint, so that
+    /// a retry whose body differs only there (a timestamp, a trace id, a nonce the client
+    /// makes anew for every attempt) replays the first request's response. Replaces the
+    /// pointers set before; none by default.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .ignore_json_pointers(["/timestamp", "/metadata/trace_id", "/items/0/nonce"]);
+    /// ```
+    ///
+    /// A pointer is a path of reference tokens, each after a `/`: a member's key, or an array
+    /// element's index (`0`, `1`, ...); `~1` stands for `/` in a key and `~0` for `~`. A
+    /// pointer that names nothing in a body leaves nothing out.
+    ///
+    /// Pointers imply [`canonical_json`](Self::canonical_json) for JSON bodies: the body is
+    /// canonicalised, and each value named is replaced by a marker. The member or element
+    /// itself still counts: a body without the member (or with a shorter array) is another
+    /// request. A body that is not JSON, or not canonicalised (see `canonical_json`), is
+    /// fingerprinted as sent, with nothing left out.
+    ///
+    /// Everything left out is something the first request's response is replayed for: a
+    /// retry that differs there gets the first request's answer, not its own. Name only
+    /// values that do not change what the request does.
+    ///
+    /// # Panics
+    ///
+    /// If a pointer is not a JSON Pointer: it does not start with `/` (the empty pointer, the
+    /// whole body, included: see [`fingerprint_with`](Self::fingerprint_with)), or it has a
+    /// `~` that is not `~0` or `~1`.
+    pub fn ignore_json_pointers<P: AsRef<str>>(
+        mut self,
+        pointers: impl IntoIterator<Item = P>,
+    ) -> Self {
+        let pointers = Pointers::parse(pointers)
+            .unwrap_or_else(|err| panic!("IdempotencyLayer::ignore_json_pointers: {err}"));
+        self.config.body_fingerprint.ignore = pointers.map(Arc::new);
+        self
+    }
+
+    /// Fingerprint what `fingerprinter` makes of the body, in place of the body: for rules
+    /// that [`canonical_json`](Self::canonical_json) and
+    /// [`ignore_json_pointers`](Self::ignore_json_pointers) do not express. Those two do
+    /// not apply while a fingerprinter is set.
+    ///
+    /// ```
+    /// use http::request::Parts;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // The body's first line only (say, a command; the rest is a log the client appends).
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .fingerprint_with(|_parts: &Parts, body: &[u8]| {
+    ///         body.split(|&b| b == b'\n').next().unwrap_or_default().to_vec()
+    ///     });
+    /// ```
+    ///
+    /// Its bytes are hashed with the method, the path, the query and the
+    /// [`fingerprint_headers`](Self::fingerprint_headers), always: the path stays in so that
+    /// a key reused on another route is still `422`, whatever the function returns. It gets
+    /// the request head and the whole body, read once (up to
+    /// [`max_body_bytes`](Self::max_body_bytes)); it runs on every keyed request, before the
+    /// store is asked, so it should be quick and must not block.
+    ///
+    /// The risk is plain: two requests whose bytes are equal are the same request. A
+    /// function that leaves out too much (an amount, an account, a body it cannot parse
+    /// mapped to nothing) replays one request's response to a different request, which then
+    /// never runs. Map a body you cannot read to itself (`body.to_vec()`).
+    pub fn fingerprint_with(mut self, fingerprinter: impl Fingerprinter) -> Self {
+        self.config.body_fingerprint.custom = Some(Arc::new(fingerprinter));
         self
     }
 
@@ -275,20 +383,170 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
-    /// The most handlers that run on at once after their client went away. Past it, a handler
-    /// whose client leaves is cancelled and its key released (as with
-    /// [`finish_on_disconnect(false)`](Self::finish_on_disconnect)), and a warning is logged.
-    /// Default: 1024.
+    /// The most keyed requests this layer works on at once, across tenants. Default: 10,000.
     ///
-    /// It bounds the work that clients who hang up on purpose can start beyond what clients who
-    /// wait can: every detached run holds the key of a request that was accepted, and runs once.
+    /// A keyed request is counted from the moment it is admitted (before the store is asked)
+    /// until its flow ends, including a handler that runs on after its client went away. Past
+    /// the bound, a new keyed request is answered `503 idempotency_overloaded` with
+    /// `Retry-After`, and nothing is started. A request already admitted is never cut off:
+    /// whatever other callers do (hang up, flood), a handler that holds its key runs to its
+    /// end. The layer, its clones and every service it builds share one count.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
-    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_detached_runs(256);
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_in_flight(2_000);
     /// ```
-    pub fn max_detached_runs(mut self, max: usize) -> Self {
-        self.config.max_detached_runs = max;
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        assert!(
+            max > 0,
+            "IdempotencyLayer::max_in_flight must be at least 1"
+        );
+        self.config.admission.total = max;
+        self
+    }
+
+    /// The most keyed requests of one tenant this layer works on at once. Default: 1,000.
+    ///
+    /// Past it, that tenant's new keyed requests are answered `503 idempotency_overloaded`
+    /// with `Retry-After`; other tenants are not affected. So one caller cannot take the whole
+    /// of [`max_in_flight`](Self::max_in_flight), for example by sending slow requests and
+    /// hanging up on each. The shared scope counts as one tenant.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).max_in_flight_per_tenant(100);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0.
+    pub fn max_in_flight_per_tenant(mut self, max: usize) -> Self {
+        assert!(
+            max > 0,
+            "IdempotencyLayer::max_in_flight_per_tenant must be at least 1"
+        );
+        self.config.admission.per_tenant = max;
+        self
+    }
+
+    /// Let a duplicate that arrives while the first request with its key runs wait up to `wait`
+    /// for the first to finish, instead of answering `409` at once. Default: off
+    /// (`Duration::ZERO` turns it off again).
+    ///
+    /// When the first completes, the waiter gets its replay (`Idempotent-Replayed: true`, same
+    /// status, headers and body). When the first ends without a stored response (a `5xx`, a
+    /// refusal that is not stored, a panic), exactly one waiter gets the key and runs the
+    /// handler; the others wait on for that one. Still running at the deadline:
+    /// `409 idempotency_key_in_progress` with `Retry-After`, as without waiting. A key bound to
+    /// another request meanwhile: `422`.
+    ///
+    /// A waiter holds its connection, its buffered body and its admission
+    /// ([`max_in_flight`](Self::max_in_flight)) while it waits. At most
+    /// [`max_waiters`](Self::max_waiters) requests wait at once (1,000 by default) and at most 64
+    /// for one key; past either bound, a duplicate gets `409` at once. A waiter is woken as soon
+    /// as the first request finishes in this layer; a first request on another server (a shared
+    /// store), or under another layer, is seen by polling the store: 25 ms after the wait
+    /// starts, then backing off to every 500 ms, one poll per waiting key.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(5));
+    /// ```
+    pub fn wait_for_in_flight(mut self, wait: Duration) -> Self {
+        self.config.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// The most requests this layer lets wait at once for the first request with their key
+    /// (see [`wait_for_in_flight`](Self::wait_for_in_flight)), across keys. Default: 1,000.
+    /// Past it, a duplicate gets `409` at once. The layer, its clones and every service it
+    /// builds share one count. However large, no more than 64 wait for one key. Each waiter
+    /// holds its buffered body, so this also bounds that memory: at most `max` times
+    /// [`max_body_bytes`](Self::max_body_bytes).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .wait_for_in_flight(Duration::from_secs(5))
+    ///     .max_waiters(200);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0 (leave [`wait_for_in_flight`](Self::wait_for_in_flight) off instead).
+    pub fn max_waiters(mut self, max: usize) -> Self {
+        assert!(max > 0, "IdempotencyLayer::max_waiters must be at least 1");
+        self.config.max_waiters = max;
+        self
+    }
+
+    /// How many requests wait now for the first request with their key, in this layer and its
+    /// clones.
+    #[doc(hidden)]
+    pub fn waiting_requests(&self) -> usize {
+        self.waiters.requests()
+    }
+
+    /// How many keys have requests waiting now, in this layer and its clones.
+    #[doc(hidden)]
+    pub fn waiting_keys(&self) -> usize {
+        self.waiters.keys()
+    }
+
+    /// Whether keyed requests without a tenant of their own share one scope. Default: `false`.
+    ///
+    /// With the default, a keyed request for which the tenant extractor finds no tenant
+    /// ([`TenantId::shared`](crate::TenantId::shared): no `Authorization` header with
+    /// [`DefaultTenant`], an optional header that is absent, ...) is refused with
+    /// `400 idempotency_tenant_missing`: no response is ever replayed to a caller the app did
+    /// not identify. Turn this on only for an API whose callers are anonymous by design; then
+    /// anyone who sends another caller's key with the same request gets that caller's
+    /// response, so keys must be unguessable (UUID v4), and `Set-Cookie` is not replayed there
+    /// (see [`replay_cookies_in_shared_scope`](Self::replay_cookies_in_shared_scope)).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
+    /// ```
+    pub fn shared_scope(mut self, shared: bool) -> Self {
+        self.config.shared_scope = shared;
+        self
+    }
+
+    /// The secret that keys tenant scopes: what a store holds for a tenant is
+    /// HMAC-SHA256(secret, the extractor's digest), never a plain hash of a credential.
+    ///
+    /// Use at least 32 random bytes from your secret manager, the same on every server of a
+    /// fleet (servers with different secrets do not see each other's records). Changing it
+    /// starts every tenant afresh: records stored under the old secret are not found (a retry
+    /// that spans the change runs again), so rotate it when no retries are expected, or
+    /// between TTLs. Without it, a public default key is used: stored tenant ids are still not
+    /// plain hashes, but anyone who can read the store and knows this crate can test
+    /// candidate credentials (a Basic-auth password, a short API key) against them. Give the
+    /// same secret to [`Operator::tenant_secret`](crate::Operator::tenant_secret).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # let secret_from_your_vault = vec![7u8; 32];
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).tenant_secret(&secret_from_your_vault);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is shorter than 16 bytes.
+    pub fn tenant_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        assert!(
+            secret.len() >= MIN_SECRET_LEN,
+            "IdempotencyLayer::tenant_secret must be at least {MIN_SECRET_LEN} bytes (32 random bytes recommended)"
+        );
+        self.config.sealer = Sealer::new(secret);
         self
     }
 
@@ -331,6 +589,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             renderer: self.renderer,
             config: self.config,
             detached: self.detached,
+            admission: self.admission,
+            waiters: self.waiters,
         }
     }
 
@@ -342,6 +602,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
             renderer: Arc::new(renderer),
             config: self.config,
             detached: self.detached,
+            admission: self.admission,
+            waiters: self.waiters,
         }
     }
 
@@ -359,6 +621,8 @@ impl<St, T, E> Clone for IdempotencyLayer<St, T, E> {
             renderer: self.renderer.clone(),
             config: self.config.clone(),
             detached: self.detached.clone(),
+            admission: self.admission.clone(),
+            waiters: self.waiters.clone(),
         }
     }
 }
@@ -386,6 +650,8 @@ impl<S, St, T, E> Layer<S> for IdempotencyLayer<St, T, E> {
                 renderer: self.renderer.clone(),
                 config: self.config.clone(),
                 detached: self.detached.clone(),
+                admission: self.admission.clone(),
+                waiters: self.waiters.clone(),
             }),
         )
     }

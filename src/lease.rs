@@ -12,6 +12,7 @@ use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
 use crate::response::StoredResponse;
 use crate::store::{IdempotencyStore, LockToken, RecordKey, Settled, StoreError, StoreErrorKind};
+use crate::wait::Waiters;
 
 /// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
 ///
@@ -97,6 +98,9 @@ pub(crate) struct Guard<St: IdempotencyStore> {
     timeout: Duration,
     state: GuardState,
     started: Started,
+    /// The requests waiting for this one, woken once the record completes or is released;
+    /// `None` when the layer does not let duplicates wait.
+    waiters: Option<Arc<Waiters>>,
 }
 
 enum GuardState {
@@ -120,6 +124,21 @@ impl<St: IdempotencyStore> Guard<St> {
             timeout,
             state: GuardState::Held,
             started,
+            waiters: None,
+        }
+    }
+
+    /// Wakes the requests of `waiters` that wait for this key, once it completes or is
+    /// released.
+    pub(crate) fn waking(mut self, waiters: Option<Arc<Waiters>>) -> Self {
+        self.waiters = waiters;
+        self
+    }
+
+    /// The record completed or was released (or a call to do so ended): its waiters look.
+    fn wake(&self) {
+        if let Some(waiters) = &self.waiters {
+            waiters.wake(&self.key);
         }
     }
 
@@ -195,6 +214,7 @@ impl<St: IdempotencyStore> Guard<St> {
         let call = self.store.complete(&self.key, self.token, response, ttl);
         let result = timed(StoreOp::Complete, self.timeout, call).await;
         self.state = GuardState::Done;
+        self.wake();
         if let Err(err) = result {
             self.report("complete", &err);
         }
@@ -208,6 +228,7 @@ impl<St: IdempotencyStore> Guard<St> {
         let call = self.store.settle(&self.key, self.token);
         let result = timed(StoreOp::Complete, self.timeout, call).await;
         self.state = GuardState::Done;
+        self.wake();
         match result {
             Ok(Settled::Completed) => Outcome::Executed,
             Ok(Settled::Released) => Outcome::Released,
@@ -228,6 +249,7 @@ impl<St: IdempotencyStore> Guard<St> {
         let call = self.store.release(&self.key, self.token);
         let result = timed(StoreOp::Release, self.timeout, call).await;
         self.state = GuardState::Done;
+        self.wake();
         if let Err(err) = result {
             self.report("release", &err);
             if err.kind() != StoreErrorKind::LeaseLost {
@@ -252,8 +274,9 @@ impl<St: IdempotencyStore> Guard<St> {
         });
     }
 
-    /// Runs `task` on the current Tokio runtime, detached from this request. Without a runtime
-    /// (it is shutting down), nothing runs and the lease ends by itself.
+    /// Runs `task` on the current Tokio runtime, detached from this request, then wakes the
+    /// requests waiting for this key. Without a runtime (it is shutting down), nothing runs and
+    /// the lease ends by itself.
     fn spawn_with<F, Fut>(&self, task: F)
     where
         F: FnOnce(Arc<St>, RecordKey, LockToken, Duration) -> Fut,
@@ -261,7 +284,14 @@ impl<St: IdempotencyStore> Guard<St> {
     {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let (store, key) = (self.store.clone(), self.key.clone());
-            handle.spawn(task(store, key, self.token, self.timeout));
+            let task = task(store, key.clone(), self.token, self.timeout);
+            let waiters = self.waiters.clone();
+            handle.spawn(async move {
+                task.await;
+                if let Some(waiters) = waiters {
+                    waiters.wake(&key);
+                }
+            });
         }
     }
 }

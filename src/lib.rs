@@ -53,8 +53,47 @@
 //! # }
 //! ```
 //!
-//! With static API keys, `IdempotencyLayer::new(MemoryStore::new())` alone is enough: the
-//! default tenant is a hash of the `Authorization` header.
+//! [`TenantFromExtension`] scopes keys by the type's name and the value's `Display`. With static
+//! API keys, `IdempotencyLayer::new(MemoryStore::new())` alone is enough: the default tenant is
+//! the `Authorization` header (a keyed request without one is refused with `400`, unless
+//! [`shared_scope(true)`](IdempotencyLayer::shared_scope)). Set
+//! [`tenant_secret`](IdempotencyLayer::tenant_secret) in production. The key is optional by
+//! default, so that adding the layer breaks no client that sends none; on a payments route,
+//! [`require_key(true)`](IdempotencyLayer::require_key) makes every request retry-safe.
+//!
+//! # Where the layer goes in a stack
+//!
+//! The order of layers changes what is stored. With `tower::ServiceBuilder`, the first layer
+//! listed is the outermost:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use axum::{Router, http::StatusCode, middleware, routing::post};
+//! # use axum::{extract::Request, middleware::Next, response::Response};
+//! # use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
+//! use tower::ServiceBuilder;
+//! use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, timeout::TimeoutLayer};
+//! # #[derive(Clone)] struct AccountId(u64);
+//! # impl std::fmt::Display for AccountId {
+//! #     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { self.0.fmt(f) }
+//! # }
+//! # async fn authenticate(request: Request, next: Next) -> Response { next.run(request).await }
+//!
+//! let app: Router = Router::new().route("/payments", post(|| async { "created" })).layer(
+//!     ServiceBuilder::new()
+//!         .layer(CatchPanicLayer::new()) // outside: the layer sees the panic and releases the key
+//!         .layer(CompressionLayer::new()) // outside: stored responses are identity-encoded
+//!         // outside: a timeout looks like a client that left; the run finishes and is stored
+//!         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)))
+//!         .layer(middleware::from_fn(authenticate)) // outside: a 401 never reaches the layer
+//!         .layer(IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<AccountId>::new())),
+//! );
+//! ```
+//!
+//! A `TimeoutLayer` *inside* the idempotency layer would cancel the handler half-way and answer
+//! `408`, which releases the key: the retry would run the handler again. Use
+//! `Router::route_layer` rather than `Router::layer` to add it, so that requests to routes that do
+//! not exist store nothing.
 //!
 //! # How it works
 //!
@@ -66,6 +105,7 @@
 //! |------------------------------------------|---------------------------------------------------------------|
 //! | absent, or expired                       | an in-flight record is created; the handler runs              |
 //! | in flight, same fingerprint              | `409 idempotency_key_in_progress` with `Retry-After`          |
+//! | in flight, same fingerprint, [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) | waits for the first: its replay, or `409` at the deadline |
 //! | in flight, its lease expired (holder died) | taken over with a new lock token; the handler runs          |
 //! | completed, same fingerprint              | the stored response, with `Idempotent-Replayed: true`         |
 //! | any live record, different fingerprint   | `422 idempotency_key_reuse`                                   |
@@ -110,13 +150,14 @@
 //!
 //! | feature            | store           | for                                                           |
 //! |--------------------|-----------------|---------------------------------------------------------------|
-//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded                  |
+//! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded (per tenant too); an optional snapshot keeps completed records across a restart |
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
 //! | `sqlx`             | `SqlxStore`     | the same table on your own `sqlx::PgPool`; with `Claim`, the record completes in your transaction |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
+//! | `client`           |                 | the client side: `IdempotentRetryLayer`, one key per operation and safe retries for tower HTTP clients (`reqwest`: `IdempotentRetryMiddleware` for `reqwest-middleware`) |
 //!
 //! [`ReplayCache`] sits in front of any store and keeps completed records in process, so that a
 //! replay it holds costs no store call.
@@ -136,12 +177,15 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod admission;
 mod body;
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 mod claim;
 #[cfg(not(any(feature = "postgres", feature = "sqlx")))]
 #[path = "claim_off.rs"]
 mod claim;
+#[cfg(feature = "client")]
+mod client;
 mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
@@ -161,16 +205,27 @@ mod response;
 mod service;
 mod store;
 mod tenant;
+mod util;
+mod wait;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 pub use claim::{Claim, ClaimConnection, ClaimError, ClaimErrorKind};
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use client::IdempotentRetryMiddleware;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub use client::{
+    IdempotentRetry, IdempotentRetryLayer, IdempotentRetryLayerBuilder, RetryBody, RetryError,
+    RetryErrorKind, RetryFuture, RetryOutcome,
+};
 pub use config::{
     CacheDecision, IDEMPOTENCY_BYPASSED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, default_cache_policy,
 };
 pub use detach::DetachedRuns;
 pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
@@ -184,7 +239,9 @@ pub use store::ClaimTarget;
 pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
-pub use store::memory::MemoryStore;
+pub use store::memory::{
+    MemoryStore, MemoryStoreBuilder, MemoryStoreSettings, SnapshotLoad, SnapshotStatus,
+};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::PostgresStore;
@@ -214,20 +271,42 @@ pub mod fuzzing {
         crate::key::parse_value(value).ok()
     }
 
-    /// The fingerprint of a request whose body arrives in `chunks`.
+    /// The fingerprint of a request whose body arrives in `chunks`, with `canonical_json`
+    /// and the pointers `ignore` as the layer has them.
     pub fn fingerprint(
         parts: &Parts,
         chunks: &[&[u8]],
         canonical_json: bool,
+        ignore: &[&str],
     ) -> crate::Fingerprint {
+        let options = crate::fingerprint::BodyFingerprint {
+            canonical_json,
+            ignore: crate::fingerprint::pointer::Pointers::parse(ignore)
+                .ok()
+                .flatten()
+                .map(std::sync::Arc::new),
+            custom: None,
+        };
         let mut hasher = crate::fingerprint::Hasher::new(parts, &[]);
-        if canonical_json {
-            hasher.json_body(&chunks.concat());
+        if options.start(&mut hasher, parts) {
+            options.whole(&mut hasher, parts, &chunks.concat());
         } else {
             for chunk in chunks {
                 hasher.body(chunk);
             }
         }
         hasher.finish()
+    }
+
+    /// The canonical form of a JSON body, with `?` for the values `ignore` points at; `None`
+    /// when the body has none (it is then fingerprinted as sent).
+    pub fn canonical_json(body: &[u8], ignore: &[&str]) -> Option<Vec<u8>> {
+        let ignore = crate::fingerprint::pointer::Pointers::parse(ignore)
+            .ok()
+            .flatten();
+        let scanned = crate::fingerprint::json::scan(body).ok()?;
+        let mut out = Vec::new();
+        scanned.write(ignore.as_ref(), |piece| out.extend_from_slice(piece));
+        Some(out)
     }
 }

@@ -11,7 +11,7 @@ use http::StatusCode;
 use crate::fingerprint::Fingerprint;
 use crate::key::{KeyError, parse_value};
 use crate::store::{Forget, IdempotencyStore, RecordKey, RecordState, StoreError};
-use crate::tenant::TenantId;
+use crate::tenant::{MIN_SECRET_LEN, Sealer, TenantId};
 
 /// How many bytes of the fingerprint a [`KeyReport`] shows, in hex: enough to tell two requests
 /// apart, not a value to rebuild anything from.
@@ -54,13 +54,51 @@ const FINGERPRINT_PREFIX_BYTES: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Operator<St> {
     store: St,
+    sealer: Sealer,
 }
 
 impl<St: IdempotencyStore> Operator<St> {
     /// An operator over `store`: pass the layer's store (`layer.store().clone()`), or another
     /// handle to the same shared store.
     pub fn new(store: St) -> Self {
-        Self { store }
+        Self {
+            store,
+            sealer: Sealer::default(),
+        }
+    }
+
+    /// The layer's [`tenant_secret`](crate::IdempotencyLayer::tenant_secret): an operator
+    /// finds the records of a layer with a secret only with the same secret.
+    ///
+    /// ```
+    /// # use tower_idempotency::{MemoryStore, Operator};
+    /// # let secret_from_your_vault = vec![7u8; 32];
+    /// let operator = Operator::new(MemoryStore::new()).tenant_secret(&secret_from_your_vault);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is shorter than 16 bytes, as the layer's.
+    #[must_use]
+    pub fn tenant_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        assert!(
+            secret.len() >= MIN_SECRET_LEN,
+            "Operator::tenant_secret must be at least {MIN_SECRET_LEN} bytes"
+        );
+        self.sealer = Sealer::new(secret);
+        self
+    }
+
+    /// The record key of (`tenant`, `key`) as the layer stores it: the tenant sealed with the
+    /// secret (see [`tenant_secret`](Self::tenant_secret)), the key validated and unquoted.
+    /// For finding a record by hand in a shared store (a Redis key, a PostgreSQL row).
+    ///
+    /// # Errors
+    ///
+    /// [`OperatorError::InvalidKey`] when the layer would refuse the key.
+    pub fn record_key(&self, tenant: TenantId, key: &str) -> Result<RecordKey, OperatorError> {
+        record_key(self.sealer.seal(tenant), key)
     }
 
     /// The store.
@@ -83,7 +121,7 @@ impl<St: IdempotencyStore> Operator<St> {
         tenant: TenantId,
         key: &str,
     ) -> Result<Option<KeyReport>, OperatorError> {
-        let record = record_key(tenant, key)?;
+        let record = self.record_key(tenant, key)?;
         let info = self.store.lookup(&record).await?;
         Ok(info.map(|info| KeyReport {
             tenant,
@@ -104,7 +142,7 @@ impl<St: IdempotencyStore> Operator<St> {
     ///
     /// As [`lookup`](Self::lookup).
     pub async fn forget(&self, tenant: TenantId, key: &str) -> Result<Forget, OperatorError> {
-        let record = record_key(tenant, key)?;
+        let record = self.record_key(tenant, key)?;
         Ok(self.store.forget(&record, false).await?)
     }
 
@@ -122,7 +160,7 @@ impl<St: IdempotencyStore> Operator<St> {
         tenant: TenantId,
         key: &str,
     ) -> Result<Forget, OperatorError> {
-        let record = record_key(tenant, key)?;
+        let record = self.record_key(tenant, key)?;
         Ok(self.store.forget(&record, true).await?)
     }
 }
@@ -307,7 +345,7 @@ mod tests {
 
     fn report(state: RecordState) -> KeyReport {
         KeyReport {
-            tenant: TenantId::from_bytes("t"),
+            tenant: TenantId::hashed("t"),
             key: "k-1".to_owned(),
             fingerprint: Fingerprint::from_bytes([0xab; 32]),
             state,

@@ -56,6 +56,11 @@ pub enum Outcome {
     NotStored,
     /// The tenant extractor rejected the request.
     TenantRejected,
+    /// `400`: the request named no tenant and the layer has no shared scope.
+    TenantMissing,
+    /// `503`: the layer was working on its most keyed requests at once (overall or for the
+    /// tenant); nothing ran.
+    Overloaded,
 }
 
 impl Outcome {
@@ -75,6 +80,8 @@ impl Outcome {
             Self::Released => "released",
             Self::NotStored => "not_stored",
             Self::TenantRejected => "tenant_rejected",
+            Self::TenantMissing => "tenant_missing",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -88,14 +95,51 @@ impl fmt::Display for Outcome {
 /// The first 8 bytes of a hash, in hex: enough to correlate events, never the value itself.
 #[cfg(feature = "tracing")]
 fn short_hex(bytes: &[u8]) -> String {
-    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&bytes[..8])
 }
 
-/// A short hash of an idempotency key, for logs.
+/// A tag for logs: 8 bytes of HMAC-SHA256 of `kind` and `value` under a key drawn at random
+/// once per process. Stable within a process, so one request's events and a key's retries can
+/// be told apart and followed; never a value anyone can turn back into a key or a credential
+/// by trying candidates, since the key never leaves the process.
+#[cfg(feature = "tracing")]
+fn log_tag(kind: &[u8], value: &[u8]) -> String {
+    use std::sync::OnceLock;
+    static KEY: OnceLock<crate::tenant::Sealer> = OnceLock::new();
+    let sealer = KEY.get_or_init(|| crate::tenant::Sealer::new(&crate::util::random_bytes()));
+    let mut message = Vec::with_capacity(kind.len() + 1 + value.len());
+    message.extend_from_slice(kind);
+    message.push(0);
+    message.extend_from_slice(value);
+    short_hex(&sealer.mac(&message))
+}
+
+/// A tag of an idempotency key, for logs (see [`log_tag`]).
 #[cfg(feature = "tracing")]
 fn key_hash(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    short_hex(&Sha256::digest(key.as_bytes()))
+    log_tag(b"key", key.as_bytes())
+}
+
+/// A tag of a tenant, for logs (see [`log_tag`]).
+#[cfg(feature = "tracing")]
+fn tenant_hash(tenant: &crate::TenantId) -> String {
+    log_tag(b"tenant", tenant.as_bytes())
+}
+
+thread_local! {
+    /// Set while a detached run is polled, so that its events say so.
+    static DETACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the code running now as a detached run's (or no longer).
+pub(crate) fn set_detached_run(detached: bool) {
+    DETACHED.with(|cell| cell.set(detached));
+}
+
+/// Whether the code running now is a detached run's.
+#[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+pub(crate) fn in_detached_run() -> bool {
+    DETACHED.with(std::cell::Cell::get)
 }
 
 /// When the layer started on a request, for the time its `tracing` event reports. Without the
@@ -132,20 +176,20 @@ pub(crate) fn emit(
 ) {
     use tracing::Level;
 
-    crate::metrics::outcome(outcome);
+    crate::metrics::outcome(outcome.as_str());
     let span = tracing::Span::current();
     if !span.is_disabled() {
         span.record("outcome", outcome.as_str());
     }
     let level = match outcome {
-        Outcome::StoreError | Outcome::Bypassed => Level::WARN,
+        Outcome::StoreError | Outcome::Bypassed | Outcome::Overloaded => Level::WARN,
         _ => Level::DEBUG,
     };
     macro_rules! event {
         ($level:expr) => {
             if tracing::enabled!(target: "tower_idempotency", $level) {
                 let key_hash = key.map(key_hash);
-                let tenant_hash = tenant.map(|t| short_hex(t.as_bytes()));
+                let tenant_hash = tenant.map(tenant_hash);
                 tracing::event!(
                     target: "tower_idempotency",
                     $level,
@@ -153,7 +197,7 @@ pub(crate) fn emit(
                     key_hash = key_hash.as_deref(),
                     tenant_hash = tenant_hash.as_deref(),
                     elapsed_us = started.0.elapsed().as_micros() as u64,
-                    detached = crate::detach::in_detached_run(),
+                    detached = in_detached_run(),
                     "idempotency {}",
                     outcome.as_str()
                 );
@@ -200,11 +244,15 @@ impl RequestSpan {
     #[cfg(feature = "tracing")]
     pub(crate) fn new(parts: &http::request::Parts, key: &str, tenant: &crate::TenantId) -> Self {
         use tracing::field::Empty;
+        // No subscriber wants it: no span, and no tag computed for it.
+        if !tracing::enabled!(target: "tower_idempotency", tracing::Level::INFO) {
+            return Self(tracing::Span::none());
+        }
         Self(tracing::info_span!(
             target: "tower_idempotency",
             "idempotency",
             key_hash = key_hash(key),
-            tenant_hash = short_hex(tenant.as_bytes()),
+            tenant_hash = tenant_hash(tenant),
             method = %parts.method,
             path = parts.uri.path(),
             outcome = Empty,
@@ -274,17 +322,6 @@ pub(crate) fn detached() {
     );
 }
 
-/// Reports a handler that was cancelled when its client left because too many runs were
-/// already detached: its key is released.
-#[cfg(feature = "tracing")]
-pub(crate) fn detach_refused(limit: usize) {
-    tracing::warn!(
-        target: "tower_idempotency",
-        limit,
-        "client went away and {limit} handlers already run detached: cancelled, key released"
-    );
-}
-
 /// Reports a detached run that a runtime shutdown cancelled: its key keeps its lease.
 #[cfg(feature = "tracing")]
 pub(crate) fn lease_kept(record: &crate::RecordKey) {
@@ -311,10 +348,6 @@ pub(crate) fn detached() {}
 
 #[cfg(not(feature = "tracing"))]
 #[inline(always)]
-pub(crate) fn detach_refused(_limit: usize) {}
-
-#[cfg(not(feature = "tracing"))]
-#[inline(always)]
 pub(crate) fn lease_kept(_record: &crate::RecordKey) {}
 
 #[cfg(not(feature = "tracing"))]
@@ -334,5 +367,5 @@ pub(crate) fn emit(
     _tenant: Option<&crate::TenantId>,
     _started: Started,
 ) {
-    crate::metrics::outcome(outcome);
+    crate::metrics::outcome(outcome.as_str());
 }

@@ -1,12 +1,20 @@
 //! Stored responses: what a completed record keeps, how it is replayed, and how shared stores
-//! encode it.
+//! encode it; and the assembly of every answer the layer gives to a keyed request.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, response};
+use http::{Response, StatusCode, response};
+
+use crate::body::ResponseBody;
+use crate::config::{Config, IDEMPOTENT_REPLAYED, Shared};
+use crate::error::{ErrorRenderer, Problem};
+use crate::key::ParsedKey;
+use crate::outcome::{self, Outcome, Started};
+use crate::store::{RecordKey, StoreError, StoreErrorKind};
+use crate::tenant::TenantId;
 
 /// A response kept by a completed record, replayed to every retry.
 ///
@@ -77,14 +85,22 @@ impl fmt::Debug for DebugHeaders<'_> {
     }
 }
 
-/// A map of `headers` with room for `extra` more, without growing.
+/// The most entries a capacity is asked for: `HeaderMap` refuses larger ones (its table is
+/// at most 32,768 slots, and it keeps a quarter of them free).
+const MAX_HEADER_CAPACITY: usize = 24_576;
+
+/// A map of `headers` with room for `extra` more, without growing. A map cannot hold more
+/// than 32,768 entries: past that, the rest are left out rather than panicking.
 fn to_map(
     headers: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>,
     extra: usize,
 ) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len() + extra);
+    let capacity = (headers.len() + extra).min(MAX_HEADER_CAPACITY);
+    let mut map = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
     for (name, value) in headers {
-        map.append(name, value);
+        if map.try_append(name, value).is_err() {
+            break;
+        }
     }
     map
 }
@@ -256,7 +272,9 @@ impl StoredResponse {
             StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
         let count = take_u32(buf)? as usize;
         // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
-        let mut headers = HeaderMap::with_capacity(count.min(buf.len() / 8));
+        let capacity = count.min(buf.len() / 8).min(MAX_HEADER_CAPACITY);
+        let mut headers =
+            HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError("too many headers"))?;
         for _ in 0..count {
             let len = take_u32(buf)? as usize;
             let name = HeaderName::from_bytes(take(buf, len)?)
@@ -264,7 +282,9 @@ impl StoredResponse {
             let len = take_u32(buf)? as usize;
             let value = HeaderValue::from_bytes(take(buf, len)?)
                 .map_err(|_| DecodeError("invalid header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
         let body = Bytes::copy_from_slice(take(buf, len)?);
@@ -317,6 +337,124 @@ fn take_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
     Ok(take(buf, 8)?.get_u64())
 }
 
+// Assembling the layer's answers: replays, problems, and what every answer to a keyed request
+// carries (the echoed key, the outcome).
+
+/// A completed request's stored response, replayed; or `409` when it was too large to store.
+pub(crate) fn replay<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    stored: StoredResponse,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    if stored.is_omitted() {
+        let problem = Problem::not_stored(stored.status());
+        return answer(shared, &problem, Outcome::NotStored, report);
+    }
+    // Room for the two headers a replay adds: this one and the echoed key.
+    let mut response = stored.into_replay(2).map(ResponseBody::full);
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    finish(response, Outcome::Replayed, &shared.config, report)
+}
+
+/// `503`: the store failed, timed out, or is full of requests in flight.
+pub(crate) fn unavailable<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    err: &StoreError,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    let config = &shared.config;
+    let problem = match err.kind() {
+        StoreErrorKind::CapacityExceeded => {
+            Problem::store_full(config.store_full_retry_after_secs())
+        }
+        _ => Problem::store_unavailable(config.retry_after_secs()),
+    };
+    answer(shared, &problem, Outcome::StoreError, report)
+}
+
+/// What a response reports about its request: the key header to echo, and the key and tenant
+/// whose hashes go into the outcome's event.
+pub(crate) struct Report<'a> {
+    raw: Option<&'a HeaderValue>,
+    key: Option<&'a str>,
+    tenant: Option<&'a TenantId>,
+    started: Started,
+}
+
+impl<'a> Report<'a> {
+    pub(crate) fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Started) -> Self {
+        Self {
+            raw: Some(raw),
+            key: Some(record.key()),
+            tenant: Some(record.tenant()),
+            started,
+        }
+    }
+}
+
+/// Adds what every response to a keyed request carries: the echoed key (exactly as the client
+/// sent it) and the outcome, in the extensions and as a `tracing` event.
+pub(crate) fn finish<B>(
+    mut response: Response<B>,
+    outcome: Outcome,
+    config: &Config,
+    report: Report<'_>,
+) -> Response<B> {
+    outcome::emit(outcome, report.key, report.tenant, report.started);
+    if let Some(raw) = report.raw {
+        response
+            .headers_mut()
+            .insert(config.header.clone(), raw.clone());
+    }
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+/// Renders `problem` as the answer to a keyed request.
+pub(crate) fn answer<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    problem: &Problem,
+    outcome: Outcome,
+    report: Report<'_>,
+) -> Response<ResponseBody<B>> {
+    finish(render(shared, problem), outcome, &shared.config, report)
+}
+
+/// Renders `problem` with the configured renderer, adding `Retry-After` when it has one.
+pub(crate) fn render<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    problem: &Problem,
+) -> Response<ResponseBody<B>> {
+    let mut response = shared.renderer.render(problem).map(ResponseBody::full);
+    if let Some(seconds) = problem.retry_after() {
+        response
+            .headers_mut()
+            .entry(header::RETRY_AFTER)
+            .or_insert_with(|| HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// A response decided before any store call.
+pub(crate) fn refuse<St, T, E: ErrorRenderer, B>(
+    shared: &Shared<St, T, E>,
+    problem: Problem,
+    outcome: Outcome,
+    key: Option<&ParsedKey>,
+    tenant: Option<&TenantId>,
+) -> Response<ResponseBody<B>> {
+    let response = render(shared, &problem);
+    let report = Report {
+        raw: key.map(|k| &k.raw),
+        key: key.map(|k| &*k.key),
+        tenant,
+        started: Started::now(),
+    };
+    finish(response, outcome, &shared.config, report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +497,51 @@ mod tests {
         let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
         bytes.extend(u32::MAX.to_be_bytes());
         assert!(StoredResponse::decode(&bytes).is_err());
+    }
+
+    /// A record with more headers than a `HeaderMap` can take, as a store could hold it: an
+    /// error, never a panic.
+    fn many_headers(count: u32) -> Vec<u8> {
+        let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
+        bytes.extend(count.to_be_bytes());
+        for _ in 0..count {
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'x');
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'v');
+        }
+        bytes.extend(0u64.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn too_many_headers_are_an_error_not_a_panic() {
+        for count in [24_576, 24_577, 32_768, 32_769, 40_000, 70_000] {
+            // Decoded or refused, and replayed without a panic.
+            if let Ok(stored) = StoredResponse::decode(&many_headers(count)) {
+                let replay = stored.into_replay(2);
+                assert!(!replay.headers().is_empty(), "{count}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics() {
+        use std::hash::{BuildHasher, Hasher};
+        let sample = sample().encode();
+        let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+        for round in 0..20_000u32 {
+            seed.write_u32(round);
+            let r = seed.finish();
+            let mut bytes = sample.to_vec();
+            // Flip a few bytes, and cut or extend the input.
+            for i in 0..(r % 4) {
+                let at = ((r >> (8 * i)) as usize) % bytes.len();
+                bytes[at] ^= (r >> 32) as u8 | 1;
+            }
+            bytes.truncate(((r >> 40) as usize) % (bytes.len() + 1));
+            let _ = StoredResponse::decode(&bytes);
+        }
     }
 
     #[test]

@@ -9,31 +9,34 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tower_service::Service;
 
-use crate::body::{BoxError, Chunks, RequestBody, ResponseBody, ResponseKind};
+use crate::admission::Permit;
+use crate::body::{
+    BoxError, Chunks, RequestBody, ResponseBody, ResponseKind, ResponseRead, content_length,
+    read_body, read_response,
+};
 use crate::claim::{self, HeldClaim};
-use crate::config::{Config, IDEMPOTENCY_BYPASSED, IDEMPOTENT_REPLAYED, Shared};
+use crate::config::{Config, IDEMPOTENCY_BYPASSED, Shared};
 use crate::detach::Execution;
 use crate::error::{ErrorRenderer, Problem, ProblemJson};
-use crate::fingerprint::{Fingerprint, Hasher};
+use crate::fingerprint::Fingerprint;
 use crate::future::{ResponseFuture, Running, Step};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
-use crate::outcome::{self, Outcome, RequestSpan, Started};
-use crate::response::StoredResponse;
-use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use crate::outcome::{Outcome, RequestSpan, Started};
+use crate::response::{Report, StoredResponse, answer, finish, refuse, replay, unavailable};
+use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
 use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
+use crate::wait;
 
 /// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
 pub struct Idempotency<S, St, T = DefaultTenant, E = ProblemJson> {
@@ -80,26 +83,63 @@ impl<S: fmt::Debug, St, T, E> fmt::Debug for Idempotency<S, St, T, E> {
     }
 }
 
-impl<S, St, T, E, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
+/// What the flow needs of the inner service, its response body and its errors, written once:
+/// implemented for every `Service` that fits, and named by every step of the flow.
+#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
+pub trait Handler<ReqBody>: Clone + Send + 'static {
+    /// The handler's response body.
+    type Body: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static;
+    /// The inner service's error.
+    type Error: Send + 'static;
+    /// The inner service's future.
+    type Future: Future<Output = Result<Response<Self::Body>, Self::Error>> + Send + 'static;
+
+    /// `Service::poll_ready`.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>>;
+
+    /// `Service::call`.
+    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future;
+}
+
+impl<S, ReqBody, B> Handler<ReqBody> for S
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static,
+{
+    type Body = B;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::poll_ready(self, cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future {
+        Service::call(self, req)
+    }
+}
+
+/// What the flow needs of a keyed request's body, written once.
+#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
+pub trait RequestBodyOf: Body<Data: Buf + Send> + Send + 'static {}
+
+impl<B: Body<Data: Buf + Send> + Send + 'static> RequestBodyOf for B {}
+
+impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
+where
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: TenantExtractor,
     E: ErrorRenderer,
-    ReqBody: Body + Send + 'static,
-    ReqBody::Data: Buf + Send,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: RequestBodyOf,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResponseBody<S::Body>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, S::Body, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -124,7 +164,11 @@ where
         };
         let (parts, body) = req.into_parts();
         let tenant = match self.shared.tenant.extract(&parts) {
-            Ok(tenant) => tenant,
+            Ok(tenant) if tenant.is_shared() && !config.shared_scope => {
+                let problem = Problem::tenant_missing();
+                return self.refuse(problem, Outcome::TenantMissing, Some(&key), None);
+            }
+            Ok(tenant) => config.sealer.seal(tenant),
             Err(rejection) => {
                 let problem = Problem::tenant_rejected(&rejection);
                 return self.refuse(problem, Outcome::TenantRejected, Some(&key), None);
@@ -134,25 +178,30 @@ where
             let problem = Problem::body_too_large(config.max_body_bytes);
             return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
         }
+        // Keyed work is bounded here, before anything starts, never by cutting off a run.
+        let Ok(permit) = self.shared.admission.admit(&tenant, config.admission) else {
+            let problem = Problem::overloaded(config.retry_after_secs());
+            return self.refuse(problem, Outcome::Overloaded, Some(&key), Some(&tenant));
+        };
         let span = RequestSpan::new(&parts, &key.key, &tenant);
         // The service that `poll_ready` made ready is the one that runs the request.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
         let shared = self.shared.clone();
         let finish_on_disconnect = config.finish_on_disconnect;
-        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant));
+        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant, permit));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
 
 impl<S, St, T, E> Idempotency<S, St, T, E> {
     /// Passes a request through untouched.
-    fn pass<ReqBody, ResBody>(
+    fn pass<ReqBody>(
         &mut self,
         req: Request<ReqBody>,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    ) -> ResponseFuture<S::Future, S::Body, S::Error>
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+        S: Handler<ReqBody>,
     {
         ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)))
     }
@@ -176,26 +225,21 @@ impl<S, St, T, E> Idempotency<S, St, T, E> {
 /// store, in one atomic step, what the request does. Dropped (its client went away) before it
 /// holds the key, it runs nothing and holds nothing.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn prelude<S, St, T, E, ReqBody, ResBody>(
+fn prelude<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
     parts: Parts,
     body: ReqBody,
     key: ParsedKey,
     tenant: TenantId,
-) -> impl Future<Output = Step<ResBody, S::Error>> + Send
+    permit: Permit,
+) -> impl Future<Output = Step<S::Body, S::Error>> + Send
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: Send + Sync + 'static,
     E: ErrorRenderer,
-    ReqBody: Body + Send + 'static,
-    ReqBody::Data: Buf + Send,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
+    ReqBody: RequestBodyOf,
 {
     async move {
         let started = Started::now();
@@ -211,13 +255,26 @@ where
         let ParsedKey { key, raw } = key;
         let record = RecordKey::new(tenant, key);
         let begin = shared.store.begin(&record, &fingerprint, config.lease);
-        let begin = timed(StoreOp::Begin, config.store_timeout, begin).await;
+        let begin = match timed(StoreOp::Begin, config.store_timeout, begin).await {
+            // A duplicate may wait for the first request's answer instead of `409`.
+            Ok(Begin::InFlight) if config.wait.is_some() => {
+                wait::for_first(&shared, &record, &fingerprint).await
+            }
+            begin => begin,
+        };
         let report = Report::keyed(&raw, &record, started);
         match begin {
             Ok(Begin::Acquired(token)) => {
-                let held = Some((&fingerprint, token));
-                let req = keyed_request(parts, chunks, &record, &shared, held);
-                Step::Run(hold(shared, inner, req, raw, record, token, started))
+                let claim = Some((&fingerprint, token));
+                let req = keyed_request(parts, chunks, &record, &shared, claim);
+                let held = Held {
+                    raw,
+                    record,
+                    token,
+                    permit,
+                    started,
+                };
+                Step::Run(hold(shared, inner, req, held))
             }
             Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report))),
             Ok(Begin::InFlight) => {
@@ -258,49 +315,15 @@ where
     Request::from_parts(parts, RequestBody::buffered(chunks))
 }
 
-/// A completed request's stored response, replayed; or `409` when it was too large to store.
-fn replay<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    stored: StoredResponse,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    if stored.is_omitted() {
-        let problem = Problem::not_stored(stored.status());
-        return answer(shared, &problem, Outcome::NotStored, report);
-    }
-    // Room for the two headers a replay adds: this one and the echoed key.
-    let mut response = stored.into_replay(2).map(ResponseBody::full);
-    response
-        .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    finish(response, Outcome::Replayed, &shared.config, report)
-}
-
-/// `503`: the store failed, timed out, or is full of requests in flight.
-fn unavailable<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    err: &StoreError,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    let config = &shared.config;
-    let problem = match err.kind() {
-        StoreErrorKind::CapacityExceeded => {
-            Problem::store_full(config.store_full_retry_after_secs())
-        }
-        _ => Problem::store_unavailable(config.retry_after_secs()),
-    };
-    answer(shared, &problem, Outcome::StoreError, report)
-}
-
 /// Fail-open: the store failed, so the handler runs without protection.
-async fn bypass<S, ReqBody, ResBody>(
+async fn bypass<S, ReqBody>(
     config: &Config,
     mut inner: S,
     req: Request<RequestBody<ReqBody>>,
     report: Report<'_>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+) -> Result<Response<ResponseBody<S::Body>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Handler<ReqBody>,
 {
     let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
     response.headers_mut().insert(
@@ -313,52 +336,59 @@ where
 /// Arms the guard of a request that acquired its key, and boxes the handler's part of its flow
 /// on its own: the answers without a handler (replays, 409, 422) live in a small allocation,
 /// and this part can be detached when the client goes away.
-fn hold<S, St, T, E, ReqBody, ResBody>(
+fn hold<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
     req: Request<RequestBody<ReqBody>>,
-    raw: HeaderValue,
-    record: RecordKey,
-    token: LockToken,
-    started: Started,
-) -> Running<ResBody, S::Error>
+    held: Held,
+) -> Running<S::Body, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
     T: Send + Sync + 'static,
     E: Send + Sync + 'static,
     ReqBody: Send + 'static,
-    ResBody: Body + Unpin + Send + 'static,
-    ResBody::Data: Buf + Send,
-    ResBody::Error: Into<BoxError>,
 {
+    let Held {
+        raw,
+        record,
+        token,
+        permit,
+        started,
+    } = held;
     let config = &shared.config;
     let (store, timeout) = (shared.store.clone(), config.store_timeout);
-    let guard = Guard::new(store, record, token, timeout, started);
-    let (runs, limit) = (shared.detached.clone(), config.max_detached_runs);
+    let waiters = config.wait.map(|_| shared.waiters.clone());
+    let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
+    let runs = shared.detached.clone();
     let execute = execute(shared, inner, req, raw, guard, started);
-    Box::pin(Execution::new(execute, &runs, limit))
+    Box::pin(Execution::new(execute, &runs, permit))
+}
+
+/// What a request that acquired its key holds: the key as the client sent it, the record and
+/// its lock token, and its admission.
+struct Held {
+    raw: HeaderValue,
+    record: RecordKey,
+    token: LockToken,
+    permit: Permit,
+    started: Started,
 }
 
 /// Runs the handler of a request that holds its key, once, renewing the lease while it runs;
 /// then stores its response, or releases the key.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
-fn execute<S, St, T, E, ReqBody, ResBody>(
+fn execute<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     mut inner: S,
     req: Request<RequestBody<ReqBody>>,
     raw: HeaderValue,
     mut guard: Guard<St>,
     started: Started,
-) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>>
+) -> impl Future<Output = Result<Response<ResponseBody<S::Body>>, S::Error>>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Handler<ReqBody>,
     St: IdempotencyStore,
-    ResBody: Body + Unpin,
-    ResBody::Data: Buf,
-    ResBody::Error: Into<BoxError>,
 {
     async move {
         let config = &shared.config;
@@ -445,184 +475,4 @@ where
         }
     };
     (Response::from_parts(head, body), outcome)
-}
-
-/// What a response reports about its request: the key header to echo, and the key and tenant
-/// whose hashes go into the outcome's event.
-struct Report<'a> {
-    raw: Option<&'a HeaderValue>,
-    key: Option<&'a str>,
-    tenant: Option<&'a TenantId>,
-    started: Started,
-}
-
-impl<'a> Report<'a> {
-    fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Started) -> Self {
-        Self {
-            raw: Some(raw),
-            key: Some(record.key()),
-            tenant: Some(record.tenant()),
-            started,
-        }
-    }
-}
-
-/// Adds what every response to a keyed request carries: the echoed key (exactly as the client
-/// sent it) and the outcome, in the extensions and as a `tracing` event.
-fn finish<B>(
-    mut response: Response<B>,
-    outcome: Outcome,
-    config: &Config,
-    report: Report<'_>,
-) -> Response<B> {
-    outcome::emit(outcome, report.key, report.tenant, report.started);
-    if let Some(raw) = report.raw {
-        response
-            .headers_mut()
-            .insert(config.header.clone(), raw.clone());
-    }
-    response.extensions_mut().insert(outcome);
-    response
-}
-
-/// Renders `problem` as the answer to a keyed request.
-fn answer<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: &Problem,
-    outcome: Outcome,
-    report: Report<'_>,
-) -> Response<ResponseBody<B>> {
-    finish(render(shared, problem), outcome, &shared.config, report)
-}
-
-/// Renders `problem` with the configured renderer, adding `Retry-After` when it has one.
-fn render<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: &Problem,
-) -> Response<ResponseBody<B>> {
-    let mut response = shared.renderer.render(problem).map(ResponseBody::full);
-    if let Some(seconds) = problem.retry_after() {
-        response
-            .headers_mut()
-            .entry(header::RETRY_AFTER)
-            .or_insert_with(|| HeaderValue::from(seconds));
-    }
-    response
-}
-
-/// A response decided before any store call.
-fn refuse<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: Problem,
-    outcome: Outcome,
-    key: Option<&ParsedKey>,
-    tenant: Option<&TenantId>,
-) -> Response<ResponseBody<B>> {
-    let response = render(shared, &problem);
-    let report = Report {
-        raw: key.map(|k| &k.raw),
-        key: key.map(|k| &*k.key),
-        tenant,
-        started: Started::now(),
-    };
-    finish(response, outcome, &shared.config, report)
-}
-
-fn content_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-enum BodyError {
-    TooLarge,
-    Read,
-}
-
-impl BodyError {
-    fn problem(self, config: &Config) -> (Problem, Outcome) {
-        match self {
-            Self::TooLarge => (
-                Problem::body_too_large(config.max_body_bytes),
-                Outcome::TooLarge,
-            ),
-            Self::Read => (Problem::body_incomplete(), Outcome::BodyError),
-        }
-    }
-}
-
-/// Reads the request body up to the limit, hashing each chunk as it arrives (one pass, no
-/// copy: the chunks go on to the handler as they came).
-async fn read_body<B>(
-    body: B,
-    parts: &Parts,
-    config: &Config,
-) -> Result<(Chunks, Fingerprint), BodyError>
-where
-    B: Body,
-    B::Data: Buf,
-{
-    let mut hasher = Hasher::new(parts, &config.fingerprint_headers);
-    let mut chunks = Chunks::default();
-    let mut body = pin!(body);
-    while let Some(frame) = body.frame().await {
-        let Ok(mut data) = frame.map_err(|_| BodyError::Read)?.into_data() else {
-            continue; // trailers are not part of the fingerprint
-        };
-        if chunks.len() + data.remaining() > config.max_body_bytes {
-            return Err(BodyError::TooLarge);
-        }
-        let chunk = data.copy_to_bytes(data.remaining());
-        if !config.canonical_json {
-            hasher.body(&chunk);
-        }
-        chunks.push(chunk);
-    }
-    if config.canonical_json {
-        hasher.json_body(&chunks.to_bytes());
-    }
-    Ok((chunks, hasher.finish()))
-}
-
-enum ResponseRead<B> {
-    Whole(Chunks),
-    TooLarge { prefix: Chunks, rest: B },
-    Failed { prefix: Chunks, error: BoxError },
-}
-
-/// Reads a handler's response body to store it, up to `limit` bytes.
-async fn read_response<B>(mut body: B, limit: usize) -> ResponseRead<B>
-where
-    B: Body + Unpin,
-    B::Data: Buf,
-    B::Error: Into<BoxError>,
-{
-    let mut chunks = Chunks::default();
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Err(error) => {
-                return ResponseRead::Failed {
-                    prefix: chunks,
-                    error: error.into(),
-                };
-            }
-            Ok(frame) => {
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // trailers are not stored
-                };
-                chunks.push(data.copy_to_bytes(data.remaining()));
-                if chunks.len() > limit {
-                    return ResponseRead::TooLarge {
-                        prefix: chunks,
-                        rest: body,
-                    };
-                }
-            }
-        }
-    }
-    ResponseRead::Whole(chunks)
 }

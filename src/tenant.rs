@@ -1,8 +1,11 @@
 //! Tenant scoping: which part of the key space a request's idempotency key lives in.
 //!
 //! The record key is (tenant, key): two tenants that send the same key never see each other's
-//! responses. A tenant is stored only as a SHA-256 hash ([`TenantId`]), so a bearer token or API
-//! key used to scope requests never reaches the store.
+//! responses. An extractor names a request's tenant as a SHA-256 digest ([`TenantId`]) of what
+//! identifies it, under a namespace of its own; the layer then seals that digest with its
+//! secret (HMAC-SHA256, see [`IdempotencyLayer::tenant_secret`](crate::IdempotencyLayer::tenant_secret))
+//! before anything reaches the store, so that what is stored cannot be turned back into a
+//! credential by trying candidates, unless one also holds the secret.
 
 use std::fmt::{self, Write as _};
 use std::marker::PhantomData;
@@ -11,24 +14,43 @@ use http::request::Parts;
 use http::{HeaderName, StatusCode, header};
 use sha2::{Digest, Sha256};
 
-/// The hashed identity of a tenant: SHA-256 of what identifies it, with a domain tag so that a
-/// header value and an extension value that happen to be equal do not collide by accident.
+/// The identity of a tenant: a 32-byte digest of what identifies it.
+///
+/// Extractors build it with [`hashed`](Self::hashed) (or the `scope_for` functions of the
+/// built-in extractors); the layer seals it with its secret before it is stored, so a store
+/// holds only sealed ids.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TenantId([u8; 32]);
 
 impl TenantId {
-    /// The one scope shared by every request that has no tenant of its own.
+    /// The one scope shared by every request that has no tenant of its own. The layer refuses
+    /// keyed requests in it unless [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope).
     pub const fn shared() -> Self {
         Self([0; 32])
     }
 
-    /// The tenant identified by `bytes`, hashed.
-    pub fn from_bytes(bytes: impl AsRef<[u8]>) -> Self {
-        Self::hash_parts("bytes", bytes.as_ref())
+    /// The tenant identified by `bytes`: their SHA-256 digest, in a namespace of its own (no
+    /// built-in extractor's scope can equal it).
+    pub fn hashed(bytes: impl AsRef<[u8]>) -> Self {
+        Self::in_namespace("bytes", "", bytes.as_ref())
     }
 
-    /// The tenant identified by the display of `value`, hashed (without an allocation).
+    /// The tenant identified by the display of `value`, hashed (without an allocation), in a
+    /// namespace of its own.
     pub fn from_display(value: &impl fmt::Display) -> Self {
+        Self::display_in_namespace("display", "", value)
+    }
+
+    /// A digest of `value` in the namespace (`kind`, `name`). The namespace's two parts are
+    /// length-prefixed, so that no choice of names makes two namespaces run into each other;
+    /// the value comes last and needs no prefix.
+    fn in_namespace(kind: &str, name: &str, value: &[u8]) -> Self {
+        let mut hasher = namespace(kind, name);
+        hasher.update(value);
+        Self(hasher.finalize().into())
+    }
+
+    fn display_in_namespace(kind: &str, name: &str, value: &impl fmt::Display) -> Self {
         struct HashWriter(Sha256);
         impl fmt::Write for HashWriter {
             fn write_str(&mut self, s: &str) -> fmt::Result {
@@ -36,21 +58,11 @@ impl TenantId {
                 Ok(())
             }
         }
-        let mut writer = HashWriter(Sha256::new_with_prefix(
-            b"tower-idempotency:tenant:display\0",
-        ));
+        let mut writer = HashWriter(namespace(kind, name));
         // Writing into a hasher cannot fail; a `Display` that reports an error still hashes
         // what it wrote.
         let _ = write!(writer, "{value}");
         Self(writer.0.finalize().into())
-    }
-
-    fn hash_parts(domain: &str, bytes: &[u8]) -> Self {
-        let mut hasher = Sha256::new_with_prefix(b"tower-idempotency:tenant:");
-        hasher.update(domain.as_bytes());
-        hasher.update([0]);
-        hasher.update(bytes);
-        Self(hasher.finalize().into())
     }
 
     /// Whether this is the [`shared`](Self::shared) scope.
@@ -58,14 +70,103 @@ impl TenantId {
         *self == Self::shared()
     }
 
-    /// The 32 bytes of the hash.
+    /// The 32 bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
-    /// Rebuilds a tenant id from its 32 bytes, as read back from a store.
-    pub const fn from_hash(bytes: [u8; 32]) -> Self {
+    /// A tenant id from its 32 bytes, kept as they are (as read back from a store).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
+    }
+}
+
+/// A hasher that has absorbed the namespace (`kind`, `name`).
+fn namespace(kind: &str, name: &str) -> Sha256 {
+    let mut hasher = Sha256::new_with_prefix(b"tower-idempotency:tenant\0");
+    for part in [kind, name] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher
+}
+
+/// Seals the tenant ids that extractors produce before they reach a store: HMAC-SHA256 under
+/// the layer's secret. The shared scope stays the shared scope (it names no one).
+#[derive(Clone)]
+pub(crate) struct Sealer {
+    /// SHA-256 with the key XOR ipad absorbed, and with the key XOR opad absorbed (RFC 2104).
+    inner: Sha256,
+    outer: Sha256,
+    /// Whether the key is the layer's own secret, rather than the public default.
+    secret: bool,
+}
+
+/// The smallest secret accepted, in bytes.
+pub(crate) const MIN_SECRET_LEN: usize = 16;
+
+impl Sealer {
+    /// A sealer keyed with `secret`.
+    pub(crate) fn new(secret: &[u8]) -> Self {
+        Self {
+            secret: true,
+            ..Self::keyed(secret)
+        }
+    }
+
+    fn keyed(key: &[u8]) -> Self {
+        let mut block = [0u8; 64];
+        if key.len() > block.len() {
+            block[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            block[..key.len()].copy_from_slice(key);
+        }
+        let pad = |byte: u8| {
+            let mut padded = block;
+            padded.iter_mut().for_each(|b| *b ^= byte);
+            Sha256::new_with_prefix(padded)
+        };
+        Self {
+            inner: pad(0x36),
+            outer: pad(0x5c),
+            secret: false,
+        }
+    }
+
+    /// HMAC-SHA256 of `message` under this sealer's key.
+    pub(crate) fn mac(&self, message: &[u8]) -> [u8; 32] {
+        let inner = self.inner.clone().chain_update(message).finalize();
+        self.outer.clone().chain_update(inner).finalize().into()
+    }
+
+    /// The tenant id that is stored for the id `tenant` an extractor produced.
+    pub(crate) fn seal(&self, tenant: TenantId) -> TenantId {
+        if tenant.is_shared() {
+            return tenant;
+        }
+        TenantId(self.mac(&tenant.0))
+    }
+}
+
+impl Default for Sealer {
+    /// The public default key: without a secret of the app's, a stored tenant id is still not a
+    /// plain hash of a credential, but anyone who knows this crate can try candidates against
+    /// it. Set [`tenant_secret`](crate::IdempotencyLayer::tenant_secret) in production.
+    fn default() -> Self {
+        Self::keyed(b"tower-idempotency:tenant-secret:public-default")
+    }
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = if self.secret {
+            "<secret>"
+        } else {
+            "<public default>"
+        };
+        f.debug_tuple("Sealer")
+            .field(&format_args!("{key}"))
+            .finish()
     }
 }
 
@@ -78,10 +179,7 @@ impl fmt::Debug for TenantId {
 /// Lowercase hex of the 32 bytes.
 impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for byte in self.0 {
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        crate::util::Hex(&self.0).fmt(f)
     }
 }
 
@@ -128,7 +226,7 @@ impl TenantRejection {
 ///     parts
 ///         .headers
 ///         .get("x-account-id")
-///         .map(|v| TenantId::from_bytes(v.as_bytes()))
+///         .map(|v| TenantId::hashed(v.as_bytes()))
 ///         .ok_or_else(|| TenantRejection::new(StatusCode::UNAUTHORIZED, "missing x-account-id"))
 /// });
 /// # let _ = layer;
@@ -177,7 +275,7 @@ impl DefaultTenant {
     /// # let _ = tenant;
     /// ```
     pub fn scope_for(authorization: impl AsRef<[u8]>) -> TenantId {
-        TenantId::hash_parts("authorization", authorization.as_ref())
+        TenantId::in_namespace("authorization", "", authorization.as_ref())
     }
 }
 
@@ -296,10 +394,20 @@ mod warn_once {
     }
 }
 
-/// The tenant named by a request header, hashed, such as `X-Api-Key` or `X-Tenant-Id`.
+/// The tenant named by a request header, hashed, such as `X-Api-Key`.
+///
+/// **Only for a header whose value proves who the caller is**: a secret API key, or a header
+/// that your gateway sets after it verified the caller (and strips from what clients send).
+/// A stored response is replayed before your handler runs, so before any membership check of
+/// the handler's: with a header the client chooses freely, such as an `X-Tenant-Id` naming an
+/// organisation, anyone who sends another organisation's id and one of its keys reads that
+/// organisation's stored response. For a tenant that your auth middleware verified, use
+/// [`TenantFromExtension`].
 ///
 /// A request without the header is rejected with `401` unless [`optional`](Self::optional)
-/// lets it fall back to the shared scope; a header sent twice is rejected with `400`.
+/// lets it fall back to the shared scope (which the layer then refuses unless it has
+/// [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope)); a header sent twice is
+/// rejected with `400`. Each header name is a namespace of its own.
 #[derive(Debug, Clone)]
 pub struct TenantFromHeader {
     name: HeaderName,
@@ -333,7 +441,7 @@ impl TenantFromHeader {
     /// # let _ = tenant;
     /// ```
     pub fn scope_for(&self, value: impl AsRef<[u8]>) -> TenantId {
-        TenantId::hash_parts(self.name.as_str(), value.as_ref())
+        TenantId::in_namespace("header", self.name.as_str(), value.as_ref())
     }
 }
 
@@ -346,7 +454,7 @@ impl TenantExtractor for TenantFromHeader {
                 StatusCode::UNAUTHORIZED,
                 format!("the {} header is required", self.name),
             )),
-            (Some(value), None) => Ok(TenantId::hash_parts(self.name.as_str(), value.as_bytes())),
+            (Some(value), None) => Ok(self.scope_for(value.as_bytes())),
             (Some(_), Some(_)) => Err(TenantRejection::new(
                 StatusCode::BAD_REQUEST,
                 format!("the {} header was sent more than once", self.name),
@@ -356,7 +464,13 @@ impl TenantExtractor for TenantFromHeader {
 }
 
 /// The tenant set by authentication middleware as a request extension of type `T`, hashed from
-/// its `Display` (stable across processes, so every server of a fleet agrees).
+/// the type's name and the value's `Display` (stable across processes, so every server of a
+/// fleet agrees).
+///
+/// The type's name ([`std::any::type_name`]) is the namespace: an `AccountId(42)` and a
+/// `UserId(42)` that display alike are still two tenants, even on one store. Renaming or moving
+/// the type changes every scope (a retry that spans that deploy runs again), as does a
+/// `Display` that changes.
 ///
 /// A request without the extension is rejected with `401`: it was not authenticated, and
 /// sharing a scope by accident would let one client replay another's response.
@@ -385,7 +499,7 @@ impl<T> TenantFromExtension<T> {
     where
         T: fmt::Display,
     {
-        TenantId::from_display(value)
+        TenantId::display_in_namespace("extension", std::any::type_name::<T>(), value)
     }
 }
 
@@ -417,7 +531,7 @@ where
         parts
             .extensions
             .get::<T>()
-            .map(TenantId::from_display)
+            .map(Self::scope_for)
             .ok_or_else(|| {
                 TenantRejection::new(StatusCode::UNAUTHORIZED, "the request is not authenticated")
             })
@@ -483,16 +597,78 @@ mod tests {
         );
         assert_eq!(
             extractor.extract(&one).unwrap(),
+            TenantFromExtension::<Account>::scope_for(&Account(1))
+        );
+        assert_ne!(
+            extractor.extract(&one).unwrap(),
             TenantId::from_display(&"acct-1")
         );
     }
 
     #[test]
+    fn extractors_have_namespaces_of_their_own() {
+        struct AccountId(u64);
+        struct UserId(u64);
+        impl fmt::Display for AccountId {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        impl fmt::Display for UserId {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+        let account = TenantFromExtension::<AccountId>::scope_for(&AccountId(42));
+        let user = TenantFromExtension::<UserId>::scope_for(&UserId(42));
+        assert_ne!(account, user);
+        // A header named like a built-in namespace is still a header's namespace.
+        for name in ["display", "authorization", "bytes", "extension"] {
+            let header = TenantFromHeader::new(HeaderName::from_static(name));
+            assert_ne!(header.scope_for("42"), TenantId::from_display(&42));
+            assert_ne!(header.scope_for("42"), DefaultTenant::scope_for("42"));
+            assert_ne!(header.scope_for("42"), TenantId::hashed("42"));
+        }
+        // Length-prefixed: moving bytes between the name and the value changes the scope.
+        let ab = TenantFromHeader::new(HeaderName::from_static("x-ab")).scope_for("c");
+        let a = TenantFromHeader::new(HeaderName::from_static("x-a")).scope_for("bc");
+        assert_ne!(ab, a);
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        let mac = Sealer::new(b"Jefe").mac(b"what do ya want for nothing?");
+        assert_eq!(
+            crate::util::hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        let mac = Sealer::new(&[0xaa; 131])
+            .mac(b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(
+            crate::util::hex(&mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn sealing_depends_on_the_secret_and_keeps_the_shared_scope() {
+        let tenant = DefaultTenant::scope_for("Basic dXNlcjpwYXNz");
+        let (one, two) = (Sealer::new(&[1; 32]), Sealer::new(&[2; 32]));
+        assert_ne!(one.seal(tenant), two.seal(tenant));
+        assert_eq!(one.seal(tenant), Sealer::new(&[1; 32]).seal(tenant));
+        assert_ne!(Sealer::default().seal(tenant), tenant);
+        assert_ne!(Sealer::default().seal(tenant), one.seal(tenant));
+        assert_eq!(one.seal(TenantId::shared()), TenantId::shared());
+    }
+
+    #[test]
     fn display_is_hex() {
-        let id = TenantId::from_bytes("x");
+        let id = TenantId::hashed("x");
         let hex = id.to_string();
         assert_eq!(hex.len(), 64);
         assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(TenantId::from_hash(*id.as_bytes()), id);
+        assert_eq!(TenantId::from_bytes(*id.as_bytes()), id);
     }
 }

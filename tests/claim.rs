@@ -59,10 +59,10 @@ async fn respond_in_completes_with_the_handlers_commit() {
     assert_eq!(retry.outcome, Some(Outcome::Replayed));
     assert_eq!(runs.get(), 1);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
-    let record = tower_idempotency::RecordKey::new(
-        tower_idempotency::DefaultTenant::scope_for(payments::CLIENT),
-        key.as_str(),
-    );
+    let tenant = tower_idempotency::DefaultTenant::scope_for(payments::CLIENT);
+    let record = tower_idempotency::Operator::new(store.clone())
+        .record_key(tenant, &key)
+        .unwrap();
     let info = store.lookup(&record).await.unwrap().unwrap();
     assert!(
         matches!(info.state, RecordState::Completed { status, replayable: true, .. } if status == StatusCode::CREATED)

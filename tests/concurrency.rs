@@ -1,6 +1,7 @@
 //! Exactly-once under real concurrency: many tasks on many threads.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,13 +11,13 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_concurrent_duplicates_run_the_handler_once() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let barrier = Arc::new(tokio::sync::Barrier::new(500));
     let tasks: Vec<_> = (0..500)
         .map(|_| {
@@ -59,7 +60,7 @@ async fn thousands_of_distinct_keys_in_parallel_each_run_once() {
     let app = Router::new()
         .route("/payments", post(handler))
         .with_state(seen.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()));
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     const KEYS: usize = 4000;
     for round in 0..2 {
         let tasks: Vec<_> = (0..KEYS)
@@ -93,7 +94,7 @@ async fn thousands_of_distinct_keys_in_parallel_each_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_same_key_different_tenants_each_run_once() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     const TENANTS: usize = 50;
     let tasks: Vec<_> = (0..TENANTS * 4)
         .map(|i| {

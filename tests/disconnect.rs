@@ -3,7 +3,8 @@
 //! (`axum::serve`), with clients on raw `TcpStream`s that close their socket, on every store:
 //! on the shared stores a client hangs up on one server of two and retries on the other.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,11 +15,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use common::Runs;
+use support::{Runs, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tower_idempotency::{DetachedRuns, IdempotencyLayer, IdempotencyStore};
+use tokio::net::TcpStream;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
 
 /// What the handlers did: `started` counts runs that began (the side effect: a charge),
 /// `finished` runs that got to their end.
@@ -60,49 +60,10 @@ fn app(effects: Effects) -> Router {
         .with_state(effects)
 }
 
-/// A server on loopback, stopped (gracefully) when dropped or shut down.
-struct Server {
-    addr: SocketAddr,
-    detached: DetachedRuns,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effects) -> Self {
-        let detached = layer.detached_runs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let app = app(effects.clone()).layer(layer);
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            addr,
-            detached,
-            shutdown: Some(tx),
-            task,
-        }
-    }
-
-    /// Stops accepting connections, waits for the open ones, then for the detached runs.
-    async fn shut_down(mut self, deadline: Duration) -> bool {
-        let _ = self.shutdown.take().unwrap().send(());
-        (&mut self.task).await.unwrap();
-        self.detached.wait_timeout(deadline).await
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// Serves `app(effects)` behind `layer` on loopback.
+async fn serve<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effects) -> Server {
+    let detached = layer.detached_runs();
+    Server::start(app(effects.clone()).layer(layer), detached).await
 }
 
 /// A key no other test (nor an earlier run against the same shared store) has used.
@@ -189,8 +150,16 @@ async fn pair<St: IdempotencyStore + Clone>(
     effects: &Effects,
     configure: impl Fn(IdempotencyLayer<St>) -> IdempotencyLayer<St>,
 ) -> (Server, Server) {
-    let a = Server::start(configure(IdempotencyLayer::new(store.clone())), effects).await;
-    let b = Server::start(configure(IdempotencyLayer::new(store)), effects).await;
+    let a = serve(
+        configure(IdempotencyLayer::new(store.clone()).shared_scope(true)),
+        effects,
+    )
+    .await;
+    let b = serve(
+        configure(IdempotencyLayer::new(store).shared_scope(true)),
+        effects,
+    )
+    .await;
     (a, b)
 }
 
@@ -339,7 +308,11 @@ where
     St: IdempotencyStore + Clone,
 {
     let effects = Effects::default();
-    let old = Server::start(IdempotencyLayer::new(store.clone()), &effects).await;
+    let old = serve(
+        IdempotencyLayer::new(store.clone()).shared_scope(true),
+        &effects,
+    )
+    .await;
     let key = fresh_key("shutdown");
     send_and_hang_up(old.addr, "/charge", &key, &effects.started, 1).await;
     until(|| old.detached.count() == 1).await; // the server saw the hang-up
@@ -348,7 +321,7 @@ where
         "the detached run finished within the deadline"
     );
     assert_eq!(effects.finished.get(), 1);
-    let new = Server::start(IdempotencyLayer::new(store), &effects).await;
+    let new = serve(IdempotencyLayer::new(store).shared_scope(true), &effects).await;
     let retry = send(new.addr, "/charge", &key).await;
     assert!(
         retry.replayed(),
@@ -404,7 +377,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(store) = crate::common::shared::redis().await {
+                    if let Some(store) = crate::support::shared::redis().await {
                         super::$case(store).await;
                     }
                 }
@@ -416,7 +389,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(store) = crate::common::shared::postgres().await {
+                    if let Some(store) = crate::support::shared::postgres().await {
                         super::$case(store).await;
                     }
                 }

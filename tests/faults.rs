@@ -5,14 +5,15 @@
 //! Every case runs on each store: on `MemoryStore` with Tokio's paused clock, and on the shared
 //! stores (when `scripts/test-services` provides their servers) in real time with a short lease.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
+use support::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, Outcome};
 
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -29,6 +30,7 @@ impl<S: IdempotencyStore + Clone> World<S> {
     fn new(store: FaultyStore<S>, lease: Duration) -> Self {
         let runs = Runs::default();
         let layer = IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
             .lease(lease)
             .store_timeout(STORE_TIMEOUT);
         let app = api(runs.clone()).layer(layer);
@@ -267,7 +269,11 @@ async fn fail_open_runs_unprotected_and_says_so<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
 {
-    let app = api(w.runs.clone()).layer(IdempotencyLayer::new(w.store.clone()).fail_open(true));
+    let app = api(w.runs.clone()).layer(
+        IdempotencyLayer::new(w.store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     w.store.fail(true);
     for n in 1..=2 {
         let reply = send(&app, payment()).await;
@@ -337,7 +343,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(store) = common::shared::redis().await else { return };
+                    let Some(store) = support::shared::redis().await else { return };
                     super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
                 }
             )*
@@ -350,7 +356,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(store) = common::shared::postgres().await else { return };
+                    let Some(store) = support::shared::postgres().await else { return };
                     super::$case(World::new(FaultyStore::new(store), SHARED_LEASE)).await;
                 }
             )*

@@ -1,15 +1,16 @@
 //! The request flow of DESIGN.md, row by row, through a real axum `Router`.
 
-mod common;
+#[macro_use]
+mod support;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 
 fn app(runs: &Runs) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()))
+    api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
 }
 
 /// A keyed request in a tenant's scope (a static API key, with the default tenant).
@@ -40,7 +41,7 @@ async fn first_request_runs_and_retry_replays_byte_for_byte() {
     for name in ["location", "x-custom", "content-type"] {
         assert_eq!(retry.headers.get(name), first.headers.get(name), "{name}");
     }
-    let cookies = |r: &common::Reply| -> Vec<_> {
+    let cookies = |r: &support::Reply| -> Vec<_> {
         r.headers
             .get_all(header::SET_COOKIE)
             .iter()
@@ -108,8 +109,11 @@ async fn patch_is_covered_by_default_and_methods_are_configurable() {
     assert_eq!(runs.get(), 1);
 
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).methods([Method::PUT]));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .methods([Method::PUT]),
+    );
     let put = || {
         Request::put("/payments")
             .header("idempotency-key", "p")
@@ -131,7 +135,11 @@ async fn patch_is_covered_by_default_and_methods_are_configurable() {
 #[tokio::test]
 async fn missing_key_is_400_when_required() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).require_key(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .require_key(true),
+    );
     let reply = send(
         &app,
         Request::post("/payments").body(Body::from("{}")).unwrap(),
@@ -215,6 +223,15 @@ async fn quoted_and_bare_forms_are_the_same_key_and_echo_as_sent() {
     assert!(retry.replayed());
     assert_eq!(retry.header("idempotency-key"), Some("abc"));
     assert_eq!(runs.get(), 1);
+    // A Structured-Field Item may carry parameters, which are ignored: the same key.
+    let with_parameters = send(&app, post_with_key("/payments", "\"abc\";x=1;y", "{}")).await;
+    assert!(with_parameters.replayed());
+    assert_eq!(
+        with_parameters.header("idempotency-key"),
+        Some("\"abc\";x=1;y")
+    );
+    assert_eq!(with_parameters.body, first.body);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
@@ -275,7 +292,9 @@ async fn stored_statuses_replay_and_failures_release() {
 async fn cache_policy_is_configurable() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).cache_policy(|s| s.is_success() || s == 503),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .cache_policy(|s| s.is_success() || s == 503),
     );
     for code in [404, 503] {
         let uri = format!("/status/{code}");
@@ -343,8 +362,11 @@ async fn json_bodies_differing_in_order_are_different_requests_by_default() {
 #[tokio::test]
 async fn canonical_json_makes_key_order_and_whitespace_irrelevant() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).canonical_json(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .canonical_json(true),
+    );
     let first = send(&app, post_with_key("/payments", "k", r#"{"a":1,"b":2}"#)).await;
     let retry = send(
         &app,
@@ -362,7 +384,9 @@ async fn canonical_json_makes_key_order_and_whitespace_irrelevant() {
 async fn selected_headers_join_the_fingerprint() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).fingerprint_headers([header::CONTENT_TYPE]),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .fingerprint_headers([header::CONTENT_TYPE]),
     );
     send(&app, post_with_key("/payments", "k", "{}")).await;
     let text = Request::post("/payments")
@@ -385,7 +409,9 @@ async fn selected_headers_join_the_fingerprint() {
 async fn skipped_response_headers_are_not_replayed() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
-        IdempotencyLayer::new(MemoryStore::new()).skip_response_headers([header::SET_COOKIE]),
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .skip_response_headers([header::SET_COOKIE]),
     );
     let first = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(first.headers.get_all(header::SET_COOKIE).iter().count(), 2);
@@ -411,6 +437,7 @@ async fn custom_key_header_name() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(
         IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
             .header_name(axum::http::HeaderName::from_static("x-request-key")),
     );
     let request = || {
@@ -441,7 +468,7 @@ async fn the_handler_sees_the_key_and_its_tenant() {
                 format!("{} {shared}", key.as_str())
             }),
         )
-        .layer(IdempotencyLayer::new(MemoryStore::new()));
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let reply = send(&app, post_with_key("/payments", "\"quoted-key\"", "{}")).await;
     assert_eq!(reply.body, "quoted-key true");
 }

@@ -2,7 +2,8 @@
 //! early or never end, lying `Content-Length`s, and a flood of distinct keys. Every request gets
 //! its documented status, the server stays up, and the store stays under its cap.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,10 +11,10 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
-use common::{Runs, api};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::{Runs, Server, api, rss_kib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
@@ -21,19 +22,27 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
 const MAX_BODY: usize = 64 * 1024;
 
-struct Server {
+/// The test API on a real server, and its handler runs.
+struct Hosted {
+    _server: Server,
     addr: SocketAddr,
     runs: Runs,
 }
 
-async fn start<S: IdempotencyStore>(store: S) -> Server {
+async fn start<S: IdempotencyStore>(store: S) -> Hosted {
     let runs = Runs::default();
-    let app: Router =
-        api(runs.clone()).layer(IdempotencyLayer::new(store).max_body_bytes(MAX_BODY));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { addr, runs }
+    let app: Router = api(runs.clone()).layer(
+        IdempotencyLayer::new(store)
+            .shared_scope(true)
+            .max_body_bytes(MAX_BODY),
+    );
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
+    Hosted {
+        _server: server,
+        addr,
+        runs,
+    }
 }
 
 /// Sends raw bytes on a fresh connection and returns the status of the first response (None
@@ -73,7 +82,7 @@ fn keyed(key: &[u8], body: &str) -> Vec<u8> {
 }
 
 /// The server still answers a well-formed request.
-async fn assert_up(server: &Server) {
+async fn assert_up(server: &Hosted) {
     let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
     let request = http::Request::get(format!("http://{}/payments", server.addr))
         .body(http_body_util::Full::new(Bytes::new()))
@@ -93,16 +102,16 @@ async fn keys_around_the_limits_and_with_bad_bytes() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_around_the_limits_and_with_bad_bytes_on_redis() {
-    if let Some(store) = common::shared::redis().await {
-        keys_around_the_limits(common::FaultyStore::new(store)).await;
+    if let Some(store) = support::shared::redis().await {
+        keys_around_the_limits(support::FaultyStore::new(store)).await;
     }
 }
 
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_around_the_limits_and_with_bad_bytes_on_postgres() {
-    if let Some(store) = common::shared::postgres().await {
-        keys_around_the_limits(common::FaultyStore::new(store)).await;
+    if let Some(store) = support::shared::postgres().await {
+        keys_around_the_limits(support::FaultyStore::new(store)).await;
     }
 }
 
@@ -230,22 +239,18 @@ async fn a_body_over_the_limit_sent_slowly_is_refused_before_it_ends() {
     assert_up(&server).await;
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_distinct_keys_stays_under_the_cap() {
     const CAP: usize = 20_000;
     const KEYS: usize = 100_000;
     let runs = Runs::default();
-    let store = MemoryStore::new().max_entries(CAP);
-    let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    // One tenant (the shared scope) sends every key: its bound is the store's.
+    let store = MemoryStore::builder()
+        .max_entries(CAP)
+        .max_entries_per_tenant(CAP)
+        .build();
+    let app: Router =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     let rss_before = rss_kib();
     let started = Instant::now();
     let workers: Vec<_> = (0..4)
@@ -285,12 +290,12 @@ async fn a_flood_of_distinct_keys_stays_under_the_cap() {
         "flood: {KEYS} distinct keys in {elapsed:?} ({:.0} keys/s); {created} created, {refused} refused (503); \
          store holds {} records (cap {CAP}), {} evicted; RSS {rss_before} KiB -> {rss_after} KiB",
         KEYS as f64 / elapsed.as_secs_f64(),
-        store.len(),
+        store.entry_count(),
         store.evicted(),
     );
     assert_eq!(created, KEYS, "a full store makes room: every new key runs");
     assert_eq!(refused, 0);
-    assert_eq!(store.len(), CAP, "the cap holds");
+    assert_eq!(store.entry_count(), CAP, "the cap holds");
     assert_eq!(
         store.evicted(),
         (KEYS - CAP) as u64,

@@ -1,14 +1,15 @@
 //! The life of a record: in flight, completed, expired, released by a drop or a panic, leases
 //! renewed and taken over, and what a failing store does.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FaultyStore, Runs, api, post_with_key, send};
+use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome, RecordKey,
@@ -26,7 +27,7 @@ async fn until(mut done: impl FnMut() -> bool) {
     panic!("condition never held");
 }
 
-fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<common::Reply> {
+fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<support::Reply> {
     let app = app.clone();
     tokio::spawn(async move { send(&app, request).await })
 }
@@ -34,8 +35,11 @@ fn spawn_send(app: &Router, request: Request<Body>) -> tokio::task::JoinHandle<c
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_in_flight_gets_409_with_retry_after_and_a_different_request_422() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).retry_after(Duration::from_secs(3)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .retry_after(Duration::from_secs(3)),
+    );
     let first = spawn_send(&app, post_with_key("/slow/1000", "k", "{}"));
     until(|| runs.get() == 1).await;
 
@@ -61,8 +65,11 @@ async fn a_duplicate_in_flight_gets_409_with_retry_after_and_a_different_request
 #[tokio::test(start_paused = true)]
 async fn records_expire_after_the_ttl_counted_from_completion() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(60)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .ttl(Duration::from_secs(60)),
+    );
     // The handler takes 30 s; the TTL starts when it completes.
     send(&app, post_with_key("/slow/30000", "k", "{}")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -86,7 +93,7 @@ async fn records_expire_after_the_ttl_counted_from_completion() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_request_runs_to_its_end_and_its_retry_replays() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
     let detached = layer.detached_runs();
     let app = api(runs.clone()).layer(layer);
     let first = spawn_send(&app, post_with_key("/slow/600", "k", "{}"));
@@ -108,7 +115,9 @@ async fn a_dropped_request_runs_to_its_end_and_its_retry_replays() {
 #[tokio::test(start_paused = true)]
 async fn without_finish_on_disconnect_a_dropped_request_releases_its_key() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(MemoryStore::new()).finish_on_disconnect(false);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .finish_on_disconnect(false);
     let detached = layer.detached_runs();
     let app = api(runs.clone()).layer(layer);
     let first = spawn_send(&app, post_with_key("/slow/60000", "k", "{}"));
@@ -130,7 +139,7 @@ async fn without_finish_on_disconnect_a_dropped_request_releases_its_key() {
 #[tokio::test]
 async fn a_panicking_handler_releases_its_key() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     for attempt in 1..=2 {
         let app = app.clone();
         let request = post_with_key("/panic", "k", "{}");
@@ -151,7 +160,11 @@ async fn a_panicking_handler_releases_its_key() {
 async fn a_slow_handler_keeps_its_lease_and_is_never_taken_over() {
     let runs = Runs::default();
     let lease = Duration::from_secs(3);
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).lease(lease));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .lease(lease),
+    );
     // The handler runs ten times longer than the lease.
     let first = spawn_send(&app, post_with_key("/slow/30000", "k", "{}"));
     until(|| runs.get() == 1).await;
@@ -174,7 +187,7 @@ async fn a_slow_handler_keeps_its_lease_and_is_never_taken_over() {
 async fn a_dead_holder_is_taken_over_and_cannot_overwrite() {
     let runs = Runs::default();
     let store = MemoryStore::new();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     // A holder on another "server" acquired the key for the same request, then died.
     let request = Request::post("/payments")
         .header("idempotency-key", "k")
@@ -221,7 +234,7 @@ async fn a_dead_holder_is_taken_over_and_cannot_overwrite() {
 async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
     let runs = Runs::default();
     let store = FaultyStore::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     store.fail(true);
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -255,7 +268,11 @@ async fn a_failing_store_answers_503_and_runs_nothing_when_fail_closed() {
 async fn a_failing_store_runs_the_request_unprotected_when_fail_open() {
     let runs = Runs::default();
     let store = FaultyStore::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).fail_open(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     store.fail(true);
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::CREATED);
@@ -315,8 +332,11 @@ impl IdempotencyStore for HangingStore {
 #[tokio::test(start_paused = true)]
 async fn a_store_call_past_its_timeout_answers_503() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(IdempotencyLayer::new(HangingStore).store_timeout(Duration::from_millis(250)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(HangingStore)
+            .shared_scope(true)
+            .store_timeout(Duration::from_millis(250)),
+    );
     let started = tokio::time::Instant::now();
     let reply = send(&app, post_with_key("/payments", "k", "{}")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -327,13 +347,14 @@ async fn a_store_call_past_its_timeout_answers_503() {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_lease_renewal_does_not_hold_up_the_handler() {
-    use common::{Fault, Op};
+    use support::{Fault, Op};
     let runs = Runs::default();
     let store = FaultyStore::default();
     // Renewals every 2 s, each taking 3 s (within the 5 s store timeout).
     store.always(Op::Renew, Fault::Delay(Duration::from_secs(3)));
     let app = api(runs.clone()).layer(
         IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
             .lease(Duration::from_secs(6))
             .store_timeout(Duration::from_secs(5)),
     );

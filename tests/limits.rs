@@ -1,19 +1,24 @@
 //! Limits and bad input: body size, response size, unreadable bodies, the entry cap.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bytes::Bytes;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 
 #[tokio::test]
 async fn announced_body_over_the_limit_is_413_and_nothing_runs_or_is_stored() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).max_body_bytes(16));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(16),
+    );
     let reply = send(
         &app,
         post_with_key("/payments", "k", r#"{"amount":1000000000}"#),
@@ -33,8 +38,11 @@ async fn announced_body_over_the_limit_is_413_and_nothing_runs_or_is_stored() {
 #[tokio::test]
 async fn streamed_body_over_the_limit_is_413() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).max_body_bytes(1024));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(1024),
+    );
     // No Content-Length: chunks of 400 bytes, four of them.
     let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'a'; 400])));
     let body = Body::from_stream(futures_stream(chunks.collect()));
@@ -56,7 +64,11 @@ async fn streamed_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn requests_without_key_are_not_capped() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).max_body_bytes(8));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(8),
+    );
     let request = Request::post("/payments")
         .body(Body::from(vec![b'a'; 4096]))
         .unwrap();
@@ -66,7 +78,7 @@ async fn requests_without_key_are_not_capped() {
 #[tokio::test]
 async fn multi_chunk_bodies_reach_the_handler_whole_and_fingerprint_alike() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let chunked = |parts: Vec<&'static str>| {
         let chunks = parts
             .into_iter()
@@ -87,7 +99,7 @@ async fn multi_chunk_bodies_reach_the_handler_whole_and_fingerprint_alike() {
 #[tokio::test]
 async fn a_body_that_fails_midway_is_400_and_nothing_runs() {
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let chunks = vec![
         Ok(Bytes::from_static(b"{\"amount\"")),
         Err(std::io::Error::new(
@@ -115,8 +127,11 @@ async fn a_body_that_fails_midway_is_400_and_nothing_runs() {
 #[tokio::test]
 async fn response_over_the_cap_reaches_the_client_but_is_never_rerun() {
     let runs = Runs::default();
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).max_response_bytes(1000));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_response_bytes(1000),
+    );
     let first = send(&app, post_with_key("/big/5000", "k", "")).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(
@@ -142,8 +157,11 @@ async fn response_over_the_cap_reaches_the_client_but_is_never_rerun() {
 async fn the_entry_cap_holds_and_a_full_store_makes_room() {
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(3);
-    let app =
-        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).ttl(Duration::from_secs(60)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(Duration::from_secs(60)),
+    );
     for key in ["a", "b", "c"] {
         let reply = send(&app, post_with_key("/payments", key, "{}")).await;
         assert_eq!(reply.status, StatusCode::CREATED);
@@ -151,7 +169,7 @@ async fn the_entry_cap_holds_and_a_full_store_makes_room() {
     }
     let d = send(&app, post_with_key("/payments", "d", "{}")).await;
     assert_eq!(d.status, StatusCode::CREATED, "a full store makes room");
-    assert_eq!(store.len(), 3, "the cap holds");
+    assert_eq!(store.entry_count(), 3, "the cap holds");
     assert_eq!(store.evicted(), 1);
     // The record nearest its expiry made room; the others still replay.
     for key in ["b", "c", "d"] {

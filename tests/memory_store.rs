@@ -5,22 +5,27 @@
 //! The flood test is ignored by default; run it in release:
 //! `cargo test --release --test memory_store -- --ignored --nocapture`.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{Runs, api, post_with_key, send};
 use http_body_util::BodyExt;
+use support::{Runs, api, post_with_key, rss_kib, send};
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, TenantId};
 
 const TTL: Duration = Duration::from_secs(60);
 
 fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).ttl(TTL))
+    api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(TTL),
+    )
 }
 
 async fn created(app: &Router, key: &str) -> bool {
@@ -38,13 +43,13 @@ async fn a_full_store_drops_the_record_nearest_expiry_and_the_new_key_runs() {
         assert!(created(&app, key).await);
         tokio::time::advance(Duration::from_secs(1)).await;
     }
-    assert_eq!(store.len(), 3);
+    assert_eq!(store.entry_count(), 3);
 
     let reply = send(&app, post_with_key("/payments", "d", "{}")).await;
     assert_eq!(reply.status, StatusCode::CREATED);
     assert!(!reply.replayed());
     assert_eq!(runs.get(), 4, "the new key ran");
-    assert_eq!(store.len(), 3);
+    assert_eq!(store.entry_count(), 3);
     assert_eq!(store.evicted(), 1, "the drop is counted");
     let a = RecordKey::new(TenantId::shared(), "a");
     assert_eq!(
@@ -122,16 +127,7 @@ async fn expired_records_are_invisible_at_once() {
     assert_eq!(reply.status, StatusCode::CREATED);
     assert!(!reply.replayed());
     assert_eq!(runs.get(), 2);
-    assert_eq!(store.len(), 1);
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    assert_eq!(store.entry_count(), 1);
 }
 
 /// 2,000,000 new keys through the default store (1,000,000 records, 1 GiB): no `503`, the
@@ -145,8 +141,13 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
     const WORKERS: usize = 4;
     const WINDOW: usize = 100_000;
     let runs = Runs::default();
-    let store = MemoryStore::new();
-    let app: Router = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()));
+    // The default bounds; one tenant (the shared scope) sends every key: its bound is the
+    // store's.
+    let store = MemoryStore::builder()
+        .max_entries_per_tenant(1_000_000)
+        .build();
+    let app: Router =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     let rss_before = rss_kib();
     let started = Instant::now();
 
@@ -187,15 +188,15 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
          {} evicted; RSS {} MiB before, {} MiB at most, {} MiB after",
         KEYS as f64 / elapsed.as_secs_f64(),
         end_rate / start_rate,
-        store.len(),
-        store.bytes() >> 20,
+        store.entry_count(),
+        store.weighted_size() >> 20,
         store.evicted(),
         rss_before >> 10,
         max_rss >> 10,
         rss_after >> 10,
     );
     assert_eq!(runs.get(), KEYS, "every key ran: no 503");
-    assert_eq!(store.len(), 1_000_000);
+    assert_eq!(store.entry_count(), 1_000_000);
     assert_eq!(store.evicted(), (KEYS - 1_000_000) as u64);
     // The byte bound is 1 GiB of counted bytes; allow a quarter more for the allocator.
     let slack_kib = (1 << 20) / 4;

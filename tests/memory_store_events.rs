@@ -3,19 +3,24 @@
 //! without a subscriber would hide the event from this one.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
-use common::{Runs, api, post_with_key, send};
+use support::{Runs, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 const TTL: Duration = Duration::from_secs(60);
 
 fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).ttl(TTL))
+    api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(TTL),
+    )
 }
 
 async fn created(app: &Router, key: &str) -> bool {

@@ -4,7 +4,8 @@
 //! see each other's counts.
 #![cfg(feature = "metrics")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{FaultyStore, Runs, api, post_with_key, send};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
 use tower_idempotency::metrics::{
     DETACHED_RUNS, EVICTED_TOTAL, REQUESTS_TOTAL, STORE_CALL_DURATION_SECONDS,
@@ -72,7 +73,7 @@ impl Seen {
 }
 
 fn layered(store: impl tower_idempotency::IdempotencyStore + Clone, runs: &Runs) -> Router {
-    api(runs.clone()).layer(IdempotencyLayer::new(store))
+    api(runs.clone()).layer(IdempotencyLayer::new(store).shared_scope(true))
 }
 
 /// Known traffic: a first run, its replay, a 409, a 422, an invalid key, a
@@ -149,7 +150,11 @@ async fn released_and_missing_keys_are_counted() {
     let _local = metrics::set_default_local_recorder(&recorder);
 
     let runs = Runs::default();
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).require_key(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .require_key(true),
+    );
     let failed = send(&app, post_with_key("/status/500", "k", "{}")).await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let missing = Request::post("/payments").body(Body::from("{}")).unwrap();

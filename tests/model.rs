@@ -3,7 +3,8 @@
 //! up while their handler runs, and clock advances past the lease and the TTL. After every step, the status, the replay header, the body and the
 //! number of handler runs must match a small reference model of the contract.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,8 +17,8 @@ use axum::extract::State;
 use axum::http::{Method, Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use common::send;
 use proptest::prelude::*;
+use support::send;
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
@@ -163,6 +164,9 @@ struct Model {
 #[derive(Default)]
 struct Eviction {
     cap: usize,
+    /// The store's bound on one tenant's records, when set: a tenant at it drops its own
+    /// completed record nearest expiry, never another tenant's, or gets `503`.
+    per_tenant: Option<usize>,
     /// The order in which each slot's record was begun.
     begun: HashMap<(u8, u8), u64>,
     next: u64,
@@ -211,27 +215,46 @@ impl Model {
 
     /// A new record for `slot` is about to begin: with a bound, drop a completed record if the
     /// live ones fill the store; `false` when none can go.
+    /// Drops the live completed record nearest its expiry among the slots `of` selects;
+    /// `false` when there is none.
+    fn drop_nearest(&mut self, of: impl Fn((u8, u8)) -> bool) -> bool {
+        let eviction = self.eviction.as_ref().expect("set");
+        let nearest = self
+            .records
+            .iter()
+            .filter(|(slot, r)| of(**slot) && self.is_live(r))
+            .filter_map(|(slot, r)| match r {
+                Record::Completed { expires_at, .. } => {
+                    Some(((*expires_at, eviction.begun[slot]), *slot))
+                }
+                Record::InFlight(..) => None,
+            })
+            .min();
+        let Some((_, evicted)) = nearest else {
+            return false;
+        };
+        self.records.remove(&evicted);
+        true
+    }
+
     fn make_room(&mut self, slot: (u8, u8)) -> bool {
         let Some(eviction) = &self.eviction else {
             return true;
         };
-        let live = self.records.values().filter(|r| self.is_live(r)).count();
-        if live >= eviction.cap {
-            let nearest = self
+        let (cap, per_tenant) = (eviction.cap, eviction.per_tenant);
+        if let Some(per_tenant) = per_tenant {
+            let tenant_live = self
                 .records
                 .iter()
-                .filter(|(_, r)| self.is_live(r))
-                .filter_map(|(slot, r)| match r {
-                    Record::Completed { expires_at, .. } => {
-                        Some(((*expires_at, eviction.begun[slot]), *slot))
-                    }
-                    Record::InFlight(..) => None,
-                })
-                .min();
-            let Some((_, evicted)) = nearest else {
+                .filter(|(s, r)| s.0 == slot.0 && self.is_live(r))
+                .count();
+            if tenant_live >= per_tenant && !self.drop_nearest(|s| s.0 == slot.0) {
                 return false;
-            };
-            self.records.remove(&evicted);
+            }
+        }
+        let live = self.records.values().filter(|r| self.is_live(r)).count();
+        if live >= cap && !self.drop_nearest(|_| true) {
+            return false;
         }
         let eviction = self.eviction.as_mut().expect("set");
         eviction.next += 1;
@@ -279,7 +302,12 @@ fn app<S: IdempotencyStore>(store: S, api: &Api) -> Router {
             api.behaviour.clone(),
             api.gate.clone(),
         ))
-        .layer(IdempotencyLayer::new(store).lease(LEASE).ttl(TTL))
+        .layer(
+            IdempotencyLayer::new(store)
+                .shared_scope(true)
+                .lease(LEASE)
+                .ttl(TTL),
+        )
 }
 
 fn request(r: Req, scope: &str) -> Request<Body> {
@@ -346,7 +374,7 @@ async fn check<S: IdempotencyStore>(
         eviction,
         ..Model::default()
     };
-    let mut blocked: Vec<(Req, tokio::task::JoinHandle<common::Reply>)> = Vec::new();
+    let mut blocked: Vec<(Req, tokio::task::JoinHandle<support::Reply>)> = Vec::new();
     // Handlers whose client hung up, with their run number: they run on until `Finish`.
     let mut detached: Vec<(Req, usize)> = Vec::new();
 
@@ -559,6 +587,18 @@ proptest! {
         let eviction = Eviction { cap: 3, ..Eviction::default() };
         paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
     }
+
+    /// A store of 4 records, 2 per tenant, for 2 tenants of 3 keys: a tenant at its bound
+    /// drops its own completed record nearest expiry (never the other tenant's), or gets `503`
+    /// when its records are all in flight; a full store drops the nearest of all.
+    #[test]
+    fn a_memory_store_bound_per_tenant_matches_the_model(
+        steps in prop::collection::vec(step(true), 1..40),
+    ) {
+        let store = MemoryStore::builder().max_entries(4).max_entries_per_tenant(2).build();
+        let eviction = Eviction { cap: 4, per_tenant: Some(2), ..Eviction::default() };
+        paused_runtime().block_on(check(store, steps, "m".into(), Clock::Paused, Some(eviction)));
+    }
 }
 
 /// The shared stores, against real servers and in real time: no clock jumps or crashes (their
@@ -579,7 +619,7 @@ proptest! {
     #[test]
     fn redis_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
         real_runtime().block_on(async {
-            let Some(store) = common::shared::redis().await else { return };
+            let Some(store) = support::shared::redis().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
             check(store, steps, scope, Clock::Real, None).await;
         });
@@ -589,7 +629,7 @@ proptest! {
     #[test]
     fn postgres_store_matches_the_model(steps in prop::collection::vec(step(false), 1..24)) {
         real_runtime().block_on(async {
-            let Some(store) = common::shared::postgres().await else { return };
+            let Some(store) = support::shared::postgres().await else { return };
             let scope = tower_idempotency::LockToken::random().to_string();
             check(store, steps, scope, Clock::Real, None).await;
         });

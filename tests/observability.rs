@@ -3,9 +3,10 @@
 //! interest process-wide, so a scoped subscriber must see the callsites first.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
-use common::{FaultyStore, Runs, api, post_with_key, send};
+use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower_idempotency::IdempotencyLayer;
 
 #[cfg(feature = "tracing")]
@@ -34,14 +35,18 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let (runs, store) = (Runs::default(), FaultyStore::default());
-    let app = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).fail_open(true));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
     store.fail(true);
     send(&app, post_with_key("/payments", "secret-key-123", "{}")).await;
     store.fail(false);
     send(&app, post_with_key("/payments", "secret-key-456", "{}")).await;
 
     // A completion that fails once the handler ran is reported: the key stays in flight.
-    store.always(common::Op::Complete, common::Fault::Fail);
+    store.always(support::Op::Complete, support::Fault::Fail);
     send(
         &app,
         post_with_key("/payments", "secret-key-complete", "{}"),

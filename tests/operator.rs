@@ -3,7 +3,8 @@
 //! when `POSTGRES_URL` and `REDIS_URL` are set: run through `scripts/test-services`). The in-test store also runs the conformance suite, operator cases
 //! included.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode, request::Parts};
-use common::{Runs, api, send};
+use support::{Runs, api, send};
 use tower_idempotency::{
     Begin, DefaultTenant, Fingerprint, Forget, IdempotencyLayer, IdempotencyStore, LockToken,
     MemoryStore, Operator, OperatorError, RecordInfo, RecordKey, RecordState, StoreError,
@@ -216,7 +217,9 @@ fn unique_key(label: &str) -> String {
 /// A completed key is reported (status, fingerprint, expiry), forgotten, and then runs again.
 async fn lookup_then_forget_a_completed_key<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(store).ttl(Duration::from_secs(3600));
+    let layer = IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .ttl(Duration::from_secs(3600));
     let operator = Operator::new(layer.store().clone());
     let app = api(runs.clone()).layer(layer);
     let key = unique_key("completed");
@@ -276,7 +279,7 @@ async fn lookup_then_forget_a_completed_key<S: IdempotencyStore + Clone>(store: 
 /// the running handler's response is then not stored.
 async fn in_flight_keys_need_force<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(store);
+    let layer = IdempotencyLayer::new(store).shared_scope(true);
     let operator = Operator::new(layer.store().clone());
     let app = api(runs.clone()).layer(layer);
     let key = unique_key("in-flight");
@@ -339,7 +342,7 @@ async fn in_flight_keys_on_memory() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_keys_on_redis() {
-    if let Some(store) = common::shared::redis().await {
+    if let Some(store) = support::shared::redis().await {
         lookup_then_forget_a_completed_key(store).await;
     }
 }
@@ -347,7 +350,7 @@ async fn completed_keys_on_redis() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_keys_on_redis() {
-    if let Some(store) = common::shared::redis().await {
+    if let Some(store) = support::shared::redis().await {
         in_flight_keys_need_force(store).await;
     }
 }
@@ -355,7 +358,7 @@ async fn in_flight_keys_on_redis() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_keys_on_postgres() {
-    if let Some(store) = common::shared::postgres().await {
+    if let Some(store) = support::shared::postgres().await {
         lookup_then_forget_a_completed_key(store).await;
     }
 }
@@ -363,7 +366,7 @@ async fn completed_keys_on_postgres() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_keys_on_postgres() {
-    if let Some(store) = common::shared::postgres().await {
+    if let Some(store) = support::shared::postgres().await {
         in_flight_keys_need_force(store).await;
     }
 }

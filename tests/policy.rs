@@ -3,7 +3,8 @@
 //! that change what is stored (a timeout outside and inside, compression outside, a panic
 //! caught outside). Through real axum `Router`s, counting handler runs.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::time::Duration;
 
@@ -13,8 +14,8 @@ use axum::http::{Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use common::{Runs, send};
 use http_body_util::BodyExt;
+use support::{Runs, send};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
@@ -51,7 +52,7 @@ fn orders(runs: &Runs) -> Router {
     Router::new()
         .route("/orders", post(create))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
 }
 
 #[tokio::test]
@@ -123,7 +124,7 @@ fn decisions(runs: &Runs) -> Router {
         .route("/decide/skip", post(skip))
         .route("/decide/store", post(store))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
 }
 
 #[tokio::test]
@@ -168,7 +169,11 @@ async fn the_handlers_decision_wins_over_the_policy() {
     let app = Router::new()
         .route("/", post(skip))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()).cache_policy(|_| true));
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .shared_scope(true)
+                .cache_policy(|_| true),
+        );
     send(&app, post_json("/", "k", None, "")).await;
     let retry = send(&app, post_json("/", "k", None, "")).await;
     assert!(!retry.replayed());
@@ -190,7 +195,7 @@ fn work(runs: &Runs) -> Router {
 #[tokio::test(start_paused = true)]
 async fn a_timeout_outside_the_layer_looks_like_a_client_that_left() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
     let detached = layer.detached_runs();
     let timeout =
         TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_millis(100));
@@ -218,7 +223,7 @@ async fn a_timeout_inside_the_layer_cancels_the_handler_and_releases() {
     let runs = Runs::default();
     let timeout =
         TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_millis(100));
-    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
     let app = work(&runs).layer(ServiceBuilder::new().layer(layer).layer(timeout));
     let first = send(&app, post_json("/work", "k", None, "")).await;
     assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
@@ -248,7 +253,7 @@ async fn compression_outside_stores_identity_and_encodes_each_replay() {
     let app = Router::new()
         .route("/reports", post(report))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
         .layer(CompressionLayer::new());
     let request = |encoding: Option<&str>| {
         let mut builder = Request::post("/reports").header("idempotency-key", "k");
@@ -296,7 +301,7 @@ async fn a_panic_caught_outside_the_layer_releases_the_key() {
     let app = Router::new()
         .route("/flaky", post(flaky))
         .with_state(runs.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
         .layer(CatchPanicLayer::new());
     let first = send(&app, post_json("/flaky", "k", None, "")).await;
     assert_eq!(

@@ -2,13 +2,13 @@
 //! through `scripts/test-services`).
 
 #[macro_use]
-mod stores_support;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use stores_support::*;
+use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, Forget, IdempotencyStore, PostgresStore, RecordKey, StoreErrorKind,
     StoredResponse, TenantId,

@@ -6,13 +6,14 @@
 //! its data directory that `scripts/test-services` exports. It is the only test of its binary,
 //! and `cargo test` runs test binaries one after the other, so no other test sees the outage.
 
-mod stores_support;
+#[macro_use]
+mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use stores_support::*;
+use support::*;
 use tower_idempotency::PostgresStore;
 
 fn pg_ctl(pg_ctl: &str, args: &[&str]) {
@@ -43,7 +44,7 @@ async fn outage_answers_503_then_recovers_without_rebuilding_the_store() {
     let store = PostgresStore::connect(&url).await.unwrap();
     store.migrate().await.unwrap();
     let runs = Runs::default();
-    let app = stores_support::server(store, &runs, Duration::ZERO, |l| {
+    let app = support::server(store, &runs, Duration::ZERO, |l| {
         l.store_timeout(Duration::from_millis(500))
     });
     let (before, during) = (unique_key("before-outage"), unique_key("during-outage"));

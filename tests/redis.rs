@@ -73,10 +73,12 @@ async fn raw_connection() -> redis::aio::MultiplexedConnection {
 async fn records_use_the_documented_key_and_server_side_expiry() {
     let Some(store) = store().await else { return };
     let mut raw = raw_connection().await;
-    let tenant = TenantId::from_bytes("layout");
-    let key = RecordKey::new(tenant, unique_key("layout{x}:y"));
-    let redis_key = format!("idempotency:{{{tenant}:{}}}", key.key());
-    assert_eq!(store.redis_key(&key), redis_key);
+    let tenant = TenantId::hashed("layout");
+    let key = RecordKey::new(tenant, unique_key("layout{x}:y%"));
+    // `%` and `}` are percent-encoded, so that no key ends the hash tag early.
+    let redis_key = redis_key(&key);
+    let exists: bool = raw.exists(&redis_key).await.unwrap();
+    assert!(!exists);
 
     let fp = Fingerprint::from_bytes([1; 32]);
     let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
@@ -136,6 +138,13 @@ async fn prefixes_separate_fleets() {
     ));
 }
 
+/// The Redis key of a record, as documented: `idempotency:{<tenant hex>:<key>}`, with `%` and
+/// `}` in the key percent-encoded.
+fn redis_key(key: &RecordKey) -> String {
+    let escaped = key.key().replace('%', "%25").replace('}', "%7D");
+    format!("idempotency:{{{}:{escaped}}}", key.tenant())
+}
+
 /// A key that holds something else than a record is `Corrupt`, never a panic or a replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_values_are_corrupt() {
@@ -146,7 +155,7 @@ async fn foreign_values_are_corrupt() {
 
     let key = RecordKey::new(TenantId::shared(), unique_key("garbage"));
     let _: () = raw
-        .set_ex(store.redis_key(&key), "not a record", 60)
+        .set_ex(redis_key(&key), "not a record", 60)
         .await
         .unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
@@ -157,16 +166,13 @@ async fn foreign_values_are_corrupt() {
     value.extend_from_slice(fp.as_bytes());
     value.extend_from_slice(&[0; 16]);
     value.extend_from_slice(b"\x01\x00truncated");
-    let _: () = raw.set_ex(store.redis_key(&key), value, 60).await.unwrap();
+    let _: () = raw.set_ex(redis_key(&key), value, 60).await.unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 
     let key = RecordKey::new(TenantId::shared(), unique_key("hash"));
-    let _: () = raw
-        .hset(store.redis_key(&key), "field", "value")
-        .await
-        .unwrap();
-    let _: () = raw.expire(store.redis_key(&key), 60).await.unwrap();
+    let _: () = raw.hset(redis_key(&key), "field", "value").await.unwrap();
+    let _: () = raw.expire(redis_key(&key), 60).await.unwrap();
     let err = store.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 }

@@ -9,11 +9,15 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use support::cluster::{Cluster, primary_of};
 use support::*;
-use tower_idempotency::{RecordKey, RedisStore};
+use tower_idempotency::{Operator, RedisStore};
 
-/// The Redis key of `key` under the default prefix, as the fleet scenarios' client sends it.
+/// The Redis key of `key` under the default prefix, as the fleet scenarios' client sends it
+/// (the documented layout, `idempotency:{<tenant hex>:<key>}`; the keys here need no escaping).
 fn redis_key(store: &RedisStore, key: &str) -> String {
-    store.redis_key(&RecordKey::new(client_tenant(), key))
+    let record = Operator::new(store.clone())
+        .record_key(client_tenant(), key)
+        .unwrap();
+    format!("idempotency:{{{}:{}}}", record.tenant(), record.key())
 }
 
 /// A primary dies: requests for its slots get `503` within the store timeout and run nothing,

@@ -4,7 +4,8 @@
 //! binary: `tracing` caches per-callsite interest process-wide.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,7 +15,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use common::send;
+use support::send;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -77,7 +78,7 @@ async fn the_request_span_carries_hashes_and_records_the_outcome() {
     }
     let app = Router::new()
         .route("/payments", post(pay))
-        .layer(IdempotencyLayer::new(MemoryStore::new()));
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let request = || {
         Request::post("/payments?x=1")
             .header("idempotency-key", "secret-key-42")

@@ -150,7 +150,7 @@ async fn mixed_fleet_reads_each_others_records() {
         HeaderMap::new(),
         Bytes::from_static(b"made"),
     );
-    let key = RecordKey::new(TenantId::from_bytes("mixed"), unique_key("mixed"));
+    let key = RecordKey::new(TenantId::hashed("mixed"), unique_key("mixed"));
     let Ok(Begin::Acquired(token)) = pg.begin(&key, &fp, lease).await else {
         panic!()
     };
@@ -394,7 +394,7 @@ async fn a_row_held_by_a_transaction_is_in_flight() {
         Fingerprint::from_bytes([12; 32]),
         Fingerprint::from_bytes([13; 32]),
     );
-    let key = RecordKey::new(TenantId::from_bytes("held"), unique_key("held"));
+    let key = RecordKey::new(TenantId::hashed("held"), unique_key("held"));
     let Ok(Begin::Acquired(token)) = sx.begin(&key, &fp, Duration::from_millis(100)).await else {
         panic!()
     };
@@ -448,7 +448,7 @@ async fn a_row_held_by_a_transaction_is_in_flight() {
         .await
         .expect("postgres migrate waited")
         .unwrap();
-    let fresh = RecordKey::new(TenantId::from_bytes("held"), unique_key("fresh"));
+    let fresh = RecordKey::new(TenantId::hashed("held"), unique_key("fresh"));
     let begin = tokio::time::timeout(wait, sx.begin(&fresh, &fp, wait))
         .await
         .unwrap();

@@ -1,7 +1,8 @@
 //! Scoping keys by who the caller is. Through a real axum `Router` with a small auth layer that
 //! verifies a bearer token and puts its account (the principal) in the request extensions.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::fmt;
 
@@ -12,7 +13,7 @@ use axum::http::{Request, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use common::{Runs, send};
+use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
 
 /// The principal that authentication verified.
@@ -137,7 +138,7 @@ async fn a_forged_token_never_reaches_another_principals_records() {
 #[tokio::test]
 async fn set_cookie_is_not_replayed_in_the_shared_scope() {
     let runs = Runs::default();
-    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let first = send(&app, pay(None, "cart-1")).await;
     assert_eq!(
         first.header("set-cookie"),
@@ -158,7 +159,9 @@ async fn set_cookie_is_not_replayed_in_the_shared_scope() {
 #[tokio::test]
 async fn set_cookie_is_replayed_in_the_shared_scope_when_asked() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new(MemoryStore::new()).replay_cookies_in_shared_scope(true);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .replay_cookies_in_shared_scope(true);
     let app = routes(&runs).layer(layer);
     send(&app, pay(None, "cart-1")).await;
     let retry = send(&app, pay(None, "cart-1")).await;

@@ -3,7 +3,8 @@
 //! test fires the warnings first.
 #![cfg(feature = "tracing")]
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use common::{Runs, send};
+use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";

@@ -1,12 +1,13 @@
 //! Tenant scoping and error rendering.
 
-mod common;
+#[macro_use]
+mod support;
 
 use axum::body::Body;
 use axum::http::{HeaderName, Request, Response, StatusCode, header};
 use axum::middleware::{self, Next};
 use bytes::Bytes;
-use common::{Runs, api, send};
+use support::{Runs, api, send};
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore, Outcome, Problem, TenantFromExtension, TenantFromHeader,
     TenantId, TenantRejection,
@@ -34,19 +35,57 @@ async fn default_tenant_scopes_by_authorization() {
     assert!(!alice.replayed());
     assert!(!bob.replayed(), "another tenant's key never replays");
     assert_ne!(alice.body, bob.body);
-    let anonymous = send(&app, keyed(None)).await;
-    assert!(!anonymous.replayed());
-    assert_eq!(runs.get(), 3);
+    assert_eq!(runs.get(), 2);
 
     let alice_again = send(&app, keyed(Some("Bearer alice"))).await;
     assert!(alice_again.replayed());
     assert_eq!(alice_again.body, alice.body);
-    let anonymous_again = send(&app, keyed(None)).await;
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_keyed_request_without_a_tenant_is_refused_unless_the_scope_is_shared() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    for _ in 0..2 {
+        let anonymous = send(&app, keyed(None)).await;
+        assert_eq!(anonymous.status, StatusCode::BAD_REQUEST);
+        assert_eq!(anonymous.code(), "idempotency_tenant_missing");
+        assert_eq!(
+            anonymous.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_eq!(anonymous.header("idempotency-key"), Some("shared-key"));
+        assert!(!anonymous.replayed());
+    }
+    assert_eq!(runs.get(), 0, "nothing ran");
+    // Without a key, the request is not the layer's business: it passes through.
+    let unkeyed = Request::post("/payments").body(Body::from("{}")).unwrap();
+    assert_eq!(send(&app, unkeyed).await.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+
+    // An optional header that is absent is the shared scope too.
+    let optional = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .tenant(TenantFromHeader::new(HeaderName::from_static("x-api-key")).optional()),
+    );
+    let reply = send(&optional, keyed(None)).await;
+    assert_eq!(reply.code(), "idempotency_tenant_missing");
+    assert_eq!(runs.get(), 1);
+
+    // Opted in: requests without Authorization share one scope.
+    let runs = Runs::default();
+    let shared =
+        api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let first = send(&shared, keyed(None)).await;
+    assert!(!first.replayed());
+    let again = send(&shared, keyed(None)).await;
     assert!(
-        anonymous_again.replayed(),
+        again.replayed(),
         "requests without Authorization share one scope"
     );
-    assert_eq!(runs.get(), 3);
+    assert_eq!(again.body, first.body);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
@@ -119,7 +158,7 @@ async fn tenant_from_a_closure() {
     let runs = Runs::default();
     let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).tenant(
         |parts: &axum::http::request::Parts| match parts.uri.query() {
-            Some(q) => Ok(TenantId::from_bytes(q)),
+            Some(q) => Ok(TenantId::hashed(q)),
             None => Err(TenantRejection::new(StatusCode::FORBIDDEN, "no tenant")),
         },
     ));
@@ -176,6 +215,7 @@ async fn a_custom_renderer_gives_an_error_envelope() {
     ));
     let post = |body: &'static str| {
         Request::post("/payments")
+            .header("authorization", "Bearer alice")
             .header("idempotency-key", "k")
             .body(Body::from(body))
             .unwrap()
@@ -194,4 +234,79 @@ async fn a_custom_renderer_gives_an_error_envelope() {
             .contains("different request")
     );
     assert_eq!(json["details"]["retry_after"], serde_json::Value::Null);
+}
+
+/// What a store holds for a tenant depends on the layer's secret: two layers with different
+/// secrets never see each other's records, and an operator finds them only with the secret.
+#[tokio::test]
+async fn the_tenant_secret_keys_what_the_store_holds() {
+    use tower_idempotency::{DefaultTenant, Operator};
+
+    let store = MemoryStore::new();
+    let runs = Runs::default();
+    let one =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).tenant_secret([1u8; 32]));
+    let two =
+        api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).tenant_secret([2u8; 32]));
+    let first = send(&one, keyed(Some("Basic dXNlcjpodW50ZXIy"))).await;
+    assert!(
+        !send(&two, keyed(Some("Basic dXNlcjpodW50ZXIy")))
+            .await
+            .replayed()
+    );
+    let again = send(&one, keyed(Some("Basic dXNlcjpodW50ZXIy"))).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    assert_eq!(runs.get(), 2);
+
+    // The stored tenant is neither the extractor's digest nor the public default's sealing.
+    let scope = DefaultTenant::scope_for("Basic dXNlcjpodW50ZXIy");
+    let with_secret = Operator::new(store.clone()).tenant_secret([1u8; 32]);
+    let report = with_secret.lookup(scope, "shared-key").await.unwrap();
+    assert!(report.is_some_and(|r| !r.is_in_flight()));
+    let without = Operator::new(store.clone());
+    assert!(without.lookup(scope, "shared-key").await.unwrap().is_none());
+
+    // A secret that is too short is refused when the layer is configured.
+    let short = std::panic::catch_unwind(|| {
+        IdempotencyLayer::new(MemoryStore::new()).tenant_secret(b"short")
+    });
+    assert!(short.is_err());
+}
+
+/// `IdempotencyKey::scoped()` is the same on every retry and differs between tenants that send
+/// the same key: safe to pass on as a downstream API's idempotency key.
+#[tokio::test]
+async fn the_scoped_key_is_unique_per_tenant_and_stable_across_retries() {
+    use axum::Extension;
+    use axum::routing::post;
+    use tower_idempotency::IdempotencyKey;
+
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            post(move |Extension(key): Extension<IdempotencyKey>| {
+                let runs = counted.clone();
+                async move {
+                    runs.bump();
+                    (StatusCode::CREATED, key.scoped())
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryStore::new()).tenant_secret([9u8; 32]));
+    let alice = send(&app, keyed(Some("Bearer alice"))).await;
+    let bob = send(&app, keyed(Some("Bearer bob"))).await;
+    let alice_retry = send(&app, keyed(Some("Bearer alice"))).await;
+    assert!(alice_retry.replayed());
+    assert_eq!(alice_retry.body, alice.body);
+    assert_ne!(
+        alice.body, bob.body,
+        "the same key, two tenants, two downstream keys"
+    );
+    assert_eq!(alice.body.len(), 64);
+    assert!(alice.body.iter().all(u8::is_ascii_hexdigit));
+    assert!(!String::from_utf8_lossy(&alice.body).contains("shared-key"));
+    assert_eq!(runs.get(), 2);
 }

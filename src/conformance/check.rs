@@ -97,7 +97,7 @@ pub(super) fn unique(label: &str) -> String {
 
 /// A record key of a fresh tenant.
 pub(super) fn record(label: &str) -> RecordKey {
-    RecordKey::new(TenantId::from_bytes(unique(label)), unique(label))
+    RecordKey::new(TenantId::hashed(unique(label)), unique(label))
 }
 
 pub(super) fn fingerprint(seed: &str) -> Fingerprint {

@@ -113,7 +113,7 @@ pub async fn many_headers_round_trip<S: IdempotencyStore>(store: S) {
 /// Keys made of every visible ASCII character (`{`, `}`, `:` included) are stored as they are,
 /// and keys that differ only in them never meet.
 pub async fn keys_with_every_visible_ascii_char<S: IdempotencyStore>(store: S) {
-    let tenant = TenantId::from_bytes(unique("ascii"));
+    let tenant = TenantId::hashed(unique("ascii"));
     let every: String = (0x21..=0x7e_u8).map(char::from).collect();
     let longest: String = every.chars().cycle().take(crate::MAX_KEY_LEN).collect();
     let keys = [
@@ -160,8 +160,8 @@ pub async fn keys_with_every_visible_ascii_char<S: IdempotencyStore>(store: S) {
 pub async fn tenants_do_not_meet<S: IdempotencyStore>(store: S) {
     let key = unique("tenants");
     let (a, b) = (
-        RecordKey::new(TenantId::from_bytes(unique("tenant-a")), key.as_str()),
-        RecordKey::new(TenantId::from_bytes(unique("tenant-b")), key.as_str()),
+        RecordKey::new(TenantId::hashed(unique("tenant-a")), key.as_str()),
+        RecordKey::new(TenantId::hashed(unique("tenant-b")), key.as_str()),
     );
     let (fp_a, fp_b) = (fingerprint("tenant-a"), fingerprint("tenant-b"));
     let token_a = acquired(store.begin(&a, &fp_a, LONG).await, "tenant a");

@@ -34,7 +34,7 @@
 //!
 //! # What the cases need
 //!
-//! - Each case runs on its own multi-threaded Tokio runtime ([`run_case`]) and spawns tasks.
+//! - Each case runs on its own multi-threaded Tokio runtime and spawns tasks.
 //! - Cases use fresh, random keys and tenants, so they can run at once against one shared
 //!   server, and leave only records that expire within a few minutes.
 //! - Expiry cases use real leases and TTLs of 300 ms and sleep past them: a shared store keeps
@@ -168,7 +168,9 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
 
 /// Runs one case on a new multi-threaded Tokio runtime (4 workers, time and I/O enabled), with
 /// the store that `make` builds; prints that the case was skipped when `make` returns `None`.
-/// [`conformance_tests!`](crate::conformance_tests) calls this for each case.
+/// [`conformance_tests!`](crate::conformance_tests) calls this for each case: it is public
+/// for the macro's sake only, not an API of its own.
+#[doc(hidden)]
 pub fn run_case<S, M, MF, C, CF>(name: &str, make: M, case: C)
 where
     S: IdempotencyStore,

@@ -226,8 +226,8 @@ pub async fn forget_in_flight_needs_force<S: IdempotencyStore>(store: S) {
 /// `lookup` and `forget` see only their own tenant's record of a key.
 pub async fn operator_calls_respect_tenants<S: IdempotencyStore>(store: S) {
     let key = unique("operator-tenants");
-    let ours = RecordKey::new(TenantId::from_bytes(unique("ours")), key.clone());
-    let theirs = RecordKey::new(TenantId::from_bytes(unique("theirs")), key);
+    let ours = RecordKey::new(TenantId::hashed(unique("ours")), key.clone());
+    let theirs = RecordKey::new(TenantId::hashed(unique("theirs")), key);
     let fp = fingerprint("operator-tenants");
     let token = acquired(store.begin(&ours, &fp, LONG).await, "begin");
     done(

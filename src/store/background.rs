@@ -27,3 +27,96 @@ impl StartOnce {
         }
     }
 }
+
+/// The longest period an upkeep task accepts: one year. Longer ones would overflow the timer's
+/// arithmetic (a task that panics at its start dies without a word), and would not clean
+/// anything a store needs cleaned.
+pub(crate) const MAX_PERIOD: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// Checks an upkeep period as every store's builder does: not zero, at most [`MAX_PERIOD`].
+///
+/// # Panics
+///
+/// With a message naming `setting`, when `period` is out of bounds.
+pub(crate) fn check_period(setting: &str, period: std::time::Duration) {
+    assert!(!period.is_zero(), "{setting} must not be zero");
+    assert!(
+        period <= MAX_PERIOD,
+        "{setting} must be at most a year ({} s), not {period:?}",
+        MAX_PERIOD.as_secs()
+    );
+}
+
+/// Runs `tick` on `store` every `period`, from one period after the start, until the store is
+/// dropped: the task holds only a weak reference, so it ends at its first tick after that.
+///
+/// A tick that fails is the tick's business (it is retried at the next one); nothing here can
+/// end the loop early, and a period past [`MAX_PERIOD`] is clamped to it rather than
+/// overflowing.
+pub(crate) async fn every<T, F, Fut>(
+    store: std::sync::Weak<T>,
+    period: std::time::Duration,
+    tick: F,
+) where
+    F: Fn(std::sync::Arc<T>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let period = period.clamp(std::time::Duration::from_millis(1), MAX_PERIOD);
+    let start = tokio::time::Instant::now() + period;
+    let mut interval = tokio::time::interval_at(start, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        tick(store).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn periods_are_checked() {
+        super::check_period("p", Duration::from_secs(60));
+        super::check_period("p", super::MAX_PERIOD);
+        assert!(std::panic::catch_unwind(|| super::check_period("p", Duration::ZERO)).is_err());
+        let too_long = super::MAX_PERIOD + Duration::from_secs(1);
+        assert!(std::panic::catch_unwind(|| super::check_period("p", too_long)).is_err());
+        assert!(std::panic::catch_unwind(|| super::check_period("p", Duration::MAX)).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_until_the_store_is_dropped() {
+        let store = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(super::every(
+            Arc::downgrade(&store),
+            Duration::from_secs(10),
+            |store: Arc<AtomicUsize>| async move {
+                store.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert_eq!(store.load(Ordering::SeqCst), 3);
+        drop(store);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_period_does_not_kill_the_task() {
+        let store = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(super::every(
+            Arc::downgrade(&store),
+            Duration::MAX,
+            |_: Arc<AtomicUsize>| async {},
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "still waiting for its first tick");
+        task.abort();
+    }
+}

@@ -504,7 +504,7 @@ impl RecordKey {
     }
 
     /// The idempotency key, shared (cloning it does not copy the string).
-    pub fn shared_key(&self) -> &Arc<str> {
+    pub(crate) fn shared_key(&self) -> &Arc<str> {
         &self.key
     }
 }

@@ -67,7 +67,7 @@ impl<S> FaultyStore<S> {
     fn scoped(&self, key: &RecordKey) -> RecordKey {
         let mut scope = self.namespace.as_u128().to_be_bytes().to_vec();
         scope.extend_from_slice(key.tenant().as_bytes());
-        RecordKey::new(TenantId::from_bytes(scope), key.shared_key().clone())
+        RecordKey::new(TenantId::hashed(scope), key.key())
     }
 
     /// Every later `op` call suffers `fault`.

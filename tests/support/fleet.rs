@@ -56,7 +56,8 @@ pub fn server<S: IdempotencyStore>(
     delay: Duration,
     configure: impl FnOnce(IdempotencyLayer<S>) -> IdempotencyLayer<S>,
 ) -> Router {
-    payments_api(runs.clone(), delay).layer(configure(IdempotencyLayer::new(store)))
+    payments_api(runs.clone(), delay)
+        .layer(configure(IdempotencyLayer::new(store).shared_scope(true)))
 }
 
 /// The `Authorization` of the fleet scenarios' client: its requests are scoped to its own
@@ -221,7 +222,7 @@ pub async fn scenario_lease_renewal<S: IdempotencyStore>(a: S, b: S) {
 pub async fn scenario_lookup_and_forget<S: IdempotencyStore>(store: S) {
     let lease = Duration::from_secs(30);
     let fp = Fingerprint::from_bytes([9; 32]);
-    let key = RecordKey::new(TenantId::from_bytes("operator"), unique_key("lookup"));
+    let key = RecordKey::new(TenantId::hashed("operator"), unique_key("lookup"));
     assert!(store.lookup(&key).await.unwrap().is_none());
     assert_eq!(store.forget(&key, false).await.unwrap(), Forget::NotFound);
     assert_eq!(store.forget(&key, true).await.unwrap(), Forget::NotFound);

@@ -1,12 +1,12 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), a payments API on PostgreSQL that completes its records with `Claim`
-//! (`payments`, feature `sqlx`), the shared stores of `scripts/test-services` (`shared`) and Redis servers and
-//! clusters of a test's own (`cluster`).
+//! (`faults`), a real server on loopback and its client (`serve`), a payments API on
+//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), the shared
+//! stores of `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
+//! (`cluster`).
 //!
-//! Test files say `mod support;` (or `#[macro_use] mod support;` for `fleet_scenarios!`). The
-//! older names `mod common;` and `mod stores_support;` load this same module.
+//! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::sync::Arc;
@@ -27,13 +27,17 @@ pub mod cluster;
 pub mod faults;
 #[cfg(feature = "sqlx")]
 pub mod payments;
+pub mod server;
 #[macro_use]
 pub mod fleet;
+pub mod serve;
 pub mod shared;
 
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
 pub use fleet::*;
+pub use serve::{Served, Transport, Via, serve};
+pub use server::{Server, rss_kib};
 
 /// Counts handler runs.
 #[derive(Clone, Default)]

@@ -140,7 +140,7 @@ impl ReplayCacheBuilder {
     /// # Panics
     ///
     /// If `max_entries` is smaller than 16 (one per shard), `max_bytes` smaller than 64 KiB,
-    /// or `max_age` is zero.
+    /// or `max_age` is zero or longer than a year.
     pub fn build<S: IdempotencyStore>(self, store: S) -> ReplayCache<S> {
         assert!(
             self.max_entries >= SHARDS,
@@ -153,6 +153,11 @@ impl ReplayCacheBuilder {
         assert!(
             !self.max_age.is_zero(),
             "ReplayCache: max_age must be longer than zero"
+        );
+        // Longer ages overflow the clock's arithmetic, and no cache should replay that long.
+        assert!(
+            self.max_age <= Duration::from_secs(365 * 24 * 3600),
+            "ReplayCache: max_age must be at most a year"
         );
         let inner = Inner::new(self.max_entries, self.max_bytes, self.max_age);
         ReplayCache {

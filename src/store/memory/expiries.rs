@@ -59,6 +59,17 @@ impl Expiries {
         }
     }
 
+    /// Takes every entry out, in no order.
+    pub(super) fn take_all(&mut self) -> Vec<Due> {
+        let mut all: Vec<Due> = std::mem::take(&mut self.in_order).into();
+        all.extend(
+            std::mem::take(&mut self.out_of_order)
+                .into_iter()
+                .map(|r| r.0),
+        );
+        all
+    }
+
     /// Replaces the queue by `entries`, in any order.
     pub(super) fn rebuild(&mut self, entries: impl Iterator<Item = Due>) {
         let mut entries: Vec<Due> = entries.collect();

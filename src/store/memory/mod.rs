@@ -3,37 +3,40 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use foldhash::SharedSeed;
 use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
+use super::RecordKey;
 use super::background::StartOnce;
-use super::{
-    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
-};
-use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 
+mod builder;
+mod calls;
 mod expiries;
 mod shard;
+mod snapshot;
+#[cfg(test)]
+mod tenant_tests;
+mod tenants;
 #[cfg(test)]
 mod tests;
+mod upkeep;
 
-use shard::{Full, Removed, Shard};
+#[cfg(test)]
+use builder::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
+pub use builder::{MemoryStoreBuilder, MemoryStoreSettings};
+use shard::Shard;
+pub use snapshot::{SnapshotLoad, SnapshotStatus};
+#[cfg(feature = "tracing")]
+use upkeep::Report;
+use upkeep::prune_periodically;
 
 /// A moment on the store's clock: nanoseconds since the store was built.
 type Nanos = u64;
 
-/// The default bound on records, live or expired but not yet pruned.
-pub(crate) const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
-/// The default bound on the bytes held by records (keys, stored headers and bodies, and a fixed
-/// estimate of each record's own overhead).
-pub(crate) const DEFAULT_MAX_BYTES: usize = 1 << 30;
-/// The default period of the background pruning of expired records.
-pub(crate) const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// The most shards a store has. Each shard is a lock, a hash table, an expiry queue and a share
 /// of the bounds; more shards mean shorter pauses when a table grows.
 const MAX_SHARDS: usize = 256;
@@ -41,30 +44,57 @@ const MAX_SHARDS: usize = 256;
 /// not split into shares too small to hold one large response.
 const MIN_SHARD_ENTRIES: usize = 2048;
 const MIN_SHARD_BYTES: usize = 4 << 20;
+/// The smallest share of the bound on one tenant's records a shard has, when the bound allows
+/// it: the shares of a tenant's records even out across shards, so that it is not held to a
+/// share much smaller than its fair part of the bound.
+const MIN_SHARD_TENANT_ENTRIES: usize = 64;
 /// How many expired records the pruner removes before it lets go of a shard's lock.
 const PRUNE_BATCH: usize = 4096;
-/// Evictions are reported as a `tracing` event at most this often.
-#[cfg(feature = "tracing")]
-const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// An in-memory [`IdempotencyStore`] for a single server: a sharded map, atomic per record key.
+/// An in-memory [`IdempotencyStore`](super::IdempotencyStore) for a single server: a sharded
+/// map, atomic per record key.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// // The defaults:
+/// let layer = IdempotencyLayer::new(MemoryStore::new());
+/// // Other settings, from the builder:
+/// let store = MemoryStore::builder()
+///     .max_entries(200_000)
+///     .max_bytes(256 << 20)
+///     .cleanup_interval(Duration::from_secs(30))
+///     .build();
+/// # let _ = (layer, store);
+/// ```
 ///
 /// - An expired record is invisible at once: `begin` treats it as absent.
-/// - Expired records are pruned by a background task (every 60 seconds by default), which holds
-///   only a weak reference to the store and ends when the store is dropped. It starts on first
-///   use, on the Tokio runtime of that call. Each shard keeps its completed records in order of
-///   expiry, so pruning and making room never scan the whole store.
-/// - The store holds at most [`max_entries`](Self::max_entries) records (1,000,000 by default)
-///   and about [`max_bytes`](Self::max_bytes) bytes of keys and stored responses (1 GiB by
-///   default). When it is full, a new key makes room: the completed records nearest their
-///   expiry (the least likely to be retried) are dropped, counted by
-///   [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature `metrics`)
-///   and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A retry of a
-///   dropped record runs the handler again. An in-flight record is never dropped: only when
-///   in-flight records alone fill the store is a new key refused, with
-///   [`StoreErrorKind::CapacityExceeded`], which the layer answers with `503` and `Retry-After`.
+/// - Expired records are pruned by a background task (every 60 seconds by default,
+///   [`cleanup_interval`](MemoryStoreBuilder::cleanup_interval)), which holds only a weak
+///   reference to the store and ends when the store is dropped, and only then. It starts on
+///   first use, on the Tokio runtime of that call. Each shard keeps its completed records in
+///   order of expiry, so pruning and making room never scan the whole store.
+/// - The store holds at most [`max_entries`](MemoryStoreBuilder::max_entries) records
+///   (1,000,000 by default) and about [`max_bytes`](MemoryStoreBuilder::max_bytes) bytes of
+///   keys and stored responses (1 GiB by default). When it is full, a new key makes room: the
+///   completed records nearest their expiry (the least likely to be retried) are dropped,
+///   counted by [`evicted`](Self::evicted), by the `idempotency_evicted_total` metric (feature
+///   `metrics`) and, at most every 10 seconds, by a `tracing` warning (feature `tracing`). A
+///   retry of a dropped record runs the handler again. An in-flight record is never dropped:
+///   only when in-flight records alone fill the store is a new key refused, with
+///   [`StoreErrorKind::CapacityExceeded`](super::StoreErrorKind::CapacityExceeded), which the
+///   layer answers with `503` and `Retry-After`.
+/// - One tenant holds at most
+///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) records (an eighth
+///   of `max_entries` by default, at least 10,000): a tenant at its bound makes room from its
+///   own completed records, never from other tenants', so that one caller's flood of keys
+///   costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
-///   least 2,048 records and 4 MiB); a key's shard makes room within its own share.
+///   least 2,048 records, 4 MiB and 64 records of a tenant); a key's shard makes room within
+///   its own share.
+/// - Nothing is kept across a restart, unless the store has a
+///   [`snapshot`](MemoryStoreBuilder::snapshot) file: then what the last snapshot held.
 ///
 /// Cloning is cheap and shares the records. For a fleet of servers, use a shared store.
 ///
@@ -74,21 +104,15 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-/// The settings of a store, fixed when it is built.
-#[derive(Debug, Clone, Copy)]
-struct Config {
-    max_entries: usize,
-    max_bytes: usize,
-    prune_interval: Duration,
-}
-
 struct Inner {
     shards: Box<[Padded<RwLock<Shard>>]>,
     /// The shard of a hash is `(hash >> SHARD_SHIFT) & mask`: bits the tables do not use for
     /// their buckets (the low bits) nor for their tags (the top 7 bits).
     mask: u64,
     hasher: SeedableRandomState,
-    config: Config,
+    /// What the store was built from: its settings, and what rebuilds it.
+    builder: MemoryStoreBuilder,
+    settings: MemoryStoreSettings,
     pruner: StartOnce,
     /// The store's time zero, and the wall-clock time then: a record's deadline read back by
     /// `lookup` is `wall_epoch + deadline`, the same at every call. Read at the store's first
@@ -98,6 +122,8 @@ struct Inner {
     evicted: AtomicU64,
     #[cfg(feature = "tracing")]
     report: Report,
+    /// The snapshot file, when the store keeps its records across a restart.
+    snapshot: Option<snapshot::Snapshot>,
 }
 
 const SHARD_SHIFT: u32 = 40;
@@ -108,32 +134,65 @@ const SHARD_SHIFT: u32 = 40;
 struct Padded<T>(T);
 
 impl MemoryStore {
-    /// An empty store with the default bounds (1,000,000 records, 1 GiB) and pruning period
-    /// (60 s).
+    /// An empty store with the default settings: 1,000,000 records, 1 GiB, expired records
+    /// pruned every 60 s. [`builder`](Self::builder) sets others.
+    ///
+    /// ```
+    /// let store = tower_idempotency::MemoryStore::new();
+    /// # let _ = store;
+    /// ```
     pub fn new() -> Self {
-        Self::with_config(Config {
-            max_entries: DEFAULT_MAX_ENTRIES,
-            max_bytes: DEFAULT_MAX_BYTES,
-            prune_interval: DEFAULT_PRUNE_INTERVAL,
-        })
+        MemoryStoreBuilder::default().build()
     }
 
-    fn with_config(config: Config) -> Self {
-        let count = shard_count(config.max_entries, config.max_bytes);
+    /// Settings for a store, with the defaults; [`build`](MemoryStoreBuilder::build) checks
+    /// them and makes the store.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder()
+    ///     .max_entries(100_000)
+    ///     .cleanup_interval(Duration::from_secs(10))
+    ///     .build();
+    /// # let _ = store;
+    /// ```
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    pub(super) fn with_builder(builder: MemoryStoreBuilder) -> Self {
+        let settings = builder.settings();
+        let per_tenant = settings.max_entries_per_tenant();
+        let count = shard_count(settings.max_entries(), settings.max_bytes(), per_tenant);
         let tokens = random_u64();
+        let hasher = map_hasher();
         let shards = (0..count)
             .map(|i| {
-                let entries = share(config.max_entries, count, i);
-                let bytes = share(config.max_bytes, count, i);
-                Padded(RwLock::new(Shard::new(entries, bytes, tokens ^ i as u64)))
+                let entries = share(settings.max_entries(), count, i);
+                let bytes = share(settings.max_bytes(), count, i);
+                let tenant = share(per_tenant, count, i);
+                let shard = Shard::new(entries, bytes, tenant, tokens ^ i as u64, hasher.clone());
+                Padded(RwLock::new(shard))
             })
             .collect();
+        // A file larger than this is not one this store wrote: its records would not fit.
+        let max_file = (settings.max_bytes() as u64)
+            .saturating_mul(2)
+            .saturating_add(1 << 20);
+        let snapshot = builder
+            .snapshot
+            .clone()
+            .map(|path| snapshot::Snapshot::open(path, max_file));
         Self {
             inner: Arc::new(Inner {
+                snapshot,
                 shards,
                 mask: count as u64 - 1,
-                hasher: map_hasher(),
-                config,
+                hasher,
+                builder,
+                settings,
                 pruner: StartOnce::default(),
                 epoch: OnceLock::new(),
                 evicted: AtomicU64::new(0),
@@ -143,97 +202,107 @@ impl MemoryStore {
         }
     }
 
-    /// A store like this one with other settings. Settings belong to a new store: once it is
-    /// cloned or used, they cannot change.
-    fn configure(self, name: &str, set: impl FnOnce(&mut Config)) -> Self {
+    /// This store rebuilt with one setting changed, for the shorthands. Settings belong to a
+    /// new store: once it is cloned or used, they cannot change.
+    fn rebuild(
+        self,
+        name: &str,
+        set: impl FnOnce(MemoryStoreBuilder) -> MemoryStoreBuilder,
+    ) -> Self {
         let unused = Arc::strong_count(&self.inner) == 1
             && Arc::weak_count(&self.inner) == 0
-            && self.is_empty();
+            && self.inner.epoch.get().is_none();
         assert!(
             unused,
-            "MemoryStore::{name} must be called on a new store, before it is cloned or used"
+            "MemoryStore::{name} must be called on a new store, before it is cloned or used; \
+             MemoryStore::builder() sets every option before the store exists"
         );
-        let mut config = self.inner.config;
-        set(&mut config);
-        Self::with_config(config)
+        set(self.inner.builder.clone()).build()
     }
 
-    /// The most records the store holds (1,000,000 by default). When it is full, the completed
-    /// records nearest their expiry are dropped to make room for new keys.
+    /// A shorthand for [`MemoryStore::builder`]`().max_entries(max).build()`, on a store just
+    /// made: see [`MemoryStoreBuilder::max_entries`]. To set several options, use the builder.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_entries(100_000);
+    /// assert_eq!(store.settings().max_entries(), 100_000);
     /// ```
     ///
     /// # Panics
     ///
-    /// If `max` is 0, or if the store was already cloned or used.
+    /// As [`MemoryStoreBuilder::build`] when `max` is 0, and if the store was already cloned or
+    /// used.
     #[must_use]
     pub fn max_entries(self, max: usize) -> Self {
-        assert!(max > 0, "MemoryStore::max_entries must be at least 1");
-        self.configure("max_entries", |config| config.max_entries = max)
+        self.rebuild("max_entries", |builder| builder.max_entries(max))
     }
 
-    /// About how many bytes of keys and stored responses the store holds (1 GiB by default),
-    /// counting a fixed estimate per record and per header for their own overhead. When it is
-    /// full, the completed records nearest their expiry are dropped to make room for new keys.
-    /// A response completing while the store is full is still stored, so the bound can be
-    /// passed by the responses of the requests already in flight.
+    /// A shorthand for [`MemoryStore::builder`]`().max_bytes(max).build()`, on a store just
+    /// made: see [`MemoryStoreBuilder::max_bytes`]. To set several options, use the builder.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// let store = MemoryStore::new().max_bytes(256 * 1024 * 1024);
+    /// assert_eq!(store.settings().max_bytes(), 256 << 20);
     /// ```
     ///
     /// # Panics
     ///
-    /// If `max` is 0, or if the store was already cloned or used.
+    /// As [`MemoryStoreBuilder::build`] when `max` is 0, and if the store was already cloned or
+    /// used.
     #[must_use]
     pub fn max_bytes(self, max: usize) -> Self {
-        assert!(max > 0, "MemoryStore::max_bytes must be at least 1");
-        self.configure("max_bytes", |config| config.max_bytes = max)
+        self.rebuild("max_bytes", |builder| builder.max_bytes(max))
     }
 
-    /// How often the background task prunes expired records (60 s by default).
+    /// What the store was built with.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_idempotency::MemoryStore;
-    /// let store = MemoryStore::new().prune_interval(Duration::from_secs(10));
+    ///
+    /// let store = MemoryStore::builder().cleanup_interval(Duration::from_secs(5)).build();
+    /// assert_eq!(store.settings().cleanup_interval(), Duration::from_secs(5));
     /// ```
-    ///
-    /// # Panics
-    ///
-    /// If `interval` is zero, or if the store was already cloned or used.
-    #[must_use]
-    pub fn prune_interval(self, interval: Duration) -> Self {
-        assert!(
-            !interval.is_zero(),
-            "MemoryStore::prune_interval must not be zero"
-        );
-        self.configure("prune_interval", |config| config.prune_interval = interval)
+    pub fn settings(&self) -> MemoryStoreSettings {
+        self.inner.settings
     }
 
     /// The number of records held, live or expired but not yet pruned.
-    pub fn len(&self) -> usize {
+    pub fn entry_count(&self) -> usize {
         self.inner.shards().map(|shard| read(shard).len()).sum()
     }
 
     /// `true` when the store holds no record.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entry_count() == 0
+    }
+
+    /// How many records `tenant` holds, live or expired but not yet pruned, as counted against
+    /// [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant).
+    ///
+    /// ```
+    /// use tower_idempotency::{MemoryStore, TenantId};
+    /// assert_eq!(MemoryStore::new().tenant_entry_count(&TenantId::shared()), 0);
+    /// ```
+    pub fn tenant_entry_count(&self, tenant: &crate::tenant::TenantId) -> usize {
+        self.inner
+            .shards()
+            .map(|shard| read(shard).tenant_len(tenant))
+            .sum()
     }
 
     /// About how many bytes the records hold, as counted against
-    /// [`max_bytes`](Self::max_bytes).
-    pub fn bytes(&self) -> usize {
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes).
+    pub fn weighted_size(&self) -> usize {
         self.inner.shards().map(|shard| read(shard).bytes()).sum()
     }
 
     /// How many completed records were dropped before their expiry to make room, since the
     /// store was built. A store that keeps evicting needs a larger
-    /// [`max_entries`](Self::max_entries) or [`max_bytes`](Self::max_bytes), or a shorter TTL.
+    /// [`max_entries`](MemoryStoreBuilder::max_entries) or
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes), or a shorter TTL.
     pub fn evicted(&self) -> u64 {
         self.inner.evicted.load(Ordering::Relaxed)
     }
@@ -243,21 +312,28 @@ impl MemoryStore {
         self.inner.prune(self.inner.now()) as usize
     }
 
-    fn ensure_pruner(&self) {
+    fn ensure_tasks(&self) {
         let inner = &self.inner;
         inner
             .pruner
-            .start(|| prune_periodically(Arc::downgrade(inner), inner.config.prune_interval));
+            .start(|| prune_periodically(Arc::downgrade(inner), inner.settings.cleanup_interval()));
+        if let Some(snapshot) = &inner.snapshot {
+            let period = inner.settings.snapshot_interval();
+            snapshot
+                .task
+                .start(|| snapshot::save_periodically(Arc::downgrade(inner), period));
+        }
     }
 }
 
 /// How many shards a store of these bounds has: a power of two, at most [`MAX_SHARDS`], each
-/// with a share of at least [`MIN_SHARD_ENTRIES`] and [`MIN_SHARD_BYTES`] when the bounds
-/// allow it.
-fn shard_count(max_entries: usize, max_bytes: usize) -> usize {
+/// with a share of at least [`MIN_SHARD_ENTRIES`], [`MIN_SHARD_BYTES`] and
+/// [`MIN_SHARD_TENANT_ENTRIES`] when the bounds allow it.
+fn shard_count(max_entries: usize, max_bytes: usize, max_per_tenant: usize) -> usize {
     let by_entries = max_entries / MIN_SHARD_ENTRIES;
     let by_bytes = max_bytes / MIN_SHARD_BYTES;
-    let count = by_entries.min(by_bytes).clamp(1, MAX_SHARDS);
+    let by_tenant = max_per_tenant / MIN_SHARD_TENANT_ENTRIES;
+    let count = by_entries.min(by_bytes).min(by_tenant).clamp(1, MAX_SHARDS);
     // The largest power of two not above `count`.
     1 << count.ilog2()
 }
@@ -297,25 +373,19 @@ fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The background pruner: it holds only a weak reference, so it ends at its first tick after
-/// the store is dropped.
-async fn prune_periodically(store: Weak<Inner>, period: Duration) {
-    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = store.upgrade() else {
-            return;
-        };
-        inner.prune(inner.now());
-    }
-}
-
 impl Inner {
     fn now(&self) -> Nanos {
         let now = Instant::now();
-        let (epoch, _) = self.epoch.get_or_init(|| (now, SystemTime::now()));
-        nanos(now.saturating_duration_since(*epoch))
+        let &(epoch, wall) = self.epoch.get_or_init(|| (now, SystemTime::now()));
+        let now = nanos(now.saturating_duration_since(epoch));
+        // The records read from a snapshot enter at the first use, once the clock has started;
+        // every caller waits for them. No caller holds a shard's lock here.
+        if let Some(snapshot) = &self.snapshot {
+            snapshot
+                .restored
+                .get_or_init(|| self.restore(snapshot, now, wall));
+        }
+        now
     }
 
     /// The wall-clock time at the store's time zero.
@@ -365,42 +435,6 @@ impl Inner {
     }
 }
 
-/// The rate limit of the `tracing` event that reports evictions.
-#[cfg(feature = "tracing")]
-#[derive(Default)]
-struct Report {
-    /// When the last event was emitted, plus one (0: never).
-    last: AtomicU64,
-    /// Evictions since the last event.
-    pending: AtomicU64,
-}
-
-#[cfg(feature = "tracing")]
-impl Report {
-    fn evicted(&self, count: u64, now: Nanos, total: u64) {
-        self.pending.fetch_add(count, Ordering::Relaxed);
-        let last = self.last.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last - 1) >= nanos(REPORT_EVERY);
-        let claimed = due
-            && self
-                .last
-                .compare_exchange(last, now + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        if !claimed {
-            return;
-        }
-        let evicted = self.pending.swap(0, Ordering::Relaxed);
-        tracing::warn!(
-            target: "tower_idempotency",
-            evicted,
-            evicted_total = total,
-            "MemoryStore is full: completed records were dropped before their expiry to make \
-             room for new keys; a retry of a dropped record runs the handler again. Raise \
-             max_entries or max_bytes, or shorten the TTL."
-        );
-    }
-}
-
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -409,113 +443,13 @@ impl Default for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let config = &self.inner.config;
         f.debug_struct("MemoryStore")
-            .field("len", &self.len())
-            .field("max_entries", &config.max_entries)
-            .field("bytes", &self.bytes())
-            .field("max_bytes", &config.max_bytes)
+            .field("entry_count", &self.entry_count())
+            .field("weighted_size", &self.weighted_size())
             .field("evicted", &self.evicted())
-            .field("prune_interval", &config.prune_interval)
+            .field("settings", &self.inner.settings)
+            .field("snapshot", &self.snapshot_path())
             .field("shards", &self.inner.shards.len())
             .finish()
-    }
-}
-
-/// The error of a new key that finds its shard full of in-flight records.
-fn full() -> StoreError {
-    StoreError::msg(
-        StoreErrorKind::CapacityExceeded,
-        "the store is full of requests in flight: no completed record can be dropped to make room",
-    )
-}
-
-impl IdempotencyStore for MemoryStore {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        self.ensure_pruner();
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let shard = inner.shard(hash);
-        let now = inner.now();
-        // Replays, 409 and 422 only read: a shared lock, and no copy of the key.
-        if let Some(answer) = read(shard).decide(hash, key, fingerprint, now) {
-            return Ok(answer);
-        }
-        let mut removed = Removed::default();
-        let lease_until = now.saturating_add(nanos(lease));
-        // The write lock: the decision and the write are one step.
-        let begun = write(shard).begin(hash, key, fingerprint, lease_until, now, &mut removed);
-        if removed.evicted > 0 {
-            inner.evicted(removed.evicted, now);
-        }
-        begun.map_err(|Full| full())
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let lease_until = inner.now().saturating_add(nanos(lease));
-        if write(inner.shard(hash)).renew(hash, key, token, lease_until) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let expires_at = inner.now().saturating_add(nanos(ttl));
-        if write(inner.shard(hash)).complete(hash, key, token, response, expires_at) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        if write(inner.shard(hash)).release(hash, key, token) {
-            Ok(())
-        } else {
-            Err(StoreError::lease_lost())
-        }
-    }
-
-    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let now = inner.now();
-        let Some(info) = read(inner.shard(hash)).lookup(hash, key, now) else {
-            return Ok(None);
-        };
-        let wall_epoch = inner.wall_epoch();
-        Ok(Some(info.into_record_info(|deadline| {
-            wall_epoch + Duration::from_nanos(deadline)
-        })))
-    }
-
-    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        let inner = &*self.inner;
-        let hash = inner.hash(key);
-        let now = inner.now();
-        Ok(write(inner.shard(hash)).forget(hash, key, force, now))
     }
 }

@@ -1,7 +1,11 @@
+use super::builder::MAX_INTERVAL;
 use super::shard::{RECORD_OVERHEAD, completed_size};
 use super::*;
 use crate::StoreErrorKind;
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
 use crate::store::RecordState;
+use crate::store::{Begin, Forget, IdempotencyStore, LockToken};
 use crate::tenant::TenantId;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -48,10 +52,10 @@ async fn expired_records_are_invisible_at_once() {
     ));
     tokio::time::advance(Duration::from_millis(1)).await;
     // Expired but not yet pruned: a new request takes the key, even a different one.
-    assert_eq!(store.len(), 1);
+    assert_eq!(store.entry_count(), 1);
     assert_eq!(store.lookup(&key("a")).await.unwrap(), None);
     acquire(&store, "a", 2).await;
-    assert_eq!(store.len(), 1);
+    assert_eq!(store.entry_count(), 1);
     // The taken-over record's old place in the expiry queue is stale: pruning leaves the new
     // record alone.
     assert_eq!(store.prune(), 0);
@@ -83,7 +87,7 @@ async fn renew_release_and_fencing() {
     }
     store.release(&key("a"), taken).await.unwrap();
     assert!(store.is_empty());
-    assert_eq!(store.bytes(), 0);
+    assert_eq!(store.weighted_size(), 0);
     assert_eq!(
         store.release(&key("a"), taken).await.unwrap_err().kind(),
         StoreErrorKind::LeaseLost
@@ -103,15 +107,21 @@ async fn renew_release_and_fencing() {
 
 #[tokio::test(start_paused = true)]
 async fn the_background_pruner_prunes_and_ends_with_the_store() {
-    let store = MemoryStore::new().prune_interval(Duration::from_secs(5));
+    let store = MemoryStore::builder()
+        .cleanup_interval(Duration::from_secs(5))
+        .build();
     store_completed(&store, "a", Duration::from_secs(1)).await;
     acquire(&store, "b", 1).await; // in flight, lease 10 s
-    assert_eq!(store.len(), 2);
+    assert_eq!(store.entry_count(), 2);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(store.len(), 1, "the expired completed record was pruned");
+    assert_eq!(
+        store.entry_count(),
+        1,
+        "the expired completed record was pruned"
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(store.is_empty(), "the dead in-flight record was pruned");
-    assert_eq!(store.bytes(), 0);
+    assert_eq!(store.weighted_size(), 0);
 
     let weak = Arc::downgrade(&store.inner);
     let tasks = tokio::runtime::Handle::current()
@@ -137,10 +147,10 @@ async fn a_full_store_drops_the_completed_record_nearest_expiry() {
     store_completed(&store, "near", TTL / 2).await;
     store_completed(&store, "middle", TTL - Duration::from_secs(1)).await;
     acquire(&store, "running", 1).await;
-    assert_eq!(store.len(), 4);
+    assert_eq!(store.entry_count(), 4);
 
     acquire(&store, "new", 1).await;
-    assert_eq!(store.len(), 4);
+    assert_eq!(store.entry_count(), 4);
     assert_eq!(store.evicted(), 1);
     assert_eq!(store.lookup(&key("near")).await.unwrap(), None);
     for kept in ["far", "middle"] {
@@ -187,7 +197,7 @@ async fn a_store_full_of_in_flight_records_refuses_new_keys_and_keeps_them() {
     let err = store.begin(&key("d"), &fp(1), LEASE).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
     assert!(err.to_string().contains("in flight"), "{err}");
-    assert_eq!(store.len(), 3);
+    assert_eq!(store.entry_count(), 3);
     assert_eq!(store.evicted(), 0);
     for k in ["a", "b", "c"] {
         let begun = store.begin(&key(k), &fp(1), LEASE).await.unwrap();
@@ -214,7 +224,7 @@ async fn a_store_full_of_in_flight_records_refuses_new_keys_and_keeps_them() {
     tokio::time::advance(LEASE).await;
     acquire(&store, "x", 1).await;
     assert_eq!(store.evicted(), 0);
-    assert_eq!(store.len(), 1);
+    assert_eq!(store.entry_count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -223,18 +233,18 @@ async fn the_byte_budget_drops_completed_records_to_make_room() {
     let body = Bytes::from(vec![0; 9_600]);
     let big = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
     let token = acquire(&store, "a", 1).await;
-    assert_eq!(store.bytes(), RECORD_OVERHEAD + 1);
+    assert_eq!(store.weighted_size(), RECORD_OVERHEAD + 1);
     let ttl = Duration::from_secs(50);
     store.complete(&key("a"), token, big, ttl).await.unwrap();
-    assert_eq!(store.bytes(), RECORD_OVERHEAD + 1 + 9_600);
+    assert_eq!(store.weighted_size(), RECORD_OVERHEAD + 1 + 9_600);
     store_completed(&store, "b", TTL).await;
     // Over the budget: a new key drops "a", nearest its expiry, and gets its bytes.
     acquire(&store, "c", 1).await;
     assert_eq!(store.evicted(), 1);
     assert_eq!(store.lookup(&key("a")).await.unwrap(), None);
     let b = completed_size(&key("b"), &response());
-    assert_eq!(store.bytes(), b + RECORD_OVERHEAD + 1);
-    assert_eq!(store.len(), 2);
+    assert_eq!(store.weighted_size(), b + RECORD_OVERHEAD + 1);
+    assert_eq!(store.entry_count(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -321,7 +331,7 @@ async fn lookup_and_forget() {
         store.forget(&key("c"), true).await.unwrap(),
         Forget::NotFound
     );
-    assert_eq!(store.len(), 1);
+    assert_eq!(store.entry_count(), 1);
 }
 
 #[tokio::test]
@@ -340,43 +350,89 @@ async fn forgotten_records_do_not_grow_the_expiry_queue() {
     assert!(read(store.inner.shards().next().unwrap()).queued() <= 64);
 }
 
+fn panics(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+    let err = std::panic::catch_unwind(f).unwrap_err();
+    err.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap()
+}
+
 #[test]
-fn settings_are_checked_and_belong_to_a_new_store() {
-    fn panics(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
-        let err = std::panic::catch_unwind(f).unwrap_err();
-        err.downcast_ref::<String>()
-            .cloned()
-            .or_else(|| err.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap()
+fn settings_are_checked_in_build_and_belong_to_a_new_store() {
+    let build = |set: fn(MemoryStoreBuilder) -> MemoryStoreBuilder| {
+        panics(move || drop(set(MemoryStore::builder()).build()))
+    };
+    assert!(build(|b| b.max_entries(0)).contains("max_entries must be at least 1"));
+    assert!(build(|b| b.max_bytes(0)).contains("max_bytes must be at least 1"));
+    let zero = build(|b| b.cleanup_interval(Duration::ZERO));
+    assert!(
+        zero.contains("cleanup_interval must be longer than zero"),
+        "{zero}"
+    );
+    for huge in [
+        Duration::MAX,
+        Duration::from_millis(u64::MAX),
+        MAX_INTERVAL + Duration::from_secs(1),
+    ] {
+        let message = panics(move || drop(MemoryStore::builder().cleanup_interval(huge).build()));
+        assert!(message.contains("at most 365 days"), "{message}");
     }
+    // The shorthands go through the same check.
     assert!(panics(|| drop(MemoryStore::new().max_entries(0))).contains("at least 1"));
     assert!(panics(|| drop(MemoryStore::new().max_bytes(0))).contains("at least 1"));
-    assert!(panics(|| drop(MemoryStore::new().prune_interval(Duration::ZERO))).contains("zero"));
     let message = panics(|| {
         let store = MemoryStore::new();
         let _shared = store.clone();
         drop(store.max_entries(10));
     });
     assert!(message.contains("before it is cloned or used"), "{message}");
+    let message = panics(|| {
+        let store = MemoryStore::new();
+        let _ = store.prune();
+        drop(store.max_bytes(10));
+    });
+    assert!(message.contains("before it is cloned or used"), "{message}");
 
-    let store = MemoryStore::new()
-        .max_entries(5_000_000)
-        .max_bytes(2 << 30)
-        .prune_interval(Duration::from_secs(1));
-    let config = store.inner.config;
-    assert_eq!(config.max_entries, 5_000_000);
-    assert_eq!(config.max_bytes, 2 << 30);
-    assert_eq!(config.prune_interval, Duration::from_secs(1));
+    let store = MemoryStore::new().max_entries(5_000_000).max_bytes(2 << 30);
+    let settings = store.settings();
+    assert_eq!(settings.max_entries(), 5_000_000);
+    assert_eq!(settings.max_bytes(), 2 << 30);
+    assert_eq!(settings.cleanup_interval(), Duration::from_secs(60));
     assert_eq!(store.inner.shards.len(), MAX_SHARDS);
+
+    // A builder is a value: changing a clone leaves the original as it was.
+    let builder = MemoryStore::builder().max_entries(10);
+    let other = builder.clone().max_entries(20);
+    assert_eq!(builder.build().settings().max_entries(), 10);
+    let store = other.cleanup_interval(MAX_INTERVAL).build();
+    assert_eq!(store.settings().max_entries(), 20);
+    assert_eq!(store.settings().cleanup_interval(), MAX_INTERVAL);
 }
 
 #[test]
 fn shards_split_the_bounds() {
-    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES), 1);
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000), 1);
-    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES), 32);
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES), 256);
-    assert_eq!(shard_count(usize::MAX, usize::MAX), 256);
+    const ANY: usize = usize::MAX;
+    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES, ANY), 1);
+    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000, ANY), 1);
+    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY), 32);
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, ANY),
+        256
+    );
+    assert_eq!(shard_count(usize::MAX, usize::MAX, ANY), 256);
+    // A small bound per tenant keeps its shares from getting too small to even out.
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 1_000),
+        8
+    );
+    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 10), 1);
+    // The default bound per tenant leaves the default store its 256 shards.
+    assert_eq!(MemoryStore::new().inner.shards.len(), 256);
+    assert_eq!(
+        MemoryStore::new().settings().max_entries_per_tenant(),
+        125_000
+    );
     let total: usize = (0..32).map(|i| share(100_003, 32, i)).sum();
     assert_eq!(total, 100_003);
 }
@@ -404,7 +460,7 @@ fn the_bound_holds_under_concurrent_eviction() {
                     let Ok(Begin::Acquired(token)) = begun else {
                         panic!("a new key runs: {begun:?}");
                     };
-                    assert!(store.len() <= MAX);
+                    assert!(store.entry_count() <= MAX);
                     // The record just begun is never dropped before it completes.
                     let done = store.complete(&k, token, response(), TTL).now_or_never();
                     done.unwrap().expect("an in-flight record is never evicted");
@@ -412,7 +468,7 @@ fn the_bound_holds_under_concurrent_eviction() {
             });
         }
     });
-    assert_eq!(store.len(), MAX);
+    assert_eq!(store.entry_count(), MAX);
     assert_eq!(store.evicted(), (THREADS * KEYS - MAX) as u64);
 }
 
@@ -436,7 +492,7 @@ async fn the_bound_holds_under_concurrent_inserts() {
     }
     assert_eq!(acquired, 100);
     assert_eq!(refused, 900);
-    assert_eq!(store.len(), 100);
+    assert_eq!(store.entry_count(), 100);
 }
 
 #[tokio::test(start_paused = true)]
@@ -448,5 +504,5 @@ async fn dead_holders_make_room_before_live_records_are_dropped() {
     acquire(&store, "new", 1).await;
     assert_eq!(store.evicted(), 0, "the dead holder's record went first");
     assert!(store.lookup(&key("live")).await.unwrap().is_some());
-    assert_eq!(store.len(), 2);
+    assert_eq!(store.entry_count(), 2);
 }

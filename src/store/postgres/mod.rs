@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::background::StartOnce;
+use super::background::{self, StartOnce};
 use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Table, corrupt, millis,
     token_bytes,
@@ -255,13 +255,11 @@ impl PostgresStore {
     ///
     /// # Panics
     ///
-    /// When `interval` is zero, and as [`table`](Self::table) when the store is already shared.
+    /// When `interval` is zero or longer than a year, and as [`table`](Self::table) when the
+    /// store is already shared.
     #[must_use]
     pub fn cleanup_interval(self, interval: Duration) -> Self {
-        assert!(
-            !interval.is_zero(),
-            "PostgresStore::cleanup_interval: the interval must not be zero"
-        );
+        background::check_period("PostgresStore::cleanup_interval", interval);
         self.configure("cleanup_interval", |inner| {
             inner.cleanup_interval = Some(interval);
         })
@@ -360,19 +358,12 @@ impl Inner {
 }
 
 /// The background cleanup: it holds only a weak reference, so it ends at its first tick after
-/// the store is dropped.
+/// the store is dropped. A failed run (the database is down, say) is retried at the next tick.
 async fn clean_periodically(store: Weak<Inner>, period: Duration) {
-    let start = tokio::time::Instant::now() + period;
-    let mut interval = tokio::time::interval_at(start, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = store.upgrade() else {
-            return;
-        };
-        // A failed run (the database is down, say) is retried at the next tick.
+    background::every(store, period, |inner: Arc<Inner>| async move {
         let _ = inner.delete_expired().await;
-    }
+    })
+    .await;
 }
 
 impl fmt::Debug for PostgresStore {

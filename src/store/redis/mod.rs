@@ -352,9 +352,13 @@ impl RedisStore {
         self
     }
 
-    /// The Redis key of `key`'s record: `<prefix>{<tenant hex>:<key>}`.
-    pub fn redis_key(&self, key: &RecordKey) -> String {
-        format!("{}{{{key}}}", self.prefix)
+    /// The Redis key of `key`'s record: `<prefix>{<tenant hex>:<key>}`, the whole record key
+    /// as the hash tag (so every record has a slot of its own choosing). Redis ends a hash tag
+    /// at the first `}`, so `%` and `}` in the key are percent-encoded (`%25`, `%7D`): no key
+    /// can end the tag early and pin other records to its slot, and two keys never share a
+    /// Redis key.
+    pub(crate) fn redis_key(&self, key: &RecordKey) -> String {
+        redis_key(&self.prefix, key)
     }
 
     /// `true` when the store talks to a Redis Cluster.
@@ -371,6 +375,23 @@ impl fmt::Debug for RedisStore {
             .field("replica_wait", &self.replica_wait)
             .finish_non_exhaustive()
     }
+}
+
+/// See [`RedisStore::redis_key`].
+fn redis_key(prefix: &str, key: &RecordKey) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(prefix.len() + 68 + key.key().len());
+    // Writing into a `String` cannot fail.
+    let _ = write!(out, "{prefix}{{{}:", key.tenant());
+    for c in key.key().chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out.push('}');
+    out
 }
 
 /// Connection, I/O and server errors make the store unavailable; a reply the client could not
@@ -391,10 +412,39 @@ mod tests {
 
     #[test]
     fn redis_keys_are_stable_and_hash_tagged() {
-        let key = RecordKey::new(TenantId::shared(), "a{b}:c");
-        let expected = format!("idempotency:{{{}:a{{b}}:c}}", "0".repeat(64));
+        let key = RecordKey::new(TenantId::shared(), "a{b}:c%");
+        let expected = format!("idempotency:{{{}:a{{b%7D:c%25}}", "0".repeat(64));
         // The key does not depend on the connection, only on the prefix and the record key.
-        assert_eq!(format!("{DEFAULT_PREFIX}{{{key}}}"), expected);
+        assert_eq!(redis_key(DEFAULT_PREFIX, &key), expected);
+        let plain = RecordKey::new(TenantId::shared(), "order-42");
+        assert_eq!(
+            redis_key("p:", &plain),
+            format!("p:{{{}:order-42}}", "0".repeat(64))
+        );
+    }
+
+    /// The hash tag is what Redis hashes: from the first `{` to the first `}` after it.
+    fn hash_tag(redis_key: &str) -> &str {
+        let open = redis_key.find('{').unwrap();
+        let close = open + 1 + redis_key[open + 1..].find('}').unwrap();
+        &redis_key[open + 1..close]
+    }
+
+    #[test]
+    fn no_key_character_ends_the_hash_tag() {
+        let tenant = TenantId::hashed("t");
+        let keys = ["}", "}a", "}b", "a}", "%7D", "}}}", "{}", "%", "%25"];
+        let mut tags = std::collections::HashSet::new();
+        let mut redis_keys = std::collections::HashSet::new();
+        for k in keys {
+            let rk = redis_key(DEFAULT_PREFIX, &RecordKey::new(tenant, k));
+            assert!(rk.ends_with('}'), "{rk}");
+            assert_eq!(hash_tag(&rk).len(), rk.len() - DEFAULT_PREFIX.len() - 2);
+            tags.insert(hash_tag(&rk).to_owned());
+            redis_keys.insert(rk);
+        }
+        assert_eq!(tags.len(), keys.len(), "every key has a tag of its own");
+        assert_eq!(redis_keys.len(), keys.len());
     }
 
     #[test]

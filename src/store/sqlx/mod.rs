@@ -8,7 +8,7 @@ use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
 
-use super::background::StartOnce;
+use super::background::{self, StartOnce};
 use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Table,
     corrupt, millis, token_bytes,
@@ -134,16 +134,15 @@ impl SqlxStoreBuilder {
     ///
     /// [`StoreErrorKind::Other`] when the table name is not `name` or `schema.name` as
     /// [`table`](Self::table) says (a name is never spliced into SQL unchecked), or the cleanup
-    /// interval is zero.
+    /// interval is zero or longer than a year.
     pub fn build(self) -> Result<SqlxStore, StoreError> {
         let table = Table::parse(&self.table)?;
-        if self
-            .cleanup_interval
-            .is_some_and(|interval| interval.is_zero())
-        {
+        let out_of_bounds =
+            |interval: Duration| interval.is_zero() || interval > background::MAX_PERIOD;
+        if self.cleanup_interval.is_some_and(out_of_bounds) {
             return Err(StoreError::msg(
                 StoreErrorKind::Other,
-                "SqlxStore: the cleanup interval must not be zero",
+                "SqlxStore: the cleanup interval must not be zero nor longer than a year",
             ));
         }
         let sql = Sql::new(&table);
@@ -270,19 +269,12 @@ impl Inner {
 }
 
 /// The background cleanup: it holds only a weak reference, so it ends at its first tick after
-/// the store is dropped.
+/// the store is dropped. A failed run (the database is down, say) is retried at the next tick.
 async fn clean_periodically(store: Weak<Inner>, period: Duration) {
-    let start = tokio::time::Instant::now() + period;
-    let mut interval = tokio::time::interval_at(start, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(inner) = store.upgrade() else {
-            return;
-        };
-        // A failed run (the database is down, say) is retried at the next tick.
+    background::every(store, period, |inner: Arc<Inner>| async move {
         let _ = inner.delete_expired().await;
-    }
+    })
+    .await;
 }
 
 impl fmt::Debug for SqlxStore {
@@ -502,6 +494,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Other);
         assert!(err.to_string().contains("must not be zero"), "{err}");
+        let err = SqlxStore::builder(pool())
+            .cleanup_interval(Duration::MAX)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
     }
 
     fn is_send<T: Send>(_: &T) {}

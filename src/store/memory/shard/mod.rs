@@ -3,13 +3,21 @@
 //!
 //! Every function here runs under the shard's lock, and none of them looks at another shard.
 
+use foldhash::fast::SeedableRandomState;
 use hashbrown::HashTable;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
+use super::tenants::Tenants;
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::store::{Begin, Forget, LockToken, RecordInfo, RecordKey, RecordState};
+use crate::store::{Begin, Forget, LockToken, RecordKey};
+
+#[cfg(test)]
+mod checks;
+mod info;
+mod room;
+mod snapshot;
 
 /// The estimated bytes a record takes besides its key and response: its table slot, its boxed
 /// record, its place in the expiry queue, and the stored response's own allocations.
@@ -87,7 +95,12 @@ struct Room(Option<Box<Record>>);
 
 /// Why a shard refused a new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Full;
+pub(super) enum Full {
+    /// In-flight records fill the shard.
+    Store,
+    /// The tenant's records fill its share of the shard, and all of them are in flight.
+    Tenant,
+}
 
 pub(super) struct Shard {
     table: HashTable<Slot>,
@@ -106,10 +119,21 @@ pub(super) struct Shard {
     bytes: usize,
     max_len: usize,
     max_bytes: usize,
+    /// How many records each tenant holds, and its completed ones by expiry.
+    tenants: Tenants,
+    /// Counts the changes to the completed records that a snapshot holds (completed, forgotten,
+    /// restored), so that a periodic snapshot of an unchanged store is skipped.
+    changes: u64,
 }
 
 impl Shard {
-    pub(super) fn new(max_len: usize, max_bytes: usize, token_seed: u64) -> Self {
+    pub(super) fn new(
+        max_len: usize,
+        max_bytes: usize,
+        max_per_tenant: usize,
+        token_seed: u64,
+        hasher: SeedableRandomState,
+    ) -> Self {
         Self {
             table: HashTable::new(),
             expiries: Expiries::default(),
@@ -120,7 +144,14 @@ impl Shard {
             bytes: 0,
             max_len,
             max_bytes,
+            tenants: Tenants::new(max_per_tenant, hasher),
+            changes: 0,
         }
+    }
+
+    /// How many records `tenant` holds in this shard.
+    pub(super) fn tenant_len(&self, tenant: &crate::tenant::TenantId) -> usize {
+        self.tenants.count(tenant)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -131,10 +162,9 @@ impl Shard {
         self.bytes
     }
 
-    /// Entries in the expiry queue, stale ones included.
-    #[cfg(test)]
-    pub(super) fn queued(&self) -> usize {
-        self.expiries.len()
+    /// The count of changes to the completed records a snapshot holds.
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn find(&self, hash: u64, key: &RecordKey) -> Option<&Record> {
@@ -210,7 +240,18 @@ impl Shard {
             removed.pruned += 1;
             return Ok(Begin::Acquired(token));
         }
-        let Room(spare) = self.make_room(now, removed).ok_or(Full)?;
+        // A full shard makes room fairly: from the tenant's own records when it holds its share
+        // or more, else from a tenant over its share; only then from every tenant's nearest
+        // expiries. A shard that is not full bounds no tenant.
+        let tenant = *key.tenant();
+        if !self.has_room() {
+            self.make_fair_room(&tenant, now, removed)?;
+        }
+        self.tenants.add(tenant);
+        let Some(Room(spare)) = self.make_room(now, removed) else {
+            self.tenants.remove(&tenant);
+            return Err(Full::Store);
+        };
         let fresh = Record {
             key: key.clone(),
             fingerprint: *fingerprint,
@@ -236,47 +277,6 @@ impl Shard {
         self.table
             .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
         Ok(Begin::Acquired(token))
-    }
-
-    fn has_room(&self) -> bool {
-        self.table.len() < self.max_len && self.bytes < self.max_bytes
-    }
-
-    /// Makes room for one more record. First go the records that are dead already: in-flight
-    /// ones whose holder died, then expired completed ones (the front of the expiry queue);
-    /// then live completed records, nearest expiry first, which count as evicted. In-flight
-    /// records are never touched: `None` when they alone fill the shard.
-    fn make_room(&mut self, now: Nanos, removed: &mut Removed) -> Option<Room> {
-        if !self.has_room() && now >= self.dead_check_at {
-            removed.pruned += self.prune_in_flight(now);
-        }
-        let mut spare = None;
-        while !self.has_room() {
-            let due = self.expiries.pop()?;
-            if let Some(record) = self.remove_due(due) {
-                if record.is_live(now) {
-                    removed.evicted += 1;
-                } else {
-                    removed.pruned += 1;
-                }
-                spare = Some(record);
-            }
-        }
-        Some(Room(spare))
-    }
-
-    /// Removes the completed record `due` points to, if the entry is not stale.
-    fn remove_due(&mut self, due: Due) -> Option<Box<Record>> {
-        let entry = self
-            .table
-            .find_entry(due.hash, |slot| slot.record.id == due.id)
-            .ok()?;
-        if !matches!(entry.get().record.state, State::Completed(_)) {
-            return None;
-        }
-        let (slot, _) = entry.remove();
-        self.bytes -= slot.record.size;
-        Some(slot.record)
     }
 
     /// Puts a new in-flight record in the list.
@@ -338,12 +338,27 @@ impl Shard {
         record.state = State::Completed(response);
         self.bytes = self.bytes - old + size;
         self.unlist(slot);
-        self.expiries.push(Due {
+        let due = Due {
             at: expires_at,
             id,
             hash,
-        });
+        };
+        self.queue_completed(key.tenant(), due);
+        self.changes = self.changes.wrapping_add(1);
         true
+    }
+
+    /// Puts a completed record in the shard's expiry queue and its tenant's.
+    fn queue_completed(&mut self, tenant: &crate::tenant::TenantId, due: Due) {
+        self.expiries.push(due);
+        let table = &self.table;
+        if let Some(tenant) = self.tenants.get_mut(tenant) {
+            tenant.push(due, |due| {
+                table
+                    .find(due.hash, |slot| slot.record.id == due.id)
+                    .is_some()
+            });
+        }
     }
 
     pub(super) fn release(&mut self, hash: u64, key: &RecordKey, token: LockToken) -> bool {
@@ -361,25 +376,10 @@ impl Shard {
     /// Accounts for a record taken out of the table.
     fn forget_removed(&mut self, record: &Record) {
         self.bytes -= record.size;
+        self.tenants.remove(record.key.tenant());
         if let State::InFlight { slot, .. } = record.state {
             self.unlist(slot);
         }
-    }
-
-    pub(super) fn lookup(&self, hash: u64, key: &RecordKey, now: Nanos) -> Option<Info> {
-        let record = self.find(hash, key).filter(|r| r.is_live(now))?;
-        let state = match &record.state {
-            State::InFlight { .. } => InfoState::InFlight,
-            State::Completed(response) => InfoState::Completed {
-                status: response.status(),
-                replayable: !response.is_omitted(),
-            },
-        };
-        Some(Info {
-            fingerprint: record.fingerprint,
-            deadline: record.deadline,
-            state,
-        })
     }
 
     pub(super) fn forget(&mut self, hash: u64, key: &RecordKey, force: bool, now: Nanos) -> Forget {
@@ -399,110 +399,10 @@ impl Shard {
         };
         // A dead record is removed too: it is invisible already.
         let (slot, _) = entry.remove();
+        self.changes = self.changes.wrapping_add(1);
         self.forget_removed(&slot.record);
         self.compact_expiries();
         answer
-    }
-
-    /// Removes every expired record and every in-flight record whose holder died, at most
-    /// `budget` expired ones; returns how many were removed and whether expired ones are left.
-    pub(super) fn prune(&mut self, now: Nanos, budget: usize) -> (u64, bool) {
-        let mut removed = 0;
-        for _ in 0..budget {
-            match self.expiries.peek() {
-                Some(due) if due.at <= now => {}
-                _ => return (removed + self.prune_in_flight(now), false),
-            }
-            let Some(due) = self.expiries.pop() else {
-                break;
-            };
-            removed += u64::from(self.remove_due(due).is_some());
-        }
-        (removed + self.prune_in_flight(now), true)
-    }
-
-    /// Removes the in-flight records whose lease ran out: their holder died.
-    fn prune_in_flight(&mut self, now: Nanos) -> u64 {
-        if now < self.dead_check_at {
-            return 0;
-        }
-        let mut removed = 0;
-        let mut next_check = Nanos::MAX;
-        let mut i = 0;
-        while let Some(&Held { hash, id }) = self.in_flight.get(i) {
-            let Ok(entry) = self.table.find_entry(hash, |slot| slot.record.id == id) else {
-                // Every listed record is in the table; were one not, its entry would go.
-                self.in_flight.swap_remove(i);
-                continue;
-            };
-            let deadline = entry.get().record.deadline;
-            if deadline > now {
-                next_check = next_check.min(deadline);
-                i += 1;
-                continue;
-            }
-            let (slot, _) = entry.remove();
-            // Moves the last entry to `i`, which is looked at next.
-            self.forget_removed(&slot.record);
-            removed += 1;
-        }
-        self.dead_check_at = next_check;
-        removed
-    }
-
-    /// Rebuilds the expiry queue when stale entries (of forgotten records) outnumber the live
-    /// ones, so that it never grows past twice the records it orders.
-    fn compact_expiries(&mut self) {
-        let completed = self.table.len() - self.in_flight.len();
-        if self.expiries.len() <= 2 * completed + 64 {
-            return;
-        }
-        let live = self
-            .table
-            .iter()
-            .filter(|slot| matches!(slot.record.state, State::Completed(_)))
-            .map(|slot| Due {
-                at: slot.record.deadline,
-                id: slot.record.id,
-                hash: slot.hash,
-            });
-        self.expiries.rebuild(live);
-    }
-}
-
-/// A record as `lookup` reads it, with its deadline still on the store's clock.
-pub(super) struct Info {
-    pub(super) fingerprint: Fingerprint,
-    pub(super) deadline: Nanos,
-    pub(super) state: InfoState,
-}
-
-pub(super) enum InfoState {
-    InFlight,
-    Completed {
-        status: http::StatusCode,
-        replayable: bool,
-    },
-}
-
-impl Info {
-    /// The public form, with `deadline` turned into wall-clock time by `at`.
-    pub(super) fn into_record_info(
-        self,
-        at: impl Fn(Nanos) -> std::time::SystemTime,
-    ) -> RecordInfo {
-        let deadline = at(self.deadline);
-        let state = match self.state {
-            InfoState::InFlight => RecordState::InFlight {
-                lease_until: deadline,
-            },
-            InfoState::Completed { status, replayable } => RecordState::Completed {
-                status,
-                replayable,
-                expires_at: deadline,
-            },
-        };
-        RecordInfo::new(self.fingerprint, state)
     }
 }
 

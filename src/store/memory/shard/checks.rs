@@ -1,0 +1,41 @@
+//! What tests read of a shard, and the check of its counts against its records.
+
+use super::{Shard, State};
+
+impl Shard {
+    /// Entries in the expiry queue, stale ones included.
+    #[cfg(test)]
+    pub(in crate::store::memory) fn queued(&self) -> usize {
+        self.expiries.len()
+    }
+
+    /// Entries in the tenants' queues, stale ones included.
+    #[cfg(test)]
+    pub(in crate::store::memory) fn tenants_queued(&self) -> usize {
+        self.tenants.queued()
+    }
+
+    /// Checks the shard's counts against its records: each tenant's count, the bytes, the
+    /// in-flight list.
+    #[cfg(test)]
+    pub(in crate::store::memory) fn check_counts(&self) {
+        use std::collections::HashMap;
+        let mut tenants: HashMap<crate::tenant::TenantId, usize> = HashMap::new();
+        let mut bytes = 0;
+        let mut in_flight = 0;
+        for slot in &self.table {
+            *tenants.entry(*slot.record.key.tenant()).or_default() += 1;
+            bytes += slot.record.size;
+            in_flight += usize::from(matches!(slot.record.state, State::InFlight { .. }));
+        }
+        let counted: HashMap<_, _> = self.tenants.counts().collect();
+        assert_eq!(counted, tenants, "each tenant's count is its records");
+        assert_eq!(self.bytes, bytes, "bytes");
+        assert_eq!(self.in_flight.len(), in_flight, "the in-flight list");
+        assert!(self.table.len() <= self.max_len, "the shard's bound");
+        assert!(
+            counted.values().all(|&n| n <= self.tenants.max),
+            "each tenant's bound"
+        );
+    }
+}

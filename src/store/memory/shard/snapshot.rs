@@ -1,0 +1,73 @@
+//! A shard's side of a snapshot: its completed records out, records read back in.
+
+use super::super::Nanos;
+use super::super::expiries::Due;
+use super::super::snapshot::Saved;
+use super::{Record, Shard, Slot, State, completed_size};
+
+impl Shard {
+    /// The live completed records, for a snapshot; `wall` turns a deadline into wall-clock
+    /// time.
+    pub(in crate::store::memory) fn saved(
+        &self,
+        now: Nanos,
+        out: &mut Vec<Saved>,
+        wall: impl Fn(Nanos) -> std::time::SystemTime,
+    ) {
+        for Slot { record, .. } in &self.table {
+            if let State::Completed(response) = &record.state
+                && record.is_live(now)
+            {
+                out.push(Saved {
+                    key: record.key.clone(),
+                    fingerprint: record.fingerprint,
+                    response: response.clone(),
+                    expires_at: wall(record.deadline),
+                });
+            }
+        }
+    }
+
+    /// Puts a completed record read from a snapshot in the shard, if its key is absent and
+    /// there is room for it without dropping another record; `false` otherwise.
+    pub(in crate::store::memory) fn restore(
+        &mut self,
+        hash: u64,
+        saved: Saved,
+        expires_at: Nanos,
+    ) -> bool {
+        if self.find(hash, &saved.key).is_some() {
+            return false;
+        }
+        let tenant = *saved.key.tenant();
+        if !self.tenants.try_add(tenant) {
+            return false;
+        }
+        if !self.has_room() {
+            self.tenants.remove(&tenant);
+            return false;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let size = completed_size(&saved.key, &saved.response);
+        self.bytes += size;
+        let record = Box::new(Record {
+            key: saved.key,
+            fingerprint: saved.fingerprint,
+            id,
+            deadline: expires_at,
+            size,
+            state: State::Completed(saved.response),
+        });
+        self.table
+            .insert_unique(hash, Slot { hash, record }, |slot| slot.hash);
+        let due = Due {
+            at: expires_at,
+            id,
+            hash,
+        };
+        self.queue_completed(&tenant, due);
+        self.changes = self.changes.wrapping_add(1);
+        true
+    }
+}

@@ -1,0 +1,266 @@
+//! The snapshot file: a header (magic, format version, the payload's length and its SHA-256),
+//! then the payload: when it was written, how many records, and each record (tenant, key,
+//! fingerprint, expiry as wall-clock milliseconds since the Unix epoch, the response as
+//! [`StoredResponse::encode`] writes it). A file that is not exactly that is ignored.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use super::{Saved, SnapshotLoad};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::store::RecordKey;
+use crate::tenant::TenantId;
+
+const MAGIC: &[u8; 8] = b"TIDEMSNP";
+const VERSION: u32 = 1;
+/// Magic, version, payload length, SHA-256 of the payload.
+pub(super) const HEADER_LEN: usize = 8 + 4 + 8 + 32;
+/// The fewest bytes a record takes in the payload.
+const MIN_RECORD_LEN: usize = 32 + 2 + 32 + 8 + 8;
+
+/// Reads the file: its live records, and what was found.
+pub(super) fn load(path: &Path, max_len: u64, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
+    let ignored = |reason: String| (Vec::new(), SnapshotLoad::Ignored { reason });
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return (Vec::new(), SnapshotLoad::Missing);
+        }
+        Err(e) => return ignored(format!("cannot read the file: {e}")),
+    };
+    if len > max_len {
+        return ignored(format!(
+            "the file is {len} bytes, more than twice the store's max_bytes"
+        ));
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => return ignored(format!("cannot read the file: {e}")),
+    };
+    match decode(&bytes) {
+        Ok(records) => {
+            let total = records.len();
+            let live: Vec<Saved> = records.into_iter().filter(|r| r.expires_at > now).collect();
+            let load = SnapshotLoad::Loaded {
+                records: live.len(),
+                expired: total - live.len(),
+            };
+            (live, load)
+        }
+        Err(reason) => ignored(reason),
+    }
+}
+
+/// Writes the file for `records` to `out`, streaming: the header's place first, then the
+/// payload (hashed as it goes, one record's encoded response in memory at a time), then the
+/// header over its place.
+pub(super) fn write<W: Write + Seek>(
+    mut out: W,
+    records: &[Saved],
+    written_at: SystemTime,
+) -> io::Result<W> {
+    out.write_all(&[0; HEADER_LEN])?;
+    let mut payload = Hashed {
+        out: &mut out,
+        sha: Sha256::new(),
+        len: 0,
+    };
+    payload.write_all(&millis(written_at).to_be_bytes())?;
+    payload.write_all(&(records.len() as u64).to_be_bytes())?;
+    for record in records {
+        payload.write_all(record.key.tenant().as_bytes())?;
+        let key = record.key.key().as_bytes();
+        // No key longer than a u16 holds can be begun through the layer (255 at most).
+        let key = &key[..key.len().min(usize::from(u16::MAX))];
+        payload.write_all(&(key.len() as u16).to_be_bytes())?;
+        payload.write_all(key)?;
+        payload.write_all(record.fingerprint.as_bytes())?;
+        payload.write_all(&millis(record.expires_at).to_be_bytes())?;
+        let response = record.response.encode();
+        payload.write_all(&(response.len() as u64).to_be_bytes())?;
+        payload.write_all(&response)?;
+    }
+    let (sum, len) = (payload.sha.finalize(), payload.len);
+    out.seek(SeekFrom::Start(0))?;
+    out.write_all(MAGIC)?;
+    out.write_all(&VERSION.to_be_bytes())?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(&sum)?;
+    out.seek(SeekFrom::End(0))?;
+    Ok(out)
+}
+
+/// The file's bytes for `records`, in memory.
+#[cfg(test)]
+pub(super) fn encode(records: &[Saved], written_at: SystemTime) -> Vec<u8> {
+    let out = write(io::Cursor::new(Vec::new()), records, written_at);
+    out.expect("writing to memory cannot fail").into_inner()
+}
+
+/// A writer that hashes and counts what goes through it.
+struct Hashed<W> {
+    out: W,
+    sha: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The records of a file's bytes, or why they cannot be used. Never panics, and allocates no
+/// more than the input's length on any input.
+pub(super) fn decode(bytes: &[u8]) -> Result<Vec<Saved>, String> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        if bytes.is_empty() {
+            return Err("the file is empty".into());
+        }
+        if MAGIC.starts_with(bytes) {
+            return Err("truncated header".into());
+        }
+        return Err("not a MemoryStore snapshot (unknown magic bytes)".into());
+    }
+    let mut buf = &bytes[MAGIC.len()..];
+    let version = u32::from_be_bytes(take_array(&mut buf).ok_or("truncated header")?);
+    if version != VERSION {
+        return Err(format!(
+            "written in snapshot format {version}; this version reads format {VERSION}"
+        ));
+    }
+    let len = u64::from_be_bytes(take_array(&mut buf).ok_or("truncated header")?);
+    let sum: [u8; 32] = take_array(&mut buf).ok_or("truncated header")?;
+    if (buf.len() as u64) < len {
+        return Err(format!(
+            "truncated: the header announces {len} bytes of records, the file has {}",
+            buf.len()
+        ));
+    }
+    if buf.len() as u64 != len {
+        return Err("trailing bytes after the records".into());
+    }
+    if Sha256::digest(buf)[..] != sum[..] {
+        return Err("corrupt: the checksum of the records does not match".into());
+    }
+    decode_payload(buf).map_err(|what| format!("corrupt: {what}"))
+}
+
+fn decode_payload(mut buf: &[u8]) -> Result<Vec<Saved>, &'static str> {
+    let buf = &mut buf;
+    let _written_at = u64::from_be_bytes(take_array(buf).ok_or("truncated")?);
+    let count = u64::from_be_bytes(take_array(buf).ok_or("truncated")?);
+    let capacity = usize::try_from(count).unwrap_or(usize::MAX);
+    let mut records = Vec::with_capacity(capacity.min(buf.len() / MIN_RECORD_LEN));
+    for _ in 0..count {
+        let tenant = TenantId::from_bytes(take_array(buf).ok_or("truncated record")?);
+        let key_len = u16::from_be_bytes(take_array(buf).ok_or("truncated record")?);
+        let key = take(buf, usize::from(key_len)).ok_or("truncated record")?;
+        let key = std::str::from_utf8(key).map_err(|_| "a key is not UTF-8")?;
+        let fingerprint = Fingerprint::from_bytes(take_array(buf).ok_or("truncated record")?);
+        let expires = u64::from_be_bytes(take_array(buf).ok_or("truncated record")?);
+        let len = u64::from_be_bytes(take_array(buf).ok_or("truncated record")?);
+        let len = usize::try_from(len).map_err(|_| "a response is too long")?;
+        let response = take(buf, len).ok_or("truncated record")?;
+        let response = StoredResponse::decode(response).map_err(|_| "a response is invalid")?;
+        records.push(Saved {
+            key: RecordKey::new(tenant, key),
+            fingerprint,
+            response,
+            expires_at: UNIX_EPOCH + Duration::from_millis(expires),
+        });
+    }
+    if !buf.is_empty() {
+        return Err("bytes after the last record");
+    }
+    Ok(records)
+}
+
+fn take<'a>(buf: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
+    if buf.len() < len {
+        return None;
+    }
+    let (head, rest) = buf.split_at(len);
+    *buf = rest;
+    Some(head)
+}
+
+fn take_array<const N: usize>(buf: &mut &[u8]) -> Option<[u8; N]> {
+    take(buf, N)?.try_into().ok()
+}
+
+/// Milliseconds since the Unix epoch (0 before it, saturating).
+fn millis(at: SystemTime) -> u64 {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Replaces the file at `path` by the snapshot of `records`, whole: a new file beside it,
+/// written, synced, renamed over it, and the directory synced. A failure removes the new file
+/// and leaves the old one.
+pub(super) fn write_atomically(
+    path: &Path,
+    records: &[Saved],
+    written_at: SystemTime,
+) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the snapshot path {} names no file", path.display()),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let temp = dir.join(format!(
+        ".{}.{}-{:016x}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        super::super::random_u64()
+    ));
+    let written = write_then_rename(&temp, path, dir, records, written_at);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
+}
+
+fn write_then_rename(
+    temp: &Path,
+    path: &Path,
+    dir: &Path,
+    records: &[Saved],
+    written_at: SystemTime,
+) -> io::Result<()> {
+    let file = BufWriter::new(File::create_new(temp)?);
+    let file = write(file, records, written_at)?
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(temp, path)?;
+    sync_dir(dir)
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_: &Path) -> io::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Small helpers the whole crate shares: hex, and random bytes.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    Hex(bytes).to_string()
+}
+
+/// Displays bytes as lowercase hex, without an intermediate string.
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for &byte in self.0 {
+            let pair = [
+                DIGITS[usize::from(byte >> 4)],
+                DIGITS[usize::from(byte & 0xf)],
+            ];
+            // Both are ASCII hex digits.
+            f.write_str(std::str::from_utf8(&pair).map_err(|_| fmt::Error)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// 32 bytes that no one outside this process can predict: each 8 comes from a standard-library
+/// `RandomState`, whose SipHash keys are drawn from the operating system's random source.
+#[cfg_attr(not(any(feature = "tracing", feature = "client")), allow(dead_code))]
+pub(crate) fn random_bytes() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_usize(i);
+        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lowercase_pairs() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(super::hex(&[]), "");
+    }
+
+    #[test]
+    fn random_bytes_differ() {
+        assert_ne!(super::random_bytes(), super::random_bytes());
+    }
+}

@@ -1,0 +1,132 @@
+//! The allocation budget of the flow: what a new key and a replay allocate beyond the bare
+//! handler, store included, counted by a global allocator (so in a test binary of its own, on
+//! one thread). A change that allocates more on these paths fails here; BENCHMARKS.md says
+//! where the allocations go and what the target is.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+/// A new key: at most this many allocations more than the bare handler, store included (the
+/// record, the key, the two boxed parts of the flow, the stored response, and the
+/// `IdempotencyKey` and `Outcome` extensions, two each). The target is 4: see BENCHMARKS.md.
+const NEW_KEY_BUDGET: usize = 14;
+/// A replay: at most this many allocations more than the bare handler: the key, the boxed
+/// flow, the replay's header map and its `Outcome` extension (two).
+const REPLAY_BUDGET: usize = 5;
+
+/// Allocations and reallocations so far, in the whole process: this binary's one test runs on
+/// one thread, and the harness's thread only waits for it.
+fn allocations() -> usize {
+    let stats = GLOBAL.stats();
+    stats.allocations + stats.reallocations
+}
+
+/// The handler of a payments API: reads the body, answers `201` with `Location`, a JSON
+/// content type and a small JSON body.
+async fn handler<B>(request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let mut response = Response::new(Full::new(Bytes::from_static(
+        br#"{"id":"pay_1","status":"succeeded"}"#,
+    )));
+    *response.status_mut() = StatusCode::CREATED;
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, HeaderValue::from_static("/payments/1"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    std::hint::black_box(body);
+    Ok(response)
+}
+
+fn request(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .header(header::AUTHORIZATION, "Bearer sk_test_allocations")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"amount":1000,"currency":"eur"}"#,
+        )))
+        .unwrap()
+}
+
+/// The allocations of one request through `svc`, its response body read.
+async fn one<S, B>(svc: &mut S, request: Request<Full<Bytes>>) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let before = allocations();
+    let response = svc.ready().await.unwrap().call(request).await.unwrap();
+    assert!(response.status().is_success());
+    response.into_body().collect().await.unwrap();
+    allocations() - before
+}
+
+/// The most frequent count of `counts` (a map that grows now and then adds one to a few).
+fn most_frequent(counts: &[usize]) -> usize {
+    let mut by_count = std::collections::BTreeMap::new();
+    for &count in counts {
+        *by_count.entry(count).or_insert(0) += 1;
+    }
+    by_count
+        .into_iter()
+        .max_by_key(|&(_, times)| times)
+        .map(|(count, _)| count)
+        .unwrap()
+}
+
+#[test]
+fn a_new_key_and_a_replay_stay_within_their_allocation_budgets() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        const ROUNDS: usize = 2_000;
+        let mut bare = service_fn(handler::<Full<Bytes>>);
+        let mut layered = IdempotencyLayer::new(MemoryStore::new())
+            .layer(service_fn(handler::<RequestBody<Full<Bytes>>>));
+        let keys: Vec<_> = (0..ROUNDS).map(|i| format!("key-{i:08}")).collect();
+        // Warm up: the store's first call starts its pruning task, maps take their size.
+        for key in &keys[..100] {
+            one(&mut layered, request(key)).await;
+            one(&mut bare, request(key)).await;
+        }
+        let mut counts = [Vec::new(), Vec::new(), Vec::new()];
+        for key in &keys[100..] {
+            counts[0].push(one(&mut bare, request(key)).await);
+            counts[1].push(one(&mut layered, request(key)).await);
+        }
+        for key in &keys[100..] {
+            counts[2].push(one(&mut layered, request(key)).await);
+        }
+        let [bare, new_key, replay] = counts.map(|c| most_frequent(&c));
+        eprintln!("allocations: bare {bare}, new key {new_key}, replay {replay}");
+        assert!(
+            new_key <= bare + NEW_KEY_BUDGET,
+            "a new key allocates {} more than the bare handler (budget {NEW_KEY_BUDGET})",
+            new_key - bare
+        );
+        assert!(
+            replay <= bare + REPLAY_BUDGET,
+            "a replay allocates {} more than the bare handler (budget {REPLAY_BUDGET})",
+            replay.saturating_sub(bare)
+        );
+    });
+}

@@ -1,0 +1,218 @@
+//! `MemoryStore`'s snapshot across a real restart: a server process serves a keyed POST, is
+//! stopped with SIGTERM (graceful shutdown, then `save_snapshot`), and a new process on the
+//! same file replays the retry without running its handler.
+//!
+//! The server is this test binary itself, run again with `SNAPSHOT_SERVER` set to the file.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, SnapshotLoad};
+
+const SERVER_ENV: &str = "SNAPSHOT_SERVER";
+
+/// The server of a child process; does nothing unless `SNAPSHOT_SERVER` names a file.
+#[test]
+fn snapshot_server() {
+    let Ok(path) = std::env::var(SERVER_ENV) else {
+        return;
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(serve(path));
+}
+
+async fn serve(path: String) {
+    let store = MemoryStore::builder().snapshot(&path).build();
+    match store.snapshot_status().unwrap().load() {
+        SnapshotLoad::Missing | SnapshotLoad::Loaded { .. } => {}
+        other => panic!("the snapshot is usable: {other:?}"),
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(store.clone());
+    let detached = layer.detached_runs();
+    let app = Router::new()
+        .route("/payments", post(create))
+        .route_layer(layer)
+        .route("/runs", get(count))
+        .with_state(runs);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("LISTENING {}", listener.local_addr().unwrap());
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            term.recv().await;
+        })
+        .await
+        .unwrap();
+    assert!(detached.wait_timeout(Duration::from_secs(10)).await);
+    let saved = store.save_snapshot().await.unwrap();
+    println!("SAVED {saved}");
+}
+
+async fn create(State(runs): State<Arc<AtomicUsize>>, body: Bytes) -> impl IntoResponse {
+    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let body = format!("payment {n} of {}", String::from_utf8_lossy(&body));
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/payments/{n}"))],
+        body,
+    )
+}
+
+async fn count(State(runs): State<Arc<AtomicUsize>>) -> String {
+    runs.load(Ordering::SeqCst).to_string()
+}
+
+struct Server {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(path: &std::path::Path) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "snapshot_server",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SERVER_ENV, path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let addr = loop {
+            let line = read_line(&mut stdout);
+            // The test harness may print its own words before ours on the line.
+            if let Some((_, addr)) = line.split_once("LISTENING ") {
+                break addr.trim().parse().unwrap();
+            }
+        };
+        Self {
+            child,
+            stdout,
+            addr,
+        }
+    }
+
+    /// SIGTERM, then the number of records the server saved as it stopped.
+    fn stop(mut self) -> usize {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+        let saved = loop {
+            let line = read_line(&mut self.stdout);
+            if let Some((_, n)) = line.split_once("SAVED ") {
+                break n.trim().parse().unwrap();
+            }
+        };
+        assert!(self.child.wait().unwrap().success(), "a graceful exit");
+        saved
+    }
+}
+
+fn read_line(stdout: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    let read = stdout.read_line(&mut line).unwrap();
+    assert!(read > 0, "the server process ended early");
+    line
+}
+
+struct Reply {
+    status: StatusCode,
+    replayed: bool,
+    location: Option<String>,
+    body: Bytes,
+}
+
+async fn pay(addr: SocketAddr) -> Reply {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = Request::post(format!("http://{addr}/payments"))
+        .header("authorization", "Bearer restart-client")
+        .header("idempotency-key", "order-1")
+        .body(Full::new(Bytes::from_static(b"100 eur")))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let header = |name: &str| {
+        let value = response.headers().get(name)?;
+        Some(value.to_str().unwrap().to_owned())
+    };
+    let replayed = header("idempotent-replayed").as_deref() == Some("true");
+    let location = header("location");
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        replayed,
+        location,
+        body,
+    }
+}
+
+async fn runs(addr: SocketAddr) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let uri = format!("http://{addr}/runs").parse().unwrap();
+    let response = client.get(uri).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[test]
+fn a_completed_request_replays_after_a_real_restart() {
+    if std::env::var_os(SERVER_ENV).is_some() {
+        return;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("tower-idempotency-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("store.snapshot");
+    let _ = std::fs::remove_file(&path);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    let first = Server::start(&path);
+    let original = runtime.block_on(pay(first.addr));
+    assert_eq!(original.status, StatusCode::CREATED);
+    assert!(!original.replayed);
+    assert_eq!(runtime.block_on(runs(first.addr)), "1");
+    assert_eq!(
+        first.stop(),
+        1,
+        "the completed record was saved at shutdown"
+    );
+
+    let second = Server::start(&path);
+    let retry = runtime.block_on(pay(second.addr));
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed, "Idempotent-Replayed: true");
+    assert_eq!(retry.location, original.location);
+    assert_eq!(retry.body, original.body);
+    assert_eq!(
+        runtime.block_on(runs(second.addr)),
+        "0",
+        "the new process did not run the handler"
+    );
+    assert_eq!(second.stop(), 1, "the record is saved again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
