@@ -43,15 +43,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| "redis://127.0.0.1:7000".to_owned());
     // Any node will do; the client asks it for the others.
     let nodes: Vec<&str> = urls.split(',').map(str::trim).collect();
-    let mut store = RedisStore::connect_cluster(&nodes)
-        .await?
-        .prefix("payments-api:idem:");
+    let mut builder = RedisStore::builder().prefix("payments-api:idem:");
     let replica_wait = std::env::var("REPLICA_WAIT").map_or(true, |v| v != "0");
     if replica_wait {
         // `begin` and `complete` return once one replica has the write: a record survives
         // the death of its primary.
-        store = store.replica_wait(1, Duration::from_millis(100));
+        builder = builder.replica_wait(1, Duration::from_millis(100));
     }
+    let store = builder.connect_cluster(&nodes).await?;
     // Replays of records this process completed, or already replayed, cost no Redis call for
     // up to 30 s.
     let store = ReplayCache::builder()

@@ -247,7 +247,7 @@ pub use store::memory::{
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::redis::RedisStore;
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 #[cfg(feature = "sqlx")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
 pub use store::sqlx::{SqlxStore, SqlxStoreBuilder};

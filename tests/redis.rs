@@ -27,18 +27,14 @@ async fn store() -> Option<RedisStore> {
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_and_forget() {
-    let Some(store) = store().await else { return };
-    scenario_lookup_and_forget(store).await;
-}
-
 /// A replica wait that a server without replicas cannot meet: `begin` fails and frees the key
 /// it wrote; `complete` keeps the record as the server has it and reports the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_wait_without_replicas_fails_and_frees_the_key() {
     let Some(store) = store().await else { return };
-    let waiting = store.clone().replica_wait(1, Duration::from_millis(20));
+    let waiting = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(20))
+        .share(&store);
     let fp = Fingerprint::from_bytes([8; 32]);
     let lease = Duration::from_secs(30);
     let key = RecordKey::new(TenantId::shared(), unique_key("wait"));
@@ -119,8 +115,10 @@ async fn prefixes_separate_fleets() {
     let (Some(a), Some(b), Some(c)) = (store().await, store().await, store().await) else {
         return;
     };
-    let (a, b) = (a.prefix("fleet-a:"), b.prefix("fleet-b:"));
-    let c = c.prefix("fleet-a:");
+    let a = RedisStore::builder().prefix("fleet-a:").share(&a);
+    let b = RedisStore::builder().prefix("fleet-b:").share(&b);
+    let c = RedisStore::builder().prefix("fleet-a:").share(&c);
+    assert_eq!((a.prefix(), b.prefix()), ("fleet-a:", "fleet-b:"));
     let key = RecordKey::new(TenantId::shared(), unique_key("prefix"));
     let fp = Fingerprint::from_bytes([2; 32]);
     let lease = Duration::from_secs(30);

@@ -27,12 +27,6 @@ async fn store() -> Option<RedisStore> {
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_and_forget() {
-    let Some(store) = store().await else { return };
-    scenario_lookup_and_forget(store).await;
-}
-
 /// Records spread over the slots of every primary, each record one key in one slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_land_on_every_primary() {
@@ -40,10 +34,11 @@ async fn records_land_on_every_primary() {
         return;
     };
     let prefix = format!("spread-{}:", tower_idempotency::LockToken::random());
-    let store = RedisStore::connect_cluster(urls.iter().map(String::as_str))
+    let store = RedisStore::builder()
+        .prefix(prefix.clone())
+        .connect_cluster(urls.iter().map(String::as_str))
         .await
-        .unwrap()
-        .prefix(prefix.clone());
+        .unwrap();
     let fp = Fingerprint::from_bytes([5; 32]);
     for i in 0..60 {
         let key = RecordKey::new(TenantId::shared(), format!("key-{i}"));
@@ -105,7 +100,9 @@ async fn replica_wait_met_and_unmet() {
     let fp = Fingerprint::from_bytes([6; 32]);
     let lease = Duration::from_secs(30);
 
-    let met = store.clone().replica_wait(1, Duration::from_millis(400));
+    let met = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(400))
+        .share(&store);
     let key = RecordKey::new(TenantId::shared(), unique_key("wait-met"));
     let Ok(Begin::Acquired(token)) = met.begin(&key, &fp, lease).await else {
         panic!("acquired with one replica acknowledging");
@@ -115,7 +112,9 @@ async fn replica_wait_met_and_unmet() {
         .await
         .unwrap();
 
-    let unmet = store.clone().replica_wait(2, Duration::from_millis(50));
+    let unmet = RedisStore::builder()
+        .replica_wait(2, Duration::from_millis(50))
+        .share(&store);
     let key = RecordKey::new(TenantId::shared(), unique_key("wait-unmet"));
     let err = unmet.begin(&key, &fp, lease).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");

@@ -125,10 +125,11 @@ async fn replica_wait_keeps_completed_records_through_failover() {
         return;
     };
     let urls = cluster.urls();
-    let store = RedisStore::connect_cluster(&urls)
+    let store = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(400))
+        .connect_cluster(&urls)
         .await
-        .unwrap()
-        .replica_wait(1, Duration::from_millis(400));
+        .unwrap();
     let runs = Runs::default();
     let app = server(store.clone(), &runs, Duration::ZERO, |l| l);
 
@@ -183,10 +184,11 @@ async fn replica_wait_unmet_answers_503_without_running() {
         return;
     };
     let urls = cluster.urls();
-    let store = RedisStore::connect_cluster(&urls)
+    let store = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(100))
+        .connect_cluster(&urls)
         .await
-        .unwrap()
-        .replica_wait(1, Duration::from_millis(100));
+        .unwrap();
     let runs = Runs::default();
     let app = server(store, &runs, Duration::ZERO, |l| l);
     let primaries = support::cluster::primaries(&urls).await;

@@ -196,10 +196,11 @@ async fn redis_replica_wait_round_trips() {
     assert!(synced, "the replica of {} synced", replica.url());
 
     let url = primary.url();
-    let store = RedisStore::connect(&url)
+    let store = RedisStore::builder()
+        .replica_wait(1, Duration::from_millis(400))
+        .connect(&url)
         .await
-        .unwrap()
-        .replica_wait(1, Duration::from_millis(400));
+        .unwrap();
     // On a loaded machine the first waits may time out while the replica settles: warm up until
     // one write is replicated in time, before counting.
     let warm = eventually(Duration::from_secs(30), async || {

@@ -47,12 +47,6 @@ async fn count_rows(pool: &PgPool, table: &str) -> i64 {
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookup_and_forget() {
-    let Some(store) = store().await else { return };
-    scenario_lookup_and_forget(store).await;
-}
-
 /// Either store, so that the fleet scenarios run a mixed fleet on one table.
 #[derive(Clone)]
 enum Mixed {

@@ -319,5 +319,11 @@ macro_rules! fleet_scenarios {
             };
             scenario_lease_renewal(a, b).await;
         }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn lookup_and_forget() {
+            let Some(store) = $store().await else { return };
+            scenario_lookup_and_forget(store).await;
+        }
     };
 }

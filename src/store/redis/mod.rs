@@ -1,8 +1,11 @@
 //! [`RedisStore`]: a store shared by every server of a fleet, on one Redis or a Redis Cluster.
 
+mod builder;
 mod conn;
 mod record;
 mod store;
+
+pub use builder::RedisStoreBuilder;
 
 use std::fmt;
 use std::sync::Arc;
@@ -154,6 +157,31 @@ impl RedisStore {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Settings for a store, built once: the key prefix and the replica wait, checked when the
+    /// store is made ([`RedisStoreBuilder`]).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// use std::time::Duration;
+    /// use tower_idempotency::RedisStore;
+    ///
+    /// let store = RedisStore::builder()
+    ///     .prefix("payments-api:idem:")
+    ///     .replica_wait(1, Duration::from_millis(50))
+    ///     .connect("redis://127.0.0.1:6379")
+    ///     .await?;
+    /// assert_eq!(store.prefix(), "payments-api:idem:");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    async fn open(url: &str) -> Result<Conn, StoreError> {
         let client =
             Client::open(url).map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
         let config = ConnectionManagerConfig::new().set_max_delay(Duration::from_secs(1));
@@ -162,7 +190,7 @@ impl RedisStore {
             .map_err(redis_error)?;
         let conn = Conn::Node(conn);
         conn.load(&record::all()).await.map_err(redis_error)?;
-        Ok(Self::with_conn(conn))
+        Ok(conn)
     }
 
     /// Connects to the Redis Cluster that `nodes` belong to: the URLs of one or more of its
@@ -213,6 +241,14 @@ impl RedisStore {
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
+        Self::builder().connect_cluster(nodes).await
+    }
+
+    async fn open_cluster<I>(nodes: I) -> Result<Conn, StoreError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
         let nodes: Vec<String> = nodes
             .into_iter()
             .map(|node| node.as_ref().to_owned())
@@ -234,7 +270,7 @@ impl RedisStore {
         // On every primary, so that first calls need no `EVAL`. A primary that is down now
         // gets the scripts on its first `NOSCRIPT`: starting during a failover is fine.
         let _ = conn.load(&record::all()).await;
-        Ok(Self::with_conn(conn))
+        Ok(conn)
     }
 
     /// A store over an existing connection manager (one Redis server), with the default
@@ -250,7 +286,7 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn new(conn: ConnectionManager) -> Self {
-        Self::with_conn(Conn::Node(conn))
+        Self::builder().build(conn)
     }
 
     /// A store over an existing Redis Cluster connection, with the default settings. Keep the
@@ -272,84 +308,25 @@ impl RedisStore {
     /// # }
     /// ```
     pub fn from_cluster(conn: ClusterConnection) -> Self {
-        Self::with_conn(Conn::Cluster(conn))
+        Self::builder().build_cluster(conn)
     }
 
-    fn with_conn(conn: Conn) -> Self {
+    fn with(conn: Conn, prefix: Arc<str>, replica_wait: Option<ReplicaWait>) -> Self {
         Self {
             conn,
-            prefix: Arc::from(DEFAULT_PREFIX),
-            replica_wait: None,
+            prefix,
+            replica_wait,
         }
     }
 
-    /// The prefix of every record's Redis key. Default: `idempotency:`. Every server of a
-    /// fleet must use the same one.
-    ///
-    /// # Panics
-    ///
-    /// If `prefix` contains `{` or `}`: the prefix would then hold the hash tag, and on a
-    /// cluster every record would land in one slot.
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1:6379")
-    ///     .await?
-    ///     .prefix("payments-api:idem:");
-    /// # let _ = store;
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[must_use]
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = checked_prefix(prefix.into());
-        self
+    /// The prefix of every record's Redis key (`idempotency:` by default).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
-    /// Makes every write wait until `replicas` replicas have it (`WAIT replicas timeout`), for
-    /// at most `timeout`. Off by default. See [Failover and the replica
-    /// wait](Self#failover-and-the-replica-wait) for what it protects against.
-    ///
-    /// - `begin`: when it wrote an in-flight record and fewer replicas acknowledged it in
-    ///   time, it releases that record again (so that the client's retry is not held off by a
-    ///   record whose handler never ran; if the release fails too, the record's lease ends it)
-    ///   and fails with [`StoreErrorKind::Unavailable`]: the layer answers `503` and the
-    ///   handler does not run. Answers that write nothing (in flight, replay, mismatch) do not
-    ///   wait.
-    /// - `complete`: the record stays completed on the primary, and the call fails with
-    ///   [`StoreErrorKind::Unavailable`]; the layer still returns the handler's response, and
-    ///   reports the failure.
-    /// - `forget`: the record is removed on the primary, and the call fails the same way.
-    /// - `renew` and `release` do not wait: a lost renewal or release leaves a record that its
-    ///   lease ends.
-    ///
-    /// Keep `timeout` well under the layer's store timeout (2 s by default) and under the
-    /// connection's reply timeout (500 ms with [`connect`](Self::connect) and
-    /// [`connect_cluster`](Self::connect_cluster)), which cuts a longer wait short: 10 to
-    /// 100 ms is typical. Redis answers a connection's commands in order, so while a `WAIT` is
-    /// pending, the calls queued behind it on the same connection wait too; with healthy
-    /// replicas that is about one round trip to a replica, and with a replica down it is up to
-    /// `timeout`, for every call to that primary.
-    ///
-    /// # Panics
-    ///
-    /// If `replicas` is 0 or `timeout` is zero (`WAIT` with a zero timeout blocks forever).
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-    /// use std::time::Duration;
-    ///
-    /// let store = tower_idempotency::RedisStore::connect_cluster(["redis://10.0.0.1:6379"])
-    ///     .await?
-    ///     .replica_wait(1, Duration::from_millis(50));
-    /// # let _ = store;
-    /// # Ok(())
-    /// # }
-    /// ```
-    #[must_use]
-    pub fn replica_wait(mut self, replicas: u32, timeout: Duration) -> Self {
-        self.replica_wait = Some(ReplicaWait::new(replicas, timeout));
-        self
+    /// The replica wait, as (replicas, timeout); `None` when writes do not wait (the default).
+    pub fn replica_wait(&self) -> Option<(u32, Duration)> {
+        self.replica_wait.map(|wait| (wait.replicas, wait.timeout))
     }
 
     /// The Redis key of `key`'s record: `<prefix>{<tenant hex>:<key>}`, the whole record key
