@@ -16,7 +16,8 @@
 //!   `listening on 127.0.0.1:PORT`;
 //! - `STORE`: `memory` (default), `redis` (with `REDIS_URL`, built with `--features redis`),
 //!   `cluster` (a Redis Cluster, with `REDIS_CLUSTER_URLS`, comma-separated, built with
-//!   `--features redis`) or `postgres` (with `POSTGRES_URL`, built with `--features postgres`);
+//!   `--features redis`), `postgres` (with `POSTGRES_URL`, built with `--features postgres`)
+//!   or `sqlx` (`SqlxStore` on a sqlx pool, with `POSTGRES_URL`, built with `--features sqlx`);
 //! - `MAX_ENTRIES`, `MAX_BYTES`: the memory store's bounds (default: `MemoryStore::new()`'s,
 //!   1,000,000 records and 1 GiB);
 //! - `PREFILL`: completed records put in the memory store before listening (default 0): with
@@ -150,8 +151,22 @@ async fn layered() -> Router {
             store.migrate().await.expect("migration");
             idempotent(store)
         }
+        #[cfg(feature = "sqlx")]
+        "sqlx" => {
+            let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
+            // As many connections as `PostgresStore::connect` opens.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await
+                .expect("POSTGRES_URL: cannot connect");
+            let store = tower_idempotency::SqlxStore::new(pool);
+            store.migrate().await.expect("migration");
+            idempotent(store)
+        }
         other => panic!(
-            "STORE={other}: memory, redis or cluster (--features redis), postgres (--features postgres)"
+            "STORE={other}: memory, redis or cluster (--features redis), postgres (--features \
+             postgres), sqlx (--features sqlx)"
         ),
     }
 }

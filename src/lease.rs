@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
 use crate::response::StoredResponse;
-use crate::store::{IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use crate::store::{IdempotencyStore, LockToken, RecordKey, Settled, StoreError, StoreErrorKind};
 use crate::wait::Waiters;
 
 /// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
@@ -217,6 +217,29 @@ impl<St: IdempotencyStore> Guard<St> {
         self.wake();
         if let Err(err) = result {
             self.report("complete", &err);
+        }
+    }
+
+    /// Settles a record its handler completed inside its own transaction (see
+    /// [`IdempotencyStore::settle`]), and answers the request's outcome: executed when the
+    /// transaction committed, released when it did not (the record is removed). A failure is
+    /// reported and leaves the lease as it is: the record is never released on doubt.
+    pub(crate) async fn settle(&mut self) -> Outcome {
+        let call = self.store.settle(&self.key, self.token);
+        let result = timed(StoreOp::Complete, self.timeout, call).await;
+        self.state = GuardState::Done;
+        self.wake();
+        match result {
+            Ok(Settled::Completed) => Outcome::Executed,
+            Ok(Settled::Released) => Outcome::Released,
+            Ok(_) => {
+                self.report("settle", &StoreError::lease_lost());
+                Outcome::Released
+            }
+            Err(err) => {
+                self.report("settle", &err);
+                Outcome::Executed
+            }
         }
     }
 

@@ -138,6 +138,10 @@
 //! default, a hash of the `Authorization` header, suits static API keys; see [`DefaultTenant`]
 //! for when it does not.
 //!
+//! With `PostgresStore` or `SqlxStore`, a handler can complete its record inside its own
+//! database transaction (`Claim::respond_in`), so that its effects and its stored response
+//! commit together: a crash between the two can no longer run it twice.
+//!
 //! The handler finds the request's key in the request extensions ([`IdempotencyKey`]), and
 //! every handled response carries an [`Outcome`] in its extensions, for metrics. Support tools
 //! look a key up and forget it with [`Operator`].
@@ -149,6 +153,7 @@
 //! | `memory` (default) | [`MemoryStore`] | one server: sharded map, TTL-pruned, bounded, and shared fairly among tenants once full; an optional snapshot keeps completed records across a restart |
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
+//! | `sqlx`             | `SqlxStore`     | the same table on your own `sqlx::PgPool`; with `Claim`, the record completes in your transaction |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
@@ -174,6 +179,11 @@
 
 mod admission;
 mod body;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+mod claim;
+#[cfg(not(any(feature = "postgres", feature = "sqlx")))]
+#[path = "claim_off.rs"]
+mod claim;
 #[cfg(feature = "client")]
 mod client;
 mod config;
@@ -199,6 +209,8 @@ mod util;
 mod wait;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub use claim::{Claim, ClaimConnection, ClaimError, ClaimErrorKind};
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use client::IdempotentRetryMiddleware;
@@ -221,6 +233,9 @@ pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
 pub use service::Idempotency;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
+pub use store::ClaimTarget;
 pub use store::cache::{ReplayCache, ReplayCacheBuilder};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
@@ -233,9 +248,12 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
+#[cfg(feature = "sqlx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub use store::sqlx::{SqlxStore, SqlxStoreBuilder};
 pub use store::{
-    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
-    StoreErrorKind,
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, Settled,
+    StoreError, StoreErrorKind,
 };
 pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,

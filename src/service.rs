@@ -23,9 +23,11 @@ use crate::body::{
     BoxError, Chunks, RequestBody, ResponseBody, ResponseKind, ResponseRead, content_length,
     read_body, read_response,
 };
+use crate::claim::{self, HeldClaim};
 use crate::config::{Config, IDEMPOTENCY_BYPASSED, Shared};
 use crate::detach::Execution;
 use crate::error::{ErrorRenderer, Problem, ProblemJson};
+use crate::fingerprint::Fingerprint;
 use crate::future::{ResponseFuture, Running, Step};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
@@ -263,7 +265,8 @@ where
         let report = Report::keyed(&raw, &record, started);
         match begin {
             Ok(Begin::Acquired(token)) => {
-                let req = keyed_request(parts, chunks, &record);
+                let claim = Some((&fingerprint, token));
+                let req = keyed_request(parts, chunks, &record, &shared, claim);
                 let held = Held {
                     raw,
                     record,
@@ -283,7 +286,7 @@ where
                 Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report)))
             }
             Err(_) if config.fail_open => {
-                let req = keyed_request(parts, chunks, &record);
+                let req = keyed_request(parts, chunks, &record, &shared, None);
                 Step::Answer(bypass(config, inner, req, report).await)
             }
             Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report))),
@@ -291,13 +294,24 @@ where
     }
 }
 
-/// The request the handler gets: its buffered body, and its key in the extensions.
-fn keyed_request<B>(
+/// The request the handler gets: its buffered body, and its key in the extensions; and, when it
+/// holds its key, its [`Claim`](crate::Claim) (features `postgres`, `sqlx`).
+fn keyed_request<B, St, T, E>(
     mut parts: Parts,
     chunks: Chunks,
     record: &RecordKey,
-) -> Request<RequestBody<B>> {
+    shared: &Arc<Shared<St, T, E>>,
+    held: Option<(&Fingerprint, LockToken)>,
+) -> Request<RequestBody<B>>
+where
+    St: IdempotencyStore,
+    T: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
     parts.extensions.insert(IdempotencyKey::from_record(record));
+    if let Some((fingerprint, token)) = held {
+        claim::attach(&mut parts.extensions, shared, record, fingerprint, token);
+    }
     Request::from_parts(parts, RequestBody::buffered(chunks))
 }
 
@@ -378,6 +392,7 @@ where
 {
     async move {
         let config = &shared.config;
+        let claim = HeldClaim::of(&req);
         let response = match guard.renewing(config.lease, inner.call(req)).await {
             Ok(response) => response,
             Err(err) => {
@@ -385,7 +400,9 @@ where
                 return Err(err);
             }
         };
-        let (response, outcome) = if config.stores(&response) {
+        let (response, outcome) = if claim.written() {
+            settle(&mut guard, response).await
+        } else if config.stores(&response) {
             keep(config, &mut guard, response).await
         } else {
             guard.release().await;
@@ -398,6 +415,19 @@ where
             Report::keyed(&raw, guard.key(), started),
         ))
     }
+}
+
+/// A response whose handler completed its record inside its own transaction
+/// (`Claim::respond_in`) is not stored again: the record is settled instead. Completed (the
+/// transaction committed): executed. Still in flight under this request's token (the handler
+/// rolled back, yet returned the response): released, so an effect that did not happen is
+/// never replayed. A store that fails here leaves the lease as it is, never releasing on doubt.
+async fn settle<St: IdempotencyStore, B>(
+    guard: &mut Guard<St>,
+    response: Response<B>,
+) -> (Response<ResponseBody<B>>, Outcome) {
+    let outcome = guard.settle().await;
+    (response.map(ResponseBody::inner), outcome)
 }
 
 /// Stores a handler's response for replay, and gives it back for the client. A response over

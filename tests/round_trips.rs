@@ -11,6 +11,10 @@
 //!
 //! With the Redis replica wait, each write adds a `WAIT`: a fresh key takes 4.
 //!
+//! `SqlxStore` counts as `PostgresStore`. A handler that completes its record in its own
+//! transaction (`Claim::respond_in`) takes 3 statements on the table for a fresh key: `begin`,
+//! the `UPDATE` inside its transaction, and the layer's `settle`; its replay, 1.
+//!
 //! Run through `scripts/test-services`; each store is skipped when its variables are not set.
 
 mod support;
@@ -292,4 +296,88 @@ async fn postgres_round_trips() {
         .batch_execute(&format!("DROP TABLE \"{table}\""))
         .await
         .unwrap();
+}
+
+/// Counts the statements that name `table` (`pg_stat_statements`), or `None` when the server
+/// does not load it.
+#[cfg(feature = "sqlx")]
+async fn statement_counter(pool: &sqlx::PgPool, table: &str) -> Option<impl AsyncFn() -> u64> {
+    // Another test may be creating it at the same moment: the probe below decides.
+    let _ = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await;
+    let sql = "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+               WHERE query LIKE '%' || $1 || '%' AND query NOT LIKE '%pg_stat_statements%'";
+    let probe = sqlx::query_scalar::<_, i64>(sql)
+        .bind(table)
+        .fetch_one(pool)
+        .await;
+    if let Err(err) = probe {
+        eprintln!("sqlx_round_trips: skipped, pg_stat_statements is not loaded: {err}");
+        return None;
+    }
+    let (pool, table) = (pool.clone(), table.to_owned());
+    Some(async move || {
+        let calls: i64 = sqlx::query_scalar(sql)
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        u64::try_from(calls).unwrap()
+    })
+}
+
+#[cfg(feature = "sqlx")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlx_round_trips() {
+    use support::payments::{self, End};
+    use tower_idempotency::{IdempotencyLayer, SqlxStore};
+
+    let Some(url) = server_url("POSTGRES_URL", "sqlx_round_trips") else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let table = format!("round_trips_{}", tower_idempotency::LockToken::random());
+    let store = SqlxStore::builder(pool.clone())
+        .table(&table)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let Some(calls) = statement_counter(&pool, &table).await else {
+        return;
+    };
+    let counts = measure("sqlx", store.clone(), &calls).await;
+    assert_round_trips(&counts, 1);
+    let counts = measure("sqlx+cache", ReplayCache::new(store.clone()), &calls).await;
+    assert_round_trips(&counts, 0);
+
+    // `respond_in`: the record completes in the handler's transaction, the layer settles it.
+    let payments_table = format!("payments_{}", tower_idempotency::LockToken::random());
+    payments::create_table(&pool, &payments_table).await;
+    let runs = Runs::default();
+    let app = payments::api(pool.clone(), &payments_table, runs.clone(), End::Commit)
+        .layer(IdempotencyLayer::new(store));
+    let key = unique_key("sqlx-claim");
+    let before = calls().await;
+    let first = send(&app, payments::request("/payments", &key, "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let fresh = calls().await - before;
+    let before = calls().await;
+    send(&app, payments::request("/payments", &key, "{}"))
+        .await
+        .assert_replay_of(&first);
+    let replay = calls().await - before;
+    eprintln!("round trips, sqlx with respond_in: fresh {fresh}, replay {replay}");
+    assert_eq!(
+        fresh, 3,
+        "begin, the UPDATE in the handler's transaction, settle"
+    );
+    assert_eq!(replay, 1, "begin");
+    assert_eq!(runs.get(), 1);
+    for table in [&table, &payments_table] {
+        sqlx::raw_sql(&format!("DROP TABLE \"{table}\""))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }

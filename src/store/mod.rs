@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 
-#[cfg(any(feature = "memory", feature = "postgres"))]
+#[cfg(any(feature = "memory", feature = "postgres", feature = "sqlx"))]
 mod background;
 pub(crate) mod cache;
 mod error;
@@ -31,17 +31,21 @@ pub(crate) mod memory;
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub(crate) mod sql;
+#[cfg(feature = "sqlx")]
+pub(crate) mod sqlx;
 
 pub use error::{StoreError, StoreErrorKind};
 
 /// The longest duration a shared store writes, 100 years in milliseconds: longer ones are
 /// clamped to it.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
 pub(crate) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// A duration as whole milliseconds, as the shared stores write leases and TTLs: rounded up,
 /// at least 1, at most [`MAX_MILLIS`].
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
 pub(crate) fn whole_millis(duration: Duration) -> u64 {
     let ms = duration.as_nanos().div_ceil(1_000_000);
     ms.clamp(1, u128::from(MAX_MILLIS)) as u64
@@ -248,6 +252,86 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         let _ = (key, force);
         std::future::ready(Err(StoreError::unsupported("forget")))
     }
+
+    /// Settles a record that its holder completed inside its own database transaction
+    /// (`Claim::respond_in`), once the handler has returned: the layer calls it instead of
+    /// [`complete`](Self::complete).
+    ///
+    /// - Still in flight under `token` (the transaction rolled back, or never committed):
+    ///   removes it, so that a retry runs, and answers [`Settled::Released`]; an effect that
+    ///   did not happen is never replayed. A transaction still holding the row is waited for.
+    /// - Completed under `token` (the transaction committed): [`Settled::Completed`].
+    /// - Gone, or held by another token: [`Settled::Lost`].
+    ///
+    /// The default answers [`StoreErrorKind::Unsupported`]: only a store whose records live in
+    /// the application's database can be completed in its transactions.
+    fn settle(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+    ) -> impl Future<Output = Result<Settled, StoreError>> + Send {
+        let _ = (key, token);
+        std::future::ready(Err(StoreError::unsupported("settle")))
+    }
+
+    /// Where a `Claim` completes this store's records inside the application's own
+    /// transaction, or `None` when the store cannot (the default): `Claim::respond_in` then
+    /// fails with `ClaimErrorKind::Unsupported`, never completing outside the transaction.
+    ///
+    /// Only the crate's PostgreSQL stores answer one; a wrapper store forwards its inner
+    /// store's.
+    #[cfg(any(feature = "postgres", feature = "sqlx"))]
+    #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
+    fn claim_target(&self) -> Option<ClaimTarget> {
+        None
+    }
+}
+
+/// What [`IdempotencyStore::settle`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settled {
+    /// The holder's transaction committed: the record is completed and replays.
+    Completed,
+    /// The holder's transaction did not commit: the record was removed, a retry runs.
+    Released,
+    /// The record is gone or held by another token (forgotten, or taken over).
+    Lost,
+}
+
+/// The table a `Claim` completes its record in, inside the application's own transaction: the
+/// statement of the store's `complete`, for its table. Only the crate's PostgreSQL stores make
+/// one ([`IdempotencyStore::claim_target`]).
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
+#[derive(Clone)]
+pub struct ClaimTarget {
+    pub(crate) table: Arc<str>,
+    pub(crate) complete: Arc<str>,
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+impl ClaimTarget {
+    pub(crate) fn new(table: &sql::Table, sql: &sql::Sql) -> Self {
+        Self {
+            table: table.quoted.as_str().into(),
+            complete: sql.complete.as_str().into(),
+        }
+    }
+
+    /// The table, quoted as in SQL (`"idempotency_records"`, `"schema"."name"`).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+impl fmt::Debug for ClaimTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimTarget")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
@@ -300,6 +384,19 @@ impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
         force: bool,
     ) -> impl Future<Output = Result<Forget, StoreError>> + Send {
         (**self).forget(key, force)
+    }
+
+    fn settle(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+    ) -> impl Future<Output = Result<Settled, StoreError>> + Send {
+        (**self).settle(key, token)
+    }
+
+    #[cfg(any(feature = "postgres", feature = "sqlx"))]
+    fn claim_target(&self) -> Option<ClaimTarget> {
+        (**self).claim_target()
     }
 }
 
@@ -496,7 +593,7 @@ mod tests {
         assert_eq!(a.to_string().len(), 32);
     }
 
-    #[cfg(any(feature = "redis", feature = "postgres"))]
+    #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
     #[test]
     fn whole_millis_round_up_and_clamp() {
         assert_eq!(whole_millis(Duration::ZERO), 1);

@@ -1,8 +1,9 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), a real server on loopback and its client (`serve`), the shared stores of
-//! `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
+//! (`faults`), a real server on loopback and its client (`serve`), a payments API on
+//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), the shared
+//! stores of `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
 //! (`cluster`).
 //!
 //! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
@@ -24,6 +25,8 @@ pub mod app;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
+#[cfg(feature = "sqlx")]
+pub mod payments;
 pub mod server;
 #[macro_use]
 pub mod fleet;

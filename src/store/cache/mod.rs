@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use self::shard::{Cached, Inner, SHARDS, weight};
-use super::{Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError};
+use super::{
+    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled, StoreError,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
@@ -283,6 +285,18 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
         // Again: a replay may have cached the record while the store was removing it.
         self.inner.forget(key);
         forgotten
+    }
+
+    async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
+        // Completed in a transaction, the response never passed through here: the cache
+        // learns it from the first replay.
+        self.inner.unhold(key, token);
+        self.store.settle(key, token).await
+    }
+
+    #[cfg(any(feature = "postgres", feature = "sqlx"))]
+    fn claim_target(&self) -> Option<crate::store::ClaimTarget> {
+        self.store.claim_target()
     }
 }
 

@@ -1,33 +1,25 @@
 //! [`PostgresStore`]: a durable store shared by every server of a fleet, on PostgreSQL.
 
-mod sql;
-
 use std::fmt;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use self::sql::{Sql, Table};
 use super::background::{self, StartOnce};
-use super::whole_millis;
+use super::sql::{
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Table, corrupt, millis,
+    token_bytes,
+};
 use super::{
-    Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, StoreError,
-    StoreErrorKind,
+    Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
+    StoreError, StoreErrorKind,
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-
-/// The default table.
-const DEFAULT_TABLE: &str = "idempotency_records";
-/// The longest lease or TTL written, about 100 years; longer ones are cut to it.
-/// How many times `begin` runs its statement again when a concurrent writer changed the record
-/// between the statement's snapshot and its insert (see [`Sql::begin`]).
-const BEGIN_ATTEMPTS: usize = 10;
-/// How many expired rows one `DELETE` of [`PostgresStore::delete_expired`] removes.
-const DELETE_BATCH: i64 = 1000;
 
 /// An [`IdempotencyStore`] on PostgreSQL, shared by every server of a fleet and durable across
 /// restarts.
@@ -81,6 +73,17 @@ const DELETE_BATCH: i64 = 1000;
 /// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
 /// when forced) combined with a read of the in-flight row that stopped it.
 ///
+/// # Completing in the handler's transaction
+///
+/// A handler can complete its record inside its own transaction on the same database
+/// ([`Claim::respond_in`](crate::Claim::respond_in) with a tokio-postgres or deadpool-postgres
+/// transaction). Until its COMMIT the row is locked: `begin` and `renew` lock an in-flight row
+/// with `NOWAIT`, so a duplicate answers in flight (`409`) at once instead of waiting, and
+/// nothing takes the row over while the transaction holds it, even past its lease. The layer
+/// then settles the record ([`settle`](IdempotencyStore::settle)): released when the
+/// transaction did not commit. `migrate` creates the index only when it is missing, so an
+/// instance starting meanwhile does not queue the table's traffic behind that transaction.
+///
 /// # Expired rows
 ///
 /// Expired rows are ignored at once, and overwritten when their key is used again, but they
@@ -108,6 +111,7 @@ struct Inner {
     pool: Pool,
     table: Table,
     sql: Sql,
+    target: ClaimTarget,
     cleanup_interval: Option<Duration>,
     cleanup: StartOnce,
 }
@@ -173,10 +177,12 @@ impl PostgresStore {
     /// ```
     pub fn from_pool(pool: Pool) -> Self {
         let table = Table::parse(DEFAULT_TABLE).expect("the default table name is valid");
+        let sql = Sql::new(&table);
         Self {
             inner: Arc::new(Inner {
                 pool,
-                sql: Sql::new(&table),
+                target: ClaimTarget::new(&table, &sql),
+                sql,
                 table,
                 cleanup_interval: None,
                 cleanup: StartOnce::default(),
@@ -227,6 +233,7 @@ impl PostgresStore {
         let table = Table::parse(name)?;
         Ok(self.configure("table", |inner| {
             inner.sql = Sql::new(&table);
+            inner.target = ClaimTarget::new(&table, &inner.sql);
             inner.table = table;
         }))
     }
@@ -277,9 +284,19 @@ impl PostgresStore {
         )
         .await
         .map_err(pg_error)?;
-        tx.batch_execute(&self.inner.sql.migrate)
+        let sql = &self.inner.sql;
+        tx.batch_execute(&sql.create_table)
             .await
             .map_err(pg_error)?;
+        let row = tx
+            .query_one(&sql.index_exists, &[])
+            .await
+            .map_err(pg_error)?;
+        if !row.try_get::<_, bool>(0).map_err(corrupt)? {
+            tx.batch_execute(&sql.create_index)
+                .await
+                .map_err(pg_error)?;
+        }
         tx.commit().await.map_err(pg_error)
     }
 
@@ -368,7 +385,7 @@ impl IdempotencyStore for PostgresStore {
     ) -> Result<Begin, StoreError> {
         self.ensure_cleanup();
         let token = LockToken::random();
-        let token_bytes = token.as_u128().to_be_bytes();
+        let token_bytes = token_bytes(token);
         let (tenant, fingerprint) = (&key.tenant().as_bytes()[..], &fingerprint.as_bytes()[..]);
         let lease = millis(lease);
         let params: [&(dyn ToSql + Sync); 5] =
@@ -379,11 +396,20 @@ impl IdempotencyStore for PostgresStore {
             .await
             .map_err(pg_error)?;
         for _ in 0..BEGIN_ATTEMPTS {
-            let row = client
-                .query_opt(&statement, &params)
-                .await
-                .map_err(pg_error)?;
-            if let Some(begin) = decide(row.as_ref(), token)? {
+            let row = match client.query_opt(&statement, &params).await {
+                Ok(row) => row,
+                // A transaction holds the in-flight row: read it without waiting.
+                Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                    let peek = client
+                        .prepare_cached(&self.inner.sql.peek)
+                        .await
+                        .map_err(pg_error)?;
+                    let params = &params[..3];
+                    client.query_opt(&peek, params).await.map_err(pg_error)?
+                }
+                Err(err) => return Err(pg_error(err)),
+            };
+            if let Some(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
                 return Ok(begin);
             }
         }
@@ -399,11 +425,18 @@ impl IdempotencyStore for PostgresStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let token = token.as_u128().to_be_bytes();
+        let token = token_bytes(token);
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
         let sql = &self.inner.sql.renew;
-        self.fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)])
+        match self
+            .fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)])
             .await
+        {
+            // The handler's own transaction holds the row (`Claim::respond_in`): nothing can
+            // take it over while it does, and the renewal does not wait for it.
+            Err(err) if err.kind() == StoreErrorKind::Unavailable && locked(&err) => Ok(()),
+            result => result,
+        }
     }
 
     async fn complete(
@@ -413,7 +446,7 @@ impl IdempotencyStore for PostgresStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let token = token.as_u128().to_be_bytes();
+        let token = token_bytes(token);
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
         let encoded = response.encode();
         let encoded = &encoded[..];
@@ -423,7 +456,7 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let token = token.as_u128().to_be_bytes();
+        let token = token_bytes(token);
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
         self.fenced(&self.inner.sql.release, &[&tenant, &key.key(), &token])
             .await
@@ -454,76 +487,59 @@ impl IdempotencyStore for PostgresStore {
             .query_one(&statement, &[&tenant, &key.key(), &force])
             .await
             .map_err(pg_error)?;
-        match row.try_get::<_, &str>(0).map_err(corrupt)? {
-            "forgotten" => Ok(Forget::Forgotten),
-            "in_flight" => Ok(Forget::InFlight),
-            _ => Ok(Forget::NotFound),
+        Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
+    }
+
+    async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
+        let token = token_bytes(token);
+        let params: [&(dyn ToSql + Sync); 3] =
+            [&&key.tenant().as_bytes()[..], &key.key(), &&token[..]];
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
+        for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
+            let statement = client.prepare_cached(statement).await.map_err(pg_error)?;
+            let row = client
+                .query_one(&statement, &params)
+                .await
+                .map_err(pg_error)?;
+            if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
+                return Ok(settled);
+            }
         }
+        Ok(Settled::Lost)
+    }
+
+    fn claim_target(&self) -> Option<ClaimTarget> {
+        Some(self.inner.target.clone())
     }
 }
 
 /// Reads a row of `lookup`.
 fn record_info(row: &Row) -> Result<RecordInfo, StoreError> {
-    let state: &str = row.try_get(0).map_err(corrupt)?;
-    let fingerprint: &[u8] = row.try_get(1).map_err(corrupt)?;
-    let fingerprint = <[u8; 32]>::try_from(fingerprint)
-        .map_err(|_| StoreError::msg(StoreErrorKind::Corrupt, "a fingerprint is not 32 bytes"))?;
-    let expires_at: SystemTime = row.try_get(3).map_err(corrupt)?;
-    let state = match state {
-        "in_flight" => RecordState::InFlight {
-            lease_until: expires_at,
-        },
-        _ => {
-            let bytes: Option<&[u8]> = row.try_get(2).map_err(corrupt)?;
-            let bytes = bytes.ok_or_else(|| {
-                StoreError::msg(
-                    StoreErrorKind::Corrupt,
-                    "a completed record has no response",
-                )
-            })?;
-            let response = StoredResponse::decode(bytes).map_err(corrupt)?;
-            RecordState::Completed {
-                status: response.status(),
-                replayable: !response.is_omitted(),
-                expires_at,
-            }
-        }
-    };
-    Ok(RecordInfo::new(Fingerprint::from_bytes(fingerprint), state))
+    sql::record_info(
+        row.try_get(0).map_err(corrupt)?,
+        row.try_get(1).map_err(corrupt)?,
+        row.try_get(2).map_err(corrupt)?,
+        row.try_get(3).map_err(corrupt)?,
+    )
 }
 
-/// Reads the row `begin` returned; `None` when the statement must run again.
-fn decide(row: Option<&Row>, token: LockToken) -> Result<Option<Begin>, StoreError> {
-    let Some(row) = row else {
-        // The record was inserted after this statement's snapshot was taken, and is live: the
-        // insert saw it, the read did not. The next run sees it.
-        return Ok(None);
-    };
-    let outcome: &str = row.try_get(0).map_err(corrupt)?;
-    let begin = match outcome {
-        "acquired" => Begin::Acquired(token),
-        "in_flight" => Begin::InFlight,
-        "mismatch" => Begin::Mismatch,
-        "completed" => {
-            let bytes: Option<&[u8]> = row.try_get(1).map_err(corrupt)?;
-            let bytes = bytes.ok_or_else(|| {
-                StoreError::msg(
-                    StoreErrorKind::Corrupt,
-                    "a completed record has no response",
-                )
-            })?;
-            Begin::Completed(StoredResponse::decode(bytes).map_err(corrupt)?)
-        }
-        // The row this statement read was already replaced by a concurrent writer.
-        _ => return Ok(None),
-    };
-    Ok(Some(begin))
+/// The outcome and response of a row of `begin` or `peek`.
+fn begin_row(row: Option<&Row>) -> Result<BeginRow<'_>, StoreError> {
+    row.map(|row| {
+        Ok((
+            row.try_get(0).map_err(corrupt)?,
+            row.try_get(1).map_err(corrupt)?,
+        ))
+    })
+    .transpose()
 }
 
-/// A duration as whole milliseconds ([`whole_millis`]), as the statements take it.
-fn millis(duration: Duration) -> i64 {
-    // At most `MAX_MILLIS`, 100 years: well within an `i64`.
-    whole_millis(duration) as i64
+/// Whether a statement failed on a row lock it would not wait for (`NOWAIT`).
+fn locked(err: &StoreError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::code)
+        == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
 fn pool_error(err: PoolError) -> StoreError {
@@ -532,10 +548,6 @@ fn pool_error(err: PoolError) -> StoreError {
 
 fn pg_error(err: tokio_postgres::Error) -> StoreError {
     StoreError::unavailable(err)
-}
-
-fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, err)
 }
 
 #[cfg(test)]
@@ -581,12 +593,5 @@ mod tests {
     #[should_panic(expected = "must not be zero")]
     fn a_zero_cleanup_interval_panics() {
         let _ = unconnected().cleanup_interval(Duration::ZERO);
-    }
-
-    #[test]
-    fn millis_round_up_and_clamp() {
-        assert_eq!(millis(Duration::ZERO), 1);
-        assert_eq!(millis(Duration::from_micros(2001)), 3);
-        assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS as i64);
     }
 }

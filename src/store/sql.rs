@@ -1,0 +1,404 @@
+//! What the PostgreSQL stores share, `PostgresStore` on tokio-postgres and `SqlxStore` on sqlx,
+//! so that a fleet can run both against one table: the table name, validated once; the SQL,
+//! built once for its table; and the decoding of what the statements return.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::store::{
+    Begin, Forget, LockToken, RecordInfo, RecordState, Settled, StoreError, StoreErrorKind,
+    whole_millis,
+};
+
+/// The default table.
+pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
+/// How many times `begin` runs its statement again when a concurrent writer changed the record
+/// between the statement's snapshot and its insert (see [`Sql::begin`]).
+pub(crate) const BEGIN_ATTEMPTS: usize = 10;
+/// How many expired rows one `DELETE` of `delete_expired` removes.
+pub(crate) const DELETE_BATCH: i64 = 1000;
+/// SQLSTATE `lock_not_available`: a `NOWAIT` lock met a row that another transaction holds.
+pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// A validated table name, optionally schema-qualified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Table {
+    /// `"schema"."name"` or `"name"`, safe to splice into SQL.
+    pub(crate) quoted: String,
+    /// The quoted name of its index, in the table's schema.
+    pub(crate) index: String,
+    /// The quoted name of its index, schema-qualified when the table is.
+    pub(crate) qualified_index: String,
+}
+
+impl Table {
+    pub(crate) fn parse(name: &str) -> Result<Self, StoreError> {
+        let (schema, table) = match name.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, name),
+        };
+        let valid = |part: &str| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && part.len() <= 63
+        };
+        if !valid(table) || schema.is_some_and(|schema| !valid(schema)) {
+            return Err(StoreError::msg(
+                StoreErrorKind::Other,
+                format!(
+                    "invalid table name {name:?}: expected `name` or `schema.name`, each part \
+                     [A-Za-z_][A-Za-z0-9_]{{0,62}}"
+                ),
+            ));
+        }
+        let quoted = match schema {
+            Some(schema) => format!("\"{schema}\".\"{table}\""),
+            None => format!("\"{table}\""),
+        };
+        const SUFFIX: &str = "_expires_idx";
+        let index = format!(
+            "\"{}{SUFFIX}\"",
+            &table[..table.len().min(63 - SUFFIX.len())]
+        );
+        let qualified_index = match schema {
+            Some(schema) => format!("\"{schema}\".{index}"),
+            None => index.clone(),
+        };
+        Ok(Self {
+            quoted,
+            index,
+            qualified_index,
+        })
+    }
+
+    /// The advisory lock `migrate` takes: the same on every instance, one per table.
+    pub(crate) fn lock_id(&self) -> i64 {
+        let hash = Sha256::new_with_prefix(b"tower-idempotency:migrate:")
+            .chain_update(self.quoted.as_bytes())
+            .finalize();
+        let mut id = [0; 8];
+        id.copy_from_slice(&hash[..8]);
+        i64::from_be_bytes(id)
+    }
+}
+
+/// The store's statements, built once for its table.
+pub(crate) struct Sql {
+    pub(crate) create_table: String,
+    pub(crate) index_exists: String,
+    pub(crate) create_index: String,
+    pub(crate) begin: String,
+    pub(crate) renew: String,
+    pub(crate) complete: String,
+    pub(crate) release: String,
+    pub(crate) lookup: String,
+    pub(crate) forget: String,
+    pub(crate) delete_expired: String,
+    pub(crate) peek: String,
+    pub(crate) settle: String,
+    pub(crate) settled: String,
+}
+
+impl Sql {
+    pub(crate) fn new(table: &Table) -> Self {
+        let (t, index) = (&table.quoted, &table.index);
+        let expiry = "clock_timestamp() + $5::bigint * interval '1 millisecond'";
+        Self {
+            // `migrate`: the table, then its index unless it exists. `CREATE INDEX IF NOT
+            // EXISTS` would lock the table before looking, and queue every statement on it
+            // behind a handler's transaction that holds a row (`Claim::respond_in`).
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    tenant      bytea       NOT NULL,
+                    key         text        COLLATE \"C\" NOT NULL,
+                    state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
+                    fingerprint bytea       NOT NULL,
+                    token       bytea       NOT NULL,
+                    response    bytea,
+                    expires_at  timestamptz NOT NULL,
+                    PRIMARY KEY (tenant, key)
+                )"
+            ),
+            index_exists: format!(
+                "SELECT to_regclass('{}') IS NOT NULL",
+                table.qualified_index
+            ),
+            create_index: format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
+            // One statement: the insert (or the takeover of a row that is no longer live) and,
+            // when it wrote nothing, a read of the live row it met. The read uses the
+            // statement's snapshot; if a concurrent writer committed the live row after that
+            // snapshot, the read misses it (no row) or sees its older version ('retry'), and
+            // the statement runs again.
+            //
+            // An in-flight row is first locked with `NOWAIT`: a row that a transaction holds (a
+            // handler completing it with `Claim::respond_in`, until its COMMIT) fails the
+            // statement at once with `lock_not_available` instead of waiting, and is then read
+            // with `peek`: in flight, never taken over under an open transaction.
+            begin: format!(
+                "WITH locked AS (
+                    SELECT 1 FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND state = 'in_flight'
+                    FOR UPDATE NOWAIT
+                ), acquired AS (
+                    INSERT INTO {t} AS r
+                        (tenant, key, state, fingerprint, token, response, expires_at)
+                    SELECT $1::bytea, $2::text, 'in_flight', $3::bytea, $4::bytea, NULL, {expiry}
+                    FROM (SELECT count(*) FROM locked) AS l
+                    ON CONFLICT (tenant, key) DO UPDATE
+                        SET state = 'in_flight', fingerprint = excluded.fingerprint,
+                            token = excluded.token, response = NULL,
+                            expires_at = excluded.expires_at
+                        WHERE r.expires_at <= clock_timestamp()
+                    RETURNING 1
+                )
+                SELECT 'acquired'::text, NULL::bytea FROM acquired
+                UNION ALL
+                SELECT CASE
+                           WHEN r.expires_at <= clock_timestamp() THEN 'retry'
+                           WHEN r.fingerprint <> $3 THEN 'mismatch'
+                           WHEN r.state = 'in_flight' THEN 'in_flight'
+                           ELSE 'completed'
+                       END,
+                       CASE WHEN r.state = 'completed' AND r.fingerprint = $3
+                            THEN r.response END
+                FROM {t} r
+                WHERE r.tenant = $1 AND r.key = $2 AND NOT EXISTS (SELECT 1 FROM acquired)"
+            ),
+            // `NOWAIT`: a row locked by the handler's own transaction is not waited for.
+            renew: format!(
+                "UPDATE {t} SET expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond'
+                 WHERE (tenant, key) IN (
+                    SELECT tenant, key FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'in_flight'
+                    FOR UPDATE NOWAIT
+                 ) AND token = $3 AND state = 'in_flight'"
+            ),
+            complete: format!(
+                "UPDATE {t} SET state = 'completed', response = $4, expires_at = {expiry}
+                 WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'in_flight'"
+            ),
+            release: format!(
+                "DELETE FROM {t} WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'in_flight'"
+            ),
+            // The expiry in microseconds since the Unix epoch: both drivers read a `bigint`.
+            lookup: format!(
+                "SELECT state, fingerprint, response,
+                        (extract(epoch FROM expires_at) * 1000000)::bigint FROM {t}
+                 WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()"
+            ),
+            // One statement: the delete of a live record (completed, or in flight when $3 forces
+            // it) and, when it deleted nothing, whether a live in-flight record stopped it.
+            forget: format!(
+                "WITH forgotten AS (
+                    DELETE FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
+                      AND (state = 'completed' OR $3::boolean)
+                    RETURNING 1
+                )
+                SELECT CASE
+                    WHEN EXISTS (SELECT 1 FROM forgotten) THEN 'forgotten'
+                    WHEN EXISTS (
+                        SELECT 1 FROM {t}
+                        WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
+                          AND state = 'in_flight'
+                    ) THEN 'in_flight'
+                    ELSE 'not_found'
+                END"
+            ),
+            delete_expired: format!(
+                "DELETE FROM {t} WHERE (tenant, key) IN (
+                    SELECT tenant, key FROM {t} WHERE expires_at <= clock_timestamp()
+                    LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ) AND expires_at <= clock_timestamp()"
+            ),
+            // `begin`'s answer for a row another transaction holds locked, read without a lock:
+            // in flight, unless it is live and bound to another request (mismatch) or completed.
+            // No row when it is gone: `begin` runs again.
+            peek: format!(
+                "SELECT CASE
+                            WHEN r.expires_at > clock_timestamp() AND r.fingerprint <> $3
+                                THEN 'mismatch'
+                            WHEN r.expires_at > clock_timestamp() AND r.state = 'completed'
+                                THEN 'completed'
+                            ELSE 'in_flight'
+                        END,
+                        CASE WHEN r.state = 'completed' AND r.fingerprint = $3
+                             THEN r.response END
+                 FROM {t} r WHERE r.tenant = $1 AND r.key = $2"
+            ),
+            // After a handler completed its record in its own transaction: the row still in
+            // flight under the token (the transaction did not commit) is deleted; else whether
+            // the token completed it. The delete waits for a transaction still holding the row.
+            settle: format!(
+                "WITH released AS (
+                    DELETE FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'in_flight'
+                    RETURNING 1
+                )
+                SELECT CASE
+                    WHEN EXISTS (SELECT 1 FROM released) THEN 'released'
+                    WHEN EXISTS (
+                        SELECT 1 FROM {t}
+                        WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'completed'
+                    ) THEN 'completed'
+                    ELSE 'lost'
+                END"
+            ),
+            // `settle`'s read again, on a snapshot of its own: when `settle`'s delete waited
+            // for a transaction that then committed, its snapshot still saw the row in flight.
+            settled: format!(
+                "SELECT CASE WHEN EXISTS (
+                    SELECT 1 FROM {t}
+                    WHERE tenant = $1 AND key = $2 AND token = $3 AND state = 'completed'
+                ) THEN 'completed' ELSE 'lost' END"
+            ),
+        }
+    }
+}
+
+/// A duration as whole milliseconds ([`whole_millis`]), as the statements take it.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    // At most `MAX_MILLIS`, 100 years: well within an `i64`.
+    whole_millis(duration) as i64
+}
+
+/// A lock token as the `token` column holds it.
+pub(crate) fn token_bytes(token: LockToken) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+/// A row of `begin` or `peek`: its outcome and response.
+pub(crate) type BeginRow<'a> = Option<(&'a str, Option<&'a [u8]>)>;
+
+/// Reads the row of `begin` or `peek` (its outcome and response); `None` when the statement
+/// must run again.
+pub(crate) fn decide(row: BeginRow<'_>, token: LockToken) -> Result<Option<Begin>, StoreError> {
+    let Some((outcome, response)) = row else {
+        // The record was inserted after this statement's snapshot was taken, and is live: the
+        // insert saw it, the read did not. The next run sees it.
+        return Ok(None);
+    };
+    let begin = match outcome {
+        "acquired" => Begin::Acquired(token),
+        "in_flight" => Begin::InFlight,
+        "mismatch" => Begin::Mismatch,
+        "completed" => Begin::Completed(decode_response(response)?),
+        // The row this statement read was already replaced by a concurrent writer.
+        _ => return Ok(None),
+    };
+    Ok(Some(begin))
+}
+
+/// Reads a row of `lookup`: state, fingerprint, response, expiry (microseconds since the Unix
+/// epoch).
+pub(crate) fn record_info(
+    state: &str,
+    fingerprint: &[u8],
+    response: Option<&[u8]>,
+    expires_at: i64,
+) -> Result<RecordInfo, StoreError> {
+    let expires_at = UNIX_EPOCH + Duration::from_micros(expires_at.max(0) as u64);
+    let fingerprint = <[u8; 32]>::try_from(fingerprint)
+        .map_err(|_| StoreError::msg(StoreErrorKind::Corrupt, "a fingerprint is not 32 bytes"))?;
+    let state = match state {
+        "in_flight" => RecordState::InFlight {
+            lease_until: expires_at,
+        },
+        _ => {
+            let response = decode_response(response)?;
+            RecordState::Completed {
+                status: response.status(),
+                replayable: !response.is_omitted(),
+                expires_at,
+            }
+        }
+    };
+    Ok(RecordInfo::new(Fingerprint::from_bytes(fingerprint), state))
+}
+
+/// Reads the answer of `forget`.
+pub(crate) fn forget(answer: &str) -> Forget {
+    match answer {
+        "forgotten" => Forget::Forgotten,
+        "in_flight" => Forget::InFlight,
+        _ => Forget::NotFound,
+    }
+}
+
+/// Reads the answer of `settle` or `settled`; `None` for `lost`, which `settled` reads again.
+pub(crate) fn settled(answer: &str) -> Option<Settled> {
+    match answer {
+        "released" => Some(Settled::Released),
+        "completed" => Some(Settled::Completed),
+        _ => None,
+    }
+}
+
+/// The stored response of a completed row.
+fn decode_response(bytes: Option<&[u8]>) -> Result<StoredResponse, StoreError> {
+    let bytes = bytes.ok_or_else(|| {
+        StoreError::msg(
+            StoreErrorKind::Corrupt,
+            "a completed record has no response",
+        )
+    })?;
+    StoredResponse::decode(bytes).map_err(corrupt)
+}
+
+pub(crate) fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        let table = Table::parse("idempotency_records").unwrap();
+        assert_eq!(table.quoted, "\"idempotency_records\"");
+        assert_eq!(table.index, "\"idempotency_records_expires_idx\"");
+        let table = Table::parse("Billing._idem2").unwrap();
+        assert_eq!(table.quoted, "\"Billing\".\"_idem2\"");
+        assert_eq!(table.index, "\"_idem2_expires_idx\"");
+        let long = "a".repeat(63);
+        let table = Table::parse("s.t").unwrap();
+        assert_eq!(table.qualified_index, "\"s\".\"t_expires_idx\"");
+        let table = Table::parse(&long).unwrap();
+        assert!(table.index.len() <= 63 + 2);
+
+        for bad in [
+            "",
+            "1table",
+            "a-b",
+            "a b",
+            "x\"; DROP TABLE users; --",
+            "a.b.c",
+            ".a",
+            "a.",
+            "tablé",
+            &"a".repeat(64),
+        ] {
+            let err = Table::parse(bad).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Other, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn millis_round_up_and_clamp() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(2001)), 3);
+        assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS as i64);
+    }
+
+    #[test]
+    fn lock_ids_are_stable_per_table() {
+        let a = Table::parse("a").unwrap();
+        assert_eq!(a.lock_id(), Table::parse("a").unwrap().lock_id());
+        assert_ne!(a.lock_id(), Table::parse("s.a").unwrap().lock_id());
+    }
+}

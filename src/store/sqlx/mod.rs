@@ -1,0 +1,517 @@
+//! [`SqlxStore`]: the PostgreSQL store on the application's own `sqlx::PgPool`.
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{PgPool, Postgres, Row};
+
+use super::background::{self, StartOnce};
+use super::sql::{
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Table,
+    corrupt, millis, token_bytes,
+};
+use super::{
+    Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
+    StoreError, StoreErrorKind,
+};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+
+/// An [`IdempotencyStore`] on PostgreSQL through the application's own [`sqlx::PgPool`]: the
+/// same table, schema and semantics as `PostgresStore`, so that a fleet can run both against
+/// one table, and the store a [`Claim`](crate::Claim) completes inside the handler's own sqlx
+/// transaction.
+///
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, SqlxStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::PgPool::connect("postgres://app:secret@127.0.0.1/app").await?;
+/// let store = SqlxStore::new(pool.clone());
+/// store.migrate().await?; // creates the table if missing; safe on every start
+/// let layer = IdempotencyLayer::new(store);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Schema and semantics
+///
+/// Those of `PostgresStore` (feature `postgres`), statement for statement: the table (default
+/// `idempotency_records`) and its index, created by [`migrate`](Self::migrate) under a
+/// transaction-scoped advisory lock; time is the database's; `begin` is one
+/// `INSERT … ON CONFLICT` combined with a read of the live row; `renew`, `complete` and
+/// `release` are fenced by the lock token. An in-flight row that a transaction holds locked (a
+/// handler between [`Claim::respond_in`](crate::Claim::respond_in) and its COMMIT) is never
+/// waited for nor taken over: `begin` answers in flight (`409`) and the renewal lets it be.
+///
+/// # Connections
+///
+/// Every call takes a connection from the pool for one statement (`migrate` for a transaction). While PostgreSQL is down, calls fail (the layer answers `503` once
+/// its store timeout passes, or at once when the pool fails first), and once it is back the
+/// pool reconnects by itself. A handler holding a transaction holds one connection of the same
+/// pool: size it for both.
+///
+/// Cloning is cheap and shares the pool and the configuration.
+#[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub struct SqlxStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: Table,
+    sql: Sql,
+    target: ClaimTarget,
+    cleanup_interval: Option<Duration>,
+    cleanup: StartOnce,
+}
+
+/// Builds a [`SqlxStore`] with options; [`build`](Self::build) checks them.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_idempotency::SqlxStore;
+///
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), tower_idempotency::StoreError> {
+/// let store = SqlxStore::builder(pool)
+///     .table("billing.idempotency")
+///     .cleanup_interval(Duration::from_secs(300))
+///     .build()?;
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub struct SqlxStoreBuilder {
+    pool: PgPool,
+    table: String,
+    cleanup_interval: Option<Duration>,
+}
+
+impl SqlxStoreBuilder {
+    /// The table that holds the records: `name` or `schema.name`, each part
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
+    /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
+    ///
+    /// ```
+    /// # fn run(pool: sqlx::PgPool) {
+    /// let builder = tower_idempotency::SqlxStore::builder(pool).table("billing.idempotency");
+    /// # let _ = builder;
+    /// # }
+    /// ```
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// Deletes expired rows every `interval` in a background task, which starts on the store's
+    /// first use (on that call's Tokio runtime), holds only a weak reference to the store and
+    /// ends when the store is dropped. Off by default; every instance of a fleet may run it.
+    ///
+    /// ```
+    /// # fn run(pool: sqlx::PgPool) {
+    /// use std::time::Duration;
+    /// let builder = tower_idempotency::SqlxStore::builder(pool)
+    ///     .cleanup_interval(Duration::from_secs(300));
+    /// # let _ = builder;
+    /// # }
+    /// ```
+    pub fn cleanup_interval(mut self, interval: Duration) -> Self {
+        self.cleanup_interval = Some(interval);
+        self
+    }
+
+    /// The store.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::Other`] when the table name is not `name` or `schema.name` as
+    /// [`table`](Self::table) says (a name is never spliced into SQL unchecked), or the cleanup
+    /// interval is zero or longer than a year.
+    pub fn build(self) -> Result<SqlxStore, StoreError> {
+        let table = Table::parse(&self.table)?;
+        let out_of_bounds =
+            |interval: Duration| interval.is_zero() || interval > background::MAX_PERIOD;
+        if self.cleanup_interval.is_some_and(out_of_bounds) {
+            return Err(StoreError::msg(
+                StoreErrorKind::Other,
+                "SqlxStore: the cleanup interval must not be zero nor longer than a year",
+            ));
+        }
+        let sql = Sql::new(&table);
+        Ok(SqlxStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                target: ClaimTarget::new(&table, &sql),
+                sql,
+                table,
+                cleanup_interval: self.cleanup_interval,
+                cleanup: StartOnce::default(),
+            }),
+        })
+    }
+}
+
+impl SqlxStore {
+    /// A store on `pool` with the default table, `idempotency_records`, and no background
+    /// cleanup. Does not create the table: call [`migrate`](Self::migrate).
+    pub fn new(pool: PgPool) -> Self {
+        Self::builder(pool)
+            .build()
+            .expect("the default options are valid")
+    }
+
+    /// A builder for a store on `pool`, with options.
+    pub fn builder(pool: PgPool) -> SqlxStoreBuilder {
+        SqlxStoreBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            cleanup_interval: None,
+        }
+    }
+
+    /// The pool the store queries through.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Creates the table and its index if they are missing (the schema of `PostgresStore`).
+    ///
+    /// Safe to run on every start, from every instance of a fleet at once (and beside
+    /// `PostgresStore::migrate`): it runs under the same transaction-scoped advisory lock, so
+    /// concurrent runs wait for each other instead of racing on the catalog.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.inner.pool.begin().await.map_err(sqlx_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(self.inner.table.lock_id())
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlx_error)?;
+        let sql = &self.inner.sql;
+        sqlx::query(&sql.create_table)
+            .execute(&mut *tx)
+            .await
+            .map_err(sqlx_error)?;
+        let exists: bool = sqlx::query_scalar(&sql.index_exists)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sqlx_error)?;
+        if !exists {
+            sqlx::query(&sql.create_index)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlx_error)?;
+        }
+        tx.commit().await.map_err(sqlx_error)
+    }
+
+    /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
+    ///
+    /// Rows another session is deleting are skipped, so every instance of a fleet may run it at
+    /// once. An in-flight row whose lease ran out is expired too: deleting it is the same as a
+    /// takeover, and its holder's later `complete` fails with
+    /// [`LeaseLost`](StoreErrorKind::LeaseLost).
+    pub async fn delete_expired(&self) -> Result<u64, StoreError> {
+        self.inner.delete_expired().await
+    }
+
+    fn ensure_cleanup(&self) {
+        let inner = &self.inner;
+        let Some(period) = inner.cleanup_interval else {
+            return;
+        };
+        inner
+            .cleanup
+            .start(|| clean_periodically(Arc::downgrade(inner), period));
+    }
+
+    /// `sql` with the record's tenant and key bound as `$1` and `$2`.
+    fn keyed<'q>(&self, sql: &'q str, key: &'q RecordKey) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql)
+            .bind(&key.tenant().as_bytes()[..])
+            .bind(key.key())
+    }
+
+    /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
+    async fn fenced(&self, query: Query<'_, Postgres, PgArguments>) -> Result<(), StoreError> {
+        self.ensure_cleanup();
+        let done = query.execute(&self.inner.pool).await;
+        match done.map_err(sqlx_error)?.rows_affected() {
+            0 => Err(StoreError::lease_lost()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    async fn delete_expired(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(&self.sql.delete_expired)
+                .bind(DELETE_BATCH)
+                .execute(&self.pool)
+                .await
+                .map_err(sqlx_error)?
+                .rows_affected();
+            total += deleted;
+            if deleted < DELETE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The background cleanup: it holds only a weak reference, so it ends at its first tick after
+/// the store is dropped. A failed run (the database is down, say) is retried at the next tick.
+async fn clean_periodically(store: Weak<Inner>, period: Duration) {
+    background::every(store, period, |inner: Arc<Inner>| async move {
+        let _ = inner.delete_expired().await;
+    })
+    .await;
+}
+
+impl fmt::Debug for SqlxStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlxStore")
+            .field("table", &self.inner.table.quoted)
+            .field("cleanup_interval", &self.inner.cleanup_interval)
+            .field("pool_size", &self.inner.pool.size())
+            .field("pool_idle", &self.inner.pool.num_idle())
+            .finish()
+    }
+}
+
+impl IdempotencyStore for SqlxStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.ensure_cleanup();
+        let token = LockToken::random();
+        let token_bytes = token_bytes(token);
+        let fingerprint = &fingerprint.as_bytes()[..];
+        let sql = &self.inner.sql;
+        let mut conn = self.inner.pool.acquire().await.map_err(sqlx_error)?;
+        for _ in 0..BEGIN_ATTEMPTS {
+            let row = self
+                .keyed(&sql.begin, key)
+                .bind(fingerprint)
+                .bind(&token_bytes[..])
+                .bind(millis(lease))
+                .fetch_optional(&mut *conn)
+                .await;
+            let row = match row {
+                Ok(row) => row,
+                // A transaction holds the in-flight row: read it without waiting.
+                Err(err) if is_locked(&err) => self
+                    .keyed(&sql.peek, key)
+                    .bind(fingerprint)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(sqlx_error)?,
+                Err(err) => return Err(sqlx_error(err)),
+            };
+            if let Some(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+                return Ok(begin);
+            }
+        }
+        Err(StoreError::msg(
+            StoreErrorKind::Other,
+            "the record kept changing under concurrent writers; try again",
+        ))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let token = token_bytes(token);
+        let query = self
+            .keyed(&self.inner.sql.renew, key)
+            .bind(&token[..])
+            .bind(millis(lease));
+        self.ensure_cleanup();
+        match query.execute(&self.inner.pool).await {
+            Ok(done) if done.rows_affected() == 0 => Err(StoreError::lease_lost()),
+            Ok(_) => Ok(()),
+            // The handler's own transaction holds the row (`Claim::respond_in`): nothing can
+            // take it over while it does, and the renewal does not wait for it.
+            Err(err) if is_locked(&err) => Ok(()),
+            Err(err) => Err(sqlx_error(err)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let token = token_bytes(token);
+        let encoded = response.encode();
+        let query = self
+            .keyed(&self.inner.sql.complete, key)
+            .bind(&token[..])
+            .bind(&encoded[..])
+            .bind(millis(ttl));
+        self.fenced(query).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let token = token_bytes(token);
+        let query = self.keyed(&self.inner.sql.release, key).bind(&token[..]);
+        self.fenced(query).await
+    }
+
+    async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let row = self
+            .keyed(&self.inner.sql.lookup, key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(sqlx_error)?;
+        row.as_ref().map(record_info).transpose()
+    }
+
+    async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let row = self
+            .keyed(&self.inner.sql.forget, key)
+            .bind(force)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(sqlx_error)?;
+        Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
+    }
+
+    async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
+        let token = token_bytes(token);
+        let mut conn = self.inner.pool.acquire().await.map_err(sqlx_error)?;
+        for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
+            let row = self
+                .keyed(statement, key)
+                .bind(&token[..])
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(sqlx_error)?;
+            if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
+                return Ok(settled);
+            }
+        }
+        Ok(Settled::Lost)
+    }
+
+    fn claim_target(&self) -> Option<ClaimTarget> {
+        Some(self.inner.target.clone())
+    }
+}
+
+/// Reads a row of `lookup`.
+fn record_info(row: &PgRow) -> Result<RecordInfo, StoreError> {
+    sql::record_info(
+        row.try_get(0).map_err(corrupt)?,
+        row.try_get(1).map_err(corrupt)?,
+        row.try_get(2).map_err(corrupt)?,
+        row.try_get(3).map_err(corrupt)?,
+    )
+}
+
+/// The outcome and response of a row of `begin` or `peek`.
+fn begin_row(row: Option<&PgRow>) -> Result<BeginRow<'_>, StoreError> {
+    row.map(|row| {
+        let outcome = row.try_get(0).map_err(corrupt)?;
+        Ok((outcome, row.try_get(1).map_err(corrupt)?))
+    })
+    .transpose()
+}
+
+/// Whether a statement failed on a row lock it would not wait for (`NOWAIT`).
+fn is_locked(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE))
+}
+
+/// A failed query: the server or the pool failed (`Unavailable`), or a value could not be
+/// decoded (`Corrupt`).
+pub(crate) fn sqlx_error(err: sqlx::Error) -> StoreError {
+    match err {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => corrupt(err),
+        _ => StoreError::unavailable(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool that has not connected (nothing connects until the first query).
+    fn pool() -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/db")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn options_are_validated_in_build() {
+        let store = SqlxStore::builder(pool())
+            .table("billing.idem")
+            .cleanup_interval(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        assert_eq!(store.inner.table.quoted, "\"billing\".\"idem\"");
+        assert!(store.inner.sql.begin.contains("\"billing\".\"idem\""));
+        assert_eq!(store.inner.cleanup_interval, Some(Duration::from_secs(60)));
+        assert_eq!(
+            store.claim_target().unwrap().table(),
+            "\"billing\".\"idem\""
+        );
+        let debug = format!("{store:?}");
+        assert!(
+            debug.contains("billing") && debug.contains("60s"),
+            "{debug}"
+        );
+
+        let err = SqlxStore::builder(pool())
+            .table("no-dashes")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+        let err = SqlxStore::builder(pool())
+            .cleanup_interval(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+        assert!(err.to_string().contains("must not be zero"), "{err}");
+        let err = SqlxStore::builder(pool())
+            .cleanup_interval(Duration::MAX)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+    }
+
+    fn is_send<T: Send>(_: &T) {}
+
+    #[tokio::test]
+    async fn migrate_can_be_spawned() {
+        let store = SqlxStore::new(pool());
+        is_send(&store.migrate());
+    }
+
+    #[tokio::test]
+    async fn the_default_table_is_the_postgres_stores() {
+        let store = SqlxStore::new(pool());
+        assert_eq!(store.inner.table.quoted, "\"idempotency_records\"");
+    }
+}
