@@ -61,11 +61,11 @@ impl RedisStoreBuilder {
     /// - `begin`: when it wrote an in-flight record and fewer replicas acknowledged it in
     ///   time, it releases that record again (so that the client's retry is not held off by a
     ///   record whose handler never ran; if the release fails too, the record's lease ends it)
-    ///   and fails with [`StoreErrorKind::Unavailable`]: the layer answers `503` and the
+    ///   and fails with [`StoreErrorKind::Unavailable`](crate::StoreErrorKind::Unavailable): the layer answers `503` and the
     ///   handler does not run. Answers that write nothing (in flight, replay, mismatch) do not
     ///   wait.
     /// - `complete`: the record stays completed on the primary, and the call fails with
-    ///   [`StoreErrorKind::Unavailable`]; the layer still returns the handler's response, and
+    ///   [`StoreErrorKind::Unavailable`](crate::StoreErrorKind::Unavailable); the layer still returns the handler's response, and
     ///   reports the failure.
     /// - `forget`: the record is removed on the primary, and the call fails the same way.
     /// - `renew` and `release` do not wait: a lost renewal or release leaves a record that its
