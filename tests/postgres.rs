@@ -26,10 +26,10 @@ async fn store() -> Option<PostgresStore> {
 /// A store over a table of its own, created for the test.
 async fn store_with_table(table: &str) -> Option<PostgresStore> {
     let url = server_url("POSTGRES_URL", "postgres")?;
-    let store = PostgresStore::connect(&url)
-        .await
-        .unwrap()
+    let store = PostgresStore::builder()
         .table(table)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     Some(store)
@@ -71,10 +71,10 @@ async fn migrate_is_safe_from_many_instances_at_once() {
     let mut stores = Vec::new();
     for _ in 0..8 {
         stores.push(
-            PostgresStore::connect(&url)
-                .await
-                .unwrap()
+            PostgresStore::builder()
                 .table(&table)
+                .connect(&url)
+                .await
                 .unwrap(),
         );
     }
@@ -108,7 +108,10 @@ async fn table_names_are_validated_and_schemas_work() {
     };
     let base = PostgresStore::connect(&url).await.unwrap();
     for bad in ["x; DROP TABLE y", "a.b.c", "1abc", "\"quoted\"", ""] {
-        let err = base.clone().table(bad).unwrap_err();
+        let err = PostgresStore::builder()
+            .table(bad)
+            .build(base.pool().clone())
+            .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Other, "{bad:?}");
     }
 
@@ -118,7 +121,11 @@ async fn table_names_are_validated_and_schemas_work() {
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .await
         .unwrap();
-    let store = base.table(&format!("{schema}.Records")).unwrap();
+    let store = PostgresStore::builder()
+        .table(format!("{schema}.Records"))
+        .build(base.pool().clone())
+        .unwrap();
+    assert_eq!(store.table(), format!("{schema}.Records"));
     store.migrate().await.unwrap();
     let key = RecordKey::new(TenantId::shared(), "k");
     let fp = Fingerprint::from_bytes([2; 32]);
@@ -211,10 +218,15 @@ async fn background_cleanup_deletes_expired_rows() {
     let Some(store) = store_with_table(&table).await else {
         return;
     };
-    let observer = PostgresStore::from_pool(store.pool().clone())
+    let observer = PostgresStore::builder()
         .table(&table)
+        .build(store.pool().clone())
         .unwrap();
-    let store = store.cleanup_interval(Duration::from_millis(200));
+    let store = PostgresStore::builder()
+        .table(&table)
+        .cleanup_interval(Duration::from_millis(200))
+        .build(store.pool().clone())
+        .unwrap();
     let fp = Fingerprint::from_bytes([4; 32]);
     for i in 0..10 {
         let key = RecordKey::new(TenantId::shared(), format!("k{i}"));

@@ -254,10 +254,10 @@ async fn postgres_round_trips() {
     };
     // A table of its own, so that only this test's statements name it.
     let table = format!("round_trips_{}", tower_idempotency::LockToken::random());
-    let store = PostgresStore::connect(&url)
-        .await
-        .unwrap()
+    let store = PostgresStore::builder()
         .table(&table)
+        .connect(&url)
+        .await
         .unwrap();
     store.migrate().await.unwrap();
     let client = store.pool().get().await.unwrap();

@@ -184,10 +184,10 @@ async fn migrate_is_safe_from_many_instances_at_once() {
             .unwrap();
         tasks.push(tokio::spawn(async move { store.migrate().await }));
     }
-    let pg = PostgresStore::connect(&url)
-        .await
-        .unwrap()
+    let pg = PostgresStore::builder()
         .table(&table)
+        .connect(&url)
+        .await
         .unwrap();
     tasks.push(tokio::spawn({
         let pg = pg.clone();

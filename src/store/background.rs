@@ -39,11 +39,10 @@ pub(crate) const MAX_PERIOD: std::time::Duration = std::time::Duration::from_sec
 ///
 /// With a message naming `setting`, when `period` is out of bounds.
 pub(crate) fn check_period(setting: &str, period: std::time::Duration) {
-    assert!(!period.is_zero(), "{setting} must not be zero");
+    assert!(!period.is_zero(), "{setting} must be longer than zero");
     assert!(
         period <= MAX_PERIOD,
-        "{setting} must be at most a year ({} s), not {period:?}",
-        MAX_PERIOD.as_secs()
+        "{setting} must be at most 365 days, got {period:?}"
     );
 }
 

@@ -99,9 +99,9 @@ use crate::response::StoredResponse;
 /// connects without TLS; for TLS, build a pool with a TLS connector and use
 /// [`from_pool`](Self::from_pool).
 ///
-/// Cloning is cheap and shares the pool and the configuration. Configure a store
-/// ([`table`](Self::table), [`cleanup_interval`](Self::cleanup_interval)) before cloning or
-/// using it.
+/// Cloning is cheap and shares the pool and the configuration. A store's settings
+/// ([`PostgresStore::builder`]: the table, the cleanup interval) are set before it exists and
+/// never change.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -109,6 +109,7 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    table_name: String,
     table: Table,
     sql: Sql,
     target: ClaimTarget,
@@ -133,6 +134,33 @@ impl PostgresStore {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().connect(url).await
+    }
+
+    /// Settings for a store, checked once when the store is made ([`PostgresStoreBuilder`]).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::PostgresStore::builder()
+    ///     .table("billing.idempotency")
+    ///     .cleanup_interval(Duration::from_secs(300))
+    ///     .connect("postgres://app@127.0.0.1/app")
+    ///     .await?;
+    /// store.migrate().await?;
+    /// assert_eq!(store.table(), "billing.idempotency");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            table: DEFAULT_TABLE.to_owned(),
+            cleanup_interval: None,
+        }
+    }
+
+    /// The pool [`connect`](Self::connect) makes for `url`.
+    async fn pool_for(url: &str) -> Result<Pool, StoreError> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
@@ -159,7 +187,7 @@ impl PostgresStore {
             .build()
             .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
         drop(pool.get().await.map_err(pool_error)?);
-        Ok(Self::from_pool(pool))
+        Ok(pool)
     }
 
     /// A store over an existing pool, with the default table, `idempotency_records`.
@@ -176,93 +204,19 @@ impl PostgresStore {
     /// # }
     /// ```
     pub fn from_pool(pool: Pool) -> Self {
-        let table = Table::parse(DEFAULT_TABLE).expect("the default table name is valid");
-        let sql = Sql::new(&table);
-        Self {
-            inner: Arc::new(Inner {
-                pool,
-                target: ClaimTarget::new(&table, &sql),
-                sql,
-                table,
-                cleanup_interval: None,
-                cleanup: StartOnce::default(),
-            }),
-        }
+        Self::builder()
+            .build(pool)
+            .expect("the default settings are valid")
     }
 
-    /// Applies a setting to the store's configuration, in place.
-    ///
-    /// Configuration belongs to a store that nothing shares yet: a setting on one clone must
-    /// not change another, and a store in use must not change under its requests.
-    fn configure(mut self, setting: &str, apply: impl FnOnce(&mut Inner)) -> Self {
-        let Some(inner) = Arc::get_mut(&mut self.inner) else {
-            panic!(
-                "PostgresStore::{setting} called on a store that is cloned or in use: \
-                 configure the store before sharing it"
-            );
-        };
-        apply(inner);
-        self
+    /// The table that holds the records, as it was given (`name` or `schema.name`).
+    pub fn table(&self) -> &str {
+        &self.inner.table_name
     }
 
-    /// The table that holds the records: `name` or `schema.name`, each part
-    /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
-    /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-    /// let store = tower_idempotency::PostgresStore::connect("postgres://app@127.0.0.1/app")
-    ///     .await?
-    ///     .table("billing.idempotency")?;
-    /// store.migrate().await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Other`] for any other name; a name is never spliced into SQL
-    /// unchecked.
-    ///
-    /// # Panics
-    ///
-    /// When the store was cloned, or its cleanup task started, before: configure a store before
-    /// sharing it. (For a second store over the same connections, use
-    /// [`from_pool`](Self::from_pool) with [`pool`](Self::pool)`().clone()`.)
-    pub fn table(self, name: &str) -> Result<Self, StoreError> {
-        let table = Table::parse(name)?;
-        Ok(self.configure("table", |inner| {
-            inner.sql = Sql::new(&table);
-            inner.target = ClaimTarget::new(&table, &inner.sql);
-            inner.table = table;
-        }))
-    }
-
-    /// Deletes expired rows every `interval` in a background task, which starts on the store's
-    /// first use (on that call's Tokio runtime), holds only a weak reference to the store and
-    /// ends when the store is dropped. Off by default; every instance of a fleet may run it.
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
-    /// let store = tower_idempotency::PostgresStore::connect("postgres://app@127.0.0.1/app")
-    ///     .await?
-    ///     .cleanup_interval(Duration::from_secs(300));
-    /// # let _ = store;
-    /// # Ok(())
-    /// # }
-    /// ```
-    ///
-    /// # Panics
-    ///
-    /// When `interval` is zero or longer than a year, and as [`table`](Self::table) when the
-    /// store is already shared.
-    #[must_use]
-    pub fn cleanup_interval(self, interval: Duration) -> Self {
-        background::check_period("PostgresStore::cleanup_interval", interval);
-        self.configure("cleanup_interval", |inner| {
-            inner.cleanup_interval = Some(interval);
-        })
+    /// The period of the background cleanup of expired rows; `None` when it is off.
+    pub fn cleanup_interval(&self) -> Option<Duration> {
+        self.inner.cleanup_interval
     }
 
     /// The pool the store queries through.
@@ -332,6 +286,111 @@ impl PostgresStore {
         match self.execute(sql, params).await? {
             0 => Err(StoreError::lease_lost()),
             _ => Ok(()),
+        }
+    }
+}
+
+/// The settings of a [`PostgresStore`], from [`PostgresStore::builder`], checked once when the
+/// store is made: by connecting ([`connect`](Self::connect)) or over a pool of yours
+/// ([`build`](Self::build)).
+#[derive(Debug, Clone)]
+#[must_use]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub struct PostgresStoreBuilder {
+    table: String,
+    cleanup_interval: Option<Duration>,
+}
+
+impl PostgresStoreBuilder {
+    /// The table that holds the records: `name` or `schema.name`, each part
+    /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
+    /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
+    ///
+    /// ```
+    /// let builder = tower_idempotency::PostgresStore::builder().table("billing.idempotency");
+    /// # let _ = builder;
+    /// ```
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// Deletes expired rows every `interval` in a background task, which starts on the store's
+    /// first use (on that call's Tokio runtime), holds only a weak reference to the store and
+    /// ends when the store is dropped. Off by default; every instance of a fleet may run it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = tower_idempotency::PostgresStore::builder()
+    ///     .cleanup_interval(Duration::from_secs(300));
+    /// # let _ = builder;
+    /// ```
+    pub fn cleanup_interval(mut self, interval: Duration) -> Self {
+        self.cleanup_interval = Some(interval);
+        self
+    }
+
+    /// Connects to the PostgreSQL at `url`, as [`PostgresStore::connect`], with these settings.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), and as [`PostgresStore::connect`].
+    pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
+        let checked = self.checked()?;
+        let pool = PostgresStore::pool_for(url).await?;
+        Ok(checked.finish(pool))
+    }
+
+    /// A store over an existing pool, with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::Other`] when the table name is not `name` or `schema.name` as
+    /// [`table`](Self::table) says (a name is never spliced into SQL unchecked), or the cleanup
+    /// interval is zero or longer than a year.
+    pub fn build(self, pool: Pool) -> Result<PostgresStore, StoreError> {
+        Ok(self.checked()?.finish(pool))
+    }
+
+    /// The settings, checked: the one place they are.
+    fn checked(self) -> Result<Checked, StoreError> {
+        let table = Table::parse(&self.table)?;
+        let out_of_bounds =
+            |interval: Duration| interval.is_zero() || interval > background::MAX_PERIOD;
+        if self.cleanup_interval.is_some_and(out_of_bounds) {
+            return Err(StoreError::msg(
+                StoreErrorKind::Other,
+                "PostgresStore: the cleanup interval must not be zero nor longer than a year",
+            ));
+        }
+        Ok(Checked {
+            table_name: self.table,
+            table,
+            cleanup_interval: self.cleanup_interval,
+        })
+    }
+}
+
+/// Settings that passed [`PostgresStoreBuilder::checked`].
+struct Checked {
+    table_name: String,
+    table: Table,
+    cleanup_interval: Option<Duration>,
+}
+
+impl Checked {
+    fn finish(self, pool: Pool) -> PostgresStore {
+        let sql = Sql::new(&self.table);
+        PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                target: ClaimTarget::new(&self.table, &sql),
+                sql,
+                table_name: self.table_name,
+                table: self.table,
+                cleanup_interval: self.cleanup_interval,
+                cleanup: StartOnce::default(),
+            }),
         }
     }
 }
@@ -554,44 +613,42 @@ fn pg_error(err: tokio_postgres::Error) -> StoreError {
 mod tests {
     use super::*;
 
-    /// A store over a pool that has not connected (nothing connects until the first query).
-    fn unconnected() -> PostgresStore {
+    /// A pool that has not connected (nothing connects until the first query).
+    fn unconnected() -> Pool {
         let config: tokio_postgres::Config = "postgres://nobody@127.0.0.1:1/db".parse().unwrap();
-        let pool = Pool::builder(Manager::new(config, NoTls)).build().unwrap();
-        PostgresStore::from_pool(pool)
+        Pool::builder(Manager::new(config, NoTls)).build().unwrap()
     }
 
     #[test]
-    fn configuration_is_validated_and_applied_in_place() {
-        let store = unconnected()
+    fn settings_are_checked_once_and_read_back() {
+        let store = PostgresStore::builder()
             .table("billing.idem")
-            .unwrap()
-            .cleanup_interval(Duration::from_secs(60));
+            .cleanup_interval(Duration::from_secs(60))
+            .build(unconnected())
+            .unwrap();
         assert_eq!(store.inner.table.quoted, "\"billing\".\"idem\"");
         assert!(store.inner.sql.begin.contains("\"billing\".\"idem\""));
         assert!(store.inner.sql.forget.contains("\"billing\".\"idem\""));
-        assert_eq!(store.inner.cleanup_interval, Some(Duration::from_secs(60)));
+        assert_eq!(store.table(), "billing.idem");
+        assert_eq!(store.cleanup_interval(), Some(Duration::from_secs(60)));
         let debug = format!("{store:?}");
         assert!(
             debug.contains("billing") && debug.contains("60s"),
             "{debug}"
         );
 
-        let err = unconnected().table("no-dashes").unwrap_err();
-        assert_eq!(err.kind(), StoreErrorKind::Other);
-    }
-
-    #[test]
-    #[should_panic(expected = "configure the store before sharing it")]
-    fn configuring_a_shared_store_panics() {
-        let store = unconnected();
-        let _shared = store.clone();
-        let _ = store.table("other");
-    }
-
-    #[test]
-    #[should_panic(expected = "must not be zero")]
-    fn a_zero_cleanup_interval_panics() {
-        let _ = unconnected().cleanup_interval(Duration::ZERO);
+        let defaults = PostgresStore::from_pool(unconnected());
+        assert_eq!(
+            (defaults.table(), defaults.cleanup_interval()),
+            (DEFAULT_TABLE, None)
+        );
+        for bad in [
+            PostgresStore::builder().table("no-dashes"),
+            PostgresStore::builder().cleanup_interval(Duration::ZERO),
+            PostgresStore::builder().cleanup_interval(Duration::MAX),
+        ] {
+            let err = bad.build(unconnected()).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Other);
+        }
     }
 }
