@@ -6,10 +6,9 @@
 //! the permit of its request). So keyed work is bounded without ever cutting off a run that
 //! holds its key: whatever other callers do, a handler that started runs to its end.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::tenant::TenantId;
 
@@ -18,13 +17,17 @@ pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// The default bound on one tenant's keyed requests at work at once.
 pub(crate) const DEFAULT_MAX_IN_FLIGHT_PER_TENANT: usize = 1_000;
 
-/// Tenants are counted in this many maps, each behind its own lock, chosen by the tenant's hash.
-const TENANT_SHARDS: usize = 16;
+/// Tenants are counted in this many counters, chosen by the tenant's id (a uniform hash). Two
+/// tenants that share a counter share its bound; with the default bounds no caller can use that
+/// to hold another's share: it would take more keyed requests at work than the total bound
+/// allows, spread over thousands of tenants to land enough of them on one counter.
+const TENANT_COUNTERS: usize = 4096;
 
-/// The counts of one layer, shared by its clones and every service it builds.
+/// The counts of one layer, shared by its clones and every service it builds: two atomic
+/// operations per keyed request, no lock.
 pub(crate) struct Admission {
     total: AtomicUsize,
-    tenants: [Mutex<HashMap<TenantId, usize>>; TENANT_SHARDS],
+    tenants: Box<[AtomicU32]>,
 }
 
 /// The bounds a request is admitted under.
@@ -68,20 +71,21 @@ impl Admission {
             return Err(Refused::Total);
         }
         // A per-tenant bound at least the total one can never be the one reached.
-        let per_tenant = limits.per_tenant < limits.total;
-        if per_tenant {
-            let mut tenants = self.tenants_of(tenant);
-            let count = tenants.entry(*tenant).or_insert(0);
-            if *count >= limits.per_tenant {
-                drop(tenants);
+        let counter = (limits.per_tenant < limits.total).then(|| counter_of(tenant));
+        if let Some(counter) = counter {
+            let max = u32::try_from(limits.per_tenant).unwrap_or(u32::MAX);
+            let counted =
+                self.tenants[counter].fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
+            if counted.is_err() {
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refused::Tenant);
             }
-            *count += 1;
         }
         Ok(Permit {
             admission: self.clone(),
-            tenant: per_tenant.then_some(*tenant),
+            counter,
         })
     }
 
@@ -90,33 +94,25 @@ impl Admission {
         self.total.load(Ordering::Acquire)
     }
 
-    fn tenants_of(&self, tenant: &TenantId) -> MutexGuard<'_, HashMap<TenantId, usize>> {
-        let shard = usize::from(tenant.as_bytes()[0]) % TENANT_SHARDS;
-        // A panic never happens under this lock; if one did, the counts are still whole.
-        self.tenants[shard]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn leave(&self, tenant: Option<&TenantId>) {
-        if let Some(tenant) = tenant {
-            let mut tenants = self.tenants_of(tenant);
-            if let Some(count) = tenants.get_mut(tenant) {
-                *count -= 1;
-                if *count == 0 {
-                    tenants.remove(tenant);
-                }
-            }
+    fn leave(&self, counter: Option<usize>) {
+        if let Some(counter) = counter {
+            self.tenants[counter].fetch_sub(1, Ordering::AcqRel);
         }
         self.total.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The counter of `tenant`: its id is a uniform hash already.
+fn counter_of(tenant: &TenantId) -> usize {
+    let bytes = tenant.as_bytes();
+    usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) % TENANT_COUNTERS
 }
 
 impl Default for Admission {
     fn default() -> Self {
         Self {
             total: AtomicUsize::new(0),
-            tenants: std::array::from_fn(|_| Mutex::default()),
+            tenants: (0..TENANT_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 }
@@ -132,12 +128,12 @@ impl fmt::Debug for Admission {
 /// One admitted keyed request, counted until its flow ends (or its detached run does).
 pub(crate) struct Permit {
     admission: Arc<Admission>,
-    tenant: Option<TenantId>,
+    counter: Option<usize>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.leave(self.tenant.as_ref());
+        self.admission.leave(self.counter);
     }
 }
 
@@ -168,7 +164,7 @@ mod tests {
             admission
                 .tenants
                 .iter()
-                .all(|m| m.lock().unwrap().is_empty())
+                .all(|c| c.load(Ordering::SeqCst) == 0)
         );
     }
 
@@ -198,7 +194,7 @@ mod tests {
             admission
                 .tenants
                 .iter()
-                .all(|m| m.lock().unwrap().is_empty())
+                .all(|c| c.load(Ordering::SeqCst) == 0)
         );
     }
 }
