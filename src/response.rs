@@ -169,6 +169,18 @@ impl StoredResponse {
         self.0.body_omitted
     }
 
+    /// The estimated bytes of what this response keeps: its body, and each stored header's
+    /// name and value plus `per_header` for its own overhead. The stores that bound their
+    /// memory (the memory store, the replay cache) count records by it.
+    pub(crate) fn payload_size(&self, per_header: usize) -> usize {
+        let headers: usize = self
+            .header_list()
+            .iter()
+            .map(|(name, value)| per_header + name.as_str().len() + value.len())
+            .sum();
+        headers + self.body().len()
+    }
+
     /// The stored headers as kept, without building the map that
     /// [`headers`](Self::headers) returns.
     pub(crate) fn header_list(&self) -> &[(HeaderName, HeaderValue)] {

@@ -21,8 +21,6 @@ use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 
-#[cfg(any(feature = "memory", feature = "postgres", feature = "sqlx"))]
-mod background;
 pub(crate) mod cache;
 mod error;
 #[cfg(feature = "memory")]
@@ -35,21 +33,14 @@ pub(crate) mod redis;
 pub(crate) mod sql;
 #[cfg(feature = "sqlx")]
 pub(crate) mod sqlx;
+mod util;
 
 pub use error::{StoreError, StoreErrorKind};
 
-/// The longest duration a shared store writes, 100 years in milliseconds: longer ones are
-/// clamped to it.
+#[cfg(all(test, any(feature = "redis", feature = "postgres", feature = "sqlx")))]
+pub(crate) use util::MAX_MILLIS;
 #[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
-pub(crate) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
-
-/// A duration as whole milliseconds, as the shared stores write leases and TTLs: rounded up,
-/// at least 1, at most [`MAX_MILLIS`].
-#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
-pub(crate) fn whole_millis(duration: Duration) -> u64 {
-    let ms = duration.as_nanos().div_ceil(1_000_000);
-    ms.clamp(1, u128::from(MAX_MILLIS)) as u64
-}
+pub(crate) use util::whole_millis;
 
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;

@@ -1,4 +1,4 @@
-//! A real server on loopback (`axum::serve` on 127.0.0.1:0) and a real client for it: requests
+//! A real server on loopback ([`Server`], `axum::serve` on 127.0.0.1:0) and a real client for it: requests
 //! go over TCP through hyper-util's client and come back as a [`Reply`]; a raw `TcpStream` sends
 //! a request and hangs up. [`Via`] runs one test through `oneshot` or a real server.
 
@@ -13,27 +13,25 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::Reply;
+use super::{Reply, Server};
 
-/// `app` served on a free loopback port until this is dropped.
+/// `app` served on a free loopback port (a [`Server`]) until this is dropped, with a client.
 pub struct Served {
     pub addr: SocketAddr,
     client: Client<HttpConnector, Body>,
-    task: tokio::task::JoinHandle<()>,
+    _server: Server,
 }
 
 /// Serves `app` on 127.0.0.1, on a free port.
 pub async fn serve(app: Router) -> Served {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(app, Default::default()).await;
     Served {
-        addr,
+        addr: server.addr,
         client: Client::builder(TokioExecutor::new()).build_http(),
-        task,
+        _server: server,
     }
 }
 
@@ -76,12 +74,6 @@ impl Served {
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&body).await.unwrap();
         stream
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -176,19 +176,12 @@ impl Shard {
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard leaves it consistent enough: at worst a byte count off.
-    shard
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::store::util::lock(shard)
 }
 
 /// The estimated bytes of a cached record.
 pub(super) fn weight(key: &RecordKey, response: &StoredResponse) -> usize {
-    let headers: usize = response
-        .header_list()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 32)
-        .sum();
-    ENTRY_OVERHEAD + key.key().len() + headers + response.body().len()
+    ENTRY_OVERHEAD + key.key().len() + response.payload_size(32)
 }
 
 #[cfg(test)]

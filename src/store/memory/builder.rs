@@ -19,7 +19,7 @@ pub(crate) const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(30);
 /// The longest period a background task accepts (one year): longer ones are refused in
 /// `build` rather than left to overflow the timer and end the task.
 #[cfg(test)]
-pub(crate) const MAX_INTERVAL: Duration = crate::store::background::MAX_PERIOD;
+pub(crate) const MAX_INTERVAL: Duration = crate::store::util::MAX_PERIOD;
 
 /// Settings of a [`MemoryStore`], checked by [`build`](Self::build). Once built, a store's
 /// settings do not change.
@@ -241,7 +241,7 @@ fn default_per_tenant(max_entries: usize) -> usize {
 }
 
 fn check_interval(name: &str, interval: Duration) {
-    crate::store::background::check_period(&format!("MemoryStore: {name}"), interval);
+    crate::store::util::check_period(&format!("MemoryStore: {name}"), interval);
 }
 
 /// What a [`MemoryStore`] was built with, from [`MemoryStore::settings`].

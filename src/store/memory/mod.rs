@@ -3,7 +3,7 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use foldhash::SharedSeed;
@@ -11,7 +11,7 @@ use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
 use super::RecordKey;
-use super::background::StartOnce;
+use super::util::StartOnce;
 
 mod builder;
 mod calls;
@@ -363,13 +363,7 @@ fn random_u64() -> u64 {
         .finish()
 }
 
-fn read(shard: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
-    shard.read().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn write(shard: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
-    shard.write().unwrap_or_else(PoisonError::into_inner)
-}
+use super::util::{read, write};
 
 /// `d` in nanoseconds, saturating.
 fn nanos(d: Duration) -> Nanos {

@@ -17,7 +17,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// The background pruner: it holds only a weak reference, so it ends at its first tick after
 /// the store is dropped, and only then: a tick that panics is reported and the next one runs.
 pub(super) async fn prune_periodically(store: Weak<Inner>, period: Duration) {
-    crate::store::background::every(store, period, |inner: std::sync::Arc<Inner>| async move {
+    crate::store::util::every(store, period, |inner: std::sync::Arc<Inner>| async move {
         let pruned =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.prune(inner.now())));
         #[cfg(feature = "tracing")]

@@ -9,11 +9,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::background::{self, StartOnce};
 use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Table, corrupt, millis,
     token_bytes,
 };
+use super::util::{self, StartOnce};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -355,8 +355,7 @@ impl PostgresStoreBuilder {
     /// The settings, checked: the one place they are.
     fn checked(self) -> Result<Checked, StoreError> {
         let table = Table::parse(&self.table)?;
-        let out_of_bounds =
-            |interval: Duration| interval.is_zero() || interval > background::MAX_PERIOD;
+        let out_of_bounds = |interval: Duration| interval.is_zero() || interval > util::MAX_PERIOD;
         if self.cleanup_interval.is_some_and(out_of_bounds) {
             return Err(StoreError::msg(
                 StoreErrorKind::Other,
@@ -419,7 +418,7 @@ impl Inner {
 /// The background cleanup: it holds only a weak reference, so it ends at its first tick after
 /// the store is dropped. A failed run (the database is down, say) is retried at the next tick.
 async fn clean_periodically(store: Weak<Inner>, period: Duration) {
-    background::every(store, period, |inner: Arc<Inner>| async move {
+    util::every(store, period, |inner: Arc<Inner>| async move {
         let _ = inner.delete_expired().await;
     })
     .await;

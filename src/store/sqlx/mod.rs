@@ -8,11 +8,11 @@ use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
 
-use super::background::{self, StartOnce};
 use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Table,
     corrupt, millis, token_bytes,
 };
+use super::util::{self, StartOnce};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -137,8 +137,7 @@ impl SqlxStoreBuilder {
     /// interval is zero or longer than a year.
     pub fn build(self) -> Result<SqlxStore, StoreError> {
         let table = Table::parse(&self.table)?;
-        let out_of_bounds =
-            |interval: Duration| interval.is_zero() || interval > background::MAX_PERIOD;
+        let out_of_bounds = |interval: Duration| interval.is_zero() || interval > util::MAX_PERIOD;
         if self.cleanup_interval.is_some_and(out_of_bounds) {
             return Err(StoreError::msg(
                 StoreErrorKind::Other,
@@ -271,7 +270,7 @@ impl Inner {
 /// The background cleanup: it holds only a weak reference, so it ends at its first tick after
 /// the store is dropped. A failed run (the database is down, say) is retried at the next tick.
 async fn clean_periodically(store: Weak<Inner>, period: Duration) {
-    background::every(store, period, |inner: Arc<Inner>| async move {
+    util::every(store, period, |inner: Arc<Inner>| async move {
         let _ = inner.delete_expired().await;
     })
     .await;

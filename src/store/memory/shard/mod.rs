@@ -409,10 +409,5 @@ impl Shard {
 /// The bytes a completed record counts for: its key, its stored headers and body, and the
 /// fixed overheads.
 pub(super) fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
-    let headers: usize = response
-        .header_list()
-        .iter()
-        .map(|(name, value)| HEADER_OVERHEAD + name.as_str().len() + value.len())
-        .sum();
-    RECORD_OVERHEAD + key.key().len() + headers + response.body().len()
+    RECORD_OVERHEAD + key.key().len() + response.payload_size(HEADER_OVERHEAD)
 }

@@ -16,7 +16,7 @@ use super::MemoryStore;
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::RecordKey;
-use crate::store::background::StartOnce;
+use crate::store::util::StartOnce;
 
 /// A completed record as the file holds it.
 #[derive(Debug, Clone)]

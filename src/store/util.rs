@@ -1,7 +1,14 @@
-//! Background upkeep tasks of the stores (pruning expired records).
+//! What two or more stores share: background upkeep (a task started once, a periodic loop,
+//! the bound on its period), locks that shrug off poisoning, and whole milliseconds with their
+//! bound.
+#![cfg_attr(
+    not(any(feature = "memory", feature = "postgres", feature = "sqlx")),
+    allow(dead_code)
+)]
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A background task started once, on the Tokio runtime of the first call that has one.
 ///
@@ -71,6 +78,37 @@ pub(crate) async fn every<T, F, Fut>(
         };
         tick(store).await;
     }
+}
+
+/// Locks `mutex`. A panic never happens under the stores' locks; if one did, what the lock
+/// guards is still whole (every change under it is one step), so the poison is ignored.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read-locks `lock` (see [`lock`] for poisoning).
+#[cfg_attr(not(feature = "memory"), allow(dead_code))]
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Write-locks `lock` (see [`lock`] for poisoning).
+#[cfg_attr(not(feature = "memory"), allow(dead_code))]
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The longest duration a shared store writes, 100 years in milliseconds: longer ones are
+/// clamped to it.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
+pub(crate) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// A duration as whole milliseconds, as the shared stores write leases and TTLs: rounded up,
+/// at least 1, at most [`MAX_MILLIS`].
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
+pub(crate) fn whole_millis(duration: std::time::Duration) -> u64 {
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    ms.clamp(1, u128::from(MAX_MILLIS)) as u64
 }
 
 #[cfg(test)]
