@@ -21,6 +21,7 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 10;
 /// How many expired rows one `DELETE` of `delete_expired` removes.
 pub(crate) const DELETE_BATCH: i64 = 1000;
 /// SQLSTATE `lock_not_available`: a `NOWAIT` lock met a row that another transaction holds.
+#[cfg(feature = "sqlx")]
 pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// A validated table name, optionally schema-qualified.

@@ -45,12 +45,29 @@ pub(crate) const MAX_PERIOD: std::time::Duration = std::time::Duration::from_sec
 /// # Panics
 ///
 /// With a message naming `setting`, when `period` is out of bounds.
+#[cfg_attr(not(feature = "memory"), allow(dead_code))]
 pub(crate) fn check_period(setting: &str, period: std::time::Duration) {
     assert!(!period.is_zero(), "{setting} must be longer than zero");
     assert!(
         period <= MAX_PERIOD,
         "{setting} must be at most 365 days, got {period:?}"
     );
+}
+
+/// Checks an upkeep period as [`check_period`] does, for a builder that reports errors rather
+/// than panicking: [`StoreErrorKind::Other`](super::StoreErrorKind::Other) naming `store`.
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+pub(crate) fn check_period_or_err(
+    store: &str,
+    period: std::time::Duration,
+) -> Result<(), super::StoreError> {
+    if period.is_zero() || period > MAX_PERIOD {
+        return Err(super::StoreError::msg(
+            super::StoreErrorKind::Other,
+            format!("{store}: the cleanup interval must not be zero nor longer than a year"),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `tick` on `store` every `period`, from one period after the start, until the store is

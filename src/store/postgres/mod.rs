@@ -355,12 +355,8 @@ impl PostgresStoreBuilder {
     /// The settings, checked: the one place they are.
     fn checked(self) -> Result<Checked, StoreError> {
         let table = Table::parse(&self.table)?;
-        let out_of_bounds = |interval: Duration| interval.is_zero() || interval > util::MAX_PERIOD;
-        if self.cleanup_interval.is_some_and(out_of_bounds) {
-            return Err(StoreError::msg(
-                StoreErrorKind::Other,
-                "PostgresStore: the cleanup interval must not be zero nor longer than a year",
-            ));
+        if let Some(interval) = self.cleanup_interval {
+            util::check_period_or_err("PostgresStore", interval)?;
         }
         Ok(Checked {
             table_name: self.table,

@@ -137,12 +137,8 @@ impl SqlxStoreBuilder {
     /// interval is zero or longer than a year.
     pub fn build(self) -> Result<SqlxStore, StoreError> {
         let table = Table::parse(&self.table)?;
-        let out_of_bounds = |interval: Duration| interval.is_zero() || interval > util::MAX_PERIOD;
-        if self.cleanup_interval.is_some_and(out_of_bounds) {
-            return Err(StoreError::msg(
-                StoreErrorKind::Other,
-                "SqlxStore: the cleanup interval must not be zero nor longer than a year",
-            ));
+        if let Some(interval) = self.cleanup_interval {
+            util::check_period_or_err("SqlxStore", interval)?;
         }
         let sql = Sql::new(&table);
         Ok(SqlxStore {
