@@ -22,6 +22,8 @@
 //!   1,000,000 records and 1 GiB);
 //! - `PREFILL`: completed records put in the memory store before listening (default 0): with
 //!   `PREFILL=1000000` the default store starts full, so every new key makes room;
+//! - `INITIAL_CAPACITY`: records the memory store's tables have room for from the start
+//!   (default 0: they grow);
 //! - `TTL_SECS`: the layer's TTL (default: the layer's, 24 hours).
 
 use std::sync::Arc;
@@ -92,6 +94,9 @@ async fn memory_store() -> MemoryStore {
         .max_entries_per_tenant(per_tenant);
     if let Some(max) = env("MAX_BYTES") {
         builder = builder.max_bytes(max);
+    }
+    if let Some(records) = env("INITIAL_CAPACITY") {
+        builder = builder.initial_capacity(records);
     }
     let store = builder.build();
     let prefill: u64 = env("PREFILL").unwrap_or(0);

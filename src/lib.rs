@@ -194,6 +194,7 @@ mod detach;
 mod error;
 mod fingerprint;
 mod future;
+mod handler;
 mod key;
 mod layer;
 mod lease;

@@ -203,12 +203,18 @@ impl StoredResponse {
                 || skip.contains(name)
                 || (skip_cookies && name == http::header::SET_COOKIE))
         };
-        let headers: Box<[_]> = parts
-            .headers
-            .iter()
-            .filter(|(name, _)| kept(name))
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
+        // Counted first, so that the list is allocated once at its size (a filtered `collect`
+        // would allocate a guess and then shrink it).
+        let count = parts.headers.iter().filter(|(name, _)| kept(name)).count();
+        let mut headers = Vec::with_capacity(count);
+        headers.extend(
+            parts
+                .headers
+                .iter()
+                .filter(|(name, _)| kept(name))
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let headers = headers.into_boxed_slice();
         Self(Arc::new(Stored::new(parts.status, headers, body)))
     }
 

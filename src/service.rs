@@ -29,6 +29,7 @@ use crate::detach::Execution;
 use crate::error::{ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::Fingerprint;
 use crate::future::{ResponseFuture, Running, Step};
+use crate::handler::{Handler, RequestBodyOf};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
@@ -82,52 +83,6 @@ impl<S: fmt::Debug, St, T, E> fmt::Debug for Idempotency<S, St, T, E> {
             .finish_non_exhaustive()
     }
 }
-
-/// What the flow needs of the inner service, its response body and its errors, written once:
-/// implemented for every `Service` that fits, and named by every step of the flow.
-#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
-pub trait Handler<ReqBody>: Clone + Send + 'static {
-    /// The handler's response body.
-    type Body: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static;
-    /// The inner service's error.
-    type Error: Send + 'static;
-    /// The inner service's future.
-    type Future: Future<Output = Result<Response<Self::Body>, Self::Error>> + Send + 'static;
-
-    /// `Service::poll_ready`.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>>;
-
-    /// `Service::call`.
-    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future;
-}
-
-impl<S, ReqBody, B> Handler<ReqBody> for S
-where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Body<Data: Buf + Send, Error: Into<BoxError>> + Unpin + Send + 'static,
-{
-    type Body = B;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::poll_ready(self, cx)
-    }
-
-    #[inline]
-    fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future {
-        Service::call(self, req)
-    }
-}
-
-/// What the flow needs of a keyed request's body, written once.
-#[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
-pub trait RequestBodyOf: Body<Data: Buf + Send> + Send + 'static {}
-
-impl<B: Body<Data: Buf + Send> + Send + 'static> RequestBodyOf for B {}
 
 impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
 where
@@ -401,7 +356,11 @@ where
             }
         };
         let (response, outcome) = if claim.written() {
-            settle(&mut guard, response).await
+            // The handler completed its record in its own transaction (`Claim::respond_in`):
+            // the record is settled, not stored again. Committed: executed. Still in flight
+            // under this token (rolled back, yet answered): released, so an effect that did
+            // not happen is never replayed. A store that fails here leaves the lease as it is.
+            (response.map(ResponseBody::inner), guard.settle().await)
         } else if config.stores(&response) {
             keep(config, &mut guard, response).await
         } else {
@@ -415,19 +374,6 @@ where
             Report::keyed(&raw, guard.key(), started),
         ))
     }
-}
-
-/// A response whose handler completed its record inside its own transaction
-/// (`Claim::respond_in`) is not stored again: the record is settled instead. Completed (the
-/// transaction committed): executed. Still in flight under this request's token (the handler
-/// rolled back, yet returned the response): released, so an effect that did not happen is
-/// never replayed. A store that fails here leaves the lease as it is, never releasing on doubt.
-async fn settle<St: IdempotencyStore, B>(
-    guard: &mut Guard<St>,
-    response: Response<B>,
-) -> (Response<ResponseBody<B>>, Outcome) {
-    let outcome = guard.settle().await;
-    (response.map(ResponseBody::inner), outcome)
 }
 
 /// Stores a handler's response for replay, and gives it back for the client. A response over

@@ -45,6 +45,7 @@ pub struct MemoryStoreBuilder {
     pub(super) cleanup_interval: Duration,
     pub(super) snapshot: Option<PathBuf>,
     pub(super) snapshot_interval: Duration,
+    pub(super) initial_capacity: usize,
 }
 
 impl Default for MemoryStoreBuilder {
@@ -56,6 +57,7 @@ impl Default for MemoryStoreBuilder {
             cleanup_interval: DEFAULT_CLEANUP_INTERVAL,
             snapshot: None,
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
+            initial_capacity: 0,
         }
     }
 }
@@ -116,6 +118,29 @@ impl MemoryStoreBuilder {
     /// ```
     pub fn max_entries_per_tenant(mut self, max: usize) -> Self {
         self.max_entries_per_tenant = Some(max);
+        self
+    }
+
+    /// Room for this many records, allocated when the store is built. Default: 0, the store
+    /// grows as records arrive.
+    ///
+    /// A store that grows doubles its tables now and then, each time copying them under the
+    /// lock of a shard (a short pause for the requests that land on that shard), and asks the
+    /// allocator for more memory as it goes. Sized up front, the tables never grow until this
+    /// many records are held: an API that expects about `n` keys per TTL sets `n` here and
+    /// pays for the tables once, at start. The records' own keys and responses are still
+    /// allocated as they arrive. At most [`max_entries`](Self::max_entries); the tables take
+    /// about 40 bytes per record of capacity.
+    ///
+    /// ```
+    /// let store = tower_idempotency::MemoryStore::builder()
+    ///     .max_entries(500_000)
+    ///     .initial_capacity(500_000)
+    ///     .build();
+    /// assert_eq!(store.settings().initial_capacity(), 500_000);
+    /// ```
+    pub fn initial_capacity(mut self, records: usize) -> Self {
+        self.initial_capacity = records;
         self
     }
 
@@ -189,7 +214,7 @@ impl MemoryStoreBuilder {
     /// # Panics
     ///
     /// If `max_entries` or `max_bytes` is 0, if `max_entries_per_tenant` is 0 or larger than
-    /// `max_entries`, if `cleanup_interval` or `snapshot_interval` is zero or longer than 365
+    /// `max_entries`, if `initial_capacity` is larger than `max_entries`, if `cleanup_interval` or `snapshot_interval` is zero or longer than 365
     /// days, or if the `snapshot` path names no file (empty, or ending in `..`). A snapshot file
     /// that cannot be read is not a panic: see [`snapshot`](Self::snapshot).
     pub fn build(self) -> MemoryStore {
@@ -209,6 +234,12 @@ impl MemoryStoreBuilder {
                 self.max_entries
             );
         }
+        assert!(
+            self.initial_capacity <= self.max_entries,
+            "MemoryStore: initial_capacity must be at most max_entries ({}), got {}",
+            self.max_entries,
+            self.initial_capacity
+        );
         check_interval("cleanup_interval", self.cleanup_interval);
         check_interval("snapshot_interval", self.snapshot_interval);
         if let Some(path) = &self.snapshot {
@@ -230,6 +261,7 @@ impl MemoryStoreBuilder {
                 .unwrap_or_else(|| default_per_tenant(self.max_entries)),
             cleanup_interval: self.cleanup_interval,
             snapshot_interval: self.snapshot_interval,
+            initial_capacity: self.initial_capacity,
         }
     }
 }
@@ -260,6 +292,7 @@ pub struct MemoryStoreSettings {
     max_entries_per_tenant: usize,
     cleanup_interval: Duration,
     snapshot_interval: Duration,
+    initial_capacity: usize,
 }
 
 impl MemoryStoreSettings {
@@ -287,5 +320,11 @@ impl MemoryStoreSettings {
     /// ([`MemoryStore::snapshot_path`](super::MemoryStore::snapshot_path)).
     pub fn snapshot_interval(&self) -> Duration {
         self.snapshot_interval
+    }
+
+    /// The records the store had room for when it was built
+    /// ([`initial_capacity`](MemoryStoreBuilder::initial_capacity)).
+    pub fn initial_capacity(&self) -> usize {
+        self.initial_capacity
     }
 }

@@ -28,6 +28,14 @@ pub(super) struct Expiries {
 }
 
 impl Expiries {
+    /// Room for `n` records that complete in order.
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Self {
+            in_order: VecDeque::with_capacity(n),
+            out_of_order: BinaryHeap::new(),
+        }
+    }
+
     pub(super) fn len(&self) -> usize {
         self.in_order.len() + self.out_of_order.len()
     }

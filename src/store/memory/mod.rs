@@ -176,7 +176,13 @@ impl MemoryStore {
                 let entries = share(settings.max_entries(), count, i);
                 let bytes = share(settings.max_bytes(), count, i);
                 let tenant = share(per_tenant, count, i);
-                let shard = Shard::new(entries, bytes, tenant, tokens ^ i as u64, hasher.clone());
+                let limits = shard::Limits {
+                    len: entries,
+                    bytes,
+                    per_tenant: tenant,
+                    capacity: share(settings.initial_capacity(), count, i),
+                };
+                let shard = Shard::new(limits, tokens ^ i as u64, hasher.clone());
                 Padded(RwLock::new(shard))
             })
             .collect();

@@ -410,6 +410,51 @@ fn settings_are_checked_in_build_and_belong_to_a_new_store() {
     assert_eq!(store.settings().cleanup_interval(), MAX_INTERVAL);
 }
 
+#[tokio::test]
+async fn initial_capacity_sizes_the_tables_up_front() {
+    let message = panics(|| {
+        drop(
+            MemoryStore::builder()
+                .max_entries(100)
+                .initial_capacity(101)
+                .build(),
+        );
+    });
+    assert!(
+        message.contains("initial_capacity must be at most max_entries"),
+        "{message}"
+    );
+    assert_eq!(MemoryStore::new().settings().initial_capacity(), 0);
+
+    const RECORDS: usize = 20_000;
+    let store = MemoryStore::builder()
+        .max_entries(RECORDS)
+        .initial_capacity(RECORDS)
+        .build();
+    assert_eq!(store.settings().initial_capacity(), RECORDS);
+    let capacities = || -> Vec<usize> {
+        store
+            .inner
+            .shards()
+            .map(|s| crate::store::util::read(s).capacity())
+            .collect()
+    };
+    let before = capacities();
+    let shards = before.len();
+    for (i, &capacity) in before.iter().enumerate() {
+        assert!(
+            capacity >= share(RECORDS, shards, i),
+            "shard {i}: {capacity}"
+        );
+    }
+    // Filled to 90 % (keys spread unevenly over the shards), no table grew.
+    for i in 0..RECORDS * 9 / 10 {
+        store_completed(&store, &format!("k{i}"), Duration::from_secs(60)).await;
+    }
+    assert_eq!(store.entry_count(), RECORDS * 9 / 10);
+    assert_eq!(capacities(), before);
+}
+
 #[test]
 fn shards_split_the_bounds() {
     const ANY: usize = usize::MAX;

@@ -126,25 +126,27 @@ pub(super) struct Shard {
     changes: u64,
 }
 
+/// A shard's part of the store's bounds, and the records it has room for from the start.
+pub(super) struct Limits {
+    pub(super) len: usize,
+    pub(super) bytes: usize,
+    pub(super) per_tenant: usize,
+    pub(super) capacity: usize,
+}
+
 impl Shard {
-    pub(super) fn new(
-        max_len: usize,
-        max_bytes: usize,
-        max_per_tenant: usize,
-        token_seed: u64,
-        hasher: SeedableRandomState,
-    ) -> Self {
+    pub(super) fn new(limits: Limits, token_seed: u64, hasher: SeedableRandomState) -> Self {
         Self {
-            table: HashTable::new(),
-            expiries: Expiries::default(),
+            table: HashTable::with_capacity(limits.capacity),
+            expiries: Expiries::with_capacity(limits.capacity),
             in_flight: Vec::new(),
             dead_check_at: Nanos::MAX,
             next_id: 0,
             token_seed,
             bytes: 0,
-            max_len,
-            max_bytes,
-            tenants: Tenants::new(max_per_tenant, hasher),
+            max_len: limits.len,
+            max_bytes: limits.bytes,
+            tenants: Tenants::new(limits.per_tenant, hasher),
             changes: 0,
         }
     }
@@ -156,6 +158,12 @@ impl Shard {
 
     pub(super) fn len(&self) -> usize {
         self.table.len()
+    }
+
+    /// The records the table holds before it grows.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.table.capacity()
     }
 
     pub(super) fn bytes(&self) -> usize {
