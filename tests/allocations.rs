@@ -15,15 +15,18 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
 #[global_allocator]
 static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
-/// A new key: at most this many allocations more than the bare handler, store included (the
-/// record, the key, the two boxed parts of the flow, the stored response, and the
-/// `IdempotencyKey` and `Outcome` extensions, two each). The target is 4: see BENCHMARKS.md.
+/// A new key: at most this many allocations more than the bare handler, store included: the
+/// key, the record, the two boxed parts of the flow, the stored response and its header list,
+/// the `IdempotencyKey` and `Outcome` extensions (three each here: the map, its table and the
+/// value, as neither message has an extension yet), and the echoed key's first clone (a header
+/// value built from a `&str` is copied when first cloned; hyper's share their read buffer). The
+/// target is 4: see BENCHMARKS.md.
 #[cfg(not(any(feature = "postgres", feature = "sqlx")))]
-const NEW_KEY_BUDGET: usize = 14;
+const NEW_KEY_BUDGET: usize = 13;
 /// With a SQL store compiled in, every request that holds its key also carries its `Claim`
 /// (two allocations), whatever the store.
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
-const NEW_KEY_BUDGET: usize = 16;
+const NEW_KEY_BUDGET: usize = 15;
 /// A replay: at most this many allocations more than the bare handler: the key, the boxed
 /// flow, the replay's header map and its `Outcome` extension (two).
 const REPLAY_BUDGET: usize = 5;
