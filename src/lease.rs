@@ -19,22 +19,54 @@ use crate::wait::Waiters;
 /// The timer is armed only if the call does not answer at its first poll: a store that answers
 /// at once (the memory store always does) costs no timer, and no clock read unless metrics or
 /// the request's span record the call's duration.
-pub(crate) async fn timed<T>(
-    op: StoreOp,
-    timeout: Duration,
-    call: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let clock = CallClock::start(op);
-    let mut call = pin!(call);
-    let result = match poll_once(call.as_mut()).await {
-        Poll::Ready(result) => result,
-        Poll::Pending => match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::timeout(timeout)),
-        },
-    };
-    clock.stop(result.is_ok());
-    result
+pub(crate) fn timed<T, F>(op: StoreOp, timeout: Duration, call: F) -> Timed<F>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    Timed {
+        call,
+        clock: Some(CallClock::start(op)),
+        timeout,
+        timer: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`timed`]: the call in place, and its timer in an allocation of its own
+    /// made only when the call is pending, so that a call that answers at once (every call to
+    /// the memory store) adds a few words to its caller's future, not a timer.
+    pub(crate) struct Timed<F> {
+        #[pin]
+        call: F,
+        clock: Option<CallClock>,
+        timeout: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, StoreError>>> Future for Timed<F> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.call.poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                Err(StoreError::timeout(timeout))
+            }
+        };
+        if let Some(clock) = this.clock.take() {
+            clock.stop(result.is_ok());
+        }
+        Poll::Ready(result)
+    }
 }
 
 /// Times a store call for the metrics and the request's span, when either records it.
@@ -61,12 +93,6 @@ impl CallClock {
             outcome::record_store_call(self.op, elapsed);
         }
     }
-}
-
-/// Polls `future` once and answers at once: `Ready` with its output, or `Pending` (its waker
-/// registered) if it has none yet.
-pub(crate) fn poll_once<F: Future + Unpin>(mut future: F) -> impl Future<Output = Poll<F::Output>> {
-    std::future::poll_fn(move |cx| Poll::Ready(Pin::new(&mut future).poll(cx)))
 }
 
 thread_local! {
@@ -159,27 +185,25 @@ impl<St: IdempotencyStore> Guard<St> {
         };
         let mut handler = pin!(handler);
         // The timer is armed only once the handler is pending: one that answers at once costs
-        // no timer and no clock read.
-        let mut tick = pin!(None::<tokio::time::Sleep>);
-        let mut renewal = pin!(None);
+        // no timer and no clock read. The timer and a renewal under way live in allocations of
+        // their own, so that a handler that answers at once is not carried in a larger future.
+        let mut tick: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut renewal = None;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = handler.as_mut().poll(cx) {
                 return Poll::Ready(output);
             }
-            if tick.is_none() {
-                tick.set(Some(tokio::time::sleep(period)));
-            }
-            let mut timer = tick.as_mut().as_pin_mut().expect("armed above");
+            let timer = tick.get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
             while timer.as_mut().poll(cx).is_ready() {
                 let next = timer.deadline() + period;
                 timer.as_mut().reset(next);
                 // A renewal still running when the next is due stands for both.
                 if renewal.is_none() {
-                    renewal.set(Some(renew()));
+                    renewal = Some(Box::pin(renew()));
                 }
             }
-            if self.poll_renewal(renewal.as_mut().as_pin_mut(), cx) {
-                renewal.set(None);
+            if self.poll_renewal(renewal.as_mut().map(Pin::as_mut), cx) {
+                renewal = None;
             }
             Poll::Pending
         })

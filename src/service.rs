@@ -144,7 +144,13 @@ where
         let inner = std::mem::replace(&mut self.inner, inner);
         let shared = self.shared.clone();
         let finish_on_disconnect = config.finish_on_disconnect;
-        let prelude = Box::pin(prelude(shared, inner, parts, body, key, tenant, permit));
+        let ParsedKey { key, raw } = key;
+        let keyed = Keyed {
+            raw,
+            record: RecordKey::new(tenant, key),
+            permit,
+        };
+        let prelude = Box::pin(prelude(shared, inner, parts, body, keyed));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
@@ -185,9 +191,7 @@ fn prelude<S, St, T, E, ReqBody>(
     inner: S,
     parts: Parts,
     body: ReqBody,
-    key: ParsedKey,
-    tenant: TenantId,
-    permit: Permit,
+    keyed: Keyed,
 ) -> impl Future<Output = Step<S::Body, S::Error>> + Send
 where
     S: Handler<ReqBody>,
@@ -199,52 +203,49 @@ where
     async move {
         let started = Started::now();
         let config = &shared.config;
+        let Keyed { raw, record, .. } = &keyed;
+        let report = || Report::keyed(raw, record, started);
         let (chunks, fingerprint) = match read_body(body, &parts, config).await {
             Ok(read) => read,
             Err(err) => {
                 let (problem, outcome) = err.problem(config);
-                let response = refuse(&shared, problem, outcome, Some(&key), Some(&tenant));
-                return Step::Answer(Ok(response));
+                return Step::Answer(Ok(answer(&shared, &problem, outcome, report())));
             }
         };
-        let ParsedKey { key, raw } = key;
-        let record = RecordKey::new(tenant, key);
-        let begin = shared.store.begin(&record, &fingerprint, config.lease);
+        let begin = shared.store.begin(record, &fingerprint, config.lease);
         let begin = match timed(StoreOp::Begin, config.store_timeout, begin).await {
             // A duplicate may wait for the first request's answer instead of `409`.
             Ok(Begin::InFlight) if config.wait.is_some() => {
-                wait::for_first(&shared, &record, &fingerprint).await
+                wait::for_first(&shared, record, &fingerprint).await
             }
             begin => begin,
         };
-        let report = Report::keyed(&raw, &record, started);
         match begin {
             Ok(Begin::Acquired(token)) => {
                 let claim = Some((&fingerprint, token));
-                let req = keyed_request(parts, chunks, &record, &shared, claim);
+                let req = keyed_request(parts, chunks, record, &shared, claim);
                 let held = Held {
-                    raw,
-                    record,
+                    keyed,
                     token,
-                    permit,
                     started,
                 };
                 Step::Run(hold(shared, inner, req, held))
             }
-            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report))),
+            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report()))),
             Ok(Begin::InFlight) => {
                 let problem = Problem::in_progress(config.retry_after_secs());
-                Step::Answer(Ok(answer(&shared, &problem, Outcome::InProgress, report)))
+                Step::Answer(Ok(answer(&shared, &problem, Outcome::InProgress, report())))
             }
             Ok(Begin::Mismatch) => {
                 let problem = Problem::key_reuse();
-                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report)))
+                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report())))
             }
             Err(_) if config.fail_open => {
-                let req = keyed_request(parts, chunks, &record, &shared, None);
-                Step::Answer(bypass(config, inner, req, report).await)
+                let req = keyed_request(parts, chunks, record, &shared, None);
+                // Boxed: the rare fail-open path does not size every request's future.
+                Step::Answer(Box::pin(bypass(config, inner, req, report())).await)
             }
-            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report))),
+            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report()))),
         }
     }
 }
@@ -305,10 +306,12 @@ where
     ReqBody: Send + 'static,
 {
     let Held {
-        raw,
-        record,
+        keyed: Keyed {
+            raw,
+            record,
+            permit,
+        },
         token,
-        permit,
         started,
     } = held;
     let config = &shared.config;
@@ -320,13 +323,17 @@ where
     Box::pin(Execution::new(execute, &runs, permit))
 }
 
-/// What a request that acquired its key holds: the key as the client sent it, the record and
-/// its lock token, and its admission.
-struct Held {
+/// A keyed request admitted: its key as the client sent it, its record, and its admission.
+struct Keyed {
     raw: HeaderValue,
     record: RecordKey,
-    token: LockToken,
     permit: Permit,
+}
+
+/// What a request that acquired its key holds: its record's lock token besides.
+struct Held {
+    keyed: Keyed,
+    token: LockToken,
     started: Started,
 }
 
@@ -421,4 +428,44 @@ where
         }
     };
     (Response::from_parts(head, body), outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use tower_layer::Layer;
+
+    use super::*;
+    use crate::{IdempotencyLayer, MemoryStore};
+
+    /// glibc serves requests over 1,000 bytes from its large bins, and before each such request
+    /// merges every small freed chunk it keeps for reuse: a prelude over that size costs every
+    /// keyed request (replays included) a pass over the allocator's free lists.
+    #[test]
+    fn the_prelude_stays_in_a_small_allocation() {
+        async fn handler(
+            _: Request<RequestBody<Full<Bytes>>>,
+        ) -> Result<Response<Full<Bytes>>, Infallible> {
+            Ok(Response::new(Full::new(Bytes::new())))
+        }
+        let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(handler));
+        let shared = svc.shared.clone();
+        let (parts, body) = Request::new(Full::new(Bytes::new())).into_parts();
+        let tenant = TenantId::shared();
+        let permit = shared
+            .admission
+            .admit(&tenant, shared.config.admission)
+            .unwrap();
+        let keyed = Keyed {
+            raw: HeaderValue::from_static("k"),
+            record: RecordKey::new(tenant, "k"),
+            permit,
+        };
+        let prelude = prelude(shared, svc.inner, parts, body, keyed);
+        let size = std::mem::size_of_val(&prelude);
+        assert!(size <= 960, "the prelude takes {size} bytes");
+    }
 }
