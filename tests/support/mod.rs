@@ -2,11 +2,13 @@
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
 //! (`faults`), a real server on loopback and its client (`serve`), a payments API on
-//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), the shared
-//! stores of `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
+//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), a stand-in
+//! authentication middleware (`auth`), the shared stores of `scripts/test-services` (`shared`),
+//! the scenarios both SQL stores run (`sql`) and Redis servers and clusters of a test's own
 //! (`cluster`).
 //!
-//! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
+//! Test files say `#[macro_use] mod support;` (the macros are `fleet_scenarios!` and
+//! `sql_scenarios!`).
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tower::ServiceExt;
 use tower_idempotency::{IDEMPOTENT_REPLAYED, LockToken};
 
 pub mod app;
+pub mod auth;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
@@ -32,6 +35,9 @@ pub mod server;
 pub mod fleet;
 pub mod serve;
 pub mod shared;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[macro_use]
+pub mod sql;
 
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
