@@ -22,12 +22,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use support::child::{ChildServer, announce};
 use support::payments::{self, End};
 use support::{Runs, eventually, server_url, unique_key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,8 +34,6 @@ use tower_idempotency::{IdempotencyLayer, PostgresStore, SqlxStore};
 
 /// The variable that makes `child_server` serve: `<store> <end> <lease ms> <payments table>`.
 const CHILD: &str = "TOWER_IDEMPOTENCY_CHILD";
-/// The line a child prints once it listens, followed by its address.
-const LISTENING: &str = "child listening on ";
 
 /// The child server. Without `TOWER_IDEMPOTENCY_CHILD` (in a normal test run) it does nothing.
 #[test]
@@ -76,59 +73,22 @@ fn child_server() {
             other => panic!("unknown store {other:?}"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{LISTENING}{}", listener.local_addr().unwrap());
+        announce(listener.local_addr().unwrap());
         axum::serve(listener, app).await.unwrap();
     });
 }
 
-/// A child server process, killed when dropped.
-struct Child {
-    process: std::process::Child,
-    addr: SocketAddr,
+/// A child server (`child_server`) over `store`, its handler ending as `end` says; its
+/// standard error (the crashes' and panics' words) discarded.
+fn child(store: &str, end: &str, lease_ms: u64, table: &str) -> ChildServer {
+    let config = format!("{store} {end} {lease_ms} {table}");
+    ChildServer::start_quiet("child_server", CHILD, config)
 }
 
-impl Child {
-    fn start(store: &str, end: &str, lease_ms: u64, table: &str) -> Self {
-        let mut process = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_server",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD, format!("{store} {end} {lease_ms} {table}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(process.stdout.take().unwrap());
-        for line in stdout.lines() {
-            let line = line.unwrap();
-            // The harness may have printed `test child_server ... ` on the same line.
-            if let Some((_, addr)) = line.split_once(LISTENING) {
-                let addr = addr.trim().parse().unwrap();
-                return Self { process, addr };
-            }
-        }
-        let _ = process.kill();
-        let status = process.wait();
-        panic!("the child server exited before listening: {status:?}");
-    }
-
-    /// Waits for the child to end by itself, and asserts that it crashed.
-    fn assert_crashed(mut self) {
-        let status = self.process.wait().unwrap();
-        assert!(!status.success(), "the child crashed: {status}");
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
+/// Waits for the child to end by itself, and asserts that it crashed.
+fn assert_crashed(mut child: ChildServer) {
+    let status = child.wait();
+    assert!(!status.success(), "the child crashed: {status}");
 }
 
 /// A response read off the wire.
@@ -216,12 +176,12 @@ async fn crash_after_commit_replays_at_once(store: &str) {
         return;
     };
     let key = unique_key("after-commit");
-    let crashing = Child::start(store, "crash_after_commit", 30_000, &table);
+    let crashing = child(store, "crash_after_commit", 30_000, &table);
     assert!(post(crashing.addr, "/payments", &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
 
-    let fresh = Child::start(store, "commit", 30_000, &table);
+    let fresh = child(store, "commit", 30_000, &table);
     let retry = post(fresh.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(retry.replayed(), "the retry replays at once: {retry:?}");
@@ -244,16 +204,16 @@ async fn crash_before_commit_runs_once(store: &str, path: &str) {
         return;
     };
     let key = unique_key("before-commit");
-    let crashing = Child::start(store, "crash_before_commit", 1000, &table);
+    let crashing = child(store, "crash_before_commit", 1000, &table);
     assert!(post(crashing.addr, path, &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(
         payments::count(&pool, &table, &key).await,
         0,
         "nothing happened"
     );
 
-    let fresh = Child::start(store, "commit", 1000, &table);
+    let fresh = child(store, "commit", 1000, &table);
     let retry = retry_past_the_lease(fresh.addr, path, &key).await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(!retry.replayed());
@@ -290,12 +250,12 @@ async fn panic_after_commit_replays() {
         return;
     };
     let key = unique_key("panic");
-    let panicking = Child::start("sqlx", "panic_after_commit", 30_000, &table);
+    let panicking = child("sqlx", "panic_after_commit", 30_000, &table);
     assert!(post(panicking.addr, "/payments", &key).await.is_none());
     let retry = post(panicking.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(retry.replayed(), "{retry:?}");
-    let fresh = Child::start("sqlx", "commit", 30_000, &table);
+    let fresh = child("sqlx", "commit", 30_000, &table);
     let again = post(fresh.addr, "/payments", &key).await.unwrap();
     assert!(again.replayed() && again.body == retry.body, "{again:?}");
     assert_eq!(payments::count(&pool, &table, &key).await, 1, "paid once");
@@ -309,11 +269,11 @@ async fn rollback_after_respond_in_is_never_replayed() {
         return;
     };
     let key = unique_key("rollback");
-    let rolling_back = Child::start("sqlx", "rollback", 30_000, &table);
+    let rolling_back = child("sqlx", "rollback", 30_000, &table);
     let first = post(rolling_back.addr, "/payments", &key).await.unwrap();
     assert_eq!(first.status, 201);
     assert_eq!(payments::count(&pool, &table, &key).await, 0);
-    let fresh = Child::start("sqlx", "commit", 30_000, &table);
+    let fresh = child("sqlx", "commit", 30_000, &table);
     let retry = post(fresh.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed(), "the rolled-back answer is not replayed");
@@ -334,7 +294,7 @@ async fn fifty_concurrent_duplicates_make_one_payment() {
         return;
     };
     let key = unique_key("fifty");
-    let server = Child::start("sqlx", "commit", 30_000, &table);
+    let server = child("sqlx", "commit", 30_000, &table);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (addr, key) = (server.addr, key.clone());
@@ -370,12 +330,12 @@ async fn plain_layer_crash_after_commit_pays_twice() {
         return;
     };
     let key = unique_key("plain-after-commit");
-    let crashing = Child::start("sqlx", "crash_after_commit", 1000, &table);
+    let crashing = child("sqlx", "crash_after_commit", 1000, &table);
     assert!(post(crashing.addr, "/plain", &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
 
-    let fresh = Child::start("sqlx", "commit", 1000, &table);
+    let fresh = child("sqlx", "commit", 1000, &table);
     let retry = retry_past_the_lease(fresh.addr, "/plain", &key).await;
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed(), "nothing was stored to replay");
