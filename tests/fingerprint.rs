@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-use support::{Reply, Runs, api, send};
+use support::{Reply, Runs, Server, api, send};
 
 /// A keyed POST in a tenant's scope, with `content_type`.
 fn keyed(uri: &str, key: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {
@@ -441,9 +441,8 @@ async fn over_tcp(addr: SocketAddr, key: &str, body: &str) -> (String, String, V
 async fn over_a_real_server() {
     let runs = Runs::default();
     let app = app(&runs, ignoring(&["/sent_at", "/client/trace"]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
 
     let first = r#"{"amount": 250, "currency": "EUR", "sent_at": 1, "client": {"trace": "t-1"}}"#;
     let retry = r#"{
