@@ -8,47 +8,21 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::post;
-use support::{Runs, Server};
+use support::charge::{Effects, serve_behind};
+use support::{Server, unique_key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-/// What the handlers did: `started` counts charges, `finished` runs that got to their end.
-#[derive(Clone, Default)]
-struct Effects {
-    started: Runs,
-    finished: Runs,
-}
+/// How long `POST /charge` works after charging.
+const CHARGE_WORK: Duration = Duration::from_millis(400);
 
-/// `POST /charge`: charges, then works for 400 ms.
-fn app(effects: Effects) -> Router {
-    async fn charge(State(e): State<Effects>) -> impl IntoResponse {
-        let n = e.started.bump();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        e.finished.bump();
-        (StatusCode::CREATED, format!("charge {n}"))
-    }
-    Router::new()
-        .route("/charge", post(charge))
-        .with_state(effects)
-}
-
+/// The charging API (`support::charge`), where `POST /charge` charges, then works for
+/// `CHARGE_WORK`; behind `layer` on loopback.
 async fn serve(layer: IdempotencyLayer<MemoryStore>, effects: &Effects) -> Server {
-    let detached = layer.detached_runs();
-    Server::start(app(effects.clone()).layer(layer), detached).await
-}
-
-fn key(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!("{name}-{}", N.fetch_add(1, Ordering::Relaxed))
+    serve_behind(layer, effects.charge_api()).await
 }
 
 fn request(auth: &str, key: &str) -> String {
@@ -87,7 +61,7 @@ fn status(answer: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(64)
         .max_in_flight_per_tenant(16);
@@ -97,7 +71,7 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     // The attacker: 40 keyed requests to the slow route, hanging up on each after its body.
     let flood: Vec<_> = (0..40)
         .map(|_| {
-            let key = key("flood");
+            let key = unique_key("flood");
             tokio::spawn(async move { send_and_hang_up(addr, "Bearer mallory", &key).await })
         })
         .collect();
@@ -108,7 +82,7 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     assert_eq!(effects.started.get(), 16, "mallory's share, no more");
 
     // The victim's client (or its load balancer) hangs up while its handler runs.
-    let victim = key("victim");
+    let victim = unique_key("victim");
     send_and_hang_up(addr, "Bearer alice", &victim).await;
     assert_eq!(effects.started.get(), 17);
     let retry = send(addr, "Bearer alice", &victim).await;
@@ -135,7 +109,7 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(4)
         .max_in_flight_per_tenant(4);
@@ -143,10 +117,10 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     let addr = server.addr;
 
     for tenant in ["a", "b", "c", "d"] {
-        send_and_hang_up(addr, &format!("Bearer {tenant}"), &key("busy")).await;
+        send_and_hang_up(addr, &format!("Bearer {tenant}"), &unique_key("busy")).await;
     }
     assert_eq!(effects.started.get(), 4);
-    let refused_key = key("refused");
+    let refused_key = unique_key("refused");
     let refused = send(addr, "Bearer e", &refused_key).await;
     assert_eq!(status(&refused), 503, "{refused}");
     let lower = refused.to_ascii_lowercase();

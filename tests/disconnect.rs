@@ -7,37 +7,26 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use support::{Runs, Server};
+use support::charge::{Effects, serve_behind};
+use support::{Runs, Server, unique_key};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
 
-/// What the handlers did: `started` counts runs that began (the side effect: a charge),
-/// `finished` runs that got to their end.
-#[derive(Clone, Default)]
-struct Effects {
-    started: Runs,
-    finished: Runs,
-}
+/// How long `POST /charge` works after charging.
+const CHARGE_WORK: Duration = Duration::from_millis(300);
 
-/// `POST /charge`: charges, then works for 300 ms. `POST /charge-then-fail` charges, works
-/// 200 ms, then answers 500. `POST /charge-then-panic` does the same but panics on its first run
-/// and answers 201 on the others.
-fn app(effects: Effects) -> Router {
-    async fn charge(State(e): State<Effects>) -> impl IntoResponse {
-        let n = e.started.bump();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        e.finished.bump();
-        (StatusCode::CREATED, format!("charge {n}"))
-    }
+/// The charging API (`support::charge`): `POST /charge` charges, then works for `CHARGE_WORK`.
+/// `POST /charge-then-fail` charges, works 200 ms, then answers 500. `POST /charge-then-panic`
+/// does the same but panics on its first run and answers 201 on the others.
+fn app(effects: &Effects) -> Router {
     async fn charge_then_panic(State(e): State<Effects>) -> impl IntoResponse {
         let n = e.started.bump();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -54,26 +43,15 @@ fn app(effects: Effects) -> Router {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("failed {n}"))
     }
     Router::new()
-        .route("/charge", post(charge))
         .route("/charge-then-panic", post(charge_then_panic))
         .route("/charge-then-fail", post(charge_then_fail))
-        .with_state(effects)
+        .with_state(effects.clone())
+        .merge(effects.charge_api())
 }
 
 /// Serves `app(effects)` behind `layer` on loopback.
 async fn serve<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effects) -> Server {
-    let detached = layer.detached_runs();
-    Server::start(app(effects.clone()).layer(layer), detached).await
-}
-
-/// A key no other test (nor an earlier run against the same shared store) has used.
-fn fresh_key(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
+    serve_behind(layer, app(effects)).await
 }
 
 fn request(path: &str, key: &str, body: &str) -> String {
@@ -168,9 +146,9 @@ fn defaults<St>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
 }
 
 async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("later");
+    let key = unique_key("later");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let retry = send(b.addr, "/charge", &key).await;
@@ -185,9 +163,9 @@ async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: S
 async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore + Clone>(
     store: St,
 ) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("quick");
+    let key = unique_key("quick");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let early = send(b.addr, "/charge", &key).await;
@@ -203,9 +181,9 @@ async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore 
 }
 
 async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let keys: Vec<_> = (0..100).map(|i| fresh_key(&format!("many{i}"))).collect();
+    let keys: Vec<_> = (0..100).map(|i| unique_key(&format!("many{i}"))).collect();
     let hang_ups = keys.iter().map(|key| {
         let (addr, key, started) = (a.addr, key.clone(), effects.started.clone());
         tokio::spawn(async move {
@@ -238,9 +216,9 @@ async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore +
 }
 
 async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("panic");
+    let key = unique_key("panic");
     send_and_hang_up(a.addr, "/charge-then-panic", &key, &effects.started, 1).await;
     until(|| a.detached.count() == 1).await;
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
@@ -262,14 +240,14 @@ async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone
     assert_eq!(retry.body, "charge 2");
     assert!(!retry.replayed());
     // Both servers keep serving.
-    let other = fresh_key("after-panic");
+    let other = unique_key("after-panic");
     assert_eq!(send(a.addr, "/charge", &other).await.status, 201);
 }
 
 async fn a_5xx_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("fail");
+    let key = unique_key("fail");
     send_and_hang_up(a.addr, "/charge-then-fail", &key, &effects.started, 1).await;
     until(|| effects.finished.get() == 1).await; // the run got to its end
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
@@ -283,9 +261,9 @@ async fn a_hang_up_during_the_body_runs_nothing_and_holds_nothing<St>(store: St)
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("body");
+    let key = unique_key("body");
     let mut stream = TcpStream::connect(a.addr).await.unwrap();
     let head = format!(
         "POST /charge HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
@@ -307,13 +285,13 @@ async fn shutdown_waits_for_a_detached_run_and_a_new_server_replays_it<St>(store
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let old = serve(
         IdempotencyLayer::new(store.clone()).shared_scope(true),
         &effects,
     )
     .await;
-    let key = fresh_key("shutdown");
+    let key = unique_key("shutdown");
     send_and_hang_up(old.addr, "/charge", &key, &effects.started, 1).await;
     until(|| old.detached.count() == 1).await; // the server saw the hang-up
     assert!(
@@ -335,9 +313,9 @@ async fn without_finish_on_disconnect_the_handler_is_cancelled<St>(store: St)
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, |layer| layer.finish_on_disconnect(false)).await;
-    let key = fresh_key("cancel");
+    let key = unique_key("cancel");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(a.detached.count(), 0);

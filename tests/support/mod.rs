@@ -3,7 +3,8 @@
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
 //! (`faults`), a real server on loopback and its client (`serve`), a payments API on
 //! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), a stand-in
-//! authentication middleware (`auth`), servers in child processes (`child`), the shared stores
+//! authentication middleware (`auth`), a charging API that records its side effects
+//! (`charge`), servers in child processes (`child`), the shared stores
 //! of `scripts/test-services` (`shared`), the scenarios both SQL stores run (`sql`) and Redis
 //! servers and clusters of a test's own (`cluster`).
 //!
@@ -25,6 +26,7 @@ use tower_idempotency::{IDEMPOTENT_REPLAYED, LockToken};
 
 pub mod app;
 pub mod auth;
+pub mod charge;
 pub mod child;
 #[cfg(feature = "redis")]
 pub mod cluster;
