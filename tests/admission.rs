@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::charge::{Effects, serve_behind};
+use support::raw::{self, RawReply};
 use support::{Server, unique_key};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 /// How long `POST /charge` works after charging.
@@ -25,38 +24,25 @@ async fn serve(layer: IdempotencyLayer<MemoryStore>, effects: &Effects) -> Serve
     serve_behind(layer, effects.charge_api()).await
 }
 
+/// A keyed `POST /charge` from `auth`.
 fn request(auth: &str, key: &str) -> String {
-    format!(
-        "POST /charge HTTP/1.1\r\nHost: test\r\nAuthorization: {auth}\r\nIdempotency-Key: {key}\r\n\
-         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    raw::post(
+        "/charge",
+        &[("Authorization", auth), ("Idempotency-Key", key)],
+        "{}",
     )
 }
 
 /// Sends a request and hangs up once it has been read (before the answer).
 async fn send_and_hang_up(addr: SocketAddr, auth: &str, key: &str) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(auth, key).as_bytes())
-        .await
-        .unwrap();
+    let stream = raw::send_only(addr, request(auth, key)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(stream);
 }
 
 /// Sends a request and reads the whole answer.
-async fn send(addr: SocketAddr, auth: &str, key: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(auth, key).as_bytes())
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer
-}
-
-fn status(answer: &str) -> u16 {
-    answer[9..12].parse().unwrap()
+async fn send(addr: SocketAddr, auth: &str, key: &str) -> RawReply {
+    raw::exchange(addr, request(auth, key)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,7 +72,7 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     send_and_hang_up(addr, "Bearer alice", &victim).await;
     assert_eq!(effects.started.get(), 17);
     let retry = send(addr, "Bearer alice", &victim).await;
-    assert_eq!(status(&retry), 409, "still running, not cancelled: {retry}");
+    assert_eq!(retry.status, 409, "still running, not cancelled: {retry:?}");
 
     // Every admitted run, the victim's included, runs to its end, once.
     assert!(
@@ -97,13 +83,9 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
         effects.finished.get()
     );
     let replay = send(addr, "Bearer alice", &victim).await;
-    assert_eq!(status(&replay), 201, "{replay}");
-    assert!(
-        replay
-            .to_ascii_lowercase()
-            .contains("idempotent-replayed: true")
-    );
-    assert!(replay.ends_with("charge 17"), "{replay}");
+    assert_eq!(replay.status, 201, "{replay:?}");
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.text(), "charge 17", "{replay:?}");
     assert_eq!(effects.started.get(), 17, "the victim's charge ran once");
 }
 
@@ -122,12 +104,21 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     assert_eq!(effects.started.get(), 4);
     let refused_key = unique_key("refused");
     let refused = send(addr, "Bearer e", &refused_key).await;
-    assert_eq!(status(&refused), 503, "{refused}");
-    let lower = refused.to_ascii_lowercase();
-    assert!(lower.contains("retry-after: 1"), "{refused}");
-    assert!(lower.contains("application/problem+json"), "{refused}");
-    assert!(refused.contains("idempotency_overloaded"), "{refused}");
-    assert!(lower.contains(&format!("idempotency-key: {refused_key}")));
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.text().contains("idempotency_overloaded"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.header("idempotency-key"),
+        Some(refused_key.as_str())
+    );
     assert_eq!(
         effects.started.get(),
         4,
@@ -141,6 +132,6 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
         .await
     );
     let admitted = send(addr, "Bearer e", &refused_key).await;
-    assert_eq!(status(&admitted), 201, "{admitted}");
+    assert_eq!(admitted.status, 201, "{admitted:?}");
     assert_eq!(effects.started.get(), 5);
 }

@@ -15,9 +15,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
 use support::charge::{Effects, serve_behind};
+use support::raw::{self, RawReply};
 use support::{Runs, Server, unique_key};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
 
 /// How long `POST /charge` works after charging.
@@ -54,62 +53,28 @@ async fn serve<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effe
     serve_behind(layer, app(effects)).await
 }
 
+/// A keyed `POST` of `body` to `path`.
 fn request(path: &str, key: &str, body: &str) -> String {
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    raw::post(
+        path,
+        &[
+            ("Idempotency-Key", key),
+            ("Content-Type", "application/json"),
+        ],
+        body,
     )
 }
 
 /// Sends a request and hangs up once the handler has started (`started` reaches `at`).
 async fn send_and_hang_up(addr: SocketAddr, path: &str, key: &str, started: &Runs, at: usize) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(path, key, "{}").as_bytes())
-        .await
-        .unwrap();
+    let stream = raw::send_only(addr, request(path, key, "{}")).await;
     until(|| started.get() >= at).await;
     drop(stream); // the client gives up
 }
 
-/// A response read from a raw connection.
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-}
-
 /// Sends a whole request and reads the whole response (the server closes the connection).
-async fn send(addr: SocketAddr, path: &str, key: &str) -> Reply {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(path, key, "{}").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    Reply {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
+async fn send(addr: SocketAddr, path: &str, key: &str) -> RawReply {
+    raw::exchange(addr, request(path, key, "{}")).await
 }
 
 async fn until(mut done: impl FnMut() -> bool) {
@@ -154,7 +119,7 @@ async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: S
     let retry = send(b.addr, "/charge", &key).await;
     assert_eq!(retry.status, 201);
     assert!(retry.replayed(), "the retry replays the first run");
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(retry.header("idempotency-key"), Some(key.as_str()));
     assert_eq!(effects.started.get(), 1, "the handler ran once");
     assert_eq!(effects.finished.get(), 1, "and ran to its end");
@@ -169,14 +134,14 @@ async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore 
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let early = send(b.addr, "/charge", &key).await;
-    assert_eq!(early.status, 409, "{}", early.body);
+    assert_eq!(early.status, 409, "{}", early.text());
     assert!(early.header("retry-after").is_some());
-    assert!(early.body.contains("idempotency_key_in_progress"));
+    assert!(early.text().contains("idempotency_key_in_progress"));
     until(|| a.detached.count() == 1).await; // the first run goes on, detached
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
     let retry = send(b.addr, "/charge", &key).await;
     assert!(retry.replayed());
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(effects.started.get(), 1);
 }
 
@@ -187,13 +152,10 @@ async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore +
     let hang_ups = keys.iter().map(|key| {
         let (addr, key, started) = (a.addr, key.clone(), effects.started.clone());
         tokio::spawn(async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream
-                .write_all(request("/charge", &key, "{}").as_bytes())
-                .await
-                .unwrap();
+            let stream = raw::send_only(addr, request("/charge", &key, "{}")).await;
             // Hang up once every handler has started.
             until(|| started.get() >= 100).await;
+            drop(stream);
         })
     });
     for hang_up in hang_ups.collect::<Vec<_>>() {
@@ -209,7 +171,7 @@ async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore +
     for retry in retries.collect::<Vec<_>>() {
         let retry = retry.await.unwrap();
         assert_eq!(retry.status, 201);
-        assert!(retry.replayed(), "{}", retry.body);
+        assert!(retry.replayed(), "{}", retry.text());
     }
     assert_eq!(effects.started.get(), 100, "100 runs for 100 keys");
     assert_eq!(effects.finished.get(), 100);
@@ -237,7 +199,7 @@ async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone
         "the retry ran: the key was released"
     );
     assert_eq!(retry.status, 201);
-    assert_eq!(retry.body, "charge 2");
+    assert_eq!(retry.text(), "charge 2");
     assert!(!retry.replayed());
     // Both servers keep serving.
     let other = unique_key("after-panic");
@@ -252,9 +214,9 @@ async fn a_5xx_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(
     until(|| effects.finished.get() == 1).await; // the run got to its end
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
     let retry = send(b.addr, "/charge-then-fail", &key).await;
-    assert_eq!(retry.status, 500, "{}", retry.body);
+    assert_eq!(retry.status, 500, "{}", retry.text());
     assert!(!retry.replayed());
-    assert_eq!(retry.body, "failed 2", "released: the retry ran");
+    assert_eq!(retry.text(), "failed 2", "released: the retry ran");
 }
 
 async fn a_hang_up_during_the_body_runs_nothing_and_holds_nothing<St>(store: St)
@@ -264,19 +226,18 @@ where
     let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
     let key = unique_key("body");
-    let mut stream = TcpStream::connect(a.addr).await.unwrap();
     let head = format!(
         "POST /charge HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
          Content-Length: 100\r\n\r\n{{\"amount\":"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let stream = raw::send_only(a.addr, head).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(stream); // gone before the body arrived
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(effects.started.get(), 0, "nothing ran");
     assert_eq!(a.detached.count(), 0);
     let retry = send(b.addr, "/charge", &key).await;
-    assert_eq!(retry.status, 201, "nothing held the key: {}", retry.body);
+    assert_eq!(retry.status, 201, "nothing held the key: {}", retry.text());
     assert!(!retry.replayed());
     assert_eq!(effects.started.get(), 1);
 }
@@ -305,7 +266,7 @@ where
         retry.replayed(),
         "the new server replays what the old one stored"
     );
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(effects.started.get(), 1);
 }
 
@@ -331,7 +292,8 @@ where
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed());
     assert_eq!(
-        retry.body, "charge 2",
+        retry.text(),
+        "charge 2",
         "cancelled and released: the retry ran again"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;

@@ -28,8 +28,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use support::child::{ChildServer, announce};
 use support::payments::{self, End};
+use support::raw::{self, RawReply};
 use support::{Runs, eventually, server_url, unique_key};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_idempotency::{IdempotencyLayer, PostgresStore, SqlxStore};
 
 /// The variable that makes `child_server` serve: `<store> <end> <lease ms> <payments table>`.
@@ -91,57 +91,19 @@ fn assert_crashed(mut child: ChildServer) {
     assert!(!status.success(), "the child crashed: {status}");
 }
 
-/// A response read off the wire.
-#[derive(Debug, Clone)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-}
-
 /// Sends a keyed `POST` over a new TCP connection; `None` when the server closed the
 /// connection without answering (it crashed, or its handler panicked).
-async fn post(addr: SocketAddr, path: &str, key: &str) -> Option<Raw> {
-    let body = r#"{"amount":100}"#;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nIdempotency-Key: {key}\r\n\
-         Authorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        payments::CLIENT,
-        body.len()
+async fn post(addr: SocketAddr, path: &str, key: &str) -> Option<RawReply> {
+    let request = raw::post(
+        path,
+        &[
+            ("Idempotency-Key", key),
+            ("Authorization", payments::CLIENT),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"amount":100}"#,
     );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut bytes = Vec::new();
-    if stream.read_to_end(&mut bytes).await.is_err() || bytes.is_empty() {
-        return None;
-    }
-    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8(bytes[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|line| line.split_once(": "))
-        .map(|(n, v)| (n.to_owned(), v.to_owned()))
-        .collect();
-    Some(Raw {
-        status,
-        headers,
-        body: bytes[split + 4..].to_vec(),
-    })
+    raw::try_exchange(addr, request).await
 }
 
 /// The database, and a payments table of the test's own.
@@ -154,7 +116,7 @@ async fn setup(test: &str) -> Option<(PgPool, String)> {
 }
 
 /// Retries until the answer is not `409` (the lease of the crashed holder is still running).
-async fn retry_past_the_lease(addr: SocketAddr, path: &str, key: &str) -> Raw {
+async fn retry_past_the_lease(addr: SocketAddr, path: &str, key: &str) -> RawReply {
     let mut answer = None;
     let done = eventually(Duration::from_secs(20), async || {
         let reply = post(addr, path, key).await.expect("the server answers");

@@ -1,7 +1,8 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), a real server on loopback and its client (`serve`), a payments API on
+//! (`faults`), a real server on loopback and its client (`serve`), HTTP/1.1 by hand on a raw
+//! `TcpStream` (`raw`), a payments API on
 //! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), a stand-in
 //! authentication middleware (`auth`), a charging API that records its side effects
 //! (`charge`), servers in child processes (`child`), the shared stores
@@ -33,6 +34,7 @@ pub mod cluster;
 pub mod faults;
 #[cfg(feature = "sqlx")]
 pub mod payments;
+pub mod raw;
 pub mod server;
 #[macro_use]
 pub mod fleet;
