@@ -110,8 +110,7 @@ async fn post(addr: SocketAddr, path: &str, key: &str) -> Option<RawReply> {
 async fn setup(test: &str) -> Option<(PgPool, String)> {
     let url = server_url("POSTGRES_URL", test)?;
     let pool = PgPool::connect(&url).await.unwrap();
-    let table = format!("payments_{}", tower_idempotency::LockToken::random());
-    payments::create_table(&pool, &table).await;
+    let table = payments::new_table(&pool).await;
     Some((pool, table))
 }
 
