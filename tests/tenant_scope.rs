@@ -8,12 +8,11 @@ mod support;
 use std::fmt;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use support::auth::{Auth, Unknown};
+use support::auth::{ALICE_T1, ALICE_T2, Auth, BOB, FORGED_ALICE, Unknown, pay};
 use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
 
@@ -26,14 +25,6 @@ impl fmt::Display for Account {
         f.write_str(self.0)
     }
 }
-
-// Access tokens shaped like JWTs: `alice` holds two (before and after a refresh), `bob` one.
-// A real app verifies the signature; here the whole token is looked up, so a token whose
-// claims were edited (a forged `sub`) is unknown.
-const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";
-const ALICE_T2: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6Mn0.c2lnLWFsaWNlLTI";
-const BOB: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IiLCJleHAiOjF9.c2lnLWJvYg";
-const FORGED_ALICE: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.Zm9yZ2Vk";
 
 /// The account a whole `Authorization` value stands for; `None` for a token that is unknown.
 fn verify(authorization: &str) -> Option<Account> {
@@ -65,14 +56,6 @@ fn principal_app(runs: &Runs) -> Router {
     Auth::new(verify, Unknown::Refuse).around(routes(runs).layer(
         IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new()),
     ))
-}
-
-fn pay(token: Option<&str>, key: &str) -> Request<Body> {
-    let mut builder = Request::post("/payments").header("idempotency-key", key);
-    if let Some(token) = token {
-        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    builder.body(Body::from(r#"{"amount":100}"#)).unwrap()
 }
 
 #[tokio::test]

@@ -1,13 +1,34 @@
 //! A stand-in authentication middleware: it reads the `Authorization` header, asks the test's
 //! `verify` who the caller is, and puts that principal in the request extensions, where
 //! `TenantFromExtension` finds it. A real app verifies a signature or looks a session up; what
-//! matters to the tests is that the principal comes from what was verified.
+//! matters to the tests is that the principal comes from what was verified. And the
+//! credentials the tests send: access tokens shaped like JWTs, and a keyed payment carrying
+//! one.
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+
+// Access tokens shaped like JWTs: `alice` holds two (before and after a refresh), `bob` one.
+// A real app verifies the signature; the tests look the whole token up, so a token whose
+// claims were edited (a forged `sub`) is unknown.
+pub const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";
+pub const ALICE_T2: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6Mn0.c2lnLWFsaWNlLTI";
+pub const BOB: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IiLCJleHAiOjF9.c2lnLWJvYg";
+pub const FORGED_ALICE: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.Zm9yZ2Vk";
+
+/// A keyed `POST /payments` of `{"amount":100}`, with `Authorization: Bearer <token>` when a
+/// token is given.
+pub fn pay(token: Option<&str>, key: &str) -> axum::http::Request<Body> {
+    let mut builder = axum::http::Request::post("/payments").header("idempotency-key", key);
+    if let Some(token) = token {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    builder.body(Body::from(r#"{"amount":100}"#)).unwrap()
+}
 
 /// What the middleware does with a request whose credentials `verify` does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
