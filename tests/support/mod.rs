@@ -76,6 +76,20 @@ pub fn server_url(var: &str, test: &str) -> Option<String> {
     }
 }
 
+/// The most frequent count of `counts` (of allocations, say: a map that grows now and then adds
+/// one to a few).
+pub fn most_frequent(counts: &[usize]) -> usize {
+    let mut by_count = std::collections::BTreeMap::new();
+    for &count in counts {
+        *by_count.entry(count).or_insert(0) += 1;
+    }
+    by_count
+        .into_iter()
+        .max_by_key(|&(_, times)| times)
+        .map(|(count, _)| count)
+        .unwrap()
+}
+
 /// A key no other test or run uses.
 pub fn unique_key(label: &str) -> String {
     format!("{label}-{}", LockToken::random())
