@@ -106,7 +106,9 @@ async fn get_payment(
 /// layer's default leaves it optional, so that adding the layer to an API breaks no client that
 /// does not send keys yet.) `route_layer` keeps requests to routes that do not exist from
 /// storing anything.
-fn app(store: MemoryStore) -> (Router, DetachedRuns) {
+///
+/// `tests/example_server.rs` compiles this file in and calls this function.
+pub(crate) fn app(store: MemoryStore) -> (Router, DetachedRuns) {
     let idempotency = IdempotencyLayer::new(store)
         .tenant(TenantFromExtension::<Account>::new())
         .require_key(true);

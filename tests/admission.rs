@@ -8,86 +8,46 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::post;
-use support::{Runs, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::charge::{Effects, serve_behind};
+use support::raw::{self, RawReply};
+use support::{Server, unique_key};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-/// What the handlers did: `started` counts charges, `finished` runs that got to their end.
-#[derive(Clone, Default)]
-struct Effects {
-    started: Runs,
-    finished: Runs,
-}
+/// How long `POST /charge` works after charging.
+const CHARGE_WORK: Duration = Duration::from_millis(400);
 
-/// `POST /charge`: charges, then works for 400 ms.
-fn app(effects: Effects) -> Router {
-    async fn charge(State(e): State<Effects>) -> impl IntoResponse {
-        let n = e.started.bump();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        e.finished.bump();
-        (StatusCode::CREATED, format!("charge {n}"))
-    }
-    Router::new()
-        .route("/charge", post(charge))
-        .with_state(effects)
-}
-
+/// The charging API (`support::charge`), where `POST /charge` charges, then works for
+/// `CHARGE_WORK`; behind `layer` on loopback.
 async fn serve(layer: IdempotencyLayer<MemoryStore>, effects: &Effects) -> Server {
-    let detached = layer.detached_runs();
-    Server::start(app(effects.clone()).layer(layer), detached).await
+    serve_behind(layer, effects.charge_api()).await
 }
 
-fn key(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!("{name}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
+/// A keyed `POST /charge` from `auth`.
 fn request(auth: &str, key: &str) -> String {
-    format!(
-        "POST /charge HTTP/1.1\r\nHost: test\r\nAuthorization: {auth}\r\nIdempotency-Key: {key}\r\n\
-         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    raw::post(
+        "/charge",
+        &[("Authorization", auth), ("Idempotency-Key", key)],
+        "{}",
     )
 }
 
 /// Sends a request and hangs up once it has been read (before the answer).
 async fn send_and_hang_up(addr: SocketAddr, auth: &str, key: &str) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(auth, key).as_bytes())
-        .await
-        .unwrap();
+    let stream = raw::send_only(addr, request(auth, key)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(stream);
 }
 
 /// Sends a request and reads the whole answer.
-async fn send(addr: SocketAddr, auth: &str, key: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(auth, key).as_bytes())
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer
-}
-
-fn status(answer: &str) -> u16 {
-    answer[9..12].parse().unwrap()
+async fn send(addr: SocketAddr, auth: &str, key: &str) -> RawReply {
+    raw::exchange(addr, request(auth, key)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(64)
         .max_in_flight_per_tenant(16);
@@ -97,7 +57,7 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     // The attacker: 40 keyed requests to the slow route, hanging up on each after its body.
     let flood: Vec<_> = (0..40)
         .map(|_| {
-            let key = key("flood");
+            let key = unique_key("flood");
             tokio::spawn(async move { send_and_hang_up(addr, "Bearer mallory", &key).await })
         })
         .collect();
@@ -108,11 +68,11 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
     assert_eq!(effects.started.get(), 16, "mallory's share, no more");
 
     // The victim's client (or its load balancer) hangs up while its handler runs.
-    let victim = key("victim");
+    let victim = unique_key("victim");
     send_and_hang_up(addr, "Bearer alice", &victim).await;
     assert_eq!(effects.started.get(), 17);
     let retry = send(addr, "Bearer alice", &victim).await;
-    assert_eq!(status(&retry), 409, "still running, not cancelled: {retry}");
+    assert_eq!(retry.status, 409, "still running, not cancelled: {retry:?}");
 
     // Every admitted run, the victim's included, runs to its end, once.
     assert!(
@@ -123,19 +83,15 @@ async fn a_flood_of_hang_ups_never_cancels_another_callers_run() {
         effects.finished.get()
     );
     let replay = send(addr, "Bearer alice", &victim).await;
-    assert_eq!(status(&replay), 201, "{replay}");
-    assert!(
-        replay
-            .to_ascii_lowercase()
-            .contains("idempotent-replayed: true")
-    );
-    assert!(replay.ends_with("charge 17"), "{replay}");
+    assert_eq!(replay.status, 201, "{replay:?}");
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.text(), "charge 17", "{replay:?}");
     assert_eq!(effects.started.get(), 17, "the victim's charge ran once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .max_in_flight(4)
         .max_in_flight_per_tenant(4);
@@ -143,17 +99,26 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     let addr = server.addr;
 
     for tenant in ["a", "b", "c", "d"] {
-        send_and_hang_up(addr, &format!("Bearer {tenant}"), &key("busy")).await;
+        send_and_hang_up(addr, &format!("Bearer {tenant}"), &unique_key("busy")).await;
     }
     assert_eq!(effects.started.get(), 4);
-    let refused_key = key("refused");
+    let refused_key = unique_key("refused");
     let refused = send(addr, "Bearer e", &refused_key).await;
-    assert_eq!(status(&refused), 503, "{refused}");
-    let lower = refused.to_ascii_lowercase();
-    assert!(lower.contains("retry-after: 1"), "{refused}");
-    assert!(lower.contains("application/problem+json"), "{refused}");
-    assert!(refused.contains("idempotency_overloaded"), "{refused}");
-    assert!(lower.contains(&format!("idempotency-key: {refused_key}")));
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json"),
+        "{refused:?}"
+    );
+    assert!(
+        refused.text().contains("idempotency_overloaded"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.header("idempotency-key"),
+        Some(refused_key.as_str())
+    );
     assert_eq!(
         effects.started.get(),
         4,
@@ -167,6 +132,6 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
         .await
     );
     let admitted = send(addr, "Bearer e", &refused_key).await;
-    assert_eq!(status(&admitted), 201, "{admitted}");
+    assert_eq!(admitted.status, 201, "{admitted:?}");
     assert_eq!(effects.started.get(), 5);
 }

@@ -3,12 +3,15 @@
 //! one thread). A change that allocates more on these paths fails here; BENCHMARKS.md says
 //! where the allocations go and what the target is.
 
+mod support;
+
 use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+use support::most_frequent;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
 
@@ -84,19 +87,6 @@ where
     assert!(response.status().is_success());
     response.into_body().collect().await.unwrap();
     allocations() - before
-}
-
-/// The most frequent count of `counts` (a map that grows now and then adds one to a few).
-fn most_frequent(counts: &[usize]) -> usize {
-    let mut by_count = std::collections::BTreeMap::new();
-    for &count in counts {
-        *by_count.entry(count).or_insert(0) += 1;
-    }
-    by_count
-        .into_iter()
-        .max_by_key(|&(_, times)| times)
-        .map(|(count, _)| count)
-        .unwrap()
 }
 
 #[test]

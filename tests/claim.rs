@@ -22,13 +22,12 @@ use tower_idempotency::{
     PostgresStore, RecordState, ReplayCache, SqlxStore,
 };
 
+/// The shared `SqlxStore`, its pool, and a payments table of the test's own.
 async fn setup(label: &str) -> Option<(PgPool, SqlxStore, String)> {
-    let url = server_url("POSTGRES_URL", label)?;
-    let pool = PgPool::connect(&url).await.unwrap();
-    let store = SqlxStore::new(pool.clone());
-    store.migrate().await.unwrap();
-    let table = format!("payments_{}", tower_idempotency::LockToken::random());
-    payments::create_table(&pool, &table).await;
+    server_url("POSTGRES_URL", label)?;
+    let store = support::shared::sqlx().await?;
+    let pool = store.pool().clone();
+    let table = payments::new_table(&pool).await;
     Some((pool, store, table))
 }
 

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
@@ -28,11 +27,11 @@ use tokio::time::Instant;
 use tower::timeout::Timeout;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_idempotency::{
-    IdempotencyLayer, IdempotencyStore, IdempotentRetry, IdempotentRetryLayer,
+    DetachedRuns, IdempotencyLayer, IdempotencyStore, IdempotentRetry, IdempotentRetryLayer,
     IdempotentRetryLayerBuilder, MemoryStore, RetryBody, RetryError, RetryErrorKind, RetryOutcome,
 };
 
-use support::{Fault, FaultyStore, Op, Runs, api};
+use support::{Fault, FaultyStore, Op, Runs, Server, api};
 
 /// The client's credentials: its keys are scoped to a tenant of its own on the server.
 const AUTH: &str = "Bearer client-tests";
@@ -41,17 +40,13 @@ const AUTH: &str = "Bearer client-tests";
 // Servers and the proxy
 // ---------------------------------------------------------------------------------------------
 
-/// Serves `app` on 127.0.0.1, on a port of its own.
-async fn serve(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
-/// The test API (`support::api`, counting its runs in `runs`) behind the server layer.
-async fn server<St: IdempotencyStore>(store: St, runs: &Runs) -> SocketAddr {
-    serve(api(runs.clone()).layer(IdempotencyLayer::new(store))).await
+/// The test API (`support::api`, counting its runs in the returned `Runs`) behind the server
+/// layer over `store`, on a real server on loopback, behind a [`Proxy`].
+async fn proxied<St: IdempotencyStore>(store: St) -> (Proxy, Runs) {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(store));
+    let server = Server::start(app, DetachedRuns::default()).await;
+    (Proxy::start(server).await, runs)
 }
 
 /// One request the proxy forwarded, and what the server answered.
@@ -90,15 +85,19 @@ struct ProxyState {
 struct Proxy {
     addr: SocketAddr,
     state: Arc<Mutex<ProxyState>>,
+    /// The server behind it, served as long as the proxy is there.
+    _upstream: Arc<Server>,
 }
 
 impl Proxy {
-    async fn start(upstream: SocketAddr) -> Self {
+    async fn start(upstream: Server) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = Self {
             addr: listener.local_addr().unwrap(),
             state: Arc::default(),
+            _upstream: Arc::new(upstream),
         };
+        let upstream = proxy._upstream.addr;
         let state = proxy.state.clone();
         tokio::spawn(async move {
             loop {
@@ -120,6 +119,11 @@ impl Proxy {
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A `POST` of `body` to `path` through the proxy, with `key` if given.
+    fn post(&self, path: &str, key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
+        post(&self.url(path), key, body)
     }
 }
 
@@ -256,6 +260,11 @@ fn quick() -> IdempotentRetryLayerBuilder {
         .max_delay(Duration::from_millis(200))
 }
 
+/// hyper-util's client behind the [`quick`] layer, each attempt bounded by 10 s.
+fn quick_client() -> Retrying {
+    client(quick().build(), Duration::from_secs(10))
+}
+
 /// hyper-util's client, each attempt bounded by `attempt_timeout`, behind `layer`.
 fn client(layer: IdempotentRetryLayer, attempt_timeout: Duration) -> Retrying {
     ServiceBuilder::new()
@@ -334,17 +343,13 @@ async fn send(client: &Retrying, request: Request<Full<Bytes>>) -> Result<Answer
 
 #[tokio::test]
 async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
     proxy.lose_answers(1);
-    let client = client(quick().build(), Duration::from_secs(10));
+    let client = quick_client();
 
-    let answer = send(
-        &client,
-        post(&proxy.url("/payments"), None, r#"{"amount":100}"#),
-    )
-    .await
-    .unwrap();
+    let answer = send(&client, proxy.post("/payments", None, r#"{"amount":100}"#))
+        .await
+        .unwrap();
 
     assert_eq!(answer.status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1, "the handler ran once");
@@ -375,8 +380,7 @@ async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
 
 #[tokio::test]
 async fn a_slow_first_attempt_times_out_then_409_then_the_replay() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
     let layer = quick()
         .max_retries(50)
         .deadline(Duration::from_secs(30))
@@ -384,7 +388,7 @@ async fn a_slow_first_attempt_times_out_then_409_then_the_replay() {
     // The handler takes a second; each attempt gets 300 ms.
     let client = client(layer, Duration::from_millis(300));
 
-    let answer = send(&client, post(&proxy.url("/slow/1000"), None, "{}"))
+    let answer = send(&client, proxy.post("/slow/1000", None, "{}"))
         .await
         .unwrap();
 
@@ -410,14 +414,13 @@ async fn a_slow_first_attempt_times_out_then_409_then_the_replay() {
 
 #[tokio::test]
 async fn a_store_outage_is_retried_until_the_store_is_back() {
-    let runs = Runs::default();
     let store = FaultyStore::default();
     // The store is down for the next two requests.
     store.times(Op::Begin, Fault::Fail, 2);
-    let proxy = Proxy::start(server(store.clone(), &runs).await).await;
-    let client = client(quick().build(), Duration::from_secs(10));
+    let (proxy, runs) = proxied(store.clone()).await;
+    let client = quick_client();
 
-    let answer = send(&client, post(&proxy.url("/payments"), None, "{}"))
+    let answer = send(&client, proxy.post("/payments", None, "{}"))
         .await
         .unwrap();
 
@@ -437,9 +440,8 @@ async fn a_store_outage_is_retried_until_the_store_is_back() {
 
 #[tokio::test]
 async fn a_422_and_the_other_4xx_are_returned_at_once() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
-    let client = client(quick().build(), Duration::from_secs(10));
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
+    let client = quick_client();
     let url = proxy.url("/payments");
 
     let first = send(&client, post(&url, Some("reused-1"), r#"{"amount":1}"#))
@@ -469,8 +471,7 @@ async fn a_422_and_the_other_4xx_are_returned_at_once() {
 
 #[tokio::test]
 async fn the_deadline_ends_the_retries_with_the_last_answer() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
     let layer = quick()
         .max_retries(1_000)
         .max_delay(Duration::from_millis(50))
@@ -478,7 +479,7 @@ async fn the_deadline_ends_the_retries_with_the_last_answer() {
         .build();
     let client = client(layer, Duration::from_secs(10));
 
-    let answer = send(&client, post(&proxy.url("/status/503"), None, "{}"))
+    let answer = send(&client, proxy.post("/status/503", None, "{}"))
         .await
         .unwrap();
 
@@ -504,28 +505,21 @@ async fn the_deadline_ends_the_retries_with_the_last_answer() {
 
 #[tokio::test]
 async fn a_callers_key_is_kept() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
-    let client = client(quick().build(), Duration::from_secs(10));
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
+    let client = quick_client();
 
-    let answer = send(
-        &client,
-        post(&proxy.url("/payments"), Some("caller-key-7"), "{}"),
-    )
-    .await
-    .unwrap();
+    let answer = send(&client, proxy.post("/payments", Some("caller-key-7"), "{}"))
+        .await
+        .unwrap();
     assert_eq!(answer.status, StatusCode::CREATED);
     assert_eq!(answer.key(), "caller-key-7");
     assert_eq!(answer.headers["idempotency-key"], "caller-key-7");
     assert_eq!(proxy.exchanges()[0].key.as_deref(), Some("caller-key-7"));
 
     // The same key later: the stored answer.
-    let again = send(
-        &client,
-        post(&proxy.url("/payments"), Some("caller-key-7"), "{}"),
-    )
-    .await
-    .unwrap();
+    let again = send(&client, proxy.post("/payments", Some("caller-key-7"), "{}"))
+        .await
+        .unwrap();
     assert!(again.outcome().replayed());
     assert_eq!(again.outcome().attempts(), 1);
     assert_eq!(again.body, answer.body);
@@ -534,9 +528,8 @@ async fn a_callers_key_is_kept() {
 
 #[tokio::test]
 async fn a_get_passes_through_untouched() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
-    let client = client(quick().build(), Duration::from_secs(10));
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
+    let client = quick_client();
 
     let answer = send(
         &client,
@@ -553,30 +546,24 @@ async fn a_get_passes_through_untouched() {
     assert_eq!(exchanges.len(), 1);
     assert!(exchanges[0].start_line.starts_with("GET /payments "));
     assert_eq!(exchanges[0].key, None, "no key was added");
+    assert_eq!(runs.get(), 1, "the GET ran once");
 }
 
 #[tokio::test]
 async fn a_body_over_the_cap_is_an_error_and_nothing_is_sent() {
-    let runs = Runs::default();
-    let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
     let client = client(quick().max_body_bytes(16).build(), Duration::from_secs(10));
 
-    let error = send(
-        &client,
-        post(&proxy.url("/payments"), None, "0123456789abcdefg"),
-    )
-    .await
-    .unwrap_err();
+    let error = send(&client, proxy.post("/payments", None, "0123456789abcdefg"))
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), RetryErrorKind::BodyTooLarge);
     assert_eq!(error.attempts(), 0);
     assert!(error.to_string().contains("16-byte limit"), "{error}");
 
-    let fits = send(
-        &client,
-        post(&proxy.url("/payments"), None, "0123456789abcdef"),
-    )
-    .await
-    .unwrap();
+    let fits = send(&client, proxy.post("/payments", None, "0123456789abcdef"))
+        .await
+        .unwrap();
     assert_eq!(fits.status, StatusCode::CREATED);
     assert_eq!(proxy.exchanges().len(), 1, "the large body was never sent");
     assert_eq!(runs.get(), 1);
@@ -702,6 +689,11 @@ fn mock_request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
     request(method, "http://mock/payments", None, body)
 }
 
+/// A `POST /payments` of `{}` to the scripted service.
+fn mock_post() -> Request<Full<Bytes>> {
+    mock_request(Method::POST, "{}")
+}
+
 /// Sends `request` through `layer` around `service`; the answer and the virtual time it took.
 async fn through<B>(
     layer: IdempotentRetryLayer,
@@ -728,12 +720,7 @@ async fn retry_after_is_honoured_and_capped() {
         [Reply::Status(429, &[("retry-after", "2")])],
         Reply::Status(201, NONE),
     );
-    let (answer, elapsed) = through(
-        IdempotentRetryLayer::new(),
-        &service,
-        mock_request(Method::POST, "{}"),
-    )
-    .await;
+    let (answer, elapsed) = through(IdempotentRetryLayer::new(), &service, mock_post()).await;
     let answer = answer.unwrap();
     assert_eq!(answer.status, StatusCode::CREATED);
     assert_eq!(answer.outcome().attempts(), 2);
@@ -744,12 +731,7 @@ async fn retry_after_is_honoured_and_capped() {
         [Reply::Status(503, &[("retry-after", "60")])],
         Reply::Status(201, NONE),
     );
-    let (answer, elapsed) = through(
-        IdempotentRetryLayer::new(),
-        &service,
-        mock_request(Method::POST, "{}"),
-    )
-    .await;
+    let (answer, elapsed) = through(IdempotentRetryLayer::new(), &service, mock_post()).await;
     assert_eq!(answer.unwrap().outcome().attempts(), 2);
     assert_eq!(
         elapsed,
@@ -766,7 +748,7 @@ async fn the_deadline_bounds_the_retries_and_any_wait() {
         .max_retries(1_000)
         .deadline(Duration::from_secs(10))
         .build();
-    let (answer, elapsed) = through(layer, &service, mock_request(Method::POST, "{}")).await;
+    let (answer, elapsed) = through(layer, &service, mock_post()).await;
     let answer = answer.unwrap();
     assert_eq!(
         answer.status,
@@ -783,7 +765,7 @@ async fn the_deadline_bounds_the_retries_and_any_wait() {
         .max_delay(Duration::from_secs(120))
         .deadline(Duration::from_secs(30))
         .build();
-    let (answer, elapsed) = through(layer, &service, mock_request(Method::POST, "{}")).await;
+    let (answer, elapsed) = through(layer, &service, mock_post()).await;
     assert_eq!(answer.unwrap().outcome().attempts(), 1);
     assert_eq!(elapsed, Duration::ZERO);
 }
@@ -791,12 +773,7 @@ async fn the_deadline_bounds_the_retries_and_any_wait() {
 #[tokio::test(start_paused = true)]
 async fn errors_are_retried_up_to_the_count_with_backoff() {
     let service = Scripted::new([], Reply::Fails);
-    let (error, elapsed) = through(
-        IdempotentRetryLayer::new(),
-        &service,
-        mock_request(Method::POST, "{}"),
-    )
-    .await;
+    let (error, elapsed) = through(IdempotentRetryLayer::new(), &service, mock_post()).await;
     let error = error.unwrap_err();
     assert_eq!(error.kind(), RetryErrorKind::Service);
     assert_eq!(error.attempts(), 4, "the first attempt and 3 retries");
@@ -815,7 +792,7 @@ async fn errors_are_retried_up_to_the_count_with_backoff() {
     );
 
     let layer = IdempotentRetryLayer::builder().max_retries(0).build();
-    let (error, _) = through(layer, &service, mock_request(Method::POST, "{}")).await;
+    let (error, _) = through(layer, &service, mock_post()).await;
     assert_eq!(error.unwrap_err().attempts(), 1);
 }
 
@@ -842,12 +819,7 @@ async fn a_409_then_the_replay() {
 async fn a_replayed_answer_is_final_whatever_its_status() {
     for code in [409, 500, 503] {
         let service = Scripted::new([], Reply::Status(code, &[("idempotent-replayed", "true")]));
-        let (answer, _) = through(
-            IdempotentRetryLayer::new(),
-            &service,
-            mock_request(Method::POST, "{}"),
-        )
-        .await;
+        let (answer, _) = through(IdempotentRetryLayer::new(), &service, mock_post()).await;
         let answer = answer.unwrap();
         assert_eq!(answer.status.as_u16(), code);
         assert_eq!(answer.outcome().attempts(), 1, "a replayed {code}");
@@ -937,6 +909,11 @@ mod reqwest_middleware_adapter {
     use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
     use tower_idempotency::IdempotentRetryMiddleware;
 
+    /// reqwest behind the [`quick`] layer, each attempt bounded by 10 s.
+    fn reqwest_quick_client() -> ClientWithMiddleware {
+        reqwest_client(quick().build(), Duration::from_secs(10))
+    }
+
     fn reqwest_client(layer: IdempotentRetryLayer, timeout: Duration) -> ClientWithMiddleware {
         let client = reqwest::Client::builder().timeout(timeout).build().unwrap();
         ClientBuilder::new(client)
@@ -966,10 +943,9 @@ mod reqwest_middleware_adapter {
 
     #[tokio::test]
     async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
-        let runs = Runs::default();
-        let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+        let (proxy, runs) = proxied(MemoryStore::new()).await;
         proxy.lose_answers(1);
-        let client = reqwest_client(quick().build(), Duration::from_secs(10));
+        let client = reqwest_quick_client();
 
         let response = post(&client, &proxy.url("/payments"), r#"{"amount":7}"#)
             .send()
@@ -992,8 +968,7 @@ mod reqwest_middleware_adapter {
 
     #[tokio::test]
     async fn a_timed_out_attempt_gets_409_then_the_replay() {
-        let runs = Runs::default();
-        let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+        let (proxy, runs) = proxied(MemoryStore::new()).await;
         let layer = quick().max_retries(50).build();
         let client = reqwest_client(layer, Duration::from_millis(300));
 
@@ -1014,11 +989,10 @@ mod reqwest_middleware_adapter {
 
     #[tokio::test]
     async fn a_store_outage_is_retried_until_the_store_is_back() {
-        let runs = Runs::default();
         let store = FaultyStore::default();
         store.times(Op::Begin, Fault::Fail, 2);
-        let proxy = Proxy::start(server(store, &runs).await).await;
-        let client = reqwest_client(quick().build(), Duration::from_secs(10));
+        let (proxy, runs) = proxied(store).await;
+        let client = reqwest_quick_client();
 
         let response = post(&client, &proxy.url("/payments"), "{}")
             .send()
@@ -1031,8 +1005,7 @@ mod reqwest_middleware_adapter {
 
     #[tokio::test]
     async fn the_rules_a_422_a_callers_key_a_get_and_the_cap() {
-        let runs = Runs::default();
-        let proxy = Proxy::start(server(MemoryStore::new(), &runs).await).await;
+        let (proxy, runs) = proxied(MemoryStore::new()).await;
         let client = reqwest_client(quick().max_body_bytes(32).build(), Duration::from_secs(10));
         let url = proxy.url("/payments");
 

@@ -7,37 +7,25 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
-use support::{Runs, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::charge::{Effects, serve_behind};
+use support::raw::{self, RawReply};
+use support::{Runs, Server, unique_key};
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
 
-/// What the handlers did: `started` counts runs that began (the side effect: a charge),
-/// `finished` runs that got to their end.
-#[derive(Clone, Default)]
-struct Effects {
-    started: Runs,
-    finished: Runs,
-}
+/// How long `POST /charge` works after charging.
+const CHARGE_WORK: Duration = Duration::from_millis(300);
 
-/// `POST /charge`: charges, then works for 300 ms. `POST /charge-then-fail` charges, works
-/// 200 ms, then answers 500. `POST /charge-then-panic` does the same but panics on its first run
-/// and answers 201 on the others.
-fn app(effects: Effects) -> Router {
-    async fn charge(State(e): State<Effects>) -> impl IntoResponse {
-        let n = e.started.bump();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        e.finished.bump();
-        (StatusCode::CREATED, format!("charge {n}"))
-    }
+/// The charging API (`support::charge`): `POST /charge` charges, then works for `CHARGE_WORK`.
+/// `POST /charge-then-fail` charges, works 200 ms, then answers 500. `POST /charge-then-panic`
+/// does the same but panics on its first run and answers 201 on the others.
+fn app(effects: &Effects) -> Router {
     async fn charge_then_panic(State(e): State<Effects>) -> impl IntoResponse {
         let n = e.started.bump();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -54,84 +42,39 @@ fn app(effects: Effects) -> Router {
         (StatusCode::INTERNAL_SERVER_ERROR, format!("failed {n}"))
     }
     Router::new()
-        .route("/charge", post(charge))
         .route("/charge-then-panic", post(charge_then_panic))
         .route("/charge-then-fail", post(charge_then_fail))
-        .with_state(effects)
+        .with_state(effects.clone())
+        .merge(effects.charge_api())
 }
 
 /// Serves `app(effects)` behind `layer` on loopback.
 async fn serve<St: IdempotencyStore>(layer: IdempotencyLayer<St>, effects: &Effects) -> Server {
-    let detached = layer.detached_runs();
-    Server::start(app(effects.clone()).layer(layer), detached).await
+    serve_behind(layer, app(effects)).await
 }
 
-/// A key no other test (nor an earlier run against the same shared store) has used.
-fn fresh_key(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{nanos}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
+/// A keyed `POST` of `body` to `path`.
 fn request(path: &str, key: &str, body: &str) -> String {
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    raw::post(
+        path,
+        &[
+            ("Idempotency-Key", key),
+            ("Content-Type", "application/json"),
+        ],
+        body,
     )
 }
 
 /// Sends a request and hangs up once the handler has started (`started` reaches `at`).
 async fn send_and_hang_up(addr: SocketAddr, path: &str, key: &str, started: &Runs, at: usize) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(path, key, "{}").as_bytes())
-        .await
-        .unwrap();
+    let stream = raw::send_only(addr, request(path, key, "{}")).await;
     until(|| started.get() >= at).await;
     drop(stream); // the client gives up
 }
 
-/// A response read from a raw connection.
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
-}
-
 /// Sends a whole request and reads the whole response (the server closes the connection).
-async fn send(addr: SocketAddr, path: &str, key: &str) -> Reply {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(request(path, key, "{}").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    Reply {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
+async fn send(addr: SocketAddr, path: &str, key: &str) -> RawReply {
+    raw::exchange(addr, request(path, key, "{}")).await
 }
 
 async fn until(mut done: impl FnMut() -> bool) {
@@ -168,15 +111,15 @@ fn defaults<St>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
 }
 
 async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("later");
+    let key = unique_key("later");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let retry = send(b.addr, "/charge", &key).await;
     assert_eq!(retry.status, 201);
     assert!(retry.replayed(), "the retry replays the first run");
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(retry.header("idempotency-key"), Some(key.as_str()));
     assert_eq!(effects.started.get(), 1, "the handler ran once");
     assert_eq!(effects.finished.get(), 1, "and ran to its end");
@@ -185,37 +128,34 @@ async fn hang_up_then_retry_later_replays<St: IdempotencyStore + Clone>(store: S
 async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore + Clone>(
     store: St,
 ) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("quick");
+    let key = unique_key("quick");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let early = send(b.addr, "/charge", &key).await;
-    assert_eq!(early.status, 409, "{}", early.body);
+    assert_eq!(early.status, 409, "{}", early.text());
     assert!(early.header("retry-after").is_some());
-    assert!(early.body.contains("idempotency_key_in_progress"));
+    assert!(early.text().contains("idempotency_key_in_progress"));
     until(|| a.detached.count() == 1).await; // the first run goes on, detached
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
     let retry = send(b.addr, "/charge", &key).await;
     assert!(retry.replayed());
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(effects.started.get(), 1);
 }
 
 async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let keys: Vec<_> = (0..100).map(|i| fresh_key(&format!("many{i}"))).collect();
+    let keys: Vec<_> = (0..100).map(|i| unique_key(&format!("many{i}"))).collect();
     let hang_ups = keys.iter().map(|key| {
         let (addr, key, started) = (a.addr, key.clone(), effects.started.clone());
         tokio::spawn(async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream
-                .write_all(request("/charge", &key, "{}").as_bytes())
-                .await
-                .unwrap();
+            let stream = raw::send_only(addr, request("/charge", &key, "{}")).await;
             // Hang up once every handler has started.
             until(|| started.get() >= 100).await;
+            drop(stream);
         })
     });
     for hang_up in hang_ups.collect::<Vec<_>>() {
@@ -231,16 +171,16 @@ async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore +
     for retry in retries.collect::<Vec<_>>() {
         let retry = retry.await.unwrap();
         assert_eq!(retry.status, 201);
-        assert!(retry.replayed(), "{}", retry.body);
+        assert!(retry.replayed(), "{}", retry.text());
     }
     assert_eq!(effects.started.get(), 100, "100 runs for 100 keys");
     assert_eq!(effects.finished.get(), 100);
 }
 
 async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("panic");
+    let key = unique_key("panic");
     send_and_hang_up(a.addr, "/charge-then-panic", &key, &effects.started, 1).await;
     until(|| a.detached.count() == 1).await;
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
@@ -259,46 +199,45 @@ async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone
         "the retry ran: the key was released"
     );
     assert_eq!(retry.status, 201);
-    assert_eq!(retry.body, "charge 2");
+    assert_eq!(retry.text(), "charge 2");
     assert!(!retry.replayed());
     // Both servers keep serving.
-    let other = fresh_key("after-panic");
+    let other = unique_key("after-panic");
     assert_eq!(send(a.addr, "/charge", &other).await.status, 201);
 }
 
 async fn a_5xx_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone>(store: St) {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("fail");
+    let key = unique_key("fail");
     send_and_hang_up(a.addr, "/charge-then-fail", &key, &effects.started, 1).await;
     until(|| effects.finished.get() == 1).await; // the run got to its end
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
     let retry = send(b.addr, "/charge-then-fail", &key).await;
-    assert_eq!(retry.status, 500, "{}", retry.body);
+    assert_eq!(retry.status, 500, "{}", retry.text());
     assert!(!retry.replayed());
-    assert_eq!(retry.body, "failed 2", "released: the retry ran");
+    assert_eq!(retry.text(), "failed 2", "released: the retry ran");
 }
 
 async fn a_hang_up_during_the_body_runs_nothing_and_holds_nothing<St>(store: St)
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, defaults).await;
-    let key = fresh_key("body");
-    let mut stream = TcpStream::connect(a.addr).await.unwrap();
+    let key = unique_key("body");
     let head = format!(
         "POST /charge HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
          Content-Length: 100\r\n\r\n{{\"amount\":"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let stream = raw::send_only(a.addr, head).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(stream); // gone before the body arrived
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(effects.started.get(), 0, "nothing ran");
     assert_eq!(a.detached.count(), 0);
     let retry = send(b.addr, "/charge", &key).await;
-    assert_eq!(retry.status, 201, "nothing held the key: {}", retry.body);
+    assert_eq!(retry.status, 201, "nothing held the key: {}", retry.text());
     assert!(!retry.replayed());
     assert_eq!(effects.started.get(), 1);
 }
@@ -307,13 +246,13 @@ async fn shutdown_waits_for_a_detached_run_and_a_new_server_replays_it<St>(store
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let old = serve(
         IdempotencyLayer::new(store.clone()).shared_scope(true),
         &effects,
     )
     .await;
-    let key = fresh_key("shutdown");
+    let key = unique_key("shutdown");
     send_and_hang_up(old.addr, "/charge", &key, &effects.started, 1).await;
     until(|| old.detached.count() == 1).await; // the server saw the hang-up
     assert!(
@@ -327,7 +266,7 @@ where
         retry.replayed(),
         "the new server replays what the old one stored"
     );
-    assert_eq!(retry.body, "charge 1");
+    assert_eq!(retry.text(), "charge 1");
     assert_eq!(effects.started.get(), 1);
 }
 
@@ -335,9 +274,9 @@ async fn without_finish_on_disconnect_the_handler_is_cancelled<St>(store: St)
 where
     St: IdempotencyStore + Clone,
 {
-    let effects = Effects::default();
+    let effects = Effects::new(CHARGE_WORK);
     let (a, b) = pair(store, &effects, |layer| layer.finish_on_disconnect(false)).await;
-    let key = fresh_key("cancel");
+    let key = unique_key("cancel");
     send_and_hang_up(a.addr, "/charge", &key, &effects.started, 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(a.detached.count(), 0);
@@ -353,7 +292,8 @@ where
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed());
     assert_eq!(
-        retry.body, "charge 2",
+        retry.text(),
+        "charge 2",
         "cancelled and released: the retry ran again"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;

@@ -22,21 +22,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use support::child::{ChildServer, announce};
 use support::payments::{self, End};
+use support::raw::{self, RawReply};
 use support::{Runs, eventually, server_url, unique_key};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_idempotency::{IdempotencyLayer, PostgresStore, SqlxStore};
 
 /// The variable that makes `child_server` serve: `<store> <end> <lease ms> <payments table>`.
 const CHILD: &str = "TOWER_IDEMPOTENCY_CHILD";
-/// The line a child prints once it listens, followed by its address.
-const LISTENING: &str = "child listening on ";
 
 /// The child server. Without `TOWER_IDEMPOTENCY_CHILD` (in a normal test run) it does nothing.
 #[test]
@@ -76,125 +73,49 @@ fn child_server() {
             other => panic!("unknown store {other:?}"),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{LISTENING}{}", listener.local_addr().unwrap());
+        announce(listener.local_addr().unwrap());
         axum::serve(listener, app).await.unwrap();
     });
 }
 
-/// A child server process, killed when dropped.
-struct Child {
-    process: std::process::Child,
-    addr: SocketAddr,
+/// A child server (`child_server`) over `store`, its handler ending as `end` says; its
+/// standard error (the crashes' and panics' words) discarded.
+fn child(store: &str, end: &str, lease_ms: u64, table: &str) -> ChildServer {
+    let config = format!("{store} {end} {lease_ms} {table}");
+    ChildServer::start_quiet("child_server", CHILD, config)
 }
 
-impl Child {
-    fn start(store: &str, end: &str, lease_ms: u64, table: &str) -> Self {
-        let mut process = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_server",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD, format!("{store} {end} {lease_ms} {table}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(process.stdout.take().unwrap());
-        for line in stdout.lines() {
-            let line = line.unwrap();
-            // The harness may have printed `test child_server ... ` on the same line.
-            if let Some((_, addr)) = line.split_once(LISTENING) {
-                let addr = addr.trim().parse().unwrap();
-                return Self { process, addr };
-            }
-        }
-        let _ = process.kill();
-        let status = process.wait();
-        panic!("the child server exited before listening: {status:?}");
-    }
-
-    /// Waits for the child to end by itself, and asserts that it crashed.
-    fn assert_crashed(mut self) {
-        let status = self.process.wait().unwrap();
-        assert!(!status.success(), "the child crashed: {status}");
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// A response read off the wire.
-#[derive(Debug, Clone)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn replayed(&self) -> bool {
-        self.header("idempotent-replayed") == Some("true")
-    }
+/// Waits for the child to end by itself, and asserts that it crashed.
+fn assert_crashed(mut child: ChildServer) {
+    let status = child.wait();
+    assert!(!status.success(), "the child crashed: {status}");
 }
 
 /// Sends a keyed `POST` over a new TCP connection; `None` when the server closed the
 /// connection without answering (it crashed, or its handler panicked).
-async fn post(addr: SocketAddr, path: &str, key: &str) -> Option<Raw> {
-    let body = r#"{"amount":100}"#;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nIdempotency-Key: {key}\r\n\
-         Authorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        payments::CLIENT,
-        body.len()
+async fn post(addr: SocketAddr, path: &str, key: &str) -> Option<RawReply> {
+    let request = raw::post(
+        path,
+        &[
+            ("Idempotency-Key", key),
+            ("Authorization", payments::CLIENT),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"amount":100}"#,
     );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut bytes = Vec::new();
-    if stream.read_to_end(&mut bytes).await.is_err() || bytes.is_empty() {
-        return None;
-    }
-    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8(bytes[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|line| line.split_once(": "))
-        .map(|(n, v)| (n.to_owned(), v.to_owned()))
-        .collect();
-    Some(Raw {
-        status,
-        headers,
-        body: bytes[split + 4..].to_vec(),
-    })
+    raw::try_exchange(addr, request).await
 }
 
 /// The database, and a payments table of the test's own.
 async fn setup(test: &str) -> Option<(PgPool, String)> {
     let url = server_url("POSTGRES_URL", test)?;
     let pool = PgPool::connect(&url).await.unwrap();
-    let table = format!("payments_{}", tower_idempotency::LockToken::random());
-    payments::create_table(&pool, &table).await;
+    let table = payments::new_table(&pool).await;
     Some((pool, table))
 }
 
 /// Retries until the answer is not `409` (the lease of the crashed holder is still running).
-async fn retry_past_the_lease(addr: SocketAddr, path: &str, key: &str) -> Raw {
+async fn retry_past_the_lease(addr: SocketAddr, path: &str, key: &str) -> RawReply {
     let mut answer = None;
     let done = eventually(Duration::from_secs(20), async || {
         let reply = post(addr, path, key).await.expect("the server answers");
@@ -216,12 +137,12 @@ async fn crash_after_commit_replays_at_once(store: &str) {
         return;
     };
     let key = unique_key("after-commit");
-    let crashing = Child::start(store, "crash_after_commit", 30_000, &table);
+    let crashing = child(store, "crash_after_commit", 30_000, &table);
     assert!(post(crashing.addr, "/payments", &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
 
-    let fresh = Child::start(store, "commit", 30_000, &table);
+    let fresh = child(store, "commit", 30_000, &table);
     let retry = post(fresh.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(retry.replayed(), "the retry replays at once: {retry:?}");
@@ -244,16 +165,16 @@ async fn crash_before_commit_runs_once(store: &str, path: &str) {
         return;
     };
     let key = unique_key("before-commit");
-    let crashing = Child::start(store, "crash_before_commit", 1000, &table);
+    let crashing = child(store, "crash_before_commit", 1000, &table);
     assert!(post(crashing.addr, path, &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(
         payments::count(&pool, &table, &key).await,
         0,
         "nothing happened"
     );
 
-    let fresh = Child::start(store, "commit", 1000, &table);
+    let fresh = child(store, "commit", 1000, &table);
     let retry = retry_past_the_lease(fresh.addr, path, &key).await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(!retry.replayed());
@@ -290,12 +211,12 @@ async fn panic_after_commit_replays() {
         return;
     };
     let key = unique_key("panic");
-    let panicking = Child::start("sqlx", "panic_after_commit", 30_000, &table);
+    let panicking = child("sqlx", "panic_after_commit", 30_000, &table);
     assert!(post(panicking.addr, "/payments", &key).await.is_none());
     let retry = post(panicking.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201, "{retry:?}");
     assert!(retry.replayed(), "{retry:?}");
-    let fresh = Child::start("sqlx", "commit", 30_000, &table);
+    let fresh = child("sqlx", "commit", 30_000, &table);
     let again = post(fresh.addr, "/payments", &key).await.unwrap();
     assert!(again.replayed() && again.body == retry.body, "{again:?}");
     assert_eq!(payments::count(&pool, &table, &key).await, 1, "paid once");
@@ -309,11 +230,11 @@ async fn rollback_after_respond_in_is_never_replayed() {
         return;
     };
     let key = unique_key("rollback");
-    let rolling_back = Child::start("sqlx", "rollback", 30_000, &table);
+    let rolling_back = child("sqlx", "rollback", 30_000, &table);
     let first = post(rolling_back.addr, "/payments", &key).await.unwrap();
     assert_eq!(first.status, 201);
     assert_eq!(payments::count(&pool, &table, &key).await, 0);
-    let fresh = Child::start("sqlx", "commit", 30_000, &table);
+    let fresh = child("sqlx", "commit", 30_000, &table);
     let retry = post(fresh.addr, "/payments", &key).await.unwrap();
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed(), "the rolled-back answer is not replayed");
@@ -334,7 +255,7 @@ async fn fifty_concurrent_duplicates_make_one_payment() {
         return;
     };
     let key = unique_key("fifty");
-    let server = Child::start("sqlx", "commit", 30_000, &table);
+    let server = child("sqlx", "commit", 30_000, &table);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (addr, key) = (server.addr, key.clone());
@@ -370,12 +291,12 @@ async fn plain_layer_crash_after_commit_pays_twice() {
         return;
     };
     let key = unique_key("plain-after-commit");
-    let crashing = Child::start("sqlx", "crash_after_commit", 1000, &table);
+    let crashing = child("sqlx", "crash_after_commit", 1000, &table);
     assert!(post(crashing.addr, "/plain", &key).await.is_none());
-    crashing.assert_crashed();
+    assert_crashed(crashing);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
 
-    let fresh = Child::start("sqlx", "commit", 1000, &table);
+    let fresh = child("sqlx", "commit", 1000, &table);
     let retry = retry_past_the_lease(fresh.addr, "/plain", &key).await;
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed(), "nothing was stored to replay");

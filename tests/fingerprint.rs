@@ -10,11 +10,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http::request::Parts;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-use support::{Reply, Runs, api, send};
+use support::raw::{self, RawReply};
+use support::{Reply, Runs, Server, api, send};
 
 /// A keyed POST in a tenant's scope, with `content_type`.
 fn keyed(uri: &str, key: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {
@@ -406,9 +405,8 @@ fn configuring_pointers_does_not_change_a_clone() {
 }
 
 /// Sends a keyed JSON request on its own connection, its body in chunks of 7 bytes
-/// (`Transfer-Encoding: chunked`); returns the response's status line, headers and body.
-async fn over_tcp(addr: SocketAddr, key: &str, body: &str) -> (String, String, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+/// (`Transfer-Encoding: chunked`), and reads the whole answer (within 10 s).
+async fn over_tcp(addr: SocketAddr, key: &str, body: &str) -> RawReply {
     let mut request = format!(
         "POST /payments HTTP/1.1\r\nHost: {addr}\r\nIdempotency-Key: {key}\r\n\
          Authorization: Bearer sk_test_tcp\r\nContent-Type: application/json\r\n\
@@ -421,29 +419,17 @@ async fn over_tcp(addr: SocketAddr, key: &str, body: &str) -> (String, String, V
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"0\r\n\r\n");
-    stream.write_all(&request).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+    tokio::time::timeout(Duration::from_secs(10), raw::exchange(addr, request))
         .await
         .unwrap()
-        .unwrap();
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8(response[..split].to_vec()).unwrap();
-    let (status, headers) = head.split_once("\r\n").unwrap();
-    (
-        status.to_owned(),
-        headers.to_ascii_lowercase(),
-        response[split + 4..].to_vec(),
-    )
 }
 
 #[tokio::test]
 async fn over_a_real_server() {
     let runs = Runs::default();
     let app = app(&runs, ignoring(&["/sent_at", "/client/trace"]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
 
     let first = r#"{"amount": 250, "currency": "EUR", "sent_at": 1, "client": {"trace": "t-1"}}"#;
     let retry = r#"{
@@ -452,17 +438,17 @@ async fn over_a_real_server() {
         "currency": "\u0045UR",
         "amount": 2.5e2
     }"#;
-    let (status, headers, body) = over_tcp(addr, "tcp-1", first).await;
-    assert_eq!(status, "HTTP/1.1 201 Created");
-    assert!(!headers.contains("idempotent-replayed"));
-    let (status2, headers2, body2) = over_tcp(addr, "tcp-1", retry).await;
-    assert_eq!(status2, "HTTP/1.1 201 Created");
-    assert!(headers2.contains("idempotent-replayed: true"), "{headers2}");
-    assert_eq!(body2, body);
+    let original = over_tcp(addr, "tcp-1", first).await;
+    assert_eq!(original.status_line(), "HTTP/1.1 201 Created");
+    assert_eq!(original.header("idempotent-replayed"), None);
+    let replay = over_tcp(addr, "tcp-1", retry).await;
+    assert_eq!(replay.status_line(), "HTTP/1.1 201 Created");
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.body, original.body);
     assert_eq!(runs.get(), 1);
 
     let changed = first.replace("250", "251");
-    let (status3, _, _) = over_tcp(addr, "tcp-1", &changed).await;
-    assert_eq!(status3, "HTTP/1.1 422 Unprocessable Entity");
+    let reused = over_tcp(addr, "tcp-1", &changed).await;
+    assert_eq!(reused.status_line(), "HTTP/1.1 422 Unprocessable Entity");
     assert_eq!(runs.get(), 1);
 }

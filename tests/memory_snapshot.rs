@@ -5,11 +5,9 @@
 //! The server is this test binary itself, run again with `SNAPSHOT_SERVER` set to the file.
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,6 +20,8 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::Runs;
+use support::child::{ChildServer, announce};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, SnapshotLoad};
 
 const SERVER_ENV: &str = "SNAPSHOT_SERVER";
@@ -46,7 +46,7 @@ async fn serve(path: String) {
         SnapshotLoad::Missing | SnapshotLoad::Loaded { .. } => {}
         other => panic!("the snapshot is usable: {other:?}"),
     }
-    let runs = Arc::new(AtomicUsize::new(0));
+    let runs = Runs::default();
     let layer = IdempotencyLayer::new(store.clone());
     let detached = layer.detached_runs();
     let app = Router::new()
@@ -55,7 +55,7 @@ async fn serve(path: String) {
         .route("/runs", get(count))
         .with_state(runs);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    println!("LISTENING {}", listener.local_addr().unwrap());
+    announce(listener.local_addr().unwrap());
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
     axum::serve(listener, app)
@@ -69,8 +69,8 @@ async fn serve(path: String) {
     println!("SAVED {saved}");
 }
 
-async fn create(State(runs): State<Arc<AtomicUsize>>, body: Bytes) -> impl IntoResponse {
-    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+async fn create(State(runs): State<Runs>, body: Bytes) -> impl IntoResponse {
+    let n = runs.bump();
     let body = format!("payment {n} of {}", String::from_utf8_lossy(&body));
     (
         StatusCode::CREATED,
@@ -79,65 +79,29 @@ async fn create(State(runs): State<Arc<AtomicUsize>>, body: Bytes) -> impl IntoR
     )
 }
 
-async fn count(State(runs): State<Arc<AtomicUsize>>) -> String {
-    runs.load(Ordering::SeqCst).to_string()
+async fn count(State(runs): State<Runs>) -> String {
+    runs.get().to_string()
 }
 
-struct Server {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    addr: SocketAddr,
-}
+/// A server process on the snapshot file.
+struct Server(ChildServer);
 
 impl Server {
     fn start(path: &std::path::Path) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "snapshot_server",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(SERVER_ENV, path)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let addr = loop {
-            let line = read_line(&mut stdout);
-            // The test harness may print its own words before ours on the line.
-            if let Some((_, addr)) = line.split_once("LISTENING ") {
-                break addr.trim().parse().unwrap();
-            }
-        };
-        Self {
-            child,
-            stdout,
-            addr,
-        }
+        Self(ChildServer::start("snapshot_server", SERVER_ENV, path))
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.0.addr
     }
 
     /// SIGTERM, then the number of records the server saved as it stopped.
     fn stop(mut self) -> usize {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
-        let saved = loop {
-            let line = read_line(&mut self.stdout);
-            if let Some((_, n)) = line.split_once("SAVED ") {
-                break n.trim().parse().unwrap();
-            }
-        };
-        assert!(self.child.wait().unwrap().success(), "a graceful exit");
+        self.0.terminate();
+        let saved = self.0.read_after("SAVED ").parse().unwrap();
+        assert!(self.0.wait().success(), "a graceful exit");
         saved
     }
-}
-
-fn read_line(stdout: &mut BufReader<ChildStdout>) -> String {
-    let mut line = String::new();
-    let read = stdout.read_line(&mut line).unwrap();
-    assert!(read > 0, "the server process ended early");
-    line
 }
 
 struct Reply {
@@ -192,10 +156,10 @@ fn a_completed_request_replays_after_a_real_restart() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     let first = Server::start(&path);
-    let original = runtime.block_on(pay(first.addr));
+    let original = runtime.block_on(pay(first.addr()));
     assert_eq!(original.status, StatusCode::CREATED);
     assert!(!original.replayed);
-    assert_eq!(runtime.block_on(runs(first.addr)), "1");
+    assert_eq!(runtime.block_on(runs(first.addr())), "1");
     assert_eq!(
         first.stop(),
         1,
@@ -203,13 +167,13 @@ fn a_completed_request_replays_after_a_real_restart() {
     );
 
     let second = Server::start(&path);
-    let retry = runtime.block_on(pay(second.addr));
+    let retry = runtime.block_on(pay(second.addr()));
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed, "Idempotent-Replayed: true");
     assert_eq!(retry.location, original.location);
     assert_eq!(retry.body, original.body);
     assert_eq!(
-        runtime.block_on(runs(second.addr)),
+        runtime.block_on(runs(second.addr())),
         "0",
         "the new process did not run the handler"
     );

@@ -14,31 +14,16 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use support::app::{TTL, created, shared_api};
 use support::{Runs, api, post_with_key, rss_kib, send};
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, TenantId};
-
-const TTL: Duration = Duration::from_secs(60);
-
-fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(
-        IdempotencyLayer::new(store.clone())
-            .shared_scope(true)
-            .ttl(TTL),
-    )
-}
-
-async fn created(app: &Router, key: &str) -> bool {
-    let reply = send(app, post_with_key("/payments", key, "{}")).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{key}");
-    !reply.replayed()
-}
 
 #[tokio::test(start_paused = true)]
 async fn a_full_store_drops_the_record_nearest_expiry_and_the_new_key_runs() {
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(3);
-    let app = app(&runs, &store);
+    let app = shared_api(&runs, &store);
     for key in ["a", "b", "c"] {
         assert!(created(&app, key).await);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -74,7 +59,7 @@ async fn a_full_store_drops_the_record_nearest_expiry_and_the_new_key_runs() {
 async fn a_store_full_of_in_flight_records_answers_503_runs_nothing_and_loses_nothing() {
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(2);
-    let app = app(&runs, &store);
+    let app = shared_api(&runs, &store);
     let slow: Vec<_> = ["s1", "s2"]
         .into_iter()
         .map(|key| {
@@ -117,7 +102,7 @@ async fn a_store_full_of_in_flight_records_answers_503_runs_nothing_and_loses_no
 async fn expired_records_are_invisible_at_once() {
     let runs = Runs::default();
     let store = MemoryStore::new();
-    let app = app(&runs, &store);
+    let app = shared_api(&runs, &store);
     assert!(created(&app, "k").await);
     tokio::time::advance(TTL - Duration::from_millis(1)).await;
     let reuse = send(&app, post_with_key("/payments", "k", r#"{"other":1}"#)).await;

@@ -8,26 +8,9 @@ mod support;
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::StatusCode;
-use support::{Runs, api, post_with_key, send};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
-
-const TTL: Duration = Duration::from_secs(60);
-
-fn app(runs: &Runs, store: &MemoryStore) -> Router {
-    api(runs.clone()).layer(
-        IdempotencyLayer::new(store.clone())
-            .shared_scope(true)
-            .ttl(TTL),
-    )
-}
-
-async fn created(app: &Router, key: &str) -> bool {
-    let reply = send(app, post_with_key("/payments", key, "{}")).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{key}");
-    !reply.replayed()
-}
+use support::Runs;
+use support::app::{created, shared_api};
+use tower_idempotency::MemoryStore;
 
 /// Evictions are reported as a warning, at most every 10 seconds, with their count.
 #[tokio::test(start_paused = true)]
@@ -64,7 +47,7 @@ async fn evictions_are_reported_with_a_rate_limit() {
 
     let runs = Runs::default();
     let store = MemoryStore::new().max_entries(1);
-    let app = app(&runs, &store);
+    let app = shared_api(&runs, &store);
     for i in 0..5 {
         assert!(created(&app, &format!("k{i}")).await);
     }

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use support::{Runs, api};
+use support::{Runs, Server, api};
 use tower_idempotency::{DefaultTenant, IdempotencyLayer, MemoryStore, Operator, TenantId};
 
 const FLOODER: &str = "Bearer flooder";
@@ -62,9 +62,8 @@ async fn a_tenant_flooding_a_full_store_drops_its_own_records_and_the_victim_sti
     let runs = Runs::default();
     // `route_layer`: requests to routes that do not exist make no record.
     let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let (status, replayed, original) = post(&client, addr, VICTIM, "victim-order").await;
@@ -133,9 +132,8 @@ async fn a_tenant_alone_fills_the_whole_store_and_every_key_replays() {
     assert_eq!(store.settings().max_entries_per_tenant(), MAX / 8);
     let runs = Runs::default();
     let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let send_all = |expect_replayed: bool| {

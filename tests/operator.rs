@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode, request::Parts};
-use support::{Runs, api, send};
+use support::{Runs, api, send, unique_key};
 use tower_idempotency::{
     Begin, DefaultTenant, Fingerprint, Forget, IdempotencyLayer, IdempotencyStore, LockToken,
     MemoryStore, Operator, OperatorError, RecordInfo, RecordKey, RecordState, StoreError,
@@ -208,10 +208,6 @@ fn payment(key: &str, path: &str) -> Request<Body> {
         .header("authorization", AUTHORIZATION)
         .body(Body::from(r#"{"amount":100}"#))
         .unwrap()
-}
-
-fn unique_key(label: &str) -> String {
-    format!("{label}-{}", LockToken::random())
 }
 
 /// A completed key is reported (status, fingerprint, expiry), forgotten, and then runs again.

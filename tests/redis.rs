@@ -9,20 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use redis::AsyncCommands;
+use support::shared::redis as store;
 use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, RecordKey, RedisStore, StoreErrorKind, StoredResponse,
     TenantId,
 };
-
-async fn store() -> Option<RedisStore> {
-    let url = server_url("REDIS_URL", "redis")?;
-    Some(
-        RedisStore::connect(&url)
-            .await
-            .expect("connect to REDIS_URL"),
-    )
-}
 
 // The conformance suite, and the fleet scenarios every shared store runs.
 fleet_scenarios!(store);

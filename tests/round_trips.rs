@@ -352,8 +352,7 @@ async fn sqlx_round_trips() {
     assert_round_trips(&counts, 0);
 
     // `respond_in`: the record completes in the handler's transaction, the layer settles it.
-    let payments_table = format!("payments_{}", tower_idempotency::LockToken::random());
-    payments::create_table(&pool, &payments_table).await;
+    let payments_table = payments::new_table(&pool).await;
     let runs = Runs::default();
     let app = payments::api(pool.clone(), &payments_table, runs.clone(), End::Commit)
         .layer(IdempotencyLayer::new(store));

@@ -1,6 +1,7 @@
 //! `SqlxStore` against a real PostgreSQL at `POSTGRES_URL` (skipped when it is not set; run
-//! through `scripts/test-services`): the conformance suite, the fleet scenarios, and a mixed
-//! fleet where `PostgresStore` and `SqlxStore` share one table.
+//! through `scripts/test-services`): the conformance suite, the fleet scenarios, the scenarios
+//! both SQL stores run (`support::sql`), and a mixed fleet where `PostgresStore` and
+//! `SqlxStore` share one table.
 
 #[macro_use]
 mod support;
@@ -9,43 +10,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use sqlx::PgPool;
+use support::shared::sqlx as store;
 use support::*;
 use tower_idempotency::{
     Begin, Fingerprint, Forget, IdempotencyStore, LockToken, PostgresStore, RecordInfo, RecordKey,
     Settled, SqlxStore, StoreError, StoreErrorKind, StoredResponse, TenantId,
 };
 
-async fn pool() -> Option<PgPool> {
-    let url = server_url("POSTGRES_URL", "sqlx")?;
-    Some(
-        PgPool::connect(&url)
-            .await
-            .expect("connect to POSTGRES_URL"),
-    )
-}
-
-async fn store() -> Option<SqlxStore> {
-    let store = SqlxStore::new(pool().await?);
-    store.migrate().await.expect("migrate");
-    Some(store)
-}
-
-/// A table name no other test or run uses.
-fn table_name(label: &str) -> String {
-    let token = LockToken::random().to_string();
-    format!("sqlx_{label}_{}{}", &token[..8], &token[26..])
-}
-
-async fn count_rows(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-// The conformance suite, and the fleet scenarios every shared store runs.
+// The conformance suite, the fleet scenarios every shared store runs, and the scenarios both SQL
+// stores run, with `PostgresStore` migrating beside `SqlxStore`.
 fleet_scenarios!(store);
+sql_scenarios!(SqlxStore, migrating beside PostgresStore);
 
 /// Either store, so that the fleet scenarios run a mixed fleet on one table.
 #[derive(Clone)]
@@ -104,11 +79,8 @@ impl IdempotencyStore for Mixed {
 }
 
 async fn mixed_pair() -> Option<(Mixed, Mixed)> {
-    let url = server_url("POSTGRES_URL", "sqlx mixed fleet")?;
-    let pg = PostgresStore::connect(&url).await.unwrap();
-    pg.migrate().await.unwrap();
-    let sqlx = store().await?;
-    Some((Mixed::Postgres(pg), Mixed::Sqlx(sqlx)))
+    let pg = support::shared::postgres().await?;
+    Some((Mixed::Postgres(pg), Mixed::Sqlx(store().await?)))
 }
 
 /// A `PostgresStore` and a `SqlxStore` on one table are one fleet: 500 duplicates over both run
@@ -167,187 +139,6 @@ async fn mixed_fleet_reads_each_others_records() {
     };
     pg.release(&key, token).await.unwrap();
     assert_eq!(sx.lookup(&key).await.unwrap(), None);
-}
-
-/// Eight instances run `migrate` at once on a new table, beside a `PostgresStore` doing the
-/// same: all succeed, and the table works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn migrate_is_safe_from_many_instances_at_once() {
-    let Some(pool) = pool().await else { return };
-    let url = std::env::var("POSTGRES_URL").unwrap();
-    let table = table_name("migrate");
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = SqlxStore::builder(pool.clone())
-            .table(&table)
-            .build()
-            .unwrap();
-        tasks.push(tokio::spawn(async move { store.migrate().await }));
-    }
-    let pg = PostgresStore::builder()
-        .table(&table)
-        .connect(&url)
-        .await
-        .unwrap();
-    tasks.push(tokio::spawn({
-        let pg = pg.clone();
-        async move { pg.migrate().await }
-    }));
-    for task in tasks {
-        task.await.unwrap().expect("a concurrent migrate failed");
-    }
-    let store = SqlxStore::builder(pool.clone())
-        .table(&table)
-        .build()
-        .unwrap();
-    store.migrate().await.expect("migrate again");
-    let key = RecordKey::new(TenantId::shared(), "k");
-    let fp = Fingerprint::from_bytes([1; 32]);
-    assert!(matches!(
-        store.begin(&key, &fp, Duration::from_secs(30)).await,
-        Ok(Begin::Acquired(_))
-    ));
-    assert!(matches!(
-        pg.begin(&key, &fp, Duration::from_secs(30)).await,
-        Ok(Begin::InFlight)
-    ));
-    sqlx::raw_sql(&format!("DROP TABLE {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-}
-
-/// Table names are validated in `build()`; a schema-qualified, case-kept table works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn table_names_are_validated_and_schemas_work() {
-    let Some(pool) = pool().await else { return };
-    for bad in ["x; DROP TABLE y", "a.b.c", "1abc", "\"quoted\"", ""] {
-        let err = SqlxStore::builder(pool.clone())
-            .table(bad)
-            .build()
-            .unwrap_err();
-        assert_eq!(err.kind(), StoreErrorKind::Other, "{bad:?}");
-    }
-    let schema = table_name("schema");
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let store = SqlxStore::builder(pool.clone())
-        .table(format!("{schema}.Records"))
-        .build()
-        .unwrap();
-    store.migrate().await.unwrap();
-    let key = RecordKey::new(TenantId::shared(), "k");
-    let fp = Fingerprint::from_bytes([2; 32]);
-    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
-        panic!("expected Acquired");
-    };
-    let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"));
-    store
-        .complete(&key, token, response.clone(), Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert!(
-        matches!(store.begin(&key, &fp, Duration::from_secs(30)).await, Ok(Begin::Completed(r)) if r == response)
-    );
-    assert_eq!(count_rows(&pool, &format!("{schema}.\"Records\"")).await, 1);
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
-}
-
-/// `delete_expired` and the background cleanup remove expired rows, and only those.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_rows_are_deleted() {
-    let Some(pool) = pool().await else { return };
-    let table = table_name("cleanup");
-    let store = SqlxStore::builder(pool.clone())
-        .table(&table)
-        .build()
-        .unwrap();
-    store.migrate().await.unwrap();
-    let fp = Fingerprint::from_bytes([3; 32]);
-    let short = Duration::from_millis(200);
-    for i in 0..1100 {
-        let key = RecordKey::new(TenantId::shared(), format!("expired-{i}"));
-        assert!(matches!(
-            store.begin(&key, &fp, short).await,
-            Ok(Begin::Acquired(_))
-        ));
-    }
-    let live = RecordKey::new(TenantId::shared(), "live");
-    assert!(matches!(
-        store.begin(&live, &fp, Duration::from_secs(60)).await,
-        Ok(Begin::Acquired(_))
-    ));
-    tokio::time::sleep(short + Duration::from_millis(300)).await;
-    assert_eq!(
-        store.delete_expired().await.unwrap(),
-        1100,
-        "over two batches"
-    );
-    assert_eq!(count_rows(&pool, &table).await, 1);
-
-    let cleaning = SqlxStore::builder(pool.clone())
-        .table(&table)
-        .cleanup_interval(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    for i in 0..10 {
-        let key = RecordKey::new(TenantId::shared(), format!("bg-{i}"));
-        assert!(matches!(
-            cleaning.begin(&key, &fp, Duration::from_millis(100)).await,
-            Ok(Begin::Acquired(_))
-        ));
-    }
-    let emptied = eventually(Duration::from_secs(10), async || {
-        count_rows(&pool, &table).await == 1
-    })
-    .await;
-    assert!(emptied, "the background task deleted the expired rows");
-    sqlx::raw_sql(&format!("DROP TABLE {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-}
-
-/// A row that cannot be decoded is `Corrupt`, never a panic or a replay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undecodable_rows_are_corrupt() {
-    let Some(pool) = pool().await else { return };
-    let table = table_name("corrupt");
-    let store = SqlxStore::builder(pool.clone())
-        .table(&table)
-        .build()
-        .unwrap();
-    store.migrate().await.unwrap();
-    let key = RecordKey::new(TenantId::shared(), "k");
-    let fp = Fingerprint::from_bytes([5; 32]);
-    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
-        panic!()
-    };
-    let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"));
-    store
-        .complete(&key, token, response, Duration::from_secs(60))
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("UPDATE {table} SET response = '\\x0100'::bytea"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let err = store
-        .begin(&key, &fp, Duration::from_secs(30))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
-    let err = store.lookup(&key).await.unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
-    sqlx::raw_sql(&format!("DROP TABLE {table}"))
-        .execute(&pool)
-        .await
-        .unwrap();
 }
 
 /// An unreachable server is `Unavailable`, with the pool's error kept.

@@ -1,5 +1,6 @@
-//! Scoping keys by who the caller is. Through a real axum `Router` with a small auth layer that
-//! verifies a bearer token and puts its account (the principal) in the request extensions.
+//! Scoping keys by who the caller is. Through a real axum `Router` with a small auth layer
+//! (`support::auth`) that verifies a bearer token and puts its account (the principal) in the
+//! request extensions.
 
 #[macro_use]
 mod support;
@@ -7,12 +8,11 @@ mod support;
 use std::fmt;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request as AxumRequest, State};
-use axum::http::{Request, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::post;
+use support::auth::{ALICE_T1, ALICE_T2, Auth, BOB, FORGED_ALICE, Unknown, pay};
 use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
 
@@ -26,27 +26,13 @@ impl fmt::Display for Account {
     }
 }
 
-// Access tokens shaped like JWTs: `alice` holds two (before and after a refresh), `bob` one.
-// A real app verifies the signature; here the whole token is looked up, so a token whose
-// claims were edited (a forged `sub`) is unknown.
-const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";
-const ALICE_T2: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6Mn0.c2lnLWFsaWNlLTI";
-const BOB: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IiLCJleHAiOjF9.c2lnLWJvYg";
-const FORGED_ALICE: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.Zm9yZ2Vk";
-
-async fn authenticate(mut request: AxumRequest, next: Next) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let account = match token {
-        Some(ALICE_T1 | ALICE_T2) => Account("alice"),
-        Some(BOB) => Account("bob"),
-        _ => return StatusCode::UNAUTHORIZED.into_response(),
-    };
-    request.extensions_mut().insert(account);
-    next.run(request).await
+/// The account a whole `Authorization` value stands for; `None` for a token that is unknown.
+fn verify(authorization: &str) -> Option<Account> {
+    match authorization.strip_prefix("Bearer ")? {
+        ALICE_T1 | ALICE_T2 => Some(Account("alice")),
+        BOB => Some(Account("bob")),
+        _ => None,
+    }
 }
 
 /// `POST /payments`: 201 naming the run, with a session cookie.
@@ -67,19 +53,9 @@ fn routes(runs: &Runs) -> Router {
 
 /// Keys scoped by the verified account; authentication outside the layer.
 fn principal_app(runs: &Runs) -> Router {
-    routes(runs)
-        .layer(
-            IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new()),
-        )
-        .layer(middleware::from_fn(authenticate))
-}
-
-fn pay(token: Option<&str>, key: &str) -> Request<Body> {
-    let mut builder = Request::post("/payments").header("idempotency-key", key);
-    if let Some(token) = token {
-        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    builder.body(Body::from(r#"{"amount":100}"#)).unwrap()
+    Auth::new(verify, Unknown::Refuse).around(routes(runs).layer(
+        IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<Account>::new()),
+    ))
 }
 
 #[tokio::test]

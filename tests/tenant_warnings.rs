@@ -10,17 +10,13 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{Request, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
+use support::auth::{ALICE_T1, ALICE_T2, BOB, pay};
 use support::{Runs, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
-
-const ALICE_T1: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2lnLWFsaWNlLTE";
-const ALICE_T2: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6Mn0.c2lnLWFsaWNlLTI";
-const BOB: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IiLCJleHAiOjF9.c2lnLWJvYg";
 
 fn routes(runs: &Runs) -> Router {
     async fn pay(State(runs): State<Runs>) -> impl IntoResponse {
@@ -30,14 +26,6 @@ fn routes(runs: &Runs) -> Router {
     Router::new()
         .route("/payments", post(pay))
         .with_state(runs.clone())
-}
-
-fn pay(token: Option<&str>, key: &str) -> Request<Body> {
-    let mut builder = Request::post("/payments").header("idempotency-key", key);
-    if let Some(token) = token {
-        builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    builder.body(Body::from(r#"{"amount":100}"#)).unwrap()
 }
 
 /// Messages of the `tower_idempotency` warnings, captured.

@@ -5,8 +5,8 @@ mod support;
 
 use axum::body::Body;
 use axum::http::{HeaderName, Request, Response, StatusCode, header};
-use axum::middleware::{self, Next};
 use bytes::Bytes;
+use support::auth::{Auth, Unknown};
 use support::{Runs, api, send};
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore, Outcome, Problem, TenantFromExtension, TenantFromHeader,
@@ -124,27 +124,22 @@ impl std::fmt::Display for AccountId {
     }
 }
 
-/// Stand-in authentication middleware: `Authorization: account <n>` sets `AccountId(n)`.
-async fn authenticate(mut request: Request<Body>, next: Next) -> axum::response::Response {
-    let account = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok()?.strip_prefix("account ")?.parse().ok());
-    if let Some(account) = account {
-        request.extensions_mut().insert(AccountId(account));
-    }
-    next.run(request).await
+/// `Authorization: account <n>` is `AccountId(n)`.
+fn verify(authorization: &str) -> Option<AccountId> {
+    authorization
+        .strip_prefix("account ")?
+        .parse()
+        .ok()
+        .map(AccountId)
 }
 
 #[tokio::test]
 async fn tenant_from_an_extension_set_by_auth_middleware() {
     let runs = Runs::default();
-    let app = api(runs.clone())
-        .layer(
-            IdempotencyLayer::new(MemoryStore::new())
-                .tenant(TenantFromExtension::<AccountId>::new()),
-        )
-        .layer(middleware::from_fn(authenticate));
+    // An unknown caller passes the middleware without an account: the layer rejects it.
+    let app = Auth::new(verify, Unknown::PassThrough).around(api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new()).tenant(TenantFromExtension::<AccountId>::new()),
+    ));
     assert!(!send(&app, keyed(Some("account 1"))).await.replayed());
     assert!(!send(&app, keyed(Some("account 2"))).await.replayed());
     assert!(send(&app, keyed(Some("account 1"))).await.replayed());

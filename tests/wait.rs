@@ -121,6 +121,40 @@ async fn start<St: IdempotencyStore>(
 }
 
 impl<St> Server<St> {
+    /// A keyed `POST /orders` ([`order`]), answered.
+    async fn send(&self, key: &str, body: &str) -> Reply {
+        self.via.send(order(key, body)).await
+    }
+
+    /// A keyed `POST /orders` ([`order`]) on a task of its own.
+    fn spawn(&self, key: &str, body: &str) -> JoinHandle<Reply> {
+        self.via.spawn(order(key, body))
+    }
+
+    /// The first request with `key`, on a task of its own, once its handler runs (the
+    /// handler's first run).
+    async fn first(&self, key: &str, body: &str) -> JoinHandle<Reply> {
+        let first = self.spawn(key, body);
+        self.until_runs(1).await;
+        first
+    }
+
+    /// A duplicate with `key`, on a task of its own, once it waits in this server's layer (the
+    /// only one waiting).
+    async fn waiter(&self, key: &str, body: &str) -> JoinHandle<Reply> {
+        let waiter = self.spawn(key, body);
+        self.until_waiting(1).await;
+        waiter
+    }
+
+    /// `n` duplicates with `key` and the body `{}`, each on a task of its own, once all of them
+    /// wait in this server's layer (and no other request does).
+    async fn waiters(&self, key: &str, n: usize) -> Vec<JoinHandle<Reply>> {
+        let waiters = (0..n).map(|_| self.spawn(key, "{}")).collect();
+        self.until_waiting(n).await;
+        waiters
+    }
+
     /// Waits until `n` requests wait in this server's layer.
     async fn until_waiting(&self, n: usize) {
         let layer = &self.layer;
@@ -179,12 +213,8 @@ async fn waiters_get_the_replay<St: IdempotencyStore>(store: St, transport: Tran
     let api = Api::new(First::Created);
     let server = start(waiting(store), &api, transport).await;
     let key = unique_key("replay");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    let waiters: Vec<_> = (0..5)
-        .map(|_| server.via.spawn(order(&key, "{}")))
-        .collect();
-    server.until_waiting(5).await;
+    let first = server.first(&key, "{}").await;
+    let waiters = server.waiters(&key, 5).await;
     api.open();
     let original = first.await.unwrap();
     assert_eq!(original.status, StatusCode::CREATED);
@@ -204,9 +234,8 @@ async fn past_the_deadline_409<St: IdempotencyStore>(store: St, transport: Trans
     let layer = IdempotencyLayer::new(store).wait_for_in_flight(Duration::from_millis(150));
     let server = start(layer, &api, transport).await;
     let key = unique_key("deadline");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    let late = server.via.send(order(&key, "{}")).await;
+    let first = server.first(&key, "{}").await;
+    let late = server.send(&key, "{}").await;
     late.assert_in_progress();
     assert_outcome(&late, Outcome::InProgress);
     assert_eq!(late.header("idempotency-key"), Some(key.as_str()));
@@ -214,11 +243,7 @@ async fn past_the_deadline_409<St: IdempotencyStore>(store: St, transport: Trans
     api.open();
     let original = first.await.unwrap();
     assert_eq!(original.status, StatusCode::CREATED);
-    server
-        .via
-        .send(order(&key, "{}"))
-        .await
-        .assert_replay_of(&original);
+    server.send(&key, "{}").await.assert_replay_of(&original);
     assert_eq!(api.runs.get(), 1);
 }
 
@@ -232,12 +257,8 @@ async fn released_first_lets_one_waiter_run<St: IdempotencyStore>(
     let api = Api::new(how);
     let server = start(waiting(store), &api, transport).await;
     let key = unique_key("released");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    let waiters: Vec<_> = (0..5)
-        .map(|_| server.via.spawn(order(&key, "{}")))
-        .collect();
-    server.until_waiting(5).await;
+    let first = server.first(&key, "{}").await;
+    let waiters = server.waiters(&key, 5).await;
     api.open();
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -276,7 +297,7 @@ async fn a_thousand_duplicates<St: IdempotencyStore>(store: St, transport: Trans
     let server = start(layer, &api, transport).await;
     let key = unique_key("thousand");
     let tasks: Vec<_> = (0..REQUESTS)
-        .map(|_| server.via.spawn(order(&key, r#"{"amount":1}"#)))
+        .map(|_| server.spawn(&key, r#"{"amount":1}"#))
         .collect();
     server.until_runs(1).await;
     server.until_waiting(PER_KEY).await;
@@ -318,12 +339,10 @@ async fn a_hung_up_waiter_leaves_nothing<St: IdempotencyStore>(store: St, transp
     let api = Api::new(First::Created);
     let server = start(waiting(store), &api, transport).await;
     let key = unique_key("hang-up");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
+    let first = server.first(&key, "{}").await;
     match &server.via {
         Via::Oneshot(_) => {
-            let waiter = server.via.spawn(order(&key, "{}"));
-            server.until_waiting(1).await;
+            let waiter = server.waiter(&key, "{}").await;
             waiter.abort(); // its future is dropped, as hyper drops it
             assert!(waiter.await.unwrap_err().is_cancelled());
         }
@@ -337,11 +356,7 @@ async fn a_hung_up_waiter_leaves_nothing<St: IdempotencyStore>(store: St, transp
     api.open();
     let original = first.await.unwrap();
     assert_eq!(original.status, StatusCode::CREATED);
-    server
-        .via
-        .send(order(&key, "{}"))
-        .await
-        .assert_replay_of(&original);
+    server.send(&key, "{}").await.assert_replay_of(&original);
     assert_eq!(api.runs.get(), 1);
 }
 
@@ -356,8 +371,7 @@ async fn a_detached_first_run_wakes_its_waiters<St: IdempotencyStore>(
     let key = unique_key("detached");
     match &server.via {
         Via::Oneshot(_) => {
-            let first = server.via.spawn(order(&key, "{}"));
-            server.until_runs(1).await;
+            let first = server.first(&key, "{}").await;
             first.abort(); // its future is dropped: the handler goes on, detached
             assert!(first.await.unwrap_err().is_cancelled());
         }
@@ -369,10 +383,7 @@ async fn a_detached_first_run_wakes_its_waiters<St: IdempotencyStore>(
     }
     let detached = server.layer.detached_runs();
     assert!(eventually(Duration::from_secs(30), async || detached.count() == 1).await);
-    let waiters: Vec<_> = (0..3)
-        .map(|_| server.via.spawn(order(&key, "{}")))
-        .collect();
-    server.until_waiting(3).await;
+    let waiters = server.waiters(&key, 3).await;
     api.open();
     let replies = all(waiters).await;
     assert_eq!(replies[0].status, StatusCode::CREATED);
@@ -398,10 +409,8 @@ async fn a_response_too_large_to_store_is_not_replayed<St: IdempotencyStore>(
     let api = Api::new(First::Created);
     let server = start(waiting(store).max_response_bytes(4), &api, transport).await;
     let key = unique_key("too-large");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    let waiter = server.via.spawn(order(&key, "{}"));
-    server.until_waiting(1).await;
+    let first = server.first(&key, "{}").await;
+    let waiter = server.waiter(&key, "{}").await;
     api.open();
     let original = first.await.unwrap();
     assert_eq!(original.status, StatusCode::CREATED);
@@ -421,17 +430,11 @@ async fn past_max_waiters_409_at_once<St: IdempotencyStore>(store: St, transport
     let api = Api::new(First::Created);
     let server = start(waiting(store).max_waiters(2), &api, transport).await;
     let keys = [0, 1, 2].map(|i| unique_key(&format!("bound-{i}")));
-    let firsts: Vec<_> = keys
-        .iter()
-        .map(|k| server.via.spawn(order(k, "{}")))
-        .collect();
+    let firsts: Vec<_> = keys.iter().map(|k| server.spawn(k, "{}")).collect();
     server.until_runs(3).await;
-    let waiters: Vec<_> = keys[..2]
-        .iter()
-        .map(|k| server.via.spawn(order(k, "{}")))
-        .collect();
+    let waiters: Vec<_> = keys[..2].iter().map(|k| server.spawn(k, "{}")).collect();
     server.until_waiting(2).await;
-    let refused = server.via.send(order(&keys[2], "{}")).await;
+    let refused = server.send(&keys[2], "{}").await;
     refused.assert_in_progress();
     assert_eq!(server.layer.waiting_requests(), 2);
     api.open();
@@ -452,11 +455,9 @@ async fn another_request_with_the_key_gets_422<St: IdempotencyStore>(
     let api = Api::new(First::Created);
     let server = start(waiting(store), &api, transport).await;
     let key = unique_key("reuse");
-    let first = server.via.spawn(order(&key, r#"{"amount":1}"#));
-    server.until_runs(1).await;
-    let waiter = server.via.spawn(order(&key, r#"{"amount":1}"#));
-    server.until_waiting(1).await;
-    let other = server.via.send(order(&key, r#"{"amount":2}"#)).await;
+    let first = server.first(&key, r#"{"amount":1}"#).await;
+    let waiter = server.waiter(&key, r#"{"amount":1}"#).await;
+    let other = server.send(&key, r#"{"amount":2}"#).await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(other.code(), "idempotency_key_reuse");
     assert_eq!(server.layer.waiting_requests(), 1);
@@ -472,9 +473,8 @@ async fn off_by_default<St: IdempotencyStore>(store: St, transport: Transport) {
     let api = Api::new(First::Created);
     let server = start(IdempotencyLayer::new(store), &api, transport).await;
     let key = unique_key("off");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    let duplicate = server.via.send(order(&key, "{}")).await;
+    let first = server.first(&key, "{}").await;
+    let duplicate = server.send(&key, "{}").await;
     duplicate.assert_in_progress();
     assert_eq!(server.layer.waiting_requests(), 0);
     api.open();
@@ -492,12 +492,8 @@ async fn waiter_on_another_server_replays_by_polling<St: IdempotencyStore>(
     let server_a = start(waiting(a), &api, transport).await;
     let server_b = start(waiting(b), &api, transport).await;
     let key = unique_key("fleet");
-    let first = server_a.via.spawn(order(&key, "{}"));
-    server_a.until_runs(1).await;
-    let waiters: Vec<_> = (0..3)
-        .map(|_| server_b.via.spawn(order(&key, "{}")))
-        .collect();
-    server_b.until_waiting(3).await;
+    let first = server_a.first(&key, "{}").await;
+    let waiters = server_b.waiters(&key, 3).await;
     api.open();
     let original = first.await.unwrap();
     assert_eq!(original.status, StatusCode::CREATED);
@@ -523,12 +519,8 @@ async fn released_on_another_server_one_waiter_runs<St: IdempotencyStore>(
     let server_a = start(waiting(a), &api, transport).await;
     let server_b = start(waiting(b), &api, transport).await;
     let key = unique_key("fleet-released");
-    let first = server_a.via.spawn(order(&key, "{}"));
-    server_a.until_runs(1).await;
-    let waiters: Vec<_> = (0..3)
-        .map(|_| server_b.via.spawn(order(&key, "{}")))
-        .collect();
-    server_b.until_waiting(3).await;
+    let first = server_a.first(&key, "{}").await;
+    let waiters = server_b.waiters(&key, 3).await;
     api.open();
     assert_eq!(
         first.await.unwrap().status,
@@ -709,17 +701,15 @@ async fn a_waiter_that_finds_the_key_bound_to_another_request_gets_422() {
         let layer = waiting(store.clone()).store_timeout(Duration::from_secs(60));
         let server = start(layer, &api, transport).await;
         let key = unique_key("rebound");
-        let first = server.via.spawn(order(&key, r#"{"amount":1}"#));
-        server.until_runs(1).await;
-        let waiter = server.via.spawn(order(&key, r#"{"amount":1}"#));
-        server.until_waiting(1).await;
+        let first = server.first(&key, r#"{"amount":1}"#).await;
+        let waiter = server.waiter(&key, r#"{"amount":1}"#).await;
         store.pause_last(); // the waiter's next look waits
         api.open();
         assert_eq!(
             first.await.unwrap().status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
-        let other = server.via.send(order(&key, r#"{"amount":2}"#)).await;
+        let other = server.send(&key, r#"{"amount":2}"#).await;
         assert_eq!(other.status, StatusCode::CREATED, "{other:?}");
         store.resume();
         let waiter = waiter.await.unwrap();
@@ -741,13 +731,8 @@ async fn a_zero_wait_is_off() {
     let layer = waiting(MemoryStore::new()).wait_for_in_flight(Duration::ZERO);
     let server = start(layer, &api, Transport::Oneshot).await;
     let key = unique_key("zero");
-    let first = server.via.spawn(order(&key, "{}"));
-    server.until_runs(1).await;
-    server
-        .via
-        .send(order(&key, "{}"))
-        .await
-        .assert_in_progress();
+    let first = server.first(&key, "{}").await;
+    server.send(&key, "{}").await.assert_in_progress();
     api.open();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
 }

@@ -2,6 +2,8 @@
 //! a replay make the same allocations with the option on as with it off (counted by a global
 //! allocator, so in a test binary of its own, on one thread).
 
+mod support;
+
 use std::time::Duration;
 
 use axum::Router;
@@ -10,6 +12,7 @@ use axum::http::{Request, StatusCode, header};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+use support::most_frequent;
 use tower::ServiceExt;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
@@ -54,18 +57,6 @@ async fn count(app: &Router, label: &str, rounds: usize) -> (usize, usize) {
         replays.push(allocations() - before);
     }
     (most_frequent(&firsts), most_frequent(&replays))
-}
-
-fn most_frequent(counts: &[usize]) -> usize {
-    let mut by_count = std::collections::BTreeMap::new();
-    for &count in counts {
-        *by_count.entry(count).or_insert(0) += 1;
-    }
-    by_count
-        .into_iter()
-        .max_by_key(|&(_, times)| times)
-        .map(|(count, _)| count)
-        .unwrap()
 }
 
 fn app(layer: IdempotencyLayer<MemoryStore>) -> Router {

@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 
-use super::Runs;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore};
+
+use super::{Runs, send};
 
 /// A test API. Every route counts its runs in `runs`.
 ///
@@ -99,4 +101,24 @@ pub fn post_with_key(uri: &str, key: &str, body: &'static str) -> Request<Body> 
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body))
         .unwrap()
+}
+
+/// How long [`shared_api`] keeps its records.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// [`api`] behind a layer over `store` in the shared scope, its records kept for [`TTL`].
+pub fn shared_api<St: IdempotencyStore + Clone>(runs: &Runs, store: &St) -> Router {
+    api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .ttl(TTL),
+    )
+}
+
+/// Sends a keyed `POST /payments` of `{}` and asserts `201`; `true` when it ran, `false` when
+/// it was a replay.
+pub async fn created(app: &Router, key: &str) -> bool {
+    let reply = send(app, post_with_key("/payments", key, "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{key}");
+    !reply.replayed()
 }

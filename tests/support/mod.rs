@@ -1,12 +1,16 @@
 //! Helpers shared by every test: a run counter, finished responses and a way to send requests,
 //! the skip-unless-the-server-is-there helper, the behaviour tests' API (`app`), the fleet
 //! scenarios every shared store runs (`fleet`), a store wrapper that injects faults
-//! (`faults`), a real server on loopback and its client (`serve`), a payments API on
-//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), the shared
-//! stores of `scripts/test-services` (`shared`) and Redis servers and clusters of a test's own
-//! (`cluster`).
+//! (`faults`), a real server on loopback and its client (`serve`), HTTP/1.1 by hand on a raw
+//! `TcpStream` (`raw`), a payments API on
+//! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), a stand-in
+//! authentication middleware (`auth`), a charging API that records its side effects
+//! (`charge`), servers in child processes (`child`), the shared stores
+//! of `scripts/test-services` (`shared`), the scenarios both SQL stores run (`sql`) and Redis
+//! servers and clusters of a test's own (`cluster`).
 //!
-//! Test files say `#[macro_use] mod support;` (the macro is `fleet_scenarios!`).
+//! Test files say `#[macro_use] mod support;` (the macros are `fleet_scenarios!` and
+//! `sql_scenarios!`).
 #![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::sync::Arc;
@@ -22,16 +26,23 @@ use tower::ServiceExt;
 use tower_idempotency::{IDEMPOTENT_REPLAYED, LockToken};
 
 pub mod app;
+pub mod auth;
+pub mod charge;
+pub mod child;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
 #[cfg(feature = "sqlx")]
 pub mod payments;
+pub mod raw;
 pub mod server;
 #[macro_use]
 pub mod fleet;
 pub mod serve;
 pub mod shared;
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+#[macro_use]
+pub mod sql;
 
 pub use app::{api, post_with_key};
 pub use faults::{Fault, FaultyStore, Op};
@@ -63,6 +74,20 @@ pub fn server_url(var: &str, test: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// The most frequent count of `counts` (of allocations, say: a map that grows now and then adds
+/// one to a few).
+pub fn most_frequent(counts: &[usize]) -> usize {
+    let mut by_count = std::collections::BTreeMap::new();
+    for &count in counts {
+        *by_count.entry(count).or_insert(0) += 1;
+    }
+    by_count
+        .into_iter()
+        .max_by_key(|&(_, times)| times)
+        .map(|(count, _)| count)
+        .unwrap()
 }
 
 /// A key no other test or run uses.

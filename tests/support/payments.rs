@@ -75,6 +75,13 @@ pub async fn create_table(pool: &PgPool, name: &str) {
     .unwrap();
 }
 
+/// A payments table no other test or run uses, created; its name.
+pub async fn new_table(pool: &PgPool) -> String {
+    let table = format!("payments_{}", tower_idempotency::LockToken::random());
+    create_table(pool, &table).await;
+    table
+}
+
 /// How many payments were made under `key`.
 pub async fn count(pool: &PgPool, table: &str, key: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE key = $1"))

@@ -1,6 +1,7 @@
-//! A real server on loopback ([`Server`], `axum::serve` on 127.0.0.1:0) and a real client for it: requests
-//! go over TCP through hyper-util's client and come back as a [`Reply`]; a raw `TcpStream` sends
-//! a request and hangs up. [`Via`] runs one test through `oneshot` or a real server.
+//! A real server on loopback ([`Server`], `axum::serve` on 127.0.0.1:0) and a real client for
+//! it: requests go over TCP through hyper-util's client and come back as a [`Reply`]; a raw
+//! `TcpStream` (`support::raw`) sends a request and hangs up. [`Via`] runs one test through
+//! `oneshot` or a real server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -70,10 +70,9 @@ impl Served {
             head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
         }
         head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(&body).await.unwrap();
-        stream
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&body);
+        super::raw::send_only(self.addr, bytes).await
     }
 }
 

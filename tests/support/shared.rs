@@ -36,3 +36,15 @@ pub async fn postgres() -> Option<tower_idempotency::PostgresStore> {
     store.migrate().await.expect("migrate");
     Some(store)
 }
+
+/// A `SqlxStore` on a pool of its own, on the shared PostgreSQL.
+#[cfg(feature = "sqlx")]
+pub async fn sqlx() -> Option<tower_idempotency::SqlxStore> {
+    let url = url("POSTGRES_URL")?;
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to POSTGRES_URL");
+    let store = tower_idempotency::SqlxStore::new(pool);
+    store.migrate().await.expect("migrate");
+    Some(store)
+}
