@@ -22,7 +22,9 @@
 //!   1,000,000 records and 1 GiB);
 //! - `PREFILL`: completed records put in the memory store before listening (default 0): with
 //!   `PREFILL=1000000` the default store starts full, so every new key makes room;
-//! - `TTL_SECS`: the layer's TTL (default: the layer's, 24 hours).
+//! - `TTL_SECS`: the layer's TTL (default: the layer's, 24 hours);
+//! - `POOL_SIZE`: the connections of the PostgreSQL stores' pool (default 32, as many as the
+//!   load test's client opens); the sqlx pool does not ping a connection before each use.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +130,13 @@ async fn memory_store() -> MemoryStore {
     store
 }
 
+/// The connections of the PostgreSQL stores' pool: `POOL_SIZE`, default 32, one per connection
+/// of the load test's client (`wrk -c32`), so that no request waits for a connection.
+#[cfg(any(feature = "postgres", feature = "sqlx"))]
+fn pool_size() -> usize {
+    env("POOL_SIZE").unwrap_or(32)
+}
+
 async fn layered() -> Router {
     match std::env::var("STORE").as_deref().unwrap_or("memory") {
         "memory" => idempotent(memory_store().await),
@@ -146,7 +155,10 @@ async fn layered() -> Router {
         #[cfg(feature = "postgres")]
         "postgres" => {
             let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
-            let store = tower_idempotency::PostgresStore::connect(&url).await;
+            let store = tower_idempotency::PostgresStore::builder()
+                .max_connections(pool_size())
+                .connect(&url)
+                .await;
             let store = store.expect("POSTGRES_URL: cannot connect");
             store.migrate().await.expect("migration");
             idempotent(store)
@@ -154,9 +166,11 @@ async fn layered() -> Router {
         #[cfg(feature = "sqlx")]
         "sqlx" => {
             let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
-            // As many connections as `PostgresStore::connect` opens.
+            // The same size as the `PostgresStore`'s pool, and no ping of a connection before
+            // each use (sqlx's default): a ping is one more round trip per store call.
             let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(16)
+                .max_connections(pool_size() as u32)
+                .test_before_acquire(false)
                 .connect(&url)
                 .await
                 .expect("POSTGRES_URL: cannot connect");
