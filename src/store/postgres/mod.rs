@@ -14,15 +14,15 @@ use super::sql::{
     token_bytes,
 };
 use super::util::{self, StartOnce};
-
-/// The pool size of [`PostgresStore::connect`].
-const DEFAULT_MAX_CONNECTIONS: usize = 16;
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
+
+/// The pool size of [`PostgresStore::connect`].
+const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 /// An [`IdempotencyStore`] on PostgreSQL, shared by every server of a fleet and durable across
 /// restarts.
@@ -71,10 +71,11 @@ use crate::response::StoredResponse;
 /// row is not live>`, so the decision (acquired, in flight, completed, mismatch) is made
 /// atomically by the database; no check-then-insert. A replay, a duplicate in flight and a
 /// reused key are answered from the read alone: they write nothing and lock nothing, so
-/// concurrent retries of one key do not queue behind each other. `renew`, `complete` and `release` are one `UPDATE` or
-/// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they
-/// fail with [`StoreErrorKind::LeaseLost`]. The operator calls are one statement each too:
-/// [`lookup`](IdempotencyStore::lookup) a `SELECT` of the live row, and
+/// concurrent retries of one key do not queue behind each other. `renew`, `complete` and
+/// `release` are one `UPDATE` or `DELETE` each, `WHERE token = $token AND state =
+/// 'in_flight'`; when no row matches, they fail with [`StoreErrorKind::LeaseLost`]. The
+/// operator calls are one statement each too: [`lookup`](IdempotencyStore::lookup) a `SELECT`
+/// of the live row, and
 /// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
 /// when forced) combined with a read of the in-flight row that stopped it.
 ///
@@ -86,10 +87,10 @@ use crate::response::StoredResponse;
 /// its read, and locks one whose lease ran out with `NOWAIT` before taking it over; `renew`
 /// locks with `NOWAIT` too. So a duplicate answers in flight (`409`) at once instead of
 /// waiting, and nothing takes the row over while the transaction holds it, even past its
-/// lease. The layer
-/// then settles the record ([`settle`](IdempotencyStore::settle)): released when the
-/// transaction did not commit. `migrate` creates the index only when it is missing, so an
-/// instance starting meanwhile does not queue the table's traffic behind that transaction.
+/// lease. The layer then settles the record ([`settle`](IdempotencyStore::settle)): released
+/// when the transaction did not commit. `migrate` creates the index only when it is missing,
+/// so an instance starting meanwhile does not queue the table's traffic behind that
+/// transaction.
 ///
 /// # Expired rows
 ///
