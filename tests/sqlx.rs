@@ -252,3 +252,54 @@ async fn a_row_held_by_a_transaction_is_in_flight() {
         assert_eq!(store.settle(&key, token).await.unwrap(), Settled::Completed);
     }
 }
+
+/// `begin` answers a live record from a read: it takes no row lock, so a transaction that holds
+/// a completed row (here `SELECT … FOR UPDATE`; concurrent replays of one key, each a `begin`,
+/// hold nothing) never makes a replay or a reused key wait, on either store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_record_is_answered_without_a_lock() {
+    let Some((Mixed::Postgres(pg), Mixed::Sqlx(sx))) = mixed_pair().await else {
+        return;
+    };
+    let pool = sx.pool().clone();
+    let (fp, other) = (
+        Fingerprint::from_bytes([14; 32]),
+        Fingerprint::from_bytes([15; 32]),
+    );
+    let key = RecordKey::new(TenantId::hashed("unlocked"), unique_key("unlocked"));
+    let Ok(Begin::Acquired(token)) = pg.begin(&key, &fp, Duration::from_secs(30)).await else {
+        panic!()
+    };
+    let response = StoredResponse::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from_static(b"unlocked"),
+    );
+    pg.complete(&key, token, response.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM idempotency_records WHERE tenant = $1 AND key = $2 FOR UPDATE")
+        .bind(&key.tenant().as_bytes()[..])
+        .bind(key.key())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let wait = Duration::from_secs(5);
+    for store in [&Mixed::Sqlx(sx.clone()), &Mixed::Postgres(pg.clone())] {
+        for _ in 0..3 {
+            let begin = tokio::time::timeout(wait, store.begin(&key, &fp, wait))
+                .await
+                .expect("a replay does not wait for the row's lock");
+            assert!(
+                matches!(&begin, Ok(Begin::Completed(r)) if *r == response),
+                "{begin:?}"
+            );
+        }
+        let begin = tokio::time::timeout(wait, store.begin(&key, &other, wait))
+            .await
+            .expect("a reused key does not wait for the row's lock");
+        assert!(matches!(begin, Ok(Begin::Mismatch)), "{begin:?}");
+    }
+    tx.rollback().await.unwrap();
+}

@@ -2,6 +2,7 @@
 //! so that a fleet can run both against one table: the table name, validated once; the SQL,
 //! built once for its table; and the decoding of what the statements return.
 
+use std::future::Future;
 use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -87,31 +88,23 @@ impl Table {
     }
 }
 
-/// The store's statements, built once for its table.
-pub(crate) struct Sql {
-    pub(crate) create_table: String,
-    pub(crate) index_exists: String,
-    pub(crate) create_index: String,
-    pub(crate) begin: String,
-    pub(crate) renew: String,
-    pub(crate) complete: String,
-    pub(crate) release: String,
-    pub(crate) lookup: String,
-    pub(crate) forget: String,
-    pub(crate) delete_expired: String,
-    pub(crate) peek: String,
-    pub(crate) settle: String,
-    pub(crate) settled: String,
+/// The statements of `migrate`: the advisory lock, the table, then its index unless it exists.
+/// `CREATE INDEX IF NOT EXISTS` would lock the table before looking, and queue every statement
+/// on it behind a handler's transaction that holds a row (`Claim::respond_in`).
+struct Migration {
+    lock: &'static str,
+    lock_id: i64,
+    create_table: String,
+    index_exists: String,
+    create_index: String,
 }
 
-impl Sql {
-    pub(crate) fn new(table: &Table) -> Self {
+impl Migration {
+    fn new(table: &Table) -> Self {
         let (t, index) = (&table.quoted, &table.index);
-        let expiry = "clock_timestamp() + $5::bigint * interval '1 millisecond'";
         Self {
-            // `migrate`: the table, then its index unless it exists. `CREATE INDEX IF NOT
-            // EXISTS` would lock the table before looking, and queue every statement on it
-            // behind a handler's transaction that holds a row (`Claim::respond_in`).
+            lock: "SELECT pg_advisory_xact_lock($1)",
+            lock_id: table.lock_id(),
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     tenant      bytea       NOT NULL,
@@ -129,26 +122,79 @@ impl Sql {
                 table.qualified_index
             ),
             create_index: format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
-            // One statement: the insert (or the takeover of a row that is no longer live) and,
-            // when it wrote nothing, a read of the live row it met. The read uses the
-            // statement's snapshot; if a concurrent writer committed the live row after that
-            // snapshot, the read misses it (no row) or sees its older version ('retry'), and
-            // the statement runs again.
+        }
+    }
+}
+
+/// A transaction of one of the drivers, as `migrate` uses it: each driver opens one and hands
+/// it to [`Sql::migrate`], which runs the whole sequence and commits, so that the two stores
+/// migrate the same way.
+pub(crate) trait MigrationTx: Send {
+    /// Runs a statement that returns no rows, with `$1` bound to `param` when it is given.
+    fn execute(
+        &mut self,
+        sql: &str,
+        param: Option<i64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Runs a statement that returns one row of one boolean.
+    fn query_bool(&mut self, sql: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Commits the transaction.
+    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store's statements, built once for its table.
+pub(crate) struct Sql {
+    /// `migrate`'s statements, in the order [`Sql::migrate`] runs them.
+    migration: Migration,
+    pub(crate) begin: String,
+    pub(crate) renew: String,
+    pub(crate) complete: String,
+    pub(crate) release: String,
+    pub(crate) lookup: String,
+    pub(crate) forget: String,
+    pub(crate) delete_expired: String,
+    pub(crate) peek: String,
+    pub(crate) settle: String,
+    pub(crate) settled: String,
+}
+
+impl Sql {
+    pub(crate) fn new(table: &Table) -> Self {
+        let t = &table.quoted;
+        let expiry = "clock_timestamp() + $5::bigint * interval '1 millisecond'";
+        Self {
+            migration: Migration::new(table),
+            // One statement. It reads the record first, in the statement's snapshot, without a
+            // lock: a live record (a replay, a duplicate in flight, a key reused with another
+            // request) is answered from that read alone, and the insert does not run: no row
+            // lock, no transaction id, nothing written, so concurrent replays of one key never
+            // queue behind each other. Only when no live record was read does it insert (or take
+            // over a row that is no longer live); when that insert writes nothing, a concurrent
+            // writer committed a live row after the snapshot: the read missed it (no row) or saw
+            // its older version ('retry'), and the statement runs again.
             //
-            // An in-flight row is first locked with `NOWAIT`: a row that a transaction holds (a
-            // handler completing it with `Claim::respond_in`, until its COMMIT) fails the
-            // statement at once with `lock_not_available` instead of waiting, and is then read
-            // with `peek`: in flight, never taken over under an open transaction.
+            // An in-flight row whose lease ran out is first locked with `NOWAIT`: a row that a
+            // transaction holds (a handler completing it with `Claim::respond_in`, until its
+            // COMMIT) fails the statement at once with `lock_not_available` instead of waiting,
+            // and is then read with `peek`: in flight, never taken over under an open
+            // transaction. The insert and the lock are gated by one-time filters on the read,
+            // so a replay's plan never reaches them.
             begin: format!(
-                "WITH locked AS (
+                "WITH found AS (
+                    SELECT state, fingerprint, response,
+                           expires_at > clock_timestamp() AS live
+                    FROM {t} WHERE tenant = $1 AND key = $2
+                ), locked AS (
                     SELECT 1 FROM {t}
                     WHERE tenant = $1 AND key = $2 AND state = 'in_flight'
+                      AND EXISTS (SELECT 1 FROM found WHERE state = 'in_flight' AND NOT live)
                     FOR UPDATE NOWAIT
                 ), acquired AS (
                     INSERT INTO {t} AS r
                         (tenant, key, state, fingerprint, token, response, expires_at)
                     SELECT $1::bytea, $2::text, 'in_flight', $3::bytea, $4::bytea, NULL, {expiry}
                     FROM (SELECT count(*) FROM locked) AS l
+                    WHERE NOT EXISTS (SELECT 1 FROM found WHERE live)
                     ON CONFLICT (tenant, key) DO UPDATE
                         SET state = 'in_flight', fingerprint = excluded.fingerprint,
                             token = excluded.token, response = NULL,
@@ -159,15 +205,15 @@ impl Sql {
                 SELECT 'acquired'::text, NULL::bytea FROM acquired
                 UNION ALL
                 SELECT CASE
-                           WHEN r.expires_at <= clock_timestamp() THEN 'retry'
-                           WHEN r.fingerprint <> $3 THEN 'mismatch'
-                           WHEN r.state = 'in_flight' THEN 'in_flight'
+                           WHEN NOT f.live THEN 'retry'
+                           WHEN f.fingerprint <> $3 THEN 'mismatch'
+                           WHEN f.state = 'in_flight' THEN 'in_flight'
                            ELSE 'completed'
                        END,
-                       CASE WHEN r.state = 'completed' AND r.fingerprint = $3
-                            THEN r.response END
-                FROM {t} r
-                WHERE r.tenant = $1 AND r.key = $2 AND NOT EXISTS (SELECT 1 FROM acquired)"
+                       CASE WHEN f.state = 'completed' AND f.fingerprint = $3
+                            THEN f.response END
+                FROM found f
+                WHERE NOT EXISTS (SELECT 1 FROM acquired)"
             ),
             // `NOWAIT`: a row locked by the handler's own transaction is not waited for.
             renew: format!(
@@ -258,6 +304,21 @@ impl Sql {
                 ) THEN 'completed' ELSE 'lost' END"
             ),
         }
+    }
+}
+
+impl Sql {
+    /// `migrate`, in the transaction `tx`: takes the table's advisory lock (held until the
+    /// transaction ends, so concurrent migrations wait for each other), creates the table if
+    /// it is missing, and its index if it is missing, then commits.
+    pub(crate) async fn migrate(&self, mut tx: impl MigrationTx) -> Result<(), StoreError> {
+        let m = &self.migration;
+        tx.execute(m.lock, Some(m.lock_id)).await?;
+        tx.execute(&m.create_table, None).await?;
+        if !tx.query_bool(&m.index_exists).await? {
+            tx.execute(&m.create_index, None).await?;
+        }
+        tx.commit().await
     }
 }
 

@@ -21,6 +21,9 @@ use super::{
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 
+/// The pool size of [`PostgresStore::connect`].
+const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
 /// An [`IdempotencyStore`] on PostgreSQL, shared by every server of a fleet and durable across
 /// restarts.
 ///
@@ -63,13 +66,16 @@ use crate::response::StoredResponse;
 ///
 /// Time is the database's (`clock_timestamp()`), never the application servers'. A row is live
 /// while `expires_at` is in the future: the lease of an in-flight row, the TTL (from
-/// completion) of a completed one. `begin` is one `INSERT … ON CONFLICT (tenant, key) DO UPDATE
-/// … WHERE <the existing row is not live>`, combined in one statement with a read of the live
-/// row, so the decision (acquired, in flight, completed, mismatch) is made atomically by the
-/// database; no check-then-insert. `renew`, `complete` and `release` are one `UPDATE` or
-/// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they
-/// fail with [`StoreErrorKind::LeaseLost`]. The operator calls are one statement each too:
-/// [`lookup`](IdempotencyStore::lookup) a `SELECT` of the live row, and
+/// completion) of a completed one. `begin` is one statement: a read of the row and, only when
+/// no live row was read, an `INSERT … ON CONFLICT (tenant, key) DO UPDATE … WHERE <the existing
+/// row is not live>`, so the decision (acquired, in flight, completed, mismatch) is made
+/// atomically by the database; no check-then-insert. A replay, a duplicate in flight and a
+/// reused key are answered from the read alone: they write nothing and lock nothing, so
+/// concurrent retries of one key do not queue behind each other. `renew`, `complete` and
+/// `release` are one `UPDATE` or `DELETE` each, `WHERE token = $token AND state =
+/// 'in_flight'`; when no row matches, they fail with [`StoreErrorKind::LeaseLost`]. The
+/// operator calls are one statement each too: [`lookup`](IdempotencyStore::lookup) a `SELECT`
+/// of the live row, and
 /// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
 /// when forced) combined with a read of the in-flight row that stopped it.
 ///
@@ -77,12 +83,14 @@ use crate::response::StoredResponse;
 ///
 /// A handler can complete its record inside its own transaction on the same database
 /// ([`Claim::respond_in`](crate::Claim::respond_in) with a tokio-postgres or deadpool-postgres
-/// transaction). Until its COMMIT the row is locked: `begin` and `renew` lock an in-flight row
-/// with `NOWAIT`, so a duplicate answers in flight (`409`) at once instead of waiting, and
-/// nothing takes the row over while the transaction holds it, even past its lease. The layer
-/// then settles the record ([`settle`](IdempotencyStore::settle)): released when the
-/// transaction did not commit. `migrate` creates the index only when it is missing, so an
-/// instance starting meanwhile does not queue the table's traffic behind that transaction.
+/// transaction). Until its COMMIT the row is locked: `begin` answers a live in-flight row from
+/// its read, and locks one whose lease ran out with `NOWAIT` before taking it over; `renew`
+/// locks with `NOWAIT` too. So a duplicate answers in flight (`409`) at once instead of
+/// waiting, and nothing takes the row over while the transaction holds it, even past its
+/// lease. The layer then settles the record ([`settle`](IdempotencyStore::settle)): released
+/// when the transaction did not commit. `migrate` creates the index only when it is missing,
+/// so an instance starting meanwhile does not queue the table's traffic behind that
+/// transaction.
 ///
 /// # Expired rows
 ///
@@ -98,6 +106,13 @@ use crate::response::StoredResponse;
 /// it is back they succeed again without rebuilding the store. [`connect`](Self::connect)
 /// connects without TLS; for TLS, build a pool with a TLS connector and use
 /// [`from_pool`](Self::from_pool).
+///
+/// Each store call holds a connection for one statement: a new key takes two (`begin`, then
+/// `complete` once the handler answered), a replay one. Statements are prepared once per
+/// connection and reused. The pool of [`connect`](Self::connect) opens up to 16 connections
+/// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the store calls a
+/// server has in progress at once (about its concurrent keyed requests), within what the
+/// database allows.
 ///
 /// Cloning is cheap and shares the pool and the configuration. A store's settings
 /// ([`PostgresStore::builder`]: the table, the cleanup interval) are set before it exists and
@@ -119,7 +134,8 @@ struct Inner {
 
 impl PostgresStore {
     /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`, or
-    /// a `key=value` connection string) with a pool of up to 16 connections, without TLS, and
+    /// a `key=value` connection string) with a pool of up to 16 connections
+    /// ([`max_connections`](PostgresStoreBuilder::max_connections)), without TLS, and
     /// checks that a connection can be made. Does not create the table: call
     /// [`migrate`](Self::migrate).
     ///
@@ -156,11 +172,12 @@ impl PostgresStore {
         PostgresStoreBuilder {
             table: DEFAULT_TABLE.to_owned(),
             cleanup_interval: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 
-    /// The pool [`connect`](Self::connect) makes for `url`.
-    async fn pool_for(url: &str) -> Result<Pool, StoreError> {
+    /// The pool [`connect`](Self::connect) makes for `url`, of up to `max_connections`.
+    async fn pool_for(url: &str, max_connections: usize) -> Result<Pool, StoreError> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
@@ -179,7 +196,7 @@ impl PostgresStore {
         );
         let timeout = Some(Duration::from_secs(5));
         let pool = Pool::builder(manager)
-            .max_size(16)
+            .max_size(max_connections)
             .runtime(Runtime::Tokio1)
             .wait_timeout(timeout)
             .create_timeout(timeout)
@@ -232,26 +249,7 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.inner.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&self.inner.table.lock_id()],
-        )
-        .await
-        .map_err(pg_error)?;
-        let sql = &self.inner.sql;
-        tx.batch_execute(&sql.create_table)
-            .await
-            .map_err(pg_error)?;
-        let row = tx
-            .query_one(&sql.index_exists, &[])
-            .await
-            .map_err(pg_error)?;
-        if !row.try_get::<_, bool>(0).map_err(corrupt)? {
-            tx.batch_execute(&sql.create_index)
-                .await
-                .map_err(pg_error)?;
-        }
-        tx.commit().await.map_err(pg_error)
+        self.inner.sql.migrate(tx).await
     }
 
     /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
@@ -299,6 +297,7 @@ impl PostgresStore {
 pub struct PostgresStoreBuilder {
     table: String,
     cleanup_interval: Option<Duration>,
+    max_connections: usize,
 }
 
 impl PostgresStoreBuilder {
@@ -330,14 +329,37 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// The most connections the pool that [`connect`](Self::connect) makes may open. Default:
+    /// 16. Each store call holds one connection for one statement (the database's time for it
+    /// plus a round trip), so a server needs about as many as it has store calls in progress at
+    /// once; past what the database's cores can run, more connections only queue there. A pool
+    /// of yours ([`build`](Self::build)) keeps its own size.
+    ///
+    /// ```
+    /// let builder = tower_idempotency::PostgresStore::builder().max_connections(32);
+    /// # let _ = builder;
+    /// ```
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
     /// Connects to the PostgreSQL at `url`, as [`PostgresStore::connect`], with these settings.
     ///
     /// # Errors
     ///
-    /// As [`build`](Self::build), and as [`PostgresStore::connect`].
+    /// As [`build`](Self::build); [`StoreErrorKind::Other`] when
+    /// [`max_connections`](Self::max_connections) is zero; and as [`PostgresStore::connect`].
     pub async fn connect(self, url: &str) -> Result<PostgresStore, StoreError> {
+        if self.max_connections == 0 {
+            return Err(StoreError::msg(
+                StoreErrorKind::Other,
+                "PostgresStore: max_connections must not be zero",
+            ));
+        }
+        let max_connections = self.max_connections;
         let checked = self.checked()?;
-        let pool = PostgresStore::pool_for(url).await?;
+        let pool = PostgresStore::pool_for(url, max_connections).await?;
         Ok(checked.finish(pool))
     }
 
@@ -567,6 +589,29 @@ impl IdempotencyStore for PostgresStore {
     }
 }
 
+impl sql::MigrationTx for deadpool_postgres::Transaction<'_> {
+    async fn execute(&mut self, sql: &str, param: Option<i64>) -> Result<(), StoreError> {
+        match param {
+            Some(param) => tokio_postgres::Transaction::execute(self, sql, &[&param])
+                .await
+                .map(drop),
+            None => self.batch_execute(sql).await,
+        }
+        .map_err(pg_error)
+    }
+
+    async fn query_bool(&mut self, sql: &str) -> Result<bool, StoreError> {
+        let row = self.query_one(sql, &[]).await.map_err(pg_error)?;
+        row.try_get(0).map_err(corrupt)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        deadpool_postgres::Transaction::commit(self)
+            .await
+            .map_err(pg_error)
+    }
+}
+
 /// Reads a row of `lookup`.
 fn record_info(row: &Row) -> Result<RecordInfo, StoreError> {
     sql::record_info(
@@ -645,5 +690,16 @@ mod tests {
             let err = bad.build(unconnected()).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Other);
         }
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_no_connections_is_refused_before_connecting() {
+        let err = PostgresStore::builder()
+            .max_connections(0)
+            .connect("postgres://nobody@127.0.0.1:1/db")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Other);
+        assert!(err.to_string().contains("max_connections"), "{err}");
     }
 }

@@ -50,10 +50,33 @@ use crate::response::StoredResponse;
 ///
 /// # Connections
 ///
-/// Every call takes a connection from the pool for one statement (`migrate` for a transaction). While PostgreSQL is down, calls fail (the layer answers `503` once
-/// its store timeout passes, or at once when the pool fails first), and once it is back the
-/// pool reconnects by itself. A handler holding a transaction holds one connection of the same
-/// pool: size it for both.
+/// Every call takes a connection from the pool for one statement (`migrate` for a
+/// transaction): a new key takes two (`begin`, then `complete`), a replay one. Statements are
+/// prepared once per connection (sqlx's statement cache) and reused. While PostgreSQL is down,
+/// calls fail (the layer answers `503` once its store timeout passes, or at once when the pool
+/// fails first), and once it is back the pool reconnects by itself. A handler holding a
+/// transaction holds one connection of the same pool: size it for both.
+///
+/// A sqlx pool (0.8) pings each connection as it comes back to the pool, in a task of its own:
+/// one more round trip after each of the store's statements, which the application cannot turn
+/// off. By default it also pings every connection it hands out
+/// ([`PoolOptions::test_before_acquire`](sqlx::pool::PoolOptions::test_before_acquire)): one
+/// more before each statement, on the request's path. A pool built with
+/// `test_before_acquire(false)` skips that one; a connection that broke while idle then fails
+/// one call (`503`) and is replaced.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), sqlx::Error> {
+/// let pool = sqlx::postgres::PgPoolOptions::new()
+///     .max_connections(32)
+///     .test_before_acquire(false)
+///     .connect("postgres://app@127.0.0.1/app")
+///     .await?;
+/// let store = tower_idempotency::SqlxStore::new(pool);
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// Cloning is cheap and shares the pool and the configuration.
 #[derive(Clone)]
@@ -183,28 +206,8 @@ impl SqlxStore {
     /// `PostgresStore::migrate`): it runs under the same transaction-scoped advisory lock, so
     /// concurrent runs wait for each other instead of racing on the catalog.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.inner.pool.begin().await.map_err(sqlx_error)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(self.inner.table.lock_id())
-            .execute(&mut *tx)
-            .await
-            .map_err(sqlx_error)?;
-        let sql = &self.inner.sql;
-        sqlx::query(&sql.create_table)
-            .execute(&mut *tx)
-            .await
-            .map_err(sqlx_error)?;
-        let exists: bool = sqlx::query_scalar(&sql.index_exists)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(sqlx_error)?;
-        if !exists {
-            sqlx::query(&sql.create_index)
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlx_error)?;
-        }
-        tx.commit().await.map_err(sqlx_error)
+        let tx = self.inner.pool.begin().await.map_err(sqlx_error)?;
+        self.inner.sql.migrate(tx).await
     }
 
     /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
@@ -408,6 +411,27 @@ impl IdempotencyStore for SqlxStore {
 
     fn claim_target(&self) -> Option<ClaimTarget> {
         Some(self.inner.target.clone())
+    }
+}
+
+impl sql::MigrationTx for sqlx::Transaction<'_, Postgres> {
+    async fn execute(&mut self, sql: &str, param: Option<i64>) -> Result<(), StoreError> {
+        let query = match param {
+            Some(param) => sqlx::query(sql).bind(param),
+            None => sqlx::query(sql),
+        };
+        let conn: &mut sqlx::PgConnection = self;
+        query.execute(conn).await.map(drop).map_err(sqlx_error)
+    }
+
+    async fn query_bool(&mut self, sql: &str) -> Result<bool, StoreError> {
+        let conn: &mut sqlx::PgConnection = self;
+        let exists = sqlx::query_scalar(sql).fetch_one(conn).await;
+        exists.map_err(sqlx_error)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        sqlx::Transaction::commit(self).await.map_err(sqlx_error)
     }
 }
 
