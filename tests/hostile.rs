@@ -6,6 +6,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -213,27 +215,33 @@ async fn a_body_over_the_limit_sent_slowly_is_refused_before_it_ends() {
         .await
         .unwrap();
     let (mut read, mut write) = stream.into_split();
-    let sender = tokio::spawn(async move {
-        let chunk = format!("400\r\n{}\r\n", "a".repeat(0x400));
-        let mut sent = 0;
-        // Up to 4 × the limit, 1 KiB every 2 ms; stops when the server stops reading.
-        while sent < 4 * MAX_BODY {
-            if write.write_all(chunk.as_bytes()).await.is_err() {
-                break;
+    // The client means to send 64 × the limit, 1 KiB every 2 ms (8 s at least), far more than
+    // the sockets' buffers hold: a server that read it all before answering would answer only
+    // once the client is done.
+    const INTENT: usize = 64 * MAX_BODY;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            let chunk = format!("400\r\n{}\r\n", "a".repeat(0x400));
+            while sent.load(Ordering::SeqCst) < INTENT {
+                // Stops when the server closes the connection.
+                if write.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(0x400, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            sent += 0x400;
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        sent
     });
     let mut head = vec![0; 12];
     read.read_exact(&mut head).await.unwrap();
     assert_eq!(status_of(&head), Some(413));
-    let sent_when_refused = sender.is_finished();
+    let sent_when_refused = sent.load(Ordering::SeqCst);
     sender.abort();
     assert!(
-        !sent_when_refused,
-        "refused while the client was still sending"
+        sent_when_refused < INTENT,
+        "refused only once the client had sent its whole body ({sent_when_refused} bytes)"
     );
     assert_eq!(server.runs.get(), 0);
     assert_up(&server).await;
