@@ -516,9 +516,11 @@ pub async fn scenario_outage<S: IdempotencyStore>(store: S, ctl: &str) {
         let reply = send(&app, payment(key, "{}")).await;
         reply.assert_store_unavailable();
         assert_eq!(reply.headers["idempotency-key"], key.as_str());
+        // Bounded by the layer's store timeout (500 ms), not by the pool's own waits (30 s
+        // or more); the margin is for a busy machine.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "a 503 comes at once: {:?}",
+            started.elapsed() < Duration::from_secs(10),
+            "a 503 comes within the store timeout: {:?}",
             started.elapsed()
         );
     }
