@@ -1,7 +1,10 @@
-//! What the flow needs of the inner service and of a keyed request's body, written once: the
-//! bounds every step of the flow in [`service`](crate::service) names.
+//! The [`Idempotency`] service's type, and what its flow (in `service.rs`) needs of the inner
+//! service and of a keyed request's body, written once: the bounds every step of the flow
+//! names.
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -10,6 +13,54 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{BoxError, RequestBody};
+use crate::config::Shared;
+use crate::error::ProblemJson;
+use crate::tenant::DefaultTenant;
+
+/// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
+pub struct Idempotency<S, St, T = DefaultTenant, E = ProblemJson> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<St, T, E>>,
+}
+
+impl<S, St, T, E> Idempotency<S, St, T, E> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St, T, E>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, St, T, E> Clone for Idempotency<S, St, T, E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St, T, E> fmt::Debug for Idempotency<S, St, T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What the flow needs of the inner service, its response body and its errors, written once:
 /// implemented for every `Service` that fits, and named by every step of the flow.

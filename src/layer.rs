@@ -13,7 +13,7 @@ use crate::detach::DetachedRuns;
 use crate::error::{ErrorRenderer, ProblemJson};
 use crate::fingerprint::Fingerprinter;
 use crate::fingerprint::pointer::Pointers;
-use crate::service::Idempotency;
+use crate::handler::Idempotency;
 use crate::store::IdempotencyStore;
 use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
 use crate::wait::Waiters;

@@ -228,12 +228,12 @@ pub use detach::DetachedRuns;
 pub use error::{ErrorCode, ErrorRenderer, Problem, ProblemJson};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use future::ResponseFuture;
+pub use handler::Idempotency;
 pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
 pub use response::{DecodeError, StoredResponse};
-pub use service::Idempotency;
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
 pub use store::ClaimTarget;

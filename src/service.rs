@@ -7,7 +7,6 @@
 //! acquired its key runs [`execute`]: the handler, once, then its response stored or its key
 //! released. That part runs to its end even when the client goes away (see `detach`).
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,63 +25,18 @@ use crate::body::{
 use crate::claim::{self, HeldClaim};
 use crate::config::{Config, IDEMPOTENCY_BYPASSED, Shared};
 use crate::detach::Execution;
-use crate::error::{ErrorRenderer, Problem, ProblemJson};
+use crate::error::{ErrorRenderer, Problem};
 use crate::fingerprint::Fingerprint;
 use crate::future::{ResponseFuture, Running, Step};
-use crate::handler::{Handler, RequestBodyOf};
+use crate::handler::{Handler, Idempotency, RequestBodyOf};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
 use crate::outcome::{Outcome, RequestSpan, Started};
 use crate::response::{Report, StoredResponse, answer, finish, refuse, replay, unavailable};
 use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
-use crate::tenant::{DefaultTenant, TenantExtractor, TenantId};
+use crate::tenant::{TenantExtractor, TenantId};
 use crate::wait;
-
-/// The service built by [`IdempotencyLayer`](crate::IdempotencyLayer).
-pub struct Idempotency<S, St, T = DefaultTenant, E = ProblemJson> {
-    inner: S,
-    shared: Arc<Shared<St, T, E>>,
-}
-
-impl<S, St, T, E> Idempotency<S, St, T, E> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<St, T, E>>) -> Self {
-        Self { inner, shared }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, consuming this one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S: Clone, St, T, E> Clone for Idempotency<S, St, T, E> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl<S: fmt::Debug, St, T, E> fmt::Debug for Idempotency<S, St, T, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Idempotency")
-            .field("inner", &self.inner)
-            .field("config", &self.shared.config)
-            .finish_non_exhaustive()
-    }
-}
 
 impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
 where
