@@ -23,9 +23,9 @@ use http_body_util::BodyExt;
 
 use crate::config::{Config, Shared};
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::sql::{millis, token_bytes};
 use crate::store::{ClaimTarget, IdempotencyStore, LockToken, RecordKey};
+use crate::stored::StoredResponse;
 
 /// What the layer holds for this request: its record key, the fingerprint it is bound to, the
 /// lock token of its lease, the TTL of its stored response, and the store's table. An axum

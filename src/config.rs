@@ -10,7 +10,7 @@ use crate::admission::{Admission, Limits};
 use crate::detach::DetachedRuns;
 use crate::fingerprint::BodyFingerprint;
 use crate::tenant::Sealer;
-use crate::wait::{DEFAULT_MAX_WAITERS, Waiters};
+use crate::wait::waiters::{DEFAULT_MAX_WAITERS, Waiters};
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");

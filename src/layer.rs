@@ -16,7 +16,7 @@ use crate::fingerprint::pointer::Pointers;
 use crate::handler::Idempotency;
 use crate::store::IdempotencyStore;
 use crate::tenant::{DefaultTenant, MIN_SECRET_LEN, Sealer, TenantExtractor};
-use crate::wait::Waiters;
+use crate::wait::waiters::Waiters;
 
 /// A [`Layer`] that makes a service safe to retry with idempotency keys.
 ///

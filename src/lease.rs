@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
-use crate::response::StoredResponse;
 use crate::store::{IdempotencyStore, LockToken, RecordKey, Settled, StoreError, StoreErrorKind};
-use crate::wait::Waiters;
+use crate::stored::StoredResponse;
+use crate::wait::waiters::Waiters;
 
 /// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
 ///

@@ -205,6 +205,7 @@ mod outcome;
 mod response;
 mod service;
 mod store;
+mod stored;
 mod tenant;
 mod util;
 mod wait;
@@ -233,7 +234,6 @@ pub use key::{IdempotencyKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use operator::{KeyReport, Operator, OperatorError};
 pub use outcome::Outcome;
-pub use response::{DecodeError, StoredResponse};
 #[cfg(any(feature = "postgres", feature = "sqlx"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
 pub use store::ClaimTarget;
@@ -256,6 +256,7 @@ pub use store::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, RecordState, Settled,
     StoreError, StoreErrorKind,
 };
+pub use stored::{DecodeError, StoredResponse};
 pub use tenant::{
     DefaultTenant, TenantExtractor, TenantFromExtension, TenantFromHeader, TenantId,
     TenantRejection,

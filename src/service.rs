@@ -33,8 +33,9 @@ use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
 use crate::outcome::{Outcome, RequestSpan, Started};
-use crate::response::{Report, StoredResponse, answer, finish, refuse, replay, unavailable};
+use crate::response::{Report, answer, finish, refuse, replay, unavailable};
 use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
+use crate::stored::StoredResponse;
 use crate::tenant::{TenantExtractor, TenantId};
 use crate::wait;
 

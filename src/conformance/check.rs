@@ -9,8 +9,8 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use sha2::{Digest, Sha256};
 
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreError, StoreErrorKind};
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 /// A lease long enough never to run out during a case.

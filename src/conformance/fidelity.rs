@@ -7,8 +7,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::check::*;
-use crate::response::StoredResponse;
 use crate::store::{IdempotencyStore, RecordKey};
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 /// A completed record replays its response exactly: status, every header in order (three

@@ -11,10 +11,10 @@ use http::StatusCode;
 use tokio::time::sleep;
 
 use super::check::*;
-use crate::response::StoredResponse;
 use crate::store::{
     Forget, IdempotencyStore, RecordInfo, RecordKey, RecordState, StoreError, StoreErrorKind,
 };
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 /// How far a store's clock (a server's, for a shared store) may stand from this process's.

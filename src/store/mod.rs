@@ -43,7 +43,7 @@ pub(crate) use util::MAX_MILLIS;
 pub(crate) use util::whole_millis;
 
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 /// A store for idempotency records, shared by every request (and, for a shared store, by every

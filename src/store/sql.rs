@@ -8,11 +8,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{
     Begin, Forget, LockToken, RecordInfo, RecordState, Settled, StoreError, StoreErrorKind,
     whole_millis,
 };
+use crate::stored::StoredResponse;
 
 /// The default table.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";

@@ -14,7 +14,7 @@ use super::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled, StoreError,
 };
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
+use crate::stored::StoredResponse;
 
 /// The default bound on cached records.
 const DEFAULT_MAX_ENTRIES: usize = 10_000;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{Begin, LockToken, RecordKey};
+use crate::stored::StoredResponse;
 
 /// The estimated bytes of an entry besides its key and response.
 const ENTRY_OVERHEAD: usize = 160;

@@ -6,10 +6,10 @@ use std::time::Duration;
 use super::shard::{Full, Removed};
 use super::{MemoryStore, nanos, read, write};
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
 };
+use crate::stored::StoredResponse;
 
 /// The error of a new key that finds its shard, or its tenant's share, full of in-flight
 /// records.

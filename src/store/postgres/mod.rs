@@ -19,7 +19,7 @@ use super::{
     StoreError, StoreErrorKind,
 };
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
+use crate::stored::StoredResponse;
 
 /// The pool size of [`PostgresStore::connect`].
 const DEFAULT_MAX_CONNECTIONS: usize = 16;

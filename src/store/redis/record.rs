@@ -4,8 +4,8 @@ use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{LockToken, RecordInfo, RecordState, StoreError, StoreErrorKind, whole_millis};
+use crate::stored::StoredResponse;
 
 /// The first byte of every record: the layout's version.
 pub(super) const VERSION: u8 = 1;

@@ -7,10 +7,10 @@ use ::redis::Value;
 use super::record::{self, Lua};
 use super::{RedisStore, redis_error};
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
 };
+use crate::stored::StoredResponse;
 
 impl RedisStore {
     async fn invoke(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {

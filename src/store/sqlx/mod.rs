@@ -18,7 +18,7 @@ use super::{
     StoreError, StoreErrorKind,
 };
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
+use crate::stored::StoredResponse;
 
 /// An [`IdempotencyStore`] on PostgreSQL through the application's own [`sqlx::PgPool`]: the
 /// same table, schema and semantics as `PostgresStore`, so that a fleet can run both against

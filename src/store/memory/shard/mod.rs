@@ -10,8 +10,8 @@ use super::Nanos;
 use super::expiries::{Due, Expiries};
 use super::tenants::Tenants;
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::{Begin, Forget, LockToken, RecordKey};
+use crate::stored::StoredResponse;
 
 #[cfg(test)]
 mod checks;

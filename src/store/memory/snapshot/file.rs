@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::{Saved, SnapshotLoad};
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::RecordKey;
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 const MAGIC: &[u8; 8] = b"TIDEMSNP";

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime};
 
 use super::MemoryStore;
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::RecordKey;
 use crate::store::util::StartOnce;
+use crate::stored::StoredResponse;
 
 /// A completed record as the file holds it.
 #[derive(Debug, Clone)]

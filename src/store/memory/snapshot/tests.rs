@@ -11,9 +11,9 @@ use super::super::*;
 use super::file::{HEADER_LEN, decode, encode};
 use super::*;
 use crate::fingerprint::Fingerprint;
-use crate::response::StoredResponse;
 use crate::store::RecordState;
 use crate::store::{Begin, IdempotencyStore};
+use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
 const LEASE: Duration = Duration::from_secs(10);

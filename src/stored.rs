@@ -1,0 +1,483 @@
+//! Stored responses: what a completed record keeps, how it is replayed, and how shared stores
+//! encode it.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, response};
+
+/// A response kept by a completed record, replayed to every retry.
+///
+/// Cloning is cheap: one reference count.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredResponse(Arc<Stored>);
+
+/// The headers are kept as a list of (name, value) in the order a `HeaderMap` iterates them:
+/// a third of the memory of a `HeaderMap`, and nothing to hash when they are stored or
+/// replayed. The map [`StoredResponse::headers`] returns is built on its first call.
+struct Stored {
+    status: StatusCode,
+    body_omitted: bool,
+    headers: Box<[(HeaderName, HeaderValue)]>,
+    map: OnceLock<Box<HeaderMap>>,
+    body: Bytes,
+}
+
+impl Stored {
+    fn new(status: StatusCode, headers: Box<[(HeaderName, HeaderValue)]>, body: Bytes) -> Self {
+        Self {
+            status,
+            body_omitted: false,
+            headers,
+            map: OnceLock::new(),
+            body,
+        }
+    }
+
+    fn map(&self) -> &HeaderMap {
+        self.map
+            .get_or_init(|| Box::new(to_map(self.headers.iter().cloned(), 0)))
+    }
+}
+
+/// Equal as responses: same status, body and headers (compared as maps, as `HeaderMap` does).
+impl PartialEq for Stored {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.body_omitted == other.body_omitted
+            && self.body == other.body
+            && (self.headers == other.headers || self.map() == other.map())
+    }
+}
+
+impl Eq for Stored {}
+
+impl fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stored = &*self.0;
+        let headers = DebugHeaders(&stored.headers);
+        f.debug_struct("StoredResponse")
+            .field("status", &stored.status)
+            .field("headers", &headers)
+            .field("body", &stored.body)
+            .field("body_omitted", &stored.body_omitted)
+            .finish()
+    }
+}
+
+struct DebugHeaders<'a>(&'a [(HeaderName, HeaderValue)]);
+
+impl fmt::Debug for DebugHeaders<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(n, v)| (n, v)))
+            .finish()
+    }
+}
+
+/// The most entries a capacity is asked for: `HeaderMap` refuses larger ones (its table is
+/// at most 32,768 slots, and it keeps a quarter of them free).
+const MAX_HEADER_CAPACITY: usize = 24_576;
+
+/// A map of `headers` with room for `extra` more, without growing. A map cannot hold more
+/// than 32,768 entries: past that, the rest are left out rather than panicking.
+fn to_map(
+    headers: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>,
+    extra: usize,
+) -> HeaderMap {
+    let capacity = (headers.len() + extra).min(MAX_HEADER_CAPACITY);
+    let mut map = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
+    for (name, value) in headers {
+        if map.try_append(name, value).is_err() {
+            break;
+        }
+    }
+    map
+}
+
+/// The (name, value) list of `headers`, in its iteration order.
+fn to_list(headers: HeaderMap) -> Box<[(HeaderName, HeaderValue)]> {
+    let mut list = Vec::with_capacity(headers.len());
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in headers {
+        // The map yields a name once, then `None` for each further value of that name.
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        if let Some(name) = &last {
+            list.push((name.clone(), value));
+        }
+    }
+    list.into_boxed_slice()
+}
+
+/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) and `Date`, which belongs to the
+/// moment a response is sent.
+const NEVER_STORED: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::DATE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
+
+impl StoredResponse {
+    /// A stored response with `status`, `headers` and `body`.
+    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+        Self(Arc::new(Stored::new(status, to_list(headers), body)))
+    }
+
+    /// A record of a response whose body was too large to store: it completed with `status`,
+    /// but cannot be replayed.
+    pub fn omitted(status: StatusCode) -> Self {
+        let mut stored = Stored::new(status, Box::default(), Bytes::new());
+        stored.body_omitted = true;
+        Self(Arc::new(stored))
+    }
+
+    /// The status code of the original response.
+    pub fn status(&self) -> StatusCode {
+        self.0.status
+    }
+
+    /// The stored headers of the original response.
+    pub fn headers(&self) -> &HeaderMap {
+        self.0.map()
+    }
+
+    /// The body of the original response.
+    pub fn body(&self) -> &Bytes {
+        &self.0.body
+    }
+
+    /// `true` when the original response was too large to store, so it cannot be replayed.
+    pub fn is_omitted(&self) -> bool {
+        self.0.body_omitted
+    }
+
+    /// The estimated bytes of what this response keeps: its body, and each stored header's
+    /// name and value plus `per_header` for its own overhead. The stores that bound their
+    /// memory (the memory store, the replay cache) count records by it.
+    pub(crate) fn payload_size(&self, per_header: usize) -> usize {
+        let headers: usize = self
+            .header_list()
+            .iter()
+            .map(|(name, value)| per_header + name.as_str().len() + value.len())
+            .sum();
+        headers + self.body().len()
+    }
+
+    /// The stored headers as kept, without building the map that
+    /// [`headers`](Self::headers) returns.
+    pub(crate) fn header_list(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.0.headers
+    }
+
+    /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
+    /// `Date`, the echoed key header, the headers in `skip`, and `Set-Cookie` when
+    /// `skip_cookies`.
+    pub(crate) fn from_parts(
+        parts: &response::Parts,
+        body: Bytes,
+        key_header: &HeaderName,
+        skip: &[HeaderName],
+        skip_cookies: bool,
+    ) -> Self {
+        let kept = |name: &HeaderName| {
+            !(NEVER_STORED.contains(name)
+                || name == key_header
+                || skip.contains(name)
+                || (skip_cookies && name == http::header::SET_COOKIE))
+        };
+        // Counted first, so that the list is allocated once at its size (a filtered `collect`
+        // would allocate a guess and then shrink it).
+        let count = parts.headers.iter().filter(|(name, _)| kept(name)).count();
+        let mut headers = Vec::with_capacity(count);
+        headers.extend(
+            parts
+                .headers
+                .iter()
+                .filter(|(name, _)| kept(name))
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let headers = headers.into_boxed_slice();
+        Self(Arc::new(Stored::new(parts.status, headers, body)))
+    }
+
+    /// The replayed response: status, headers and body as stored, with room in the header map
+    /// for `extra` more headers.
+    pub(crate) fn into_replay(self, extra: usize) -> http::Response<Bytes> {
+        let (status, headers, body) = match Arc::try_unwrap(self.0) {
+            Ok(stored) => {
+                let headers = to_map(stored.headers.into_vec().into_iter(), extra);
+                (stored.status, headers, stored.body)
+            }
+            Err(shared) => {
+                let headers = to_map(shared.headers.iter().cloned(), extra);
+                (shared.status, headers, shared.body.clone())
+            }
+        };
+        let mut response = http::Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Encodes the response for a store that keeps bytes. The format is versioned and
+    /// self-delimiting; [`decode`](Self::decode) reads it back.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_idempotency::StoredResponse;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.append("set-cookie", "a=1".parse().unwrap());
+    /// headers.append("set-cookie", "b=2".parse().unwrap());
+    /// let stored = StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"{}"));
+    /// assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
+    /// ```
+    pub fn encode(&self) -> Bytes {
+        let stored = &*self.0;
+        let header_bytes: usize = stored
+            .headers
+            .iter()
+            .map(|(n, v)| 8 + n.as_str().len() + v.len())
+            .sum();
+        let mut out = BytesMut::with_capacity(16 + header_bytes + stored.body.len());
+        out.put_u8(FORMAT_VERSION);
+        out.put_u8(u8::from(stored.body_omitted));
+        out.put_u16(stored.status.as_u16());
+        out.put_u32(stored.headers.len() as u32);
+        for (name, value) in &*stored.headers {
+            out.put_u32(name.as_str().len() as u32);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        out.put_u64(stored.body.len() as u64);
+        out.put_slice(&stored.body);
+        out.freeze()
+    }
+
+    /// Decodes what [`encode`](Self::encode) wrote. Never panics and never allocates more than
+    /// the input's length on any input.
+    pub fn decode(mut input: &[u8]) -> Result<Self, DecodeError> {
+        let buf = &mut input;
+        if take_u8(buf)? != FORMAT_VERSION {
+            return Err(DecodeError("unknown format version"));
+        }
+        let body_omitted = match take_u8(buf)? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError("invalid flags")),
+        };
+        let status =
+            StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
+        let count = take_u32(buf)? as usize;
+        // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
+        let capacity = count.min(buf.len() / 8).min(MAX_HEADER_CAPACITY);
+        let mut headers =
+            HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError("too many headers"))?;
+        for _ in 0..count {
+            let len = take_u32(buf)? as usize;
+            let name = HeaderName::from_bytes(take(buf, len)?)
+                .map_err(|_| DecodeError("invalid header name"))?;
+            let len = take_u32(buf)? as usize;
+            let value = HeaderValue::from_bytes(take(buf, len)?)
+                .map_err(|_| DecodeError("invalid header value"))?;
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
+        }
+        let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
+        let body = Bytes::copy_from_slice(take(buf, len)?);
+        if !buf.is_empty() {
+            return Err(DecodeError("trailing bytes"));
+        }
+        let mut stored = Stored::new(status, to_list(headers), body);
+        stored.body_omitted = body_omitted;
+        Ok(Self(Arc::new(stored)))
+    }
+}
+
+const FORMAT_VERSION: u8 = 1;
+
+/// A stored response could not be decoded: the bytes are not what
+/// [`StoredResponse::encode`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeError(&'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid stored response: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn take<'a>(buf: &mut &'a [u8], len: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < len {
+        return Err(DecodeError("truncated"));
+    }
+    let (head, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(head)
+}
+
+fn take_u8(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    Ok(take(buf, 1)?.get_u8())
+}
+
+fn take_u16(buf: &mut &[u8]) -> Result<u16, DecodeError> {
+    Ok(take(buf, 2)?.get_u16())
+}
+
+fn take_u32(buf: &mut &[u8]) -> Result<u32, DecodeError> {
+    Ok(take(buf, 4)?.get_u32())
+}
+
+fn take_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
+    Ok(take(buf, 8)?.get_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::LOCATION, "/payments/1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        StoredResponse::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(b"\x00\xffbody"),
+        )
+    }
+
+    #[test]
+    fn round_trip() {
+        let stored = sample();
+        assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
+        let omitted = StoredResponse::omitted(StatusCode::OK);
+        let back = StoredResponse::decode(&omitted.encode()).unwrap();
+        assert!(back.is_omitted());
+        assert_eq!(back.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(StoredResponse::decode(&bytes[..len]).is_err(), "len {len}");
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(StoredResponse::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
+        bytes.extend(u32::MAX.to_be_bytes());
+        assert!(StoredResponse::decode(&bytes).is_err());
+    }
+
+    /// A record with more headers than a `HeaderMap` can take, as a store could hold it: an
+    /// error, never a panic.
+    fn many_headers(count: u32) -> Vec<u8> {
+        let mut bytes = vec![FORMAT_VERSION, 0, 0, 200];
+        bytes.extend(count.to_be_bytes());
+        for _ in 0..count {
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'x');
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'v');
+        }
+        bytes.extend(0u64.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn too_many_headers_are_an_error_not_a_panic() {
+        for count in [24_576, 24_577, 32_768, 32_769, 40_000, 70_000] {
+            // Decoded or refused, and replayed without a panic.
+            if let Ok(stored) = StoredResponse::decode(&many_headers(count)) {
+                let replay = stored.into_replay(2);
+                assert!(!replay.headers().is_empty(), "{count}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics() {
+        use std::hash::{BuildHasher, Hasher};
+        let sample = sample().encode();
+        let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+        for round in 0..20_000u32 {
+            seed.write_u32(round);
+            let r = seed.finish();
+            let mut bytes = sample.to_vec();
+            // Flip a few bytes, and cut or extend the input.
+            for i in 0..(r % 4) {
+                let at = ((r >> (8 * i)) as usize) % bytes.len();
+                bytes[at] ^= (r >> 32) as u8 | 1;
+            }
+            bytes.truncate(((r >> 40) as usize) % (bytes.len() + 1));
+            let _ = StoredResponse::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn from_parts_drops_hop_by_hop_date_and_skipped() {
+        let mut response = http::Response::new(());
+        let h = response.headers_mut();
+        h.insert(
+            header::DATE,
+            "Mon, 23 Nov 2026 10:00:00 GMT".parse().unwrap(),
+        );
+        h.insert(header::CONNECTION, "close".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("idempotency-key", "k".parse().unwrap());
+        h.insert("x-secret", "s".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        h.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        let (parts, ()) = response.into_parts();
+        let stored = StoredResponse::from_parts(
+            &parts,
+            Bytes::new(),
+            &HeaderName::from_static("idempotency-key"),
+            &[HeaderName::from_static("x-secret")],
+            false,
+        );
+        let names: Vec<_> = stored.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "set-cookie"]);
+        assert_eq!(
+            stored.headers().get_all(header::SET_COOKIE).iter().count(),
+            2
+        );
+        let without_cookies = StoredResponse::from_parts(
+            &parts,
+            Bytes::new(),
+            &HeaderName::from_static("idempotency-key"),
+            &[],
+            true,
+        );
+        let names: Vec<_> = without_cookies
+            .headers()
+            .keys()
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(names, ["x-secret", "content-type"]);
+    }
+}
