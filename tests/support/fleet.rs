@@ -79,6 +79,22 @@ pub fn payment(key: &str, body: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// After a store outage: whether `app` serves a new key (`201`) within 30 s, every answer
+/// until then a `503` from the store, never another failure.
+pub async fn recovers(app: &Router, key: &str) -> bool {
+    super::eventually(Duration::from_secs(30), async || {
+        let reply = send(app, payment(key, "{}")).await;
+        match reply.status {
+            StatusCode::CREATED => true,
+            _ => {
+                reply.assert_store_unavailable();
+                false
+            }
+        }
+    })
+    .await
+}
+
 /// Two servers, each with its own store connection, take 500 concurrent duplicates of one
 /// request, half each: the handler runs once; every other response is a 409 or a replay
 /// identical to the original.

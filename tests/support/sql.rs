@@ -528,19 +528,8 @@ pub async fn scenario_outage<S: IdempotencyStore>(store: S, ctl: &str) {
 
     drop(guard); // starts the server again
     let after = unique_key("after-outage");
-    let recovered = eventually(Duration::from_secs(30), async || {
-        let reply = send(&app, payment(&after, "{}")).await;
-        match reply.status {
-            StatusCode::CREATED => true,
-            _ => {
-                reply.assert_store_unavailable();
-                false
-            }
-        }
-    })
-    .await;
     assert!(
-        recovered,
+        super::fleet::recovers(&app, &after).await,
         "the store (and its pool) reconnected by itself once PostgreSQL was back"
     );
     assert_eq!(runs.get(), 2);
