@@ -27,3 +27,42 @@ async fn invalid_urls_and_unreachable_servers_fail_clearly() {
         "the pool's error is kept"
     );
 }
+
+#[tokio::test]
+async fn the_pool_of_connect_has_the_size_asked_for() {
+    // Refused before any connection is tried.
+    let err = PostgresStore::builder()
+        .max_connections(0)
+        .connect("postgres://nobody@127.0.0.1:1/db")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Other, "{err}");
+    assert!(err.to_string().contains("max_connections"), "{err}");
+
+    let Some(url) = server_url("POSTGRES_URL", "the_pool_of_connect_has_the_size_asked_for") else {
+        return;
+    };
+    let store = PostgresStore::builder()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(store.pool().status().max_size, 2);
+    let default = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(default.pool().status().max_size, 16);
+
+    // Twenty keyed requests at once share the two connections: each runs once and is stored.
+    let runs = Runs::default();
+    let app = server(store, &runs, std::time::Duration::ZERO, |layer| layer);
+    let keys: Vec<String> = (0..20).map(|i| unique_key(&format!("pool-{i}"))).collect();
+    let replies =
+        futures_util::future::join_all(keys.iter().map(|key| send(&app, payment(key, "{}")))).await;
+    for reply in &replies {
+        assert_eq!(reply.status, http::StatusCode::CREATED);
+    }
+    assert_eq!(runs.get(), 20);
+    let again = send(&app, payment(&keys[0], "{}")).await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(runs.get(), 20);
+}
