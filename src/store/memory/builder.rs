@@ -126,9 +126,10 @@ impl MemoryStoreBuilder {
     ///
     /// A store that grows doubles its tables now and then, each time copying them under the
     /// lock of a shard (a short pause for the requests that land on that shard), and asks the
-    /// allocator for more memory as it goes. Sized up front, the tables never grow until this
-    /// many records are held: an API that expects about `n` keys per TTL sets `n` here and
-    /// pays for the tables once, at start. The records' own keys and responses are still
+    /// allocator for more memory as it goes. Sized up front, each shard's table has room for
+    /// its share of `records` (rounded up by the table), so the tables do not grow until the
+    /// store holds about this many: an API that expects about `n` keys per TTL sets `n` here
+    /// and pays for the tables once, at start. The records' own keys and responses are still
     /// allocated as they arrive. At most [`max_entries`](Self::max_entries); the tables take
     /// about 40 bytes per record of capacity.
     ///
