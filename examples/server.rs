@@ -131,7 +131,9 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
-    let base = format!("http://127.0.0.1:{port}");
+    // The address bound, so that `PORT=0` (a free port) prints the port it got.
+    let addr = listener.local_addr().expect("the listener's address");
+    let base = format!("http://{addr}");
     let post = |token: &str, body: &str| {
         format!(
             "  curl -i -X POST {base}/payments -H 'Authorization: Bearer {token}' \\\n       \
