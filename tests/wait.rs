@@ -177,6 +177,16 @@ impl<St> Server<St> {
         );
     }
 
+    /// Lets the held first run of `key` answer: `201`, which a retry then replays, the handler
+    /// having run once.
+    async fn first_completes_once(&self, key: &str, first: JoinHandle<Reply>) {
+        self.api.open();
+        let original = first.await.unwrap();
+        assert_eq!(original.status, StatusCode::CREATED);
+        self.send(key, "{}").await.assert_replay_of(&original);
+        assert_eq!(self.api.runs.get(), 1);
+    }
+
     /// Nothing is left waiting, nor any key in the registry.
     async fn assert_nobody_waits(&self) {
         let layer = &self.layer;
@@ -240,11 +250,7 @@ async fn past_the_deadline_409<St: IdempotencyStore>(store: St, transport: Trans
     assert_outcome(&late, Outcome::InProgress);
     assert_eq!(late.header("idempotency-key"), Some(key.as_str()));
     server.assert_nobody_waits().await;
-    api.open();
-    let original = first.await.unwrap();
-    assert_eq!(original.status, StatusCode::CREATED);
-    server.send(&key, "{}").await.assert_replay_of(&original);
-    assert_eq!(api.runs.get(), 1);
+    server.first_completes_once(&key, first).await;
 }
 
 /// The first run ends without a stored response (`Fails`: 500; `Panics`): exactly one waiter
@@ -353,11 +359,7 @@ async fn a_hung_up_waiter_leaves_nothing<St: IdempotencyStore>(store: St, transp
         }
     }
     server.assert_nobody_waits().await;
-    api.open();
-    let original = first.await.unwrap();
-    assert_eq!(original.status, StatusCode::CREATED);
-    server.send(&key, "{}").await.assert_replay_of(&original);
-    assert_eq!(api.runs.get(), 1);
+    server.first_completes_once(&key, first).await;
 }
 
 /// The first request's client hangs up: its handler runs on, detached, and its end wakes the

@@ -322,6 +322,23 @@ impl Sql {
     }
 }
 
+/// Runs `batch` (one `delete_expired` statement, at most [`DELETE_BATCH`] rows) until a batch
+/// deletes fewer: no expired row is left. Returns how many rows were deleted. Both drivers'
+/// `delete_expired`.
+pub(crate) async fn delete_in_batches<F>(mut batch: impl FnMut() -> F) -> Result<u64, StoreError>
+where
+    F: Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = batch().await?;
+        total += deleted;
+        if deleted < DELETE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
 /// A duration as whole milliseconds ([`whole_millis`]), as the statements take it.
 pub(crate) fn millis(duration: Duration) -> i64 {
     // At most `MAX_MILLIS`, 100 years: well within an `i64`.

@@ -419,17 +419,12 @@ impl Inner {
             .prepare_cached(&self.sql.delete_expired)
             .await
             .map_err(pg_error)?;
-        let mut total = 0;
-        loop {
-            let deleted = client
-                .execute(&statement, &[&DELETE_BATCH])
-                .await
-                .map_err(pg_error)?;
-            total += deleted;
-            if deleted < DELETE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        let (client, statement) = (&client, &statement);
+        sql::delete_in_batches(|| async move {
+            let deleted = client.execute(statement, &[&DELETE_BATCH]).await;
+            deleted.map_err(pg_error)
+        })
+        .await
     }
 }
 

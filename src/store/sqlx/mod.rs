@@ -250,19 +250,14 @@ impl SqlxStore {
 
 impl Inner {
     async fn delete_expired(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(&self.sql.delete_expired)
+        sql::delete_in_batches(|| async {
+            let done = sqlx::query(&self.sql.delete_expired)
                 .bind(DELETE_BATCH)
                 .execute(&self.pool)
-                .await
-                .map_err(sqlx_error)?
-                .rows_affected();
-            total += deleted;
-            if deleted < DELETE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+                .await;
+            Ok(done.map_err(sqlx_error)?.rows_affected())
+        })
+        .await
     }
 }
 
