@@ -230,7 +230,7 @@ impl Claim {
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && held.key.tenant().is_shared();
             let skip = &config.skip_response_headers;
-            StoredResponse::from_parts(&head, body.clone(), &config.header, skip, skip_cookies)
+            StoredResponse::from_parts(&head, &body, &config.header, skip, skip_cookies)
         };
         let encoded = stored.encode();
         let completion = sealed::Completion {

@@ -358,13 +358,8 @@ where
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && guard.key().tenant().is_shared();
             let skip = &config.skip_response_headers;
-            let stored = StoredResponse::from_parts(
-                &head,
-                bytes.clone(),
-                &config.header,
-                skip,
-                skip_cookies,
-            );
+            let stored =
+                StoredResponse::from_parts(&head, &bytes, &config.header, skip, skip_cookies);
             guard.complete(stored, config.ttl).await;
             (ResponseBody::full(bytes), Outcome::Executed)
         }

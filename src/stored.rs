@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, response};
 
@@ -14,31 +14,119 @@ use http::{StatusCode, response};
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredResponse(Arc<Stored>);
 
-/// The headers are kept as a list of (name, value) in the order a `HeaderMap` iterates them:
-/// a third of the memory of a `HeaderMap`, and nothing to hash when they are stored or
-/// replayed. The map [`StoredResponse::headers`] returns is built on its first call.
+/// The response in one buffer, in the form [`StoredResponse::encode`] writes: status, each
+/// stored header's name and value, and the body. It is built once from the handler's response
+/// and read as is: a replay slices its header values and body out of it, a shared store
+/// writes it, the memory store counts it. The map [`StoredResponse::headers`] returns and the
+/// body [`StoredResponse::body`] returns are made on the first call of either (the flow calls
+/// neither), in one allocation that a record without them does not carry.
 struct Stored {
     status: StatusCode,
     body_omitted: bool,
-    headers: Box<[(HeaderName, HeaderValue)]>,
-    map: OnceLock<Box<HeaderMap>>,
+    /// The encoded response: written by [`pack`], or checked whole by
+    /// [`StoredResponse::decode`].
+    packed: Bytes,
+    header_count: usize,
+    /// Where the body starts in `packed`.
+    body_at: usize,
+    views: OnceLock<Box<Views>>,
+}
+
+/// What the accessors of a [`StoredResponse`] return by reference.
+struct Views {
+    map: HeaderMap,
     body: Bytes,
 }
 
+/// The bytes before the first header: format version, flags, status, header count.
+const HEAD_LEN: usize = 8;
+
+/// Encodes a response: the headers `headers()` yields (asked twice: measured, then written,
+/// so that the buffer is allocated once at its size) and a copy of `body`.
+fn pack<'a, I>(
+    status: StatusCode,
+    body_omitted: bool,
+    headers: impl Fn() -> I,
+    body: &[u8],
+) -> Stored
+where
+    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+{
+    let (count, header_bytes) = headers().fold((0, 0), |(count, bytes), (name, value)| {
+        (count + 1, bytes + 8 + name.as_str().len() + value.len())
+    });
+    let mut out = Vec::with_capacity(HEAD_LEN + header_bytes + 8 + body.len());
+    out.put_u8(FORMAT_VERSION);
+    out.put_u8(u8::from(body_omitted));
+    out.put_u16(status.as_u16());
+    out.put_u32(count as u32);
+    for (name, value) in headers() {
+        out.put_u32(name.as_str().len() as u32);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+    }
+    out.put_u64(body.len() as u64);
+    let body_at = out.len();
+    out.put_slice(body);
+    Stored {
+        status,
+        body_omitted,
+        // At its capacity, so the `Vec` becomes a `Bytes` without a copy.
+        packed: Bytes::from(out),
+        header_count: count,
+        body_at,
+        views: OnceLock::new(),
+    }
+}
+
 impl Stored {
-    fn new(status: StatusCode, headers: Box<[(HeaderName, HeaderValue)]>, body: Bytes) -> Self {
-        Self {
-            status,
-            body_omitted: false,
-            headers,
-            map: OnceLock::new(),
-            body,
+    /// The stored headers as (name, value) bytes, in the order they were stored.
+    fn pairs(&self) -> Pairs<'_> {
+        Pairs {
+            rest: &self.packed[HEAD_LEN..self.body_at - 8],
+            left: self.header_count,
         }
     }
 
-    fn map(&self) -> &HeaderMap {
-        self.map
-            .get_or_init(|| Box::new(to_map(self.headers.iter().cloned(), 0)))
+    /// The stored headers as a name and a value that shares `packed`.
+    fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        self.pairs().filter_map(|(name, value)| {
+            // Both were checked when the response was stored or decoded.
+            let name = HeaderName::from_bytes(name).ok()?;
+            let value = HeaderValue::from_maybe_shared(self.packed.slice_ref(value)).ok()?;
+            Some((name, value))
+        })
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.packed[self.body_at..]
+    }
+
+    fn views(&self) -> &Views {
+        self.views.get_or_init(|| {
+            Box::new(Views {
+                map: to_map(self.headers(), self.header_count, 0),
+                body: self.packed.slice(self.body_at..),
+            })
+        })
+    }
+}
+
+/// The headers of an encoded response, as (name, value) bytes.
+struct Pairs<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Pairs<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.left = self.left.checked_sub(1)?;
+        let name = take_field(&mut self.rest).ok()?;
+        let value = take_field(&mut self.rest).ok()?;
+        Some((name, value))
     }
 }
 
@@ -47,8 +135,8 @@ impl PartialEq for Stored {
     fn eq(&self, other: &Self) -> bool {
         self.status == other.status
             && self.body_omitted == other.body_omitted
-            && self.body == other.body
-            && (self.headers == other.headers || self.map() == other.map())
+            && self.body() == other.body()
+            && (self.packed == other.packed || self.views().map == other.views().map)
     }
 }
 
@@ -57,37 +145,36 @@ impl Eq for Stored {}
 impl fmt::Debug for StoredResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let stored = &*self.0;
-        let headers = DebugHeaders(&stored.headers);
         f.debug_struct("StoredResponse")
             .field("status", &stored.status)
-            .field("headers", &headers)
-            .field("body", &stored.body)
+            .field("headers", &DebugHeaders(stored))
+            .field("body", self.body())
             .field("body_omitted", &stored.body_omitted)
             .finish()
     }
 }
 
-struct DebugHeaders<'a>(&'a [(HeaderName, HeaderValue)]);
+struct DebugHeaders<'a>(&'a Stored);
 
 impl fmt::Debug for DebugHeaders<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().map(|(n, v)| (n, v)))
-            .finish()
+        f.debug_map().entries(self.0.headers()).finish()
     }
 }
 
 /// The most entries a capacity is asked for: `HeaderMap` refuses larger ones (its table is
-/// at most 32,768 slots, and it keeps a quarter of them free).
+/// at most 32,768 slots, and it keeps a quarter of them free). A stored response holds no
+/// more headers than this.
 const MAX_HEADER_CAPACITY: usize = 24_576;
 
-/// A map of `headers` with room for `extra` more, without growing. A map cannot hold more
-/// than 32,768 entries: past that, the rest are left out rather than panicking.
+/// A map of `count` headers with room for `extra` more, without growing. A map cannot hold
+/// more than 32,768 entries: past that, the rest are left out rather than panicking.
 fn to_map(
-    headers: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>,
+    headers: impl Iterator<Item = (HeaderName, HeaderValue)>,
+    count: usize,
     extra: usize,
 ) -> HeaderMap {
-    let capacity = (headers.len() + extra).min(MAX_HEADER_CAPACITY);
+    let capacity = (count + extra).min(MAX_HEADER_CAPACITY);
     let mut map = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
     for (name, value) in headers {
         if map.try_append(name, value).is_err() {
@@ -95,22 +182,6 @@ fn to_map(
         }
     }
     map
-}
-
-/// The (name, value) list of `headers`, in its iteration order.
-fn to_list(headers: HeaderMap) -> Box<[(HeaderName, HeaderValue)]> {
-    let mut list = Vec::with_capacity(headers.len());
-    let mut last: Option<HeaderName> = None;
-    for (name, value) in headers {
-        // The map yields a name once, then `None` for each further value of that name.
-        if let Some(name) = name {
-            last = Some(name);
-        }
-        if let Some(name) = &last {
-            list.push((name.clone(), value));
-        }
-    }
-    list.into_boxed_slice()
 }
 
 /// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) and `Date`, which belongs to the
@@ -130,15 +201,14 @@ const NEVER_STORED: [HeaderName; 9] = [
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self(Arc::new(Stored::new(status, to_list(headers), body)))
+        let headers = || headers.iter().take(MAX_HEADER_CAPACITY);
+        Self(Arc::new(pack(status, false, headers, &body)))
     }
 
     /// A record of a response whose body was too large to store: it completed with `status`,
     /// but cannot be replayed.
     pub fn omitted(status: StatusCode) -> Self {
-        let mut stored = Stored::new(status, Box::default(), Bytes::new());
-        stored.body_omitted = true;
-        Self(Arc::new(stored))
+        Self(Arc::new(pack(status, true, std::iter::empty, &[])))
     }
 
     /// The status code of the original response.
@@ -148,12 +218,12 @@ impl StoredResponse {
 
     /// The stored headers of the original response.
     pub fn headers(&self) -> &HeaderMap {
-        self.0.map()
+        &self.0.views().map
     }
 
     /// The body of the original response.
     pub fn body(&self) -> &Bytes {
-        &self.0.body
+        &self.0.views().body
     }
 
     /// `true` when the original response was too large to store, so it cannot be replayed.
@@ -165,26 +235,20 @@ impl StoredResponse {
     /// name and value plus `per_header` for its own overhead. The stores that bound their
     /// memory (the memory store, the replay cache) count records by it.
     pub(crate) fn payload_size(&self, per_header: usize) -> usize {
-        let headers: usize = self
-            .header_list()
-            .iter()
-            .map(|(name, value)| per_header + name.as_str().len() + value.len())
+        let stored = &*self.0;
+        let headers: usize = stored
+            .pairs()
+            .map(|(name, value)| per_header + name.len() + value.len())
             .sum();
-        headers + self.body().len()
+        headers + stored.body().len()
     }
 
-    /// The stored headers as kept, without building the map that
-    /// [`headers`](Self::headers) returns.
-    pub(crate) fn header_list(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.0.headers
-    }
-
-    /// Builds the stored form of a handler's response head, leaving out hop-by-hop headers,
-    /// `Date`, the echoed key header, the headers in `skip`, and `Set-Cookie` when
-    /// `skip_cookies`.
+    /// Builds the stored form of a handler's response head and a copy of its body, leaving out
+    /// hop-by-hop headers, `Date`, the echoed key header, the headers in `skip`, and
+    /// `Set-Cookie` when `skip_cookies`.
     pub(crate) fn from_parts(
         parts: &response::Parts,
-        body: Bytes,
+        body: &[u8],
         key_header: &HeaderName,
         skip: &[HeaderName],
         skip_cookies: bool,
@@ -195,42 +259,31 @@ impl StoredResponse {
                 || skip.contains(name)
                 || (skip_cookies && name == http::header::SET_COOKIE))
         };
-        // Counted first, so that the list is allocated once at its size (a filtered `collect`
-        // would allocate a guess and then shrink it).
-        let count = parts.headers.iter().filter(|(name, _)| kept(name)).count();
-        let mut headers = Vec::with_capacity(count);
-        headers.extend(
+        let headers = || {
             parts
                 .headers
                 .iter()
                 .filter(|(name, _)| kept(name))
-                .map(|(name, value)| (name.clone(), value.clone())),
-        );
-        let headers = headers.into_boxed_slice();
-        Self(Arc::new(Stored::new(parts.status, headers, body)))
+                .take(MAX_HEADER_CAPACITY)
+        };
+        Self(Arc::new(pack(parts.status, false, headers, body)))
     }
 
-    /// The replayed response: status, headers and body as stored, with room in the header map
-    /// for `extra` more headers.
+    /// The replayed response: status, headers and body as stored (sharing its buffer, not
+    /// copied), with room in the header map for `extra` more headers.
     pub(crate) fn into_replay(self, extra: usize) -> http::Response<Bytes> {
-        let (status, headers, body) = match Arc::try_unwrap(self.0) {
-            Ok(stored) => {
-                let headers = to_map(stored.headers.into_vec().into_iter(), extra);
-                (stored.status, headers, stored.body)
-            }
-            Err(shared) => {
-                let headers = to_map(shared.headers.iter().cloned(), extra);
-                (shared.status, headers, shared.body.clone())
-            }
-        };
+        let stored = &*self.0;
+        let headers = to_map(stored.headers(), stored.header_count, extra);
+        let body = stored.packed.slice(stored.body_at..);
         let mut response = http::Response::new(body);
-        *response.status_mut() = status;
+        *response.status_mut() = stored.status;
         *response.headers_mut() = headers;
         response
     }
 
-    /// Encodes the response for a store that keeps bytes. The format is versioned and
-    /// self-delimiting; [`decode`](Self::decode) reads it back.
+    /// Encodes the response for a store that keeps bytes: the buffer it is kept in, shared,
+    /// not copied. The format is versioned and self-delimiting; [`decode`](Self::decode) reads
+    /// it back.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -244,32 +297,13 @@ impl StoredResponse {
     /// assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
     /// ```
     pub fn encode(&self) -> Bytes {
-        let stored = &*self.0;
-        let header_bytes: usize = stored
-            .headers
-            .iter()
-            .map(|(n, v)| 8 + n.as_str().len() + v.len())
-            .sum();
-        let mut out = BytesMut::with_capacity(16 + header_bytes + stored.body.len());
-        out.put_u8(FORMAT_VERSION);
-        out.put_u8(u8::from(stored.body_omitted));
-        out.put_u16(stored.status.as_u16());
-        out.put_u32(stored.headers.len() as u32);
-        for (name, value) in &*stored.headers {
-            out.put_u32(name.as_str().len() as u32);
-            out.put_slice(name.as_str().as_bytes());
-            out.put_u32(value.len() as u32);
-            out.put_slice(value.as_bytes());
-        }
-        out.put_u64(stored.body.len() as u64);
-        out.put_slice(&stored.body);
-        out.freeze()
+        self.0.packed.clone()
     }
 
-    /// Decodes what [`encode`](Self::encode) wrote. Never panics and never allocates more than
-    /// the input's length on any input.
-    pub fn decode(mut input: &[u8]) -> Result<Self, DecodeError> {
-        let buf = &mut input;
+    /// Decodes what [`encode`](Self::encode) wrote, checking every field, into one copy of
+    /// `input`. Never panics and never allocates more than the input's length on any input.
+    pub fn decode(input: &[u8]) -> Result<Self, DecodeError> {
+        let buf = &mut &input[..];
         if take_u8(buf)? != FORMAT_VERSION {
             return Err(DecodeError("unknown format version"));
         }
@@ -280,31 +314,37 @@ impl StoredResponse {
         };
         let status =
             StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
-        let count = take_u32(buf)? as usize;
-        // Each header takes at least 8 bytes, which bounds the map's capacity by the input.
-        let capacity = count.min(buf.len() / 8).min(MAX_HEADER_CAPACITY);
-        let mut headers =
-            HeaderMap::try_with_capacity(capacity).map_err(|_| DecodeError("too many headers"))?;
-        for _ in 0..count {
-            let len = take_u32(buf)? as usize;
-            let name = HeaderName::from_bytes(take(buf, len)?)
-                .map_err(|_| DecodeError("invalid header name"))?;
-            let len = take_u32(buf)? as usize;
-            let value = HeaderValue::from_bytes(take(buf, len)?)
-                .map_err(|_| DecodeError("invalid header value"))?;
-            headers
-                .try_append(name, value)
-                .map_err(|_| DecodeError("too many headers"))?;
+        let header_count = take_u32(buf)? as usize;
+        if header_count > MAX_HEADER_CAPACITY {
+            return Err(DecodeError("too many headers"));
+        }
+        for _ in 0..header_count {
+            if HeaderName::from_bytes(take_field(buf)?).is_err() {
+                return Err(DecodeError("invalid header name"));
+            }
+            if !take_field(buf)?.iter().all(|&b| is_value_byte(b)) {
+                return Err(DecodeError("invalid header value"));
+            }
         }
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
-        let body = Bytes::copy_from_slice(take(buf, len)?);
+        let body = take(buf, len)?;
         if !buf.is_empty() {
             return Err(DecodeError("trailing bytes"));
         }
-        let mut stored = Stored::new(status, to_list(headers), body);
-        stored.body_omitted = body_omitted;
-        Ok(Self(Arc::new(stored)))
+        Ok(Self(Arc::new(Stored {
+            status,
+            body_omitted,
+            packed: Bytes::copy_from_slice(input),
+            header_count,
+            body_at: input.len() - body.len(),
+            views: OnceLock::new(),
+        })))
     }
+}
+
+/// A byte `HeaderValue::from_bytes` accepts: visible ASCII, space, tab and obs-text.
+fn is_value_byte(b: u8) -> bool {
+    (b >= 32 && b != 127) || b == b'\t'
 }
 
 const FORMAT_VERSION: u8 = 1;
@@ -329,6 +369,12 @@ fn take<'a>(buf: &mut &'a [u8], len: usize) -> Result<&'a [u8], DecodeError> {
     let (head, rest) = buf.split_at(len);
     *buf = rest;
     Ok(head)
+}
+
+/// A length-prefixed field: a header's name or value.
+fn take_field<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let len = take_u32(buf)? as usize;
+    take(buf, len)
 }
 
 fn take_u8(buf: &mut &[u8]) -> Result<u8, DecodeError> {
@@ -455,7 +501,7 @@ mod tests {
         let (parts, ()) = response.into_parts();
         let stored = StoredResponse::from_parts(
             &parts,
-            Bytes::new(),
+            &[],
             &HeaderName::from_static("idempotency-key"),
             &[HeaderName::from_static("x-secret")],
             false,
@@ -468,7 +514,7 @@ mod tests {
         );
         let without_cookies = StoredResponse::from_parts(
             &parts,
-            Bytes::new(),
+            &[],
             &HeaderName::from_static("idempotency-key"),
             &[],
             true,

@@ -719,3 +719,32 @@ proptest! {
             .block_on(run_model(ops));
     }
 }
+
+/// A full store that keeps taking new keys drops its oldest records, and with each the entry
+/// in its tenant's queue: no queue holds an entry for a record that left, whichever path made
+/// the room (the shard's nearest expiry, or the tenant's own nearest).
+#[tokio::test]
+async fn a_full_store_under_new_keys_keeps_no_stale_entry_in_its_tenants_queues() {
+    const MAX: usize = 64;
+    let shared = MemoryStore::builder().max_entries(MAX).build();
+    let bounded = MemoryStore::builder()
+        .max_entries(MAX)
+        .max_entries_per_tenant(MAX / 2)
+        .build();
+    for store in [&shared, &bounded] {
+        for i in 0..20 * MAX {
+            completed(store, (i % 3) as u8, &format!("k{i}"), TTL).await;
+        }
+        assert_eq!(store.entry_count(), MAX);
+        check_counts(store);
+        for shard in store.inner.shards() {
+            let shard = read(shard);
+            assert_eq!(
+                shard.tenants_queued(),
+                shard.len(),
+                "no stale entry is queued"
+            );
+        }
+    }
+    assert!(shared.evicted() > 0 && bounded.evicted() > 0);
+}

@@ -23,8 +23,9 @@ pub(super) struct Tenant {
     /// Its records in the shard's table, in flight or completed, live or not yet pruned.
     pub(super) count: usize,
     /// Its completed records by expiry, nearest first. An entry whose record left by another
-    /// path (pruned, evicted by the shard, forgotten, taken over) is stale: dropped when it
-    /// reaches the front, or when stale entries outnumber the tenant's records.
+    /// path (pruned, evicted by the shard, forgotten, taken over) is stale: dropped once the
+    /// shard's queue removes a later record of the tenant, or when stale entries outnumber the
+    /// tenant's records.
     pub(super) completed: Expiries,
 }
 
@@ -137,21 +138,26 @@ impl Tenants {
 }
 
 impl Tenant {
-    /// Queues a completed record; drops the stale entries at the front (`is_live_entry` says
-    /// whether an entry's record is still in the table), and all of them once they outnumber
-    /// the tenant's records, so that the queue stays within twice the records it orders.
+    /// Queues a completed record, looking at no other: the shard drops the front entries as it
+    /// removes records in order of expiry ([`drop_through`](Self::drop_through)). Entries left
+    /// stale by another path (forgotten, taken over) go all at once when they outnumber the
+    /// tenant's records (`is_live_entry` says whether an entry's record is still in the
+    /// table), so that the queue stays within twice the records it orders.
     pub(super) fn push(&mut self, due: Due, is_live_entry: impl Fn(&Due) -> bool) {
-        while let Some(front) = self.completed.peek() {
-            if is_live_entry(&front) {
-                break;
-            }
-            self.completed.pop();
-        }
         self.completed.push(due);
         if self.completed.len() > 2 * self.count + 16 {
             let all = self.completed.take_all();
             self.completed
                 .rebuild(all.into_iter().filter(is_live_entry));
+        }
+    }
+
+    /// Drops the entries up to `due`, which the shard's own queue just gave up: the shard's
+    /// queue holds every entry this one does and gives them up in the same order, so the
+    /// records of those before it have left the table already.
+    pub(super) fn drop_through(&mut self, due: Due) {
+        while self.completed.peek().is_some_and(|front| front <= due) {
+            self.completed.pop();
         }
     }
 }

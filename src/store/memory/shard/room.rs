@@ -112,7 +112,11 @@ impl Shard {
         }
         let (slot, _) = entry.remove();
         self.bytes -= slot.record.size;
-        self.tenants.remove(slot.record.key.tenant());
+        let tenant = slot.record.key.tenant();
+        if let Some(queue) = self.tenants.get_mut(tenant) {
+            queue.drop_through(due);
+        }
+        self.tenants.remove(tenant);
         Some(slot.record)
     }
 
