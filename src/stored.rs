@@ -2,7 +2,7 @@
 //! encode it.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use bytes::{Buf, BufMut, Bytes};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -10,23 +10,25 @@ use http::{StatusCode, response};
 
 /// A response kept by a completed record, replayed to every retry.
 ///
-/// Cloning is cheap: one reference count.
+/// Cloning is cheap: one reference count (the first clone allocates it).
 #[derive(Clone, PartialEq, Eq)]
-pub struct StoredResponse(Arc<Stored>);
+pub struct StoredResponse(Stored);
 
 /// The response in one buffer, in the form [`StoredResponse::encode`] writes: status, each
 /// stored header's name and value, and the body. It is built once from the handler's response
 /// and read as is: a replay slices its header values and body out of it, a shared store
 /// writes it, the memory store counts it. The map [`StoredResponse::headers`] returns and the
 /// body [`StoredResponse::body`] returns are made on the first call of either (the flow calls
-/// neither), in one allocation that a record without them does not carry.
+/// neither), in one allocation that a record without them does not carry, and that a clone
+/// does not share.
 struct Stored {
     status: StatusCode,
     body_omitted: bool,
     /// The encoded response: written by [`pack`], or checked whole by
     /// [`StoredResponse::decode`].
     packed: Bytes,
-    header_count: usize,
+    /// At most [`MAX_HEADER_CAPACITY`].
+    header_count: u16,
     /// Where the body starts in `packed`.
     body_at: usize,
     views: OnceLock<Box<Views>>,
@@ -52,6 +54,8 @@ fn pack<'a, I>(
 where
     I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
 {
+    // A map holds no more than this: a `HeaderMap` given to `new` could not either.
+    let headers = || headers().take(MAX_HEADER_CAPACITY);
     let (count, header_bytes) = headers().fold((0, 0), |(count, bytes), (name, value)| {
         (count + 1, bytes + 8 + name.as_str().len() + value.len())
     });
@@ -74,7 +78,7 @@ where
         body_omitted,
         // At its capacity, so the `Vec` becomes a `Bytes` without a copy.
         packed: Bytes::from(out),
-        header_count: count,
+        header_count: count as u16,
         body_at,
         views: OnceLock::new(),
     }
@@ -85,7 +89,7 @@ impl Stored {
     fn pairs(&self) -> Pairs<'_> {
         Pairs {
             rest: &self.packed[HEAD_LEN..self.body_at - 8],
-            left: self.header_count,
+            left: usize::from(self.header_count),
         }
     }
 
@@ -106,7 +110,7 @@ impl Stored {
     fn views(&self) -> &Views {
         self.views.get_or_init(|| {
             Box::new(Views {
-                map: to_map(self.headers(), self.header_count, 0),
+                map: to_map(self.headers(), self.header_count.into(), 0),
                 body: self.packed.slice(self.body_at..),
             })
         })
@@ -142,9 +146,22 @@ impl PartialEq for Stored {
 
 impl Eq for Stored {}
 
+impl Clone for Stored {
+    fn clone(&self) -> Self {
+        Self {
+            status: self.status,
+            body_omitted: self.body_omitted,
+            packed: self.packed.clone(),
+            header_count: self.header_count,
+            body_at: self.body_at,
+            views: OnceLock::new(),
+        }
+    }
+}
+
 impl fmt::Debug for StoredResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let stored = &*self.0;
+        let stored = &self.0;
         f.debug_struct("StoredResponse")
             .field("status", &stored.status)
             .field("headers", &DebugHeaders(stored))
@@ -201,14 +218,13 @@ const NEVER_STORED: [HeaderName; 9] = [
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        let headers = || headers.iter().take(MAX_HEADER_CAPACITY);
-        Self(Arc::new(pack(status, false, headers, &body)))
+        Self(pack(status, false, || headers.iter(), &body))
     }
 
     /// A record of a response whose body was too large to store: it completed with `status`,
     /// but cannot be replayed.
     pub fn omitted(status: StatusCode) -> Self {
-        Self(Arc::new(pack(status, true, std::iter::empty, &[])))
+        Self(pack(status, true, std::iter::empty, &[]))
     }
 
     /// The status code of the original response.
@@ -235,7 +251,7 @@ impl StoredResponse {
     /// name and value plus `per_header` for its own overhead. The stores that bound their
     /// memory (the memory store, the replay cache) count records by it.
     pub(crate) fn payload_size(&self, per_header: usize) -> usize {
-        let stored = &*self.0;
+        let stored = &self.0;
         let headers: usize = stored
             .pairs()
             .map(|(name, value)| per_header + name.len() + value.len())
@@ -259,21 +275,15 @@ impl StoredResponse {
                 || skip.contains(name)
                 || (skip_cookies && name == http::header::SET_COOKIE))
         };
-        let headers = || {
-            parts
-                .headers
-                .iter()
-                .filter(|(name, _)| kept(name))
-                .take(MAX_HEADER_CAPACITY)
-        };
-        Self(Arc::new(pack(parts.status, false, headers, body)))
+        let headers = || parts.headers.iter().filter(|(name, _)| kept(name));
+        Self(pack(parts.status, false, headers, body))
     }
 
     /// The replayed response: status, headers and body as stored (sharing its buffer, not
     /// copied), with room in the header map for `extra` more headers.
     pub(crate) fn into_replay(self, extra: usize) -> http::Response<Bytes> {
-        let stored = &*self.0;
-        let headers = to_map(stored.headers(), stored.header_count, extra);
+        let stored = &self.0;
+        let headers = to_map(stored.headers(), stored.header_count.into(), extra);
         let body = stored.packed.slice(stored.body_at..);
         let mut response = http::Response::new(body);
         *response.status_mut() = stored.status;
@@ -331,14 +341,14 @@ impl StoredResponse {
         if !buf.is_empty() {
             return Err(DecodeError("trailing bytes"));
         }
-        Ok(Self(Arc::new(Stored {
+        Ok(Self(Stored {
             status,
             body_omitted,
             packed: Bytes::copy_from_slice(input),
-            header_count,
+            header_count: header_count as u16,
             body_at: input.len() - body.len(),
             views: OnceLock::new(),
-        })))
+        }))
     }
 }
 

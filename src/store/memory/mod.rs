@@ -38,8 +38,15 @@ use upkeep::prune_periodically;
 type Nanos = u64;
 
 /// The most shards a store has. Each shard is a lock, a hash table, an expiry queue and a share
-/// of the bounds; more shards mean shorter pauses when a table grows.
+/// of the bounds; more shards mean less contention between threads and shorter pauses when a
+/// table grows, fewer mean less memory that a request finds cold in the CPU's caches (a new
+/// key touches its shard's lock, lists and queues).
 const MAX_SHARDS: usize = 256;
+/// Shards per thread of the machine ([`std::thread::available_parallelism`]), and the fewest a
+/// store that the bounds allow more has: on two threads, 32 shards cost a new key about 1 µs
+/// less than 256 did, under the same load (BENCHMARKS.md).
+const SHARDS_PER_THREAD: usize = 8;
+const MIN_SHARDS: usize = 32;
 /// The fewest records and bytes a shard's share of the bounds allows, so that a small store is
 /// not split into shares too small to hold one large response.
 const MIN_SHARD_ENTRIES: usize = 2048;
@@ -93,9 +100,9 @@ const PRUNE_BATCH: usize = 4096;
 ///   key is refused when all its records are in flight), and a tenant within its share from
 ///   those of the tenant that holds the most, when that one is over its share. So one caller's
 ///   flood of keys costs that caller alone.
-/// - The bounds are shared evenly by the store's shards (up to 256, each with a share of at
-///   least 2,048 records, 4 MiB and 64 records of a tenant); a key's shard makes room within
-///   its own share.
+/// - The bounds are shared evenly by the store's shards (eight per thread of the machine, at
+///   least 32 and at most 256, each with a share of at least 2,048 records, 4 MiB and 64
+///   records of a tenant); a key's shard makes room within its own share.
 /// - Nothing is kept across a restart, unless the store has a
 ///   [`snapshot`](MemoryStoreBuilder::snapshot) file: then what the last snapshot held.
 ///
@@ -168,7 +175,13 @@ impl MemoryStore {
     pub(super) fn with_builder(builder: MemoryStoreBuilder) -> Self {
         let settings = builder.settings();
         let per_tenant = settings.max_entries_per_tenant();
-        let count = shard_count(settings.max_entries(), settings.max_bytes(), per_tenant);
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let count = shard_count(
+            settings.max_entries(),
+            settings.max_bytes(),
+            per_tenant,
+            max_shards(threads),
+        );
         let tokens = random_u64();
         let hasher = map_hasher();
         let shards = (0..count)
@@ -335,14 +348,23 @@ impl MemoryStore {
     }
 }
 
-/// How many shards a store of these bounds has: a power of two, at most [`MAX_SHARDS`], each
-/// with a share of at least [`MIN_SHARD_ENTRIES`], [`MIN_SHARD_BYTES`] and
+/// The most shards a store has on a machine of `threads` threads: [`SHARDS_PER_THREAD`] each,
+/// a power of two from [`MIN_SHARDS`] to [`MAX_SHARDS`].
+fn max_shards(threads: usize) -> usize {
+    threads
+        .saturating_mul(SHARDS_PER_THREAD)
+        .clamp(MIN_SHARDS, MAX_SHARDS)
+        .next_power_of_two()
+}
+
+/// How many shards a store of these bounds has: a power of two, at most `max`, each with a
+/// share of at least [`MIN_SHARD_ENTRIES`], [`MIN_SHARD_BYTES`] and
 /// [`MIN_SHARD_TENANT_ENTRIES`] when the bounds allow it.
-fn shard_count(max_entries: usize, max_bytes: usize, max_per_tenant: usize) -> usize {
+fn shard_count(max_entries: usize, max_bytes: usize, max_per_tenant: usize, max: usize) -> usize {
     let by_entries = max_entries / MIN_SHARD_ENTRIES;
     let by_bytes = max_bytes / MIN_SHARD_BYTES;
     let by_tenant = max_per_tenant / MIN_SHARD_TENANT_ENTRIES;
-    let count = by_entries.min(by_bytes).min(by_tenant).clamp(1, MAX_SHARDS);
+    let count = by_entries.min(by_bytes).min(by_tenant).clamp(1, max);
     // The largest power of two not above `count`.
     1 << count.ilog2()
 }

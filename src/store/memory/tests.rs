@@ -399,7 +399,7 @@ fn settings_are_checked_in_build_and_belong_to_a_new_store() {
     assert_eq!(settings.max_entries(), 5_000_000);
     assert_eq!(settings.max_bytes(), 2 << 30);
     assert_eq!(settings.cleanup_interval(), Duration::from_secs(60));
-    assert_eq!(store.inner.shards.len(), MAX_SHARDS);
+    assert_eq!(store.inner.shards.len(), machine_shards());
 
     // A builder is a value: changing a clone leaves the original as it was.
     let builder = MemoryStore::builder().max_entries(10);
@@ -457,25 +457,48 @@ async fn initial_capacity_sizes_the_tables_up_front() {
     assert_eq!(capacities(), before);
 }
 
+/// The most shards a store has on this machine.
+fn machine_shards() -> usize {
+    max_shards(std::thread::available_parallelism().map_or(1, usize::from))
+}
+
+#[test]
+fn shards_follow_the_machine_s_threads() {
+    let by_threads = [1, 2, 4, 5, 8, 16, 32, 64, 1_000, usize::MAX].map(max_shards);
+    assert_eq!(by_threads, [32, 32, 32, 64, 64, 128, 256, 256, 256, 256]);
+    // The bounds still split a store into fewer where its shares would be too small.
+    assert_eq!(
+        shard_count(100_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(2)),
+        32
+    );
+    assert_eq!(
+        shard_count(10_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(64)),
+        4
+    );
+}
+
 #[test]
 fn shards_split_the_bounds() {
     const ANY: usize = usize::MAX;
-    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES, ANY), 1);
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000, ANY), 1);
-    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY), 32);
+    assert_eq!(shard_count(3, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 1);
+    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000, ANY, MAX_SHARDS), 1);
+    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 32);
     assert_eq!(
-        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, ANY),
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS),
         256
     );
-    assert_eq!(shard_count(usize::MAX, usize::MAX, ANY), 256);
+    assert_eq!(shard_count(usize::MAX, usize::MAX, ANY, MAX_SHARDS), 256);
     // A small bound per tenant keeps its shares from getting too small to even out.
     assert_eq!(
-        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 1_000),
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 1_000, MAX_SHARDS),
         8
     );
-    assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 10), 1);
-    // The default bound per tenant leaves the default store its 256 shards.
-    assert_eq!(MemoryStore::new().inner.shards.len(), 256);
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 10, MAX_SHARDS),
+        1
+    );
+    // The default bound per tenant leaves the default store every shard the machine allows.
+    assert_eq!(MemoryStore::new().inner.shards.len(), machine_shards());
     assert_eq!(
         MemoryStore::new().settings().max_entries_per_tenant(),
         125_000
