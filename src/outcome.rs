@@ -142,11 +142,12 @@ pub(crate) fn in_detached_run() -> bool {
     DETACHED.with(std::cell::Cell::get)
 }
 
-/// When the layer started on a request, for the time its `tracing` event reports. Without the
-/// `tracing` feature nothing reads the clock.
+/// When the layer started on a request, for the time its `tracing` event reports. Nothing
+/// reads the clock without the `tracing` feature, nor when no subscriber wants the layer's
+/// events (the least verbose of them is a warning).
 #[cfg(feature = "tracing")]
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Started(tokio::time::Instant);
+pub(crate) struct Started(Option<tokio::time::Instant>);
 
 /// When the layer started on a request, for the time its `tracing` event reports. Without the
 /// `tracing` feature nothing reads the clock.
@@ -159,7 +160,10 @@ impl Started {
     #[inline]
     pub(crate) fn now() -> Self {
         #[cfg(feature = "tracing")]
-        return Self(tokio::time::Instant::now());
+        return Self(
+            tracing::enabled!(target: "tower_idempotency", tracing::Level::WARN)
+                .then(tokio::time::Instant::now),
+        );
         #[cfg(not(feature = "tracing"))]
         return Self;
     }
@@ -196,7 +200,7 @@ pub(crate) fn emit(
                     outcome = outcome.as_str(),
                     key_hash = key_hash.as_deref(),
                     tenant_hash = tenant_hash.as_deref(),
-                    elapsed_us = started.0.elapsed().as_micros() as u64,
+                    elapsed_us = started.0.map(|at| at.elapsed().as_micros() as u64),
                     detached = in_detached_run(),
                     "idempotency {}",
                     outcome.as_str()
@@ -368,4 +372,23 @@ pub(crate) fn emit(
     _started: Started,
 ) {
     crate::metrics::outcome(outcome.as_str());
+}
+
+#[cfg(all(test, feature = "tracing"))]
+mod tests {
+    use super::Started;
+
+    /// The clock is read for the event's time only when a subscriber wants the layer's events.
+    #[test]
+    fn the_clock_is_read_only_for_a_subscriber() {
+        let none = tracing::subscriber::NoSubscriber::default();
+        let started = tracing::subscriber::with_default(none, Started::now);
+        assert!(started.0.is_none());
+        let warnings = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(std::io::sink)
+            .finish();
+        let started = tracing::subscriber::with_default(warnings, Started::now);
+        assert!(started.0.is_some());
+    }
 }
