@@ -8,6 +8,7 @@
 //! released. That part runs to its end even when the client goes away (see `detach`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -105,7 +106,7 @@ where
             record: RecordKey::new(tenant, key),
             permit,
         };
-        let prelude = Box::pin(prelude(shared, inner, parts, body, keyed));
+        let prelude = in_place(|| prelude(shared, inner, parts, body, keyed));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
@@ -274,8 +275,21 @@ where
     let waiters = config.wait.map(|_| shared.waiters.clone());
     let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
-    let execute = execute(shared, inner, req, raw, guard, started);
-    Box::pin(Execution::new(execute, &runs, permit))
+    in_place(|| {
+        Execution::new(
+            execute(shared, inner, req, raw, guard, started),
+            &runs,
+            permit,
+        )
+    })
+}
+
+/// Boxes the future `make` returns, allocating first, so that the compiler can build it in its
+/// allocation rather than on the stack and then copy it there (a kilobyte or two per request).
+#[inline(always)]
+fn in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let slot = Box::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
 }
 
 /// A keyed request admitted: its key as the client sent it, its record, and its admission.
