@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,6 +95,53 @@ impl CallClock {
     }
 }
 
+/// A store call under way, boxed: a renewal runs only while a handler is pending.
+type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+pin_project_lite::pin_project! {
+    /// The future of [`Guard::renewing`]: the handler's future in place, beside the timer and
+    /// the renewal under way, each in an allocation of its own made only once the handler is
+    /// pending, so that a handler that answers at once costs no timer and no clock read. (An
+    /// `async fn` would keep the handler's future twice: once as its argument, once pinned.)
+    pub(crate) struct Renewing<'a, St: IdempotencyStore, F> {
+        guard: &'a Guard<St>,
+        #[pin]
+        handler: F,
+        lease: Duration,
+        tick: Option<Pin<Box<tokio::time::Sleep>>>,
+        renewal: Option<Renewal<'a>>,
+    }
+}
+
+impl<'a, St: IdempotencyStore, F: Future> Future for Renewing<'a, St, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.handler.poll(cx) {
+            return Poll::Ready(output);
+        }
+        let guard: &'a Guard<St> = this.guard;
+        let (lease, period) = (*this.lease, *this.lease / 3);
+        let timer = this
+            .tick
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let next = timer.deadline() + period;
+            timer.as_mut().reset(next);
+            // A renewal still running when the next is due stands for both.
+            if this.renewal.is_none() {
+                let call = guard.store.renew(&guard.key, guard.token, lease);
+                *this.renewal = Some(Box::pin(timed(StoreOp::Renew, guard.timeout, call)));
+            }
+        }
+        if guard.poll_renewal(this.renewal.as_mut().map(Pin::as_mut), cx) {
+            *this.renewal = None;
+        }
+        Poll::Pending
+    }
+}
+
 thread_local! {
     /// Set while a detached run is dropped without finishing: its runtime is shutting down, and
     /// its handler may have done part of its work, so its key keeps its lease instead of being
@@ -177,41 +224,18 @@ impl<St: IdempotencyStore> Guard<St> {
     /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
     /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
     /// and completing is fenced by the token either way); it is reported as a `tracing` event.
-    pub(crate) async fn renewing<F: Future>(&self, lease: Duration, handler: F) -> F::Output {
-        let period = lease / 3;
-        let renew = || {
-            let call = self.store.renew(&self.key, self.token, lease);
-            timed(StoreOp::Renew, self.timeout, call)
-        };
-        let mut handler = pin!(handler);
-        // The timer is armed only once the handler is pending: one that answers at once costs
-        // no timer and no clock read. The timer and a renewal under way live in allocations of
-        // their own, so that a handler that answers at once is not carried in a larger future.
-        let mut tick: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let mut renewal = None;
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(output) = handler.as_mut().poll(cx) {
-                return Poll::Ready(output);
-            }
-            let timer = tick.get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
-            while timer.as_mut().poll(cx).is_ready() {
-                let next = timer.deadline() + period;
-                timer.as_mut().reset(next);
-                // A renewal still running when the next is due stands for both.
-                if renewal.is_none() {
-                    renewal = Some(Box::pin(renew()));
-                }
-            }
-            if self.poll_renewal(renewal.as_mut().map(Pin::as_mut), cx) {
-                renewal = None;
-            }
-            Poll::Pending
-        })
-        .await
+    pub(crate) fn renewing<F: Future>(&self, lease: Duration, handler: F) -> Renewing<'_, St, F> {
+        Renewing {
+            guard: self,
+            handler,
+            lease,
+            tick: None,
+            renewal: None,
+        }
     }
 
     /// Polls a renewal under way, if any; `true` once it is done.
-    fn poll_renewal<F: Future<Output = Result<(), StoreError>>>(
+    fn poll_renewal<F: Future<Output = Result<(), StoreError>> + ?Sized>(
         &self,
         call: Option<Pin<&mut F>>,
         cx: &mut Context<'_>,

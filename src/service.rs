@@ -432,4 +432,49 @@ mod tests {
         let size = std::mem::size_of_val(&prelude);
         assert!(size <= 1_000, "the prelude takes {size} bytes");
     }
+
+    /// The handler's part of the flow keeps the handler's future once (an `async fn` that
+    /// pins its argument keeps it twice): here a future that holds 8 KiB across an `await`.
+    #[tokio::test]
+    async fn the_handler_s_part_keeps_the_handler_s_future_once() {
+        async fn handler(
+            _: Request<RequestBody<Full<Bytes>>>,
+        ) -> Result<Response<Full<Bytes>>, Infallible> {
+            let buffer = [1u8; 8192];
+            tokio::task::yield_now().await;
+            let body = Bytes::copy_from_slice(&buffer[..1]);
+            Ok(Response::new(Full::new(body)))
+        }
+        let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(handler));
+        let shared = svc.shared.clone();
+        let record = RecordKey::new(TenantId::shared(), "k");
+        let Ok(Begin::Acquired(token)) = shared
+            .store
+            .begin(
+                &record,
+                &Fingerprint::from_bytes([0; 32]),
+                shared.config.lease,
+            )
+            .await
+        else {
+            panic!("a new key is acquired");
+        };
+        let permit = shared
+            .admission
+            .admit(record.tenant(), shared.config.admission)
+            .unwrap();
+        let held = Held {
+            keyed: Keyed {
+                raw: HeaderValue::from_static("k"),
+                record,
+                permit,
+            },
+            token,
+            started: Started::now(),
+        };
+        let req = Request::new(RequestBody::buffered(Chunks::default()));
+        let running = hold(shared, svc.inner, req, held);
+        let size = std::mem::size_of_val(&*running);
+        assert!(size < 8192 + 2048, "the handler's part takes {size} bytes");
+    }
 }
