@@ -36,12 +36,12 @@ impl<S> IdempotentRetry<S> {
         &self.inner
     }
 
-    /// The inner service.
+    /// The inner service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
-    /// The inner service.
+    /// The inner service, consuming this one.
     pub fn into_inner(self) -> S {
         self.inner
     }
