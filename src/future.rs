@@ -12,7 +12,7 @@ use crate::body::ResponseBody;
 use crate::detach::Detachable;
 use crate::outcome::RequestSpan;
 
-type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
+pub(crate) type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 /// The first part of a keyed request's flow: up to the store's answer.
 pub(crate) type Prelude<B, E> = Pin<Box<dyn Future<Output = Step<B, E>> + Send>>;

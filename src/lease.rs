@@ -95,50 +95,102 @@ impl CallClock {
     }
 }
 
-/// A store call under way, boxed: a renewal runs only while a handler is pending.
-type Renewal<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+/// A renewal under way, boxed: one runs only while a handler is pending.
+type Renewal = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 pin_project_lite::pin_project! {
-    /// The future of [`Guard::renewing`]: the handler's future in place, beside the timer and
-    /// the renewal under way, each in an allocation of its own made only once the handler is
-    /// pending, so that a handler that answers at once costs no timer and no clock read. (An
-    /// `async fn` would keep the handler's future twice: once as its argument, once pinned.)
-    pub(crate) struct Renewing<'a, St: IdempotencyStore, F> {
-        guard: &'a Guard<St>,
-        #[pin]
-        handler: F,
-        lease: Duration,
-        tick: Option<Pin<Box<tokio::time::Sleep>>>,
-        renewal: Option<Renewal<'a>>,
+    /// The handler's part of a request that holds its key, in two stages: the handler's future,
+    /// run under the guard's lease (see [`Guard::running`]); then the future its output goes on
+    /// with (storing the response, or releasing the key), which takes the guard over.
+    ///
+    /// Each stage keeps only what it needs, in one allocation sized for the larger: the request
+    /// is gone once the handler's future is made, and that future once it has answered. (An
+    /// `async` block would keep its captured request for the whole run, beside everything that
+    /// follows the handler, and an `async fn` its handler's future twice.)
+    #[project = LeasedProj]
+    #[project_replace = LeasedReplace]
+    pub(crate) enum Leased<St: IdempotencyStore, F, A, G> {
+        Running {
+            #[pin]
+            handler: F,
+            renewals: Renewals,
+            guard: Guard<St>,
+            then: A,
+        },
+        Then {
+            #[pin]
+            future: G,
+        },
+        Moving,
     }
 }
 
-impl<'a, St: IdempotencyStore, F: Future> Future for Renewing<'a, St, F> {
-    type Output = F::Output;
+impl<St, F, A, G> Future for Leased<St, F, A, G>
+where
+    St: IdempotencyStore,
+    F: Future,
+    A: FnOnce(Guard<St>, F::Output) -> G,
+    G: Future,
+{
+    type Output = G::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        if let Poll::Ready(output) = this.handler.poll(cx) {
-            return Poll::Ready(output);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<G::Output> {
+        if let LeasedProj::Running {
+            handler,
+            guard,
+            renewals,
+            ..
+        } = self.as_mut().project()
+        {
+            let Poll::Ready(output) = handler.poll(cx) else {
+                renewals.poll(guard, cx);
+                return Poll::Pending;
+            };
+            // The handler's future is dropped in place; the guard and what follows move on.
+            let LeasedReplace::Running { guard, then, .. } =
+                self.as_mut().project_replace(Self::Moving)
+            else {
+                unreachable!("the handler's stage was just polled");
+            };
+            self.set(Self::Then {
+                future: then(guard, output),
+            });
         }
-        let guard: &'a Guard<St> = this.guard;
-        let (lease, period) = (*this.lease, *this.lease / 3);
-        let timer = this
+        match self.project() {
+            LeasedProj::Then { future } => future.poll(cx),
+            _ => unreachable!("a handler's part is polled again only once it moved on"),
+        }
+    }
+}
+
+/// The lease renewals of a pending handler: the timer and the renewal under way, each in an
+/// allocation of its own made only once the handler is pending, so that a handler that answers
+/// at once costs no timer and no clock read.
+pub(crate) struct Renewals {
+    lease: Duration,
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
+    renewal: Option<Renewal>,
+}
+
+impl Renewals {
+    /// Renews `guard`'s lease every third of its length: starts a renewal each time the timer
+    /// fires (one still running when the next is due stands for both), and polls the one under
+    /// way.
+    fn poll<St: IdempotencyStore>(&mut self, guard: &Guard<St>, cx: &mut Context<'_>) {
+        let (lease, period) = (self.lease, self.lease / 3);
+        let timer = self
             .tick
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
         while timer.as_mut().poll(cx).is_ready() {
             let next = timer.deadline() + period;
             timer.as_mut().reset(next);
-            // A renewal still running when the next is due stands for both.
-            if this.renewal.is_none() {
-                let call = guard.store.renew(&guard.key, guard.token, lease);
-                *this.renewal = Some(Box::pin(timed(StoreOp::Renew, guard.timeout, call)));
+            if self.renewal.is_none() {
+                self.renewal = Some(guard.renewal(lease));
             }
         }
-        if guard.poll_renewal(this.renewal.as_mut().map(Pin::as_mut), cx) {
-            *this.renewal = None;
+        if guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx) {
+            self.renewal = None;
         }
-        Poll::Pending
     }
 }
 
@@ -219,19 +271,45 @@ impl<St: IdempotencyStore> Guard<St> {
         &self.key
     }
 
-    /// Drives `handler` to its end while renewing the lease every third of its length.
+    /// The handler's part of the request that holds this guard: drives `handler` to its end
+    /// while renewing the lease every third of its length, then hands the guard and the
+    /// handler's output to `then`, and runs the future it makes.
     ///
     /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
     /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
     /// and completing is fenced by the token either way); it is reported as a `tracing` event.
-    pub(crate) fn renewing<F: Future>(&self, lease: Duration, handler: F) -> Renewing<'_, St, F> {
-        Renewing {
-            guard: self,
+    pub(crate) fn running<F, A, G>(
+        self,
+        lease: Duration,
+        handler: F,
+        then: A,
+    ) -> Leased<St, F, A, G>
+    where
+        F: Future,
+        A: FnOnce(Self, F::Output) -> G,
+        G: Future,
+    {
+        Leased::Running {
             handler,
-            lease,
-            tick: None,
-            renewal: None,
+            renewals: Renewals {
+                lease,
+                tick: None,
+                renewal: None,
+            },
+            guard: self,
+            then,
         }
+    }
+
+    /// A renewal of this guard's lease, owning what it needs: it runs beside the handler, in the
+    /// future that also holds this guard.
+    fn renewal(&self, lease: Duration) -> Renewal {
+        let (store, key, token) = (Arc::clone(&self.store), self.key.clone(), self.token);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let call = store.renew(&key, token, lease);
+            timed(StoreOp::Renew, timeout, call).await
+        })
     }
 
     /// Polls a renewal under way, if any; `true` once it is done.
@@ -254,17 +332,38 @@ impl<St: IdempotencyStore> Guard<St> {
         outcome::store_failure(call, err, &self.key);
     }
 
-    /// Stores `response`. If this fails, the record stays in flight until its lease ends: it is
-    /// not released, so a retry cannot run the handler again while the lease lives.
-    /// A failure is reported as a `tracing` event.
-    pub(crate) async fn complete(&mut self, response: StoredResponse, ttl: Duration) {
-        self.state = GuardState::Completing(response.clone(), ttl);
-        let call = self.store.complete(&self.key, self.token, response, ttl);
-        let result = timed(StoreOp::Complete, self.timeout, call).await;
-        self.state = GuardState::Done;
-        self.wake();
-        if let Err(err) = result {
-            self.report("complete", &err);
+    /// Ends the lease with the handler's response: completes the record with `response`, or,
+    /// when there is none to store (its body failed), releases the key. Answers the outcome.
+    ///
+    /// A completion that fails leaves the record in flight until its lease ends: it is not
+    /// released, so a retry cannot run the handler again while the lease lives. A failure is
+    /// reported as a `tracing` event.
+    ///
+    /// The response waits in the guard (which finishes the completion should this future be
+    /// dropped) rather than in this future, and the store gets a clone of it.
+    pub(crate) fn conclude(
+        &mut self,
+        response: Option<StoredResponse>,
+        ttl: Duration,
+    ) -> impl Future<Output = Outcome> + '_ {
+        if let Some(response) = response {
+            self.state = GuardState::Completing(response, ttl);
+        }
+        async move {
+            let GuardState::Completing(response, ttl) = &self.state else {
+                self.release().await;
+                return Outcome::Released;
+            };
+            let call = self
+                .store
+                .complete(&self.key, self.token, response.clone(), *ttl);
+            let result = timed(StoreOp::Complete, self.timeout, call).await;
+            self.state = GuardState::Done;
+            self.wake();
+            if let Err(err) = result {
+                self.report("complete", &err);
+            }
+            Outcome::Executed
         }
     }
 
