@@ -1,11 +1,13 @@
 //! Holding a key: the guard that completes or releases an in-flight record, the lease renewal
 //! that runs beside the handler, and the timeout every store call runs under.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use crate::metrics::{self, StoreOp};
@@ -101,7 +103,9 @@ type Renewal = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 pin_project_lite::pin_project! {
     /// The handler's part of a request that holds its key, in two stages: the handler's future,
     /// run under the guard's lease (see [`Guard::running`]); then the future its output goes on
-    /// with (storing the response, or releasing the key), which takes the guard over.
+    /// with (storing the response, or releasing the key), which takes the guard over. A handler
+    /// that panics has its key released first, and its panic then goes on up: the retry that
+    /// follows the `500` of a panic-catching layer above runs the handler again at once.
     ///
     /// Each stage keeps only what it needs, in one allocation sized for the larger: the request
     /// is gone once the handler's future is made, and that future once it has answered. (An
@@ -120,6 +124,11 @@ pin_project_lite::pin_project! {
         Then {
             #[pin]
             future: G,
+        },
+        // The handler panicked: its key is released, then the panic goes on.
+        Unwinding {
+            release: Pin<Box<dyn Future<Output = ()> + Send>>,
+            panic: Option<Box<dyn Any + Send>>,
         },
         Moving,
     }
@@ -142,9 +151,13 @@ where
             ..
         } = self.as_mut().project()
         {
-            let Poll::Ready(output) = handler.poll(cx) else {
-                renewals.poll(guard, cx);
-                return Poll::Pending;
+            let next = match panic::catch_unwind(AssertUnwindSafe(|| handler.poll(cx))) {
+                Ok(Poll::Ready(output)) => Ok(output),
+                Ok(Poll::Pending) => {
+                    renewals.poll(guard, cx);
+                    return Poll::Pending;
+                }
+                Err(panic) => Err(panic),
             };
             // The handler's future is dropped in place; the guard and what follows move on.
             let LeasedReplace::Running { guard, then, .. } =
@@ -152,12 +165,25 @@ where
             else {
                 unreachable!("the handler's stage was just polled");
             };
-            self.set(Self::Then {
-                future: then(guard, output),
+            self.set(match next {
+                Ok(output) => Self::Then {
+                    future: then(guard, output),
+                },
+                Err(panic) => Self::Unwinding {
+                    release: guard.release_after_panic(),
+                    panic: Some(panic),
+                },
             });
         }
         match self.project() {
             LeasedProj::Then { future } => future.poll(cx),
+            LeasedProj::Unwinding { release, panic } => {
+                ready!(release.as_mut().poll(cx));
+                match panic.take() {
+                    Some(panic) => panic::resume_unwind(panic),
+                    None => unreachable!("a panic goes on once"),
+                }
+            }
             _ => unreachable!("a handler's part is polled again only once it moved on"),
         }
     }
@@ -210,9 +236,10 @@ pub(crate) fn drop_keeping_lease<T>(value: T) {
 
 /// Holds an in-flight record for the request that acquired it.
 ///
-/// Completing or releasing disarms it. Dropped while armed (the handler panicked, or the
-/// request was cancelled with `finish_on_disconnect(false)`), it releases the record in a
-/// background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down
+/// Completing or releasing disarms it; a handler that panics has its record released before
+/// the panic goes on (see [`Leased`]). Dropped while armed (the request was cancelled with
+/// `finish_on_disconnect(false)`, or the flow panicked after the handler), it releases the
+/// record in a background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down
 /// under a detached run, it keeps its lease, which then ends by itself; dropped while completing,
 /// it finishes the completion in the background, so a response the handler already produced is
 /// not lost and the handler does not run again.
@@ -403,6 +430,21 @@ impl<St: IdempotencyStore> Guard<St> {
                 self.spawn_release();
             }
         }
+    }
+
+    /// Releases the key of a handler that panicked, before its panic goes on up: a retry that
+    /// follows the `500` a panic-catching layer above answers runs the handler again, instead
+    /// of finding the record still in flight while a background task releases it.
+    fn release_after_panic(mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // No response reports this outcome, so the event does.
+        let key = Some(self.key.key());
+        outcome::emit(
+            Outcome::Released,
+            key,
+            Some(self.key.tenant()),
+            self.started,
+        );
+        Box::pin(async move { self.release().await })
     }
 
     fn spawn_release(&self) {

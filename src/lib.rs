@@ -119,10 +119,10 @@
 //! [`CacheDecision`]. A handler whose client goes away (hyper drops the request's future) runs
 //! to its end on a task of its own, and its response is stored as if the client had stayed:
 //! the retry gets `409`, then the replay ([`finish_on_disconnect`](IdempotencyLayer::finish_on_disconnect),
-//! [`DetachedRuns`] for shutdown). A handler that panics releases its key: a key never stays
-//! stuck in `409`. While the handler runs, the lease is renewed, so only a holder that died can
-//! be taken over; and completing needs the lock token, so a holder that lost its lease cannot
-//! overwrite.
+//! [`DetachedRuns`] for shutdown). A handler that panics releases its key before the panic
+//! goes on up (to a `CatchPanicLayer` outside, say): the retry that follows its `500` runs.
+//! While the handler runs, the lease is renewed, so only a holder that died can be taken over;
+//! and completing needs the lock token, so a holder that lost its lease cannot overwrite.
 //!
 //! Other answers: a missing key passes through (or `400 idempotency_key_missing` with
 //! [`require_key`](IdempotencyLayer::require_key)); an empty, over-long, non-visible-ASCII or

@@ -15,7 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use http_body_util::BodyExt;
-use support::{Runs, send};
+use support::{Runs, Transport, Via, send};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
@@ -288,13 +288,15 @@ async fn compression_outside_stores_identity_and_encodes_each_replay() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn a_panic_caught_outside_the_layer_releases_the_key() {
+/// A handler that panics has its key released before the panic reaches the layer above: the
+/// retry that follows its `500` at once runs the handler, through `oneshot` and through a real
+/// server whose worker threads run the retry while the first request's task unwinds.
+async fn a_panic_caught_outside_the_layer_releases_the_key(transport: Transport) {
     let runs = Runs::default();
-    async fn flaky(State(runs): State<Runs>) -> impl IntoResponse {
+    async fn flaky(State(runs): State<Runs>, body: String) -> impl IntoResponse {
         let n = runs.bump();
-        if n == 1 {
-            panic!("the first run fails");
+        if body == "panic" {
+            panic!("run {n} fails");
         }
         (StatusCode::CREATED, format!("run {n}"))
     }
@@ -303,24 +305,40 @@ async fn a_panic_caught_outside_the_layer_releases_the_key() {
         .with_state(runs.clone())
         .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
         .layer(CatchPanicLayer::new());
-    let first = send(&app, post_json("/flaky", "k", None, "")).await;
-    assert_eq!(
-        first.status,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the panic became a 500"
-    );
-    // The release runs in the background.
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
+    let via = Via::new(app, transport).await;
+    for attempt in 1..=20 {
+        let key = format!("k{attempt}");
+        let first = via.send(post_json("/flaky", &key, None, "panic")).await;
+        assert_eq!(
+            first.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the panic became a 500"
+        );
+        // Released before the panic reached the layer above: the retry that follows at once
+        // (with the body the handler takes) runs.
+        let retry = via.send(post_json("/flaky", &key, None, "panic")).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "released: the retry ran the handler again (attempt {attempt})"
+        );
     }
-    let retry = send(&app, post_json("/flaky", "k", None, "")).await;
-    assert_eq!(
-        retry.status,
-        StatusCode::CREATED,
-        "released: the retry runs"
-    );
-    assert_eq!(&retry.body[..], b"run 2");
-    let replay = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(runs.get(), 40, "each of the 40 requests ran the handler");
+    let key = "k-last";
+    let first = via.send(post_json("/flaky", key, None, "")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = via.send(post_json("/flaky", key, None, "")).await;
     assert!(replay.replayed());
-    assert_eq!(runs.get(), 2);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(runs.get(), 41);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_caught_outside_the_layer_releases_the_key_oneshot() {
+    a_panic_caught_outside_the_layer_releases_the_key(Transport::Oneshot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_caught_outside_the_layer_releases_the_key_on_loopback() {
+    a_panic_caught_outside_the_layer_releases_the_key(Transport::Loopback).await;
 }
