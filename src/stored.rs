@@ -201,9 +201,9 @@ fn to_map(
     map
 }
 
-/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) and `Date`, which belongs to the
-/// moment a response is sent.
-const NEVER_STORED: [HeaderName; 9] = [
+/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1; besides, those the response's
+/// `Connection` names) and `Date`, which belongs to the moment a response is sent.
+const NEVER_STORED: [HeaderName; 10] = [
     header::CONNECTION,
     header::DATE,
     header::PROXY_AUTHENTICATE,
@@ -213,7 +213,20 @@ const NEVER_STORED: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
+
+/// Whether the `Connection` headers `connection` name `name` (a comma-separated list of
+/// header names, any case), which makes it a hop-by-hop header of that response.
+fn named_by(connection: &http::header::GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
+    connection.iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|token| {
+            token
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
+    })
+}
 
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
@@ -269,11 +282,14 @@ impl StoredResponse {
         skip: &[HeaderName],
         skip_cookies: bool,
     ) -> Self {
+        let connection = parts.headers.get_all(header::CONNECTION);
+        let hop_by_hop = connection.iter().next().is_some();
         let kept = |name: &HeaderName| {
             !(NEVER_STORED.contains(name)
                 || name == key_header
                 || skip.contains(name)
-                || (skip_cookies && name == http::header::SET_COOKIE))
+                || (skip_cookies && name == http::header::SET_COOKIE)
+                || (hop_by_hop && named_by(&connection, name)))
         };
         let headers = || parts.headers.iter().filter(|(name, _)| kept(name));
         Self(pack(parts.status, false, headers, body))
@@ -494,6 +510,7 @@ mod tests {
 
     #[test]
     fn from_parts_drops_hop_by_hop_date_and_skipped() {
+        // `x-hop` and `x-other-hop` are hop-by-hop here: this response's `Connection` names them.
         let mut response = http::Response::new(());
         let h = response.headers_mut();
         h.insert(
@@ -501,8 +518,12 @@ mod tests {
             "Mon, 23 Nov 2026 10:00:00 GMT".parse().unwrap(),
         );
         h.insert(header::CONNECTION, "close".parse().unwrap());
+        h.append(header::CONNECTION, "X-Hop, x-other-hop".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("x-other-hop", "2".parse().unwrap());
         h.insert("idempotency-key", "k".parse().unwrap());
         h.insert("x-secret", "s".parse().unwrap());
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
