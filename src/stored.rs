@@ -265,11 +265,11 @@ impl StoredResponse {
     /// memory (the memory store, the replay cache) count records by it.
     pub(crate) fn payload_size(&self, per_header: usize) -> usize {
         let stored = &self.0;
-        let headers: usize = stored
-            .pairs()
-            .map(|(name, value)| per_header + name.len() + value.len())
-            .sum();
-        headers + stored.body().len()
+        let count = usize::from(stored.header_count);
+        // Between the head and the body's length, each header is its name and value and their
+        // two 4-byte lengths, and nothing else (`pack` writes it so, `decode` checks it).
+        let names_and_values = stored.body_at - 8 - HEAD_LEN - 8 * count;
+        count * per_header + names_and_values + stored.body().len()
     }
 
     /// Builds the stored form of a handler's response head and a copy of its body, leaving out
@@ -506,6 +506,33 @@ mod tests {
             bytes.truncate(((r >> 40) as usize) % (bytes.len() + 1));
             let _ = StoredResponse::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn payload_size_counts_each_header_s_name_and_value_and_the_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        headers.append(header::SET_COOKIE, "b=22".parse().unwrap());
+        headers.insert("x-empty", HeaderValue::from_static(""));
+        let body = Bytes::from_static(b"{\"id\":1}");
+        let by_hand = [
+            ("content-type", 16),
+            ("set-cookie", 3),
+            ("set-cookie", 4),
+            ("x-empty", 0),
+        ]
+        .iter()
+        .map(|(name, value)| 32 + name.len() + value)
+        .sum::<usize>()
+            + body.len();
+        let stored = StoredResponse::new(StatusCode::CREATED, headers, body);
+        assert_eq!(stored.payload_size(32), by_hand);
+        let decoded = StoredResponse::decode(&stored.encode()).unwrap();
+        assert_eq!(decoded.payload_size(32), by_hand);
+        assert_eq!(StoredResponse::omitted(StatusCode::OK).payload_size(32), 0);
+        let bare = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
+        assert_eq!(bare.payload_size(32), 0);
     }
 
     #[test]
