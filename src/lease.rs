@@ -436,15 +436,13 @@ impl<St: IdempotencyStore> Guard<St> {
     /// follows the `500` a panic-catching layer above answers runs the handler again, instead
     /// of finding the record still in flight while a background task releases it.
     fn release_after_panic(mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        // No response reports this outcome, so the event does.
-        let key = Some(self.key.key());
-        outcome::emit(
-            Outcome::Released,
-            key,
-            Some(self.key.tenant()),
-            self.started,
-        );
-        Box::pin(async move { self.release().await })
+        Box::pin(async move {
+            self.release().await;
+            // No response reports this outcome, so the event does (once: dropped before the
+            // release ends, the guard's `Drop` reports it instead).
+            let (key, tenant) = (Some(self.key.key()), Some(self.key.tenant()));
+            outcome::emit(Outcome::Released, key, tenant, self.started);
+        })
     }
 
     fn spawn_release(&self) {

@@ -8,11 +8,13 @@
 mod support;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use futures_util::FutureExt;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use support::{FaultyStore, Runs, api, post_with_key, send};
 use tower::ServiceExt;
@@ -142,7 +144,7 @@ async fn requests_are_counted_by_outcome() {
     );
 }
 
-/// Released keys (5xx) and requests refused for a missing key are counted too.
+/// Released keys (5xx, a panic) and requests refused for a missing key are counted too.
 #[tokio::test(start_paused = true)]
 async fn released_and_missing_keys_are_counted() {
     let recorder = DebuggingRecorder::new();
@@ -159,10 +161,15 @@ async fn released_and_missing_keys_are_counted() {
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     let missing = Request::post("/payments").body(Body::from("{}")).unwrap();
     assert_eq!(send(&app, missing).await.status, StatusCode::BAD_REQUEST);
+    // A handler that panics: its release is counted once, though no response reports it.
+    let panicked = AssertUnwindSafe(send(&app, post_with_key("/panic", "p", "{}")))
+        .catch_unwind()
+        .await;
+    assert!(panicked.is_err());
 
     let mut seen = Seen::default();
     seen.take(&snapshotter);
-    assert_eq!(seen.requests("released"), 1);
+    assert_eq!(seen.requests("released"), 2, "the 500 and the panic");
     assert_eq!(seen.requests("missing_key"), 1);
 }
 
