@@ -70,7 +70,8 @@ where
 /// Runs `n` requests of route `mode` after a warm-up of 1,000.
 fn run(mode: &str, n: usize) {
     const WARM_UP: usize = 1_000;
-    // Keys as a parsed request's are: slices of one buffer, made before anything is counted.
+    // Keys as a parsed request's are: slices of one buffer. Making them (and each request) is
+    // counted too, the same for every route: the difference from `bare` is the layer's.
     let all: Bytes = (0..WARM_UP + n)
         .map(|i| format!("key-{i:08}"))
         .collect::<String>()

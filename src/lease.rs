@@ -101,11 +101,13 @@ impl CallClock {
 type Renewal = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 pin_project_lite::pin_project! {
-    /// The handler's part of a request that holds its key, in two stages: the handler's future,
+    /// The handler's part of a request that holds its key, in stages: the handler's future,
     /// run under the guard's lease (see [`Guard::running`]); then the future its output goes on
     /// with (storing the response, or releasing the key), which takes the guard over. A handler
-    /// that panics has its key released first, and its panic then goes on up: the retry that
-    /// follows the `500` of a panic-catching layer above runs the handler again at once.
+    /// that panics (see [`Guard::panicked`] for one that panics in its service's `call`) has its
+    /// key released first, and its panic then goes on up: the retry that follows the `500` of a
+    /// panic-catching layer above runs the handler again at once. The panic goes on once the
+    /// release has answered (within the store's timeout).
     ///
     /// Each stage keeps only what it needs, in one allocation sized for the larger: the request
     /// is gone once the handler's future is made, and that future once it has answered. (An
@@ -238,11 +240,11 @@ pub(crate) fn drop_keeping_lease<T>(value: T) {
 ///
 /// Completing or releasing disarms it; a handler that panics has its record released before
 /// the panic goes on (see [`Leased`]). Dropped while armed (the request was cancelled with
-/// `finish_on_disconnect(false)`, or the flow panicked after the handler), it releases the
-/// record in a background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down
-/// under a detached run, it keeps its lease, which then ends by itself; dropped while completing,
-/// it finishes the completion in the background, so a response the handler already produced is
-/// not lost and the handler does not run again.
+/// `finish_on_disconnect(false)`, or the flow panicked after the handler, reading its response
+/// body), it releases the record in a background task, so a key never stays stuck in `409`;
+/// dropped by a runtime that shuts down under a detached run, it keeps its lease, which then
+/// ends by itself; dropped while completing, it finishes the completion in the background, so a
+/// response the handler already produced is not lost and the handler does not run again.
 pub(crate) struct Guard<St: IdempotencyStore> {
     store: Arc<St>,
     key: RecordKey,
@@ -325,6 +327,16 @@ impl<St: IdempotencyStore> Guard<St> {
             },
             guard: self,
             then,
+        }
+    }
+
+    /// The handler's part of the request that holds this guard when the handler panicked
+    /// before it made its future (in its service's `call`): the key is released, then the
+    /// panic goes on, as for a panic in the handler's future.
+    pub(crate) fn panicked<F, A, G>(self, panic: Box<dyn Any + Send>) -> Leased<St, F, A, G> {
+        Leased::Unwinding {
+            release: self.release_after_panic(),
+            panic: Some(panic),
         }
     }
 
@@ -494,8 +506,8 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 outcome::lease_kept(&self.key);
             }
             GuardState::Held => {
-                // The handler panicked, or the request was cancelled: no response reports this
-                // outcome, so the event does.
+                // The request was cancelled, or a panic after the handler (or one whose release
+                // did not end) dropped it: no response reports this outcome, so the event does.
                 let key = Some(self.key.key());
                 outcome::emit(
                     Outcome::Released,

@@ -9,6 +9,7 @@
 //! away (see `detach`).
 
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -277,9 +278,14 @@ where
     let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
-    let handler = inner.call(req);
     let then = move |guard, output| after(shared, raw, started, claim, guard, output);
-    in_place(|| Execution::new(guard.running(lease, handler, then), &runs, permit))
+    // A service whose `call` panics has its key released before the panic goes on, as one whose
+    // future panics.
+    let leased = match panic::catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
+        Ok(handler) => guard.running(lease, handler, then),
+        Err(panic) => guard.panicked(panic),
+    };
+    in_place(|| Execution::new(leased, &runs, permit))
 }
 
 /// Boxes the future `make` returns, allocating first, so that the compiler can build it in its

@@ -8,7 +8,9 @@
 mod support;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,8 +18,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::FutureExt;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::{FaultyStore, Runs, api, post_with_key, send};
-use tower::ServiceExt;
+use support::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
+use tower::{Service, ServiceExt};
 use tower_idempotency::metrics::{
     DETACHED_RUNS, EVICTED_TOTAL, REQUESTS_TOTAL, STORE_CALL_DURATION_SECONDS,
 };
@@ -171,6 +173,45 @@ async fn released_and_missing_keys_are_counted() {
     seen.take(&snapshotter);
     assert_eq!(seen.requests("released"), 2, "the 500 and the panic");
     assert_eq!(seen.requests("missing_key"), 1);
+}
+
+/// A handler that panics while its release takes the store a while, and whose request is then
+/// dropped (`finish_on_disconnect(false)`, its client gone): its release is counted once, by
+/// the guard that finishes it in the background.
+#[tokio::test(start_paused = true)]
+async fn a_panic_dropped_while_releasing_is_counted_once() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let (runs, store) = (Runs::default(), FaultyStore::default());
+    store.always(Op::Release, Fault::Delay(Duration::from_millis(100)));
+    let layer = IdempotencyLayer::new(store.clone())
+        .shared_scope(true)
+        .finish_on_disconnect(false);
+    let mut app = api(runs.clone()).layer(layer);
+    let request = post_with_key("/panic", "k", "{}");
+    let mut pending = Box::pin(
+        ServiceExt::<Request<Body>>::ready(&mut app)
+            .await
+            .unwrap()
+            .call(request),
+    );
+    let waker = futures_util::task::noop_waker();
+    let first = AssertUnwindSafe(|| pending.as_mut().poll(&mut Context::from_waker(&waker)));
+    let first = std::panic::catch_unwind(first);
+    assert!(
+        matches!(first, Ok(Poll::Pending)),
+        "the handler panicked; its release is under way"
+    );
+    drop(pending);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retry = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "the key was released");
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("released"), 1, "{:?}", seen.counters);
 }
 
 /// Each store call of one request is timed: `begin` and `complete`, both `ok`; a store that

@@ -6,6 +6,7 @@
 #[macro_use]
 mod support;
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,12 +16,12 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use http_body_util::BodyExt;
-use support::{Runs, Transport, Via, send};
-use tower::{ServiceBuilder, ServiceExt};
+use support::{Fault, FaultyStore, Op, Runs, Transport, Via, send};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_idempotency::{CacheDecision, IdempotencyLayer, MemoryStore, Outcome};
+use tower_idempotency::{CacheDecision, IdempotencyLayer, MemoryStore, Outcome, RequestBody};
 
 fn post_json(
     uri: &str,
@@ -331,6 +332,61 @@ async fn a_panic_caught_outside_the_layer_releases_the_key(transport: Transport)
     assert!(replay.replayed());
     assert_eq!(replay.body, first.body);
     assert_eq!(runs.get(), 41);
+}
+
+/// A service whose `call` panics, before it makes its future: released before the panic goes
+/// on, as for a panic in the future.
+#[tokio::test]
+async fn a_service_whose_call_panics_releases_the_key() {
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |_: Request<RequestBody<Body>>| {
+            let n = runs.bump();
+            if n == 1 {
+                panic!("run {n} fails in `call`");
+            }
+            async move {
+                let response = (StatusCode::CREATED, format!("run {n}")).into_response();
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
+    let app = Router::new()
+        .route_service("/flaky", layer.layer(handler))
+        .layer(CatchPanicLayer::new());
+    let first = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "released: the retry ran");
+    assert_eq!(&retry.body[..], b"run 2");
+    assert_eq!(runs.get(), 2);
+}
+
+/// A panic whose release takes the store a while: the `500` comes once the key is released,
+/// so the retry that follows it at once still runs.
+#[tokio::test(start_paused = true)]
+async fn a_panic_whose_release_is_slow_is_released_before_its_500() {
+    async fn flaky(State(runs): State<Runs>) -> impl IntoResponse {
+        let n = runs.bump();
+        if n == 1 {
+            panic!("run {n} fails");
+        }
+        (StatusCode::CREATED, format!("run {n}"))
+    }
+    let (runs, store) = (Runs::default(), FaultyStore::default());
+    store.always(Op::Release, Fault::Delay(Duration::from_millis(100)));
+    let app = Router::new()
+        .route("/flaky", post(flaky))
+        .with_state(runs.clone())
+        .layer(IdempotencyLayer::new(store).shared_scope(true))
+        .layer(CatchPanicLayer::new());
+    let first = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = send(&app, post_json("/flaky", "k", None, "")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "released: the retry ran");
+    assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
