@@ -554,9 +554,7 @@ mod tests {
                 .insert(http::header::CONTENT_TYPE, json);
             Ok(response)
         }
-        let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(handler));
-        let running = hold_new_key(svc.shared.clone(), svc.inner).await;
-        let size = std::mem::size_of_val(&*running);
+        let size = handler_part_size(tower::service_fn(handler)).await;
         assert!(size <= 1_000, "the handler's part takes {size} bytes");
     }
 
@@ -572,22 +570,15 @@ mod tests {
             let body = Bytes::copy_from_slice(&buffer[..1]);
             Ok(Response::new(Full::new(body)))
         }
-        let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(handler));
-        let running = hold_new_key(svc.shared.clone(), svc.inner).await;
-        let size = std::mem::size_of_val(&*running);
+        let size = handler_part_size(tower::service_fn(handler)).await;
         assert!(size < 8192 + 2048, "the handler's part takes {size} bytes");
     }
 
-    /// The handler's part of a request that acquired a new key, as `hold` makes it.
-    async fn hold_new_key<S, T, E>(
-        shared: Arc<Shared<MemoryStore, T, E>>,
-        inner: S,
-    ) -> Running<S::Body, S::Error>
-    where
-        S: Handler<Full<Bytes>>,
-        T: Send + Sync + 'static,
-        E: Send + Sync + 'static,
-    {
+    /// The size of the handler's part of a request to `handler` that acquired a new key, as
+    /// `hold` makes it.
+    async fn handler_part_size<S: Handler<Full<Bytes>>>(handler: S) -> usize {
+        let svc = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+        let (shared, inner) = (svc.shared, svc.inner);
         let record = RecordKey::new(TenantId::shared(), "k");
         let fingerprint = Fingerprint::from_bytes([0; 32]);
         let begin = shared
@@ -610,6 +601,7 @@ mod tests {
             started: Started::now(),
         };
         let req = Request::new(RequestBody::buffered(Chunks::default()));
-        hold(shared, inner, req, held)
+        let running = hold(shared, inner, req, held);
+        std::mem::size_of_val(&*running)
     }
 }
