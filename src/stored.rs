@@ -283,6 +283,8 @@ impl StoredResponse {
         skip_cookies: bool,
     ) -> Self {
         let connection = parts.headers.get_all(header::CONNECTION);
+        // Most responses have no `Connection` header: then no header is looked up in it (87
+        // instructions per stored response, `scripts/instructions`).
         let hop_by_hop = connection.iter().next().is_some();
         let kept = |name: &HeaderName| {
             !(NEVER_STORED.contains(name)
