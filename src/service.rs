@@ -37,7 +37,7 @@ use crate::lease::{Guard, timed};
 use crate::metrics::StoreOp;
 use crate::outcome::{Outcome, RequestSpan, Started};
 use crate::response::{Report, answer, finish, refuse, replay, unavailable};
-use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey};
+use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreErrorKind};
 use crate::stored::StoredResponse;
 use crate::tenant::{TenantExtractor, TenantId};
 use crate::wait;
@@ -198,7 +198,8 @@ where
                 let problem = Problem::key_reuse();
                 Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report())))
             }
-            Err(_) if config.fail_open => {
+            // A store that is full answered: it is not a failure to run past.
+            Err(err) if config.fail_open && err.kind() != StoreErrorKind::CapacityExceeded => {
                 let req = keyed_request(parts, chunks, record, &shared, None);
                 // Boxed: the rare fail-open path does not size every request's future.
                 Step::Answer(Box::pin(bypass(config, inner, req, report())).await)

@@ -11,7 +11,7 @@ use std::fmt::{self, Write as _};
 use std::marker::PhantomData;
 
 use http::request::Parts;
-use http::{HeaderName, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 /// The identity of a tenant: a 32-byte digest of what identifies it.
@@ -246,7 +246,7 @@ where
 }
 
 /// The default tenant: a hash of the `Authorization` header when present, otherwise the one
-/// shared scope.
+/// shared scope (also for a header without credentials: empty, or `Bearer` or `Basic` alone).
 ///
 /// Right for credentials that do not change between a request and its retry: static API keys
 /// (`Bearer sk_live_…`), Basic auth. Wrong for the two setups most APIs run today:
@@ -266,7 +266,9 @@ pub struct DefaultTenant;
 impl DefaultTenant {
     /// The scope of requests whose `Authorization` header is `authorization`: the same
     /// [`TenantId`] that [`extract`](TenantExtractor::extract) gives them, for looking a key up
-    /// (see `Operator`). Requests without the header are in [`TenantId::shared`].
+    /// (see `Operator`). Requests without the header, or whose header carries no credentials
+    /// (empty, or an authentication scheme alone, such as `Bearer `), identify no caller: they
+    /// are in [`TenantId::shared`].
     ///
     /// ```
     /// use tower_idempotency::DefaultTenant;
@@ -275,7 +277,11 @@ impl DefaultTenant {
     /// # let _ = tenant;
     /// ```
     pub fn scope_for(authorization: impl AsRef<[u8]>) -> TenantId {
-        TenantId::in_namespace("authorization", "", authorization.as_ref())
+        let authorization = authorization.as_ref();
+        if !has_credentials(authorization) {
+            return TenantId::shared();
+        }
+        TenantId::in_namespace("authorization", "", authorization)
     }
 }
 
@@ -301,6 +307,17 @@ impl TenantExtractor for DefaultTenant {
             )),
         }
     }
+}
+
+/// Whether an `Authorization` value carries credentials. An empty value, or the `Bearer` or
+/// `Basic` scheme alone, names no caller, and would otherwise put every caller that sends it in
+/// one scope that is not the shared one. A single token of another kind (an API key sent without
+/// a scheme) is a credential.
+fn has_credentials(authorization: &[u8]) -> bool {
+    let value = authorization.trim_ascii();
+    !(value.is_empty()
+        || value.eq_ignore_ascii_case(b"bearer")
+        || value.eq_ignore_ascii_case(b"basic"))
 }
 
 /// The warnings of the default tenant, each logged once per process.
@@ -404,10 +421,10 @@ mod warn_once {
 /// organisation's stored response. For a tenant that your auth middleware verified, use
 /// [`TenantFromExtension`].
 ///
-/// A request without the header is rejected with `401` unless [`optional`](Self::optional)
-/// lets it fall back to the shared scope (which the layer then refuses unless it has
-/// [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope)); a header sent twice is
-/// rejected with `400`. Each header name is a namespace of its own.
+/// A request without the header, or with an empty one, is rejected with `401` unless
+/// [`optional`](Self::optional) lets it fall back to the shared scope (which the layer then
+/// refuses unless it has [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope)); a
+/// header sent twice is rejected with `400`. Each header name is a namespace of its own.
 #[derive(Debug, Clone)]
 pub struct TenantFromHeader {
     name: HeaderName,
@@ -448,14 +465,16 @@ impl TenantFromHeader {
 impl TenantExtractor for TenantFromHeader {
     fn extract(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
         let mut values = parts.headers.get_all(&self.name).iter();
-        match (values.next(), values.next()) {
-            (None, _) if self.optional => Ok(TenantId::shared()),
-            (None, _) => Err(TenantRejection::new(
+        // An empty value names no tenant: it counts as no header.
+        let named = |value: &HeaderValue| !value.as_bytes().trim_ascii().is_empty();
+        match (values.next().filter(|value| named(value)), values.next()) {
+            (None, None) if self.optional => Ok(TenantId::shared()),
+            (None, None) => Err(TenantRejection::new(
                 StatusCode::UNAUTHORIZED,
                 format!("the {} header is required", self.name),
             )),
             (Some(value), None) => Ok(self.scope_for(value.as_bytes())),
-            (Some(_), Some(_)) => Err(TenantRejection::new(
+            (_, Some(_)) => Err(TenantRejection::new(
                 StatusCode::BAD_REQUEST,
                 format!("the {} header was sent more than once", self.name),
             )),
@@ -557,6 +576,45 @@ mod tests {
         assert_eq!(ta, DefaultTenant.extract(&a).unwrap());
         assert_eq!(DefaultTenant.extract(&none).unwrap(), TenantId::shared());
         assert!(!ta.to_string().contains("Bearer"));
+    }
+
+    #[test]
+    fn an_authorization_without_credentials_names_no_tenant() {
+        for value in ["", "   ", "Bearer", "Bearer  ", "basic", " BEARER "] {
+            let request = parts(|b| b.header("authorization", value));
+            assert_eq!(
+                DefaultTenant.extract(&request).unwrap(),
+                TenantId::shared(),
+                "{value:?}"
+            );
+            assert_eq!(DefaultTenant::scope_for(value), TenantId::shared());
+        }
+        // A key sent without a scheme is a credential.
+        for value in ["sk_live_123", "Bearer x", "Basic YTpi", "Token abc"] {
+            let request = parts(|b| b.header("authorization", value));
+            let tenant = DefaultTenant.extract(&request).unwrap();
+            assert_ne!(tenant, TenantId::shared(), "{value:?}");
+            assert_eq!(tenant, DefaultTenant::scope_for(value));
+        }
+    }
+
+    #[test]
+    fn an_empty_tenant_header_counts_as_none() {
+        let extractor = TenantFromHeader::new(HeaderName::from_static("x-tenant"));
+        let empty = parts(|b| b.header("x-tenant", " "));
+        assert_eq!(
+            extractor.extract(&empty).unwrap_err().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            extractor.clone().optional().extract(&empty).unwrap(),
+            TenantId::shared()
+        );
+        let with_empty = parts(|b| b.header("x-tenant", "").header("x-tenant", "a"));
+        assert_eq!(
+            extractor.extract(&with_empty).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

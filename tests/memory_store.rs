@@ -98,6 +98,39 @@ async fn a_store_full_of_in_flight_records_answers_503_runs_nothing_and_loses_no
     assert_eq!(store.evicted(), 1);
 }
 
+/// A full store is not a failed one: with `fail_open(true)`, a new key that finds the store full
+/// of in-flight records is still refused, and its retry does not run a second time unprotected.
+#[tokio::test(start_paused = true)]
+async fn fail_open_does_not_run_past_a_full_store() {
+    let runs = Runs::default();
+    let store = MemoryStore::new().max_entries(1);
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, post_with_key("/slow/5000", "s", "{}")).await })
+    };
+    while runs.get() < 1 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..2 {
+        let full = send(&app, post_with_key("/payments", "new", "{}")).await;
+        assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(full.code(), "idempotency_store_unavailable");
+        assert_eq!(full.header("idempotency-bypassed"), None);
+        assert_eq!(full.header("idempotency-key"), Some("new"));
+    }
+    assert_eq!(runs.get(), 1, "the new key never ran unprotected");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
+    assert!(created(&app, "new").await);
+    assert!(!created(&app, "new").await, "and its retry replays");
+    assert_eq!(runs.get(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn expired_records_are_invisible_at_once() {
     let runs = Runs::default();

@@ -144,3 +144,32 @@ async fn set_cookie_is_replayed_in_the_shared_scope_when_asked() {
     assert!(retry.replayed());
     assert_eq!(retry.header("set-cookie"), Some("session=s1; HttpOnly"));
 }
+
+/// An `Authorization` header without credentials (empty, or a scheme alone) identifies no
+/// caller: with the default tenant, such requests are in the shared scope, refused unless the
+/// app opted in to it, and never given one another's cookies.
+#[tokio::test]
+async fn an_authorization_without_credentials_is_no_tenant() {
+    fn pay_with(authorization: &str, key: &str) -> axum::http::Request<axum::body::Body> {
+        let mut request = pay(None, key);
+        let value = authorization.parse().unwrap();
+        request.headers_mut().insert(header::AUTHORIZATION, value);
+        request
+    }
+    let runs = Runs::default();
+    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
+    for authorization in ["", "Bearer ", "Basic"] {
+        let refused = send(&app, pay_with(authorization, "cart-1")).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{authorization:?}");
+        assert_eq!(refused.code(), "idempotency_tenant_missing");
+    }
+    assert_eq!(runs.get(), 0);
+
+    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let first = send(&app, pay_with("", "cart-1")).await;
+    assert_eq!(first.header("set-cookie"), Some("session=s1; HttpOnly"));
+    let other_caller = send(&app, pay_with("Bearer ", "cart-1")).await;
+    assert!(other_caller.replayed());
+    assert_eq!(other_caller.header("set-cookie"), None);
+    assert_eq!(runs.get(), 1);
+}
