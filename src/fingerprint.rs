@@ -57,6 +57,18 @@ impl fmt::Display for Fingerprint {
     }
 }
 
+/// The URI the request was sent to. Behind axum's `Router::nest`, a layer on a nested route
+/// sees the path without the prefix (`/payments` for `/v1/payments` and `/v2/payments` alike);
+/// with the `axum` feature, the path the app was sent is read from axum's `OriginalUri`, so
+/// that a key reused on another nested route is still another request.
+fn sent_uri(parts: &Parts) -> &http::Uri {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(uri)) = parts.extensions.get() {
+        return uri;
+    }
+    &parts.uri
+}
+
 /// An incremental fingerprint: the request head first, then the body chunk by chunk.
 pub(crate) struct Hasher {
     sha: Sha256,
@@ -64,13 +76,15 @@ pub(crate) struct Hasher {
 }
 
 impl Hasher {
-    /// Starts a fingerprint with the request head: method, path, query and the values of
-    /// `headers` (in the order given, each with its count of values).
+    /// Starts a fingerprint with the request head: method, path and query (as sent, see
+    /// [`sent_uri`]) and the values of `headers` (in the order given, each with its count of
+    /// values).
     pub(crate) fn new(parts: &Parts, headers: &[HeaderName]) -> Self {
         let mut sha = Sha256::new_with_prefix(b"tower-idempotency:fingerprint:v1\0");
+        let uri = sent_uri(parts);
         field(&mut sha, parts.method.as_str().as_bytes());
-        field(&mut sha, parts.uri.path().as_bytes());
-        match parts.uri.query() {
+        field(&mut sha, uri.path().as_bytes());
+        match uri.query() {
             // "no query" and "empty query" are different requests.
             None => sha.update([0]),
             Some(query) => {

@@ -368,3 +368,37 @@ async fn two_layers_on_one_route_over_one_store_conflict() {
     );
     assert_eq!(api.payments.runs.get(), 0, "the handler never runs");
 }
+
+/// Behind `Router::nest`, a layer on a nested route sees the path without its prefix: with the
+/// `axum` feature the fingerprint takes the path the app was sent (`OriginalUri`), so a key used
+/// on `/v1/payments` and then on `/v2/payments` is another request there too, through `oneshot`
+/// and a real server.
+#[cfg(feature = "axum")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_on_another_nested_route_gets_422() {
+    for transport in [Transport::Oneshot, Transport::Loopback] {
+        let api = Api::new();
+        let store = MemoryStore::new();
+        let version = |route: &Route| {
+            Router::new().route(
+                "/payments",
+                post(handle)
+                    .with_state(route.clone())
+                    .layer(IdempotencyLayer::new(store.clone())),
+            )
+        };
+        let app = Router::new()
+            .nest("/v1", version(&api.payments))
+            .nest("/v2", version(&api.refunds));
+        let via = Via::new(app, transport).await;
+        let key = unique_key("nested");
+        let first = via.send(keyed("/v1/payments", &key, "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+        let other = via.send(keyed("/v2/payments", &key, "{}")).await;
+        assert_reuse(&other, &key);
+        assert_eq!((api.payments.runs.get(), api.refunds.runs.get()), (1, 0));
+        let retry = via.send(keyed("/v1/payments", &key, "{}")).await;
+        assert!(retry.replayed(), "{retry:?}");
+        assert_eq!(retry.body, "payments run 1");
+    }
+}
