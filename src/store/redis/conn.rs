@@ -32,12 +32,12 @@ impl Conn {
     /// then runs from its source (`EVAL`), routed by the same key, which also caches it on that
     /// node for the next calls.
     pub(super) async fn run(&self, script: &Lua, key: &str, args: &[&[u8]]) -> RedisResult<Value> {
-        let mut evalsha = ::redis::cmd("EVALSHA");
-        evalsha.arg(&script.sha1).arg(1).arg(key).arg(args);
-        match self.query(&evalsha).await {
+        match self
+            .query(&script_call("EVALSHA", &script.sha1, key, args))
+            .await
+        {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                let mut eval = ::redis::cmd("EVAL");
-                eval.arg(&script.source).arg(1).arg(key).arg(args);
+                let eval = script_call("EVAL", &script.source, key, args);
                 self.query(&eval).await
             }
             other => other,
@@ -84,5 +84,27 @@ impl Conn {
 
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
+    }
+}
+
+/// `name script 1 key args...`, its buffers sized up front: built argument by argument, a
+/// command grows them a reallocation at a time.
+fn script_call(name: &str, script: &str, key: &str, args: &[&[u8]]) -> Cmd {
+    let data =
+        name.len() + script.len() + 1 + key.len() + args.iter().map(|a| a.len()).sum::<usize>();
+    let mut cmd = Cmd::with_capacity(4 + args.len(), data);
+    cmd.arg(name).arg(script).arg(1).arg(key).arg(args);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_script_call_packs_as_one_built_argument_by_argument() {
+        let args: [&[u8]; 3] = [b"fingerprint", b"", b"30000"];
+        let mut expected = ::redis::cmd("EVALSHA");
+        expected.arg("0123abcd").arg(1).arg("idempotency:{t:k}").arg(&args[..]);
+        let call = super::script_call("EVALSHA", "0123abcd", "idempotency:{t:k}", &args);
+        assert_eq!(call.get_packed_command(), expected.get_packed_command());
     }
 }
