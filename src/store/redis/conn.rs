@@ -53,7 +53,8 @@ impl Conn {
         timeout: Duration,
     ) -> RedisResult<i64> {
         let mut wait = ::redis::cmd("WAIT");
-        wait.arg(replicas).arg(super::record::millis(timeout));
+        wait.arg(replicas)
+            .arg(super::record::millis(timeout).as_bytes());
         let reply = match self {
             Self::Node(conn) => wait.query_async(&mut conn.clone()).await?,
             Self::Cluster(conn) => {
@@ -103,7 +104,11 @@ mod tests {
     fn a_script_call_packs_as_one_built_argument_by_argument() {
         let args: [&[u8]; 3] = [b"fingerprint", b"", b"30000"];
         let mut expected = ::redis::cmd("EVALSHA");
-        expected.arg("0123abcd").arg(1).arg("idempotency:{t:k}").arg(&args[..]);
+        expected
+            .arg("0123abcd")
+            .arg(1)
+            .arg("idempotency:{t:k}")
+            .arg(&args[..]);
         let call = super::script_call("EVALSHA", "0123abcd", "idempotency:{t:k}", &args);
         assert_eq!(call.get_packed_command(), expected.get_packed_command());
     }

@@ -1,5 +1,6 @@
 //! The record layout in Redis and the Lua scripts that read and write it, one key each.
 
+use std::fmt;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -170,9 +171,48 @@ pub(super) fn in_flight(fingerprint: &Fingerprint, token: LockToken) -> Vec<u8> 
 }
 
 /// A duration as whole milliseconds ([`whole_millis`]), in decimal, as `PX`, `PEXPIRE` and
-/// `WAIT` take it.
-pub(super) fn millis(duration: Duration) -> String {
-    whole_millis(duration).to_string()
+/// `WAIT` take it: written on the stack, not formatted into a `String`.
+pub(super) fn millis(duration: Duration) -> Decimal {
+    Decimal::of(whole_millis(duration))
+}
+
+/// A `u64` in decimal, in a buffer of its own.
+pub(super) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn of(mut n: u64) -> Self {
+        let mut digits = [0; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self { digits, start }
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+}
+
+impl PartialEq<&str> for Decimal {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only ASCII digits.
+        f.write_str(std::str::from_utf8(self.as_bytes()).map_err(|_| fmt::Error)?)
+    }
 }
 
 /// Reads a completed record back: its head, then the encoded response.
@@ -231,7 +271,13 @@ mod tests {
         assert_eq!(millis(Duration::ZERO), "1");
         assert_eq!(millis(Duration::from_micros(1500)), "2");
         assert_eq!(millis(Duration::from_millis(300)), "300");
-        assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS.to_string());
+        assert_eq!(
+            millis(Duration::MAX),
+            &*crate::store::MAX_MILLIS.to_string()
+        );
+        for n in [0, 9, 10, 99, 1_000, 123_456_789, u64::MAX] {
+            assert_eq!(Decimal::of(n), &*n.to_string());
+        }
     }
 
     fn completed(response: &StoredResponse) -> Vec<u8> {
