@@ -199,14 +199,7 @@ impl MemoryStore {
                 Padded(RwLock::new(shard))
             })
             .collect();
-        // A file larger than this is not one this store wrote: its records would not fit.
-        let max_file = (settings.max_bytes() as u64)
-            .saturating_mul(2)
-            .saturating_add(1 << 20);
-        let snapshot = builder
-            .snapshot
-            .clone()
-            .map(|path| snapshot::Snapshot::open(path, max_file));
+        let snapshot = builder.snapshot.clone().map(snapshot::Snapshot::open);
         Self {
             inner: Arc::new(Inner {
                 snapshot,

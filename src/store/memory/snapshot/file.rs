@@ -4,7 +4,7 @@
 //! [`StoredResponse::encode`] writes it). A file that is not exactly that is ignored.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,25 +23,35 @@ pub(super) const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// The fewest bytes a record takes in the payload.
 const MIN_RECORD_LEN: usize = 32 + 2 + 32 + 8 + 8;
 
-/// Reads the file: its live records, and what was found.
-pub(super) fn load(path: &Path, max_len: u64, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
+/// Reads the file: its live records, and what was found. Its header is read and checked
+/// first, so that a file that is not a snapshot of this format (another file at the path,
+/// however large) is never read whole; a snapshot is read whole whatever its size (one written
+/// by a store with larger bounds is cut to this store's bounds when restored).
+pub(super) fn load(path: &Path, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
     let ignored = |reason: String| (Vec::new(), SnapshotLoad::Ignored { reason });
-    let len = match std::fs::metadata(path) {
-        Ok(meta) => meta.len(),
+    let mut file = match File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return (Vec::new(), SnapshotLoad::Missing);
         }
         Err(e) => return ignored(format!("cannot read the file: {e}")),
     };
-    if len > max_len {
-        return ignored(format!(
-            "the file is {len} bytes, more than twice the store's max_bytes"
-        ));
-    }
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    let len = match file.metadata() {
+        Ok(meta) => meta.len(),
         Err(e) => return ignored(format!("cannot read the file: {e}")),
     };
+    let mut bytes = Vec::with_capacity(HEADER_LEN);
+    if let Err(e) = (&mut file).take(HEADER_LEN as u64).read_to_end(&mut bytes) {
+        return ignored(format!("cannot read the file: {e}"));
+    }
+    let rest = len.saturating_sub(bytes.len() as u64);
+    if let Err(reason) = header(&bytes, rest) {
+        return ignored(reason);
+    }
+    bytes.reserve(usize::try_from(rest).unwrap_or(usize::MAX));
+    if let Err(e) = file.read_to_end(&mut bytes) {
+        return ignored(format!("cannot read the file: {e}"));
+    }
     match decode(&bytes) {
         Ok(records) => {
             let total = records.len();
@@ -125,16 +135,28 @@ impl<W: Write> Write for Hashed<W> {
 /// The records of a file's bytes, or why they cannot be used. Never panics, and allocates no
 /// more than the input's length on any input.
 pub(super) fn decode(bytes: &[u8]) -> Result<Vec<Saved>, String> {
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        if bytes.is_empty() {
+    let head = &bytes[..bytes.len().min(HEADER_LEN)];
+    let sum = header(head, (bytes.len() - head.len()) as u64)?;
+    let payload = &bytes[HEADER_LEN..];
+    if Sha256::digest(payload)[..] != sum[..] {
+        return Err("corrupt: the checksum of the records does not match".into());
+    }
+    decode_payload(payload).map_err(|what| format!("corrupt: {what}"))
+}
+
+/// Checks the header `head` (the file's first bytes, up to [`HEADER_LEN`]) against the `rest`
+/// bytes that follow it in the file, and returns the payload's SHA-256.
+fn header(head: &[u8], rest: u64) -> Result<[u8; 32], String> {
+    if head.len() < MAGIC.len() || &head[..MAGIC.len()] != MAGIC {
+        if head.is_empty() {
             return Err("the file is empty".into());
         }
-        if MAGIC.starts_with(bytes) {
+        if MAGIC.starts_with(head) {
             return Err("truncated header".into());
         }
         return Err("not a MemoryStore snapshot (unknown magic bytes)".into());
     }
-    let mut buf = &bytes[MAGIC.len()..];
+    let mut buf = &head[MAGIC.len()..];
     let version = u32::from_be_bytes(take_array(&mut buf).ok_or("truncated header")?);
     if version != VERSION {
         return Err(format!(
@@ -143,19 +165,15 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Vec<Saved>, String> {
     }
     let len = u64::from_be_bytes(take_array(&mut buf).ok_or("truncated header")?);
     let sum: [u8; 32] = take_array(&mut buf).ok_or("truncated header")?;
-    if (buf.len() as u64) < len {
+    if rest < len {
         return Err(format!(
-            "truncated: the header announces {len} bytes of records, the file has {}",
-            buf.len()
+            "truncated: the header announces {len} bytes of records, the file has {rest}"
         ));
     }
-    if buf.len() as u64 != len {
+    if rest != len {
         return Err("trailing bytes after the records".into());
     }
-    if Sha256::digest(buf)[..] != sum[..] {
-        return Err("corrupt: the checksum of the records does not match".into());
-    }
-    decode_payload(buf).map_err(|what| format!("corrupt: {what}"))
+    Ok(sum)
 }
 
 fn decode_payload(mut buf: &[u8]) -> Result<Vec<Saved>, &'static str> {
