@@ -16,8 +16,9 @@ use crate::stored::StoredResponse;
 
 /// The default table.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
-/// How many times `begin` runs its statement again when a concurrent writer changed the record
-/// between the statement's snapshot and its insert (see [`Sql::begin`]).
+/// How many times `begin` runs its statement (and `take_over` after it, when it read an expired
+/// row) when a concurrent writer changed the record between a statement's snapshot and its
+/// insert (see [`Sql::begin`]).
 pub(crate) const BEGIN_ATTEMPTS: usize = 10;
 /// How many expired rows one `DELETE` of `delete_expired` removes.
 pub(crate) const DELETE_BATCH: i64 = 1000;
@@ -147,6 +148,7 @@ pub(crate) struct Sql {
     /// `migrate`'s statements, in the order [`Sql::migrate`] runs them.
     migration: Migration,
     pub(crate) begin: String,
+    pub(crate) take_over: String,
     pub(crate) renew: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -168,18 +170,52 @@ impl Sql {
             // lock: a live record (a replay, a duplicate in flight, a key reused with another
             // request) is answered from that read alone, and the insert does not run: no row
             // lock, no transaction id, nothing written, so concurrent replays of one key never
-            // queue behind each other. Only when no live record was read does it insert (or take
-            // over a row that is no longer live); when that insert writes nothing, a concurrent
-            // writer committed a live row after the snapshot: the read missed it (no row) or saw
-            // its older version ('retry'), and the statement runs again.
+            // queue behind each other. Only when no row was read (a new key, the common case)
+            // does it insert; when that insert writes nothing, a concurrent writer committed the
+            // row after the snapshot, and the statement runs again. A row that is no longer live
+            // (its lease or its TTL ran out) is answered 'expired' and left to `take_over`.
+            //
+            // The insert is gated by a one-time filter on the read, so a replay's plan never
+            // reaches it; and the statement has no lock node and no `DO UPDATE`: PostgreSQL
+            // builds the start-up of the whole plan on every execution, and a new key's
+            // statement is cheaper without the sub-plans only a takeover needs.
+            begin: format!(
+                "WITH found AS (
+                    SELECT state, fingerprint, response,
+                           expires_at > clock_timestamp() AS live
+                    FROM {t} WHERE tenant = $1 AND key = $2
+                ), acquired AS (
+                    INSERT INTO {t}
+                        (tenant, key, state, fingerprint, token, response, expires_at)
+                    SELECT $1::bytea, $2::text, 'in_flight', $3::bytea, $4::bytea, NULL, {expiry}
+                    WHERE NOT EXISTS (SELECT 1 FROM found)
+                    ON CONFLICT (tenant, key) DO NOTHING
+                    RETURNING 1
+                )
+                SELECT 'acquired'::text, NULL::bytea FROM acquired
+                UNION ALL
+                SELECT CASE
+                           WHEN NOT f.live THEN 'expired'
+                           WHEN f.fingerprint <> $3 THEN 'mismatch'
+                           WHEN f.state = 'in_flight' THEN 'in_flight'
+                           ELSE 'completed'
+                       END,
+                       CASE WHEN f.state = 'completed' AND f.fingerprint = $3
+                            THEN f.response END
+                FROM found f"
+            ),
+            // The takeover, run after `begin` read a row that is no longer live, with `begin`'s
+            // parameters: the same read, then an insert that takes over a row that is no longer
+            // live. A live record is answered from the read, as in `begin`; when the insert
+            // writes nothing, a concurrent writer committed a live row after the snapshot: the
+            // read missed it (no row) or saw its older version ('retry'), and `begin` runs again.
             //
             // An in-flight row whose lease ran out is first locked with `NOWAIT`: a row that a
             // transaction holds (a handler completing it with `Claim::respond_in`, until its
             // COMMIT) fails the statement at once with `lock_not_available` instead of waiting,
             // and is then read with `peek`: in flight, never taken over under an open
-            // transaction. The insert and the lock are gated by one-time filters on the read,
-            // so a replay's plan never reaches them.
-            begin: format!(
+            // transaction. The insert and the lock are gated by one-time filters on the read.
+            take_over: format!(
                 "WITH found AS (
                     SELECT state, fingerprint, response,
                            expires_at > clock_timestamp() AS live
@@ -350,26 +386,38 @@ pub(crate) fn token_bytes(token: LockToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
-/// A row of `begin` or `peek`: its outcome and response.
+/// A row of `begin`, `take_over` or `peek`: its outcome and response.
 pub(crate) type BeginRow<'a> = Option<(&'a str, Option<&'a [u8]>)>;
 
-/// Reads the row of `begin` or `peek` (its outcome and response); `None` when the statement
-/// must run again.
-pub(crate) fn decide(row: BeginRow<'_>, token: LockToken) -> Result<Option<Begin>, StoreError> {
+/// What `begin` does after one of its statements.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// The answer.
+    Done(Begin),
+    /// `begin` read a row that is no longer live: `take_over` runs next.
+    TakeOver,
+    /// A concurrent writer changed the record after the statement's snapshot: `begin` runs
+    /// again.
+    Again,
+}
+
+/// Reads the row of `begin`, `take_over` or `peek` (its outcome and response).
+pub(crate) fn decide(row: BeginRow<'_>, token: LockToken) -> Result<Step, StoreError> {
     let Some((outcome, response)) = row else {
         // The record was inserted after this statement's snapshot was taken, and is live: the
         // insert saw it, the read did not. The next run sees it.
-        return Ok(None);
+        return Ok(Step::Again);
     };
     let begin = match outcome {
         "acquired" => Begin::Acquired(token),
         "in_flight" => Begin::InFlight,
         "mismatch" => Begin::Mismatch,
         "completed" => Begin::Completed(decode_response(response)?),
-        // The row this statement read was already replaced by a concurrent writer.
-        _ => return Ok(None),
+        "expired" => return Ok(Step::TakeOver),
+        // 'retry': the row `take_over` read was already replaced by a concurrent writer.
+        _ => return Ok(Step::Again),
     };
-    Ok(Some(begin))
+    Ok(Step::Done(begin))
 }
 
 /// Reads a row of `lookup`: state, fingerprint, response, expiry (microseconds since the Unix
@@ -472,6 +520,28 @@ mod tests {
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(2001)), 3);
         assert_eq!(millis(Duration::MAX), crate::store::MAX_MILLIS as i64);
+    }
+
+    #[test]
+    fn begin_rows_decide_the_next_step() {
+        let token = LockToken::random();
+        let step = |row| decide(row, token).unwrap();
+        assert!(
+            matches!(step(Some(("acquired", None))), Step::Done(Begin::Acquired(t)) if t == token)
+        );
+        assert!(matches!(
+            step(Some(("in_flight", None))),
+            Step::Done(Begin::InFlight)
+        ));
+        assert!(matches!(
+            step(Some(("mismatch", None))),
+            Step::Done(Begin::Mismatch)
+        ));
+        assert!(matches!(step(Some(("expired", None))), Step::TakeOver));
+        assert!(matches!(step(Some(("retry", None))), Step::Again));
+        assert!(matches!(step(None), Step::Again));
+        let err = decide(Some(("completed", None)), token).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::sql::{
-    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Table, corrupt, millis,
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Step, Table, corrupt, millis,
     token_bytes,
 };
 use super::util::{self, StartOnce};
@@ -67,15 +67,16 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// Time is the database's (`clock_timestamp()`), never the application servers'. A row is live
 /// while `expires_at` is in the future: the lease of an in-flight row, the TTL (from
 /// completion) of a completed one. `begin` is one statement: a read of the row and, only when
-/// no live row was read, an `INSERT … ON CONFLICT (tenant, key) DO UPDATE … WHERE <the existing
-/// row is not live>`, so the decision (acquired, in flight, completed, mismatch) is made
-/// atomically by the database; no check-then-insert. A replay, a duplicate in flight and a
-/// reused key are answered from the read alone: they write nothing and lock nothing, so
-/// concurrent retries of one key do not queue behind each other. `renew`, `complete` and
-/// `release` are one `UPDATE` or `DELETE` each, `WHERE token = $token AND state =
-/// 'in_flight'`; when no row matches, they fail with [`StoreErrorKind::LeaseLost`]. The
-/// operator calls are one statement each too: [`lookup`](IdempotencyStore::lookup) a `SELECT`
-/// of the live row, and
+/// no row was read, an `INSERT … ON CONFLICT (tenant, key) DO NOTHING`, so the decision
+/// (acquired, in flight, completed, mismatch) is made atomically by the database; no
+/// check-then-insert. A replay, a duplicate in flight and a reused key are answered from the
+/// read alone: they write nothing and lock nothing, so concurrent retries of one key do not
+/// queue behind each other. Only a key whose row is no longer live takes a second statement,
+/// the takeover: the same read with an `INSERT … ON CONFLICT (tenant, key) DO UPDATE … WHERE
+/// <the existing row is not live>`. `renew`, `complete` and `release` are one `UPDATE` or
+/// `DELETE` each, `WHERE token = $token AND state = 'in_flight'`; when no row matches, they fail
+/// with [`StoreErrorKind::LeaseLost`]. The operator calls are one statement each too:
+/// [`lookup`](IdempotencyStore::lookup) a `SELECT` of the live row, and
 /// [`forget`](IdempotencyStore::forget) a `DELETE` of the live row (completed, or in flight
 /// when forced) combined with a read of the in-flight row that stopped it.
 ///
@@ -83,14 +84,13 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 ///
 /// A handler can complete its record inside its own transaction on the same database
 /// ([`Claim::respond_in`](crate::Claim::respond_in) with a tokio-postgres or deadpool-postgres
-/// transaction). Until its COMMIT the row is locked: `begin` answers a live in-flight row from
-/// its read, and locks one whose lease ran out with `NOWAIT` before taking it over; `renew`
-/// locks with `NOWAIT` too. So a duplicate answers in flight (`409`) at once instead of
-/// waiting, and nothing takes the row over while the transaction holds it, even past its
-/// lease. The layer then settles the record ([`settle`](IdempotencyStore::settle)): released
-/// when the transaction did not commit. `migrate` creates the index only when it is missing,
-/// so an instance starting meanwhile does not queue the table's traffic behind that
-/// transaction.
+/// transaction). Until its COMMIT the row is locked: `begin` answers a live in-flight row from its
+/// read, and its takeover locks one whose lease ran out with `NOWAIT` before taking it over;
+/// `renew` locks with `NOWAIT` too. So a duplicate answers in flight (`409`) at once instead of
+/// waiting, and nothing takes the row over while the transaction holds it, even past its lease. The
+/// layer then settles the record ([`settle`](IdempotencyStore::settle)): released when the
+/// transaction did not commit. `migrate` creates the index only when it is missing, so an instance
+/// starting meanwhile does not queue the table's traffic behind that transaction.
 ///
 /// # Expired rows
 ///
@@ -108,11 +108,12 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// [`from_pool`](Self::from_pool).
 ///
 /// Each store call holds a connection for one statement: a new key takes two (`begin`, then
-/// `complete` once the handler answered), a replay one. Statements are prepared once per
-/// connection and reused. The pool of [`connect`](Self::connect) opens up to 16 connections
+/// `complete` once the handler answered), a replay one; a key reused after its record expired takes
+/// one more, the takeover. Statements are prepared once per connection and reused. The pool of
+/// [`connect`](Self::connect) opens up to 16 connections
 /// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the store calls a
-/// server has in progress at once (about its concurrent keyed requests), within what the
-/// database allows.
+/// server has in progress at once (about its concurrent keyed requests), within what the database
+/// allows.
 ///
 /// Cloning is cheap and shares the pool and the configuration. A store's settings
 /// ([`PostgresStore::builder`]: the table, the cleanup interval) are set before it exists and
@@ -284,6 +285,32 @@ impl PostgresStore {
         match self.execute(sql, params).await? {
             0 => Err(StoreError::lease_lost()),
             _ => Ok(()),
+        }
+    }
+
+    /// `begin`'s `take_over`, with `begin`'s parameters, on `begin`'s connection; a row that a
+    /// transaction holds is read with `peek` instead.
+    async fn take_over(
+        &self,
+        client: &deadpool_postgres::Client,
+        params: &[&(dyn ToSql + Sync); 5],
+    ) -> Result<Option<Row>, StoreError> {
+        let sql = &self.inner.sql;
+        let statement = client.prepare_cached(&sql.take_over).await;
+        match client
+            .query_opt(&statement.map_err(pg_error)?, params)
+            .await
+        {
+            Ok(row) => Ok(row),
+            // A transaction holds the in-flight row: read it without waiting.
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                let peek = client.prepare_cached(&sql.peek).await.map_err(pg_error)?;
+                client
+                    .query_opt(&peek, &params[..3])
+                    .await
+                    .map_err(pg_error)
+            }
+            Err(err) => Err(pg_error(err)),
         }
     }
 }
@@ -467,20 +494,14 @@ impl IdempotencyStore for PostgresStore {
             .await
             .map_err(pg_error)?;
         for _ in 0..BEGIN_ATTEMPTS {
-            let row = match client.query_opt(&statement, &params).await {
-                Ok(row) => row,
-                // A transaction holds the in-flight row: read it without waiting.
-                Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                    let peek = client
-                        .prepare_cached(&self.inner.sql.peek)
-                        .await
-                        .map_err(pg_error)?;
-                    let params = &params[..3];
-                    client.query_opt(&peek, params).await.map_err(pg_error)?
-                }
-                Err(err) => return Err(pg_error(err)),
+            let row = client.query_opt(&statement, &params).await;
+            let step = sql::decide(begin_row(row.map_err(pg_error)?.as_ref())?, token)?;
+            let row = match step {
+                Step::Done(begin) => return Ok(begin),
+                Step::Again => continue,
+                Step::TakeOver => self.take_over(&client, &params).await?,
             };
-            if let Some(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+            if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
                 return Ok(begin);
             }
         }
@@ -663,6 +684,7 @@ mod tests {
             .unwrap();
         assert_eq!(store.inner.table.quoted, "\"billing\".\"idem\"");
         assert!(store.inner.sql.begin.contains("\"billing\".\"idem\""));
+        assert!(store.inner.sql.take_over.contains("\"billing\".\"idem\""));
         assert!(store.inner.sql.forget.contains("\"billing\".\"idem\""));
         assert_eq!(store.table(), "billing.idem");
         assert_eq!(store.cleanup_interval(), Some(Duration::from_secs(60)));

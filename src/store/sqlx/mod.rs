@@ -9,8 +9,8 @@ use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
 
 use super::sql::{
-    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Table,
-    corrupt, millis, token_bytes,
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Step,
+    Table, corrupt, millis, token_bytes,
 };
 use super::util::{self, StartOnce};
 use super::{
@@ -43,8 +43,9 @@ use crate::stored::StoredResponse;
 /// Those of `PostgresStore` (feature `postgres`), statement for statement: the table (default
 /// `idempotency_records`) and its index, created by [`migrate`](Self::migrate) under a
 /// transaction-scoped advisory lock; time is the database's; `begin` is one
-/// `INSERT … ON CONFLICT` combined with a read of the live row; `renew`, `complete` and
-/// `release` are fenced by the lock token. An in-flight row that a transaction holds locked (a
+/// `INSERT … ON CONFLICT` combined with a read of the row (and a second statement, the
+/// takeover, for a row that is no longer live); `renew`, `complete` and `release` are fenced
+/// by the lock token. An in-flight row that a transaction holds locked (a
 /// handler between [`Claim::respond_in`](crate::Claim::respond_in) and its COMMIT) is never
 /// waited for nor taken over: `begin` answers in flight (`409`) and the renewal lets it be.
 ///
@@ -294,26 +295,37 @@ impl IdempotencyStore for SqlxStore {
         let fingerprint = &fingerprint.as_bytes()[..];
         let sql = &self.inner.sql;
         let mut conn = self.inner.pool.acquire().await.map_err(sqlx_error)?;
-        for _ in 0..BEGIN_ATTEMPTS {
-            let row = self
-                .keyed(&sql.begin, key)
+        // `begin`, or `take_over`, which takes the same parameters.
+        let statement = |take_over: bool| {
+            let statement = if take_over {
+                &sql.take_over
+            } else {
+                &sql.begin
+            };
+            self.keyed(statement, key)
                 .bind(fingerprint)
                 .bind(&token_bytes[..])
                 .bind(millis(lease))
-                .fetch_optional(&mut *conn)
-                .await;
-            let row = match row {
-                Ok(row) => row,
-                // A transaction holds the in-flight row: read it without waiting.
-                Err(err) if is_locked(&err) => self
-                    .keyed(&sql.peek, key)
-                    .bind(fingerprint)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(sqlx_error)?,
-                Err(err) => return Err(sqlx_error(err)),
+        };
+        for _ in 0..BEGIN_ATTEMPTS {
+            let row = statement(false).fetch_optional(&mut *conn).await;
+            let step = sql::decide(begin_row(row.map_err(sqlx_error)?.as_ref())?, token)?;
+            let row = match step {
+                Step::Done(begin) => return Ok(begin),
+                Step::Again => continue,
+                Step::TakeOver => match statement(true).fetch_optional(&mut *conn).await {
+                    Ok(row) => row,
+                    // A transaction holds the in-flight row: read it without waiting.
+                    Err(err) if is_locked(&err) => self
+                        .keyed(&sql.peek, key)
+                        .bind(fingerprint)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(sqlx_error)?,
+                    Err(err) => return Err(sqlx_error(err)),
+                },
             };
-            if let Some(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+            if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
                 return Ok(begin);
             }
         }
@@ -486,6 +498,7 @@ mod tests {
             .unwrap();
         assert_eq!(store.inner.table.quoted, "\"billing\".\"idem\"");
         assert!(store.inner.sql.begin.contains("\"billing\".\"idem\""));
+        assert!(store.inner.sql.take_over.contains("\"billing\".\"idem\""));
         assert_eq!(store.inner.cleanup_interval, Some(Duration::from_secs(60)));
         assert_eq!(
             store.claim_target().unwrap().table(),
