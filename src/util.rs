@@ -13,20 +13,31 @@ pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         // Up to 32 bytes at a time, in one write: a tenant id or a fingerprint is one.
-        let mut out = [0; 64];
-        for chunk in self.0.chunks(32) {
-            for (pair, &byte) in out.chunks_exact_mut(2).zip(chunk) {
-                pair[0] = DIGITS[usize::from(byte >> 4)];
-                pair[1] = DIGITS[usize::from(byte & 0xf)];
-            }
-            let digits = &out[..chunk.len() * 2];
-            // All ASCII hex digits.
-            f.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)?;
-        }
-        Ok(())
+        self.0
+            .chunks(32)
+            .try_for_each(|chunk| f.write_str(hex_chunk(chunk, &mut [0; 64])))
     }
+}
+
+/// Appends `bytes` to `out` as lowercase hex, without going through `fmt`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    for chunk in bytes.chunks(32) {
+        out.push_str(hex_chunk(chunk, &mut [0; 64]));
+    }
+}
+
+/// Writes `chunk` (at most 32 bytes) as hex into `buf`, and returns the digits.
+fn hex_chunk<'a>(chunk: &[u8], buf: &'a mut [u8; 64]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, &byte) in buf.chunks_exact_mut(2).zip(chunk) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    let digits = &buf[..chunk.len().min(32) * 2];
+    // Only ASCII hex digits: this never fails.
+    std::str::from_utf8(digits).unwrap_or_default()
 }
 
 /// 32 bytes that no one outside this process can predict: each 8 comes from a standard-library
@@ -53,6 +64,9 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
             let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(super::hex(&bytes), expected, "{len}");
+            let mut pushed = String::from("x");
+            super::push_hex(&mut pushed, &bytes);
+            assert_eq!(pushed, format!("x{expected}"), "{len}");
         }
     }
 

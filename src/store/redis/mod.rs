@@ -356,17 +356,25 @@ impl fmt::Debug for RedisStore {
 
 /// See [`RedisStore::redis_key`].
 fn redis_key(prefix: &str, key: &RecordKey) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(prefix.len() + 68 + key.key().len());
-    // Writing into a `String` cannot fail.
-    let _ = write!(out, "{prefix}{{{}:", key.tenant());
-    for c in key.key().chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '}' => out.push_str("%7D"),
-            c => out.push(c),
-        }
+    let raw = key.key();
+    let escapes = raw.bytes().filter(|&b| b == b'%' || b == b'}').count();
+    let mut out = String::with_capacity(prefix.len() + 68 + raw.len() + 2 * escapes);
+    out.push_str(prefix);
+    out.push('{');
+    crate::util::push_hex(&mut out, key.tenant().as_bytes());
+    out.push(':');
+    // The key as it is, but for its `%` and `}`: runs between them are copied whole.
+    let mut rest = raw;
+    while let Some(at) = rest.find(['%', '}']) {
+        out.push_str(&rest[..at]);
+        out.push_str(if rest.as_bytes()[at] == b'%' {
+            "%25"
+        } else {
+            "%7D"
+        });
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
     out.push('}');
     out
 }
@@ -405,6 +413,26 @@ mod tests {
         let open = redis_key.find('{').unwrap();
         let close = open + 1 + redis_key[open + 1..].find('}').unwrap();
         &redis_key[open + 1..close]
+    }
+
+    /// The key as the `fmt`-based form wrote it, character by character.
+    #[test]
+    fn redis_keys_escape_as_the_character_by_character_form() {
+        let tenant = TenantId::hashed("t");
+        for k in ["", "plain", "%", "}", "a%b}c", "%%}}", "é}ü%", "x%7D", "}{"] {
+            let mut expected = format!("p:{{{tenant}:");
+            for c in k.chars() {
+                match c {
+                    '%' => expected.push_str("%25"),
+                    '}' => expected.push_str("%7D"),
+                    c => expected.push(c),
+                }
+            }
+            expected.push('}');
+            let key = redis_key("p:", &RecordKey::new(tenant, k));
+            assert_eq!(key, expected);
+            assert!(key.capacity() >= key.len());
+        }
     }
 
     #[test]
