@@ -36,7 +36,8 @@ impl Fingerprint {
     }
 
     /// The fingerprint of a whole request, computed the way the layer computes it with its
-    /// default options (no headers, body hashed as sent).
+    /// default options (no headers, body hashed as sent; with the `axum` feature, the path of
+    /// axum's `OriginalUri` when the request carries one).
     pub fn of_request(parts: &Parts, body: &[u8]) -> Self {
         let mut hasher = Hasher::new(parts, &[]);
         hasher.body(body);

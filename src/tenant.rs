@@ -289,19 +289,20 @@ impl TenantExtractor for DefaultTenant {
     fn extract(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
         let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
         match (values.next(), values.next()) {
-            (None, _) => {
+            (Some(value), None) if has_credentials(value.as_bytes()) => {
+                #[cfg(feature = "tracing")]
+                warn_once::if_jwt(value.as_bytes());
+                Ok(Self::scope_for(value.as_bytes()))
+            }
+            // No header, or one without credentials.
+            (_, None) => {
                 #[cfg(feature = "tracing")]
                 if parts.headers.contains_key(header::COOKIE) {
                     warn_once::cookie_without_authorization();
                 }
                 Ok(TenantId::shared())
             }
-            (Some(value), None) => {
-                #[cfg(feature = "tracing")]
-                warn_once::if_jwt(value.as_bytes());
-                Ok(Self::scope_for(value.as_bytes()))
-            }
-            (Some(_), Some(_)) => Err(TenantRejection::new(
+            (_, Some(_)) => Err(TenantRejection::new(
                 StatusCode::BAD_REQUEST,
                 "the Authorization header was sent more than once",
             )),
@@ -440,7 +441,8 @@ impl TenantFromHeader {
         }
     }
 
-    /// Requests without the header share one scope instead of being rejected.
+    /// Requests without the header (or with an empty one) share one scope instead of being
+    /// rejected.
     pub fn optional(mut self) -> Self {
         self.optional = true;
         self
@@ -448,6 +450,7 @@ impl TenantFromHeader {
 
     /// The scope of requests whose header carries `value`: the same [`TenantId`] that
     /// [`extract`](TenantExtractor::extract) gives them, for looking a key up (see `Operator`).
+    /// An empty value names no tenant: [`TenantId::shared`].
     ///
     /// ```
     /// use http::HeaderName;
@@ -458,7 +461,11 @@ impl TenantFromHeader {
     /// # let _ = tenant;
     /// ```
     pub fn scope_for(&self, value: impl AsRef<[u8]>) -> TenantId {
-        TenantId::in_namespace("header", self.name.as_str(), value.as_ref())
+        let value = value.as_ref();
+        if value.trim_ascii().is_empty() {
+            return TenantId::shared();
+        }
+        TenantId::in_namespace("header", self.name.as_str(), value)
     }
 }
 
@@ -610,6 +617,7 @@ mod tests {
             extractor.clone().optional().extract(&empty).unwrap(),
             TenantId::shared()
         );
+        assert_eq!(extractor.scope_for(" "), TenantId::shared());
         let with_empty = parts(|b| b.header("x-tenant", "").header("x-tenant", "a"));
         assert_eq!(
             extractor.extract(&with_empty).unwrap_err().status(),

@@ -174,8 +174,10 @@ impl MemoryStoreBuilder {
     /// - **Read**: by [`build`](Self::build), a blocking read of the file. Records that expired
     ///   are dropped; the others are put in the store at its first use, when its clock starts,
     ///   as many as its bounds hold (the nearest expiry left out first): a file written by a
-    ///   store with larger bounds (before a deploy that lowered them) is read whole, then cut.
-    ///   A file that is not a snapshot is recognised by its first bytes and not read further.
+    ///   store with larger bounds (before a deploy that lowered them) is read whole, then cut,
+    ///   up to 16 times this store's [`max_bytes`](Self::max_bytes) (reading it takes about
+    ///   twice its size in memory for a moment); a larger one is ignored. A file that is not a
+    ///   snapshot is recognised by its first bytes and not read further.
     /// - **A file that cannot be used** (missing, truncated, corrupt: its SHA-256 does not
     ///   match, from another format version, or not a snapshot) is ignored: the store starts
     ///   empty, nothing panics. What was found is in

@@ -199,7 +199,15 @@ impl MemoryStore {
                 Padded(RwLock::new(shard))
             })
             .collect();
-        let snapshot = builder.snapshot.clone().map(snapshot::Snapshot::open);
+        // A snapshot is read whole before it is cut to the bounds: one larger than this (from a
+        // store with far larger bounds, or not one at all) would cost that much memory to read.
+        let max_file = (settings.max_bytes() as u64)
+            .saturating_mul(16)
+            .saturating_add(1 << 20);
+        let snapshot = builder
+            .snapshot
+            .clone()
+            .map(|path| snapshot::Snapshot::open(path, max_file));
         Self {
             inner: Arc::new(Inner {
                 snapshot,

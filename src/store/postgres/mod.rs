@@ -296,11 +296,11 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync); 5],
     ) -> Result<Option<Row>, StoreError> {
         let sql = &self.inner.sql;
-        let statement = client.prepare_cached(&sql.take_over).await;
-        match client
-            .query_opt(&statement.map_err(pg_error)?, params)
+        let statement = client
+            .prepare_cached(&sql.take_over)
             .await
-        {
+            .map_err(pg_error)?;
+        match client.query_opt(&statement, params).await {
             Ok(row) => Ok(row),
             // A transaction holds the in-flight row: read it without waiting.
             Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
@@ -357,7 +357,7 @@ impl PostgresStoreBuilder {
     }
 
     /// The most connections the pool that [`connect`](Self::connect) makes may open. Default:
-    /// 16. Each store call holds one connection for one statement (the database's time for it
+    /// 16. Each store call holds one connection for a statement or two (the database's time for it
     /// plus a round trip), so a server needs about as many as it has store calls in progress at
     /// once; past what the database's cores can run, more connections only queue there. A pool
     /// of yours ([`build`](Self::build)) keeps its own size.

@@ -1,6 +1,5 @@
 //! The record layout in Redis and the Lua scripts that read and write it, one key each.
 
-use std::fmt;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -202,16 +201,18 @@ impl Decimal {
     }
 }
 
+#[cfg(test)]
 impl PartialEq<&str> for Decimal {
     fn eq(&self, other: &&str) -> bool {
         self.as_bytes() == other.as_bytes()
     }
 }
 
-impl fmt::Debug for Decimal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+#[cfg(test)]
+impl std::fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Only ASCII digits.
-        f.write_str(std::str::from_utf8(self.as_bytes()).map_err(|_| fmt::Error)?)
+        f.write_str(std::str::from_utf8(self.as_bytes()).map_err(|_| std::fmt::Error)?)
     }
 }
 

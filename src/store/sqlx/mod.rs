@@ -52,7 +52,8 @@ use crate::stored::StoredResponse;
 /// # Connections
 ///
 /// Every call takes a connection from the pool for one statement (`migrate` for a
-/// transaction): a new key takes two (`begin`, then `complete`), a replay one. Statements are
+/// transaction): a new key takes two (`begin`, then `complete`), a replay one, a key reused
+/// after its record expired one more (the takeover). Statements are
 /// prepared once per connection (sqlx's statement cache) and reused. While PostgreSQL is down,
 /// calls fail (the layer answers `503` once its store timeout passes, or at once when the pool
 /// fails first), and once it is back the pool reconnects by itself. A handler holding a

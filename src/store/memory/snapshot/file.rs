@@ -25,9 +25,9 @@ const MIN_RECORD_LEN: usize = 32 + 2 + 32 + 8 + 8;
 
 /// Reads the file: its live records, and what was found. Its header is read and checked
 /// first, so that a file that is not a snapshot of this format (another file at the path,
-/// however large) is never read whole; a snapshot is read whole whatever its size (one written
-/// by a store with larger bounds is cut to this store's bounds when restored).
-pub(super) fn load(path: &Path, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
+/// however large) is never read whole; a snapshot of up to `max_len` bytes is read whole (one
+/// written by a store with larger bounds is cut to this store's bounds when restored).
+pub(super) fn load(path: &Path, max_len: u64, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
     let ignored = |reason: String| (Vec::new(), SnapshotLoad::Ignored { reason });
     let mut file = match File::open(path) {
         Ok(file) => file,
@@ -48,7 +48,15 @@ pub(super) fn load(path: &Path, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
     if let Err(reason) = header(&bytes, rest) {
         return ignored(reason);
     }
-    bytes.reserve(usize::try_from(rest).unwrap_or(usize::MAX));
+    if len > max_len {
+        return ignored(format!(
+            "the snapshot is {len} bytes, more than 16 times the store's max_bytes"
+        ));
+    }
+    let room = usize::try_from(rest).ok();
+    if room.is_none_or(|room| bytes.try_reserve_exact(room).is_err()) {
+        return ignored(format!("no memory to read a snapshot of {len} bytes"));
+    }
     if let Err(e) = file.read_to_end(&mut bytes) {
         return ignored(format!("cannot read the file: {e}"));
     }

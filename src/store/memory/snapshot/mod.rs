@@ -45,9 +45,9 @@ pub(super) struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads the file at `path`, as a store is built.
-    pub(super) fn open(path: PathBuf) -> Self {
-        let (records, load) = file::load(&path, SystemTime::now());
+    /// Reads the file at `path` (a snapshot no larger than `max_len`), as a store is built.
+    pub(super) fn open(path: PathBuf, max_len: u64) -> Self {
+        let (records, load) = file::load(&path, max_len, SystemTime::now());
         report_load(&path, &load);
         Self {
             path,

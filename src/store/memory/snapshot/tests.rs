@@ -335,9 +335,13 @@ async fn files_that_cannot_be_used_are_reported_and_ignored() {
     let (reason, ..) = ignored(&longer);
     assert!(reason.contains("trailing"), "{reason}");
 
-    // Another large file at the path: recognised by its first bytes.
+    // Another file at the path, a terabyte (sparse): recognised by its first bytes, never
+    // read whole.
     let dir = TempDir::new();
-    std::fs::write(dir.file(), vec![0; 4 << 20]).unwrap();
+    std::fs::File::create(dir.file())
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
     let store = MemoryStore::builder()
         .max_bytes(1 << 20)
         .snapshot(dir.file())
@@ -345,6 +349,30 @@ async fn files_that_cannot_be_used_are_reported_and_ignored() {
     let status = store.snapshot_status().unwrap();
     assert!(
         matches!(status.load(), SnapshotLoad::Ignored { reason } if reason.contains("magic")),
+        "{:?}",
+        status.load()
+    );
+
+    // A snapshot more than 16 times the store's max_bytes: not read.
+    let dir = TempDir::new();
+    static BODY: [u8; 100_000] = [b'x'; 100_000];
+    let now = SystemTime::now();
+    let records: Vec<Saved> = (0..30)
+        .map(|i| Saved {
+            key: key(1, &i.to_string()),
+            fingerprint: fp(1),
+            response: created(&BODY),
+            expires_at: now + TTL,
+        })
+        .collect();
+    std::fs::write(dir.file(), encode(&records, now)).unwrap();
+    let store = MemoryStore::builder()
+        .max_bytes(64 << 10)
+        .snapshot(dir.file())
+        .build();
+    let status = store.snapshot_status().unwrap();
+    assert!(
+        matches!(status.load(), SnapshotLoad::Ignored { reason } if reason.contains("16 times")),
         "{:?}",
         status.load()
     );
