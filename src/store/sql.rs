@@ -164,6 +164,29 @@ impl Sql {
     pub(crate) fn new(table: &Table) -> Self {
         let t = &table.quoted;
         let expiry = "clock_timestamp() + $5::bigint * interval '1 millisecond'";
+        // The read `begin` and `take_over` start with: the row, and whether it is live.
+        let found = format!(
+            "found AS (
+                SELECT state, fingerprint, response,
+                       expires_at > clock_timestamp() AS live
+                FROM {t} WHERE tenant = $1 AND key = $2
+            )"
+        );
+        // Their answer from that read: `not_live` for a row that is no longer live; for a live
+        // one, what it is, with the response of a completed record of the same request.
+        let answer = |not_live: &str| {
+            format!(
+                "SELECT CASE
+                           WHEN NOT f.live THEN '{not_live}'
+                           WHEN f.fingerprint <> $3 THEN 'mismatch'
+                           WHEN f.state = 'in_flight' THEN 'in_flight'
+                           ELSE 'completed'
+                       END,
+                       CASE WHEN f.state = 'completed' AND f.fingerprint = $3
+                            THEN f.response END
+                FROM found f"
+            )
+        };
         Self {
             migration: Migration::new(table),
             // One statement. It reads the record first, in the statement's snapshot, without a
@@ -180,11 +203,7 @@ impl Sql {
             // builds the start-up of the whole plan on every execution, and a new key's
             // statement is cheaper without the sub-plans only a takeover needs.
             begin: format!(
-                "WITH found AS (
-                    SELECT state, fingerprint, response,
-                           expires_at > clock_timestamp() AS live
-                    FROM {t} WHERE tenant = $1 AND key = $2
-                ), acquired AS (
+                "WITH {found}, acquired AS (
                     INSERT INTO {t}
                         (tenant, key, state, fingerprint, token, response, expires_at)
                     SELECT $1::bytea, $2::text, 'in_flight', $3::bytea, $4::bytea, NULL, {expiry}
@@ -194,15 +213,8 @@ impl Sql {
                 )
                 SELECT 'acquired'::text, NULL::bytea FROM acquired
                 UNION ALL
-                SELECT CASE
-                           WHEN NOT f.live THEN 'expired'
-                           WHEN f.fingerprint <> $3 THEN 'mismatch'
-                           WHEN f.state = 'in_flight' THEN 'in_flight'
-                           ELSE 'completed'
-                       END,
-                       CASE WHEN f.state = 'completed' AND f.fingerprint = $3
-                            THEN f.response END
-                FROM found f"
+                {answer}",
+                answer = answer("expired"),
             ),
             // The takeover, run after `begin` read a row that is no longer live, with `begin`'s
             // parameters: the same read, then an insert that takes over a row that is no longer
@@ -216,11 +228,7 @@ impl Sql {
             // and is then read with `peek`: in flight, never taken over under an open
             // transaction. The insert and the lock are gated by one-time filters on the read.
             take_over: format!(
-                "WITH found AS (
-                    SELECT state, fingerprint, response,
-                           expires_at > clock_timestamp() AS live
-                    FROM {t} WHERE tenant = $1 AND key = $2
-                ), locked AS (
+                "WITH {found}, locked AS (
                     SELECT 1 FROM {t}
                     WHERE tenant = $1 AND key = $2 AND state = 'in_flight'
                       AND EXISTS (SELECT 1 FROM found WHERE state = 'in_flight' AND NOT live)
@@ -240,16 +248,9 @@ impl Sql {
                 )
                 SELECT 'acquired'::text, NULL::bytea FROM acquired
                 UNION ALL
-                SELECT CASE
-                           WHEN NOT f.live THEN 'retry'
-                           WHEN f.fingerprint <> $3 THEN 'mismatch'
-                           WHEN f.state = 'in_flight' THEN 'in_flight'
-                           ELSE 'completed'
-                       END,
-                       CASE WHEN f.state = 'completed' AND f.fingerprint = $3
-                            THEN f.response END
-                FROM found f
-                WHERE NOT EXISTS (SELECT 1 FROM acquired)"
+                {answer}
+                WHERE NOT EXISTS (SELECT 1 FROM acquired)",
+                answer = answer("retry"),
             ),
             // `NOWAIT`: a row locked by the handler's own transaction is not waited for.
             renew: format!(
