@@ -76,6 +76,20 @@ async fn complete(store: &MemoryStore, k: &RecordKey, response: StoredResponse, 
     store.complete(k, token, response, ttl).await.unwrap();
 }
 
+/// Writes a snapshot of `n` completed records of tenant 1, keys "0" to "n - 1", each answered
+/// `body`, record `i` expiring `TTL + i` seconds after `now`.
+fn write_spread(path: &std::path::Path, n: u64, body: &'static [u8], now: SystemTime) {
+    let records: Vec<Saved> = (0..n)
+        .map(|i| Saved {
+            key: key(1, &i.to_string()),
+            fingerprint: fp(1),
+            response: created(body),
+            expires_at: now + TTL + Duration::from_secs(i),
+        })
+        .collect();
+    std::fs::write(path, encode(&records, now)).unwrap();
+}
+
 fn with_snapshot(path: &std::path::Path) -> MemoryStore {
     MemoryStore::builder().snapshot(path).build()
 }
@@ -204,15 +218,7 @@ async fn expired_records_are_dropped_at_load() {
 async fn a_store_restores_what_its_bounds_hold_the_farthest_expiry_first() {
     let dir = TempDir::new();
     let now = SystemTime::now();
-    let records: Vec<Saved> = (0..10)
-        .map(|i| Saved {
-            key: key(1, &i.to_string()),
-            fingerprint: fp(1),
-            response: created(b"x"),
-            expires_at: now + TTL + Duration::from_secs(i),
-        })
-        .collect();
-    std::fs::write(dir.file(), encode(&records, now)).unwrap();
+    write_spread(&dir.file(), 10, b"x", now);
     let store = MemoryStore::builder()
         .max_entries(8)
         .max_entries_per_tenant(4)
@@ -240,15 +246,7 @@ async fn a_snapshot_from_a_larger_store_is_cut_to_the_new_bounds() {
     let dir = TempDir::new();
     let now = SystemTime::now();
     static BODY: [u8; 100_000] = [b'x'; 100_000];
-    let records: Vec<Saved> = (0..40)
-        .map(|i| Saved {
-            key: key(1, &i.to_string()),
-            fingerprint: fp(1),
-            response: created(&BODY),
-            expires_at: now + TTL + Duration::from_secs(i),
-        })
-        .collect();
-    std::fs::write(dir.file(), encode(&records, now)).unwrap();
+    write_spread(&dir.file(), 40, &BODY, now);
     let file_len = std::fs::metadata(dir.file()).unwrap().len();
     let max_bytes = 1 << 20;
     assert!(file_len > 3 * max_bytes as u64, "{file_len}");
@@ -357,15 +355,7 @@ async fn files_that_cannot_be_used_are_reported_and_ignored() {
     let dir = TempDir::new();
     static BODY: [u8; 100_000] = [b'x'; 100_000];
     let now = SystemTime::now();
-    let records: Vec<Saved> = (0..30)
-        .map(|i| Saved {
-            key: key(1, &i.to_string()),
-            fingerprint: fp(1),
-            response: created(&BODY),
-            expires_at: now + TTL,
-        })
-        .collect();
-    std::fs::write(dir.file(), encode(&records, now)).unwrap();
+    write_spread(&dir.file(), 30, &BODY, now);
     let store = MemoryStore::builder()
         .max_bytes(64 << 10)
         .snapshot(dir.file())
