@@ -1,4 +1,4 @@
-//! Small helpers the whole crate shares: hex, and random bytes.
+//! Small helpers the whole crate shares: hex, decimal, and random bytes.
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -40,6 +40,47 @@ fn hex_chunk<'a>(chunk: &[u8], buf: &'a mut [u8; 64]) -> &'a str {
     std::str::from_utf8(digits).unwrap_or_default()
 }
 
+/// A `u64` in decimal, in a buffer of its own.
+pub(crate) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub(crate) fn of(mut n: u64) -> Self {
+        let mut digits = [0; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self { digits, start }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+}
+
+#[cfg(test)]
+impl PartialEq<&str> for Decimal {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+#[cfg(test)]
+impl std::fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only ASCII digits.
+        f.write_str(std::str::from_utf8(self.as_bytes()).map_err(|_| std::fmt::Error)?)
+    }
+}
+
 /// 32 bytes that no one outside this process can predict: each 8 comes from a standard-library
 /// `RandomState`, whose SipHash keys are drawn from the operating system's random source.
 #[cfg_attr(not(any(feature = "tracing", feature = "client")), allow(dead_code))]
@@ -67,6 +108,13 @@ mod tests {
             let mut pushed = String::from("x");
             super::push_hex(&mut pushed, &bytes);
             assert_eq!(pushed, format!("x{expected}"), "{len}");
+        }
+    }
+
+    #[test]
+    fn decimal_digits() {
+        for n in [0, 9, 10, 99, 1_000, 123_456_789, u64::MAX] {
+            assert_eq!(super::Decimal::of(n), &*n.to_string());
         }
     }
 

@@ -85,18 +85,8 @@ impl Pointers {
         if self.children.is_empty() {
             return None;
         }
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut n = index;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.member(|token| token == &digits[at..])
+        let digits = crate::util::Decimal::of(index as u64);
+        self.member(|token| token == digits.as_bytes())
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use crate::fingerprint::Fingerprint;
 use crate::store::{LockToken, RecordInfo, RecordState, StoreError, StoreErrorKind, whole_millis};
 use crate::stored::StoredResponse;
+use crate::util::Decimal;
 
 /// The first byte of every record: the layout's version.
 pub(super) const VERSION: u8 = 1;
@@ -175,47 +176,6 @@ pub(super) fn millis(duration: Duration) -> Decimal {
     Decimal::of(whole_millis(duration))
 }
 
-/// A `u64` in decimal, in a buffer of its own.
-pub(super) struct Decimal {
-    digits: [u8; 20],
-    start: usize,
-}
-
-impl Decimal {
-    fn of(mut n: u64) -> Self {
-        let mut digits = [0; 20];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        Self { digits, start }
-    }
-
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        &self.digits[self.start..]
-    }
-}
-
-#[cfg(test)]
-impl PartialEq<&str> for Decimal {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-#[cfg(test)]
-impl std::fmt::Debug for Decimal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Only ASCII digits.
-        f.write_str(std::str::from_utf8(self.as_bytes()).map_err(|_| std::fmt::Error)?)
-    }
-}
-
 /// Reads a completed record back: its head, then the encoded response.
 pub(super) fn decode_completed(bytes: &[u8]) -> Result<StoredResponse, StoreError> {
     match bytes.split_at_checked(HEAD_LEN) {
@@ -276,9 +236,6 @@ mod tests {
             millis(Duration::MAX),
             &*crate::store::MAX_MILLIS.to_string()
         );
-        for n in [0, 9, 10, 99, 1_000, 123_456_789, u64::MAX] {
-            assert_eq!(Decimal::of(n), &*n.to_string());
-        }
     }
 
     fn completed(response: &StoredResponse) -> Vec<u8> {
