@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use support::auth::{ALICE_T1, ALICE_T2, Auth, BOB, FORGED_ALICE, Unknown, pay};
-use support::{Runs, send};
+use support::{Runs, Transport, Via, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, TenantFromExtension};
 
 /// The principal that authentication verified.
@@ -147,8 +147,9 @@ async fn set_cookie_is_replayed_in_the_shared_scope_when_asked() {
 
 /// An `Authorization` header without credentials (empty, or a scheme alone) identifies no
 /// caller: with the default tenant, such requests are in the shared scope, refused unless the
-/// app opted in to it, and never given one another's cookies.
-#[tokio::test]
+/// app opted in to it, and never given one another's cookies. Through `oneshot` and a real
+/// server (hyper parses the empty value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authorization_without_credentials_is_no_tenant() {
     fn pay_with(authorization: &str, key: &str) -> axum::http::Request<axum::body::Body> {
         let mut request = pay(None, key);
@@ -156,20 +157,24 @@ async fn an_authorization_without_credentials_is_no_tenant() {
         request.headers_mut().insert(header::AUTHORIZATION, value);
         request
     }
-    let runs = Runs::default();
-    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
-    for authorization in ["", "Bearer ", "Basic"] {
-        let refused = send(&app, pay_with(authorization, "cart-1")).await;
-        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{authorization:?}");
-        assert_eq!(refused.code(), "idempotency_tenant_missing");
-    }
-    assert_eq!(runs.get(), 0);
+    for transport in [Transport::Oneshot, Transport::Loopback] {
+        let runs = Runs::default();
+        let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()));
+        let via = Via::new(app, transport).await;
+        for authorization in ["", "Bearer ", "Basic"] {
+            let refused = via.send(pay_with(authorization, "cart-1")).await;
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{authorization:?}");
+            assert_eq!(refused.code(), "idempotency_tenant_missing");
+        }
+        assert_eq!(runs.get(), 0);
 
-    let app = routes(&runs).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
-    let first = send(&app, pay_with("", "cart-1")).await;
-    assert_eq!(first.header("set-cookie"), Some("session=s1; HttpOnly"));
-    let other_caller = send(&app, pay_with("Bearer ", "cart-1")).await;
-    assert!(other_caller.replayed());
-    assert_eq!(other_caller.header("set-cookie"), None);
-    assert_eq!(runs.get(), 1);
+        let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
+        let via = Via::new(routes(&runs).layer(layer), transport).await;
+        let first = via.send(pay_with("", "cart-1")).await;
+        assert_eq!(first.header("set-cookie"), Some("session=s1; HttpOnly"));
+        let other_caller = via.send(pay_with("Bearer ", "cart-1")).await;
+        assert!(other_caller.replayed());
+        assert_eq!(other_caller.header("set-cookie"), None);
+        assert_eq!(runs.get(), 1);
+    }
 }
