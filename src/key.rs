@@ -27,8 +27,95 @@ pub(crate) enum KeyError {
 /// A valid key: the unquoted key, and the header value exactly as the client sent it.
 #[derive(Debug, Clone)]
 pub(crate) struct ParsedKey {
-    pub(crate) key: Arc<str>,
+    pub(crate) key: KeyText,
     pub(crate) raw: HeaderValue,
+}
+
+/// The longest key kept inline, in bytes: a UUID (36) and most keys that APIs generate fit.
+const INLINE: usize = 46;
+
+/// A valid key's text (1..=255 visible ASCII characters). A key of up to 46 characters is kept
+/// inline, so that the request, its record and its extension hold it without an allocation; a
+/// longer one is shared.
+#[derive(Clone)]
+pub(crate) struct KeyText(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Arc<str>),
+}
+
+impl KeyText {
+    /// The text of `key`.
+    pub(crate) fn new(key: &str) -> Self {
+        Self::from_ascii(key.as_bytes()).unwrap_or_else(|| Self(Repr::Shared(key.into())))
+    }
+
+    /// The text of `key`, which [`validate`] accepted (or a `str`'s bytes): valid UTF-8, so a
+    /// key kept inline is copied without a check; `None` for bytes that are not UTF-8.
+    fn from_ascii(key: &[u8]) -> Option<Self> {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..key.len()].copy_from_slice(key);
+                Some(Self(Repr::Inline { len, bytes }))
+            }
+            _ => std::str::from_utf8(key)
+                .ok()
+                .map(|key| Self(Repr::Shared(key.into()))),
+        }
+    }
+
+    /// The text of `key`, shared rather than copied when it is too long to keep inline.
+    pub(crate) fn from_shared(key: Arc<str>) -> Self {
+        if key.len() <= INLINE {
+            Self::new(&key)
+        } else {
+            Self(Repr::Shared(key))
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(key) => key.as_bytes(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match &self.0 {
+            // Inline bytes are a `str`'s or a validated key's, whole: this cannot fail.
+            Repr::Inline { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Repr::Shared(key) => key,
+        }
+    }
+}
+
+impl PartialEq for KeyText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for KeyText {}
+
+impl std::hash::Hash for KeyText {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for KeyText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Reads the key header `name` from `headers`.
@@ -47,13 +134,14 @@ pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<ParsedKey,
 }
 
 /// Validates one header value and returns the unquoted key.
-pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
+pub(crate) fn parse_value(value: &[u8]) -> Result<KeyText, KeyError> {
     let value = value.trim_ascii();
-    let unquoted;
+    let mut unquoted;
     let key = match value.first() {
         Some(b'"') => {
-            unquoted = unquote(value)?;
-            &unquoted[..]
+            unquoted = [0; MAX_KEY_LEN];
+            let len = unquote(value, &mut unquoted)?;
+            &unquoted[..len]
         }
         _ if value.contains(&b',') => {
             return Err(KeyError::Invalid("the header was sent more than once"));
@@ -62,9 +150,7 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
     };
     validate(key)?;
     // `validate` accepts only ASCII, so this conversion cannot fail.
-    std::str::from_utf8(key)
-        .map(Arc::from)
-        .map_err(|_| KeyError::Invalid("the key must be visible ASCII"))
+    KeyText::from_ascii(key).ok_or(KeyError::Invalid("the key must be visible ASCII"))
 }
 
 /// The request's idempotency key, put in the request's extensions before the handler runs.
@@ -87,21 +173,21 @@ pub(crate) fn parse_value(value: &[u8]) -> Result<Arc<str>, KeyError> {
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey {
-    key: Arc<str>,
+    key: KeyText,
     tenant: TenantId,
 }
 
 impl IdempotencyKey {
     pub(crate) fn from_record(record: &RecordKey) -> Self {
         Self {
-            key: record.shared_key().clone(),
+            key: record.text().clone(),
             tenant: *record.tenant(),
         }
     }
 
     /// The key, unquoted.
     pub fn as_str(&self) -> &str {
-        &self.key
+        self.key.as_str()
     }
 
     /// The tenant scope the key lives in.
@@ -154,30 +240,33 @@ impl std::fmt::Debug for IdempotencyKey {
 
 impl std::fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.key)
+        f.write_str(self.key.as_str())
     }
 }
 
-/// Unquotes a Structured-Field string (RFC 8941 §3.3.3): `"` ... `"`, with `\"` and `\\` escapes.
-fn unquote(value: &[u8]) -> Result<Vec<u8>, KeyError> {
-    let mut out = Vec::with_capacity(value.len().min(MAX_KEY_LEN + 1));
+/// Unquotes a Structured-Field string (RFC 8941 §3.3.3): `"` ... `"`, with `\"` and `\\` escapes,
+/// into `out`; returns the unquoted length.
+fn unquote(value: &[u8], out: &mut [u8; MAX_KEY_LEN]) -> Result<usize, KeyError> {
+    let mut len = 0;
     let mut bytes = value[1..].iter();
     loop {
-        match bytes.next() {
+        let c = match bytes.next() {
             None => return Err(KeyError::Invalid("the quoted key has no closing quote")),
             Some(b'\\') => match bytes.next() {
-                Some(&c @ (b'"' | b'\\')) => out.push(c),
+                Some(&c @ (b'"' | b'\\')) => c,
                 _ => return Err(KeyError::Invalid("the quoted key has an invalid escape")),
             },
             Some(b'"') => break,
-            Some(&c) => out.push(c),
-        }
-        if out.len() > MAX_KEY_LEN {
+            Some(&c) => c,
+        };
+        let Some(slot) = out.get_mut(len) else {
             return Err(KeyError::Invalid("the key is longer than 255 characters"));
-        }
+        };
+        *slot = c;
+        len += 1;
     }
     parameters(bytes.as_slice())?;
-    Ok(out)
+    Ok(len)
 }
 
 /// Checks what follows a quoted key: nothing, or RFC 8941 parameters (`;name` or
@@ -329,6 +418,33 @@ mod tests {
         assert_eq!(ok(b"\"a,b\""), "a,b");
     }
 
+    /// Keys up to 46 characters are kept inline, longer ones shared: either way the same text,
+    /// equal and hashed alike however they were made.
+    #[test]
+    fn key_text_inline_and_shared() {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        for len in [1, 36, INLINE, INLINE + 1, MAX_KEY_LEN] {
+            let key = "k".repeat(len);
+            let parsed = parse_value(key.as_bytes()).unwrap();
+            assert_eq!(parsed.as_str(), key);
+            assert_eq!(parsed.as_bytes(), key.as_bytes());
+            assert_eq!(matches!(parsed.0, Repr::Inline { .. }), len <= INLINE);
+            let shared = KeyText::from_shared(Arc::from(key.as_str()));
+            assert_eq!(parsed, shared);
+            assert_eq!(hasher.hash_one(&parsed), hasher.hash_one(&shared));
+            assert_eq!(hasher.hash_one(&parsed), hasher.hash_one(key.as_str()));
+            let record = RecordKey::new(TenantId::shared(), key.as_str());
+            assert_eq!(record.key(), key);
+            assert_eq!(record, RecordKey::from_text(TenantId::shared(), parsed));
+        }
+        let quoted = format!("\"{}\\\"\"", "q".repeat(INLINE - 1));
+        assert_eq!(
+            parse_value(quoted.as_bytes()).unwrap().as_str(),
+            format!("{}\"", "q".repeat(INLINE - 1))
+        );
+    }
+
     #[test]
     fn header_map() {
         let name = HeaderName::from_static("idempotency-key");
@@ -336,7 +452,7 @@ mod tests {
         assert_eq!(parse(&headers, &name).unwrap_err(), KeyError::Missing);
         headers.insert(&name, HeaderValue::from_static("\"k1\""));
         let parsed = parse(&headers, &name).unwrap();
-        assert_eq!(&*parsed.key, "k1");
+        assert_eq!(parsed.key.as_str(), "k1");
         assert_eq!(parsed.raw, "\"k1\"");
         headers.append(&name, HeaderValue::from_static("k2"));
         assert!(matches!(parse(&headers, &name), Err(KeyError::Invalid(_))));

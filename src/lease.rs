@@ -452,7 +452,7 @@ impl<St: IdempotencyStore> Guard<St> {
             self.release().await;
             // No response reports this outcome, so the event does (once: dropped before the
             // release ends, the guard's `Drop` reports it instead).
-            let (key, tenant) = (Some(self.key.key()), Some(self.key.tenant()));
+            let (key, tenant) = (Some(self.key.text().as_bytes()), Some(self.key.tenant()));
             outcome::emit(Outcome::Released, key, tenant, self.started);
         })
     }
@@ -508,7 +508,7 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
             GuardState::Held => {
                 // The request was cancelled, or a panic after the handler (or one whose release
                 // did not end) dropped it: no response reports this outcome, so the event does.
-                let key = Some(self.key.key());
+                let key = Some(self.key.text().as_bytes());
                 outcome::emit(
                     Outcome::Released,
                     key,

@@ -271,7 +271,9 @@ pub mod fuzzing {
 
     /// Parses an `Idempotency-Key` header value; `None` when it is not a valid key.
     pub fn parse_key(value: &[u8]) -> Option<std::sync::Arc<str>> {
-        crate::key::parse_value(value).ok()
+        crate::key::parse_value(value)
+            .ok()
+            .map(|key| std::sync::Arc::from(key.as_str()))
     }
 
     /// The fingerprint of a request whose body arrives in `chunks`, with `canonical_json`

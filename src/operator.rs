@@ -167,7 +167,7 @@ impl<St: IdempotencyStore> Operator<St> {
 
 fn record_key(tenant: TenantId, key: &str) -> Result<RecordKey, OperatorError> {
     match parse_value(key.as_bytes()) {
-        Ok(key) => Ok(RecordKey::new(tenant, key)),
+        Ok(key) => Ok(RecordKey::from_text(tenant, key)),
         Err(KeyError::Invalid(reason)) => Err(OperatorError::InvalidKey(reason)),
         Err(KeyError::Missing) => Err(OperatorError::InvalidKey("the key is empty")),
     }

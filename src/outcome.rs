@@ -116,8 +116,8 @@ fn log_tag(kind: &[u8], value: &[u8]) -> String {
 
 /// A tag of an idempotency key, for logs (see [`log_tag`]).
 #[cfg(feature = "tracing")]
-fn key_hash(key: &str) -> String {
-    log_tag(b"key", key.as_bytes())
+fn key_hash(key: &[u8]) -> String {
+    log_tag(b"key", key)
 }
 
 /// A tag of a tenant, for logs (see [`log_tag`]).
@@ -174,7 +174,7 @@ impl Started {
 #[cfg(feature = "tracing")]
 pub(crate) fn emit(
     outcome: Outcome,
-    key: Option<&str>,
+    key: Option<&[u8]>,
     tenant: Option<&crate::TenantId>,
     started: Started,
 ) {
@@ -229,7 +229,7 @@ pub(crate) fn store_failure(
             target: "tower_idempotency",
             call,
             error = %err,
-            key_hash = key_hash(record.key()),
+            key_hash = key_hash(record.text().as_bytes()),
             "idempotency store call failed while holding a key"
         );
     }
@@ -246,7 +246,7 @@ pub(crate) struct RequestSpan(#[cfg(feature = "tracing")] tracing::Span);
 impl RequestSpan {
     /// The span of a keyed request.
     #[cfg(feature = "tracing")]
-    pub(crate) fn new(parts: &http::request::Parts, key: &str, tenant: &crate::TenantId) -> Self {
+    pub(crate) fn new(parts: &http::request::Parts, key: &[u8], tenant: &crate::TenantId) -> Self {
         use tracing::field::Empty;
         // No subscriber wants it: no span, and no tag computed for it.
         if !tracing::enabled!(target: "tower_idempotency", tracing::Level::INFO) {
@@ -270,7 +270,7 @@ impl RequestSpan {
     /// The span of a keyed request.
     #[cfg(not(feature = "tracing"))]
     #[inline(always)]
-    pub(crate) fn new(_: &http::request::Parts, _: &str, _: &crate::TenantId) -> Self {
+    pub(crate) fn new(_: &http::request::Parts, _: &[u8], _: &crate::TenantId) -> Self {
         Self()
     }
 
@@ -331,7 +331,7 @@ pub(crate) fn detached() {
 pub(crate) fn lease_kept(record: &crate::RecordKey) {
     tracing::warn!(
         target: "tower_idempotency",
-        key_hash = key_hash(record.key()),
+        key_hash = key_hash(record.text().as_bytes()),
         "detached run cancelled by shutdown; its key is taken over once its lease ends"
     );
 }
@@ -367,7 +367,7 @@ pub(crate) fn store_failure(
 #[inline(always)]
 pub(crate) fn emit(
     outcome: Outcome,
-    _key: Option<&str>,
+    _key: Option<&[u8]>,
     _tenant: Option<&crate::TenantId>,
     _started: Started,
 ) {

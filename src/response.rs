@@ -51,7 +51,7 @@ pub(crate) fn unavailable<St, T, E: ErrorRenderer, B>(
 /// whose hashes go into the outcome's event.
 pub(crate) struct Report<'a> {
     raw: Option<&'a HeaderValue>,
-    key: Option<&'a str>,
+    key: Option<&'a [u8]>,
     tenant: Option<&'a TenantId>,
     started: Started,
 }
@@ -60,7 +60,7 @@ impl<'a> Report<'a> {
     pub(crate) fn keyed(raw: &'a HeaderValue, record: &'a RecordKey, started: Started) -> Self {
         Self {
             raw: Some(raw),
-            key: Some(record.key()),
+            key: Some(record.text().as_bytes()),
             tenant: Some(record.tenant()),
             started,
         }
@@ -121,7 +121,7 @@ pub(crate) fn refuse<St, T, E: ErrorRenderer, B>(
     let response = render(shared, &problem);
     let report = Report {
         raw: key.map(|k| &k.raw),
-        key: key.map(|k| &*k.key),
+        key: key.map(|k| k.key.as_bytes()),
         tenant,
         started: Started::now(),
     };

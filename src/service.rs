@@ -96,7 +96,7 @@ where
             let problem = Problem::overloaded(config.retry_after_secs());
             return self.refuse(problem, Outcome::Overloaded, Some(&key), Some(&tenant));
         };
-        let span = RequestSpan::new(&parts, &key.key, &tenant);
+        let span = RequestSpan::new(&parts, key.key.as_bytes(), &tenant);
         // The service that `poll_ready` made ready is the one that runs the request.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
@@ -105,7 +105,7 @@ where
         let ParsedKey { key, raw } = key;
         let keyed = Keyed {
             raw,
-            record: RecordKey::new(tenant, key),
+            record: RecordKey::from_text(tenant, key),
             permit,
         };
         let prelude = in_place(|| prelude(shared, inner, parts, body, keyed));
@@ -160,28 +160,35 @@ where
 {
     async move {
         let started = Started::now();
-        let config = &shared.config;
-        let Keyed { raw, record, .. } = &keyed;
-        let report = || Report::keyed(raw, record, started);
-        let (chunks, fingerprint) = match read_body(body, &parts, config).await {
+        // The config and the report are named at each use, not held in locals across the
+        // awaits: each such local would take room in this future for its whole run (see
+        // `the_prelude_stays_in_a_small_allocation`).
+        macro_rules! report {
+            () => {
+                Report::keyed(&keyed.raw, &keyed.record, started)
+            };
+        }
+        let (chunks, fingerprint) = match read_body(body, &parts, &shared.config).await {
             Ok(read) => read,
             Err(err) => {
-                let (problem, outcome) = err.problem(config);
-                return Step::Answer(Ok(answer(&shared, &problem, outcome, report())));
+                let (problem, outcome) = err.problem(&shared.config);
+                return Step::Answer(Ok(answer(&shared, &problem, outcome, report!())));
             }
         };
-        let begin = shared.store.begin(record, &fingerprint, config.lease);
-        let begin = match timed(StoreOp::Begin, config.store_timeout, begin).await {
+        let begin = shared
+            .store
+            .begin(&keyed.record, &fingerprint, shared.config.lease);
+        let begin = match timed(StoreOp::Begin, shared.config.store_timeout, begin).await {
             // A duplicate may wait for the first request's answer instead of `409`.
-            Ok(Begin::InFlight) if config.wait.is_some() => {
-                wait::for_first(&shared, record, &fingerprint).await
+            Ok(Begin::InFlight) if shared.config.wait.is_some() => {
+                wait::for_first(&shared, &keyed.record, &fingerprint).await
             }
             begin => begin,
         };
         match begin {
             Ok(Begin::Acquired(token)) => {
                 let claim = Some((&fingerprint, token));
-                let req = keyed_request(parts, chunks, record, &shared, claim);
+                let req = keyed_request(parts, chunks, &keyed.record, &shared, claim);
                 let held = Held {
                     keyed,
                     token,
@@ -189,22 +196,29 @@ where
                 };
                 Step::Run(hold(shared, inner, req, held))
             }
-            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report()))),
+            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report!()))),
             Ok(Begin::InFlight) => {
-                let problem = Problem::in_progress(config.retry_after_secs());
-                Step::Answer(Ok(answer(&shared, &problem, Outcome::InProgress, report())))
+                let problem = Problem::in_progress(shared.config.retry_after_secs());
+                Step::Answer(Ok(answer(
+                    &shared,
+                    &problem,
+                    Outcome::InProgress,
+                    report!(),
+                )))
             }
             Ok(Begin::Mismatch) => {
                 let problem = Problem::key_reuse();
-                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report())))
+                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report!())))
             }
             // A store that is full answered: it is not a failure to run past.
-            Err(err) if config.fail_open && err.kind() != StoreErrorKind::CapacityExceeded => {
-                let req = keyed_request(parts, chunks, record, &shared, None);
+            Err(err)
+                if shared.config.fail_open && err.kind() != StoreErrorKind::CapacityExceeded =>
+            {
+                let req = keyed_request(parts, chunks, &keyed.record, &shared, None);
                 // Boxed: the rare fail-open path does not size every request's future.
-                Step::Answer(Box::pin(bypass(config, inner, req, report())).await)
+                Step::Answer(Box::pin(bypass(&shared.config, inner, req, report!())).await)
             }
-            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report()))),
+            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report!()))),
         }
     }
 }

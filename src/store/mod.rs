@@ -43,6 +43,7 @@ pub(crate) use util::MAX_MILLIS;
 pub(crate) use util::whole_millis;
 
 use crate::fingerprint::Fingerprint;
+use crate::key::KeyText;
 use crate::stored::StoredResponse;
 use crate::tenant::TenantId;
 
@@ -462,7 +463,7 @@ pub enum Begin {
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecordKey {
     tenant: TenantId,
-    key: Arc<str>,
+    key: KeyText,
 }
 
 /// Hashes the key and 8 bytes of the tenant, which is a SHA-256 digest already: half the bytes
@@ -478,10 +479,11 @@ impl std::hash::Hash for RecordKey {
 impl RecordKey {
     /// Builds a record key from a tenant scope and an idempotency key (already validated).
     pub fn new(tenant: TenantId, key: impl Into<Arc<str>>) -> Self {
-        Self {
-            tenant,
-            key: key.into(),
-        }
+        Self::from_text(tenant, KeyText::from_shared(key.into()))
+    }
+
+    pub(crate) fn from_text(tenant: TenantId, key: KeyText) -> Self {
+        Self { tenant, key }
     }
 
     /// The tenant scope.
@@ -491,11 +493,11 @@ impl RecordKey {
 
     /// The idempotency key, unquoted, as the client sent it.
     pub fn key(&self) -> &str {
-        &self.key
+        self.key.as_str()
     }
 
-    /// The idempotency key, shared (cloning it does not copy the string).
-    pub(crate) fn shared_key(&self) -> &Arc<str> {
+    /// The idempotency key's text (cloning it copies at most 46 bytes, or shares a longer key).
+    pub(crate) fn text(&self) -> &KeyText {
         &self.key
     }
 }

@@ -215,7 +215,7 @@ impl Shard {
     ) -> Result<Begin, Full> {
         let id = self.next_id;
         let token = LockToken::from_u128(u128::from(self.token_seed) << 64 | u128::from(id));
-        let size = RECORD_OVERHEAD + key.key().len();
+        let size = RECORD_OVERHEAD + key.text().as_bytes().len();
         if let Some(record) = self.find_mut(hash, key) {
             if record.is_live(now) {
                 return Ok(record.decide(fingerprint));
@@ -417,5 +417,5 @@ impl Shard {
 /// The bytes a completed record counts for: its key, its stored headers and body, and the
 /// fixed overheads.
 pub(super) fn completed_size(key: &RecordKey, response: &StoredResponse) -> usize {
-    RECORD_OVERHEAD + key.key().len() + response.payload_size(HEADER_OVERHEAD)
+    RECORD_OVERHEAD + key.text().as_bytes().len() + response.payload_size(HEADER_OVERHEAD)
 }
