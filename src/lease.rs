@@ -140,7 +140,7 @@ impl<St, F, A, G> Future for Leased<St, F, A, G>
 where
     St: IdempotencyStore,
     F: Future,
-    A: FnOnce(Guard<St>, F::Output) -> G,
+    A: FnOnce(Guard<St>, Renewals, F::Output) -> G,
     G: Future,
 {
     type Output = G::Output;
@@ -161,15 +161,20 @@ where
                 }
                 Err(panic) => Err(panic),
             };
-            // The handler's future is dropped in place; the guard and what follows move on.
-            let LeasedReplace::Running { guard, then, .. } =
-                self.as_mut().project_replace(Self::Moving)
+            // The handler's future is dropped in place; the guard, its renewals and what follows
+            // move on.
+            let LeasedReplace::Running {
+                guard,
+                then,
+                renewals,
+                ..
+            } = self.as_mut().project_replace(Self::Moving)
             else {
                 unreachable!("the handler's stage was just polled");
             };
             self.set(match next {
                 Ok(output) => Self::Then {
-                    future: then(guard, output),
+                    future: then(guard, renewals, output),
                 },
                 Err(panic) => Self::Unwinding {
                     release: guard.release_after_panic(),
@@ -191,7 +196,33 @@ where
     }
 }
 
-/// The lease renewals of a pending handler: the timer and the renewal under way, each in an
+pin_project_lite::pin_project! {
+    /// The future of [`Guard::under_lease`].
+    pub(crate) struct UnderLease<'a, St: IdempotencyStore, F> {
+        #[pin]
+        future: F,
+        guard: &'a Guard<St>,
+        renewals: &'a mut Renewals,
+    }
+}
+
+impl<St: IdempotencyStore, F: Future> Future for UnderLease<'_, St, F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match panic::catch_unwind(AssertUnwindSafe(|| this.future.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => {
+                this.renewals.poll(this.guard, cx);
+                Poll::Pending
+            }
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// The lease renewals of a pending handler (or of its response body being read): the timer and the renewal under way, each in an
 /// allocation of its own made only once the handler is pending, so that a handler that answers
 /// at once costs no timer and no clock read.
 pub(crate) struct Renewals {
@@ -238,10 +269,10 @@ pub(crate) fn drop_keeping_lease<T>(value: T) {
 
 /// Holds an in-flight record for the request that acquired it.
 ///
-/// Completing or releasing disarms it; a handler that panics has its record released before
-/// the panic goes on (see [`Leased`]). Dropped while armed (the request was cancelled with
-/// `finish_on_disconnect(false)`, or the flow panicked after the handler, reading its response
-/// body), it releases the record in a background task, so a key never stays stuck in `409`;
+/// Completing or releasing disarms it; a handler that panics, or whose response body panics
+/// while it is read, has its record released before the panic goes on (see [`Leased`] and
+/// [`Guard::under_lease`]). Dropped while armed (the request was cancelled with
+/// `finish_on_disconnect(false)`, or the flow panicked elsewhere), it releases the record in a background task, so a key never stays stuck in `409`;
 /// dropped by a runtime that shuts down under a detached run, it keeps its lease, which then
 /// ends by itself; dropped while completing, it finishes the completion in the background, so a
 /// response the handler already produced is not lost and the handler does not run again.
@@ -301,7 +332,8 @@ impl<St: IdempotencyStore> Guard<St> {
     }
 
     /// The handler's part of the request that holds this guard: drives `handler` to its end
-    /// while renewing the lease every third of its length, then hands the guard and the
+    /// while renewing the lease every third of its length, then hands the guard, its renewals
+    /// (for a response body still to be read, see [`under_lease`](Self::under_lease)) and the
     /// handler's output to `then`, and runs the future it makes.
     ///
     /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
@@ -315,7 +347,7 @@ impl<St: IdempotencyStore> Guard<St> {
     ) -> Leased<St, F, A, G>
     where
         F: Future,
-        A: FnOnce(Self, F::Output) -> G,
+        A: FnOnce(Self, Renewals, F::Output) -> G,
         G: Future,
     {
         Leased::Running {
@@ -327,6 +359,23 @@ impl<St: IdempotencyStore> Guard<St> {
             },
             guard: self,
             then,
+        }
+    }
+
+    /// Runs `future`, the rest of the handler's work once it answered (reading its response's
+    /// body), under this guard's lease: the lease is renewed while it is pending, as while the
+    /// handler runs, so that a body that takes longer than the lease is not taken over by a
+    /// retry; a panic in it is caught and handed back, so that the key can be released (see
+    /// [`release_after_panic`](Self::release_after_panic)) before the panic goes on.
+    pub(crate) fn under_lease<'a, F: Future>(
+        &'a self,
+        renewals: &'a mut Renewals,
+        future: F,
+    ) -> UnderLease<'a, St, F> {
+        UnderLease {
+            future,
+            guard: self,
+            renewals,
         }
     }
 
@@ -447,7 +496,7 @@ impl<St: IdempotencyStore> Guard<St> {
     /// Releases the key of a handler that panicked, before its panic goes on up: a retry that
     /// follows the `500` a panic-catching layer above answers runs the handler again, instead
     /// of finding the record still in flight while a background task releases it.
-    fn release_after_panic(mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    pub(crate) fn release_after_panic(mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
             self.release().await;
             // No response reports this outcome, so the event does (once: dropped before the
@@ -518,6 +567,15 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 self.spawn_release();
             }
             GuardState::Completing(response, ttl) => {
+                // The handler ran and its response is being stored: no response reports this
+                // outcome, so the event does.
+                let key = Some(self.key.text().as_bytes());
+                outcome::emit(
+                    Outcome::Executed,
+                    key,
+                    Some(self.key.tenant()),
+                    self.started,
+                );
                 self.spawn_with(|store, key, token, timeout| async move {
                     let call = store.complete(&key, token, response, ttl);
                     let _ = timed(StoreOp::Complete, timeout, call).await;

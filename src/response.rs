@@ -65,6 +65,12 @@ impl<'a> Report<'a> {
             started,
         }
     }
+
+    /// Reports `outcome` as its event and metric alone: for a request that ends without a
+    /// response to carry it (its service failed).
+    pub(crate) fn emit(&self, outcome: Outcome) {
+        outcome::emit(outcome, self.key, self.tenant, self.started);
+    }
 }
 
 /// Adds what every response to a keyed request carries: the echoed key (exactly as the client
@@ -75,7 +81,7 @@ pub(crate) fn finish<B>(
     config: &Config,
     report: Report<'_>,
 ) -> Response<B> {
-    outcome::emit(outcome, report.key, report.tenant, report.started);
+    report.emit(outcome);
     if let Some(raw) = report.raw {
         response
             .headers_mut()

@@ -33,7 +33,7 @@ use crate::fingerprint::Fingerprint;
 use crate::future::{Answer, ResponseFuture, Running, Step};
 use crate::handler::{Handler, Idempotency, RequestBodyOf};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
-use crate::lease::{Guard, timed};
+use crate::lease::{Guard, Renewals, timed};
 use crate::metrics::StoreOp;
 use crate::outcome::{Outcome, RequestSpan, Started};
 use crate::response::{Report, answer, finish, refuse, replay, unavailable};
@@ -254,7 +254,13 @@ async fn bypass<S, ReqBody>(
 where
     S: Handler<ReqBody>,
 {
-    let mut response = Box::pin(inner.call(req)).await?.map(ResponseBody::inner);
+    let mut response = match Box::pin(inner.call(req)).await {
+        Ok(response) => response.map(ResponseBody::inner),
+        Err(err) => {
+            report.emit(Outcome::Bypassed);
+            return Err(err);
+        }
+    };
     response.headers_mut().insert(
         IDEMPOTENCY_BYPASSED,
         HeaderValue::from_static("store-unavailable"),
@@ -293,7 +299,8 @@ where
     let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
-    let then = move |guard, output| after(shared, raw, started, claim, guard, output);
+    let then =
+        move |guard, renewals, output| after(shared, raw, started, claim, guard, renewals, output);
     // A service whose `call` panics has its key released before the panic goes on, as one whose
     // future panics.
     let leased = match panic::catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
@@ -334,6 +341,7 @@ fn after<St, T, E, B, Err>(
     started: Started,
     claim: HeldClaim,
     guard: Guard<St>,
+    renewals: Renewals,
     output: Result<Response<B>, Err>,
 ) -> After<
     impl Future<Output = Answer<B, Err>>,
@@ -362,7 +370,7 @@ where
     } else if shared.config.stores(&response) {
         let (head, body) = response.into_parts();
         After::Kept {
-            future: kept(shared, raw, started, guard, head, body),
+            future: kept(shared, raw, started, guard, renewals, head, body),
         }
     } else {
         let future = released(shared, raw, started, guard, Ok(response));
@@ -399,13 +407,16 @@ where
 }
 
 /// Stores a handler's response for replay, and gives it back for the client. A response over
-/// the response cap completes the key as not replayable; a body that fails releases it.
+/// the response cap completes the key as not replayable; a body that fails releases it. The
+/// body is read under the key's lease, renewed as while the handler ran; a body that panics has
+/// the key released before its panic goes on.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn kept<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,
     started: Started,
     mut guard: Guard<St>,
+    mut renewals: Renewals,
     head: http::response::Parts,
     body: B,
 ) -> impl Future<Output = Answer<B, Err>>
@@ -417,7 +428,15 @@ where
 {
     async move {
         let config = &shared.config;
-        let read = read_response(body, config.max_response_bytes).await;
+        let read = read_response(body, config.max_response_bytes);
+        let read = match guard.under_lease(&mut renewals, read).await {
+            Ok(read) => read,
+            Err(panic) => {
+                guard.release_after_panic().await;
+                panic::resume_unwind(panic)
+            }
+        };
+        drop(renewals);
         let (stored, body) = to_store(read, &head, config, guard.key());
         let outcome = guard.conclude(stored, config.ttl).await;
         let report = Report::keyed(&raw, guard.key(), started);
@@ -503,8 +522,15 @@ where
 {
     async move {
         guard.release().await;
-        let response = output?.map(ResponseBody::inner);
         let report = Report::keyed(&raw, guard.key(), started);
+        let response = match output {
+            Ok(response) => response.map(ResponseBody::inner),
+            // The service failed: no response carries the outcome, so its event does alone.
+            Err(err) => {
+                report.emit(Outcome::Released);
+                return Err(err);
+            }
+        };
         Ok(finish(response, Outcome::Released, &shared.config, report))
     }
 }

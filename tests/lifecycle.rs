@@ -180,6 +180,95 @@ async fn a_slow_handler_keeps_its_lease_and_is_never_taken_over() {
     assert_eq!(runs.get(), 1);
 }
 
+/// The layer reads the handler's response body before it stores it: a body that takes longer
+/// than the lease is read under the lease, renewed as while the handler runs.
+#[tokio::test(start_paused = true)]
+async fn a_slow_response_body_keeps_its_lease_and_is_never_taken_over() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .lease(Duration::from_secs(3)),
+    );
+    // The handler answers at once; its body arrives ten times the lease later.
+    let first = spawn_send(&app, post_with_key("/slow-body/30000", "k", "{}"));
+    until(|| runs.get() == 1).await;
+    for _ in 0..29 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let retry = send(&app, post_with_key("/slow-body/30000", "k", "{}")).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.body, "slow body of run 1");
+    let replay = send(&app, post_with_key("/slow-body/30000", "k", "{}")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, "slow body of run 1");
+    assert_eq!(runs.get(), 1);
+}
+
+/// The same through a real server on loopback, in real time.
+#[tokio::test]
+async fn a_slow_response_body_keeps_its_lease_over_loopback() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .lease(Duration::from_millis(300)),
+    );
+    let server = std::sync::Arc::new(support::serve(app).await);
+    let first = tokio::spawn({
+        let server = server.clone();
+        async move {
+            server
+                .send(post_with_key("/slow-body/1500", "k", "{}"))
+                .await
+        }
+    });
+    // The first request's body is still on its way, more than two leases after it began.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let retry = server
+        .send(post_with_key("/slow-body/1500", "k", "{}"))
+        .await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(
+        server
+            .send(post_with_key("/slow-body/1500", "k", "{}"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+/// A response body that panics while the layer reads it has its key released before the panic
+/// goes on: the retry that follows the `500` of a panic-catching layer runs at once.
+#[tokio::test]
+async fn a_panicking_response_body_releases_its_key_before_the_panic_goes_on() {
+    for transport in [support::Transport::Oneshot, support::Transport::Loopback] {
+        let runs = Runs::default();
+        let app = api(runs.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true))
+            .layer(tower_http::catch_panic::CatchPanicLayer::new());
+        let via = support::Via::new(app, transport).await;
+        let first = via.send(post_with_key("/body-panics", "k", "{}")).await;
+        assert_eq!(
+            first.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{transport:?}"
+        );
+        let retry = via.send(post_with_key("/body-panics", "k", "{}")).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::CREATED,
+            "{transport:?}: {retry:?}"
+        );
+        assert_eq!(retry.body, "body of run 2");
+        assert_eq!(runs.get(), 2);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dead_holder_is_taken_over_and_cannot_overwrite() {
     let runs = Runs::default();

@@ -16,7 +16,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use bytes::Bytes;
 use futures_util::FutureExt;
+use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use support::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
 use tower::{Service, ServiceExt};
@@ -324,4 +326,116 @@ async fn metrics_are_described() {
         help.as_deref().is_some_and(|h| h.contains("by outcome")),
         "{help:?}"
     );
+}
+
+/// A failing service under the layer (any tower service may fail, not only answer): no
+/// response carries the outcome, so the layer counts it alone, once.
+fn failing() -> impl Service<
+    Request<tower_idempotency::RequestBody<Full<Bytes>>>,
+    Response = axum::http::Response<Full<Bytes>>,
+    Error = tower_idempotency::BoxError,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(
+        |_: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
+            Err::<axum::http::Response<Full<Bytes>>, tower_idempotency::BoxError>(
+                "the service failed".into(),
+            )
+        },
+    )
+}
+
+fn keyed(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+/// A service that fails ran with its key held: the key is released, and counted once so.
+#[tokio::test(start_paused = true)]
+async fn a_service_that_fails_is_counted_once_as_released() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let svc = tower::Layer::layer(
+        &IdempotencyLayer::new(MemoryStore::new()).shared_scope(true),
+        failing(),
+    );
+    assert!(svc.clone().oneshot(keyed("k")).await.is_err());
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("released"), 1, "{:?}", seen.counters);
+    assert_eq!(total(&seen), 1, "{:?}", seen.counters);
+    assert_eq!(seen.store_calls("release", "ok"), 1);
+}
+
+/// Fail-open, the store down: a service that fails ran unprotected, counted once as bypassed.
+#[tokio::test(start_paused = true)]
+async fn a_bypassed_service_that_fails_is_counted_once() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let store = FaultyStore::default();
+    store.fail(true);
+    let layer = IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .fail_open(true);
+    let svc = tower::Layer::layer(&layer, failing());
+    assert!(svc.oneshot(keyed("k")).await.is_err());
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("bypassed"), 1, "{:?}", seen.counters);
+    assert_eq!(total(&seen), 1, "{:?}", seen.counters);
+}
+
+/// A request dropped while its response is stored (`finish_on_disconnect(false)`, its client
+/// gone): the completion ends in the background, and the request is counted once, as executed.
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_completing_is_counted_once() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let (runs, store) = (Runs::default(), FaultyStore::default());
+    store.always(Op::Complete, Fault::Delay(Duration::from_millis(200)));
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .shared_scope(true)
+            .finish_on_disconnect(false),
+    );
+    let client = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with_key("/payments", "k", "{}")).await }
+    });
+    while runs.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Inside the 200 ms of `complete`.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retry = send(&app, post_with_key("/payments", "k", "{}")).await;
+    assert!(retry.replayed(), "the completion ended in the background");
+    assert_eq!(runs.get(), 1);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("executed"), 1, "{:?}", seen.counters);
+    assert_eq!(seen.requests("replayed"), 1, "{:?}", seen.counters);
+    assert_eq!(total(&seen), 2, "{:?}", seen.counters);
+}
+
+/// Every request counted, whatever its outcome.
+fn total(seen: &Seen) -> u64 {
+    seen.counters
+        .iter()
+        .filter(|(id, _)| id.starts_with(REQUESTS_TOTAL))
+        .map(|(_, n)| n)
+        .sum()
 }

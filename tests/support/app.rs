@@ -21,7 +21,11 @@ use super::{Runs, send};
 ///   naming the run number and echoing the request body;
 /// - `POST|PATCH|PUT /status/{code}`: answers `code`;
 /// - `POST /slow/{ms}`: sleeps `ms` milliseconds (Tokio time), then 201;
+/// - `POST /slow-body/{ms}`: answers 201 at once, with a body that arrives `ms` milliseconds
+///   later (Tokio time);
 /// - `POST /panic`: panics;
+/// - `POST /body-panics`: answers 201 at once, with a body that panics on the first run and
+///   arrives on the others;
 /// - `POST /big/{n}`: answers `n` bytes;
 /// - `POST /binary`: answers every byte value;
 /// - `GET /payments`: 200.
@@ -33,7 +37,9 @@ pub fn api(runs: Runs) -> Router {
         )
         .route("/status/{code}", post(status).patch(status).put(status))
         .route("/slow/{ms}", post(slow))
+        .route("/slow-body/{ms}", post(slow_body))
         .route("/panic", post(panics))
+        .route("/body-panics", post(body_panics))
         .route("/big/{n}", post(big))
         .route("/binary", post(binary))
         .with_state(runs)
@@ -76,6 +82,24 @@ async fn slow(State(runs): State<Runs>, Path(ms): Path<u64>) -> Response {
     let n = runs.bump();
     tokio::time::sleep(Duration::from_millis(ms)).await;
     (StatusCode::CREATED, format!("slow run {n}")).into_response()
+}
+
+async fn slow_body(State(runs): State<Runs>, Path(ms): Path<u64>) -> Response {
+    let n = runs.bump();
+    let body = futures_util::stream::once(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<_, std::io::Error>(Bytes::from(format!("slow body of run {n}")))
+    });
+    (StatusCode::CREATED, Body::from_stream(body)).into_response()
+}
+
+async fn body_panics(State(runs): State<Runs>) -> Response {
+    let n = runs.bump();
+    let body = futures_util::stream::once(async move {
+        assert!(n > 1, "the body of the first run panics on purpose");
+        Ok::<_, std::io::Error>(Bytes::from(format!("body of run {n}")))
+    });
+    (StatusCode::CREATED, Body::from_stream(body)).into_response()
 }
 
 async fn panics(State(runs): State<Runs>) -> Response {
