@@ -7,8 +7,8 @@ use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::header;
 use http::request::Parts;
+use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
@@ -154,8 +154,9 @@ pin_project! {
     #[project = ResponseBodyProj]
     #[derive(Debug)]
     pub(crate) enum ResponseKind<B> {
-        /// A replayed response, an error, or a handler's response that was buffered to store it.
-        Full { data: Option<Bytes> },
+        /// A replayed response, an error, or a handler's response that was buffered to store it:
+        /// its data, then its trailers when it has any.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         /// The handler's response, untouched.
         Inner { #[pin] body: B },
         /// A handler's response too large to store: the part already read, then the rest.
@@ -171,8 +172,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<B> ResponseBody<B> {
     pub(crate) fn full(data: Bytes) -> Self {
+        Self::full_with(data, None)
+    }
+
+    /// `data`, then `trailers` when there are any.
+    pub(crate) fn full_with(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Self::from(ResponseKind::Full {
             data: (!data.is_empty()).then_some(data),
+            trailers: trailers.map(Box::new),
         })
     }
 
@@ -211,7 +218,10 @@ where
             poll.map(|frame| frame.map(|f| f.map_err(Into::into)))
         };
         match self.project().kind.project() {
-            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBodyProj::Full { data, trailers } => Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
+            }),
             ResponseBodyProj::Inner { body } => boxed(poll_bytes(body, cx)),
             ResponseBodyProj::Prefixed { prefix, body } => match prefix.take() {
                 Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
@@ -226,7 +236,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
             ResponseKind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
@@ -235,7 +245,17 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Full { data } => exact(data),
+            // Not exact with trailers to follow: a server that read an exact size would send it
+            // as `Content-Length`, and HTTP/1.1 carries trailers only in a chunked body.
+            ResponseKind::Full {
+                data,
+                trailers: Some(_),
+            } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(exact(data).lower());
+                hint
+            }
+            ResponseKind::Full { data, .. } => exact(data),
             ResponseKind::Failed { .. } => SizeHint::new(),
             ResponseKind::Inner { body } => body.size_hint(),
             ResponseKind::Prefixed { prefix, body } => {
@@ -337,9 +357,18 @@ where
 }
 
 pub(crate) enum ResponseRead<B> {
-    Whole(Chunks),
-    TooLarge { prefix: Chunks, rest: B },
-    Failed { prefix: Chunks, error: BoxError },
+    Whole {
+        chunks: Chunks,
+        trailers: Option<HeaderMap>,
+    },
+    TooLarge {
+        prefix: Chunks,
+        rest: B,
+    },
+    Failed {
+        prefix: Chunks,
+        error: BoxError,
+    },
 }
 
 /// Reads a handler's response body to store it, up to `limit` bytes.
@@ -350,6 +379,7 @@ where
     B::Error: Into<BoxError>,
 {
     let mut chunks = Chunks::default();
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         match frame {
             Err(error) => {
@@ -359,8 +389,15 @@ where
                 };
             }
             Ok(frame) => {
-                let Ok(mut data) = frame.into_data() else {
-                    continue; // trailers are not stored
+                let mut data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        // Trailers end the body; they are stored and sent after it.
+                        if let Ok(frame) = frame.into_trailers() {
+                            trailers = Some(frame);
+                        }
+                        continue;
+                    }
                 };
                 chunks.push(data.copy_to_bytes(data.remaining()));
                 if chunks.len() > limit {
@@ -372,7 +409,7 @@ where
             }
         }
     }
-    ResponseRead::Whole(chunks)
+    ResponseRead::Whole { chunks, trailers }
 }
 
 #[cfg(test)]

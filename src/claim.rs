@@ -17,10 +17,12 @@ use std::time::Duration;
 use axum_core::body::Body;
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Extensions, HeaderValue, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 
+use crate::body::ResponseBody;
 use crate::config::{Config, Shared};
 use crate::fingerprint::Fingerprint;
 use crate::store::sql::{millis, token_bytes};
@@ -219,18 +221,20 @@ impl Claim {
             return Ok(response);
         }
         let (head, body) = response.into_parts();
-        let body = body
+        let collected = body
             .collect()
             .await
-            .map_err(|err| ClaimError::new(ClaimErrorKind::Body, Some(err.into())))?
-            .to_bytes();
+            .map_err(|err| ClaimError::new(ClaimErrorKind::Body, Some(err.into())))?;
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         let stored = if body.len() > config.max_response_bytes {
             StoredResponse::omitted(head.status)
         } else {
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && held.key.tenant().is_shared();
             let skip = &config.skip_response_headers;
-            StoredResponse::from_parts(&head, &body, &config.header, skip, skip_cookies)
+            let (name, t) = (&config.header, trailers.as_ref());
+            StoredResponse::from_parts(&head, &body, t, name, skip, skip_cookies)
         };
         let encoded = stored.encode();
         let completion = sealed::Completion {
@@ -245,7 +249,8 @@ impl Claim {
             0 => Err(ClaimError::new(ClaimErrorKind::LeaseLost, None)),
             _ => {
                 held.state.store(WRITTEN, Ordering::Release);
-                let mut response = Response::from_parts(head, Body::from(body));
+                let body = ResponseBody::<Empty<Bytes>>::full_with(body, trailers);
+                let mut response = Response::from_parts(head, Body::new(body));
                 response.extensions_mut().insert(CompletedInTransaction);
                 Ok(response)
             }

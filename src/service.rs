@@ -460,14 +460,14 @@ fn to_store<B>(
     key: &RecordKey,
 ) -> (Option<StoredResponse>, ResponseBody<B>) {
     match read {
-        ResponseRead::Whole(chunks) => {
+        ResponseRead::Whole { chunks, trailers } => {
             let bytes = chunks.to_bytes();
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && key.tenant().is_shared();
             let skip = &config.skip_response_headers;
-            let stored =
-                StoredResponse::from_parts(head, &bytes, &config.header, skip, skip_cookies);
-            (Some(stored), ResponseBody::full(bytes))
+            let (name, t) = (&config.header, trailers.as_ref());
+            let stored = StoredResponse::from_parts(head, &bytes, t, name, skip, skip_cookies);
+            (Some(stored), ResponseBody::full_with(bytes, trailers))
         }
         ResponseRead::TooLarge { prefix, rest } => {
             let omitted = StoredResponse::omitted(head.status);

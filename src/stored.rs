@@ -15,7 +15,7 @@ use http::{StatusCode, response};
 pub struct StoredResponse(Stored);
 
 /// The response in one buffer, in the form [`StoredResponse::encode`] writes: status, each
-/// stored header's name and value, and the body. It is built once from the handler's response
+/// stored header's name and value, its trailers' when it has any, and the body. It is built once from the handler's response
 /// and read as is: a replay slices its header values and body out of it, a shared store
 /// writes it, the memory store counts it. The map [`StoredResponse::headers`] returns and the
 /// body [`StoredResponse::body`] returns are made on the first call of either (the flow calls
@@ -29,6 +29,9 @@ struct Stored {
     packed: Bytes,
     /// At most [`MAX_HEADER_CAPACITY`].
     header_count: u16,
+    /// The trailer fields, after the headers; `None` for a response without trailers. At most
+    /// [`MAX_HEADER_CAPACITY`].
+    trailer_count: Option<u16>,
     /// Where the body starts in `packed`.
     body_at: usize,
     views: OnceLock<Box<Views>>,
@@ -38,17 +41,25 @@ struct Stored {
 struct Views {
     map: HeaderMap,
     body: Bytes,
+    trailers: Option<HeaderMap>,
 }
 
 /// The bytes before the first header: format version, flags, status, header count.
 const HEAD_LEN: usize = 8;
 
+/// The flags byte: the body was too large to store.
+const OMITTED: u8 = 1;
+/// The flags byte: trailer fields follow the headers, after their count (4 bytes).
+const TRAILERS: u8 = 2;
+
 /// Encodes a response: the headers `headers()` yields (asked twice: measured, then written,
-/// so that the buffer is allocated once at its size) and a copy of `body`.
+/// so that the buffer is allocated once at its size), the trailers when there are any, and a
+/// copy of `body`.
 fn pack<'a, I>(
     status: StatusCode,
     body_omitted: bool,
     headers: impl Fn() -> I,
+    trailers: Option<&HeaderMap>,
     body: &[u8],
 ) -> Stored
 where
@@ -56,19 +67,30 @@ where
 {
     // A map holds no more than this: a `HeaderMap` given to `new` could not either.
     let headers = || headers().take(MAX_HEADER_CAPACITY);
-    let (count, header_bytes) = headers().fold((0, 0), |(count, bytes), (name, value)| {
-        (count + 1, bytes + 8 + name.as_str().len() + value.len())
-    });
-    let mut out = Vec::with_capacity(HEAD_LEN + header_bytes + 8 + body.len());
+    let trailers = trailers.filter(|t| !t.is_empty());
+    let fields = |fields: &mut dyn Iterator<Item = (&HeaderName, &HeaderValue)>| {
+        fields.fold((0, 0), |(count, bytes), (name, value)| {
+            (count + 1, bytes + 8 + name.as_str().len() + value.len())
+        })
+    };
+    let (count, header_bytes) = fields(&mut headers());
+    let trailer_fields = || trailers.into_iter().flatten().take(MAX_HEADER_CAPACITY);
+    let (trailer_count, trailer_bytes) = fields(&mut trailer_fields());
+    let trailer_bytes = trailer_bytes + if trailers.is_some() { 4 } else { 0 };
+    let mut out = Vec::with_capacity(HEAD_LEN + header_bytes + trailer_bytes + 8 + body.len());
+    let flags = u8::from(body_omitted) * OMITTED + u8::from(trailers.is_some()) * TRAILERS;
     out.put_u8(FORMAT_VERSION);
-    out.put_u8(u8::from(body_omitted));
+    out.put_u8(flags);
     out.put_u16(status.as_u16());
     out.put_u32(count as u32);
-    for (name, value) in headers() {
-        out.put_u32(name.as_str().len() as u32);
-        out.put_slice(name.as_str().as_bytes());
-        out.put_u32(value.len() as u32);
-        out.put_slice(value.as_bytes());
+    for field in headers() {
+        put_field(&mut out, field);
+    }
+    if trailers.is_some() {
+        out.put_u32(trailer_count as u32);
+        for field in trailer_fields() {
+            put_field(&mut out, field);
+        }
     }
     out.put_u64(body.len() as u64);
     let body_at = out.len();
@@ -79,9 +101,18 @@ where
         // At its capacity, so the `Vec` becomes a `Bytes` without a copy.
         packed: Bytes::from(out),
         header_count: count as u16,
+        trailer_count: trailers.map(|_| trailer_count as u16),
         body_at,
         views: OnceLock::new(),
     }
+}
+
+/// Writes a header's name and value, each after its length.
+fn put_field(out: &mut Vec<u8>, (name, value): (&HeaderName, &HeaderValue)) {
+    out.put_u32(name.as_str().len() as u32);
+    out.put_slice(name.as_str().as_bytes());
+    out.put_u32(value.len() as u32);
+    out.put_slice(value.as_bytes());
 }
 
 impl Stored {
@@ -93,9 +124,35 @@ impl Stored {
         }
     }
 
+    /// The stored trailers as (name, value) bytes, in the order they were stored: after the
+    /// headers and the trailers' count.
+    fn trailer_pairs(&self) -> Pairs<'_> {
+        let mut headers = self.pairs();
+        headers.by_ref().for_each(drop);
+        let count = self.trailer_count.unwrap_or(0);
+        Pairs {
+            rest: headers.rest.get(4..).unwrap_or_default(),
+            left: usize::from(count),
+        }
+    }
+
     /// The stored headers as a name and a value that shares `packed`.
     fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-        self.pairs().filter_map(|(name, value)| {
+        self.fields(self.pairs())
+    }
+
+    /// The stored trailers, or `None` for a response without trailers.
+    fn trailers(&self) -> Option<HeaderMap> {
+        let count = self.trailer_count?;
+        Some(to_map(self.fields(self.trailer_pairs()), count.into(), 0))
+    }
+
+    /// Fields as a name and a value that shares `packed`.
+    fn fields<'a>(
+        &'a self,
+        pairs: Pairs<'a>,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
+        pairs.filter_map(|(name, value)| {
             // Both were checked when the response was stored or decoded.
             let name = HeaderName::from_bytes(name).ok()?;
             let value = HeaderValue::from_maybe_shared(self.packed.slice_ref(value)).ok()?;
@@ -112,6 +169,7 @@ impl Stored {
             Box::new(Views {
                 map: to_map(self.headers(), self.header_count.into(), 0),
                 body: self.packed.slice(self.body_at..),
+                trailers: self.trailers(),
             })
         })
     }
@@ -140,7 +198,10 @@ impl PartialEq for Stored {
         self.status == other.status
             && self.body_omitted == other.body_omitted
             && self.body() == other.body()
-            && (self.packed == other.packed || self.views().map == other.views().map)
+            && self.trailer_count.is_some() == other.trailer_count.is_some()
+            && (self.packed == other.packed
+                || (self.views().map == other.views().map
+                    && self.views().trailers == other.views().trailers))
     }
 }
 
@@ -153,6 +214,7 @@ impl Clone for Stored {
             body_omitted: self.body_omitted,
             packed: self.packed.clone(),
             header_count: self.header_count,
+            trailer_count: self.trailer_count,
             body_at: self.body_at,
             views: OnceLock::new(),
         }
@@ -166,6 +228,7 @@ impl fmt::Debug for StoredResponse {
             .field("status", &stored.status)
             .field("headers", &DebugHeaders(stored))
             .field("body", self.body())
+            .field("trailers", &self.trailers())
             .field("body_omitted", &stored.body_omitted)
             .finish()
     }
@@ -202,14 +265,14 @@ fn to_map(
 }
 
 /// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1; besides, those the response's
-/// `Connection` names) and `Date`, which belongs to the moment a response is sent.
-const NEVER_STORED: [HeaderName; 10] = [
+/// `Connection` names) and `Date`, which belongs to the moment a response is sent. `Trailer`,
+/// which announces the trailer fields a body ends with, is stored with them.
+const NEVER_STORED: [HeaderName; 9] = [
     header::CONNECTION,
     header::DATE,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
@@ -231,13 +294,42 @@ fn named_by(connection: &http::header::GetAll<'_, HeaderValue>, name: &HeaderNam
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self(pack(status, false, || headers.iter(), &body))
+        Self(pack(status, false, || headers.iter(), None, &body))
+    }
+
+    /// This response with `trailers` after its body (replacing any it had); an empty map means
+    /// no trailers.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, StatusCode};
+    /// use tower_idempotency::StoredResponse;
+    ///
+    /// let mut trailers = HeaderMap::new();
+    /// trailers.insert("grpc-status", "0".parse().unwrap());
+    /// let stored = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"hi"))
+    ///     .with_trailers(trailers.clone());
+    /// assert_eq!(stored.trailers(), Some(&trailers));
+    /// assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
+    /// ```
+    pub fn with_trailers(self, trailers: HeaderMap) -> Self {
+        let stored = &self.0;
+        let headers: Vec<_> = stored.headers().collect();
+        let headers = || headers.iter().map(|(name, value)| (name, value));
+        let status = stored.status;
+        Self(pack(
+            status,
+            stored.body_omitted,
+            headers,
+            Some(&trailers),
+            stored.body(),
+        ))
     }
 
     /// A record of a response whose body was too large to store: it completed with `status`,
     /// but cannot be replayed.
     pub fn omitted(status: StatusCode) -> Self {
-        Self(pack(status, true, std::iter::empty, &[]))
+        Self(pack(status, true, std::iter::empty, None, &[]))
     }
 
     /// The status code of the original response.
@@ -255,6 +347,11 @@ impl StoredResponse {
         &self.0.views().body
     }
 
+    /// The trailers that followed the original response's body, or `None` when it had none.
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        self.0.views().trailers.as_ref()
+    }
+
     /// `true` when the original response was too large to store, so it cannot be replayed.
     pub fn is_omitted(&self) -> bool {
         self.0.body_omitted
@@ -265,19 +362,23 @@ impl StoredResponse {
     /// memory (the memory store, the replay cache) count records by it.
     pub(crate) fn payload_size(&self, per_header: usize) -> usize {
         let stored = &self.0;
-        let count = usize::from(stored.header_count);
-        // Between the head and the body's length, each header is its name and value and their
-        // two 4-byte lengths, and nothing else (`pack` writes it so, `decode` checks it).
-        let names_and_values = stored.body_at - 8 - HEAD_LEN - 8 * count;
+        let trailers = stored.trailer_count.map(usize::from);
+        let count = usize::from(stored.header_count) + trailers.unwrap_or(0);
+        // Between the head and the body's length, each header and trailer is its name and
+        // value and their two 4-byte lengths, and the trailers' count when there are trailers,
+        // and nothing else (`pack` writes it so, `decode` checks it).
+        let trailer_count_len = if trailers.is_some() { 4 } else { 0 };
+        let names_and_values = stored.body_at - 8 - HEAD_LEN - 8 * count - trailer_count_len;
         count * per_header + names_and_values + stored.body().len()
     }
 
-    /// Builds the stored form of a handler's response head and a copy of its body, leaving out
-    /// hop-by-hop headers, `Date`, the echoed key header, the headers in `skip`, and
-    /// `Set-Cookie` when `skip_cookies`.
+    /// Builds the stored form of a handler's response head, a copy of its body and its
+    /// trailers, leaving out hop-by-hop headers, `Date`, the echoed key header, the headers in
+    /// `skip`, and `Set-Cookie` when `skip_cookies`.
     pub(crate) fn from_parts(
         parts: &response::Parts,
         body: &[u8],
+        trailers: Option<&HeaderMap>,
         key_header: &HeaderName,
         skip: &[HeaderName],
         skip_cookies: bool,
@@ -294,19 +395,19 @@ impl StoredResponse {
                 || (hop_by_hop && named_by(&connection, name)))
         };
         let headers = || parts.headers.iter().filter(|(name, _)| kept(name));
-        Self(pack(parts.status, false, headers, body))
+        Self(pack(parts.status, false, headers, trailers, body))
     }
 
     /// The replayed response: status, headers and body as stored (sharing its buffer, not
-    /// copied), with room in the header map for `extra` more headers.
-    pub(crate) fn into_replay(self, extra: usize) -> http::Response<Bytes> {
+    /// copied), with room in the header map for `extra` more headers; and its trailers.
+    pub(crate) fn into_replay(self, extra: usize) -> (http::Response<Bytes>, Option<HeaderMap>) {
         let stored = &self.0;
         let headers = to_map(stored.headers(), stored.header_count.into(), extra);
         let body = stored.packed.slice(stored.body_at..);
         let mut response = http::Response::new(body);
         *response.status_mut() = stored.status;
         *response.headers_mut() = headers;
-        response
+        (response, stored.trailers())
     }
 
     /// Encodes the response for a store that keeps bytes: the buffer it is kept in, shared,
@@ -335,25 +436,18 @@ impl StoredResponse {
         if take_u8(buf)? != FORMAT_VERSION {
             return Err(DecodeError("unknown format version"));
         }
-        let body_omitted = match take_u8(buf)? {
-            0 => false,
-            1 => true,
-            _ => return Err(DecodeError("invalid flags")),
-        };
+        let flags = take_u8(buf)?;
+        if flags & !(OMITTED | TRAILERS) != 0 {
+            return Err(DecodeError("invalid flags"));
+        }
+        let body_omitted = flags & OMITTED != 0;
         let status =
             StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
-        let header_count = take_u32(buf)? as usize;
-        if header_count > MAX_HEADER_CAPACITY {
-            return Err(DecodeError("too many headers"));
-        }
-        for _ in 0..header_count {
-            if HeaderName::from_bytes(take_field(buf)?).is_err() {
-                return Err(DecodeError("invalid header name"));
-            }
-            if !take_field(buf)?.iter().all(|&b| is_value_byte(b)) {
-                return Err(DecodeError("invalid header value"));
-            }
-        }
+        let header_count = take_fields(buf)?;
+        let trailer_count = match flags & TRAILERS {
+            0 => None,
+            _ => Some(take_fields(buf)? as u16),
+        };
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
         let body = take(buf, len)?;
         if !buf.is_empty() {
@@ -364,10 +458,29 @@ impl StoredResponse {
             body_omitted,
             packed: Bytes::copy_from_slice(input),
             header_count: header_count as u16,
+            trailer_count,
             body_at: input.len() - body.len(),
             views: OnceLock::new(),
         }))
     }
+}
+
+/// Reads and checks a count of header fields (at most [`MAX_HEADER_CAPACITY`]) and the fields
+/// that follow it; returns the count.
+fn take_fields(buf: &mut &[u8]) -> Result<usize, DecodeError> {
+    let count = take_u32(buf)? as usize;
+    if count > MAX_HEADER_CAPACITY {
+        return Err(DecodeError("too many headers"));
+    }
+    for _ in 0..count {
+        if HeaderName::from_bytes(take_field(buf)?).is_err() {
+            return Err(DecodeError("invalid header name"));
+        }
+        if !take_field(buf)?.iter().all(|&b| is_value_byte(b)) {
+            return Err(DecodeError("invalid header value"));
+        }
+    }
+    Ok(count)
 }
 
 /// A byte `HeaderValue::from_bytes` accepts: visible ASCII, space, tab and obs-text.
@@ -447,6 +560,45 @@ mod tests {
         assert_eq!(back.status(), StatusCode::OK);
     }
 
+    /// Trailers are stored after the headers, read back, replayed, and counted; a response
+    /// without them is stored as before (the same bytes).
+    #[test]
+    fn trailers_round_trip() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.append("x-checksum", "abc".parse().unwrap());
+        let plain = sample();
+        let with = plain.clone().with_trailers(trailers.clone());
+        assert_eq!(with.trailers(), Some(&trailers));
+        assert_eq!(with.headers(), plain.headers());
+        assert_eq!(with.body(), plain.body());
+        assert_ne!(with, plain);
+        assert_eq!(plain.trailers(), None);
+        assert_eq!(plain.clone().with_trailers(HeaderMap::new()), plain);
+        let back = StoredResponse::decode(&with.encode()).unwrap();
+        assert_eq!(back, with);
+        assert_eq!(back.trailers(), Some(&trailers));
+        let (replay, replayed_trailers) = back.into_replay(2);
+        assert_eq!(replay.headers(), plain.headers());
+        assert_eq!(replay.body(), plain.body());
+        assert_eq!(replayed_trailers, Some(trailers));
+        // Counted as headers are: each field's name and value, and its overhead.
+        let extra = "grpc-status".len() + 1 + "x-checksum".len() + 3;
+        assert_eq!(
+            with.payload_size(32),
+            plain.payload_size(32) + extra + 2 * 32
+        );
+        for len in 0..with.encode().len() {
+            assert!(
+                StoredResponse::decode(&with.encode()[..len]).is_err(),
+                "len {len}"
+            );
+        }
+        let mut flags = with.encode().to_vec();
+        flags[1] = 4;
+        assert!(StoredResponse::decode(&flags).is_err());
+    }
+
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample().encode();
@@ -485,7 +637,7 @@ mod tests {
         for count in [24_576, 24_577, 32_768, 32_769, 40_000, 70_000] {
             // Decoded or refused, and replayed without a panic.
             if let Ok(stored) = StoredResponse::decode(&many_headers(count)) {
-                let replay = stored.into_replay(2);
+                let (replay, _) = stored.into_replay(2);
                 assert!(!replay.headers().is_empty(), "{count}");
             }
         }
@@ -562,6 +714,7 @@ mod tests {
         let stored = StoredResponse::from_parts(
             &parts,
             &[],
+            None,
             &HeaderName::from_static("idempotency-key"),
             &[HeaderName::from_static("x-secret")],
             false,
@@ -575,6 +728,7 @@ mod tests {
         let without_cookies = StoredResponse::from_parts(
             &parts,
             &[],
+            None,
             &HeaderName::from_static("idempotency-key"),
             &[],
             true,

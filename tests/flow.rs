@@ -6,7 +6,7 @@ mod support;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
-use support::{Runs, api, post_with_key, send};
+use support::{Runs, Transport, Via, api, post_with_key, send};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome};
 
 fn app(runs: &Runs) -> Router {
@@ -471,4 +471,58 @@ async fn the_handler_sees_the_key_and_its_tenant() {
         .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
     let reply = send(&app, post_with_key("/payments", "\"quoted-key\"", "{}")).await;
     assert_eq!(reply.body, "quoted-key true");
+}
+
+/// Trailers that follow a handler's body (gRPC's `grpc-status`, a checksum) reach the first
+/// client and every replay, through `oneshot` and through a real server (whose client asks for
+/// them with `TE: trailers`, as HTTP/1.1 wants).
+#[tokio::test]
+async fn trailers_reach_the_first_client_and_every_replay() {
+    use axum::response::IntoResponse;
+    use bytes::Bytes;
+    use http_body::Frame;
+
+    for transport in [Transport::Oneshot, Transport::Loopback] {
+        let runs = Runs::default();
+        let handler = {
+            let runs = runs.clone();
+            move || async move {
+                let n = runs.bump();
+                let mut trailers = header::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                trailers.insert("x-run", n.to_string().parse().unwrap());
+                let frames = [
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(format!("run {n}")))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                // HTTP/1.1 sends the trailer fields the response announces.
+                let announced = [(header::TRAILER, "grpc-status, x-run")];
+                (StatusCode::OK, announced, Body::new(body)).into_response()
+            }
+        };
+        let app = Router::new()
+            .route("/stream", axum::routing::post(handler))
+            .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+        let via = Via::new(app, transport).await;
+        let request = || {
+            let mut request = post_with_key("/stream", "k", "{}");
+            let te = header::HeaderValue::from_static("trailers");
+            request.headers_mut().insert(header::TE, te);
+            request
+        };
+        let first = via.send(request()).await;
+        assert_eq!(first.status, StatusCode::OK, "{transport:?}");
+        assert_eq!(first.body, "run 1");
+        let trailers = first.trailers.clone();
+        let trailers = trailers.unwrap_or_else(|| panic!("{transport:?}: no trailers"));
+        assert_eq!(trailers["grpc-status"], "0", "{transport:?}");
+        assert_eq!(trailers["x-run"], "1");
+        let replay = via.send(request()).await;
+        assert!(replay.replayed(), "{transport:?}");
+        assert_eq!(replay.body, "run 1");
+        assert_eq!(replay.header("trailer"), Some("grpc-status, x-run"));
+        assert_eq!(replay.trailers, Some(trailers), "{transport:?}");
+        assert_eq!(runs.get(), 1);
+    }
 }

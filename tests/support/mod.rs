@@ -115,6 +115,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The trailers after the body, if any came.
+    pub trailers: Option<HeaderMap>,
     pub outcome: Option<tower_idempotency::Outcome>,
 }
 
@@ -186,11 +188,12 @@ impl Reply {
 pub async fn send(app: &Router, request: Request<Body>) -> Reply {
     let response = app.clone().oneshot(request).await.unwrap();
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    let collected = body.collect().await.unwrap();
     Reply {
         status: parts.status,
         outcome: parts.extensions.get().copied(),
         headers: parts.headers,
-        body,
+        trailers: collected.trailers().cloned(),
+        body: collected.to_bytes(),
     }
 }

@@ -52,10 +52,12 @@ impl Served {
             .expect("the server answers");
         let (mut parts, body) = response.into_parts();
         parts.headers.remove(axum::http::header::DATE);
+        let collected = body.collect().await.unwrap();
         Reply {
             status: parts.status,
             headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
             outcome: None,
         }
     }
