@@ -246,7 +246,8 @@ where
 }
 
 /// The default tenant: a hash of the `Authorization` header when present, otherwise the one
-/// shared scope (also for a header without credentials: empty, or `Bearer` or `Basic` alone).
+/// shared scope (also for a header without credentials: empty, an authentication scheme alone
+/// such as `Bearer` or `Negotiate`, or `Bearer null` or `Bearer undefined`).
 ///
 /// Right for credentials that do not change between a request and its retry: static API keys
 /// (`Bearer sk_live_…`), Basic auth. Wrong for the two setups most APIs run today:
@@ -310,15 +311,42 @@ impl TenantExtractor for DefaultTenant {
     }
 }
 
-/// Whether an `Authorization` value carries credentials. An empty value, or the `Bearer` or
-/// `Basic` scheme alone, names no caller, and would otherwise put every caller that sends it in
-/// one scope that is not the shared one. A single token of another kind (an API key sent without
-/// a scheme) is a credential.
+/// Whether an `Authorization` value carries credentials. An empty value, an authentication
+/// scheme alone (those of IANA's registry, and `NTLM` and `Token`), or a bearer token that a
+/// browser client wrote from a missing value (`Bearer null`, `Bearer undefined`) names no
+/// caller, and would otherwise put every caller that sends it in one scope that is not the
+/// shared one. A single token of another kind (an API key sent without a scheme) is a
+/// credential.
 fn has_credentials(authorization: &[u8]) -> bool {
+    const SCHEMES: [&[u8]; 16] = [
+        b"basic",
+        b"bearer",
+        b"concealed",
+        b"digest",
+        b"dpop",
+        b"gnap",
+        b"hoba",
+        b"mutual",
+        b"negotiate",
+        b"ntlm",
+        b"oauth",
+        b"privatetoken",
+        b"scram-sha-1",
+        b"scram-sha-256",
+        b"token",
+        b"vapid",
+    ];
     let value = authorization.trim_ascii();
+    let (scheme, rest) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+        Some(at) => (&value[..at], value[at..].trim_ascii()),
+        None => (value, &b""[..]),
+    };
+    let is_scheme = |s: &[u8]| SCHEMES.iter().any(|known| s.eq_ignore_ascii_case(known));
+    let missing =
+        |s: &[u8]| s.eq_ignore_ascii_case(b"null") || s.eq_ignore_ascii_case(b"undefined");
     !(value.is_empty()
-        || value.eq_ignore_ascii_case(b"bearer")
-        || value.eq_ignore_ascii_case(b"basic"))
+        || (rest.is_empty() && is_scheme(scheme))
+        || (scheme.eq_ignore_ascii_case(b"bearer") && missing(rest)))
 }
 
 /// The warnings of the default tenant, each logged once per process.
@@ -587,7 +615,23 @@ mod tests {
 
     #[test]
     fn an_authorization_without_credentials_names_no_tenant() {
-        for value in ["", "   ", "Bearer", "Bearer  ", "basic", " BEARER "] {
+        let values = [
+            "",
+            "   ",
+            "Bearer",
+            "Bearer  ",
+            "basic",
+            " BEARER ",
+            "Negotiate",
+            "Digest",
+            "token",
+            "NTLM",
+            "DPoP",
+            "Bearer null",
+            "bearer undefined",
+            "Bearer\tnull ",
+        ];
+        for value in values {
             let request = parts(|b| b.header("authorization", value));
             assert_eq!(
                 DefaultTenant.extract(&request).unwrap(),
@@ -597,7 +641,16 @@ mod tests {
             assert_eq!(DefaultTenant::scope_for(value), TenantId::shared());
         }
         // A key sent without a scheme is a credential.
-        for value in ["sk_live_123", "Bearer x", "Basic YTpi", "Token abc"] {
+        let values = [
+            "sk_live_123",
+            "Bearer x",
+            "Basic YTpi",
+            "Token abc",
+            "Negotiate YIIB",
+            "Bearer nullx",
+            "Basic null",
+        ];
+        for value in values {
             let request = parts(|b| b.header("authorization", value));
             let tenant = DefaultTenant.extract(&request).unwrap();
             assert_ne!(tenant, TenantId::shared(), "{value:?}");
