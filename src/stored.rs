@@ -68,14 +68,9 @@ where
     // A map holds no more than this: a `HeaderMap` given to `new` could not either.
     let headers = || headers().take(MAX_HEADER_CAPACITY);
     let trailers = trailers.filter(|t| !t.is_empty());
-    let fields = |fields: &mut dyn Iterator<Item = (&HeaderName, &HeaderValue)>| {
-        fields.fold((0, 0), |(count, bytes), (name, value)| {
-            (count + 1, bytes + 8 + name.as_str().len() + value.len())
-        })
-    };
-    let (count, header_bytes) = fields(&mut headers());
+    let (count, header_bytes) = measure(headers());
     let trailer_fields = || trailers.into_iter().flatten().take(MAX_HEADER_CAPACITY);
-    let (trailer_count, trailer_bytes) = fields(&mut trailer_fields());
+    let (trailer_count, trailer_bytes) = measure(trailer_fields());
     let trailer_bytes = trailer_bytes + if trailers.is_some() { 4 } else { 0 };
     let mut out = Vec::with_capacity(HEAD_LEN + header_bytes + trailer_bytes + 8 + body.len());
     let flags = u8::from(body_omitted) * OMITTED + u8::from(trailers.is_some()) * TRAILERS;
@@ -107,7 +102,15 @@ where
     }
 }
 
+/// How many fields `fields` yields, and the bytes they take encoded.
+fn measure<'a>(fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> (usize, usize) {
+    fields.fold((0, 0), |(count, bytes), (name, value)| {
+        (count + 1, bytes + 8 + name.as_str().len() + value.len())
+    })
+}
+
 /// Writes a header's name and value, each after its length.
+#[inline]
 fn put_field(out: &mut Vec<u8>, (name, value): (&HeaderName, &HeaderValue)) {
     out.put_u32(name.as_str().len() as u32);
     out.put_slice(name.as_str().as_bytes());

@@ -282,6 +282,11 @@ impl DefaultTenant {
         if !has_credentials(authorization) {
             return TenantId::shared();
         }
+        Self::of_credentials(authorization)
+    }
+
+    /// The scope of an `Authorization` value that carries credentials.
+    fn of_credentials(authorization: &[u8]) -> TenantId {
         TenantId::in_namespace("authorization", "", authorization)
     }
 }
@@ -293,7 +298,7 @@ impl TenantExtractor for DefaultTenant {
             (Some(value), None) if has_credentials(value.as_bytes()) => {
                 #[cfg(feature = "tracing")]
                 warn_once::if_jwt(value.as_bytes());
-                Ok(Self::scope_for(value.as_bytes()))
+                Ok(Self::of_credentials(value.as_bytes()))
             }
             // No header, or one without credentials.
             (_, None) => {
@@ -318,7 +323,7 @@ impl TenantExtractor for DefaultTenant {
 /// shared one. A single token of another kind (an API key sent without a scheme) is a
 /// credential.
 fn has_credentials(authorization: &[u8]) -> bool {
-    const SCHEMES: [&[u8]; 16] = [
+    static SCHEMES: [&[u8]; 16] = [
         b"basic",
         b"bearer",
         b"concealed",
@@ -337,16 +342,16 @@ fn has_credentials(authorization: &[u8]) -> bool {
         b"vapid",
     ];
     let value = authorization.trim_ascii();
-    let (scheme, rest) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
-        Some(at) => (&value[..at], value[at..].trim_ascii()),
-        None => (value, &b""[..]),
-    };
-    let is_scheme = |s: &[u8]| SCHEMES.iter().any(|known| s.eq_ignore_ascii_case(known));
-    let missing =
-        |s: &[u8]| s.eq_ignore_ascii_case(b"null") || s.eq_ignore_ascii_case(b"undefined");
-    !(value.is_empty()
-        || (rest.is_empty() && is_scheme(scheme))
-        || (scheme.eq_ignore_ascii_case(b"bearer") && missing(rest)))
+    match value.iter().position(|&b| b == b' ' || b == b'\t') {
+        // One token: a scheme alone, or an API key sent without a scheme.
+        None => !(value.is_empty() || SCHEMES.iter().any(|s| value.eq_ignore_ascii_case(s))),
+        Some(at) => {
+            let (scheme, token) = (&value[..at], value[at..].trim_ascii());
+            let missing =
+                |t: &[u8]| t.eq_ignore_ascii_case(b"null") || t.eq_ignore_ascii_case(b"undefined");
+            !(missing(token) && scheme.eq_ignore_ascii_case(b"bearer"))
+        }
+    }
 }
 
 /// The warnings of the default tenant, each logged once per process.
