@@ -331,6 +331,11 @@ impl<St: IdempotencyStore> Guard<St> {
         &self.key
     }
 
+    /// When the request that holds this guard began.
+    pub(crate) fn started(&self) -> Started {
+        self.started
+    }
+
     /// The handler's part of the request that holds this guard: drives `handler` to its end
     /// while renewing the lease every third of its length, then hands the guard, its renewals
     /// (for a response body still to be read, see [`under_lease`](Self::under_lease)) and the

@@ -299,8 +299,7 @@ where
     let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
-    let then =
-        move |guard, renewals, output| after(shared, raw, started, claim, guard, renewals, output);
+    let then = move |guard, renewals, output| after(shared, raw, claim, guard, renewals, output);
     // A service whose `call` panics has its key released before the panic goes on, as one whose
     // future panics.
     let leased = match panic::catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
@@ -338,7 +337,6 @@ struct Held {
 fn after<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,
-    started: Started,
     claim: HeldClaim,
     guard: Guard<St>,
     renewals: Renewals,
@@ -357,7 +355,7 @@ where
     let response = match output {
         Ok(response) => response,
         Err(err) => {
-            let future = released(shared, raw, started, guard, Err(err));
+            let future = released(shared, raw, guard, Err(err));
             return After::Released { future };
         }
     };
@@ -365,15 +363,15 @@ where
         // The handler completed its record in its own transaction (`Claim::respond_in`): the
         // record is settled, not stored again.
         After::Settled {
-            future: settled(shared, raw, started, guard, response),
+            future: settled(shared, raw, guard, response),
         }
     } else if shared.config.stores(&response) {
         let (head, body) = response.into_parts();
         After::Kept {
-            future: kept(shared, raw, started, guard, renewals, head, body),
+            future: kept(shared, raw, guard, renewals, head, body),
         }
     } else {
-        let future = released(shared, raw, started, guard, Ok(response));
+        let future = released(shared, raw, guard, Ok(response));
         After::Released { future }
     }
 }
@@ -414,7 +412,6 @@ where
 fn kept<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,
-    started: Started,
     mut guard: Guard<St>,
     mut renewals: Renewals,
     head: http::response::Parts,
@@ -427,8 +424,7 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
-        let config = &shared.config;
-        let read = read_response(body, config.max_response_bytes);
+        let read = read_response(body, shared.config.max_response_bytes);
         let read = match guard.under_lease(&mut renewals, read).await {
             Ok(read) => read,
             Err(panic) => {
@@ -437,13 +433,13 @@ where
             }
         };
         drop(renewals);
-        let (stored, body) = to_store(read, &head, config, guard.key());
-        let outcome = guard.conclude(stored, config.ttl).await;
-        let report = Report::keyed(&raw, guard.key(), started);
+        let (stored, body) = to_store(read, &head, &shared.config, guard.key());
+        let outcome = guard.conclude(stored, shared.config.ttl).await;
+        let report = Report::keyed(&raw, guard.key(), guard.started());
         Ok(finish(
             Response::from_parts(head, body),
             outcome,
-            config,
+            &shared.config,
             report,
         ))
     }
@@ -492,7 +488,6 @@ fn to_store<B>(
 fn settled<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,
-    started: Started,
     mut guard: Guard<St>,
     response: Response<B>,
 ) -> impl Future<Output = Answer<B, Err>>
@@ -501,7 +496,7 @@ where
 {
     async move {
         let outcome = guard.settle().await;
-        let report = Report::keyed(&raw, guard.key(), started);
+        let report = Report::keyed(&raw, guard.key(), guard.started());
         let response = response.map(ResponseBody::inner);
         Ok(finish(response, outcome, &shared.config, report))
     }
@@ -513,7 +508,6 @@ where
 fn released<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,
-    started: Started,
     mut guard: Guard<St>,
     output: Result<Response<B>, Err>,
 ) -> impl Future<Output = Answer<B, Err>>
@@ -522,7 +516,7 @@ where
 {
     async move {
         guard.release().await;
-        let report = Report::keyed(&raw, guard.key(), started);
+        let report = Report::keyed(&raw, guard.key(), guard.started());
         let response = match output {
             Ok(response) => response.map(ResponseBody::inner),
             // The service failed: no response carries the outcome, so its event does alone.

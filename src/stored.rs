@@ -29,9 +29,11 @@ struct Stored {
     packed: Bytes,
     /// At most [`MAX_HEADER_CAPACITY`].
     header_count: u16,
-    /// The trailer fields, after the headers; `None` for a response without trailers. At most
-    /// [`MAX_HEADER_CAPACITY`].
-    trailer_count: Option<u16>,
+    /// Whether trailer fields follow the headers (a `bool` and a count rather than an
+    /// `Option<u16>`, which would not fit beside the other small fields in one word).
+    has_trailers: bool,
+    /// The trailer fields, at most [`MAX_HEADER_CAPACITY`].
+    trailer_fields: u16,
     /// Where the body starts in `packed`.
     body_at: usize,
     views: OnceLock<Box<Views>>,
@@ -96,7 +98,8 @@ where
         // At its capacity, so the `Vec` becomes a `Bytes` without a copy.
         packed: Bytes::from(out),
         header_count: count as u16,
-        trailer_count: trailers.map(|_| trailer_count as u16),
+        has_trailers: trailers.is_some(),
+        trailer_fields: trailer_count as u16,
         body_at,
         views: OnceLock::new(),
     }
@@ -119,6 +122,11 @@ fn put_field(out: &mut Vec<u8>, (name, value): (&HeaderName, &HeaderValue)) {
 }
 
 impl Stored {
+    /// How many trailer fields follow the headers; `None` for a response without trailers.
+    fn trailer_count(&self) -> Option<u16> {
+        self.has_trailers.then_some(self.trailer_fields)
+    }
+
     /// The stored headers as (name, value) bytes, in the order they were stored.
     fn pairs(&self) -> Pairs<'_> {
         Pairs {
@@ -132,7 +140,7 @@ impl Stored {
     fn trailer_pairs(&self) -> Pairs<'_> {
         let mut headers = self.pairs();
         headers.by_ref().for_each(drop);
-        let count = self.trailer_count.unwrap_or(0);
+        let count = self.trailer_count().unwrap_or(0);
         Pairs {
             rest: headers.rest.get(4..).unwrap_or_default(),
             left: usize::from(count),
@@ -146,7 +154,7 @@ impl Stored {
 
     /// The stored trailers, or `None` for a response without trailers.
     fn trailers(&self) -> Option<HeaderMap> {
-        let count = self.trailer_count?;
+        let count = self.trailer_count()?;
         Some(to_map(self.fields(self.trailer_pairs()), count.into(), 0))
     }
 
@@ -201,7 +209,7 @@ impl PartialEq for Stored {
         self.status == other.status
             && self.body_omitted == other.body_omitted
             && self.body() == other.body()
-            && self.trailer_count.is_some() == other.trailer_count.is_some()
+            && self.has_trailers == other.has_trailers
             && (self.packed == other.packed
                 || (self.views().map == other.views().map
                     && self.views().trailers == other.views().trailers))
@@ -217,7 +225,8 @@ impl Clone for Stored {
             body_omitted: self.body_omitted,
             packed: self.packed.clone(),
             header_count: self.header_count,
-            trailer_count: self.trailer_count,
+            has_trailers: self.has_trailers,
+            trailer_fields: self.trailer_fields,
             body_at: self.body_at,
             views: OnceLock::new(),
         }
@@ -365,7 +374,7 @@ impl StoredResponse {
     /// memory (the memory store, the replay cache) count records by it.
     pub(crate) fn payload_size(&self, per_header: usize) -> usize {
         let stored = &self.0;
-        let trailers = stored.trailer_count.map(usize::from);
+        let trailers = stored.trailer_count().map(usize::from);
         let count = usize::from(stored.header_count) + trailers.unwrap_or(0);
         // Between the head and the body's length, each header and trailer is its name and
         // value and their two 4-byte lengths, and the trailers' count when there are trailers,
@@ -447,9 +456,11 @@ impl StoredResponse {
         let status =
             StatusCode::from_u16(take_u16(buf)?).map_err(|_| DecodeError("invalid status code"))?;
         let header_count = take_fields(buf)?;
-        let trailer_count = match flags & TRAILERS {
-            0 => None,
-            _ => Some(take_fields(buf)? as u16),
+        let has_trailers = flags & TRAILERS != 0;
+        let trailer_fields = if has_trailers {
+            take_fields(buf)? as u16
+        } else {
+            0
         };
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
         let body = take(buf, len)?;
@@ -461,7 +472,8 @@ impl StoredResponse {
             body_omitted,
             packed: Bytes::copy_from_slice(input),
             header_count: header_count as u16,
-            trailer_count,
+            has_trailers,
+            trailer_fields,
             body_at: input.len() - body.len(),
             views: OnceLock::new(),
         }))
