@@ -395,6 +395,7 @@ where
                         // Trailers end the body; they are stored and sent after it.
                         if let Ok(frame) = frame.into_trailers() {
                             trailers = Some(frame);
+                            break;
                         }
                         continue;
                     }

@@ -101,18 +101,18 @@ impl CallClock {
 type Renewal = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 pin_project_lite::pin_project! {
-    /// The handler's part of a request that holds its key, in stages: the handler's future,
-    /// run under the guard's lease (see [`Guard::running`]); then the future its output goes on
-    /// with (storing the response, or releasing the key), which takes the guard over. A handler
-    /// that panics (see [`Guard::panicked`] for one that panics in its service's `call`) has its
-    /// key released first, and its panic then goes on up: the retry that follows the `500` of a
-    /// panic-catching layer above runs the handler again at once. The panic goes on once the
+    /// The handler's part of a request that holds its key, in stages: the handler's future, run
+    /// under the guard's lease (see [`Guard::running`]); then the future its output goes on with
+    /// (storing the response, or releasing the key), which takes the guard and its renewals over. A
+    /// handler that panics (see [`Guard::panicked`] for one that panics in its service's `call`)
+    /// has its key released first, and its panic then goes on up: the retry that follows the `500`
+    /// of a panic-catching layer above runs the handler again at once. The panic goes on once the
     /// release has answered (within the store's timeout).
     ///
-    /// Each stage keeps only what it needs, in one allocation sized for the larger: the request
-    /// is gone once the handler's future is made, and that future once it has answered. (An
-    /// `async` block would keep its captured request for the whole run, beside everything that
-    /// follows the handler, and an `async fn` its handler's future twice.)
+    /// Each stage keeps only what it needs, in one allocation sized for the larger: the request is
+    /// gone once the handler's future is made, and that future once it has answered. (An `async`
+    /// block would keep its captured request for the whole run, beside everything that follows the
+    /// handler, and an `async fn` its handler's future twice.)
     #[project = LeasedProj]
     #[project_replace = LeasedReplace]
     pub(crate) enum Leased<St: IdempotencyStore, F, A, G> {
@@ -222,9 +222,9 @@ impl<St: IdempotencyStore, F: Future> Future for UnderLease<'_, St, F> {
     }
 }
 
-/// The lease renewals of a pending handler (or of its response body being read): the timer and the renewal under way, each in an
-/// allocation of its own made only once the handler is pending, so that a handler that answers
-/// at once costs no timer and no clock read.
+/// The lease renewals of a pending handler (and then of its response body being read): the
+/// timer and the renewal under way, each in an allocation of its own made only once the handler
+/// is pending, so that a handler that answers at once costs no timer and no clock read.
 pub(crate) struct Renewals {
     lease: Duration,
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -269,13 +269,14 @@ pub(crate) fn drop_keeping_lease<T>(value: T) {
 
 /// Holds an in-flight record for the request that acquired it.
 ///
-/// Completing or releasing disarms it; a handler that panics, or whose response body panics
-/// while it is read, has its record released before the panic goes on (see [`Leased`] and
+/// Completing or releasing disarms it; a handler that panics, or whose response body panics while
+/// it is read, has its record released before the panic goes on (see [`Leased`] and
 /// [`Guard::under_lease`]). Dropped while armed (the request was cancelled with
-/// `finish_on_disconnect(false)`, or the flow panicked elsewhere), it releases the record in a background task, so a key never stays stuck in `409`;
-/// dropped by a runtime that shuts down under a detached run, it keeps its lease, which then
-/// ends by itself; dropped while completing, it finishes the completion in the background, so a
-/// response the handler already produced is not lost and the handler does not run again.
+/// `finish_on_disconnect(false)`, or the flow panicked elsewhere), it releases the record in a
+/// background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down under
+/// a detached run, it keeps its lease, which then ends by itself; dropped while completing, it
+/// finishes the completion in the background, so a response the handler already produced is not
+/// lost and the handler does not run again.
 pub(crate) struct Guard<St: IdempotencyStore> {
     store: Arc<St>,
     key: RecordKey,

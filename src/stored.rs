@@ -14,12 +14,12 @@ use http::{StatusCode, response};
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredResponse(Stored);
 
-/// The response in one buffer, in the form [`StoredResponse::encode`] writes: status, each
-/// stored header's name and value, its trailers' when it has any, and the body. It is built once from the handler's response
-/// and read as is: a replay slices its header values and body out of it, a shared store
-/// writes it, the memory store counts it. The map [`StoredResponse::headers`] returns and the
-/// body [`StoredResponse::body`] returns are made on the first call of either (the flow calls
-/// neither), in one allocation that a record without them does not carry, and that a clone
+/// The response in one buffer, in the form [`StoredResponse::encode`] writes: status, each stored
+/// header's name and value, its trailers' when it has any, and the body. It is built once from the
+/// handler's response and read as is: a replay slices its header values and body out of it, a
+/// shared store writes it, the memory store counts it. The map [`StoredResponse::headers`] returns
+/// and the body [`StoredResponse::body`] returns are made on the first call of either (the flow
+/// calls neither), in one allocation that a record without them does not carry, and that a clone
 /// does not share.
 struct Stored {
     status: StatusCode,
@@ -407,7 +407,15 @@ impl StoredResponse {
                 || (hop_by_hop && named_by(&connection, name)))
         };
         let headers = || parts.headers.iter().filter(|(name, _)| kept(name));
-        Self(pack(parts.status, false, headers, trailers, body))
+        // Trailer fields go through the same filter: a field the app keeps out of the record
+        // stays out whether it comes before the body or after it. (Rare: copied into a map of
+        // their own; none kept, no trailers stored.)
+        let trailers: Option<HeaderMap> = trailers.map(|trailers| {
+            let kept = trailers.iter().filter(|(name, _)| kept(name));
+            kept.map(|(name, value)| (name.clone(), value.clone()))
+                .collect()
+        });
+        Self(pack(parts.status, false, headers, trailers.as_ref(), body))
     }
 
     /// The replayed response: status, headers and body as stored (sharing its buffer, not
@@ -462,6 +470,10 @@ impl StoredResponse {
         } else {
             0
         };
+        if has_trailers && trailer_fields == 0 {
+            // `encode` writes no trailers section for a response without trailer fields.
+            return Err(DecodeError("empty trailers"));
+        }
         let len = usize::try_from(take_u64(buf)?).map_err(|_| DecodeError("body too long"))?;
         let body = take(buf, len)?;
         if !buf.is_empty() {
@@ -612,6 +624,45 @@ mod tests {
         let mut flags = with.encode().to_vec();
         flags[1] = 4;
         assert!(StoredResponse::decode(&flags).is_err());
+        // A trailers section without fields is not what `encode` writes.
+        let mut empty = plain.encode().to_vec();
+        empty[1] |= TRAILERS;
+        let body_len_at = plain.0.body_at - 8;
+        empty.splice(body_len_at..body_len_at, 0u32.to_be_bytes());
+        assert_eq!(
+            StoredResponse::decode(&empty),
+            Err(DecodeError("empty trailers"))
+        );
+    }
+
+    /// Trailer fields go through the filters headers go through: skipped names, hop-by-hop
+    /// ones, the key header and, when asked, `Set-Cookie`; none left, no trailers stored.
+    #[test]
+    fn from_parts_filters_trailers_as_headers() {
+        let mut response = http::Response::new(());
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, "x-hop".parse().unwrap());
+        let (parts, ()) = response.into_parts();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-secret", "s".parse().unwrap());
+        trailers.insert("x-hop", "h".parse().unwrap());
+        trailers.insert("idempotency-key", "k".parse().unwrap());
+        trailers.append(header::SET_COOKIE, "sid=abc".parse().unwrap());
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let key = HeaderName::from_static("idempotency-key");
+        let skip = [HeaderName::from_static("x-secret")];
+        let stored = StoredResponse::from_parts(&parts, b"", Some(&trailers), &key, &skip, true);
+        let kept: Vec<_> = stored
+            .trailers()
+            .unwrap()
+            .keys()
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(kept, ["grpc-status"]);
+        trailers.remove("grpc-status");
+        let stored = StoredResponse::from_parts(&parts, b"", Some(&trailers), &key, &skip, true);
+        assert_eq!(stored.trailers(), None);
     }
 
     #[test]
@@ -661,12 +712,14 @@ mod tests {
     #[test]
     fn decoding_arbitrary_bytes_never_panics() {
         use std::hash::{BuildHasher, Hasher};
-        let sample = sample().encode();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let samples = [sample().encode(), sample().with_trailers(trailers).encode()];
         let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
-        for round in 0..20_000u32 {
+        for round in 0..40_000u32 {
             seed.write_u32(round);
             let r = seed.finish();
-            let mut bytes = sample.to_vec();
+            let mut bytes = samples[round as usize % 2].to_vec();
             // Flip a few bytes, and cut or extend the input.
             for i in 0..(r % 4) {
                 let at = ((r >> (8 * i)) as usize) % bytes.len();

@@ -247,7 +247,7 @@ where
 
 /// The default tenant: a hash of the `Authorization` header when present, otherwise the one
 /// shared scope (also for a header without credentials: empty, an authentication scheme alone
-/// such as `Bearer` or `Negotiate`, or `Bearer null` or `Bearer undefined`).
+/// such as `Bearer` or `Negotiate`, or `null` or `undefined`, alone or after a scheme).
 ///
 /// Right for credentials that do not change between a request and its retry: static API keys
 /// (`Bearer sk_live_…`), Basic auth. Wrong for the two setups most APIs run today:
@@ -316,12 +316,11 @@ impl TenantExtractor for DefaultTenant {
     }
 }
 
-/// Whether an `Authorization` value carries credentials. An empty value, an authentication
-/// scheme alone (those of IANA's registry, and `NTLM` and `Token`), or a bearer token that a
-/// browser client wrote from a missing value (`Bearer null`, `Bearer undefined`) names no
-/// caller, and would otherwise put every caller that sends it in one scope that is not the
-/// shared one. A single token of another kind (an API key sent without a scheme) is a
-/// credential.
+/// Whether an `Authorization` value carries credentials. An empty value, an authentication scheme
+/// alone (those of IANA's registry, and `NTLM` and `Token`), or what a browser client writes from a
+/// missing token (`null`, `undefined`, alone or after a scheme) names no caller, and would
+/// otherwise put every caller that sends it in one scope that is not the shared one. A single token
+/// of another kind (an API key sent without a scheme) is a credential.
 fn has_credentials(authorization: &[u8]) -> bool {
     static SCHEMES: [&[u8]; 16] = [
         b"basic",
@@ -342,14 +341,16 @@ fn has_credentials(authorization: &[u8]) -> bool {
         b"vapid",
     ];
     let value = authorization.trim_ascii();
+    // What a browser client writes for a token it does not have.
+    let missing =
+        |t: &[u8]| t.eq_ignore_ascii_case(b"null") || t.eq_ignore_ascii_case(b"undefined");
+    let is_scheme = |s: &[u8]| SCHEMES.iter().any(|known| s.eq_ignore_ascii_case(known));
     match value.iter().position(|&b| b == b' ' || b == b'\t') {
         // One token: a scheme alone, or an API key sent without a scheme.
-        None => !(value.is_empty() || SCHEMES.iter().any(|s| value.eq_ignore_ascii_case(s))),
+        None => !(value.is_empty() || missing(value) || is_scheme(value)),
         Some(at) => {
             let (scheme, token) = (&value[..at], value[at..].trim_ascii());
-            let missing =
-                |t: &[u8]| t.eq_ignore_ascii_case(b"null") || t.eq_ignore_ascii_case(b"undefined");
-            !(missing(token) && scheme.eq_ignore_ascii_case(b"bearer"))
+            !(missing(token) && is_scheme(scheme))
         }
     }
 }
@@ -635,6 +636,10 @@ mod tests {
             "Bearer null",
             "bearer undefined",
             "Bearer\tnull ",
+            "null",
+            "Undefined",
+            "Token null",
+            "Basic undefined",
         ];
         for value in values {
             let request = parts(|b| b.header("authorization", value));
@@ -653,7 +658,7 @@ mod tests {
             "Token abc",
             "Negotiate YIIB",
             "Bearer nullx",
-            "Basic null",
+            "nullable",
         ];
         for value in values {
             let request = parts(|b| b.header("authorization", value));
