@@ -113,7 +113,7 @@ fn measure<'a>(fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) 
 }
 
 /// Writes a header's name and value, each after its length.
-#[inline]
+#[inline(always)]
 fn put_field(out: &mut Vec<u8>, (name, value): (&HeaderName, &HeaderValue)) {
     out.put_u32(name.as_str().len() as u32);
     out.put_slice(name.as_str().as_bytes());
