@@ -191,6 +191,7 @@ pub(super) fn same_response(got: &StoredResponse, want: &StoredResponse, what: &
         want.headers().len(),
         "{what}: header count"
     );
+    assert_eq!(got.trailers(), want.trailers(), "{what}: trailers");
     assert_eq!(got.body().len(), want.body().len(), "{what}: body length");
     if let Some(at) = got
         .body()

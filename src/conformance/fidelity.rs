@@ -64,6 +64,16 @@ pub async fn empty_response_round_trips<S: IdempotencyStore>(store: S) {
     round_trip(&store, "empty", &response).await;
 }
 
+/// A response's trailers (fields after its body) round-trip, in order, beside its headers.
+pub async fn trailers_round_trip<S: IdempotencyStore>(store: S) {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.append("x-checksum", HeaderValue::from_static("a"));
+    trailers.append("x-checksum", HeaderValue::from_static("b"));
+    let response = sample_response("trailers").with_trailers(trailers);
+    round_trip(&store, "trailers", &response).await;
+}
+
 /// A 1 MiB body round-trips byte for byte.
 pub async fn large_body_round_trips<S: IdempotencyStore>(store: S) {
     let body: Vec<u8> = (0..1024 * 1024)

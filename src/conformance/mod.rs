@@ -65,6 +65,7 @@ pub use fidelity::{
     binary_body_round_trips, distinct_keys_are_independent, empty_response_round_trips,
     keys_with_every_visible_ascii_char, large_body_round_trips, many_headers_round_trip,
     omitted_response_round_trips, replay_is_exact, status_codes_round_trip, tenants_do_not_meet,
+    trailers_round_trip,
 };
 pub use lifecycle::{
     begin_is_atomic, completed_record_is_final, fencing_after_takeover,
@@ -96,6 +97,7 @@ macro_rules! conformance_tests {
             status_codes_round_trip,
             omitted_response_round_trips,
             empty_response_round_trips,
+            trailers_round_trip,
             mismatch_in_flight_and_completed,
             release_then_reacquire,
             unknown_records_are_lease_lost,
@@ -146,6 +148,7 @@ pub async fn run_all<S: IdempotencyStore + Clone>(store: S) {
     status_codes_round_trip(store.clone()).await;
     omitted_response_round_trips(store.clone()).await;
     empty_response_round_trips(store.clone()).await;
+    trailers_round_trip(store.clone()).await;
     mismatch_in_flight_and_completed(store.clone()).await;
     release_then_reacquire(store.clone()).await;
     unknown_records_are_lease_lost(store.clone()).await;
