@@ -337,6 +337,13 @@ impl<St: IdempotencyStore> Guard<St> {
         self.started
     }
 
+    /// Reports `outcome` for this guard's request as its event and metric alone: for a request
+    /// that ends without a response to carry it.
+    fn report_outcome(&self, outcome: Outcome) {
+        let key = Some(self.key.text().as_bytes());
+        outcome::emit(outcome, key, Some(self.key.tenant()), self.started);
+    }
+
     /// The handler's part of the request that holds this guard: drives `handler` to its end
     /// while renewing the lease every third of its length, then hands the guard, its renewals
     /// (for a response body still to be read, see [`under_lease`](Self::under_lease)) and the
@@ -507,8 +514,7 @@ impl<St: IdempotencyStore> Guard<St> {
             self.release().await;
             // No response reports this outcome, so the event does (once: dropped before the
             // release ends, the guard's `Drop` reports it instead).
-            let (key, tenant) = (Some(self.key.text().as_bytes()), Some(self.key.tenant()));
-            outcome::emit(Outcome::Released, key, tenant, self.started);
+            self.report_outcome(Outcome::Released);
         })
     }
 
@@ -563,25 +569,13 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
             GuardState::Held => {
                 // The request was cancelled, or a panic after the handler (or one whose release
                 // did not end) dropped it: no response reports this outcome, so the event does.
-                let key = Some(self.key.text().as_bytes());
-                outcome::emit(
-                    Outcome::Released,
-                    key,
-                    Some(self.key.tenant()),
-                    self.started,
-                );
+                self.report_outcome(Outcome::Released);
                 self.spawn_release();
             }
             GuardState::Completing(response, ttl) => {
                 // The handler ran and its response is being stored: no response reports this
                 // outcome, so the event does.
-                let key = Some(self.key.text().as_bytes());
-                outcome::emit(
-                    Outcome::Executed,
-                    key,
-                    Some(self.key.tenant()),
-                    self.started,
-                );
+                self.report_outcome(Outcome::Executed);
                 self.spawn_with(|store, key, token, timeout| async move {
                     let call = store.complete(&key, token, response, ttl);
                     let _ = timed(StoreOp::Complete, timeout, call).await;
