@@ -49,31 +49,37 @@ enum Repr {
 impl KeyText {
     /// The text of `key`.
     pub(crate) fn new(key: &str) -> Self {
-        Self::from_ascii(key.as_bytes()).unwrap_or_else(|| Self(Repr::Shared(key.into())))
+        match key.len() {
+            len if len <= INLINE => Self::inline(key.as_bytes()),
+            _ => Self(Repr::Shared(key.into())),
+        }
     }
 
-    /// The text of `key`, which [`validate`] accepted (or a `str`'s bytes): valid UTF-8, so a
-    /// key kept inline is copied without a check; `None` for bytes that are not UTF-8.
+    /// The text of `key`, which [`validate`] accepted: visible ASCII, so a key kept inline is
+    /// copied without a check; `None` for bytes that are not UTF-8.
     fn from_ascii(key: &[u8]) -> Option<Self> {
-        match u8::try_from(key.len()) {
-            Ok(len) if key.len() <= INLINE => {
-                let mut bytes = [0; INLINE];
-                bytes[..key.len()].copy_from_slice(key);
-                Some(Self(Repr::Inline { len, bytes }))
-            }
-            _ => std::str::from_utf8(key)
-                .ok()
-                .map(|key| Self(Repr::Shared(key.into()))),
+        match key.len() {
+            len if len <= INLINE => Some(Self::inline(key)),
+            _ => std::str::from_utf8(key).ok().map(Self::new),
         }
     }
 
     /// The text of `key`, shared rather than copied when it is too long to keep inline.
     pub(crate) fn from_shared(key: Arc<str>) -> Self {
-        if key.len() <= INLINE {
-            Self::new(&key)
-        } else {
-            Self(Repr::Shared(key))
+        match key.len() {
+            len if len <= INLINE => Self::inline(key.as_bytes()),
+            _ => Self(Repr::Shared(key)),
         }
+    }
+
+    /// `key` inline: at most [`INLINE`] bytes, valid UTF-8.
+    fn inline(key: &[u8]) -> Self {
+        let mut bytes = [0; INLINE];
+        bytes[..key.len()].copy_from_slice(key);
+        Self(Repr::Inline {
+            len: key.len() as u8,
+            bytes,
+        })
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
