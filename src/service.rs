@@ -425,12 +425,15 @@ where
 {
     async move {
         let read = read_response(body, shared.config.max_response_bytes);
-        let read = match guard.under_lease(&mut renewals, read).await {
-            Ok(read) => read,
-            Err(panic) => {
-                guard.release_after_panic().await;
-                panic::resume_unwind(panic)
-            }
+        let read = 'read: {
+            // The read's result is gone before the release's await: a `match` that awaited
+            // in its arm would keep it (168 bytes and more) in this future for every stage.
+            let panic = match guard.under_lease(&mut renewals, read).await {
+                Ok(read) => break 'read read,
+                Err(panic) => panic,
+            };
+            guard.release_after_panic().await;
+            panic::resume_unwind(panic)
         };
         drop(renewals);
         let (stored, body) = to_store(read, &head, &shared.config, guard.key());
