@@ -1,7 +1,6 @@
 //! Small helpers the whole crate shares: hex, decimal, and random bytes.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -81,15 +80,19 @@ impl std::fmt::Debug for Decimal {
     }
 }
 
-/// 32 bytes that no one outside this process can predict: each 8 comes from a standard-library
-/// `RandomState`, whose SipHash keys are drawn from the operating system's random source.
-#[cfg_attr(not(any(feature = "tracing", feature = "client")), allow(dead_code))]
+/// 32 bytes from the operating system's cryptographically secure random source. Should it
+/// fail (no such source in this environment), each 8 come from a standard-library
+/// `RandomState` instead, whose SipHash keys std draws from the same source (or the clock).
+#[cfg(any(feature = "tracing", feature = "client"))]
 pub(crate) fn random_bytes() -> [u8; 32] {
     let mut bytes = [0u8; 32];
-    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_usize(i);
-        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+    if getrandom::fill(&mut bytes).is_err() {
+        use std::hash::{BuildHasher, Hasher};
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_usize(i);
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
     }
     bytes
 }
@@ -119,6 +122,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(feature = "tracing", feature = "client"))]
     fn random_bytes_differ() {
         assert_ne!(super::random_bytes(), super::random_bytes());
     }
