@@ -257,13 +257,12 @@ impl Problem {
     }
 
     /// `503 idempotency_store_unavailable` from a store with no room for a new key (full of
-    /// requests in flight, or the caller's share of it is), with a `Retry-After` of about a
-    /// lease.
+    /// requests in flight), with a `Retry-After` of about a lease.
     pub(crate) fn store_full(retry_after: u64) -> Self {
         Self::new(
             ErrorCode::StoreUnavailable,
             StatusCode::SERVICE_UNAVAILABLE,
-            "The idempotency store has no room for a new key: the records it may hold for this caller are all requests in flight; the request was not processed. Retry after the Retry-After delay.",
+            "The idempotency store has no room for a new key: it is full of requests in flight; the request was not processed. Retry after the Retry-After delay.",
         )
         .with_retry_after(retry_after)
     }

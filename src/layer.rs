@@ -354,8 +354,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// that ran unprotected carries `Idempotency-Bypassed: store-unavailable`.
     ///
     /// A store that is full ([`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind): a
-    /// [`MemoryStore`](crate::MemoryStore) whose records, or the tenant's share of them, are
-    /// all in flight) has not failed: a new key is still refused with `503`, so that a store
+    /// [`MemoryStore`](crate::MemoryStore) whose records are all in flight) has not failed: a new key is still refused with `503`, so that a store
     /// filled by a flood does not turn protection off for everyone.
     ///
     /// ```

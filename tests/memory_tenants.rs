@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use bytes::Bytes;
@@ -175,4 +176,90 @@ async fn a_tenant_alone_fills_the_whole_store_and_every_key_replays() {
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(store.evicted(), 1);
     assert_eq!(store.tenant_entry_count(&tenant), MAX);
+}
+
+/// A tenant at its share whose records are all requests in flight still begins a new key while
+/// the store holds completed records (the nearest expiry goes, whoever's): only a store full of
+/// in-flight records refuses one, with `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_share_with_only_requests_in_flight_takes_the_nearest_expiry() {
+    let store = MemoryStore::builder()
+        .max_entries(4)
+        .max_entries_per_tenant(1)
+        .build();
+    let runs = Runs::default();
+    // `/held` answers once the gate opens; `/payments` at once.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let held = axum::routing::post({
+        let runs = runs.clone();
+        move || {
+            let (runs, mut opened) = (runs.clone(), opened.clone());
+            async move {
+                runs.bump();
+                opened.wait_for(|open| *open).await.unwrap();
+                (StatusCode::CREATED, "held")
+            }
+        }
+    });
+    let app: Router = api(runs.clone())
+        .route("/held", held)
+        .route_layer(IdempotencyLayer::new(store.clone()));
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let hold = |key: &'static str| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let request = Request::post(format!("http://{addr}/held"))
+                .header("authorization", FLOODER)
+                .header("idempotency-key", key)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(request).await.unwrap().status()
+        })
+    };
+    let in_store = async |n: usize| {
+        let store = store.clone();
+        assert!(
+            support::eventually(Duration::from_secs(10), async || store.entry_count() == n).await,
+            "{n} records"
+        );
+    };
+
+    for key in ["v-1", "v-2", "v-3"] {
+        let (status, ..) = post(&client, addr, VICTIM, key).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let mut waiting = vec![hold("h-1")];
+    in_store(4).await;
+    // Full; the holder is at its share, all in flight: the victim's nearest expiry goes, one per
+    // new key.
+    for (n, key) in ["h-2", "h-3", "h-4"].into_iter().enumerate() {
+        waiting.push(hold(key));
+        assert!(
+            support::eventually(Duration::from_secs(10), async || {
+                store.evicted() == n as u64 + 1
+            })
+            .await
+        );
+    }
+    assert_eq!(runs.get(), 3 + 4);
+    assert_eq!(store.tenant_entry_count(&stored_tenant(&store, VICTIM)), 0);
+    // In-flight records fill the store: a new key is refused, whoever's, and runs nothing.
+    for auth in [FLOODER, VICTIM] {
+        let (status, _, body) = post(&client, addr, auth, "refused").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "idempotency_store_unavailable");
+    }
+    assert_eq!(runs.get(), 7);
+    // Once they answer, the holder's completed records make room again.
+    gate.send(true).unwrap();
+    for waiting in waiting {
+        assert_eq!(waiting.await.unwrap(), StatusCode::CREATED);
+    }
+    let (status, replayed, _) = post(&client, addr, VICTIM, "refused").await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_eq!(runs.get(), 8);
+    assert_eq!(store.entry_count(), 4);
 }

@@ -166,9 +166,9 @@ struct Eviction {
     cap: usize,
     /// One tenant's share of the store, when set. It bounds no one while the store has room;
     /// once the store is full, a tenant at its share or over it drops its own completed record
-    /// nearest expiry, never another tenant's, or gets `503` when its records are all in
-    /// flight; a tenant within its share drops a record of the tenant over its share, if any,
-    /// and then the store drops its nearest expiry of all.
+    /// nearest expiry when it has one; a tenant within its share drops a record of the tenant
+    /// over its share, if any; then the store drops its nearest expiry of all (so a tenant whose
+    /// records are all in flight is refused only when in-flight records fill the store).
     per_tenant: Option<usize>,
     /// The order in which each slot's record was begun.
     begun: HashMap<(u8, u8), u64>,
@@ -257,10 +257,8 @@ impl Model {
         if self.live(None) >= cap {
             if let Some(share) = per_tenant {
                 if self.live(Some(slot.0)) >= share {
-                    // At its share or over it: its own record, or `503`.
-                    if !self.drop_nearest(|s| s.0 == slot.0) {
-                        return false;
-                    }
+                    // At its share or over it: its own record first, when it has one.
+                    self.drop_nearest(|s| s.0 == slot.0);
                 } else if let Some(heaviest) = [0, 1]
                     .into_iter()
                     .find(|&t| t != slot.0 && self.live(Some(t)) > share)
@@ -610,9 +608,9 @@ proptest! {
 
     /// A store of 4 records (one shard), a share of 2 per tenant, for 2 tenants of 3 keys: one
     /// tenant fills the store alone; once it is full, a tenant at its share or over it drops
-    /// its own completed record nearest expiry (never the other tenant's), or gets `503` when
-    /// its records are all in flight; a tenant within its share takes a record of the one over
-    /// it, or the store drops its nearest of all.
+    /// its own completed record nearest expiry first; a tenant within its share takes a record
+    /// of the one over it; otherwise the store drops its nearest of all, and refuses only when
+    /// in-flight records fill it.
     #[test]
     fn a_memory_store_bound_per_tenant_matches_the_model(
         steps in prop::collection::vec(step(true), 1..40),

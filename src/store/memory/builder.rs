@@ -98,13 +98,14 @@ impl MemoryStoreBuilder {
     /// The share bounds no one while the store has room: an application whose keys all come
     /// from one tenant has the whole store. Once the store is full, a new key makes room
     /// fairly: a tenant that holds its share or more drops its own completed record nearest
-    /// expiry (counted by [`evicted`](super::MemoryStore::evicted)), never another tenant's, and
-    /// when all its records are in flight its new key is refused with
+    /// expiry (counted by [`evicted`](super::MemoryStore::evicted)) before anyone else's; a
+    /// tenant within its share drops a completed record of the tenant that holds the most, when
+    /// that one is over its share. Otherwise (every tenant within its share, or the one at its
+    /// share has only requests in flight, which admission bounds) the store drops its nearest
+    /// expiry of all; only a store full of in-flight records refuses a new key, with
     /// [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind), which the layer answers with
-    /// `503`; a tenant within its share drops a completed record of the tenant that holds the
-    /// most, when that one is over its share. So a caller that floods the store with keys costs
-    /// itself replays, not the others: with the default, it takes eight tenants over their share
-    /// to crowd the others out.
+    /// `503`. So a caller that floods the store with keys costs itself replays, not the others:
+    /// with the default, it takes eight tenants over their share to crowd the others out.
     ///
     /// The share is split over the store's shards as `max_entries` is: a tenant's keys are
     /// spread evenly over them, and a full shard holds the tenant to its part.

@@ -11,20 +11,12 @@ use crate::store::{
 };
 use crate::stored::StoredResponse;
 
-/// The error of a new key that finds its shard, or its tenant's share, full of in-flight
-/// records.
-fn full(full: Full) -> StoreError {
-    let message = match full {
-        Full::Store => {
-            "the store is full of requests in flight: no completed record can be dropped to make \
-             room"
-        }
-        Full::Tenant => {
-            "this tenant holds as many records as it may (max_entries_per_tenant), all of them \
-             requests in flight: none of its completed records can be dropped to make room"
-        }
-    };
-    StoreError::msg(StoreErrorKind::CapacityExceeded, message)
+/// The error of a new key that finds its shard full of in-flight records.
+fn full(_: Full) -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::CapacityExceeded,
+        "the store is full of requests in flight: no completed record can be dropped to make room",
+    )
 }
 
 impl IdempotencyStore for MemoryStore {

@@ -96,10 +96,9 @@ const PRUNE_BATCH: usize = 4096;
 ///   full, each tenant has a share,
 ///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) (an eighth of
 ///   `max_entries` by default, at least 1): dead records go first, then a tenant at its share
-///   or over it makes room from its own completed records, never from other tenants' (its new
-///   key is refused when all its records are in flight), and a tenant within its share from
-///   those of the tenant that holds the most, when that one is over its share. So one caller's
-///   flood of keys costs that caller alone.
+///   or over it makes room from its own completed records first, and a tenant within its share
+///   from those of the tenant that holds the most, when that one is over its share; otherwise
+///   the store's nearest expiry goes. So one caller's flood of keys costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (eight per thread of the machine, at
 ///   least 32 and at most 256, each with a share of at least 2,048 records, 4 MiB and 64
 ///   records of a tenant); a key's shard makes room within its own share.

@@ -187,7 +187,7 @@ async fn a_tenant_within_its_share_drops_a_record_of_the_heaviest_tenant_over_it
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_tenant_over_its_share_with_all_its_records_in_flight_is_refused() {
+async fn a_tenant_over_its_share_with_all_its_records_in_flight_takes_the_nearest_expiry() {
     let store = MemoryStore::builder()
         .max_entries(4)
         .max_entries_per_tenant(2)
@@ -198,42 +198,36 @@ async fn a_tenant_over_its_share_with_all_its_records_in_flight_is_refused() {
         acquire(&store, 1, "b").await,
         acquire(&store, 1, "c").await,
     ];
-    // Full, and tenant 1 over its share with nothing completed: it is refused, and tenant 2's
-    // record stays.
-    let err = store.begin(&key(1, "d"), &fp(1), LEASE).await.unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
-    assert!(err.to_string().contains("max_entries_per_tenant"), "{err}");
-    assert_eq!(store.tenant_entry_count(&tenant(1)), 3);
-    let kept = store.begin(&key(2, "kept"), &fp(1), LEASE).await.unwrap();
-    assert!(matches!(kept, Begin::Completed(_)));
-    assert_eq!(store.evicted(), 0);
-    // Another tenant, the shared scope, still begins: the tenant over its share has nothing to
-    // give, so the nearest expiry of the store goes.
-    let shared = RecordKey::new(TenantId::shared(), "c");
-    assert!(matches!(
-        store.begin(&shared, &fp(1), LEASE).await.unwrap(),
-        Begin::Acquired(_)
-    ));
+    // Full, and tenant 1 over its share with nothing completed: the store is not full of
+    // in-flight records, so its nearest expiry goes, tenant 2's record.
+    acquire(&store, 1, "d").await;
     assert_eq!(store.evicted(), 1);
+    assert_eq!(store.tenant_entry_count(&tenant(1)), 4);
     assert_eq!(store.lookup(&key(2, "kept")).await.unwrap(), None);
-    // In-flight records alone fill the store: any new key is refused.
-    let err = store.begin(&key(2, "z"), &fp(1), LEASE).await.unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
-    assert!(
-        err.to_string().contains("full of requests in flight"),
-        "{err}"
-    );
-    // Once one of its records completes, the tenant makes room from it.
+    // In-flight records alone fill the store: any new key is refused, whoever's.
+    for refused in [
+        key(2, "z"),
+        key(1, "z"),
+        RecordKey::new(TenantId::shared(), "z"),
+    ] {
+        let err = store.begin(&refused, &fp(1), LEASE).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
+        assert!(
+            err.to_string().contains("full of requests in flight"),
+            "{err}"
+        );
+    }
+    // Once one of its records completes, the tenant over its share makes room from it.
     store
         .complete(&key(1, "a"), held[0], response(), TTL)
         .await
         .unwrap();
-    acquire(&store, 1, "d").await;
+    acquire(&store, 1, "e").await;
     assert_eq!(store.evicted(), 2);
     assert_eq!(store.lookup(&key(1, "a")).await.unwrap(), None);
     // Holders that died free their places without an eviction.
     tokio::time::advance(LEASE).await;
-    acquire(&store, 1, "e").await;
+    acquire(&store, 1, "f").await;
     assert_eq!(store.evicted(), 2);
     assert_eq!(store.entry_count(), 1);
     assert_eq!(store.tenant_entry_count(&tenant(1)), 1);
@@ -552,12 +546,10 @@ impl Model {
             }
             if self.records.len() >= MAX {
                 // Still full: every record is live. A tenant at its share or over it pays with
-                // its own record, or is refused; a tenant within it takes one of the heaviest
-                // tenant's, when that one is over its share.
+                // its own completed record when it has one; a tenant within it takes one of the
+                // heaviest tenant's, when that one is over its share.
                 if self.tenant_len(t) >= PER_TENANT {
-                    if !self.drop_nearest(|rt| rt == t) {
-                        return Err(());
-                    }
+                    self.drop_nearest(|rt| rt == t);
                 } else if let Some(heaviest) = self.heaviest_over_share() {
                     self.drop_nearest(|rt| rt == heaviest);
                 }

@@ -93,14 +93,9 @@ pub(super) struct Removed {
 /// Room for a new record, and the allocation of a record removed to make it, if any.
 struct Room(Option<Box<Record>>);
 
-/// Why a shard refused a new key.
+/// A shard refused a new key: in-flight records fill it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Full {
-    /// In-flight records fill the shard.
-    Store,
-    /// The tenant's records fill its share of the shard, and all of them are in flight.
-    Tenant,
-}
+pub(super) struct Full;
 
 pub(super) struct Shard {
     table: HashTable<Slot>,
@@ -253,12 +248,12 @@ impl Shard {
         // expiries. A shard that is not full bounds no tenant.
         let tenant = *key.tenant();
         if !self.has_room() {
-            self.make_fair_room(&tenant, now, removed)?;
+            self.make_fair_room(&tenant, now, removed);
         }
         self.tenants.add(tenant);
         let Some(Room(spare)) = self.make_room(now, removed) else {
             self.tenants.remove(&tenant);
-            return Err(Full::Store);
+            return Err(Full);
         };
         let fresh = Record {
             key: key.clone(),

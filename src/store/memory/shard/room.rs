@@ -3,7 +3,7 @@
 
 use super::super::Nanos;
 use super::super::expiries::Due;
-use super::{Full, Held, Record, Removed, Room, Shard, State};
+use super::{Held, Record, Removed, Room, Shard, State};
 
 impl Shard {
     pub(super) fn has_room(&self) -> bool {
@@ -37,17 +37,18 @@ impl Shard {
     /// that are dead already, whoever's they are: in-flight ones whose holder died, then
     /// expired completed ones, nearest expiry first, while the shard is full. Then, when
     /// `tenant` holds its share or more, one of its own live completed records, nearest expiry
-    /// first (counted as evicted): other tenants' records are never dropped for it, and
-    /// [`Full::Tenant`] when all its records are in flight. When it is within its share, one
-    /// completed record of the tenant that holds the most, if that one is over its share.
-    /// Otherwise nothing here: the shard then drops the nearest expiry of all
-    /// ([`make_room`](Self::make_room)).
+    /// first (counted as evicted): its completed records go before anyone else's. When it is
+    /// within its share, one completed record of the tenant that holds the most, if that one is
+    /// over its share. Otherwise nothing here (a tenant at its share whose records are all in
+    /// flight included: only a store full of in-flight records refuses a new key): the shard
+    /// then drops the nearest expiry of all ([`make_room`](Self::make_room)). A tenant can
+    /// thus hold more than its share only by requests in flight, which admission bounds.
     pub(super) fn make_fair_room(
         &mut self,
         tenant: &crate::tenant::TenantId,
         now: Nanos,
         removed: &mut Removed,
-    ) -> Result<(), Full> {
+    ) {
         if now >= self.dead_check_at {
             removed.pruned += self.prune_in_flight(now);
         }
@@ -63,18 +64,15 @@ impl Shard {
             }
         }
         if self.has_room() {
-            return Ok(());
+            return;
         }
         if self.tenants.count(tenant) >= self.tenants.max {
-            if !self.drop_nearest_of(tenant, now, removed) {
-                return Err(Full::Tenant);
-            }
+            self.drop_nearest_of(tenant, now, removed);
         } else if let Some(heaviest) = self.tenants.over_share() {
             self.drop_nearest_of(&heaviest, now, removed);
         }
         // The record dropped here left a stale entry in the shard's queue.
         self.compact_expiries();
-        Ok(())
     }
 
     /// Drops `tenant`'s completed record nearest expiry (stale entries skipped); `false` when it
