@@ -154,7 +154,7 @@
 //! | `redis`            | `RedisStore`    | a fleet, on one Redis or a Redis Cluster: one Lua script per step, expiry kept by Redis |
 //! | `postgres`         | `PostgresStore` | a fleet, durable: `INSERT … ON CONFLICT`, a documented table  |
 //! | `sqlx`             | `SqlxStore`     | the same table on your own `sqlx::PgPool`; with `Claim`, the record completes in your transaction |
-//! | `axum`             |                 | behind axum's `Router::nest`, the fingerprint takes the path the app was sent (`OriginalUri`), so a key reused on another nested route is `422` |
+//! | `axum` (default)   |                 | behind axum's `Router::nest`, the fingerprint takes the path the app was sent (`OriginalUri`), so a key reused on another nested route is `422` |
 //! | `tracing`          |                 | a span per keyed request, a `tracing` event per [`Outcome`]   |
 //! | `metrics`          |                 | counters, a histogram and a gauge through the `metrics` facade ([`metrics`]) |
 //! | `conformance`      |                 | `conformance`: the store test suite, to run on your own store |
