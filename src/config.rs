@@ -95,12 +95,13 @@ impl Default for Config {
 
 /// The refusals that say the operation did not run, with why. They are not stored by
 /// [`default_cache_policy`]: the corrected retry may reuse its key.
-const REFUSALS: [u16; 20] = [
+const REFUSALS: [u16; 21] = [
     400, // Bad Request: the request failed validation.
     401, // Unauthorized: the caller may fix its credentials.
     403, // Forbidden: the caller may be granted access.
     405, // Method Not Allowed: no operation for this method.
     406, // Not Acceptable: the request's `Accept` cannot be met.
+    407, // Proxy Authentication Required: a proxy refused it; the caller may fix its credentials.
     408, // Request Timeout: the request was not received in time.
     411, // Length Required: the request's form.
     412, // Precondition Failed: the method was not performed.
@@ -127,7 +128,7 @@ const REFUSALS: [u16; 20] = [
 /// | 2xx, 3xx | yes | the operation's result |
 /// | 402, 404, 409, 410, 416, 424, 451, and other 4xx | yes | an outcome of the operation: the retry would fail the same way |
 /// | 400, 422 | no | validation refused the request before it ran |
-/// | 401, 403 | no | authentication or authorization refused it; the caller may fix its credentials |
+/// | 401, 403, 407 | no | authentication or authorization refused it (407: at a proxy); the caller may fix its credentials |
 /// | 405, 406, 411, 413, 414, 415, 417, 426, 428, 431 | no | the request's form was refused |
 /// | 408, 425, 429, 423 | no | not now: the request may succeed later |
 /// | 412 | no | a precondition failed, so the method was not performed |
@@ -229,8 +230,8 @@ mod tests {
         let set = Config::default().cache_policy;
         let stored = [200, 201, 204, 302, 304, 402, 404, 409, 410, 416, 424, 451];
         let released = [
-            100, 101, 400, 401, 403, 405, 406, 408, 411, 412, 413, 414, 415, 417, 421, 422, 423,
-            425, 426, 428, 429, 431, 500, 502, 503, 504,
+            100, 101, 400, 401, 403, 405, 406, 407, 408, 411, 412, 413, 414, 415, 417, 421, 422,
+            423, 425, 426, 428, 429, 431, 500, 502, 503, 504,
         ];
         for code in stored {
             assert!(set.contains(StatusCode::from_u16(code).unwrap()), "{code}");

@@ -248,6 +248,7 @@ async fn stored_statuses_replay_and_failures_release() {
         (401, false),
         (403, false),
         (405, false),
+        (407, false),
         (412, false),
         (413, false),
         (415, false),
