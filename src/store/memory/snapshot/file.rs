@@ -26,7 +26,8 @@ const MIN_RECORD_LEN: usize = 32 + 2 + 32 + 8 + 8;
 /// Reads the file: its live records, and what was found. Its header is read and checked
 /// first, so that a file that is not a snapshot of this format (another file at the path,
 /// however large) is never read whole; a snapshot of up to `max_len` bytes is read whole (one
-/// written by a store with larger bounds is cut to this store's bounds when restored).
+/// written by a store with larger bounds is cut to this store's bounds when restored), and a
+/// larger one is ignored whole: reading it would take that much memory.
 pub(super) fn load(path: &Path, max_len: u64, now: SystemTime) -> (Vec<Saved>, SnapshotLoad) {
     let ignored = |reason: String| (Vec::new(), SnapshotLoad::Ignored { reason });
     let mut file = match File::open(path) {
@@ -50,7 +51,8 @@ pub(super) fn load(path: &Path, max_len: u64, now: SystemTime) -> (Vec<Saved>, S
     }
     if len > max_len {
         return ignored(format!(
-            "the snapshot is {len} bytes, more than 16 times the store's max_bytes"
+            "the snapshot is {len} bytes, more than this store reads ({max_len}: 16 times its \
+             max_bytes, and 1 MiB)"
         ));
     }
     let room = usize::try_from(rest).ok();
@@ -271,7 +273,7 @@ fn write_then_rename(
     records: &[Saved],
     written_at: SystemTime,
 ) -> io::Result<()> {
-    let file = BufWriter::new(File::create_new(temp)?);
+    let file = BufWriter::new(create_private(temp)?);
     let file = write(file, records, written_at)?
         .into_inner()
         .map_err(io::IntoInnerError::into_error)?;
@@ -279,6 +281,17 @@ fn write_then_rename(
     drop(file);
     std::fs::rename(temp, path)?;
     sync_dir(dir)
+}
+
+/// Creates `path`, which must not exist, readable and writable by this process's user alone
+/// (on Unix: mode `0600`, whatever the umask): the file holds stored responses, with their
+/// bodies and, for a tenant's records, their `Set-Cookie` headers.
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 #[cfg(unix)]

@@ -110,8 +110,9 @@ pub enum SnapshotLoad {
         expired: usize,
     },
     /// The file could not be used: unreadable, truncated, corrupt (its checksum does not
-    /// match), from another format version, or not a snapshot at all. The store starts empty;
-    /// the next write replaces the file.
+    /// match), from another format version, not a snapshot at all, or larger than the store
+    /// reads (16 times its `max_bytes`, and 1 MiB: a file from a store with far larger bounds).
+    /// The store starts empty; the next write replaces the file.
     Ignored {
         /// What was wrong with it.
         reason: String,

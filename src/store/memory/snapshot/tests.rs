@@ -130,6 +130,14 @@ async fn completed_records_survive_a_restart_and_in_flight_ones_do_not() {
     let status = store.snapshot_status().unwrap();
     assert_eq!(status.last_save().map(|(_, n)| n), Some(3));
     assert_eq!(status.last_error(), None);
+    // It holds responses (bodies, a tenant's cookies): its owner alone reads it, whatever the
+    // umask.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.file()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
     assert_eq!(
         dir.entries(),
         ["store.snapshot"],
