@@ -276,7 +276,8 @@ pub(crate) fn drop_keeping_lease<T>(value: T) {
 /// background task, so a key never stays stuck in `409`; dropped by a runtime that shuts down under
 /// a detached run, it keeps its lease, which then ends by itself; dropped while completing, it
 /// finishes the completion in the background, so a response the handler already produced is not
-/// lost and the handler does not run again.
+/// lost and the handler does not run again; dropped while settling a record its handler completed
+/// in its own transaction, it settles in the background, and reports what the settle found.
 pub(crate) struct Guard<St: IdempotencyStore> {
     store: Arc<St>,
     key: RecordKey,
@@ -291,6 +292,9 @@ pub(crate) struct Guard<St: IdempotencyStore> {
 
 enum GuardState {
     Held,
+    /// Its handler completed the record in its own transaction; the store is finding out
+    /// whether that committed (see [`Guard::settle`]).
+    Settling,
     Completing(StoredResponse, Duration),
     Done,
 }
@@ -473,6 +477,7 @@ impl<St: IdempotencyStore> Guard<St> {
     /// transaction committed, released when it did not (the record is removed). A failure is
     /// reported and leaves the lease as it is: the record is never released on doubt.
     pub(crate) async fn settle(&mut self) -> Outcome {
+        self.state = GuardState::Settling;
         let call = self.store.settle(&self.key, self.token);
         let result = timed(StoreOp::Complete, self.timeout, call).await;
         self.state = GuardState::Done;
@@ -572,6 +577,23 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 self.report_outcome(Outcome::Released);
                 self.spawn_release();
             }
+            GuardState::Settling => {
+                // Dropped while settling: the settle goes on in the background (both it and a
+                // release are fenced by the token, but only it knows whether the handler's
+                // transaction committed), and its event reports what it found.
+                let started = self.started;
+                self.spawn_with(move |store, key, token, timeout| async move {
+                    let settled =
+                        timed(StoreOp::Complete, timeout, store.settle(&key, token)).await;
+                    let outcome = match settled {
+                        Ok(Settled::Released | Settled::Lost) => Outcome::Released,
+                        // Committed, or not known: the record is never released on doubt.
+                        Ok(_) | Err(_) => Outcome::Executed,
+                    };
+                    let text = Some(key.text().as_bytes());
+                    outcome::emit(outcome, text, Some(key.tenant()), started);
+                });
+            }
             GuardState::Completing(response, ttl) => {
                 // The handler ran and its response is being stored: no response reports this
                 // outcome, so the event does.
@@ -581,6 +603,138 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                     let _ = timed(StoreOp::Complete, timeout, call).await;
                 });
             }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "metrics", feature = "memory"))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+    use crate::store::{Begin, Forget, RecordInfo};
+    use crate::tenant::TenantId;
+    use crate::{MemoryStore, metrics::REQUESTS_TOTAL};
+
+    /// A memory store whose `settle` waits for a permit, then answers `answer`; it counts its
+    /// settles and releases.
+    struct Settling {
+        store: MemoryStore,
+        gate: Semaphore,
+        answer: Settled,
+        settles: AtomicUsize,
+        releases: AtomicUsize,
+    }
+
+    impl IdempotencyStore for Settling {
+        async fn begin(
+            &self,
+            key: &RecordKey,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Begin, StoreError> {
+            self.store.begin(key, fingerprint, lease).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: LockToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.store.renew(key, token, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: LockToken,
+            response: StoredResponse,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.store.complete(key, token, response, ttl).await
+        }
+        async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.store.release(key, token).await
+        }
+        async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+            self.store.lookup(key).await
+        }
+        async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+            self.store.forget(key, force).await
+        }
+        async fn settle(&self, _: &RecordKey, _: LockToken) -> Result<Settled, StoreError> {
+            self.settles.fetch_add(1, Ordering::SeqCst);
+            let _permit = self.gate.acquire().await;
+            Ok(self.answer)
+        }
+    }
+
+    /// A request dropped while its `Claim`'s record is being settled (its client hung up with
+    /// `finish_on_disconnect(false)`): the settle goes on in the background, no release is
+    /// made, and the outcome counted is what the settle found.
+    #[test]
+    fn a_guard_dropped_while_settling_settles_in_the_background_and_counts_what_it_found() {
+        for (answer, counted) in [
+            (Settled::Completed, "executed"),
+            (Settled::Released, "released"),
+        ] {
+            let recorder = DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            let store = Arc::new(Settling {
+                store: MemoryStore::new(),
+                gate: Semaphore::new(0),
+                answer,
+                settles: AtomicUsize::new(0),
+                releases: AtomicUsize::new(0),
+            });
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            ::metrics::with_local_recorder(&recorder, || {
+                runtime.block_on(async {
+                    let key = RecordKey::new(TenantId::hashed("t"), "k");
+                    let fp = Fingerprint::from_bytes([1; 32]);
+                    let lease = Duration::from_secs(30);
+                    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, lease).await else {
+                        panic!("a new key");
+                    };
+                    let timeout = Duration::from_secs(2);
+                    let mut guard = Guard::new(store.clone(), key, token, timeout, Started::now());
+                    {
+                        let settle = std::pin::pin!(guard.settle());
+                        let waker = std::task::Waker::noop();
+                        let mut cx = Context::from_waker(waker);
+                        assert!(settle.poll(&mut cx).is_pending());
+                    }
+                    drop(guard);
+                    store.gate.add_permits(2);
+                    for _ in 0..100 {
+                        tokio::task::yield_now().await;
+                    }
+                });
+            });
+            assert_eq!(store.settles.load(Ordering::SeqCst), 2, "{answer:?}");
+            assert_eq!(store.releases.load(Ordering::SeqCst), 0, "{answer:?}");
+            let counted_as: Vec<_> = snapshotter
+                .snapshot()
+                .into_vec()
+                .into_iter()
+                .filter(|(key, ..)| key.key().name() == REQUESTS_TOTAL)
+                .map(|(key, _, _, value)| {
+                    let outcome = key.key().labels().next().unwrap().value().to_owned();
+                    (outcome, value)
+                })
+                .collect();
+            assert_eq!(
+                counted_as,
+                [(counted.to_owned(), DebugValue::Counter(1))],
+                "{answer:?}"
+            );
         }
     }
 }
