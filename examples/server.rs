@@ -11,7 +11,10 @@
 //! Ctrl-C stops the server gracefully: it waits up to 30 s for handlers whose client went away,
 //! then saves the completed records to a snapshot file (`SNAPSHOT`, by default
 //! `tower-idempotency-demo.snapshot` in the system's temporary directory), which the next start
-//! reads back: a retry sent after a restart is still a replay.
+//! reads back: a retry sent after a restart is still a replay. The payments themselves, the
+//! app's own data, go to a file beside it (`<SNAPSHOT>.payments.json`), so that a replayed
+//! answer still names a payment that exists, and new payments go on from the last id. Delete
+//! both files to start afresh.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -58,9 +61,38 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
 
 /// The payments, each with the account that made it.
 #[derive(Clone, Default)]
-struct Payments {
+pub(crate) struct Payments {
     next_id: Arc<AtomicU64>,
-    by_id: Arc<Mutex<HashMap<u64, (&'static str, Value)>>>,
+    by_id: Arc<Mutex<HashMap<u64, (String, Value)>>>,
+}
+
+impl Payments {
+    /// The payments saved at `path` by [`save`](Self::save), if any.
+    fn load(path: &std::path::Path) -> Self {
+        let payments = Self::default();
+        let Ok(saved) = std::fs::read(path) else {
+            return payments;
+        };
+        let saved: Vec<(u64, String, Value)> = serde_json::from_slice(&saved).unwrap_or_default();
+        let last = saved.iter().map(|(id, ..)| *id).max().unwrap_or(0);
+        payments.next_id.store(last, Ordering::SeqCst);
+        let mut by_id = payments.by_id.lock().unwrap();
+        by_id.extend(saved.into_iter().map(|(id, owner, p)| (id, (owner, p))));
+        drop(by_id);
+        payments
+    }
+
+    /// Writes every payment to `path`.
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let saved: Vec<(u64, String, Value)> = self
+            .by_id
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, (owner, p))| (*id, owner.clone(), p.clone()))
+            .collect();
+        std::fs::write(path, serde_json::to_vec(&saved)?)
+    }
 }
 
 async fn create_payment(
@@ -77,7 +109,7 @@ async fn create_payment(
         "currency": request.get("currency").cloned().unwrap_or(json!("eur")),
         "status": "succeeded",
     });
-    let owned = (account.0, payment.clone());
+    let owned = (account.0.to_owned(), payment.clone());
     payments.by_id.lock().unwrap().insert(id, owned);
     (
         StatusCode::CREATED,
@@ -108,7 +140,7 @@ async fn get_payment(
 /// storing anything.
 ///
 /// `tests/example_server.rs` compiles this file in and calls this function.
-pub(crate) fn app(store: MemoryStore) -> (Router, DetachedRuns) {
+pub(crate) fn app(store: MemoryStore, payments: Payments) -> (Router, DetachedRuns) {
     let idempotency = IdempotencyLayer::new(store)
         .tenant(TenantFromExtension::<Account>::new())
         .require_key(true);
@@ -116,7 +148,7 @@ pub(crate) fn app(store: MemoryStore) -> (Router, DetachedRuns) {
     let app = Router::new()
         .route("/payments", post(create_payment))
         .route("/payments/{id}", get(get_payment))
-        .with_state(Payments::default())
+        .with_state(payments)
         .route_layer(idempotency)
         .layer(middleware::from_fn(authenticate));
     (app, detached)
@@ -165,7 +197,11 @@ async fn main() {
     if let Some(status) = store.snapshot_status() {
         println!("snapshot {}: {:?}\n", snapshot.display(), status.load());
     }
-    let (app, detached) = app(store.clone());
+    let mut saved = snapshot.clone().into_os_string();
+    saved.push(".payments.json");
+    let saved = std::path::PathBuf::from(saved);
+    let payments = Payments::load(&saved);
+    let (app, detached) = app(store.clone(), payments.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -182,7 +218,10 @@ async fn main() {
     }
     // Then the completed records go to the snapshot, for the next start.
     match store.save_snapshot().await {
-        Ok(saved) => println!("{saved} completed records saved to {}", snapshot.display()),
+        Ok(n) => println!("{n} completed records saved to {}", snapshot.display()),
         Err(e) => eprintln!("cannot save the snapshot to {}: {e}", snapshot.display()),
+    }
+    if let Err(e) = payments.save(&saved) {
+        eprintln!("cannot save the payments to {}: {e}", saved.display());
     }
 }

@@ -40,7 +40,7 @@ fn assert_same(a: &Reply, b: &Reply) {
 }
 
 async fn another_accounts_payment_is_404(transport: Transport) {
-    let (app, _detached) = demo::app(MemoryStore::new());
+    let (app, _detached) = demo::app(MemoryStore::new(), Default::default());
     let via = Via::new(app, transport).await;
 
     let alices = via.send(create("alice-token-1", "order-42")).await;
