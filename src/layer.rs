@@ -349,13 +349,14 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
         self
     }
 
-    /// When the store fails, run the request without idempotency protection (fail open) instead
-    /// of answering `503 idempotency_store_unavailable` (fail closed, the default). A request
-    /// that ran unprotected carries `Idempotency-Bypassed: store-unavailable`.
+    /// When the store fails, run the request without idempotency protection (fail open) instead of
+    /// answering `503 idempotency_store_unavailable` (fail closed, the default). A request that ran
+    /// unprotected carries `Idempotency-Bypassed: store-unavailable`.
     ///
     /// A store that is full ([`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind): a
-    /// [`MemoryStore`](crate::MemoryStore) whose records are all in flight) has not failed: a new key is still refused with `503`, so that a store
-    /// filled by a flood does not turn protection off for everyone.
+    /// [`MemoryStore`](crate::MemoryStore) whose records are all in flight) has not failed: a new
+    /// key is still refused with `503`, so that a store filled by a flood does not turn protection
+    /// off for everyone.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
