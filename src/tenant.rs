@@ -255,10 +255,11 @@ where
 /// - **Tokens that rotate** (OAuth2, JWT access tokens): a client that times out, refreshes
 ///   its token and retries with the same key lands in another scope, and the handler runs a
 ///   second time.
-/// - **Cookie sessions**: without `Authorization`, keyed requests are refused (`400
-///   idempotency_tenant_missing`); with [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope)
-///   every caller shares one scope, and a caller who guesses another's key (and sends the same
-///   request) is served that caller's response.
+/// - **Cookie sessions**: without `Authorization`, keyed requests are refused with `400`
+///   (`idempotency_tenant_missing`); with
+///   [`shared_scope(true)`](crate::IdempotencyLayer::shared_scope) every caller shares one
+///   scope, and a caller who guesses another's key (and sends the same request) is served that
+///   caller's response.
 ///
 /// For both, scope by the principal your auth middleware verified, with
 /// [`TenantFromExtension`]. With the `tracing` feature, this extractor warns once per process
