@@ -171,7 +171,9 @@ impl MemoryStoreBuilder {
     ///   [`snapshot_interval`](Self::snapshot_interval) by a background task, so that a crash
     ///   loses what completed since the last write, not everything. Only live completed
     ///   records are written, never in-flight ones; the file is replaced whole, never left
-    ///   half-written.
+    ///   half-written, and created readable by its owner alone (`0600` on Unix). The temporary
+    ///   file of a writer killed mid-write is removed by the next `build` on the path, once it
+    ///   has not been written for ten minutes.
     /// - **Read**: by [`build`](Self::build), a blocking read of the file. Records that expired
     ///   are dropped; the others are put in the store at its first use, when its clock starts,
     ///   as many as its bounds hold (the nearest expiry left out first): a file written by a

@@ -243,6 +243,22 @@ pub(super) fn write_atomically(
     records: &[Saved],
     written_at: SystemTime,
 ) -> io::Result<()> {
+    let (dir, prefix) = temp_names(path)?;
+    let temp = dir.join(format!(
+        "{prefix}{}-{:016x}.tmp",
+        std::process::id(),
+        super::super::random_u64()
+    ));
+    let written = write_then_rename(&temp, path, dir, records, written_at);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
+}
+
+/// The directory of the snapshot at `path`, and how the names of its temporary files begin
+/// (`.<file name>.`; each then has a process id, a random part and `.tmp`).
+fn temp_names(path: &Path) -> io::Result<(&Path, String)> {
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -253,17 +269,40 @@ pub(super) fn write_atomically(
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let temp = dir.join(format!(
-        ".{}.{}-{:016x}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        super::super::random_u64()
-    ));
-    let written = write_then_rename(&temp, path, dir, records, written_at);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
+    Ok((dir, format!(".{}.", name.to_string_lossy())))
+}
+
+/// How long a temporary file of the snapshot may go unwritten before it is taken for the
+/// leftover of a writer that died (a process killed mid-write): a write streams its file
+/// without pause, so even a large store's takes seconds.
+const STALE_TEMP: Duration = Duration::from_secs(600);
+
+/// Removes the temporary files of the snapshot at `path` that writers which died left behind
+/// (not written for [`STALE_TEMP`]; another process's write in progress is left alone), and
+/// answers how many it removed. Each could be as large as a snapshot: a process killed again and
+/// again mid-write would otherwise fill the disk.
+pub(super) fn remove_stale_temps(path: &Path, now: SystemTime) -> usize {
+    let Ok((dir, prefix)) = temp_names(path) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(".tmp")) {
+            continue;
+        }
+        let modified = entry.metadata().and_then(|meta| meta.modified());
+        let stale =
+            modified.is_ok_and(|at| now.duration_since(at).unwrap_or_default() > STALE_TEMP);
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
     }
-    written
+    removed
 }
 
 fn write_then_rename(

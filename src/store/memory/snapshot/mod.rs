@@ -47,8 +47,11 @@ pub(super) struct Snapshot {
 impl Snapshot {
     /// Reads the file at `path` (a snapshot no larger than `max_len`), as a store is built.
     pub(super) fn open(path: PathBuf, max_len: u64) -> Self {
-        let (records, load) = file::load(&path, max_len, SystemTime::now());
+        let now = SystemTime::now();
+        let (records, load) = file::load(&path, max_len, now);
         report_load(&path, &load);
+        let stale = file::remove_stale_temps(&path, now);
+        report_stale_temps(&path, stale);
         Self {
             path,
             pending: Mutex::new(records),
@@ -339,4 +342,18 @@ fn report_load(path: &Path, load: &SnapshotLoad) {
     }
     #[cfg(not(feature = "tracing"))]
     let _ = (path, load);
+}
+
+fn report_stale_temps(path: &Path, removed: usize) {
+    #[cfg(feature = "tracing")]
+    if removed > 0 {
+        tracing::info!(
+            target: "tower_idempotency",
+            path = %path.display(),
+            removed,
+            "MemoryStore: removed temporary snapshot files that writers which died left behind"
+        );
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = (path, removed);
 }

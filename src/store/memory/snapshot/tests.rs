@@ -385,6 +385,35 @@ async fn files_that_cannot_be_used_are_reported_and_ignored() {
     ));
 }
 
+/// A writer killed mid-write (`kill -9`) leaves its temporary file: the next store built on the
+/// path removes such leftovers, once they have not been written for ten minutes, and leaves a
+/// write in progress (a fresh one) and every other file alone.
+#[test]
+fn leftover_temporary_files_of_dead_writers_are_removed_at_build() {
+    let dir = TempDir::new();
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    let make = |name: &str, modified: Option<SystemTime>| {
+        let file = std::fs::File::create(dir.0.join(name)).unwrap();
+        if let Some(at) = modified {
+            file.set_modified(at).unwrap();
+        }
+    };
+    make(".store.snapshot.4242-00000000000000aa.tmp", Some(old));
+    make(".store.snapshot.4243-00000000000000bb.tmp", Some(old));
+    make(".store.snapshot.4244-00000000000000cc.tmp", None);
+    make(".other.snapshot.4242-00000000000000aa.tmp", Some(old));
+    make("notes.tmp", Some(old));
+    let _store = with_snapshot(&dir.file());
+    assert_eq!(
+        dir.entries(),
+        [
+            ".other.snapshot.4242-00000000000000aa.tmp",
+            ".store.snapshot.4244-00000000000000cc.tmp",
+            "notes.tmp",
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_failed_write_leaves_the_old_file_and_is_reported() {
     let dir = TempDir::new();
