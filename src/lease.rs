@@ -437,8 +437,8 @@ impl<St: IdempotencyStore> Guard<St> {
         outcome::store_failure(call, err, &self.key);
     }
 
-    /// Ends the lease with the handler's response: completes the record with `response`, or,
-    /// when there is none to store (its body failed), releases the key. Answers the outcome.
+    /// Ends the lease with the handler's response: completes the record with `response` (which
+    /// may say that it is not replayable). Answers the outcome.
     ///
     /// A completion that fails leaves the record in flight until its lease ends: it is not
     /// released, so a retry cannot run the handler again while the lease lives. A failure is
@@ -448,16 +448,13 @@ impl<St: IdempotencyStore> Guard<St> {
     /// dropped) rather than in this future, and the store gets a clone of it.
     pub(crate) fn conclude(
         &mut self,
-        response: Option<StoredResponse>,
+        response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Outcome> + '_ {
-        if let Some(response) = response {
-            self.state = GuardState::Completing(response, ttl);
-        }
+        self.state = GuardState::Completing(response, ttl);
         async move {
             let GuardState::Completing(response, ttl) = &self.state else {
-                self.release().await;
-                return Outcome::Released;
+                unreachable!("the state was just set");
             };
             let call = self
                 .store

@@ -404,10 +404,10 @@ where
     }
 }
 
-/// Stores a handler's response for replay, and gives it back for the client. A response over
-/// the response cap completes the key as not replayable; a body that fails releases it. The
-/// body is read under the key's lease, renewed as while the handler ran; a body that panics has
-/// the key released before its panic goes on.
+/// Stores a handler's response for replay, and gives it back for the client. A response over the
+/// response cap, or whose body fails, completes the key as not replayable. The body is read under
+/// the key's lease, renewed as while the handler ran; a body that panics has the key released
+/// before its panic goes on.
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn kept<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
@@ -450,14 +450,14 @@ where
 
 /// What is stored of a handler's response read whole, and what its client gets: the response
 /// as it came for a body within the response cap; for a larger one, a record that it is not
-/// replayable, and the body passed on as it streams; for a body that failed, nothing (its key
-/// is released), and the failure passed on after what came.
+/// replayable, and the body passed on as it streams; for a body that failed, a record that it
+/// is not replayable, and the failure passed on after what came.
 fn to_store<B>(
     read: ResponseRead<B>,
     head: &http::response::Parts,
     config: &Config,
     key: &RecordKey,
-) -> (Option<StoredResponse>, ResponseBody<B>) {
+) -> (StoredResponse, ResponseBody<B>) {
     match read {
         ResponseRead::Whole { chunks, trailers } => {
             let bytes = chunks.to_bytes();
@@ -466,20 +466,22 @@ fn to_store<B>(
             let skip = &config.skip_response_headers;
             let (name, t) = (&config.header, trailers.as_ref());
             let stored = StoredResponse::from_parts(head, &bytes, t, name, skip, skip_cookies);
-            (Some(stored), ResponseBody::full_with(bytes, trailers))
+            (stored, ResponseBody::full_with(bytes, trailers))
         }
         ResponseRead::TooLarge { prefix, rest } => {
             let omitted = StoredResponse::omitted(head.status);
             let prefix = Some(prefix.to_bytes());
             let body = ResponseKind::Prefixed { prefix, body: rest };
-            (Some(omitted), ResponseBody::from(body))
+            (omitted, ResponseBody::from(body))
         }
+        // The handler answered (its operation ran), but its body failed: the client gets what
+        // came and the failure, and the key completes as not replayable, as for a response over
+        // the cap: its retry is `409 idempotency_response_not_stored`, never a second run.
         ResponseRead::Failed { prefix, error } => {
+            let omitted = StoredResponse::omitted(head.status);
             let (prefix, error) = (Some(prefix.to_bytes()), Some(error));
-            (
-                None,
-                ResponseBody::from(ResponseKind::Failed { prefix, error }),
-            )
+            let body = ResponseKind::Failed { prefix, error };
+            (omitted, ResponseBody::from(body))
         }
     }
 }

@@ -459,3 +459,64 @@ async fn a_slow_lease_renewal_does_not_hold_up_the_handler() {
             .replayed()
     );
 }
+
+/// A handler that answered `201` (its operation ran) with a body that fails part-way: its client
+/// gets what came and then the failure, and the key completes as not replayable, so the retry
+/// is `409 idempotency_response_not_stored`, never a second run; through `oneshot` and a real
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_fails_part_way_is_never_run_again() {
+    use http_body_util::BodyExt;
+
+    let runs = Runs::default();
+    let failing = axum::routing::post({
+        let runs = runs.clone();
+        move || {
+            let runs = runs.clone();
+            async move {
+                runs.bump();
+                let chunks = futures_util::stream::iter([
+                    Ok(bytes::Bytes::from_static(b"{\"id\":")),
+                    Err(std::io::Error::other("the upstream went away")),
+                ]);
+                (StatusCode::CREATED, Body::from_stream(chunks))
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/fails", failing)
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+
+    // Through `oneshot`: the head, what came of the body, then its error.
+    let response = app
+        .clone()
+        .oneshot(post_with_key("/fails", "oneshot", "{}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"{\"id\":");
+    assert!(body.frame().await.unwrap().is_err(), "the failure goes on");
+    let retry = send(&app, post_with_key("/fails", "oneshot", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    assert_eq!(retry.code(), "idempotency_response_not_stored");
+    assert_eq!(runs.get(), 1);
+
+    // Through a real server: the first client's response breaks off; its retry runs nothing.
+    let server = support::serve(app).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Body>();
+    let request = post_with_key("/fails", "loopback", "{}");
+    let (mut parts, body) = request.into_parts();
+    parts.uri = format!("http://{}/fails", server.addr).parse().unwrap();
+    let first = match client.request(Request::from_parts(parts, body)).await {
+        Ok(response) => response.into_body().collect().await.map(|_| ()).is_ok(),
+        Err(_) => false,
+    };
+    assert!(!first, "the first client does not get a whole response");
+    let retry = server.send(post_with_key("/fails", "loopback", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    assert_eq!(retry.code(), "idempotency_response_not_stored");
+    assert_eq!(runs.get(), 2, "one run per key");
+}
