@@ -7,7 +7,7 @@
 )]
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A background task started once, on the Tokio runtime of the first call that has one.
@@ -126,6 +126,91 @@ pub(crate) const MAX_MILLIS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 pub(crate) fn whole_millis(duration: std::time::Duration) -> u64 {
     let ms = duration.as_nanos().div_ceil(1_000_000);
     ms.clamp(1, u128::from(MAX_MILLIS)) as u64
+}
+
+/// A `begin` sent to a shared store, until its answer is read.
+///
+/// Dropped before [`answered`](Self::answered) (the request's store call ran past its timeout,
+/// its client went away, or the answer was lost on the way back), the statement may still take
+/// effect at the store, late, and leave an in-flight record under a token no request holds: its
+/// retries would get `409` until that record's lease ends, for a request that never ran. A
+/// background task then releases that token's record, now and a few times more over the lease
+/// (the late statement may come after the first tries). A release is fenced by the token: it
+/// never touches a record another request holds.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
+pub(crate) struct SentBegin<'a, S: super::IdempotencyStore + Clone + 'static> {
+    store: Option<&'a S>,
+    key: &'a super::RecordKey,
+    token: super::LockToken,
+    lease: std::time::Duration,
+}
+
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
+impl<'a, S: super::IdempotencyStore + Clone + 'static> SentBegin<'a, S> {
+    pub(crate) fn new(
+        store: &'a S,
+        key: &'a super::RecordKey,
+        token: super::LockToken,
+        lease: std::time::Duration,
+    ) -> Self {
+        Self {
+            store: Some(store),
+            key,
+            token,
+            lease,
+        }
+    }
+
+    /// The store answered: whatever the answer, nothing is left to clean up here.
+    pub(crate) fn answered(mut self) {
+        self.store = None;
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "postgres", feature = "sqlx"))]
+impl<S: super::IdempotencyStore + Clone + 'static> Drop for SentBegin<'_, S> {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // A store that hangs times out every request's `begin`: past this many cleanups under
+        // way, the leases end the records by themselves rather than more tasks pile up.
+        static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+        const MOST: usize = 1024;
+        if UNDER_WAY.fetch_add(1, Ordering::Relaxed) >= MOST {
+            UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let (store, key, token, lease) = (store.clone(), self.key.clone(), self.token, self.lease);
+        runtime.spawn(async move {
+            struct Ends;
+            impl Drop for Ends {
+                fn drop(&mut self) {
+                    UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _ends = Ends;
+            let started = tokio::time::Instant::now();
+            let mut wait = std::time::Duration::from_millis(250);
+            loop {
+                // Released: the late record is gone. Any other answer (not there yet, or the
+                // store still down): try again, until the lease would have ended it anyway.
+                let release = store.release(&key, token);
+                let timeout = std::time::Duration::from_secs(2);
+                if let Ok(Ok(())) = tokio::time::timeout(timeout, release).await {
+                    return;
+                }
+                if started.elapsed() + wait >= lease {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(4));
+            }
+        });
+    }
 }
 
 #[cfg(test)]

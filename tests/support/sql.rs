@@ -265,6 +265,54 @@ pub async fn scenario_table_names_and_schemas<S: SqlStore>() {
 
 /// `delete_expired` removes expired rows (in flight and completed), over more than one batch,
 /// and only those.
+/// A `begin` that ran past the store timeout (another session held the table locked) was not
+/// lost: the database ran it once the lock went, leaving a record in flight under a token no
+/// request holds. That record is released in the background, so the retry of the request that
+/// got `503` runs well before the record's lease (30 s) would have ended it.
+pub async fn scenario_a_begin_past_its_timeout_leaves_no_record<S: SqlStore>() {
+    let table = table_name::<S>("late_begin");
+    let Some((pool, store)) = with_table::<S>("a_begin_past_its_timeout", &table).await else {
+        return;
+    };
+    let runs = Runs::default();
+    let app = server(store, &runs, Duration::ZERO, |l| {
+        l.store_timeout(Duration::from_millis(300))
+    });
+    // Statements are prepared on the pool's connections before the table is locked (several
+    // at once, so that more than one connection has them: the lock takes one).
+    let warm = (0..8).map(|i| {
+        let app = app.clone();
+        async move { send(&app, payment(&format!("warm-{i}"), "{}")).await }
+    });
+    for warm in futures_util::future::join_all(warm).await {
+        assert_eq!(warm.status, StatusCode::CREATED);
+    }
+    let lock = format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(1.5); COMMIT;"
+    );
+    let locked = tokio::spawn({
+        let pool = pool.clone();
+        async move { S::execute(&pool, &lock).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = unique_key("late");
+    send(&app, payment(&key, "{}"))
+        .await
+        .assert_store_unavailable();
+    locked.await.unwrap();
+    let retried = Instant::now();
+    let ran = eventually(Duration::from_secs(10), async || {
+        send(&app, payment(&key, "{}")).await.status == StatusCode::CREATED
+    })
+    .await;
+    assert!(ran, "the retry ran after {:?}", retried.elapsed());
+    assert_eq!(
+        runs.get(),
+        9,
+        "the request that got 503 never ran; its retry ran once"
+    );
+}
+
 pub async fn scenario_delete_expired<S: SqlStore>() {
     let table = table_name::<S>("cleanup");
     let Some((pool, store)) = with_table::<S>("delete_expired", &table).await else {
@@ -562,6 +610,12 @@ macro_rules! sql_scenarios {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_begin_past_its_timeout_leaves_no_record() {
+            crate::support::sql::scenario_a_begin_past_its_timeout_leaves_no_record::<$store>()
+                .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn delete_expired_removes_only_expired_rows() {
             crate::support::sql::scenario_delete_expired::<$store>().await;
         }

@@ -13,7 +13,7 @@ use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Step, Table, corrupt, millis,
     token_bytes,
 };
-use super::util::{self, StartOnce};
+use super::util::{self, SentBegin, StartOnce};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -485,6 +485,7 @@ impl IdempotencyStore for PostgresStore {
         let token = LockToken::random();
         let token_bytes = token_bytes(token);
         let (tenant, fingerprint) = (&key.tenant().as_bytes()[..], &fingerprint.as_bytes()[..]);
+        let lease_duration = lease;
         let lease = millis(lease);
         let params: [&(dyn ToSql + Sync); 5] =
             [&tenant, &key.key(), &fingerprint, &&token_bytes[..], &lease];
@@ -493,18 +494,24 @@ impl IdempotencyStore for PostgresStore {
             .prepare_cached(&self.inner.sql.begin)
             .await
             .map_err(pg_error)?;
+        let sent = SentBegin::new(self, key, token, lease_duration);
         for _ in 0..BEGIN_ATTEMPTS {
             let row = client.query_opt(&statement, &params).await;
             let step = sql::decide(begin_row(row.map_err(pg_error)?.as_ref())?, token)?;
             let row = match step {
-                Step::Done(begin) => return Ok(begin),
+                Step::Done(begin) => {
+                    sent.answered();
+                    return Ok(begin);
+                }
                 Step::Again => continue,
                 Step::TakeOver => self.take_over(&client, &params).await?,
             };
             if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+                sent.answered();
                 return Ok(begin);
             }
         }
+        sent.answered();
         Err(StoreError::msg(
             StoreErrorKind::Other,
             "the record kept changing under concurrent writers; try again",

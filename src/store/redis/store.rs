@@ -7,6 +7,7 @@ use ::redis::Value;
 use super::record::{self, Lua};
 use super::{RedisStore, redis_error};
 use crate::fingerprint::Fingerprint;
+use crate::store::util::SentBegin;
 use crate::store::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, StoreError, StoreErrorKind,
 };
@@ -60,9 +61,14 @@ impl IdempotencyStore for RedisStore {
         let token = LockToken::random();
         let redis_key = self.redis_key(key);
         let record = record::in_flight(fingerprint, token);
-        let lease = record::millis(lease);
-        let args: [&[u8]; 3] = [fingerprint.as_bytes(), &record, lease.as_bytes()];
-        match self.invoke(&record::BEGIN, &redis_key, &args).await? {
+        let lease_ms = record::millis(lease);
+        let args: [&[u8]; 3] = [fingerprint.as_bytes(), &record, lease_ms.as_bytes()];
+        let sent = SentBegin::new(self, key, token, lease);
+        let answer = self.invoke(&record::BEGIN, &redis_key, &args).await;
+        if answer.is_ok() {
+            sent.answered();
+        }
+        match answer? {
             Value::Int(0) => match self.replicated(&redis_key).await {
                 Ok(()) => Ok(Begin::Acquired(token)),
                 Err(err) => {

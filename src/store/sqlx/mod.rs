@@ -12,7 +12,7 @@ use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Step,
     Table, corrupt, millis, token_bytes,
 };
-use super::util::{self, StartOnce};
+use super::util::{self, SentBegin, StartOnce};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -308,11 +308,15 @@ impl IdempotencyStore for SqlxStore {
                 .bind(&token_bytes[..])
                 .bind(millis(lease))
         };
+        let sent = SentBegin::new(self, key, token, lease);
         for _ in 0..BEGIN_ATTEMPTS {
             let row = statement(false).fetch_optional(&mut *conn).await;
             let step = sql::decide(begin_row(row.map_err(sqlx_error)?.as_ref())?, token)?;
             let row = match step {
-                Step::Done(begin) => return Ok(begin),
+                Step::Done(begin) => {
+                    sent.answered();
+                    return Ok(begin);
+                }
                 Step::Again => continue,
                 Step::TakeOver => match statement(true).fetch_optional(&mut *conn).await {
                     Ok(row) => row,
@@ -327,9 +331,11 @@ impl IdempotencyStore for SqlxStore {
                 },
             };
             if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+                sent.answered();
                 return Ok(begin);
             }
         }
+        sent.answered();
         Err(StoreError::msg(
             StoreErrorKind::Other,
             "the record kept changing under concurrent writers; try again",
