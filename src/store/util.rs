@@ -162,7 +162,7 @@ impl<'a, S: super::IdempotencyStore + Clone + 'static> SentBegin<'a, S> {
     }
 
     /// The store answered: whatever the answer, nothing is left to clean up here.
-    pub(crate) fn answered(mut self) {
+    pub(crate) fn answered(&mut self) {
         self.store = None;
     }
 }

@@ -494,7 +494,7 @@ impl IdempotencyStore for PostgresStore {
             .prepare_cached(&self.inner.sql.begin)
             .await
             .map_err(pg_error)?;
-        let sent = SentBegin::new(self, key, token, lease_duration);
+        let mut sent = SentBegin::new(self, key, token, lease_duration);
         for _ in 0..BEGIN_ATTEMPTS {
             let row = client.query_opt(&statement, &params).await;
             let step = sql::decide(begin_row(row.map_err(pg_error)?.as_ref())?, token)?;

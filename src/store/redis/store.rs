@@ -63,17 +63,22 @@ impl IdempotencyStore for RedisStore {
         let record = record::in_flight(fingerprint, token);
         let lease_ms = record::millis(lease);
         let args: [&[u8]; 3] = [fingerprint.as_bytes(), &record, lease_ms.as_bytes()];
-        let sent = SentBegin::new(self, key, token, lease);
-        let answer = self.invoke(&record::BEGIN, &redis_key, &args).await;
-        if answer.is_ok() {
+        let mut sent = SentBegin::new(self, key, token, lease);
+        let answer = self.invoke(&record::BEGIN, &redis_key, &args).await?;
+        if answer != Value::Int(0) {
             sent.answered();
         }
-        match answer? {
+        match answer {
+            // Acquired: held by `sent` until the replicas have it too, so that a request gone
+            // meanwhile leaves no record behind.
             Value::Int(0) => match self.replicated(&redis_key).await {
-                Ok(()) => Ok(Begin::Acquired(token)),
+                Ok(()) => {
+                    sent.answered();
+                    Ok(Begin::Acquired(token))
+                }
                 Err(err) => {
                     // The handler will not run: free the key for the retry. Should this fail
-                    // too, the record's lease ends it.
+                    // too, `sent` tries again in the background.
                     let token = token.as_u128().to_be_bytes();
                     let _ = self.fenced(&record::RELEASE, &redis_key, &[&token]).await;
                     Err(err)

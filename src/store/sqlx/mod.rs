@@ -308,7 +308,7 @@ impl IdempotencyStore for SqlxStore {
                 .bind(&token_bytes[..])
                 .bind(millis(lease))
         };
-        let sent = SentBegin::new(self, key, token, lease);
+        let mut sent = SentBegin::new(self, key, token, lease);
         for _ in 0..BEGIN_ATTEMPTS {
             let row = statement(false).fetch_optional(&mut *conn).await;
             let step = sql::decide(begin_row(row.map_err(sqlx_error)?.as_ref())?, token)?;
