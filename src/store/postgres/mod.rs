@@ -485,16 +485,20 @@ impl IdempotencyStore for PostgresStore {
         let token = LockToken::random();
         let token_bytes = token_bytes(token);
         let (tenant, fingerprint) = (&key.tenant().as_bytes()[..], &fingerprint.as_bytes()[..]);
-        let lease_duration = lease;
-        let lease = millis(lease);
-        let params: [&(dyn ToSql + Sync); 5] =
-            [&tenant, &key.key(), &fingerprint, &&token_bytes[..], &lease];
+        let lease_ms = millis(lease);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &tenant,
+            &key.key(),
+            &fingerprint,
+            &&token_bytes[..],
+            &lease_ms,
+        ];
         let client = self.inner.pool.get().await.map_err(pool_error)?;
         let statement = client
             .prepare_cached(&self.inner.sql.begin)
             .await
             .map_err(pg_error)?;
-        let mut sent = SentBegin::new(self, key, token, lease_duration);
+        let mut sent = SentBegin::new(self, key, token, lease);
         for _ in 0..BEGIN_ATTEMPTS {
             let row = client.query_opt(&statement, &params).await;
             let step = sql::decide(begin_row(row.map_err(pg_error)?.as_ref())?, token)?;
