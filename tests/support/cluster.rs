@@ -41,25 +41,38 @@ pub struct Node {
 impl Node {
     /// Starts a server with `args` added to its command line, and waits until it accepts
     /// connections.
+    ///
+    /// A free port can be taken by another process before the server binds it: a server that
+    /// exits at once is started again on another port.
     pub fn start(bin: &str, args: &[&str]) -> Self {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("idempotency-redis-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut node = Self {
-            port,
-            bin: bin.to_owned(),
-            args: args.iter().map(|&arg| arg.to_owned()).collect(),
-            child: None,
-            dir,
-        };
-        node.restart();
-        node
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("idempotency-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut node = Self {
+                port,
+                bin: bin.to_owned(),
+                args: args.iter().map(|&arg| arg.to_owned()).collect(),
+                child: None,
+                dir,
+            };
+            if node.launch() {
+                return node;
+            }
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
     /// Starts the server (again, after `kill`) on its port, and waits until it accepts
     /// connections.
     pub fn restart(&mut self) {
+        assert!(self.launch(), "redis-server did not start");
+    }
+
+    /// Starts the server on its port; `true` once it accepts connections, `false` when it
+    /// exited first (its port was taken) or did not listen within 10 s.
+    fn launch(&mut self) -> bool {
         let child = Command::new(&self.bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -72,9 +85,26 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                self.kill();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Another process's server on the port answers too: this one must still run.
+        std::thread::sleep(Duration::from_millis(50));
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if !running {
+            self.kill();
+        }
+        running
     }
 
     pub fn url(&self) -> String {
