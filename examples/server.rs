@@ -12,9 +12,10 @@
 //! then saves the completed records to a snapshot file (`SNAPSHOT`, by default
 //! `tower-idempotency-demo.snapshot` in the system's temporary directory), which the next start
 //! reads back: a retry sent after a restart is still a replay. The payments themselves, the
-//! app's own data, go to a file beside it (`<SNAPSHOT>.payments.json`), so that a replayed
-//! answer still names a payment that exists, and new payments go on from the last id. Delete
-//! both files to start afresh.
+//! app's own data, go at the same moment to a file beside it (`<SNAPSHOT>.payments.json`), so
+//! that a replayed answer still names a payment that exists, and new payments go on from the
+//! last id (the store's periodic snapshots do not write that file: a demo killed without Ctrl-C
+//! may restart with records of payments it no longer has). Delete both files to start afresh.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -398,3 +398,63 @@ async fn a_panic_caught_outside_the_layer_releases_the_key_oneshot() {
 async fn a_panic_caught_outside_the_layer_releases_the_key_on_loopback() {
     a_panic_caught_outside_the_layer_releases_the_key(Transport::Loopback).await;
 }
+
+/// A response marked `CacheDecision::Skip` is passed on as it comes: a streamed body reaches
+/// its client chunk by chunk while the handler's stream is still open (nothing buffers it), and
+/// its key is released, so a retry runs again; through a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_response_streams_to_its_client_unbuffered() {
+    let runs = Runs::default();
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let stream = post({
+        let runs = runs.clone();
+        move || {
+            let (runs, opened) = (runs.clone(), opened.clone());
+            async move {
+                runs.bump();
+                let first = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"data: 1\n\n"))
+                });
+                let rest = futures_util::stream::once(async move {
+                    let mut opened = opened;
+                    opened.wait_for(|open| *open).await.unwrap();
+                    Ok(bytes::Bytes::from_static(b"data: 2\n\n"))
+                });
+                let body = Body::from_stream(futures_util::StreamExt::chain(first, rest));
+                (StatusCode::OK, Extension(CacheDecision::Skip), body)
+            }
+        }
+    });
+    let app = Router::new().route("/events", stream).layer(
+        tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+            .shared_scope(true),
+    );
+    let server = support::serve(app).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Body>();
+    let request = || {
+        Request::post(format!("http://{}/events", server.addr))
+            .header("idempotency-key", "events")
+            .body(Body::empty())
+            .unwrap()
+    };
+    // The head and the first chunk come while the handler's stream is still open.
+    let (status, first, mut body) = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = client.request(request()).await.unwrap();
+        let status = response.status();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        (status, first, body)
+    })
+    .await
+    .expect("the first chunk arrives while the stream is still open");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first.into_data().unwrap(), "data: 1\n\n");
+    gate.send(true).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: 2\n\n");
+    let retry = client.request(request()).await.unwrap();
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    retry.into_body().collect().await.unwrap();
+    assert_eq!(runs.get(), 2, "not stored: the retry runs again");
+}
