@@ -439,7 +439,7 @@ async fn a_skipped_response_streams_to_its_client_unbuffered() {
             .unwrap()
     };
     // The head and the first chunk come while the handler's stream is still open.
-    let (status, first, mut body) = tokio::time::timeout(Duration::from_secs(10), async {
+    let (status, first, body) = tokio::time::timeout(Duration::from_secs(10), async {
         let response = client.request(request()).await.unwrap();
         let status = response.status();
         let mut body = response.into_body();
