@@ -7,7 +7,7 @@
 )]
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A background task started once, on the Tokio runtime of the first call that has one.
@@ -178,7 +178,7 @@ impl<S: super::IdempotencyStore + Clone + 'static> Drop for SentBegin<'_, S> {
         };
         // A store that hangs times out every request's `begin`: past this many cleanups under
         // way, the leases end the records by themselves rather than more tasks pile up.
-        static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+        static UNDER_WAY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         const MOST: usize = 1024;
         if UNDER_WAY.fetch_add(1, Ordering::Relaxed) >= MOST {
             UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
