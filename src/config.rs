@@ -14,7 +14,9 @@ use crate::wait::waiters::{DEFAULT_MAX_WAITERS, Waiters};
 
 /// The default name of the key header, `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The header set to `true` on a replayed response, `Idempotent-Replayed`.
+/// The header set to `true` on a replayed response, `Idempotent-Replayed`. Only the layer sets
+/// it: a keyed request's response that is not a replay never carries it, even when its handler
+/// set it (an upstream API's answer passed on).
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The header set on a response that ran without idempotency protection because the store failed
 /// and the layer is fail-open, `Idempotency-Bypassed` (value `store-unavailable`).

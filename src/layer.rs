@@ -356,7 +356,10 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// A store that is full ([`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind): a
     /// [`MemoryStore`](crate::MemoryStore) whose records are all in flight) has not failed: a new
     /// key is still refused with `503`, so that a store filled by a flood does not turn protection
-    /// off for everyone.
+    /// off for everyone. Nor has a store that answered with a record it cannot decode
+    /// ([`StoreErrorKind::Corrupt`](crate::StoreErrorKind): written by a newer version, or
+    /// damaged): the record says its request may have run, so a retry gets `503` rather than a
+    /// second run. The store's error is named (`error`) in the request's `WARN` event.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

@@ -345,7 +345,7 @@ impl<St: IdempotencyStore> Guard<St> {
     /// that ends without a response to carry it.
     fn report_outcome(&self, outcome: Outcome) {
         let key = Some(self.key.text().as_bytes());
-        outcome::emit(outcome, key, Some(self.key.tenant()), self.started);
+        outcome::emit(outcome, key, Some(self.key.tenant()), self.started, None);
     }
 
     /// The handler's part of the request that holds this guard: drives `handler` to its end
@@ -588,7 +588,7 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                         Ok(_) | Err(_) => Outcome::Executed,
                     };
                     let text = Some(key.text().as_bytes());
-                    outcome::emit(outcome, text, Some(key.tenant()), started);
+                    outcome::emit(outcome, text, Some(key.tenant()), started, None);
                 });
             }
             GuardState::Completing(response, ttl) => {

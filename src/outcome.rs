@@ -177,12 +177,12 @@ pub(crate) fn emit(
     key: Option<&[u8]>,
     tenant: Option<&crate::TenantId>,
     started: Started,
+    error: Option<&crate::StoreError>,
 ) {
     use tracing::Level;
 
     crate::metrics::outcome(outcome.as_str());
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
+    if let Some(span) = own_span() {
         span.record("outcome", outcome.as_str());
     }
     let level = match outcome {
@@ -202,6 +202,7 @@ pub(crate) fn emit(
                     tenant_hash = tenant_hash.as_deref(),
                     elapsed_us = started.0.map(|at| at.elapsed().as_micros() as u64),
                     detached = in_detached_run(),
+                    error = error.map(tracing::field::display),
                     "idempotency {}",
                     outcome.as_str()
                 );
@@ -293,11 +294,23 @@ impl RequestSpan {
     }
 }
 
+/// The current span when it is a keyed request's own (see [`RequestSpan`]): the fields this
+/// crate records go there, never into a span of the application's that happens to be current
+/// (an answer decided before the request's span exists, or with that span filtered out).
+#[cfg(feature = "tracing")]
+fn own_span() -> Option<tracing::Span> {
+    let span = tracing::Span::current();
+    let ours = span
+        .metadata()
+        .is_some_and(|m| m.name() == "idempotency" && m.target() == "tower_idempotency");
+    ours.then_some(span)
+}
+
 /// Whether the current request's span records store call durations.
 #[cfg(feature = "tracing")]
 #[inline]
 pub(crate) fn span_records_store_calls() -> bool {
-    !tracing::Span::current().is_disabled()
+    own_span().is_some()
 }
 
 /// Records a store call's duration on the current request's span.
@@ -310,14 +323,15 @@ pub(crate) fn record_store_call(op: crate::metrics::StoreOp, elapsed: std::time:
         StoreOp::Release => "store_release_us",
         StoreOp::Renew => return,
     };
-    tracing::Span::current().record(field, elapsed.as_micros() as u64);
+    if let Some(span) = own_span() {
+        span.record(field, elapsed.as_micros() as u64);
+    }
 }
 
 /// Reports a handler that goes on running after its client left (in the request's span).
 #[cfg(feature = "tracing")]
 pub(crate) fn detached() {
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
+    if let Some(span) = own_span() {
         span.record("detached", true);
     }
     tracing::debug!(
@@ -370,6 +384,7 @@ pub(crate) fn emit(
     _key: Option<&[u8]>,
     _tenant: Option<&crate::TenantId>,
     _started: Started,
+    _error: Option<&crate::StoreError>,
 ) {
     crate::metrics::outcome(outcome.as_str());
 }

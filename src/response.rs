@@ -45,7 +45,7 @@ pub(crate) fn unavailable<St, T, E: ErrorRenderer, B>(
         }
         _ => Problem::store_unavailable(config.retry_after_secs()),
     };
-    answer(shared, &problem, Outcome::StoreError, report)
+    answer(shared, &problem, Outcome::StoreError, report.failed(err))
 }
 
 /// What a response reports about its request: the key header to echo, and the key and tenant
@@ -55,6 +55,8 @@ pub(crate) struct Report<'a> {
     key: Option<&'a [u8]>,
     tenant: Option<&'a TenantId>,
     started: Started,
+    /// The store's failure that decided the outcome, named in the event.
+    error: Option<&'a StoreError>,
 }
 
 impl<'a> Report<'a> {
@@ -64,13 +66,22 @@ impl<'a> Report<'a> {
             key: Some(record.text().as_bytes()),
             tenant: Some(record.tenant()),
             started,
+            error: None,
+        }
+    }
+
+    /// The same report, naming the store's failure that decided the outcome in its event.
+    pub(crate) fn failed(self, error: &'a StoreError) -> Self {
+        Self {
+            error: Some(error),
+            ..self
         }
     }
 
     /// Reports `outcome` as its event and metric alone: for a request that ends without a
     /// response to carry it (its service failed).
     pub(crate) fn emit(&self, outcome: Outcome) {
-        outcome::emit(outcome, self.key, self.tenant, self.started);
+        outcome::emit(outcome, self.key, self.tenant, self.started, self.error);
     }
 }
 
@@ -83,6 +94,11 @@ pub(crate) fn finish<B>(
     report: Report<'_>,
 ) -> Response<B> {
     report.emit(outcome);
+    if outcome != Outcome::Replayed {
+        // Only the layer says a response is a replay: a handler's own (an upstream API's,
+        // passed on) would tell a first run's client that nothing ran.
+        response.headers_mut().remove(IDEMPOTENT_REPLAYED);
+    }
     if let Some(raw) = report.raw {
         response
             .headers_mut()
@@ -131,6 +147,7 @@ pub(crate) fn refuse<St, T, E: ErrorRenderer, B>(
         key: key.map(|k| k.key.as_bytes()),
         tenant,
         started: Started::now(),
+        error: None,
     };
     finish(response, outcome, &shared.config, report)
 }

@@ -210,13 +210,19 @@ where
                 let problem = Problem::key_reuse();
                 Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report!())))
             }
-            // A store that is full answered: it is not a failure to run past.
+            // A store that is full answered, and a record that cannot be decoded is a record:
+            // its request may have run. Neither is a failure to run past.
             Err(err)
-                if shared.config.fail_open && err.kind() != StoreErrorKind::CapacityExceeded =>
+                if shared.config.fail_open
+                    && !matches!(
+                        err.kind(),
+                        StoreErrorKind::CapacityExceeded | StoreErrorKind::Corrupt
+                    ) =>
             {
                 let req = keyed_request(parts, chunks, &keyed.record, &shared, None);
                 // Boxed: the rare fail-open path does not size every request's future.
-                Step::Answer(Box::pin(bypass(&shared.config, inner, req, report!())).await)
+                let report = report!().failed(&err);
+                Step::Answer(Box::pin(bypass(&shared.config, inner, req, report)).await)
             }
             Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report!()))),
         }

@@ -292,6 +292,26 @@ where
     );
 }
 
+/// A record the store cannot decode may be a completed request's: failing open does not run
+/// past it.
+async fn a_record_the_store_cannot_decode_is_never_run_past<S>(w: World<S>)
+where
+    S: IdempotencyStore + Clone,
+{
+    let app = api(w.runs.clone()).layer(
+        IdempotencyLayer::new(w.store.clone())
+            .shared_scope(true)
+            .fail_open(true),
+    );
+    assert_eq!(send(&app, payment()).await.status, StatusCode::CREATED);
+    w.store.always(Op::Begin, Fault::Corrupt);
+    let retry = send(&app, payment()).await;
+    assert_eq!(retry.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry.outcome, Some(Outcome::StoreError));
+    assert_eq!(retry.header("idempotency-bypassed"), None);
+    assert_eq!(w.runs.get(), 1, "the operation may have run: never again");
+}
+
 async fn a_request_dropped_while_its_response_is_being_stored_is_still_stored<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
@@ -381,5 +401,6 @@ cases!(
     a_begin_whose_reply_is_lost_holds_the_key_until_its_lease_ends,
     slow_store_calls_within_the_timeout_change_nothing,
     fail_open_runs_unprotected_and_says_so,
+    a_record_the_store_cannot_decode_is_never_run_past,
     a_request_dropped_while_its_response_is_being_stored_is_still_stored,
 );

@@ -527,3 +527,39 @@ async fn trailers_reach_the_first_client_and_every_replay() {
         assert_eq!(runs.get(), 1);
     }
 }
+
+/// Only the layer marks a replay: a handler that passes on `Idempotent-Replayed: true` (an
+/// upstream idempotent API's answer, forwarded) does not tell a first run's client that nothing
+/// ran, whatever its status; its retry is marked by the layer.
+#[tokio::test]
+async fn a_first_run_never_says_replayed_whatever_its_handler_sets() {
+    use axum::routing::post;
+    let runs = Runs::default();
+    let forwarding = {
+        let runs = runs.clone();
+        move |body: String| {
+            let runs = runs.clone();
+            async move {
+                runs.bump();
+                let status = if body == "fail" {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::CREATED
+                };
+                (status, [("idempotent-replayed", "true")], "upstream answer")
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/forward", post(forwarding))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    for (key, body) in [("forward-1", "ok"), ("forward-2", "fail")] {
+        let first = send(&app, post_with_key("/forward", key, body)).await;
+        assert_eq!(first.header("idempotent-replayed"), None, "{key}");
+        assert_ne!(first.outcome, Some(Outcome::Replayed), "{key}");
+    }
+    let retry = send(&app, post_with_key("/forward", "forward-1", "ok")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, &b"upstream answer"[..]);
+    assert_eq!(runs.get(), 2);
+}

@@ -40,8 +40,11 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
             .shared_scope(true)
             .fail_open(true),
     );
+    let closed = api(runs.clone()).layer(IdempotencyLayer::new(store.clone()).shared_scope(true));
     store.fail(true);
     send(&app, post_with_key("/payments", "secret-key-123", "{}")).await;
+    let refused = send(&closed, post_with_key("/payments", "secret-key-124", "{}")).await;
+    assert_eq!(refused.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
     store.fail(false);
     send(&app, post_with_key("/payments", "secret-key-456", "{}")).await;
 
@@ -70,6 +73,20 @@ async fn fail_open_logs_a_warning_with_hashes_not_the_key() {
     assert!(bypassed.contains("key_hash="), "{bypassed}");
     assert!(bypassed.contains("tenant_hash="), "{bypassed}");
     assert!(bypassed.contains("elapsed_us="), "{bypassed}");
+    // Both outages say why: the store's error is in the event.
+    assert!(
+        bypassed.contains("error=") && bypassed.contains("injected fault"),
+        "{bypassed}"
+    );
+    let refused = logs
+        .lines()
+        .find(|l| l.contains("outcome=\"store_error\""))
+        .expect("event");
+    assert!(refused.contains("WARN"), "{refused}");
+    assert!(
+        refused.contains("error=") && refused.contains("injected fault"),
+        "{refused}"
+    );
     assert!(logs.contains("outcome=\"executed\""), "{logs}");
     assert!(logs.contains("outcome=\"released\""), "{logs}");
     let failed = logs

@@ -167,6 +167,39 @@ async fn foreign_values_are_corrupt() {
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 }
 
+/// A completed record the store cannot decode (another version's format, or damaged) says its
+/// request may have run: a retry gets `503`, never a second run, even failing open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_it_cannot_decode_is_never_run_past_even_failing_open() {
+    let Some(store) = store().await else { return };
+    let mut raw = raw_connection().await;
+    let runs = Runs::default();
+    let layer = tower_idempotency::IdempotencyLayer::new(store)
+        .shared_scope(true)
+        .fail_open(true);
+    let app = api(runs.clone()).layer(layer);
+    let key = unique_key("undecodable");
+    let first = send(&app, post_with_key("/payments", &key, "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    let redis_key = redis_key(&RecordKey::new(TenantId::shared(), key.clone()));
+    let mut value: Vec<u8> = raw.get(&redis_key).await.unwrap();
+    value[0] = value[0].wrapping_add(1);
+    let _: () = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(value)
+        .arg("KEEPTTL")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    let retry = send(&app, post_with_key("/payments", &key, "{}")).await;
+    assert_eq!(retry.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry.outcome, Some(tower_idempotency::Outcome::StoreError));
+    assert_eq!(retry.header("idempotency-bypassed"), None);
+    assert_eq!(runs.get(), 1, "the completed operation never runs again");
+}
+
 /// The scripts are loaded again by themselves after the server forgot them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_survive_script_flush() {

@@ -17,15 +17,18 @@ use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use support::send;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tracing::Instrument;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The fields of every `idempotency` span, and the span each handler event was in.
+/// The fields of every `idempotency` span and of the application's own (`app`) span, and the
+/// span each handler event was in.
 #[derive(Clone, Default)]
 struct Capture {
     spans: Arc<Mutex<HashMap<u64, HashMap<String, String>>>>,
+    app_spans: Arc<Mutex<HashMap<u64, HashMap<String, String>>>>,
     handler_events_in: Arc<Mutex<Vec<Option<u64>>>>,
 }
 
@@ -45,16 +48,21 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
-        if attrs.metadata().name() == "idempotency" {
-            let mut fields = HashMap::new();
-            attrs.record(&mut Fields(&mut fields));
-            self.spans.lock().unwrap().insert(id.into_u64(), fields);
-        }
+        let spans = match attrs.metadata().name() {
+            "idempotency" => &self.spans,
+            "app" => &self.app_spans,
+            _ => return,
+        };
+        let mut fields = HashMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        spans.lock().unwrap().insert(id.into_u64(), fields);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
-        if let Some(fields) = self.spans.lock().unwrap().get_mut(&id.into_u64()) {
-            values.record(&mut Fields(fields));
+        for spans in [&self.spans, &self.app_spans] {
+            if let Some(fields) = spans.lock().unwrap().get_mut(&id.into_u64()) {
+                values.record(&mut Fields(fields));
+            }
         }
     }
 
@@ -119,4 +127,46 @@ async fn the_request_span_carries_hashes_and_records_the_outcome() {
             assert!(!value.contains("sk_test"), "nor the credential: {fields:?}");
         }
     }
+
+    // The application's own request span, with fields of the same names, stays the
+    // application's: neither an answer decided before the layer's span exists (an invalid key)
+    // nor a request inside the layer's span records into it.
+    let app_span = || {
+        tracing::info_span!(
+            "app",
+            outcome = tracing::field::Empty,
+            store_begin_us = tracing::field::Empty,
+            detached = tracing::field::Empty,
+        )
+    };
+    let keyed = |key: &'static str| {
+        Request::post("/payments")
+            .header("idempotency-key", key)
+            .header("authorization", "Bearer sk_test_1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let invalid = send(&app, keyed("two words")).instrument(app_span()).await;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    let executed = send(&app, keyed("another-key"))
+        .instrument(app_span())
+        .await;
+    assert_eq!(executed.status, StatusCode::CREATED);
+    let app_spans = capture.app_spans.lock().unwrap().clone();
+    assert_eq!(app_spans.len(), 2);
+    for fields in app_spans.values() {
+        assert!(
+            fields.is_empty(),
+            "the layer recorded into the application's span: {fields:?}"
+        );
+    }
+    let spans = capture.spans.lock().unwrap().clone();
+    let executed = spans
+        .values()
+        .filter(|f| f["outcome"] == "executed")
+        .count();
+    assert_eq!(
+        executed, 2,
+        "the second request's own span has its outcome: {spans:?}"
+    );
 }

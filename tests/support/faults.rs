@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, RecordKey, StoreError,
-    StoredResponse, TenantId,
+    StoreErrorKind, StoredResponse, TenantId,
 };
 
 /// A store call.
@@ -30,6 +30,9 @@ pub enum Fault {
     Hang,
     /// The call reaches the store and takes effect, but its reply is lost: it fails.
     LoseReply,
+    /// The store answers with a record it cannot decode (another version's format): the call
+    /// fails as `Corrupt`.
+    Corrupt,
 }
 
 #[derive(Default)]
@@ -152,6 +155,10 @@ impl<S> FaultyStore<S> {
                 let _ = call.await;
                 Err(down())
             }
+            Some(Fault::Corrupt) => Err(StoreError::msg(
+                StoreErrorKind::Corrupt,
+                "injected fault: a record of an unknown format",
+            )),
         }
     }
 }
