@@ -149,6 +149,13 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// over, should its server die. The lease is renewed every third of its length while the
     /// handler runs, so a slow handler is never taken over. Default: 30 seconds.
     ///
+    /// The renewals run in the request's own task, between the handler's `.await`s: a handler
+    /// that blocks its thread (`tokio::task::block_in_place`, a synchronous call) for longer
+    /// than the lease is taken over as if its server had died, and may run twice. Hand blocking
+    /// work to `tokio::task::spawn_blocking` (awaited, it lets the renewals run), or keep the
+    /// lease well above the longest block. For the same reason a lease of less than a second or
+    /// so can lapse on a loaded runtime whose tasks wait their turn; 3 ms is the least accepted.
+    ///
     /// ```
     /// # use std::time::Duration;
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
@@ -381,6 +388,9 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     ///
     /// `false` restores cancel-and-release: the handler is dropped and the key released, so
     /// that a retry runs it again. Only for handlers that are safe to cancel at any `.await`.
+    /// A handler that has already answered has done its work: a client that goes away while its
+    /// response body streams leaves the key completed as not replayable (retries get
+    /// `409 idempotency_response_not_stored`), never released.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

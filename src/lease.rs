@@ -292,6 +292,9 @@ pub(crate) struct Guard<St: IdempotencyStore> {
 
 enum GuardState {
     Held,
+    /// Its handler answered with this status, a response the layer stores, and the layer reads
+    /// its body: the operation ran, so the key is never released from here but for a panic.
+    Answered(http::StatusCode, Duration),
     /// Its handler completed the record in its own transaction; the store is finding out
     /// whether that committed (see [`Guard::settle`]).
     Settling,
@@ -469,6 +472,13 @@ impl<St: IdempotencyStore> Guard<St> {
         }
     }
 
+    /// Marks the handler's answer: `status`, a response the layer reads to store for `ttl`.
+    /// Dropped from here on, the guard completes the key as not replayable rather than release
+    /// it (see [`GuardState::Answered`]).
+    pub(crate) fn answered(&mut self, status: http::StatusCode, ttl: Duration) {
+        self.state = GuardState::Answered(status, ttl);
+    }
+
     /// Settles a record its handler completed inside its own transaction (see
     /// [`IdempotencyStore::settle`]), and answers the request's outcome: executed when the
     /// transaction committed, released when it did not (the record is removed). A failure is
@@ -512,6 +522,8 @@ impl<St: IdempotencyStore> Guard<St> {
     /// follows the `500` a panic-catching layer above answers runs the handler again, instead
     /// of finding the record still in flight while a background task releases it.
     pub(crate) fn release_after_panic(mut self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // A response body that panicked is released as a handler that did.
+        self.state = GuardState::Held;
         Box::pin(async move {
             self.release().await;
             // No response reports this outcome, so the event does (once: dropped before the
@@ -589,6 +601,18 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                     };
                     let text = Some(key.text().as_bytes());
                     outcome::emit(outcome, text, Some(key.tenant()), started, None);
+                });
+            }
+            GuardState::Answered(status, ttl) => {
+                // The handler answered (its operation ran), and the request was dropped while
+                // the layer read its response (its client went away, with
+                // `finish_on_disconnect(false)`): the key completes as not replayable, as for a
+                // body that failed, so that a retry never runs the operation again.
+                self.report_outcome(Outcome::Executed);
+                self.spawn_with(move |store, key, token, timeout| async move {
+                    let response = StoredResponse::omitted(status);
+                    let call = store.complete(&key, token, response, ttl);
+                    let _ = timed(StoreOp::Complete, timeout, call).await;
                 });
             }
             GuardState::Completing(response, ttl) => {

@@ -430,6 +430,7 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
+        guard.answered(head.status, shared.config.ttl);
         let read = read_response(body, shared.config.max_response_bytes);
         let read = 'read: {
             // The read's result is gone before the release's await: a `match` that awaited

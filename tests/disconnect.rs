@@ -25,6 +25,7 @@ const CHARGE_WORK: Duration = Duration::from_millis(300);
 /// The charging API (`support::charge`): `POST /charge` charges, then works for `CHARGE_WORK`.
 /// `POST /charge-then-fail` charges, works 200 ms, then answers 500. `POST /charge-then-panic`
 /// does the same but panics on its first run and answers 201 on the others.
+/// `POST /charge-then-stream` charges and answers `201` at once, its body 500 ms later.
 fn app(effects: &Effects) -> Router {
     async fn charge_then_panic(State(e): State<Effects>) -> impl IntoResponse {
         let n = e.started.bump();
@@ -41,7 +42,17 @@ fn app(effects: &Effects) -> Router {
         e.finished.bump();
         (StatusCode::INTERNAL_SERVER_ERROR, format!("failed {n}"))
     }
+    async fn charge_then_stream(State(e): State<Effects>) -> impl IntoResponse {
+        let n = e.started.bump();
+        e.finished.bump();
+        let body = futures_util::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, std::io::Error>(bytes::Bytes::from(format!("charge {n}")))
+        });
+        (StatusCode::CREATED, axum::body::Body::from_stream(body))
+    }
     Router::new()
+        .route("/charge-then-stream", post(charge_then_stream))
         .route("/charge-then-panic", post(charge_then_panic))
         .route("/charge-then-fail", post(charge_then_fail))
         .with_state(effects.clone())
@@ -300,6 +311,35 @@ where
     assert_eq!(effects.finished.get(), 1, "only the retry got to its end");
 }
 
+/// Cancelling stops the handler's awaits; a handler that has answered has done its operation.
+/// Its client hanging up while the body streams completes the key as not replayable: the retry
+/// gets `409`, never a second run.
+async fn without_finish_on_disconnect_an_answered_request_is_never_run_again<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let effects = Effects::new(CHARGE_WORK);
+    let (a, b) = pair(store, &effects, |layer| layer.finish_on_disconnect(false)).await;
+    let key = unique_key("answered");
+    send_and_hang_up(a.addr, "/charge-then-stream", &key, &effects.finished, 1).await;
+    // The completion runs in the background: wait for the key to leave its lease.
+    let mut retry = send(b.addr, "/charge-then-stream", &key).await;
+    for _ in 0..50 {
+        if retry.text().contains("idempotency_response_not_stored") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = send(b.addr, "/charge-then-stream", &key).await;
+    }
+    assert_eq!(retry.status, 409, "{retry:?}");
+    assert!(
+        retry.text().contains("idempotency_response_not_stored"),
+        "{retry:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(effects.started.get(), 1, "charged once");
+}
+
 /// Instantiates every case for every store.
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {
@@ -347,4 +387,5 @@ cases!(
     a_hang_up_during_the_body_runs_nothing_and_holds_nothing,
     shutdown_waits_for_a_detached_run_and_a_new_server_replays_it,
     without_finish_on_disconnect_the_handler_is_cancelled,
+    without_finish_on_disconnect_an_answered_request_is_never_run_again,
 );

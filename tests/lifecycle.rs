@@ -136,6 +136,32 @@ async fn without_finish_on_disconnect_a_dropped_request_releases_its_key() {
     assert_eq!(runs.get(), 2);
 }
 
+/// Cancelling is for the handler's awaits: once it has answered, its operation ran. A request
+/// dropped while the layer reads that answer's body completes its key as not replayable, never
+/// releases it.
+#[tokio::test(start_paused = true)]
+async fn without_finish_on_disconnect_a_request_dropped_after_its_handler_answered_never_runs_again()
+ {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .finish_on_disconnect(false);
+    let app = api(runs.clone()).layer(layer);
+    // The handler answers `201` at once; its body comes a minute later.
+    let first = spawn_send(&app, post_with_key("/slow-body/60000", "k", "{}"));
+    until(|| runs.get() == 1).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    first.abort(); // the client went away
+    assert!(first.await.unwrap_err().is_cancelled());
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let retry = send(&app, post_with_key("/slow-body/60000", "k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
+    assert_eq!(retry.outcome, Some(Outcome::NotStored));
+    assert_eq!(runs.get(), 1, "the operation ran once");
+}
+
 #[tokio::test]
 async fn a_panicking_handler_releases_its_key() {
     let runs = Runs::default();

@@ -175,6 +175,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ///   whatever its state;
     /// - in flight with the same fingerprint: [`Begin::InFlight`];
     /// - completed with the same fingerprint: [`Begin::Completed`] with the stored response.
+    ///
+    /// The layer drops a `begin` that runs past its store timeout, or whose client went away.
+    /// A store across a network may still write the record after that (the server was slow, or
+    /// its reply was lost): that record is in flight under a token no request holds, and its
+    /// key answers `409` until its lease ends. The crate's shared stores release such a record
+    /// in the background, fenced by its token; a store of your own should do the same where it
+    /// can (a future that, dropped before its answer, releases the token it sent).
     fn begin(
         &self,
         key: &RecordKey,
