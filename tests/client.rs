@@ -76,6 +76,8 @@ struct ProxyState {
     exchanges: Vec<Exchange>,
     /// How many of the next answers are read from the server and then lost.
     lose: usize,
+    /// How many of the next answers are sent up to half their body, then cut off.
+    cut: usize,
 }
 
 /// A TCP proxy in front of a server that records every request and can lose answers: it
@@ -111,6 +113,11 @@ impl Proxy {
     /// The server's answers to the next `n` requests are lost.
     fn lose_answers(&self, n: usize) {
         self.state.lock().unwrap().lose = n;
+    }
+
+    /// The server's answers to the next `n` requests are cut off half-way through their body.
+    fn cut_answers(&self, n: usize) {
+        self.state.lock().unwrap().cut = n;
     }
 
     fn exchanges(&self) -> Vec<Exchange> {
@@ -153,13 +160,20 @@ async fn relay(mut client: Connection, upstream: SocketAddr, state: Arc<Mutex<Pr
             .parse()
             .unwrap();
         let replayed = response.header("idempotent-replayed") == Some("true");
-        let lose = {
+        let (lose, cut) = {
             let mut state = state.lock().unwrap();
             state.exchanges[index].answer = Some((status, replayed, response.body.clone()));
-            let lose = state.lose > 0;
+            let (lose, cut) = (state.lose > 0, state.cut > 0);
             state.lose = state.lose.saturating_sub(1);
-            lose
+            state.cut = state.cut.saturating_sub(1);
+            (lose, cut)
         };
+        if cut {
+            // The head and half the body, then the connection is dropped.
+            let sent = response.raw.len() - response.body.len().div_ceil(2);
+            let _ = client.stream.write_all(&response.raw[..sent]).await;
+            return;
+        }
         if lose || client.stream.write_all(&response.raw).await.is_err() {
             return; // The client's connection is dropped without an answer.
         }
@@ -376,6 +390,36 @@ async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
         "the replay is the answer that was lost"
     );
     assert_eq!(answer.key().len(), 36, "a UUID: {}", answer.key());
+}
+
+/// An answer cut off in its body reaches the caller as its head and a body error, not a retry:
+/// the operation ran. Sent again with the key its `RetryOutcome` gave, it is replayed.
+#[tokio::test]
+async fn an_answer_cut_in_its_body_is_sent_again_with_its_key_and_replayed() {
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
+    proxy.cut_answers(1);
+    let client = quick_client();
+
+    let response = client
+        .clone()
+        .oneshot(proxy.post("/payments", None, r#"{"amount":5}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let key = RetryOutcome::of(&response).unwrap().key().clone();
+    assert!(response.into_body().collect().await.is_err(), "cut off");
+    assert_eq!(runs.get(), 1);
+
+    let key = key.to_str().unwrap();
+    let again = send(
+        &client,
+        proxy.post("/payments", Some(key), r#"{"amount":5}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.outcome().replayed());
+    assert_eq!(runs.get(), 1, "never run twice");
 }
 
 #[tokio::test]
@@ -899,6 +943,52 @@ async fn a_streamed_body_is_read_once_and_sent_whole_on_every_attempt() {
     assert!(service.seen().is_empty());
 }
 
+/// A covered request's trailers reach the server on every attempt, over a real connection: the
+/// buffered body leaves its length open, so hyper sends it chunked rather than with a
+/// `Content-Length`, which cannot carry trailers.
+#[tokio::test]
+async fn a_covered_requests_trailers_reach_the_server() {
+    async fn echo_trailer(request: Request<axum::body::Body>) -> String {
+        let collected = request.into_body().collect().await.unwrap();
+        let trailer = collected
+            .trailers()
+            .and_then(|t| t.get("x-checksum"))
+            .cloned();
+        let body = collected.to_bytes();
+        format!(
+            "{} {}",
+            String::from_utf8_lossy(&body),
+            trailer.map_or("none".into(), |t| t.to_str().unwrap().to_owned())
+        )
+    }
+    let app = axum::Router::new().route("/upload", axum::routing::post(echo_trailer));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    type Frames = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >;
+    let client: IdempotentRetry<Client<HttpConnector, RetryBody<Frames>>> = ServiceBuilder::new()
+        .layer(quick().build())
+        .service(Client::builder(TokioExecutor::new()).build_http());
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let request = Request::post(format!("http://{addr}/upload"))
+        .header(header::TRAILER, "x-checksum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(RetryOutcome::of(&response).is_some(), "a covered request");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"payload abc123");
+}
+
 // ---------------------------------------------------------------------------------------------
 // reqwest-middleware
 // ---------------------------------------------------------------------------------------------
@@ -1001,6 +1091,43 @@ mod reqwest_middleware_adapter {
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(outcome(&response).attempts(), 3);
         assert_eq!(runs.get(), 1);
+    }
+
+    /// Every attempt's answer lost after the handler ran: the error comes back as it is, and
+    /// the key is in the caller's extensions; sent again later with it, the request is replayed,
+    /// never run twice.
+    #[tokio::test]
+    async fn a_request_whose_every_attempt_failed_hands_its_key_back() {
+        let (proxy, runs) = proxied(MemoryStore::new()).await;
+        proxy.lose_answers(2);
+        let client = reqwest_client(quick().max_retries(1).build(), Duration::from_secs(10));
+        let url = proxy.url("/payments");
+
+        let request = post(&client, &url, r#"{"amount":9}"#).build().unwrap();
+        let mut extensions = http::Extensions::new();
+        let error = client
+            .execute_with_extensions(request, &mut extensions)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, reqwest_middleware::Error::Reqwest(_)),
+            "{error:?}"
+        );
+        let handed = extensions
+            .get::<RetryOutcome>()
+            .expect("the key is handed back");
+        assert_eq!(handed.attempts(), 2);
+        assert!(!handed.replayed());
+        assert_eq!(runs.get(), 1, "the handler ran; its answers were lost");
+
+        let later = post(&client, &url, r#"{"amount":9}"#)
+            .header("idempotency-key", handed.key().clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(later.status(), StatusCode::CREATED);
+        assert!(outcome(&later).replayed());
+        assert_eq!(runs.get(), 1, "never run twice");
     }
 
     #[tokio::test]

@@ -86,6 +86,16 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
+            // With trailers to send, the length is left open: a client that knows a body's
+            // exact length sends it with `Content-Length`, which cannot carry trailers.
+            Kind::Buffered {
+                data,
+                trailers: Some(_),
+            } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(data.as_ref().map_or(0, |d| d.len() as u64));
+                hint
+            }
             Kind::Buffered { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -89,7 +89,11 @@ impl Default for Config {
 ///   counted from the first one (it never sleeps past it), and returns the last response or
 ///   error;
 /// - the response carries a [`RetryOutcome`] in its extensions: the key, the number of attempts,
-///   and whether the server replayed a stored response.
+///   and whether the server replayed a stored response. It is handed over when its head
+///   arrives, and its body streams to the caller: a connection lost while the body comes is the
+///   caller's body error, not retried (the operation has run). Take the key from the
+///   [`RetryOutcome`] before reading the body, and send the request again with it on such an
+///   error: the server replays the response.
 ///
 /// Other methods pass through untouched: no key, no buffering, no retry, no [`RetryOutcome`].
 ///

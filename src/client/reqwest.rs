@@ -12,10 +12,9 @@ use super::policy::{self, Schedule};
 use super::{Config, IdempotentRetryLayer};
 
 /// A [`reqwest_middleware::Middleware`] that does what an [`IdempotentRetryLayer`] does, for
-/// `reqwest`: one key per covered request (the caller's, or a new UUID v4), the same key and
-/// the same body bytes on every attempt, the same retry rules, waits and bounds, and a
-/// [`RetryOutcome`] in the response's extensions
-/// (`response.extensions().get::<RetryOutcome>()`).
+/// `reqwest`: one key per covered request (the caller's, or a new UUID v4), the same key and the
+/// same body bytes on every attempt, the same retry rules, waits and bounds, and a [`RetryOutcome`]
+/// in the response's extensions (`response.extensions().get::<RetryOutcome>()`).
 ///
 /// ```
 /// use std::time::Duration;
@@ -29,15 +28,19 @@ use super::{Config, IdempotentRetryLayer};
 /// # let _ = client;
 /// ```
 ///
-/// Retried errors: reqwest's connect, timeout and request errors (the request may or may not
-/// have run; set a timeout on the `reqwest::Client` or the request to bound an attempt). Other
-/// errors, those of middleware further down the chain included, are returned at once. The
-/// last attempt's error is returned as it is. A body over `max_body_bytes`, or a body that
-/// fails while it is read, is an [`Error::Middleware`] holding a [`RetryError`], and nothing
-/// is sent. A streaming body is read whole, up to the cap, before the first attempt.
+/// Retried errors: reqwest's connect, timeout and request errors (the request may or may not have
+/// run; set a timeout on the `reqwest::Client` or the request to bound an attempt). Other errors,
+/// those of middleware further down the chain included, are returned at once. The last attempt's
+/// error is returned as it is; the request's key is then in the extensions the caller passed
+/// (`ClientWithMiddleware::execute_with_extensions`), as a [`RetryOutcome`]: send the request again
+/// later with that key, and a request that ran is replayed rather than run again. (With `send()`,
+/// those extensions are not handed back: to keep the key of a request that may have run, give it
+/// yourself in the key header.) A body over `max_body_bytes`, or a body that fails while it is
+/// read, is an [`Error::Middleware`] holding a [`RetryError`], and nothing is sent. A streaming
+/// body is read whole, up to the cap, before the first attempt.
 ///
-/// Put it before middleware that should run on every attempt (logging, auth refresh): those
-/// run once per attempt; the ones before it run once per request.
+/// Put it before middleware that should run on every attempt (logging, auth refresh): those run
+/// once per attempt; the ones before it run once per request.
 #[derive(Debug, Clone, Default)]
 pub struct IdempotentRetryMiddleware {
     config: Arc<Config>,
@@ -114,12 +117,22 @@ impl Middleware for IdempotentRetryMiddleware {
             match wait {
                 Some(wait) => tokio::time::sleep(wait).await,
                 None => {
-                    return result.map(|mut response| {
-                        let replayed = policy::replayed(response.headers());
-                        let outcome = RetryOutcome::new(key, schedule.attempts(), replayed);
-                        response.extensions_mut().insert(outcome);
-                        response
-                    });
+                    // The caller's extensions get the outcome too: when every attempt failed,
+                    // they are where the key is found, to send the request again later with it.
+                    let attempts = schedule.attempts();
+                    return match result {
+                        Ok(mut response) => {
+                            let replayed = policy::replayed(response.headers());
+                            let outcome = RetryOutcome::new(key, attempts, replayed);
+                            extensions.insert(outcome.clone());
+                            response.extensions_mut().insert(outcome);
+                            Ok(response)
+                        }
+                        Err(error) => {
+                            extensions.insert(RetryOutcome::new(key, attempts, false));
+                            Err(error)
+                        }
+                    };
                 }
             }
         }
