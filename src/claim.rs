@@ -189,7 +189,12 @@ impl Claim {
     ///
     /// The layer then does not store the response again. It checks the record instead: if the
     /// transaction did not commit (the handler rolled back, yet returned this response), the
-    /// key is released, so an effect that did not happen is never replayed.
+    /// key is released, so an effect that did not happen is never replayed. Return the
+    /// response this gives back, as it is: it is what retries replay.
+    ///
+    /// Run the transaction at `READ COMMITTED` (PostgreSQL's default): under `REPEATABLE READ`
+    /// or `SERIALIZABLE`, a lease renewal that lands while it is open (one every third of the
+    /// lease) makes this `UPDATE` fail with a serialization error.
     ///
     /// # Errors
     ///
@@ -200,7 +205,8 @@ impl Claim {
     /// - [`ClaimErrorKind::Unsupported`]: the store keeps its records elsewhere
     ///   (`MemoryStore`, `RedisStore`, a store of your own): nothing is written;
     /// - [`ClaimErrorKind::AlreadyUsed`]: this claim (or a clone) was used before;
-    /// - [`ClaimErrorKind::Body`]: the response's body failed.
+    /// - [`ClaimErrorKind::Body`]: the response's body failed;
+    /// - [`ClaimErrorKind::NotInTransaction`]: a sqlx connection outside a transaction.
     ///
     /// [`CacheDecision::Skip`]: crate::CacheDecision::Skip
     pub async fn respond_in<C: ClaimConnection>(
@@ -300,9 +306,10 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Claim {
 /// - `&tokio_postgres::Transaction<'_>` and `&deadpool_postgres::Transaction<'_>` (feature
 ///   `postgres`).
 ///
-/// The connection must reach the store's database. A `&mut sqlx::PgConnection` outside a
-/// transaction completes the record at once, as the layer would after the handler: only a
-/// transaction ties it to the handler's effects.
+/// The connection must reach the store's database, inside the transaction that writes the
+/// handler's effects. A `&mut sqlx::PgConnection` outside a transaction is refused
+/// ([`ClaimErrorKind::NotInTransaction`]): its record would commit at once, and a retry would
+/// replay an effect that rolled back.
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
 pub trait ClaimConnection: sealed::Sealed {}
 
@@ -333,6 +340,25 @@ mod sealed {
     #[cfg(feature = "sqlx")]
     impl Sealed for &mut sqlx::PgConnection {
         async fn complete(self, c: Completion<'_>) -> Result<u64, ClaimError> {
+            // A connection, unlike a transaction, has the type a transaction gives: the server
+            // says which it is. A savepoint outside a transaction block fails (25P01), inside
+            // one it leaves nothing behind; both statements go in one round trip. (sqlx's own
+            // count of its transactions would miss one begun with SQL.)
+            async fn in_transaction(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+                const CHECK: &str =
+                    "SAVEPOINT tower_idempotency_claim; RELEASE SAVEPOINT tower_idempotency_claim";
+                sqlx::Executor::execute(conn, CHECK).await.map(drop)
+            }
+            if let Err(err) = in_transaction(&mut *self).await {
+                let outside = err
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|code| code == "25P01");
+                return Err(match outside {
+                    true => ClaimError::new(super::ClaimErrorKind::NotInTransaction, None),
+                    false => ClaimError::database(err),
+                });
+            }
             let done = sqlx::query(c.sql)
                 .bind(c.tenant)
                 .bind(c.key)
@@ -406,6 +432,9 @@ pub enum ClaimErrorKind {
     /// No claim for this request: it has no key (use `Option<Claim>`, or `.require_key(true)`),
     /// or the route is not behind `IdempotencyLayer`.
     Missing,
+    /// The connection given to [`Claim::respond_in`] is not inside a transaction: the record
+    /// would commit at once, whatever became of the handler's effects. Nothing was written.
+    NotInTransaction,
 }
 
 impl ClaimError {
@@ -450,6 +479,11 @@ impl fmt::Display for ClaimError {
             ClaimErrorKind::Missing => {
                 "no idempotency claim for this request: it has no key, or the route is not \
                  behind IdempotencyLayer"
+            }
+            ClaimErrorKind::NotInTransaction => {
+                "the connection given to respond_in is not inside a transaction: the \
+                 idempotency record would not commit with the handler's effects; nothing was \
+                 written"
             }
         };
         match &self.source {

@@ -19,7 +19,7 @@ use support::*;
 use tokio::sync::Semaphore;
 use tower_idempotency::{
     Claim, ClaimError, Forget, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome,
-    PostgresStore, RecordState, ReplayCache, SqlxStore,
+    PostgresStore, RecordKey, RecordState, ReplayCache, SqlxStore, TenantId,
 };
 
 /// The shared `SqlxStore`, its pool, and a payments table of the test's own.
@@ -142,6 +142,29 @@ async fn no_takeover_under_an_open_transaction() {
     }
     assert!(!first.is_finished(), "the transaction is still open");
     assert_eq!(runs.get(), 1, "no duplicate ran");
+    // An operator's forget, forced or not, on either store: in flight at once. Waiting for
+    // the lock would delete the record the transaction is about to commit.
+    // The record's tenant, read without waiting for the row's lock.
+    let (tenant,): (Vec<u8>,) =
+        sqlx::query_as("SELECT tenant FROM idempotency_records WHERE key = $1")
+            .bind(&key)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let tenant = TenantId::from_bytes(tenant.try_into().unwrap());
+    let record = RecordKey::new(tenant, key.clone());
+    let pg_store = PostgresStore::connect(&url).await.unwrap();
+    for force in [false, true] {
+        assert_eq!(
+            store.forget(&record, force).await.unwrap(),
+            Forget::InFlight
+        );
+        assert_eq!(
+            pg_store.forget(&record, force).await.unwrap(),
+            Forget::InFlight
+        );
+    }
+    assert!(!first.is_finished(), "the transaction is still open");
 
     gate.add_permits(1);
     let first = first.await.unwrap();
@@ -235,6 +258,24 @@ async fn fails_after(State(ctx): State<Ctx>, claim: Claim) -> Result<Response, C
     unreachable!("division by zero fails");
 }
 
+/// `respond_in` on a pooled connection outside any transaction (the same type as `&mut *tx`):
+/// refused with `NotInTransaction`, nothing written.
+async fn outside(State(ctx): State<Ctx>, claim: Claim) -> Response {
+    ctx.runs.bump();
+    let mut conn = ctx.pool.acquire().await.unwrap();
+    outcome(claim.respond_in(&mut *conn, StatusCode::CREATED).await)
+}
+
+/// `respond_in` inside a transaction begun with SQL rather than sqlx's `begin`: accepted.
+async fn begun_with_sql(State(ctx): State<Ctx>, claim: Claim) -> Response {
+    ctx.runs.bump();
+    let mut conn = ctx.pool.acquire().await.unwrap();
+    sqlx::Executor::execute(&mut *conn, "BEGIN").await.unwrap();
+    let response = claim.respond_in(&mut *conn, StatusCode::CREATED).await;
+    sqlx::Executor::execute(&mut *conn, "COMMIT").await.unwrap();
+    outcome(response)
+}
+
 /// Whether the request has a claim, and what it says.
 async fn optional(State(ctx): State<Ctx>, claim: Option<Claim>) -> String {
     ctx.runs.bump();
@@ -255,6 +296,8 @@ fn routes(pool: &PgPool, runs: &Runs) -> Router {
         .route("/refused", post(refused))
         .route("/large", post(large))
         .route("/optional", post(optional))
+        .route("/outside", post(outside))
+        .route("/begun-with-sql", post(begun_with_sql))
         .route("/fails-after", post(fails_after))
         .route("/required", post(required))
         .with_state(Ctx {
@@ -328,6 +371,28 @@ async fn misuse_and_edge_cases_are_clear_errors() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(runs.get(), before + 1, "the retry ran");
+
+    // Outside a transaction the record would commit whatever became of the handler's effects.
+    let key = unique_key("outside");
+    let reply = send(&app, request("/outside", &key)).await;
+    assert_eq!(
+        (reply.status, &reply.body[..]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &b"NotInTransaction"[..])
+    );
+    assert_eq!(
+        reply.outcome,
+        Some(Outcome::Released),
+        "nothing was written"
+    );
+    let before = runs.get();
+    assert!(!send(&app, request("/outside", &key)).await.replayed());
+    assert_eq!(runs.get(), before + 1, "the retry ran");
+
+    let key = unique_key("begun-with-sql");
+    let reply = send(&app, request("/begun-with-sql", &key)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+    let retry = send(&app, request("/begun-with-sql", &key)).await;
+    assert!(retry.replayed(), "{retry:?}");
 
     let key = unique_key("optional");
     let reply = send(&app, request("/optional", &key)).await;

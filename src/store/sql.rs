@@ -276,11 +276,19 @@ impl Sql {
             ),
             // One statement: the delete of a live record (completed, or in flight when $3 forces
             // it) and, when it deleted nothing, whether a live in-flight record stopped it.
+            //
+            // The row is first locked with `NOWAIT` (a one-time filter of the delete): a row a
+            // transaction holds (a handler's, between `Claim::respond_in` and its COMMIT) fails
+            // the statement at once with `lock_not_available`, answered as in flight, forced or
+            // not: its holder is alive, and waiting would delete what it is about to commit.
             forget: format!(
-                "WITH forgotten AS (
+                "WITH locked AS (
+                    SELECT 1 FROM {t} WHERE tenant = $1 AND key = $2 FOR UPDATE NOWAIT
+                ), forgotten AS (
                     DELETE FROM {t}
                     WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
                       AND (state = 'completed' OR $3::boolean)
+                      AND EXISTS (SELECT 1 FROM locked)
                     RETURNING 1
                 )
                 SELECT CASE

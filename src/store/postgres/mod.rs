@@ -586,10 +586,16 @@ impl IdempotencyStore for PostgresStore {
             .prepare_cached(&self.inner.sql.forget)
             .await
             .map_err(pg_error)?;
-        let row = client
+        let row = match client
             .query_one(&statement, &[&tenant, &key.key(), &force])
             .await
-            .map_err(pg_error)?;
+            .map_err(pg_error)
+        {
+            Ok(row) => row,
+            // A transaction holds the row: its holder is alive (see `Sql::forget`).
+            Err(err) if locked(&err) => return Ok(Forget::InFlight),
+            Err(err) => return Err(err),
+        };
         Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
     }
 

@@ -397,12 +397,17 @@ impl IdempotencyStore for SqlxStore {
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        let row = self
+        let row = match self
             .keyed(&self.inner.sql.forget, key)
             .bind(force)
             .fetch_one(&self.inner.pool)
             .await
-            .map_err(sqlx_error)?;
+        {
+            Ok(row) => row,
+            // A transaction holds the row: its holder is alive (see `Sql::forget`).
+            Err(err) if is_locked(&err) => return Ok(Forget::InFlight),
+            Err(err) => return Err(sqlx_error(err)),
+        };
         Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
     }
 
