@@ -88,6 +88,25 @@ async fn send(addr: SocketAddr, path: &str, key: &str) -> RawReply {
     raw::exchange(addr, request(path, key, "{}")).await
 }
 
+/// Sends the request until its reply is `done` (50 times at most, 20 ms apart), and answers
+/// the last reply.
+async fn send_until(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    done: impl Fn(&RawReply) -> bool,
+) -> RawReply {
+    let mut reply = send(addr, path, key).await;
+    for _ in 0..50 {
+        if done(&reply) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reply = send(addr, path, key).await;
+    }
+    reply
+}
+
 async fn until(mut done: impl FnMut() -> bool) {
     for _ in 0..2000 {
         if done() {
@@ -196,14 +215,7 @@ async fn a_panic_after_the_hang_up_releases_the_key<St: IdempotencyStore + Clone
     until(|| a.detached.count() == 1).await;
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
     // The release runs in the background: wait for the key to be free.
-    let mut retry = send(b.addr, "/charge-then-panic", &key).await;
-    for _ in 0..50 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = send(b.addr, "/charge-then-panic", &key).await;
-    }
+    let retry = send_until(b.addr, "/charge-then-panic", &key, |r| r.status != 409).await;
     assert_eq!(
         effects.started.get(),
         2,
@@ -292,14 +304,7 @@ where
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(a.detached.count(), 0);
     // The release runs in the background: wait for the key to be free.
-    let mut retry = send(b.addr, "/charge", &key).await;
-    for _ in 0..50 {
-        if retry.status != 409 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = send(b.addr, "/charge", &key).await;
-    }
+    let retry = send_until(b.addr, "/charge", &key, |r| r.status != 409).await;
     assert_eq!(retry.status, 201);
     assert!(!retry.replayed());
     assert_eq!(
@@ -323,14 +328,10 @@ where
     let key = unique_key("answered");
     send_and_hang_up(a.addr, "/charge-then-stream", &key, &effects.finished, 1).await;
     // The completion runs in the background: wait for the key to leave its lease.
-    let mut retry = send(b.addr, "/charge-then-stream", &key).await;
-    for _ in 0..50 {
-        if retry.text().contains("idempotency_response_not_stored") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = send(b.addr, "/charge-then-stream", &key).await;
-    }
+    let retry = send_until(b.addr, "/charge-then-stream", &key, |r| {
+        r.text().contains("idempotency_response_not_stored")
+    })
+    .await;
     assert_eq!(retry.status, 409, "{retry:?}");
     assert!(
         retry.text().contains("idempotency_response_not_stored"),

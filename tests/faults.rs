@@ -48,6 +48,14 @@ impl<S: IdempotencyStore + Clone> World<S> {
         post_with_key(&format!("/slow/{ms}"), "k", "{}")
     }
 
+    /// The test API behind a fail-open layer over this world's store.
+    fn fail_open_app(&self) -> Router {
+        let layer = IdempotencyLayer::new(self.store.clone())
+            .shared_scope(true)
+            .fail_open(true);
+        api(self.runs.clone()).layer(layer)
+    }
+
     /// `fraction` of the lease.
     fn part(&self, fraction: f64) -> Duration {
         self.lease.mul_f64(fraction)
@@ -269,11 +277,7 @@ async fn fail_open_runs_unprotected_and_says_so<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
 {
-    let app = api(w.runs.clone()).layer(
-        IdempotencyLayer::new(w.store.clone())
-            .shared_scope(true)
-            .fail_open(true),
-    );
+    let app = w.fail_open_app();
     w.store.fail(true);
     for n in 1..=2 {
         let reply = send(&app, payment()).await;
@@ -298,11 +302,7 @@ async fn a_record_the_store_cannot_decode_is_never_run_past<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
 {
-    let app = api(w.runs.clone()).layer(
-        IdempotencyLayer::new(w.store.clone())
-            .shared_scope(true)
-            .fail_open(true),
-    );
+    let app = w.fail_open_app();
     assert_eq!(send(&app, payment()).await.status, StatusCode::CREATED);
     w.store.always(Op::Begin, Fault::Corrupt);
     let retry = send(&app, payment()).await;
