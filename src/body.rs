@@ -32,8 +32,13 @@ pin_project! {
     #[project = RequestBodyProj]
     #[derive(Debug)]
     enum RequestKind<B> {
-        /// A keyed request's body, read whole to fingerprint it, in the chunks it arrived in.
-        Buffered { first: Option<Bytes>, rest: VecDeque<Bytes> },
+        /// A keyed request's body, read whole to fingerprint it, in the chunks it arrived in,
+        /// and its trailers.
+        Buffered {
+            first: Option<Bytes>,
+            rest: VecDeque<Bytes>,
+            trailers: Option<Box<HeaderMap>>,
+        },
         /// The body of a request that passes through.
         Streaming { #[pin] body: B },
     }
@@ -45,6 +50,7 @@ impl<B> RequestBody<B> {
             kind: RequestKind::Buffered {
                 first: chunks.first,
                 rest: chunks.rest,
+                trailers: chunks.trailers,
             },
         }
     }
@@ -63,6 +69,8 @@ pub(crate) struct Chunks {
     first: Option<Bytes>,
     rest: VecDeque<Bytes>,
     len: usize,
+    /// A request's trailers, passed on to its handler (never fingerprinted).
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl Chunks {
@@ -112,11 +120,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            RequestBodyProj::Buffered { first, rest } => Poll::Ready(
+            RequestBodyProj::Buffered {
+                first,
+                rest,
+                trailers,
+            } => Poll::Ready(
                 first
                     .take()
                     .or_else(|| rest.pop_front())
-                    .map(|d| Ok(Frame::data(d))),
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(|t| Frame::trailers(*t)))
+                    .map(Ok),
             ),
             RequestBodyProj::Streaming { body } => poll_bytes(body, cx),
         }
@@ -124,17 +138,35 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            RequestKind::Buffered { first, rest } => first.is_none() && rest.is_empty(),
+            RequestKind::Buffered {
+                first,
+                rest,
+                trailers,
+            } => first.is_none() && rest.is_empty() && trailers.is_none(),
             RequestKind::Streaming { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            RequestKind::Buffered { first, rest } => SizeHint::with_exact(
-                first.as_ref().map_or(0, |d| d.len() as u64)
-                    + rest.iter().map(|d| d.len() as u64).sum::<u64>(),
-            ),
+            RequestKind::Buffered {
+                first,
+                rest,
+                trailers,
+            } => {
+                let len = first.as_ref().map_or(0, |d| d.len() as u64)
+                    + rest.iter().map(|d| d.len() as u64).sum::<u64>();
+                // Not exact with trailers to follow (as for a response): a client that passes
+                // the body on would send an exact size as `Content-Length`, without trailers.
+                match trailers {
+                    Some(_) => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(len);
+                        hint
+                    }
+                    None => SizeHint::with_exact(len),
+                }
+            }
             RequestKind::Streaming { body } => body.size_hint(),
         }
     }
@@ -337,8 +369,15 @@ where
     let mut chunks = Chunks::default();
     let mut body = pin!(body);
     while let Some(frame) = body.frame().await {
-        let Ok(mut data) = frame.map_err(|_| BodyError::Read)?.into_data() else {
-            continue; // trailers are not part of the fingerprint
+        let mut data = match frame.map_err(|_| BodyError::Read)?.into_data() {
+            Ok(data) => data,
+            // Trailers are not part of the fingerprint; the handler gets them.
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    chunks.trailers = Some(Box::new(trailers));
+                }
+                continue;
+            }
         };
         if chunks.len() + data.remaining() > config.max_body_bytes {
             return Err(BodyError::TooLarge);

@@ -226,7 +226,9 @@ impl Claim {
         if !config.stores(&response) {
             return Ok(response);
         }
-        let (head, body) = response.into_parts();
+        let (mut head, body) = response.into_parts();
+        // Passed on whole, its length known (see the layer's own buffering).
+        head.headers.remove(http::header::TRANSFER_ENCODING);
         let collected = body
             .collect()
             .await

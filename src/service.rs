@@ -420,7 +420,7 @@ fn kept<St, T, E, B, Err>(
     raw: HeaderValue,
     mut guard: Guard<St>,
     mut renewals: Renewals,
-    head: http::response::Parts,
+    mut head: http::response::Parts,
     body: B,
 ) -> impl Future<Output = Answer<B, Err>>
 where
@@ -443,7 +443,7 @@ where
             panic::resume_unwind(panic)
         };
         drop(renewals);
-        let (stored, body) = to_store(read, &head, &shared.config, guard.key());
+        let (stored, body) = to_store(read, &mut head, &shared.config, guard.key());
         let outcome = guard.conclude(stored, shared.config.ttl).await;
         let report = Report::keyed(&raw, guard.key(), guard.started());
         Ok(finish(
@@ -461,12 +461,16 @@ where
 /// is not replayable, and the failure passed on after what came.
 fn to_store<B>(
     read: ResponseRead<B>,
-    head: &http::response::Parts,
+    head: &mut http::response::Parts,
     config: &Config,
     key: &RecordKey,
 ) -> (StoredResponse, ResponseBody<B>) {
     match read {
         ResponseRead::Whole { chunks, trailers } => {
+            // The body goes on whole, its length known: a `Transfer-Encoding` the handler set
+            // (an upstream's response passed on) would contradict it, and the server would
+            // drop the connection rather than send both.
+            head.headers.remove(http::header::TRANSFER_ENCODING);
             let bytes = chunks.to_bytes();
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && key.tenant().is_shared();

@@ -563,3 +563,73 @@ async fn a_first_run_never_says_replayed_whatever_its_handler_sets() {
     assert_eq!(retry.body, &b"upstream answer"[..]);
     assert_eq!(runs.get(), 2);
 }
+
+/// A keyed request's trailers reach its handler, over a real connection (a chunked body and
+/// its trailer field), as they do without a key; they are not part of the fingerprint.
+#[tokio::test]
+async fn a_keyed_requests_trailers_reach_its_handler() {
+    use support::raw;
+    async fn echo_trailer(request: Request<Body>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let collected = request.into_body().collect().await.unwrap();
+        let trailer = collected.trailers().and_then(|t| t.get("x-sum")).cloned();
+        let trailer = trailer.map_or("none".into(), |t| t.to_str().unwrap().to_owned());
+        let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+        (StatusCode::CREATED, format!("{body} trailer={trailer}"))
+    }
+    let app = Router::new()
+        .route("/upload", axum::routing::post(echo_trailer))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let server = support::Server::start(app, Default::default()).await;
+    let chunked = |key: Option<&str>| {
+        let key = key.map_or(String::new(), |k| format!("Idempotency-Key: {k}\r\n"));
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: test\r\n{key}Transfer-Encoding: chunked\r\n\
+             Trailer: x-sum\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nx-sum: 900150\r\n\r\n"
+        )
+    };
+    let unkeyed = raw::exchange(server.addr, chunked(None)).await;
+    assert_eq!(unkeyed.text(), "abc trailer=900150");
+    let keyed = raw::exchange(server.addr, chunked(Some("trailer-1"))).await;
+    assert_eq!(keyed.status, 201, "{keyed:?}");
+    assert_eq!(keyed.text(), "abc trailer=900150");
+    let retry = raw::exchange(server.addr, chunked(Some("trailer-1"))).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "abc trailer=900150");
+}
+
+/// A handler that passes on an upstream's response with its `Transfer-Encoding: chunked` (a
+/// gateway): the layer reads the body whole and sends it with its length, so that header goes;
+/// the first client gets the answer, and the retry its replay.
+#[tokio::test]
+async fn a_handler_s_own_transfer_encoding_does_not_cost_the_first_answer() {
+    use support::raw;
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        move || {
+            let runs = runs.clone();
+            async move {
+                runs.bump();
+                let chunks = ["one,", "two,", "three"].map(Ok::<_, std::io::Error>);
+                axum::http::Response::builder()
+                    .status(StatusCode::CREATED)
+                    .header(header::TRANSFER_ENCODING, "chunked")
+                    .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                    .unwrap()
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/gateway", axum::routing::post(handler))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let server = support::Server::start(app, Default::default()).await;
+    let request = raw::post("/gateway", &[("Idempotency-Key", "gateway-1")], "{}");
+    let first = raw::exchange(server.addr, &request).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    assert_eq!(first.text(), "one,two,three");
+    let retry = raw::exchange(server.addr, &request).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "one,two,three");
+    assert_eq!(runs.get(), 1);
+}
