@@ -242,8 +242,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// holder's `complete` fails with [`StoreErrorKind::LeaseLost`], and a retry may run the
     /// handler while the first run is still going. Force only a key whose holder is known dead.
     /// A record a transaction holds (a handler's [`Claim`](crate::Claim), between `respond_in`
-    /// and its COMMIT) is answered with [`Forget::InFlight`] at once, forced or not: its holder
-    /// is alive, and the record is about to commit.
+    /// and its COMMIT) is answered with [`Forget::InFlight`] after a quarter of a second at most,
+    /// forced or not: its holder is alive, and the record is about to commit.
     ///
     /// The default answers [`StoreErrorKind::Unsupported`].
     fn forget(

@@ -22,6 +22,14 @@ pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
 pub(crate) const BEGIN_ATTEMPTS: usize = 10;
 /// How many expired rows one `DELETE` of `delete_expired` removes.
 pub(crate) const DELETE_BATCH: i64 = 1000;
+/// The waits of `forget` before it tries again a row another statement holds locked: a
+/// statement (`complete`, a renewal) holds it for a moment, and the forget then goes ahead; a
+/// row still locked after them (a quarter of a second in all) is a transaction's, answered as in
+/// flight.
+pub(crate) fn forget_lock_waits() -> impl Iterator<Item = std::time::Duration> {
+    std::iter::repeat_n(std::time::Duration::from_millis(25), 10)
+}
+
 /// SQLSTATE `lock_not_available`: a `NOWAIT` lock met a row that another transaction holds.
 #[cfg(feature = "sqlx")]
 pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
@@ -279,8 +287,9 @@ impl Sql {
             //
             // The row is first locked with `NOWAIT` (a one-time filter of the delete): a row a
             // transaction holds (a handler's, between `Claim::respond_in` and its COMMIT) fails
-            // the statement at once with `lock_not_available`, answered as in flight, forced or
-            // not: its holder is alive, and waiting would delete what it is about to commit.
+            // the statement at once with `lock_not_available`; the store tries again a few times
+            // (another statement's lock lasts a moment), then answers in flight, forced or not:
+            // its holder is alive, and waiting for it could take as long as it likes.
             forget: format!(
                 "WITH locked AS (
                     SELECT 1 FROM {t} WHERE tenant = $1 AND key = $2 FOR UPDATE NOWAIT

@@ -586,15 +586,22 @@ impl IdempotencyStore for PostgresStore {
             .prepare_cached(&self.inner.sql.forget)
             .await
             .map_err(pg_error)?;
-        let row = match client
-            .query_one(&statement, &[&tenant, &key.key(), &force])
-            .await
-            .map_err(pg_error)
-        {
-            Ok(row) => row,
-            // A transaction holds the row: its holder is alive (see `Sql::forget`).
-            Err(err) if locked(&err) => return Ok(Forget::InFlight),
-            Err(err) => return Err(err),
+        let mut waits = sql::forget_lock_waits();
+        let row = loop {
+            match client
+                .query_one(&statement, &[&tenant, &key.key(), &force])
+                .await
+                .map_err(pg_error)
+            {
+                Ok(row) => break row,
+                // A statement holds the row for a moment; a transaction that keeps holding
+                // it is alive (see `Sql::forget`).
+                Err(err) if locked(&err) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => return Ok(Forget::InFlight),
+                },
+                Err(err) => return Err(err),
+            }
         };
         Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
     }

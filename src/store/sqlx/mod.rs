@@ -397,16 +397,23 @@ impl IdempotencyStore for SqlxStore {
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        let row = match self
-            .keyed(&self.inner.sql.forget, key)
-            .bind(force)
-            .fetch_one(&self.inner.pool)
-            .await
-        {
-            Ok(row) => row,
-            // A transaction holds the row: its holder is alive (see `Sql::forget`).
-            Err(err) if is_locked(&err) => return Ok(Forget::InFlight),
-            Err(err) => return Err(sqlx_error(err)),
+        let mut waits = sql::forget_lock_waits();
+        let row = loop {
+            match self
+                .keyed(&self.inner.sql.forget, key)
+                .bind(force)
+                .fetch_one(&self.inner.pool)
+                .await
+            {
+                Ok(row) => break row,
+                // A statement holds the row for a moment; a transaction that keeps holding
+                // it is alive (see `Sql::forget`).
+                Err(err) if is_locked(&err) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => return Ok(Forget::InFlight),
+                },
+                Err(err) => return Err(sqlx_error(err)),
+            }
         };
         Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
     }
