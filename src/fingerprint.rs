@@ -234,6 +234,8 @@ pub(crate) fn is_json(parts: &Parts) -> bool {
 ///
 /// /// A payment is the same payment when its amount, currency and payee are, whatever else
 /// /// the client sends (a body that is not such JSON counts as sent).
+/// // serde_json's `Value` keeps a number past 64 bits as an `f64`: two such amounts would give
+/// // one fingerprint. Here amounts fit in 64 bits (or are sent as strings).
 /// struct PaymentFields;
 ///
 /// impl Fingerprinter for PaymentFields {
