@@ -1,7 +1,8 @@
 //! Admission: a bound on the keyed requests a layer works on at once, overall and per tenant.
 //!
-//! The bound is checked once, before the store's `begin`: past it, a new keyed request is
-//! answered `503` with `Retry-After` and nothing is started. A request that was admitted keeps
+//! The bound is checked once, when the request's body is read and before the store's `begin`
+//! (a client still sending its body holds no place): past it, a new keyed request is answered
+//! `503` with `Retry-After` and nothing is started. A request that was admitted keeps
 //! its permit until its flow ends, whether its client stays or goes away (a detached run holds
 //! the permit of its request). So keyed work is bounded without ever cutting off a run that
 //! holds its key: whatever other callers do, a handler that started runs to its end.

@@ -403,10 +403,11 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
 
     /// The most keyed requests this layer works on at once, across tenants. Default: 10,000.
     ///
-    /// A keyed request is counted from the moment it is admitted (before the store is asked)
-    /// until its flow ends, including a handler that runs on after its client went away. Past
-    /// the bound, a new keyed request is answered `503 idempotency_overloaded` with
-    /// `Retry-After`, and nothing is started. A request already admitted is never cut off:
+    /// A keyed request is counted from the moment it is admitted (once its body is read, before
+    /// the store is asked) until its flow ends, including a handler that runs on after its
+    /// client went away; a client still sending its body holds no place. Past the bound, a new
+    /// keyed request is answered `503 idempotency_overloaded` with `Retry-After`, and nothing
+    /// is started. A request already admitted is never cut off:
     /// whatever other callers do (hang up, flood), a handler that holds its key runs to its
     /// end. The layer, its clones and every service it builds share one count.
     ///
@@ -432,7 +433,10 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// Past it, that tenant's new keyed requests are answered `503 idempotency_overloaded`
     /// with `Retry-After`; other tenants are not affected. So one caller cannot take the whole
     /// of [`max_in_flight`](Self::max_in_flight), for example by sending slow requests and
-    /// hanging up on each. The shared scope counts as one tenant.
+    /// hanging up on each. The shared scope counts as one tenant. A share is only as good as
+    /// the tenant: the default one is a hash of the `Authorization` header as sent, so a
+    /// caller who makes credentials up gets a share for each; behind authentication, take the
+    /// tenant the middleware verified ([`TenantFromExtension`](crate::TenantFromExtension)).
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

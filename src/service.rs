@@ -91,11 +91,6 @@ where
             let problem = Problem::body_too_large(config.max_body_bytes);
             return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
         }
-        // Keyed work is bounded here, before anything starts, never by cutting off a run.
-        let Ok(permit) = self.shared.admission.admit(&tenant, config.admission) else {
-            let problem = Problem::overloaded(config.retry_after_secs());
-            return self.refuse(problem, Outcome::Overloaded, Some(&key), Some(&tenant));
-        };
         let span = RequestSpan::new(&parts, key.key.as_bytes(), &tenant);
         // The service that `poll_ready` made ready is the one that runs the request.
         let inner = self.inner.clone();
@@ -106,7 +101,6 @@ where
         let keyed = Keyed {
             raw,
             record: RecordKey::from_text(tenant, key),
-            permit,
         };
         let prelude = in_place(|| prelude(shared, inner, parts, body, keyed));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
@@ -175,6 +169,18 @@ where
                 return Step::Answer(Ok(answer(&shared, &problem, outcome, report!())));
             }
         };
+        // Keyed work is bounded here, once the body is in and before the store is asked, never
+        // by cutting off a run: a client that sends its body slowly holds no place meanwhile.
+        let admission = shared.config.admission;
+        let Ok(permit) = shared.admission.admit(keyed.record.tenant(), admission) else {
+            let problem = Problem::overloaded(shared.config.retry_after_secs());
+            return Step::Answer(Ok(answer(
+                &shared,
+                &problem,
+                Outcome::Overloaded,
+                report!(),
+            )));
+        };
         let begin = shared
             .store
             .begin(&keyed.record, &fingerprint, shared.config.lease);
@@ -191,6 +197,7 @@ where
                 let req = keyed_request(parts, chunks, &keyed.record, &shared, claim);
                 let held = Held {
                     keyed,
+                    permit,
                     token,
                     started,
                 };
@@ -291,11 +298,8 @@ where
     ReqBody: Send + 'static,
 {
     let Held {
-        keyed: Keyed {
-            raw,
-            record,
-            permit,
-        },
+        keyed: Keyed { raw, record },
+        permit,
         token,
         started,
     } = held;
@@ -323,16 +327,17 @@ fn in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(slot, make()))
 }
 
-/// A keyed request admitted: its key as the client sent it, its record, and its admission.
+/// A keyed request: its key as the client sent it, and its record.
 struct Keyed {
     raw: HeaderValue,
     record: RecordKey,
-    permit: Permit,
 }
 
 /// What a request that acquired its key holds: its record's lock token besides.
 struct Held {
     keyed: Keyed,
+    /// Its admission, held until its flow ends.
+    permit: Permit,
     token: LockToken,
     started: Started,
 }
@@ -569,15 +574,9 @@ mod tests {
         let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(handler));
         let shared = svc.shared.clone();
         let (parts, body) = Request::new(Full::new(Bytes::new())).into_parts();
-        let tenant = TenantId::shared();
-        let permit = shared
-            .admission
-            .admit(&tenant, shared.config.admission)
-            .unwrap();
         let keyed = Keyed {
             raw: HeaderValue::from_static("k"),
-            record: RecordKey::new(tenant, "k"),
-            permit,
+            record: RecordKey::new(TenantId::shared(), "k"),
         };
         let prelude = prelude(shared, svc.inner, parts, body, keyed);
         let size = std::mem::size_of_val(&prelude);
@@ -646,8 +645,8 @@ mod tests {
             keyed: Keyed {
                 raw: HeaderValue::from_static("k"),
                 record,
-                permit,
             },
+            permit,
             token,
             started: Started::now(),
         };

@@ -135,3 +135,43 @@ async fn past_the_bound_a_new_key_is_refused_before_anything_runs() {
     assert_eq!(admitted.status, 201, "{admitted:?}");
     assert_eq!(effects.started.get(), 5);
 }
+
+/// Admission counts a request once its body is in: clients that send their headers and part of
+/// a body, then stall (each with a credential of its own), hold no place, and another caller's
+/// keyed request runs; once their bodies come, they run too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_bodies_hold_no_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let effects = Effects::new(Duration::from_millis(10));
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .max_in_flight(4)
+        .max_in_flight_per_tenant(1);
+    let server = serve(layer, &effects).await;
+    let addr = server.addr;
+
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let request = request(&format!("Bearer stalled-{i}"), &unique_key("stalled"));
+        // Everything but the body's last byte.
+        let (head, last) = request.split_at(request.len() - 1);
+        let stream = raw::send_only(addr, head).await;
+        stalled.push((stream, last.to_owned()));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = send(addr, "Bearer another", &unique_key("other")).await;
+    assert_eq!(other.status, 201, "{other:?}");
+    assert_eq!(
+        effects.started.get(),
+        1,
+        "the stalled requests have not run"
+    );
+
+    for (mut stream, last) in stalled {
+        stream.write_all(last.as_bytes()).await.unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.unwrap();
+        let reply = RawReply::parse(&bytes).expect("an answer");
+        assert_eq!(reply.status, 201, "{reply:?}");
+    }
+    assert_eq!(effects.started.get(), 5);
+}
