@@ -452,3 +452,23 @@ async fn over_a_real_server() {
     assert_eq!(reused.status_line(), "HTTP/1.1 422 Unprocessable Entity");
     assert_eq!(runs.get(), 1);
 }
+
+/// The `Host` is not part of the fingerprint: the same request sent to another name of the same
+/// service (a load balancer's, a region's) replays, as README says.
+#[tokio::test]
+async fn the_host_is_not_in_the_fingerprint() {
+    let runs = Runs::default();
+    let app = app(&runs, IdempotencyLayer::new(MemoryStore::new()));
+    let with_host = |host: &str| {
+        let mut request = json("host-1", r#"{"amount":5}"#);
+        request
+            .headers_mut()
+            .insert(header::HOST, host.parse().unwrap());
+        request
+    };
+    let first = send(&app, with_host("api.example.com")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, with_host("eu.api.example.com")).await;
+    assert_replays(&retry, &first);
+    assert_eq!(runs.get(), 1);
+}
