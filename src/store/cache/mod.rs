@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use self::shard::{Cached, Inner, SHARDS, weight};
+use self::shard::{Cached, Inner, SHARDS, Write, weight};
 use super::{
     Begin, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled, StoreError,
 };
@@ -212,9 +212,10 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        if let Some(answer) = self.inner.answer(key, fingerprint) {
-            return Ok(answer);
-        }
+        let stamp = match self.inner.answer(key, fingerprint) {
+            Ok(answer) => return Ok(answer),
+            Err(stamp) => stamp,
+        };
         let begin = self.store.begin(key, fingerprint, lease).await?;
         match &begin {
             Begin::Acquired(token) => self.inner.hold(key, *token, *fingerprint),
@@ -226,7 +227,8 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
                     size: weight(key, response),
                     generation: 0,
                 };
-                self.inner.insert(key, cached);
+                // A replay may be of an old record: it never takes the place of an entry.
+                self.inner.insert(key, cached, stamp, Write::IfAbsent);
             }
             Begin::InFlight | Begin::Mismatch => {}
         }
@@ -251,7 +253,7 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     ) -> Result<(), StoreError> {
         // Counted from before the store wrote, so the entry never outlives the record.
         let started = Instant::now();
-        let fingerprint = self.inner.unhold(key, token);
+        let (fingerprint, stamp) = self.inner.unhold(key, token);
         let size = weight(key, &response);
         let cached = fingerprint.map(|fingerprint| Cached {
             fingerprint,
@@ -262,13 +264,13 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
         });
         self.store.complete(key, token, response, ttl).await?;
         if let Some(cached) = cached {
-            self.inner.insert(key, cached);
+            self.inner.insert(key, cached, stamp, Write::Replace);
         }
         Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        self.inner.unhold(key, token);
+        let _ = self.inner.unhold(key, token);
         self.store.release(key, token).await
     }
 
@@ -282,7 +284,8 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
         self.inner.forget(key);
         let forgotten = self.store.forget(key, force).await;
-        // Again: a replay may have cached the record while the store was removing it.
+        // Again: a replay may have cached the record while the store was removing it. A store
+        // call still under way keeps what it read out of the cache (its stamp is older).
         self.inner.forget(key);
         forgotten
     }
@@ -290,7 +293,7 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
         // Completed in a transaction, the response never passed through here: the cache
         // learns it from the first replay.
-        self.inner.unhold(key, token);
+        let _ = self.inner.unhold(key, token);
         self.store.settle(key, token).await
     }
 

@@ -38,6 +38,24 @@ struct Shard {
     held: HashMap<LockToken, (Fingerprint, Instant)>,
     bytes: usize,
     generation: u64,
+    /// Bumped by every `forget`: a record read from the store before one is not cached after
+    /// it (see [`Stamp`]).
+    forgets: u64,
+}
+
+/// What a shard had seen of `forget` before a store call: an answer that comes back after a
+/// `forget` of the same shard may describe a record the store no longer holds, and is not
+/// cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp(u64);
+
+/// How a record read back from the store is cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Write {
+    /// This process completed it: the newest there is, in place of any entry.
+    Replace,
+    /// Learned from a replay, perhaps an old one: never in place of an entry already there.
+    IfAbsent,
 }
 
 pub(super) struct Cached {
@@ -68,9 +86,12 @@ impl Inner {
         self.shards().map(|s| s.bytes).sum()
     }
 
-    /// Drops the cached record of `key`, if any.
+    /// Drops the cached record of `key`, if any, and keeps records read from the store before
+    /// now out of the cache.
     pub(super) fn forget(&self, key: &RecordKey) {
-        self.shard(key).remove(key);
+        let mut shard = self.shard(key);
+        shard.forgets += 1;
+        shard.remove(key);
     }
 
     fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
@@ -82,26 +103,41 @@ impl Inner {
         self.shards.iter().map(lock)
     }
 
-    /// The answer of a cached, live record of `key`.
-    pub(super) fn answer(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Option<Begin> {
+    /// The answer of a cached, live record of `key`; or, when there is none, the stamp to
+    /// cache what the store answers under.
+    pub(super) fn answer(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+    ) -> Result<Begin, Stamp> {
         let mut shard = self.shard(key);
-        let cached = shard.records.get(key)?;
+        let stamp = Stamp(shard.forgets);
+        let Some(cached) = shard.records.get(key) else {
+            return Err(stamp);
+        };
         if cached.expires_at <= Instant::now() {
             shard.remove(key);
-            return None;
+            return Err(stamp);
         }
-        Some(if cached.fingerprint == *fingerprint {
+        Ok(if cached.fingerprint == *fingerprint {
             Begin::Completed(cached.response.clone())
         } else {
             Begin::Mismatch
         })
     }
 
-    pub(super) fn insert(&self, key: &RecordKey, cached: Cached) {
+    /// Caches a record the store answered after `stamp` was taken, unless a `forget` of its
+    /// shard came in between.
+    pub(super) fn insert(&self, key: &RecordKey, cached: Cached, stamp: Stamp, write: Write) {
         if cached.size > self.max_bytes {
             return;
         }
         let mut shard = self.shard(key);
+        if Stamp(shard.forgets) != stamp
+            || (write == Write::IfAbsent && shard.records.contains_key(key))
+        {
+            return;
+        }
         shard.insert(key.clone(), cached, self.max_entries, self.max_bytes);
     }
 
@@ -123,8 +159,12 @@ impl Inner {
         shard.held.insert(token, (fingerprint, now));
     }
 
-    pub(super) fn unhold(&self, key: &RecordKey, token: LockToken) -> Option<Fingerprint> {
-        self.shard(key).held.remove(&token).map(|(fp, _)| fp)
+    /// Forgets the fingerprint `token`'s holder began with, and answers it with the stamp to
+    /// cache its completion under.
+    pub(super) fn unhold(&self, key: &RecordKey, token: LockToken) -> (Option<Fingerprint>, Stamp) {
+        let mut shard = self.shard(key);
+        let fingerprint = shard.held.remove(&token).map(|(fp, _)| fp);
+        (fingerprint, Stamp(shard.forgets))
     }
 }
 
