@@ -136,7 +136,7 @@ fn error_response(err: &OperatorError) -> Response {
 
 fn app<St: IdempotencyStore + Clone>(store: St, admin_token: Arc<str>) -> Router {
     let layer = IdempotencyLayer::new(store).tenant(TenantFromExtension::<Account>::new());
-    let operator = Operator::new(layer.store().clone());
+    let operator = layer.operator();
     let api = Router::new()
         .route("/payments", post(create_payment))
         // Layers run outside-in: authentication first, so the tenant extension is set.

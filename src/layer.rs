@@ -53,7 +53,8 @@ pub struct IdempotencyLayer<St, T = DefaultTenant, E = ProblemJson> {
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A layer over `store` with the default settings, the default tenant (a hash of the
-    /// `Authorization` header, or one shared scope) and `application/problem+json` errors.
+    /// `Authorization` header; a keyed request without one is refused, unless
+    /// [`shared_scope`](Self::shared_scope)) and `application/problem+json` errors.
     pub fn new(store: St) -> Self {
         Self {
             store: Arc::new(store),
@@ -632,6 +633,24 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// The store.
     pub fn store(&self) -> &St {
         &self.store
+    }
+
+    /// An [`Operator`](crate::Operator) over this layer's store and with its
+    /// [`tenant_secret`](Self::tenant_secret), so that it finds the records this layer writes
+    /// (`Operator::new(layer.store().clone())` alone would not, once the layer has a secret).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # let secret_from_your_vault = vec![7u8; 32];
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).tenant_secret(&secret_from_your_vault);
+    /// let operator = layer.operator();
+    /// # let _ = operator;
+    /// ```
+    pub fn operator(&self) -> crate::Operator<St>
+    where
+        St: IdempotencyStore + Clone,
+    {
+        crate::Operator::sealed((*self.store).clone(), self.config.sealer.clone())
     }
 }
 

@@ -35,7 +35,9 @@ const FINGERPRINT_PREFIX_BYTES: usize = 8;
 ///
 /// # async fn run() -> Result<(), tower_idempotency::OperatorError> {
 /// let layer = IdempotencyLayer::new(MemoryStore::new());
-/// let operator = Operator::new(layer.store().clone());
+/// // With the layer's tenant secret, if it has one (`Operator::new(store).tenant_secret(..)`
+/// // for a store shared with layers elsewhere).
+/// let operator = layer.operator();
 ///
 /// let tenant = DefaultTenant::scope_for("Bearer sk_live_123");
 /// if let Some(report) = operator.lookup(tenant, "8e03978e-40d5-43e8").await? {
@@ -65,6 +67,11 @@ impl<St: IdempotencyStore> Operator<St> {
             store,
             sealer: Sealer::default(),
         }
+    }
+
+    /// An operator over `store` whose tenant ids are sealed as a layer's are.
+    pub(crate) fn sealed(store: St, sealer: Sealer) -> Self {
+        Self { store, sealer }
     }
 
     /// The layer's [`tenant_secret`](crate::IdempotencyLayer::tenant_secret): an operator

@@ -399,8 +399,9 @@ mod warn_once {
         }
         tracing::warn!(
             target: "tower_idempotency",
-            "a keyed request carries a Cookie but no Authorization, so it is in the one scope shared \
-             by every caller: a caller who guesses another's key gets that caller's response. \
+            "a keyed request carries a Cookie but no Authorization, so it has no tenant of its \
+             own: it is refused (400), or with shared_scope(true) put in the one scope shared by \
+             every caller, where a caller who guesses another's key gets that caller's response. \
              Scope by the session's verified principal: \
              IdempotencyLayer::tenant(TenantFromExtension::<YourPrincipal>::new())"
         );

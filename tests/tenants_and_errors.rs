@@ -261,6 +261,10 @@ async fn the_tenant_secret_keys_what_the_store_holds() {
     assert!(report.is_some_and(|r| !r.is_in_flight()));
     let without = Operator::new(store.clone());
     assert!(without.lookup(scope, "shared-key").await.unwrap().is_none());
+    // The layer's own operator has its secret.
+    let layer = IdempotencyLayer::new(store.clone()).tenant_secret([1u8; 32]);
+    let report = layer.operator().lookup(scope, "shared-key").await.unwrap();
+    assert!(report.is_some_and(|r| !r.is_in_flight()));
 
     // A secret that is too short is refused when the layer is configured.
     let short = std::panic::catch_unwind(|| {
