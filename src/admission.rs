@@ -7,9 +7,11 @@
 //! the permit of its request). So keyed work is bounded without ever cutting off a run that
 //! holds its key: whatever other callers do, a handler that started runs to its end.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::tenant::TenantId;
 
@@ -18,17 +20,39 @@ pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// The default bound on one tenant's keyed requests at work at once.
 pub(crate) const DEFAULT_MAX_IN_FLIGHT_PER_TENANT: usize = 1_000;
 
-/// Tenants are counted in this many counters, chosen by the tenant's id (a uniform hash). Two
-/// tenants that share a counter share its bound; with the default bounds no caller can use that
-/// to hold another's share: it would take more keyed requests at work than the total bound
-/// allows, spread over thousands of tenants to land enough of them on one counter.
-const TENANT_COUNTERS: usize = 4096;
+/// Tenants' counts are kept in this many maps, chosen by the tenant's id, each behind a lock of
+/// its own held for one map operation.
+const TENANT_SHARDS: usize = 64;
 
-/// The counts of one layer, shared by its clones and every service it builds: two atomic
-/// operations per keyed request, no lock.
+/// The counts of one layer, shared by its clones and every service it builds: an atomic
+/// operation on the total, and one short lock on the tenant's shard, per keyed request. Each
+/// tenant is counted exactly, apart from every other (a tenant at its bound never holds back
+/// another); a tenant's entry goes when its count falls to zero, so the maps hold at most the
+/// requests at work.
 pub(crate) struct Admission {
     total: AtomicUsize,
-    tenants: Box<[AtomicU32]>,
+    tenants: Box<[Mutex<Counts>]>,
+}
+
+/// One shard's counts: each tenant with keyed requests at work, and how many.
+type Counts = HashMap<TenantId, u32, BuildHasherDefault<IdHasher>>;
+
+/// A hasher for tenant ids, which are uniform hashes already (a MAC of the tenant, or the
+/// shared scope's zeros): it keeps the last eight bytes written.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut last = [0; 8];
+        let n = bytes.len().min(8);
+        last[..n].copy_from_slice(&bytes[bytes.len() - n..]);
+        self.0 ^= u64::from_le_bytes(last);
+    }
 }
 
 /// The bounds a request is admitted under.
@@ -72,22 +96,42 @@ impl Admission {
             return Err(Refused::Total);
         }
         // A per-tenant bound at least the total one can never be the one reached.
-        let counter = (limits.per_tenant < limits.total).then(|| counter_of(tenant));
-        if let Some(counter) = counter {
+        let counted = (limits.per_tenant < limits.total).then_some(*tenant);
+        if let Some(tenant) = &counted {
             let max = u32::try_from(limits.per_tenant).unwrap_or(u32::MAX);
-            let counted =
-                self.tenants[counter].fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                });
-            if counted.is_err() {
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refused::Tenant);
+            let mut counts = self.shard(tenant);
+            match counts.get_mut(tenant) {
+                Some(n) if *n >= max => {
+                    drop(counts);
+                    self.total.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Refused::Tenant);
+                }
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(*tenant, 1);
+                }
             }
         }
         Ok(Permit {
             admission: self.clone(),
-            counter,
+            tenant: counted,
         })
+    }
+
+    /// The counts of `tenant`'s shard, locked. Nothing panics under the lock; a poisoned one
+    /// is taken as it is.
+    fn shard(&self, tenant: &TenantId) -> MutexGuard<'_, Counts> {
+        let bytes = tenant.as_bytes();
+        let shard = usize::from(bytes[0]) % TENANT_SHARDS;
+        self.tenants[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many keyed requests of `tenant` are at work now.
+    #[cfg(test)]
+    fn of(&self, tenant: &TenantId) -> u32 {
+        self.shard(tenant).get(tenant).copied().unwrap_or(0)
     }
 
     /// How many keyed requests are at work now.
@@ -95,25 +139,25 @@ impl Admission {
         self.total.load(Ordering::Acquire)
     }
 
-    fn leave(&self, counter: Option<usize>) {
-        if let Some(counter) = counter {
-            self.tenants[counter].fetch_sub(1, Ordering::AcqRel);
+    fn leave(&self, tenant: Option<&TenantId>) {
+        if let Some(tenant) = tenant {
+            let mut counts = self.shard(tenant);
+            if let Some(n) = counts.get_mut(tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(tenant);
+                }
+            }
         }
         self.total.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// The counter of `tenant`: its id is a uniform hash already.
-fn counter_of(tenant: &TenantId) -> usize {
-    let bytes = tenant.as_bytes();
-    usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) % TENANT_COUNTERS
 }
 
 impl Default for Admission {
     fn default() -> Self {
         Self {
             total: AtomicUsize::new(0),
-            tenants: (0..TENANT_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
+            tenants: (0..TENANT_SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 }
@@ -129,12 +173,13 @@ impl fmt::Debug for Admission {
 /// One admitted keyed request, counted until its flow ends (or its detached run does).
 pub(crate) struct Permit {
     admission: Arc<Admission>,
-    counter: Option<usize>,
+    /// The tenant it counts for, when tenants are counted.
+    tenant: Option<TenantId>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.leave(self.counter);
+        self.admission.leave(self.tenant.as_ref());
     }
 }
 
@@ -165,8 +210,40 @@ mod tests {
             admission
                 .tenants
                 .iter()
-                .all(|c| c.load(Ordering::SeqCst) == 0)
+                .all(|c| c.lock().unwrap().is_empty())
         );
+    }
+
+    #[test]
+    fn tenants_of_one_shard_are_counted_apart() {
+        let admission = Arc::<Admission>::default();
+        let limits = Limits {
+            total: 100,
+            per_tenant: 2,
+        };
+        // The same first bytes: one shard (and, before, one counter).
+        let mut bytes = [7; 32];
+        let a = TenantId::from_bytes(bytes);
+        bytes[31] = 8;
+        let b = TenantId::from_bytes(bytes);
+        let held: Vec<_> = (0..2)
+            .map(|_| admission.admit(&a, limits).unwrap())
+            .collect();
+        assert_eq!(admission.admit(&a, limits).err(), Some(Refused::Tenant));
+        let b1 = admission.admit(&b, limits).unwrap();
+        let b2 = admission.admit(&b, limits).unwrap();
+        assert_eq!(admission.admit(&b, limits).err(), Some(Refused::Tenant));
+        assert_eq!((admission.of(&a), admission.of(&b)), (2, 2));
+        drop((held, b1));
+        assert_eq!((admission.of(&a), admission.of(&b)), (0, 1));
+        drop(b2);
+        assert!(
+            admission
+                .tenants
+                .iter()
+                .all(|c| c.lock().unwrap().is_empty())
+        );
+        assert_eq!(admission.in_flight(), 0);
     }
 
     #[test]
@@ -186,6 +263,7 @@ mod tests {
                             .filter_map(|_| admission.admit(&tenant, limits).ok())
                             .collect();
                         assert!(permits.len() <= 8);
+                        assert!(admission.of(&tenant) <= 8);
                     }
                 });
             }
@@ -195,7 +273,7 @@ mod tests {
             admission
                 .tenants
                 .iter()
-                .all(|c| c.load(Ordering::SeqCst) == 0)
+                .all(|c| c.lock().unwrap().is_empty())
         );
     }
 }

@@ -131,7 +131,7 @@ impl<St: IdempotencyStore> Operator<St> {
         let record = self.record_key(tenant, key)?;
         let info = self.store.lookup(&record).await?;
         Ok(info.map(|info| KeyReport {
-            tenant,
+            tenant: *record.tenant(),
             key: record.key().to_owned(),
             fingerprint: info.fingerprint,
             state: info.state,
@@ -193,7 +193,9 @@ pub struct KeyReport {
 }
 
 impl KeyReport {
-    /// The tenant scope.
+    /// The tenant scope as the store holds it: sealed with the tenant secret (the value in a
+    /// Redis key or a PostgreSQL row), never the extractor's own id, which for the default
+    /// tenant is a hash of a credential anyone could test guesses against.
     pub fn tenant(&self) -> TenantId {
         self.tenant
     }

@@ -10,10 +10,13 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::Router;
+use axum::body::Body;
+use http::{Request, StatusCode, header};
 use support::charge::{Effects, serve_behind};
 use support::raw::{self, RawReply};
-use support::{Server, unique_key};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use support::{Runs, Server, api, unique_key};
+use tower_idempotency::{DefaultTenant, IdempotencyLayer, MemoryStore, TenantId};
 
 /// How long `POST /charge` works after charging.
 const CHARGE_WORK: Duration = Duration::from_millis(400);
@@ -174,4 +177,84 @@ async fn stalled_bodies_hold_no_place() {
         assert_eq!(reply.status, 201, "{reply:?}");
     }
     assert_eq!(effects.started.get(), 5);
+}
+
+/// The counter a sealed tenant had when tenants were counted in 4,096 shared counters: two
+/// tenants with the same one shared a bound (they also share a shard of the exact counts now).
+fn old_counter(tenant: &TenantId) -> usize {
+    let b = tenant.as_bytes();
+    usize::from(u16::from_le_bytes([b[0], b[1]])) % 4096
+}
+
+/// A keyed `POST` through `oneshot`, from `auth` (none: the shared scope).
+fn keyed(path: &str, auth: Option<&str>, key: &str) -> Request<Body> {
+    let mut request = Request::post(path).header("idempotency-key", key);
+    if let Some(auth) = auth {
+        request = request.header(header::AUTHORIZATION, auth);
+    }
+    request.body(Body::from("{}")).unwrap()
+}
+
+/// One caller at its own bound holds back no other tenant, not even one whose id lands next to
+/// its own (same counter before, same shard of the counts now), and not from the shared scope.
+async fn a_tenant_at_its_bound_holds_back_no_other(shared_scope: bool) {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .tenant_secret([9; 32])
+        .shared_scope(shared_scope)
+        .max_in_flight_per_tenant(4);
+    let operator = layer.operator();
+    let sealed = |auth: &str| {
+        *operator
+            .record_key(DefaultTenant::scope_for(auth), "k")
+            .unwrap()
+            .tenant()
+    };
+    let (heavy, target) = if shared_scope {
+        (None, old_counter(&TenantId::shared()))
+    } else {
+        let heavy = "Bearer heavy-caller";
+        (Some(heavy), old_counter(&sealed(heavy)))
+    };
+    let neighbour = (0..1_000_000)
+        .map(|i| format!("Bearer neighbour-{i}"))
+        .find(|auth| old_counter(&sealed(auth)) == target)
+        .unwrap();
+    let app: Router = api(runs.clone()).layer(layer);
+
+    let held: Vec<_> = (0..4)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                support::send(&app, keyed("/slow/1500", heavy, &format!("held-{i}")))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    assert!(support::eventually(Duration::from_secs(5), async || runs.get() == 4).await);
+    let own = support::send(&app, keyed("/payments", heavy, "one-more")).await;
+    assert_eq!(
+        own.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the heavy caller's own bound"
+    );
+    assert_eq!(own.code(), "idempotency_overloaded");
+
+    let reply = support::send(&app, keyed("/payments", Some(&neighbour), "mine")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    for status in futures_util::future::join_all(held).await {
+        assert_eq!(status.unwrap(), StatusCode::CREATED);
+    }
+    assert_eq!(runs.get(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_bound_holds_back_no_other_tenant() {
+    a_tenant_at_its_bound_holds_back_no_other(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_scope_at_its_bound_holds_back_no_tenant() {
+    a_tenant_at_its_bound_holds_back_no_other(true).await;
 }

@@ -234,7 +234,15 @@ async fn lookup_then_forget_a_completed_key<S: IdempotencyStore + Clone>(store: 
         .expect("the completed key is found");
     assert!(!report.is_in_flight());
     assert_eq!(report.key(), key);
-    assert_eq!(report.tenant(), tenant);
+    assert_eq!(
+        report.tenant(),
+        *operator.record_key(tenant, &key).unwrap().tenant()
+    );
+    assert_ne!(
+        report.tenant(),
+        tenant,
+        "never the unkeyed hash of the credential"
+    );
     assert_eq!(report.status(), Some(StatusCode::CREATED));
     let expires_in = report
         .expires_at()
