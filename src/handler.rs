@@ -4,8 +4,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Buf;
 use http::{Request, Response};
@@ -99,6 +100,50 @@ where
     #[inline]
     fn call(&mut self, req: Request<RequestBody<ReqBody>>) -> Self::Future {
         Service::call(self, req)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A keyed request's call of the inner service: made ready, then called, once the request
+    /// holds its key. Until then the request holds none of the inner service's capacity (a
+    /// `Buffer`'s slot, a concurrency limit's permit) while its body arrives, the store answers
+    /// or a duplicate waits: `poll_ready` readied the service that stays with the layer.
+    #[project = CallProj]
+    pub(crate) enum Call<S, R, F> {
+        Readying { service: S, request: Option<R> },
+        Called { #[pin] future: F },
+    }
+}
+
+impl<S, B> Call<S, Request<RequestBody<B>>, S::Future>
+where
+    S: Handler<B>,
+{
+    pub(crate) fn new(service: S, request: Request<RequestBody<B>>) -> Self {
+        Self::Readying {
+            service,
+            request: Some(request),
+        }
+    }
+}
+
+impl<S, B> Future for Call<S, Request<RequestBody<B>>, S::Future>
+where
+    S: Handler<B>,
+{
+    type Output = Result<Response<S::Body>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let CallProj::Readying { service, request } = self.as_mut().project() {
+            ready!(service.poll_ready(cx))?;
+            let request = request.take().expect("a request is called once");
+            let future = service.call(request);
+            self.set(Self::Called { future });
+        }
+        match self.project() {
+            CallProj::Called { future } => future.poll(cx),
+            CallProj::Readying { .. } => unreachable!("the service was just called"),
+        }
     }
 }
 

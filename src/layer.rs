@@ -367,7 +367,10 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// off for everyone. Nor has a store that answered with a record it cannot decode
     /// ([`StoreErrorKind::Corrupt`](crate::StoreErrorKind): written by a newer version, or
     /// damaged): the record says its request may have run, so a retry gets `503` rather than a
-    /// second run. The store's error is named (`error`) in the request's `WARN` event.
+    /// second run. Nor does a duplicate that waits for the first request
+    /// ([`wait_for_in_flight`](Self::wait_for_in_flight)) run past a store that fails while it
+    /// waits: the store said the key is held, so it gets `503` (without waiting, it had `409`).
+    /// The store's error is named (`error`) in the request's `WARN` event.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

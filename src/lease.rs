@@ -399,16 +399,6 @@ impl<St: IdempotencyStore> Guard<St> {
         }
     }
 
-    /// The handler's part of the request that holds this guard when the handler panicked
-    /// before it made its future (in its service's `call`): the key is released, then the
-    /// panic goes on, as for a panic in the handler's future.
-    pub(crate) fn panicked<F, A, G>(self, panic: Box<dyn Any + Send>) -> Leased<St, F, A, G> {
-        Leased::Unwinding {
-            release: self.release_after_panic(),
-            panic: Some(panic),
-        }
-    }
-
     /// A renewal of this guard's lease, owning what it needs: it runs beside the handler, in the
     /// future that also holds this guard.
     fn renewal(&self, lease: Duration) -> Renewal {

@@ -9,7 +9,7 @@
 //! away (see `detach`).
 
 use std::future::Future;
-use std::panic::{self, AssertUnwindSafe};
+use std::panic;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,7 +31,7 @@ use crate::detach::Execution;
 use crate::error::{ErrorRenderer, Problem};
 use crate::fingerprint::Fingerprint;
 use crate::future::{Answer, ResponseFuture, Running, Step};
-use crate::handler::{Handler, Idempotency, RequestBodyOf};
+use crate::handler::{Call, Handler, Idempotency, RequestBodyOf};
 use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, Renewals, timed};
 use crate::metrics::StoreOp;
@@ -92,9 +92,12 @@ where
             return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
         }
         let span = RequestSpan::new(&parts, key.key.as_bytes(), &tenant);
-        // The service that `poll_ready` made ready is the one that runs the request.
+        // The service that `poll_ready` made ready is let go, and with it what it holds of the
+        // inner service's capacity (a `Buffer`'s slot, a concurrency limit's permit): the
+        // request's flow makes its own clone ready once it holds its key (see `Call`), so that
+        // nothing is held while the body arrives, the store answers or a duplicate waits.
         let inner = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, inner);
+        drop(std::mem::replace(&mut self.inner, inner.clone()));
         let shared = self.shared.clone();
         let finish_on_disconnect = config.finish_on_disconnect;
         let ParsedKey { key, raw } = key;
@@ -184,12 +187,14 @@ where
         let begin = shared
             .store
             .begin(&keyed.record, &fingerprint, shared.config.lease);
-        let begin = match timed(StoreOp::Begin, shared.config.store_timeout, begin).await {
+        let (begin, waited) = match timed(StoreOp::Begin, shared.config.store_timeout, begin).await
+        {
             // A duplicate may wait for the first request's answer instead of `409`.
             Ok(Begin::InFlight) if shared.config.wait.is_some() => {
-                wait::for_first(&shared, &keyed.record, &fingerprint).await
+                let waited = wait::for_first(&shared, &keyed.record, &fingerprint).await;
+                (waited, true)
             }
-            begin => begin,
+            begin => (begin, false),
         };
         match begin {
             Ok(Begin::Acquired(token)) => {
@@ -218,9 +223,11 @@ where
                 Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report!())))
             }
             // A store that is full answered, and a record that cannot be decoded is a record:
-            // its request may have run. Neither is a failure to run past.
+            // its request may have run. Neither is a failure to run past; nor is a failure while
+            // waiting, once the store said that the key is held (without waiting, a `409`).
             Err(err)
                 if shared.config.fail_open
+                    && !waited
                     && !matches!(
                         err.kind(),
                         StoreErrorKind::CapacityExceeded | StoreErrorKind::Corrupt
@@ -260,14 +267,14 @@ where
 /// Fail-open: the store failed, so the handler runs without protection.
 async fn bypass<S, ReqBody>(
     config: &Config,
-    mut inner: S,
+    inner: S,
     req: Request<RequestBody<ReqBody>>,
     report: Report<'_>,
 ) -> Result<Response<ResponseBody<S::Body>>, S::Error>
 where
     S: Handler<ReqBody>,
 {
-    let mut response = match Box::pin(inner.call(req)).await {
+    let mut response = match Box::pin(Call::new(inner, req)).await {
         Ok(response) => response.map(ResponseBody::inner),
         Err(err) => {
             report.emit(Outcome::Bypassed);
@@ -286,7 +293,7 @@ where
 /// live in a small allocation, and this part can be detached when the client goes away.
 fn hold<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
-    mut inner: S,
+    inner: S,
     req: Request<RequestBody<ReqBody>>,
     held: Held,
 ) -> Running<S::Body, S::Error>
@@ -310,12 +317,9 @@ where
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
     let then = move |guard, renewals, output| after(shared, raw, claim, guard, renewals, output);
-    // A service whose `call` panics has its key released before the panic goes on, as one whose
-    // future panics.
-    let leased = match panic::catch_unwind(AssertUnwindSafe(|| inner.call(req))) {
-        Ok(handler) => guard.running(lease, handler, then),
-        Err(panic) => guard.panicked(panic),
-    };
+    // The service is made ready and called under the lease; one whose `poll_ready` or `call`
+    // panics has its key released before the panic goes on, as one whose future panics.
+    let leased = guard.running(lease, Call::new(inner, req), then);
     in_place(|| Execution::new(leased, &runs, permit))
 }
 

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use support::faults::{Fault, FaultyStore, Op};
 use support::{Reply, Runs, Transport, Via, eventually, unique_key};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -743,4 +744,40 @@ async fn a_zero_wait_is_off() {
 #[should_panic(expected = "max_waiters must be at least 1")]
 fn zero_max_waiters_is_refused() {
     let _ = IdempotencyLayer::new(MemoryStore::new()).max_waiters(0);
+}
+
+/// Fail-open never runs a duplicate that waits for a key the store said is held: a store that
+/// fails (or hangs past its timeout) while it waits answers `503`, as without fail-open
+/// (without waiting, the duplicate had its `409`). The handler runs once.
+async fn fail_open_never_runs_a_waiter_past_a_failing_store(fault: Fault) {
+    let api = Api::new(First::Created);
+    let store = FaultyStore::default();
+    let layer = waiting(store.clone())
+        .fail_open(true)
+        .store_timeout(Duration::from_millis(200));
+    let server = start(layer, &api, Transport::Loopback).await;
+    let key = unique_key("fail-open-waiter");
+    let first = server.first(&key, "{}").await;
+    let waiter = server.waiter(&key, "{}").await;
+    store.always(Op::Begin, fault);
+    let waiter = waiter.await.unwrap();
+    store.heal();
+    api.open();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    waiter.assert_store_unavailable();
+    assert!(
+        waiter.header("idempotency-bypassed").is_none(),
+        "{waiter:?}"
+    );
+    assert_eq!(api.runs.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fail_open_never_runs_a_waiter_whose_store_fails() {
+    fail_open_never_runs_a_waiter_past_a_failing_store(Fault::Fail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fail_open_never_runs_a_waiter_whose_store_hangs() {
+    fail_open_never_runs_a_waiter_past_a_failing_store(Fault::Hang).await;
 }
