@@ -194,8 +194,8 @@ pin_project! {
         /// A handler's response too large to store: the part already read, then the rest.
         Prefixed { prefix: Option<Bytes>, #[pin] body: B },
         /// A handler's response whose body failed while it was read to be stored: the part
-        /// already read, then the error.
-        Failed { prefix: Option<Bytes>, error: Option<BoxError> },
+        /// already read, then, once the server had a chance to send it (`paused`), the error.
+        Failed { prefix: Option<Bytes>, paused: bool, error: Option<BoxError> },
     }
 }
 
@@ -259,8 +259,20 @@ where
                 Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
                 None => boxed(poll_bytes(body, cx)),
             },
-            ResponseBodyProj::Failed { prefix, error } => match prefix.take() {
+            ResponseBodyProj::Failed {
+                prefix,
+                paused,
+                error,
+            } => match prefix.take() {
                 Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+                // A server that gets the error in the same turn as the head and the data (all
+                // ready at once, the body having been read whole) may drop the connection
+                // before it sends any of them: one `Pending` lets it write what came first.
+                None if !*paused && error.is_some() => {
+                    *paused = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 None => Poll::Ready(error.take().map(Err)),
             },
         }
@@ -271,7 +283,7 @@ where
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
-            ResponseKind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
+            ResponseKind::Failed { prefix, error, .. } => prefix.is_none() && error.is_none(),
         }
     }
 
@@ -336,17 +348,35 @@ pub(crate) fn content_length(parts: &Parts) -> Option<u64> {
 }
 
 pub(crate) enum BodyError {
+    /// Over the layer's `max_body_bytes`.
     TooLarge,
+    /// Over a limit outside the layer (tower-http's `RequestBodyLimitLayer`, a `Limited` body),
+    /// which ended the body with its `LengthLimitError`.
+    OverLimit,
     Read,
 }
 
 impl BodyError {
+    /// What a body's error means: over a limit set outside the layer, or a body that could not
+    /// be read.
+    fn of(err: BoxError) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+        while let Some(err) = source {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return Self::OverLimit;
+            }
+            source = err.source();
+        }
+        Self::Read
+    }
+
     pub(crate) fn problem(self, config: &Config) -> (Problem, Outcome) {
         match self {
             Self::TooLarge => (
                 Problem::body_too_large(config.max_body_bytes),
                 Outcome::TooLarge,
             ),
+            Self::OverLimit => (Problem::body_over_limit(), Outcome::TooLarge),
             Self::Read => (Problem::body_incomplete(), Outcome::BodyError),
         }
     }
@@ -361,7 +391,7 @@ pub(crate) async fn read_body<B>(
     config: &Config,
 ) -> Result<(Chunks, Fingerprint), BodyError>
 where
-    B: Body,
+    B: Body<Error: Into<BoxError>>,
     B::Data: Buf,
 {
     let mut hasher = Hasher::new(parts, &config.fingerprint_headers);
@@ -369,7 +399,7 @@ where
     let mut chunks = Chunks::default();
     let mut body = pin!(body);
     while let Some(frame) = body.frame().await {
-        let mut data = match frame.map_err(|_| BodyError::Read)?.into_data() {
+        let mut data = match frame.map_err(|err| BodyError::of(err.into()))?.into_data() {
             Ok(data) => data,
             // Trailers are not part of the fingerprint; the handler gets them.
             Err(frame) => {

@@ -95,6 +95,10 @@ impl Default for Config {
     }
 }
 
+/// The longest TTL and lease the layer hands a store: 100 years. A store adds them to its
+/// clock (`Instant::now() + ttl`), which a `Duration::MAX` would overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// The refusals that say the operation did not run, with why. They are not stored by
 /// [`default_cache_policy`]: the corrected retry may reuse its key.
 const REFUSALS: [u16; 21] = [

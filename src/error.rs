@@ -208,6 +208,15 @@ impl Problem {
         Self::new(ErrorCode::TooLarge, StatusCode::PAYLOAD_TOO_LARGE, detail)
     }
 
+    /// `413 request_body_too_large` for a body that a limit outside the layer cut off.
+    pub(crate) fn body_over_limit() -> Self {
+        Self::new(
+            ErrorCode::TooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The request body is larger than the server allows.",
+        )
+    }
+
     /// `400 request_body_incomplete`.
     pub(crate) fn body_incomplete() -> Self {
         Self::new(

@@ -149,6 +149,6 @@ where
 
 /// What the flow needs of a keyed request's body, written once.
 #[allow(unreachable_pub)] // named in the `Service` impl's bounds, never by users
-pub trait RequestBodyOf: Body<Data: Buf + Send> + Send + 'static {}
+pub trait RequestBodyOf: Body<Data: Buf + Send, Error: Into<BoxError>> + Send + 'static {}
 
-impl<B: Body<Data: Buf + Send> + Send + 'static> RequestBodyOf for B {}
+impl<B: Body<Data: Buf + Send, Error: Into<BoxError>> + Send + 'static> RequestBodyOf for B {}

@@ -77,9 +77,12 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(3600));
     /// ```
     ///
-    /// A zero TTL keeps nothing: a completed record expires at once, and a retry runs again.
+    /// A zero TTL keeps nothing: a completed record expires at once (on the shared stores, whose
+    /// expiries are whole milliseconds, within a millisecond), and a retry runs again. A TTL
+    /// over 100 years is taken as 100 years, so that a store adding it to its clock never
+    /// overflows.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config.ttl = ttl;
+        self.config.ttl = ttl.min(crate::config::MAX_DURATION);
         self
     }
 
@@ -155,7 +158,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// than the lease is taken over as if its server had died, and may run twice. Hand blocking
     /// work to `tokio::task::spawn_blocking` (awaited, it lets the renewals run), or keep the
     /// lease well above the longest block. For the same reason a lease of less than a second or
-    /// so can lapse on a loaded runtime whose tasks wait their turn; 3 ms is the least accepted.
+    /// so can lapse on a loaded runtime whose tasks wait their turn; 3 ms is the least accepted,
+    /// and 100 years the most (a longer lease is taken as 100 years).
     ///
     /// ```
     /// # use std::time::Duration;
@@ -163,7 +167,7 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// let layer = IdempotencyLayer::new(MemoryStore::new()).lease(Duration::from_secs(10));
     /// ```
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config.lease = lease.max(Duration::from_millis(3));
+        self.config.lease = lease.clamp(Duration::from_millis(3), crate::config::MAX_DURATION);
         self
     }
 
@@ -698,5 +702,33 @@ impl<S, St, T, E> Layer<S> for IdempotencyLayer<St, T, E> {
                 waiters: self.waiters.clone(),
             }),
         )
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use std::time::Duration;
+
+    use super::IdempotencyLayer;
+    use crate::MemoryStore;
+    use crate::config::MAX_DURATION;
+
+    #[test]
+    fn a_store_never_gets_a_ttl_or_lease_it_cannot_add_to_its_clock() {
+        let layer = IdempotencyLayer::new(MemoryStore::new())
+            .ttl(Duration::MAX)
+            .lease(Duration::MAX);
+        assert_eq!(
+            (layer.config.ttl, layer.config.lease),
+            (MAX_DURATION, MAX_DURATION)
+        );
+        assert!(
+            std::time::Instant::now()
+                .checked_add(MAX_DURATION)
+                .is_some()
+        );
+        let layer = layer.ttl(Duration::ZERO).lease(Duration::ZERO);
+        assert_eq!(layer.config.ttl, Duration::ZERO);
+        assert_eq!(layer.config.lease, Duration::from_millis(3));
     }
 }

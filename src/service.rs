@@ -500,7 +500,11 @@ fn to_store<B>(
         ResponseRead::Failed { prefix, error } => {
             let omitted = StoredResponse::omitted(head.status);
             let (prefix, error) = (Some(prefix.to_bytes()), Some(error));
-            let body = ResponseKind::Failed { prefix, error };
+            let body = ResponseKind::Failed {
+                prefix,
+                paused: false,
+                error,
+            };
             (omitted, ResponseBody::from(body))
         }
     }

@@ -545,4 +545,26 @@ async fn a_response_body_that_fails_part_way_is_never_run_again() {
     assert_eq!(retry.status, StatusCode::CONFLICT, "{retry:?}");
     assert_eq!(retry.code(), "idempotency_response_not_stored");
     assert_eq!(runs.get(), 2, "one run per key");
+
+    // On the wire: the head and what came reach the client before the connection breaks off.
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = "POST /fails HTTP/1.1\r\nHost: t\r\nIdempotency-Key: wire\r\n\
+                   Content-Length: 2\r\n\r\n{}";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut came = Vec::new();
+    let mut buf = [0; 1024];
+    while let Ok(Ok(n @ 1..)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+    )
+    .await
+    {
+        came.extend_from_slice(&buf[..n]);
+    }
+    let came = String::from_utf8_lossy(&came);
+    assert!(came.starts_with("HTTP/1.1 201"), "{came:?}");
+    assert!(came.contains("{\"id\":"), "what came of the body: {came:?}");
+    assert_eq!(runs.get(), 3);
 }

@@ -185,3 +185,52 @@ fn futures_stream<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::iter(items)
 }
+
+/// A keyed `POST /payments` whose body streams (no `Content-Length`).
+fn streamed(key: &str, len: usize) -> Request<Body> {
+    let chunks = vec![Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; len]))];
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .header(http::header::AUTHORIZATION, "Bearer limits")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap()
+}
+
+/// A body limit outside the layer (tower-http's `RequestBodyLimitLayer`) that cuts a streamed
+/// body off while the layer reads it: `413 request_body_too_large`, as without the layer (not
+/// `400 request_body_incomplete`), nothing runs and the key stays free.
+#[tokio::test]
+async fn a_body_limit_outside_the_layer_answers_413() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(16));
+    let over = send(&app, streamed("outer-limit", 100)).await;
+    assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE, "{over:?}");
+    assert_eq!(over.code(), "request_body_too_large");
+    assert_eq!(over.outcome, Some(Outcome::TooLarge));
+    assert_eq!(over.header("idempotency-key"), Some("outer-limit"));
+    assert_eq!(runs.get(), 0);
+    let within = send(&app, streamed("outer-limit", 10)).await;
+    assert_eq!(within.status, StatusCode::CREATED, "the key stayed free");
+    assert_eq!(runs.get(), 1);
+}
+
+/// The same on the wire: a chunked body over the outer limit, through a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_limit_outside_the_layer_answers_413_on_the_wire() {
+    let runs = Runs::default();
+    let app = api(runs.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(16));
+    let server = support::server::Server::start(app, Default::default()).await;
+    let chunked = format!(
+        "POST /payments HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer limits\r\n\
+         Idempotency-Key: wire\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         64\r\n{}\r\n0\r\n\r\n",
+        "x".repeat(100)
+    );
+    let reply = support::raw::exchange(server.addr, &chunked).await;
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert_eq!(runs.get(), 0);
+}

@@ -41,7 +41,10 @@
 //!   time on its server, so Tokio's paused clock cannot drive it. The whole suite takes a few
 //!   seconds.
 //! - The store must be atomic per record key across threads and connections: one case races
-//!   200 callers on one key.
+//!   200 callers on one key, through the one store value the suite was given. A store for a
+//!   fleet must also be atomic across its instances (two processes, each with its own client of
+//!   one server), which the suite cannot see: a lock inside the process passes it. Race two
+//!   instances of your store yourself (this crate's fleet tests do so for Redis and PostgreSQL).
 //!
 //! - The operator calls ([`lookup`](IdempotencyStore::lookup) and
 //!   [`forget`](IdempotencyStore::forget)) are optional: their cases print that they were

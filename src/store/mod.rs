@@ -161,7 +161,9 @@ use crate::tenant::TenantId;
 /// # let _ = layer;
 /// ```
 ///
-/// A real store also prunes expired records and bounds its size; see `MemoryStore`.
+/// A real store also prunes expired records and bounds its size; see `MemoryStore`. The layer
+/// hands a store leases from 3 ms to 100 years and TTLs from zero to 100 years, so that adding
+/// one to a clock never overflows.
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Atomically looks up the record for `key` and decides what the request does.
     ///
