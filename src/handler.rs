@@ -107,7 +107,8 @@ pin_project_lite::pin_project! {
     /// A keyed request's call of the inner service: made ready, then called, once the request
     /// holds its key. Until then the request holds none of the inner service's capacity (a
     /// `Buffer`'s slot, a concurrency limit's permit) while its body arrives, the store answers
-    /// or a duplicate waits: `poll_ready` readied the service that stays with the layer.
+    /// or a duplicate waits: the service that `poll_ready` readied was let go when the layer
+    /// was called.
     #[project = CallProj]
     pub(crate) enum Call<S, R, F> {
         Readying { service: S, request: Option<R> },

@@ -262,22 +262,13 @@ async fn a_service_that_fails_to_be_ready_releases_the_key() {
     assert_eq!(refusing.runs.load(Ordering::SeqCst), 0);
 
     refusing.refuse.store(false, Ordering::SeqCst);
-    let response = service
-        .ready()
-        .await
-        .unwrap()
-        .call(post(Some("k"), whole("a")))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    assert!(!response.headers().contains_key("idempotent-replayed"));
-    let replay = service
-        .ready()
-        .await
-        .unwrap()
-        .call(post(Some("k"), whole("a")))
-        .await
-        .unwrap();
-    assert!(replay.headers().contains_key("idempotent-replayed"));
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let ready = service.ready().await.unwrap();
+        answers.push(ready.call(post(Some("k"), whole("a"))).await.unwrap());
+    }
+    assert_eq!(answers[0].status(), StatusCode::CREATED);
+    assert!(!answers[0].headers().contains_key("idempotent-replayed"));
+    assert!(answers[1].headers().contains_key("idempotent-replayed"));
     assert_eq!(refusing.runs.load(Ordering::SeqCst), 1);
 }
