@@ -24,18 +24,53 @@ pub(crate) const DEFAULT_MAX_IN_FLIGHT_PER_TENANT: usize = 1_000;
 /// its own held for one map operation.
 const TENANT_SHARDS: usize = 64;
 
+/// A shard keeps the entries of tenants with nothing at work (a tenant that comes back is
+/// counted without an insert) until it holds this many, or twice as many as it kept at its last
+/// sweep: then the next new tenant's arrival first sweeps them out.
+const SHARD_ENTRIES: usize = 256;
+
 /// The counts of one layer, shared by its clones and every service it builds: an atomic
 /// operation on the total, and one short lock on the tenant's shard, per keyed request. Each
 /// tenant is counted exactly, apart from every other (a tenant at its bound never holds back
-/// another); a tenant's entry goes when its count falls to zero, so the maps hold at most the
-/// requests at work.
+/// another). The maps hold the tenants at work, and at most about as many again that were (see
+/// [`SHARD_ENTRIES`]).
 pub(crate) struct Admission {
     total: AtomicUsize,
-    tenants: Box<[Mutex<Counts>]>,
+    tenants: Box<[Mutex<Shard>]>,
 }
 
-/// One shard's counts: each tenant with keyed requests at work, and how many.
-type Counts = HashMap<TenantId, u32, BuildHasherDefault<IdHasher>>;
+/// One shard's counts: each tenant with keyed requests at work (or lately), and how many.
+#[derive(Default)]
+struct Shard {
+    counts: HashMap<TenantId, u32, BuildHasherDefault<IdHasher>>,
+    /// Past this many entries, a new tenant sweeps out the entries at zero first.
+    sweep_at: usize,
+}
+
+impl Shard {
+    /// Counts one more request of `tenant`, unless it has `max` at work.
+    fn enter(&mut self, tenant: &TenantId, max: u32) -> bool {
+        if let Some(n) = self.counts.get_mut(tenant) {
+            if *n >= max {
+                return false;
+            }
+            *n += 1;
+            return true;
+        }
+        if self.counts.len() >= self.sweep_at.max(SHARD_ENTRIES) {
+            self.counts.retain(|_, n| *n > 0);
+            self.sweep_at = 2 * self.counts.len();
+        }
+        self.counts.insert(*tenant, 1);
+        true
+    }
+
+    fn leave(&mut self, tenant: &TenantId) {
+        if let Some(n) = self.counts.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
 
 /// A hasher for tenant ids, which are uniform hashes already (a MAC of the tenant, or the
 /// shared scope's zeros): it keeps the last eight bytes written.
@@ -99,17 +134,10 @@ impl Admission {
         let counted = (limits.per_tenant < limits.total).then_some(*tenant);
         if let Some(tenant) = &counted {
             let max = u32::try_from(limits.per_tenant).unwrap_or(u32::MAX);
-            let mut counts = self.shard(tenant);
-            match counts.get_mut(tenant) {
-                Some(n) if *n >= max => {
-                    drop(counts);
-                    self.total.fetch_sub(1, Ordering::AcqRel);
-                    return Err(Refused::Tenant);
-                }
-                Some(n) => *n += 1,
-                None => {
-                    counts.insert(*tenant, 1);
-                }
+            let entered = self.shard(tenant).enter(tenant, max);
+            if !entered {
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused::Tenant);
             }
         }
         Ok(Permit {
@@ -120,7 +148,7 @@ impl Admission {
 
     /// The counts of `tenant`'s shard, locked. Nothing panics under the lock; a poisoned one
     /// is taken as it is.
-    fn shard(&self, tenant: &TenantId) -> MutexGuard<'_, Counts> {
+    fn shard(&self, tenant: &TenantId) -> MutexGuard<'_, Shard> {
         let bytes = tenant.as_bytes();
         let shard = usize::from(bytes[0]) % TENANT_SHARDS;
         self.tenants[shard]
@@ -128,16 +156,19 @@ impl Admission {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether no tenant has keyed requests at work (every entry gone).
+    /// Whether no tenant has keyed requests at work.
     #[cfg(test)]
     fn counts_none(&self) -> bool {
-        self.tenants.iter().all(|c| c.lock().unwrap().is_empty())
+        let shards = self.tenants.iter().map(|shard| shard.lock().unwrap());
+        shards
+            .into_iter()
+            .all(|shard| shard.counts.values().all(|&n| n == 0))
     }
 
     /// How many keyed requests of `tenant` are at work now.
     #[cfg(test)]
     fn of(&self, tenant: &TenantId) -> u32 {
-        self.shard(tenant).get(tenant).copied().unwrap_or(0)
+        self.shard(tenant).counts.get(tenant).copied().unwrap_or(0)
     }
 
     /// How many keyed requests are at work now.
@@ -147,13 +178,7 @@ impl Admission {
 
     fn leave(&self, tenant: Option<&TenantId>) {
         if let Some(tenant) = tenant {
-            let mut counts = self.shard(tenant);
-            if let Some(n) = counts.get_mut(tenant) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(tenant);
-                }
-            }
+            self.shard(tenant).leave(tenant);
         }
         self.total.fetch_sub(1, Ordering::AcqRel);
     }
@@ -238,6 +263,41 @@ mod tests {
         drop((held, b1));
         assert_eq!((admission.of(&a), admission.of(&b)), (0, 1));
         drop(b2);
+        assert!(admission.counts_none());
+        assert_eq!(admission.in_flight(), 0);
+    }
+
+    #[test]
+    fn tenants_gone_are_swept_out() {
+        let admission = Arc::<Admission>::default();
+        let limits = Limits {
+            total: 100_000,
+            per_tenant: 4,
+        };
+        // One tenant stays at work throughout; 100,000 others come and go.
+        let mut stays = [0; 32];
+        stays[1] = 1;
+        let stays = TenantId::from_bytes(stays);
+        let held = admission.admit(&stays, limits).unwrap();
+        for i in 0..100_000u32 {
+            let mut bytes = [0; 32];
+            bytes[..4].copy_from_slice(&i.to_le_bytes());
+            bytes[31] = 1;
+            drop(
+                admission
+                    .admit(&TenantId::from_bytes(bytes), limits)
+                    .unwrap(),
+            );
+        }
+        for shard in admission.tenants.iter() {
+            assert!(shard.lock().unwrap().counts.len() <= SHARD_ENTRIES);
+        }
+        assert_eq!(
+            admission.of(&stays),
+            1,
+            "a tenant at work is never swept out"
+        );
+        drop(held);
         assert!(admission.counts_none());
         assert_eq!(admission.in_flight(), 0);
     }

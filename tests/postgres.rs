@@ -58,3 +58,47 @@ async fn the_pool_of_connect_has_the_size_asked_for() {
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(runs.get(), 20);
 }
+
+/// Two tables whose names share their first 51 characters (PostgreSQL cuts names at 63 bytes,
+/// and the index's name is the table's with `_expires_idx`): each gets its own index on
+/// `expires_at`, so cleaning either never scans the whole table.
+#[tokio::test]
+async fn long_table_names_that_share_a_start_each_get_their_index() {
+    let Some(url) = server_url("POSTGRES_URL", "long_table_names_each_get_their_index") else {
+        return;
+    };
+    let base = "records_of_the_payments_service_in_region_europe_a_";
+    assert_eq!(base.len(), 51);
+    let tables = [format!("{base}west_1"), format!("{base}east_1")];
+    for table in &tables {
+        let store = PostgresStore::builder()
+            .table(table.as_str())
+            .connect(&url)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+    }
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for table in &tables {
+        let indexes: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE tablename = $1 \
+                 AND indexdef LIKE '%(expires_at)%'",
+                &[table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(indexes, 1, "{table}");
+    }
+    for table in &tables {
+        client
+            .execute(&format!("DROP TABLE \"{table}\""), &[])
+            .await
+            .unwrap();
+    }
+}

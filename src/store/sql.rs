@@ -71,10 +71,16 @@ impl Table {
             None => format!("\"{table}\""),
         };
         const SUFFIX: &str = "_expires_idx";
-        let index = format!(
-            "\"{}{SUFFIX}\"",
-            &table[..table.len().min(63 - SUFFIX.len())]
-        );
+        // PostgreSQL cuts names at 63 bytes: a table name too long for the suffix is cut, and
+        // marked with a hash of the whole name, so that two long names that share their start
+        // do not share an index name (`migrate` would skip the second table's index).
+        let index = if table.len() + SUFFIX.len() <= 63 {
+            format!("\"{table}{SUFFIX}\"")
+        } else {
+            let hash = Sha256::digest(table.as_bytes());
+            let mark: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+            format!("\"{}_{mark}{SUFFIX}\"", &table[..63 - SUFFIX.len() - 9])
+        };
         let qualified_index = match schema {
             Some(schema) => format!("\"{schema}\".{index}"),
             None => index.clone(),
@@ -514,7 +520,15 @@ mod tests {
         let table = Table::parse("s.t").unwrap();
         assert_eq!(table.qualified_index, "\"s\".\"t_expires_idx\"");
         let table = Table::parse(&long).unwrap();
-        assert!(table.index.len() <= 63 + 2);
+        assert_eq!(table.index.len(), 63 + 2);
+        // Two long names that share their first 51 characters get an index each.
+        let other = format!("{}b", "a".repeat(62));
+        let other = Table::parse(&other).unwrap();
+        assert_eq!(other.index.len(), 63 + 2);
+        assert_ne!(table.index, other.index);
+        let fits = "a".repeat(51);
+        let fits = Table::parse(&fits).unwrap();
+        assert_eq!(fits.index, format!("\"{}_expires_idx\"", "a".repeat(51)));
 
         for bad in [
             "",
