@@ -513,6 +513,65 @@ async fn a_422_and_the_other_4xx_are_returned_at_once() {
     assert_eq!(proxy.exchanges().len(), 9, "one request each");
 }
 
+/// A `409` without `Retry-After` is final: an application's own conflict (answered by a server
+/// without the layer, or stored by the layer and replayed), and the layer's
+/// `409 idempotency_response_not_stored`; each sent once, the handler run once. With
+/// `retry_conflicts_without_retry_after(true)`, a bare `409` is retried.
+#[tokio::test]
+async fn a_409_without_retry_after_is_final() {
+    let runs = Runs::default();
+    let bare = Server::start(api(runs.clone()), DetachedRuns::default()).await;
+    let once = quick_client();
+    let url = format!("http://{}/status/409", bare.addr);
+    let conflict = send(&once, post(&url, None, "{}")).await.unwrap();
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(conflict.outcome().attempts(), 1);
+    assert_eq!(runs.get(), 1, "the application's own conflict ran once");
+
+    let (proxy, runs) = proxied(MemoryStore::new()).await;
+    let stored = send(&once, post(&proxy.url("/status/409"), None, "{}"))
+        .await
+        .unwrap();
+    assert_eq!(stored.status, StatusCode::CONFLICT);
+    assert_eq!(
+        (stored.outcome().attempts(), stored.outcome().replayed()),
+        (1, false),
+        "the operation's own answer, not a replay"
+    );
+    assert_eq!(runs.get(), 1);
+
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).max_response_bytes(4);
+    let small = Server::start(api(runs.clone()).layer(layer), DetachedRuns::default()).await;
+    let url = format!("http://{}/payments", small.addr);
+    let first = send(&once, post(&url, Some("too-large"), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&once, post(&url, Some("too-large"), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert!(retry.headers.get(header::RETRY_AFTER).is_none());
+    assert_eq!(retry.outcome().attempts(), 1, "not_stored is final");
+    assert_eq!(runs.get(), 1);
+
+    let runs = Runs::default();
+    let bare = Server::start(api(runs.clone()), DetachedRuns::default()).await;
+    let eager = client(
+        quick()
+            .max_retries(2)
+            .retry_conflicts_without_retry_after(true)
+            .build(),
+        Duration::from_secs(10),
+    );
+    let url = format!("http://{}/status/409", bare.addr);
+    let retried = send(&eager, post(&url, None, "{}")).await.unwrap();
+    assert_eq!(retried.status, StatusCode::CONFLICT);
+    assert_eq!(retried.outcome().attempts(), 3);
+    assert_eq!(runs.get(), 3);
+}
+
 #[tokio::test]
 async fn the_deadline_ends_the_retries_with_the_last_answer() {
     let (proxy, runs) = proxied(MemoryStore::new()).await;

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub(crate) max_delay: Duration,
     pub(crate) deadline: Duration,
     pub(crate) max_body_bytes: usize,
+    /// Whether a `409` without `Retry-After` is retried.
+    pub(crate) conflicts: bool,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             max_delay: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
             max_body_bytes: 2 * 1024 * 1024,
+            conflicts: false,
         }
     }
 }
@@ -73,10 +76,13 @@ impl Default for Config {
 ///   [`BodyTooLarge`](RetryErrorKind::BodyTooLarge), never sent), and every attempt sends those
 ///   same bytes with the same key;
 /// - it retries when the inner service fails (a connection refused, reset or lost: the request
-///   may or may not have run, and the key makes running it again safe), and on `409` (the
-///   first attempt is still running), `429`, and `5xx` except `501` and `505` (the server
-///   failed and released the key). It never retries another `4xx`: a `422` means the key was
-///   used for a different request, a bug a retry cannot fix. A response marked
+///   may or may not have run, and the key makes running it again safe), and on `409` with
+///   `Retry-After` (the first attempt is still running), `429`, and `5xx` except `501` and
+///   `505` (the server failed and released the key). It never retries another `4xx`: a `422`
+///   means the key was used for a different request, a bug a retry cannot fix; a `409` without
+///   `Retry-After` is the operation's own conflict, or `idempotency_response_not_stored` (see
+///   [`retry_conflicts_without_retry_after`](IdempotentRetryLayerBuilder::retry_conflicts_without_retry_after)
+///   for servers whose in-progress `409` has no `Retry-After`). A response marked
 ///   `Idempotent-Replayed: true` is the operation's answer, whatever its status, and is never
 ///   retried (a `409` that the operation itself answered is stored by the server: its retry
 ///   gets the replay and stops there);
@@ -198,6 +204,11 @@ impl IdempotentRetryLayer {
     /// The largest request body buffered for retries.
     pub fn max_body_bytes(&self) -> usize {
         self.config.max_body_bytes
+    }
+
+    /// Whether a `409` without `Retry-After` is retried.
+    pub fn retries_conflicts_without_retry_after(&self) -> bool {
+        self.config.conflicts
     }
 
     #[cfg(feature = "reqwest")]
@@ -326,6 +337,26 @@ impl IdempotentRetryLayerBuilder {
     /// ```
     pub fn max_body_bytes(mut self, max: usize) -> Self {
         self.config.max_body_bytes = max;
+        self
+    }
+
+    /// Retry every `409`, not only one with `Retry-After`. Default: `false`.
+    ///
+    /// This crate's server, like most, sends `Retry-After` with the `409` that says the first
+    /// request with the key still runs; a `409` without it is final: the operation's own
+    /// conflict (a duplicate the application found), or `409 idempotency_response_not_stored`
+    /// (the operation ran and its response cannot be replayed). Turn this on for a server whose
+    /// in-progress `409` has no `Retry-After`; an application's own `409` is then sent again
+    /// until the retries are spent.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotentRetryLayer::builder()
+    ///     .retry_conflicts_without_retry_after(true)
+    ///     .build();
+    /// assert!(layer.retries_conflicts_without_retry_after());
+    /// ```
+    pub fn retry_conflicts_without_retry_after(mut self, retry: bool) -> Self {
+        self.config.conflicts = retry;
         self
     }
 

@@ -10,12 +10,15 @@ use super::Config;
 use crate::config::IDEMPOTENT_REPLAYED;
 use crate::util::{Hex, random_bytes};
 
-/// Whether a response is worth another attempt with the same key: `409` (the first attempt
-/// still runs), `429`, and `5xx` but `501` and `505` (the server failed and released the key);
-/// never a replay, whatever its status (it is the operation's stored answer).
-pub(crate) fn should_retry(status: StatusCode, headers: &HeaderMap) -> bool {
+/// Whether a response is worth another attempt with the same key: `409` with `Retry-After`
+/// (the first attempt still runs; any `409` with `conflicts`), `429`, and `5xx` but `501` and
+/// `505` (the server failed and released the key); never a replay, whatever its status (it is
+/// the operation's stored answer). A `409` without `Retry-After` is final: the operation's own
+/// conflict, or `idempotency_response_not_stored`.
+pub(crate) fn should_retry(status: StatusCode, headers: &HeaderMap, conflicts: bool) -> bool {
     let retryable = match status {
-        StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS => true,
+        StatusCode::CONFLICT => conflicts || headers.contains_key(header::RETRY_AFTER),
+        StatusCode::TOO_MANY_REQUESTS => true,
         StatusCode::NOT_IMPLEMENTED | StatusCode::HTTP_VERSION_NOT_SUPPORTED => false,
         status => status.is_server_error(),
     };
@@ -139,16 +142,28 @@ mod tests {
     #[test]
     fn retried_statuses() {
         let none = HeaderMap::new();
-        for code in [409, 429, 500, 502, 503, 504, 507, 599] {
+        for code in [429, 500, 502, 503, 504, 507, 599] {
             let status = StatusCode::from_u16(code).unwrap();
-            assert!(should_retry(status, &none), "{code} is retried");
+            assert!(should_retry(status, &none, false), "{code} is retried");
         }
         for code in [
-            200, 201, 204, 301, 400, 401, 403, 404, 408, 410, 413, 422, 501, 505,
+            200, 201, 204, 301, 400, 401, 403, 404, 408, 409, 410, 413, 422, 501, 505,
         ] {
             let status = StatusCode::from_u16(code).unwrap();
-            assert!(!should_retry(status, &none), "{code} is not retried");
+            assert!(!should_retry(status, &none, false), "{code} is not retried");
         }
+    }
+
+    #[test]
+    fn a_409_is_retried_when_it_asks_to_wait() {
+        let in_progress = headers(&[("retry-after", "1")]);
+        assert!(should_retry(StatusCode::CONFLICT, &in_progress, false));
+        assert!(!should_retry(
+            StatusCode::CONFLICT,
+            &HeaderMap::new(),
+            false
+        ));
+        assert!(should_retry(StatusCode::CONFLICT, &HeaderMap::new(), true));
     }
 
     #[test]
@@ -156,7 +171,7 @@ mod tests {
         let replay = headers(&[("idempotent-replayed", "true")]);
         for code in [409, 429, 500, 503] {
             let status = StatusCode::from_u16(code).unwrap();
-            assert!(!should_retry(status, &replay), "replayed {code}");
+            assert!(!should_retry(status, &replay, true), "replayed {code}");
         }
         assert!(replayed(&headers(&[("idempotent-replayed", "TRUE")])));
         assert!(!replayed(&headers(&[("idempotent-replayed", "false")])));

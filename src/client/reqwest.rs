@@ -107,7 +107,13 @@ impl Middleware for IdempotentRetryMiddleware {
             let result = next.clone().run(attempt, extensions).await;
             schedule.attempted();
             let wait = match &result {
-                Ok(response) if policy::should_retry(response.status(), response.headers()) => {
+                Ok(response)
+                    if policy::should_retry(
+                        response.status(),
+                        response.headers(),
+                        config.conflicts,
+                    ) =>
+                {
                     schedule.next_wait(config, policy::retry_after(response.headers()))
                 }
                 Ok(_) => None,

@@ -175,7 +175,13 @@ where
             .await;
         schedule.attempted();
         let wait = match &result {
-            Ok(response) if policy::should_retry(response.status(), response.headers()) => {
+            Ok(response)
+                if policy::should_retry(
+                    response.status(),
+                    response.headers(),
+                    config.conflicts,
+                ) =>
+            {
                 schedule.next_wait(&config, policy::retry_after(response.headers()))
             }
             Ok(_) => None,
