@@ -453,10 +453,25 @@ impl<St: IdempotencyStore> Guard<St> {
                 .store
                 .complete(&self.key, self.token, response.clone(), *ttl);
             let result = timed(StoreOp::Complete, self.timeout, call).await;
-            self.state = GuardState::Done;
-            self.wake();
-            if let Err(err) = result {
-                self.report("complete", &err);
+            let GuardState::Completing(response, ttl) =
+                std::mem::replace(&mut self.state, GuardState::Done)
+            else {
+                unreachable!("the state is only changed here");
+            };
+            match result {
+                Ok(()) => self.wake(),
+                Err(err) => {
+                    self.report("complete", &err);
+                    // The handler ran: a record left in flight would lapse with its lease, and
+                    // the retry would run it again. Fenced by the token, the completion is tried
+                    // again in the background (a connection the store lost, a failover, a
+                    // store that was full for a moment), and the waiters woken after.
+                    if err.kind() == StoreErrorKind::LeaseLost {
+                        self.wake();
+                    } else {
+                        self.spawn_complete(response, ttl);
+                    }
+                }
             }
             Outcome::Executed
         }
@@ -520,6 +535,25 @@ impl<St: IdempotencyStore> Guard<St> {
             // release ends, the guard's `Drop` reports it instead).
             self.report_outcome(Outcome::Released);
         })
+    }
+
+    /// Tries a completion that failed again in the background: seven more times, waiting from
+    /// 100 ms to 6.4 s between them (about 13 s in all, well within a lease that its renewals
+    /// kept until the handler answered), until one succeeds or the key is found taken over.
+    fn spawn_complete(&self, response: StoredResponse, ttl: Duration) {
+        self.spawn_with(move |store, key, token, timeout| async move {
+            let mut backoff = Duration::from_millis(100);
+            for _ in 0..7 {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                let call = store.complete(&key, token, response.clone(), ttl);
+                match timed(StoreOp::Complete, timeout, call).await {
+                    Ok(()) => return,
+                    Err(err) if err.kind() == StoreErrorKind::LeaseLost => return,
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     fn spawn_release(&self) {

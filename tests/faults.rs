@@ -75,7 +75,7 @@ async fn settle(time: Duration) {
     tokio::time::sleep(time).await;
 }
 
-async fn failed_complete_keeps_the_key_in_flight_until_the_lease_ends<S>(w: World<S>)
+async fn a_failed_complete_is_tried_again_in_the_background<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
 {
@@ -86,7 +86,25 @@ where
         StatusCode::CREATED,
         "the first client still gets its response"
     );
+    // While the completion fails, a retry cannot run the handler again.
+    assert_eq!(send(&w.app, payment()).await.status, StatusCode::CONFLICT);
     w.store.heal();
+    // The store is back: the completion tried again in the background stores the response.
+    let replayed =
+        support::eventually(w.lease, async || send(&w.app, payment()).await.replayed()).await;
+    assert!(replayed, "the response is stored once the store is back");
+    let replay = send(&w.app, payment()).await;
+    assert_eq!(replay.body, first.body);
+    assert_eq!(w.runs.get(), 1);
+}
+
+async fn a_complete_that_keeps_failing_holds_the_key_until_the_lease_ends<S>(w: World<S>)
+where
+    S: IdempotencyStore + Clone,
+{
+    w.store.always(Op::Complete, Fault::Fail);
+    let first = send(&w.app, payment()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
     // While the lease lives, a retry cannot run the handler again.
     assert_eq!(send(&w.app, payment()).await.status, StatusCode::CONFLICT);
     settle(w.part(0.6)).await;
@@ -96,6 +114,7 @@ where
     settle(w.part(0.6)).await;
     assert_eq!(send(&w.app, payment()).await.status, StatusCode::CREATED);
     assert_eq!(w.runs.get(), 2);
+    w.store.heal();
 }
 
 async fn a_complete_that_hangs_times_out_like_a_failure<S>(w: World<S>)
@@ -116,6 +135,10 @@ where
         "bounded by the store timeout: {elapsed:?}"
     );
     assert_eq!(send(&w.app, payment()).await.status, StatusCode::CONFLICT);
+    // Tried again in the background, the completion stores the response.
+    let replayed =
+        support::eventually(w.lease, async || send(&w.app, payment()).await.replayed()).await;
+    assert!(replayed);
     assert_eq!(w.runs.get(), 1);
 }
 
@@ -390,7 +413,8 @@ macro_rules! cases {
 const SHARED_LEASE: Duration = Duration::from_secs(2);
 
 cases!(
-    failed_complete_keeps_the_key_in_flight_until_the_lease_ends,
+    a_failed_complete_is_tried_again_in_the_background,
+    a_complete_that_keeps_failing_holds_the_key_until_the_lease_ends,
     a_complete_that_hangs_times_out_like_a_failure,
     a_complete_whose_reply_is_lost_still_replays,
     a_failed_release_is_retried_in_the_background,

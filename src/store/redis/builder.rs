@@ -6,7 +6,7 @@ use std::time::Duration;
 use ::redis::aio::ConnectionManager;
 use ::redis::cluster_async::ClusterConnection;
 
-use super::conn::Conn;
+use super::conn::{Conn, Node};
 use super::{DEFAULT_PREFIX, RedisStore, ReplicaWait, checked_prefix};
 use crate::store::StoreError;
 
@@ -123,7 +123,7 @@ impl RedisStoreBuilder {
     /// A store over an existing connection manager (one Redis server), as [`RedisStore::new`].
     pub fn build(self, conn: ConnectionManager) -> RedisStore {
         let (prefix, wait) = self.checked();
-        RedisStore::with(Conn::Node(conn), prefix, wait)
+        RedisStore::with(Conn::Node(Node::new(conn, None)), prefix, wait)
     }
 
     /// A store over an existing Redis Cluster connection, as [`RedisStore::from_cluster`].

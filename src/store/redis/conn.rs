@@ -1,11 +1,13 @@
 //! The store's connection: one Redis node, or a Redis Cluster.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use ::redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
+use ::redis::{Client, Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 
 use super::record::Lua;
 
@@ -13,16 +15,85 @@ use super::record::Lua;
 #[derive(Clone)]
 pub(super) enum Conn {
     /// One Redis server, through a reconnecting multiplexed connection.
-    Node(ConnectionManager),
+    Node(Arc<Node>),
     /// A Redis Cluster: a multiplexed connection per node, commands routed by their key's slot,
     /// `MOVED` and `ASK` followed, the slot map refreshed after a failover.
     Cluster(ClusterConnection),
 }
 
+/// One Redis server's connection manager, and what it takes to make a new one.
+pub(super) struct Node {
+    manager: RwLock<ConnectionManager>,
+    /// The client and settings the manager was made from, when the store made it.
+    remake: Option<(Client, ConnectionManagerConfig)>,
+    /// Whether a new manager is being made (or was, less than a second ago).
+    remaking: Arc<AtomicBool>,
+}
+
+impl Node {
+    pub(super) fn new(
+        manager: ConnectionManager,
+        remake: Option<(Client, ConnectionManagerConfig)>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            manager: RwLock::new(manager),
+            remake,
+            remaking: Arc::default(),
+        })
+    }
+
+    fn manager(&self) -> ConnectionManager {
+        let manager = self.manager.read().unwrap_or_else(PoisonError::into_inner);
+        manager.clone()
+    }
+
+    /// A manager reconnects when a call fails on its connection, but not when the new
+    /// connection itself is refused with anything but an I/O error (its `AUTH` refused while a
+    /// password was being rotated, a server still loading): it would answer that error to every
+    /// call, for good. After such an error, a new manager is made in the background (one at a
+    /// time, at most one a second), and takes the old one's place once it is connected.
+    fn recover(self: &Arc<Self>, err: &RedisError) {
+        let Some((client, config)) = &self.remake else {
+            return;
+        };
+        if err.is_io_error() || !err.is_unrecoverable_error() {
+            return;
+        }
+        if self.remaking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (node, client, config) = (Arc::downgrade(self), client.clone(), config.clone());
+        let remaking = self.remaking.clone();
+        tokio::spawn(async move {
+            if let Ok(manager) = ConnectionManager::new_with_config(client, config).await
+                && let Some(node) = node.upgrade()
+            {
+                *node.manager.write().unwrap_or_else(PoisonError::into_inner) = manager;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            remaking.store(false, Ordering::Release);
+        });
+    }
+}
+
 impl Conn {
+    /// Whether a call that met a dropped connection is worth running again here: one node's
+    /// connection manager reconnects when a call finds its connection gone (the server
+    /// restarted, closed it when idle, or killed it), and only then; the cluster's client
+    /// retries such calls itself.
+    pub(super) fn is_node(&self) -> bool {
+        matches!(self, Self::Node(_))
+    }
+
     async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
-            Self::Node(conn) => cmd.query_async(&mut conn.clone()).await,
+            Self::Node(node) => {
+                let result = cmd.query_async(&mut node.manager()).await;
+                if let Err(err) = &result {
+                    node.recover(err);
+                }
+                result
+            }
             Self::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
         }
     }
@@ -56,7 +127,7 @@ impl Conn {
         wait.arg(replicas)
             .arg(super::record::millis(timeout).as_bytes());
         let reply = match self {
-            Self::Node(conn) => wait.query_async(&mut conn.clone()).await?,
+            Self::Node(node) => wait.query_async(&mut node.manager()).await?,
             Self::Cluster(conn) => {
                 let route = Route::with_key(key, SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));

@@ -104,7 +104,17 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// Give idempotency records a Redis whose eviction policy never evicts them
 /// (`maxmemory-policy noeviction`, or no `maxmemory`): every record carries an expiry, so a
 /// `volatile-*` policy could evict a live record under memory pressure and let a retry run the
-/// handler twice. With persistence off, a Redis restart forgets every record.
+/// handler twice (an `allkeys-*` policy, any record). A Redis that is full under `noeviction`
+/// is a full store: a new key gets `503` (even failing open); a response that cannot be stored
+/// keeps its record in flight for the TTL (retries get `409`, never a second run) while the
+/// completion is tried again. With persistence off, a Redis restart forgets every record.
+///
+/// On one server, a call that finds its connection dropped (a restart, an idle timeout of the
+/// server or of a proxy, `CLIENT KILL`) runs once more on a new connection: every call can run
+/// twice safely. A new connection refused by the server (its `AUTH` during a password rotation)
+/// is made again in the background, at most once a second, for a store made by
+/// [`connect`](Self::connect) (one made with [`new`](Self::new) from a connection manager of
+/// yours keeps that manager).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
@@ -185,10 +195,10 @@ impl RedisStore {
         let client =
             Client::open(url).map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
         let config = ConnectionManagerConfig::new().set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(redis_error)?;
-        let conn = Conn::Node(conn);
+        let conn = Conn::Node(conn::Node::new(conn, Some((client, config))));
         conn.load(&record::all()).await.map_err(redis_error)?;
         Ok(conn)
     }
@@ -379,12 +389,15 @@ fn redis_key(prefix: &str, key: &RecordKey) -> String {
     out
 }
 
-/// Connection, I/O and server errors make the store unavailable; a reply the client could not
-/// read, or a key holding another Redis type, is corrupt.
+/// Connection, I/O and server errors make the store unavailable; a server out of memory
+/// (`maxmemory` reached under `noeviction`) is a full store, as a full `MemoryStore` (never
+/// run past, even failing open); a reply the client could not read, or a key holding another
+/// Redis type, is corrupt.
 fn redis_error(err: RedisError) -> StoreError {
     let kind = match err.kind() {
         ErrorKind::Parse | ErrorKind::UnexpectedReturnType => StoreErrorKind::Corrupt,
         _ if err.code() == Some("WRONGTYPE") => StoreErrorKind::Corrupt,
+        _ if err.code() == Some("OOM") => StoreErrorKind::CapacityExceeded,
         _ => StoreErrorKind::Unavailable,
     };
     StoreError::new(kind, err)

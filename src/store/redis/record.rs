@@ -28,7 +28,9 @@ end
 
 /// `begin`. ARGV: fingerprint, the in-flight record to write, lease in ms.
 /// Returns 0 (acquired), 1 (in flight), 2 (mismatch), 3 (unreadable record), or the whole
-/// completed record.
+/// completed record. A record in flight under the token of the record to write is this call's
+/// own (a first run whose answer a dropped connection lost): acquired again. Tokens are random,
+/// so no other call meets it.
 ///
 /// An existing key is a live record: Redis removes a record itself when its lease (in flight)
 /// or its TTL (completed) runs out, so a dead holder's record is simply gone.
@@ -48,6 +50,10 @@ if string.sub(head, 3, 34) ~= ARGV[1] then
 end
 local state = string.sub(head, 2, 2)
 if state == 'f' then
+  if string.sub(head, 35, 50) == string.sub(ARGV[2], 35, 50) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return 0
+  end
   return 1
 end
 if state == 'c' then
@@ -71,8 +77,10 @@ return 0
     ))
 });
 
-/// `complete`. ARGV: token, encoded response, TTL in ms. Rewrites the record as completed
-/// (keeping its fingerprint) with the TTL as its expiry.
+/// `complete`. ARGV: token, encoded response, TTL in ms, and `1` when the call is run again
+/// after a dropped connection. Rewrites the record as completed (keeping its fingerprint) with
+/// the TTL as its expiry. Run again, a record this token completed counts as done: the first
+/// run did it.
 pub(super) static COMPLETE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{HELD}
@@ -81,17 +89,25 @@ if ok then
   redis.call('SET', KEYS[1], '\\1c' .. string.sub(head, 3, 50) .. ARGV[2], 'PX', ARGV[3])
   return 1
 end
+if ARGV[4] == '1' and string.sub(head, 1, 2) == '\\1c' and string.sub(head, 35, 50) == ARGV[1] then
+  return 1
+end
 return 0
 "
     ))
 });
 
-/// `release`. ARGV: token. Deletes the record if the token holds it.
+/// `release`. ARGV: token, and `1` when the call is run again after a dropped connection.
+/// Deletes the record if the token holds it. Run again, no record counts as done.
 pub(super) static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{HELD}
-if held(ARGV[1]) then
+local ok, head = held(ARGV[1])
+if ok then
   redis.call('DEL', KEYS[1])
+  return 1
+end
+if ARGV[2] == '1' and head == '' then
   return 1
 end
 return 0

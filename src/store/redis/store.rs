@@ -15,12 +15,43 @@ use crate::stored::StoredResponse;
 
 impl RedisStore {
     async fn invoke(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
-        self.conn.run(script, key, args).await.map_err(redis_error)
+        self.invoke_again(script, key, args, args).await
     }
 
-    /// Runs one of the scripts that answer 1 (done) or 0 (not held by the token).
-    async fn fenced(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<(), StoreError> {
-        match self.invoke(script, key, args).await? {
+    /// Runs `script`; on one node, once more with `again` when the connection that carried it
+    /// was found dropped (the server restarted, or closed the connection when it was idle or
+    /// told to): the call may or may not have run, and the manager reconnects for the second.
+    /// Every script can run twice: `begin` finds its own token's record acquired, `renew`,
+    /// `lookup` and `forget` do what they did, and `complete` and `release`, told by `again`,
+    /// take what their first run did as done.
+    async fn invoke_again(
+        &self,
+        script: &Lua,
+        key: &str,
+        args: &[&[u8]],
+        again: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        match self.conn.run(script, key, args).await {
+            Err(err)
+                if self.conn.is_node()
+                    && (err.is_connection_dropped() || err.is_unrecoverable_error()) =>
+            {
+                self.conn.run(script, key, again).await.map_err(redis_error)
+            }
+            result => result.map_err(redis_error),
+        }
+    }
+
+    /// Runs one of the scripts that answer 1 (done) or 0 (not held by the token); `again` as
+    /// for [`invoke_again`](Self::invoke_again).
+    async fn fenced(
+        &self,
+        script: &Lua,
+        key: &str,
+        args: &[&[u8]],
+        again: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        match self.invoke_again(script, key, args, again).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::lease_lost()),
             other => Err(unexpected(&other)),
@@ -80,7 +111,10 @@ impl IdempotencyStore for RedisStore {
                     // The handler will not run: free the key for the retry. Should this fail
                     // too, `sent` tries again in the background.
                     let token = token.as_u128().to_be_bytes();
-                    let _ = self.fenced(&record::RELEASE, &redis_key, &[&token]).await;
+                    let again: [&[u8]; 2] = [&token, b"1"];
+                    let _ = self
+                        .fenced(&record::RELEASE, &redis_key, &[&token], &again)
+                        .await;
                     Err(err)
                 }
             },
@@ -104,7 +138,7 @@ impl IdempotencyStore for RedisStore {
         let token = token.as_u128().to_be_bytes();
         let lease = record::millis(lease);
         let args: [&[u8]; 2] = [&token, lease.as_bytes()];
-        self.fenced(&record::RENEW, &self.redis_key(key), &args)
+        self.fenced(&record::RENEW, &self.redis_key(key), &args, &args)
             .await
     }
 
@@ -120,13 +154,28 @@ impl IdempotencyStore for RedisStore {
         let encoded = response.encode();
         let ttl = record::millis(ttl);
         let args: [&[u8]; 3] = [&token, &encoded, ttl.as_bytes()];
-        self.fenced(&record::COMPLETE, &redis_key, &args).await?;
+        let again: [&[u8]; 4] = [&token, &encoded, ttl.as_bytes(), b"1"];
+        let completed = self
+            .fenced(&record::COMPLETE, &redis_key, &args, &again)
+            .await;
+        if let Err(err) = completed {
+            if err.kind() == StoreErrorKind::CapacityExceeded {
+                // Redis is full (`noeviction`): the handler ran, and a record left to lapse
+                // with its lease would let a retry run it again. `PEXPIRE` needs no memory: the
+                // record stays in flight for the TTL (its retries get `409`, never a second
+                // run) unless a later try completes it.
+                let hold: [&[u8]; 2] = [&token, ttl.as_bytes()];
+                let _ = self.fenced(&record::RENEW, &redis_key, &hold, &hold).await;
+            }
+            return Err(err);
+        }
         self.replicated(&redis_key).await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let token = token.as_u128().to_be_bytes();
-        self.fenced(&record::RELEASE, &self.redis_key(key), &[&token])
+        let again: [&[u8]; 2] = [&token, b"1"];
+        self.fenced(&record::RELEASE, &self.redis_key(key), &[&token], &again)
             .await
     }
 
