@@ -246,7 +246,10 @@ async fn past_the_deadline_409<St: IdempotencyStore>(store: St, transport: Trans
     let server = start(layer, &api, transport).await;
     let key = unique_key("deadline");
     let first = server.first(&key, "{}").await;
-    let late = server.send(&key, "{}").await;
+    // Bounded: a wait past its deadline would last until the first ends, which it does not.
+    let late = tokio::time::timeout(Duration::from_secs(10), server.send(&key, "{}"))
+        .await
+        .expect("the deadline ends the wait");
     late.assert_in_progress();
     assert_outcome(&late, Outcome::InProgress);
     assert_eq!(late.header("idempotency-key"), Some(key.as_str()));
@@ -760,7 +763,11 @@ async fn fail_open_never_runs_a_waiter_past_a_failing_store(fault: Fault) {
     let first = server.first(&key, "{}").await;
     let waiter = server.waiter(&key, "{}").await;
     store.always(Op::Begin, fault);
-    let waiter = waiter.await.unwrap();
+    // Bounded: a waiter run past the store would wait for the gate, which opens only below.
+    let waiter = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter answers without running")
+        .unwrap();
     store.heal();
     api.open();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
