@@ -325,7 +325,7 @@ async fn flushall_while_in_flight_then_retry() {
 // ---------------------------------------------------------------------------------------------
 
 /// `allkeys-lru`: completed records are evicted under memory pressure and their retries run
-/// again. Behaviour probe (documented in RedisStore's rustdoc, "Operating Redis").
+/// again: the hazard README and `RedisStore`'s "Operating Redis" warn about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn allkeys_lru_evicts_completed_records_and_retries_run_again() {
     let Some(bin) = bin("allkeys_lru") else {
@@ -439,9 +439,9 @@ async fn noeviction_full_during_a_handler_never_runs_twice() {
 // ---------------------------------------------------------------------------------------------
 
 /// TIMING. Redis frozen (SIGSTOP) for longer than the lease while a handler runs: the renewals
-/// time out, the lease lapses on the server's clock, the holder's `complete` is fenced out (no
-/// record). Documented ("renewals keep failing past the lease": may run twice). Probe: what
-/// does the first client get, and the retry?
+/// time out and the lease lapses on the server's clock. As documented ("renewals keep failing
+/// past the lease"), the first client still gets its response, and the retry gets an answer
+/// (a replay, or a second run: at most two).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigstop_longer_than_the_lease_during_a_handler() {
     let Some(bin) = bin("sigstop_lease") else {
@@ -462,7 +462,7 @@ async fn sigstop_longer_than_the_lease_during_a_handler() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     node.signal("CONT");
     let first = pending.await.unwrap();
-    eprintln!("first: {}", first.status);
+    assert_eq!(first.status, StatusCode::CREATED);
     let retry = served.send(payment("frozen-lease", "{}")).await;
     eprintln!(
         "retry: {} replayed={} runs={}",
@@ -470,6 +470,8 @@ async fn sigstop_longer_than_the_lease_during_a_handler() {
         retry.replayed(),
         runs.get()
     );
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(runs.get() <= 2);
 }
 
 /// TIMING. A short freeze (SIGSTOP well under the lease) during a long handler: the renewals
@@ -766,11 +768,13 @@ async fn client_kill_during_a_handler_on_resp3() {
         retry.replayed(),
         runs.get()
     );
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(runs.get(), 1);
 }
 
 /// `volatile-lru`: every record carries an expiry, so under memory pressure (junk without one)
 /// the records are what Redis evicts, an in-flight one included: a duplicate then runs while the
-/// first run goes on. Behaviour probe of the hazard RedisStore's rustdoc warns about.
+/// first run goes on, the hazard README and `RedisStore`'s "Operating Redis" warn about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn volatile_lru_evicts_an_in_flight_record_and_a_duplicate_runs_concurrently() {
     let Some(bin) = bin("volatile_lru") else {
@@ -796,7 +800,9 @@ async fn volatile_lru_evicts_an_in_flight_record_and_a_duplicate_runs_concurrent
         dup.status
     );
     let _ = pending.await.unwrap();
-    eprintln!("volatile-lru: runs {}", runs.get());
+    assert_eq!(exists.trim(), "0", "the in-flight record was evicted");
+    assert_eq!(dup.status, StatusCode::CREATED, "the duplicate ran");
+    assert_eq!(runs.get(), 2);
 }
 
 /// TIMING. The store's reconnection fails with a server error rather than an I/O error (here:
