@@ -115,7 +115,9 @@ impl Chunks {
                 return;
             }
         }
-        let mut block = bytes::BytesMut::with_capacity(BLOCK);
+        // Sized for what it holds, and grown as chunks are added: a small chunk that cannot
+        // join a block (after one of the connection's own) never costs a whole block.
+        let mut block = bytes::BytesMut::with_capacity(SMALL);
         block.extend_from_slice(&chunk);
         self.rest.push_back(block.freeze());
     }
@@ -551,6 +553,25 @@ mod tests {
         let body = RequestBody::<Full<Bytes>>::buffered(chunks);
         assert_eq!(body.size_hint().exact(), Some(expected.len() as u64));
         assert_eq!(body.collect().await.unwrap().to_bytes(), expected);
+
+        // Small chunks between large ones that cannot be joined (the large ones still share
+        // their buffer): each small one has a block of its own, made for `SMALL` bytes.
+        let mut chunks = Chunks::default();
+        let large = Bytes::from(vec![1; 1024]);
+        let mut expected = Vec::new();
+        for _ in 0..64 {
+            let shared = large.clone();
+            chunks.push(shared);
+            chunks.push(Bytes::from_static(b"x"));
+            expected.extend_from_slice(&large);
+            expected.push(b'x');
+        }
+        assert_eq!(
+            chunks.rest.len(),
+            127,
+            "the first large chunk, then a block and a chunk"
+        );
+        assert_eq!(chunks.to_bytes(), expected);
 
         let body = ResponseBody::from(ResponseKind::Prefixed {
             prefix: Some(Bytes::from_static(b"ab")),

@@ -538,8 +538,9 @@ impl<St: IdempotencyStore> Guard<St> {
     }
 
     /// Tries a completion that failed again in the background: seven more times, waiting from
-    /// 100 ms to 6.4 s between them (about 13 s in all, well within a lease that its renewals
-    /// kept until the handler answered), until one succeeds or the key is found taken over.
+    /// 100 ms to 6.4 s before each (about 13 s of waits, and the calls, each bounded by the
+    /// store timeout), until one succeeds or the key is found taken over. Every try is fenced
+    /// by the token: one after the lease was taken over does nothing.
     fn spawn_complete(&self, response: StoredResponse, ttl: Duration) {
         self.spawn_with(move |store, key, token, timeout| async move {
             let mut backoff = Duration::from_millis(100);

@@ -195,7 +195,8 @@ pub struct KeyReport {
 impl KeyReport {
     /// The tenant scope as the store holds it: sealed with the tenant secret (the value in a
     /// Redis key or a PostgreSQL row), never the extractor's own id, which for the default
-    /// tenant is a hash of a credential anyone could test guesses against.
+    /// tenant is a hash of a credential anyone could test guesses against. Not an id to pass
+    /// back to [`Operator::lookup`] or [`Operator::forget`], which seal the id they are given.
     pub fn tenant(&self) -> TenantId {
         self.tenant
     }

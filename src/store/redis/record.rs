@@ -80,7 +80,8 @@ return 0
 /// `complete`. ARGV: token, encoded response, TTL in ms, and `1` when the call is run again
 /// after a dropped connection. Rewrites the record as completed (keeping its fingerprint) with
 /// the TTL as its expiry. Run again, a record this token completed counts as done: the first
-/// run did it.
+/// run did it; its expiry is set again, a write on this connection, so that a replica wait
+/// after it covers the first run's write too (a new connection has written nothing yet).
 pub(super) static COMPLETE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         "{HELD}
@@ -90,6 +91,7 @@ if ok then
   return 1
 end
 if ARGV[4] == '1' and string.sub(head, 1, 2) == '\\1c' and string.sub(head, 35, 50) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
 end
 return 0

@@ -21,9 +21,9 @@ impl RedisStore {
     /// Runs `script`; on one node, once more with `again` when the connection that carried it
     /// was found dropped (the server restarted, or closed the connection when it was idle or
     /// told to): the call may or may not have run, and the manager reconnects for the second.
-    /// Every script can run twice: `begin` finds its own token's record acquired, `renew`,
-    /// `lookup` and `forget` do what they did, and `complete` and `release`, told by `again`,
-    /// take what their first run did as done.
+    /// These scripts can run twice: `begin` finds its own token's record acquired, `renew` and
+    /// `lookup` do what they did, and `complete` and `release`, told by `again`, take what their
+    /// first run did as done (`forget` is never run again).
     async fn invoke_again(
         &self,
         script: &Lua,
@@ -198,7 +198,10 @@ impl IdempotencyStore for RedisStore {
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
         let redis_key = self.redis_key(key);
         let force: &[u8] = if force { b"1" } else { b"0" };
-        match self.invoke(&record::FORGET, &redis_key, &[force]).await? {
+        // Never run again after a dropped connection: a forced forget whose first run did
+        // happen could delete a record another request began in between.
+        let answer = self.conn.run(&record::FORGET, &redis_key, &[force]).await;
+        match answer.map_err(redis_error)? {
             Value::Int(0) => Ok(Forget::NotFound),
             Value::Int(1) => {
                 self.replicated(&redis_key).await?;
