@@ -15,11 +15,42 @@ use axum::http::StatusCode;
 use support::cluster::{Node, node_command};
 use support::*;
 use tower_idempotency::{
-    Fingerprint, IdempotencyStore, Operator, RecordKey, RedisStore, StoreErrorKind, TenantId,
+    Fingerprint, IdempotencyLayer, IdempotencyStore, Operator, RecordKey, RedisStore,
+    StoreErrorKind, TenantId,
 };
 
 fn bin(test: &str) -> Option<String> {
     server_url("REDIS_SERVER_BIN", test)
+}
+
+/// A Redis server of the test's own, started with `flags`, the store on it, and the payments
+/// API behind the layer (its handler working `work`, the layer as `configure` makes it) on a
+/// real server; `None` without a `redis-server` binary (the test is skipped).
+struct Setup {
+    node: Node,
+    store: RedisStore,
+    runs: Runs,
+    served: std::sync::Arc<Served>,
+}
+
+async fn setup(
+    test: &str,
+    flags: &[&str],
+    work: Duration,
+    configure: impl FnOnce(IdempotencyLayer<RedisStore>) -> IdempotencyLayer<RedisStore>,
+) -> Option<Setup> {
+    let bin = bin(test)?;
+    let node = Node::start(&bin, flags);
+    let store = RedisStore::connect(&node.url()).await.unwrap();
+    let runs = Runs::default();
+    let app = server(store.clone(), &runs, work, configure);
+    let served = std::sync::Arc::new(serve(app).await);
+    Some(Setup {
+        node,
+        store,
+        runs,
+        served,
+    })
 }
 
 /// The Redis key of the fleet client's `key` under the default prefix.
@@ -61,14 +92,15 @@ async fn fill(url: &str, prefix: &str, max: usize) -> (usize, Option<String>) {
 /// `NOSCRIPT`): every request succeeds at once, the replay is exact, nothing runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn script_flush_before_and_during_a_request_changes_nothing() {
-    let Some(bin) = bin("script_flush") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup("script_flush", &[], Duration::from_millis(600), |l| l).await
+    else {
         return;
     };
-    let node = Node::start(&bin, &[]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(600), |l| l);
-    let served = serve(app).await;
 
     let first = served.send(payment("flush-1", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
@@ -104,8 +136,8 @@ async fn script_flush_before_and_during_a_request_changes_nothing() {
 }
 
 /// TIMING. Redis restarted (no persistence, so records are gone): once the server has been
-/// back for 3 s, is the FIRST request served, or does it get a 503 because the store only
-/// notices the dead connection on that call?
+/// back for 3 s, the first request is served: the call that finds the connection dead runs
+/// again on a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn first_request_after_a_restart_when_the_server_is_long_back() {
     let Some(bin) = bin("restart_first") else {
@@ -136,18 +168,19 @@ async fn first_request_after_a_restart_when_the_server_is_long_back() {
 }
 
 /// TIMING. Server-side idle timeout (`timeout 1`, as managed Redis, proxies and NAT do with
-/// idle connections): the store's one connection is closed while nobody uses it. Is the next
-/// request served, or 503?
+/// idle connections): the store's one connection is closed while nobody uses it; the next
+/// request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn first_request_after_an_idle_connection_was_closed_by_the_server() {
-    let Some(bin) = bin("idle_timeout") else {
+    let Some(Setup {
+        node: _node,
+        store: _,
+        runs,
+        served,
+    }) = setup("idle_timeout", &["--timeout", "1"], Duration::ZERO, |l| l).await
+    else {
         return;
     };
-    let node = Node::start(&bin, &["--timeout", "1"]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::ZERO, |l| l);
-    let served = serve(app).await;
     assert_eq!(
         served.send(payment("idle-1", "{}")).await.status,
         StatusCode::CREATED
@@ -165,8 +198,8 @@ async fn first_request_after_an_idle_connection_was_closed_by_the_server() {
 
 /// TIMING. The same idle timeout, met by a handler that runs longer than it (no other traffic,
 /// lease renewals further apart than the idle timeout): the `complete` is the first call on the
-/// connection the server closed. Is the response stored, or does the retry (after the lease)
-/// run the handler a second time?
+/// connection the server closed. The response is stored, and the retry after the lease
+/// replays it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_longer_than_the_idle_timeout_is_stored_and_never_runs_twice() {
     let Some(bin) = bin("idle_complete") else {
@@ -210,19 +243,21 @@ async fn a_handler_longer_than_the_idle_timeout_is_stored_and_never_runs_twice()
 
 /// TIMING. `CLIENT KILL` of the store's connection while a handler runs (a proxy reset, a
 /// failover of a managed Redis endpoint): the handler's `complete` is the first call on the dead
-/// connection. Stored, or run twice after the lease?
+/// connection. It is stored, and the retry replays it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_kill_during_a_handler_loses_neither_the_response_nor_runs_twice() {
-    let Some(bin) = bin("client_kill") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup("client_kill", &[], Duration::from_millis(800), |l| {
+        l.lease(Duration::from_secs(3))
+    })
+    .await
+    else {
         return;
     };
-    let node = Node::start(&bin, &[]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(800), |l| {
-        l.lease(Duration::from_secs(3))
-    });
-    let served = std::sync::Arc::new(serve(app).await);
     let s = served.clone();
     let pending = tokio::spawn(async move { s.send(payment("killed-conn", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -241,18 +276,19 @@ async fn client_kill_during_a_handler_loses_neither_the_response_nor_runs_twice(
     retry.assert_replay_of(&first);
 }
 
-/// `CLIENT KILL` between requests, with traffic: how many requests fail until the store has
-/// reconnected? (At most the ones in flight on the dead connection; no double run.)
+/// `CLIENT KILL` between requests, with traffic: no request fails (each call that finds the
+/// connection dead runs again on a new one), and nothing runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_kill_between_requests_recovers_by_itself() {
-    let Some(bin) = bin("client_kill_between") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup("client_kill_between", &[], Duration::ZERO, |l| l).await
+    else {
         return;
     };
-    let node = Node::start(&bin, &[]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::ZERO, |l| l);
-    let served = serve(app).await;
     assert_eq!(
         served.send(payment("ck-0", "{}")).await.status,
         StatusCode::CREATED
@@ -328,17 +364,21 @@ async fn flushall_while_in_flight_then_retry() {
 /// again: the hazard README and `RedisStore`'s "Operating Redis" warn about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn allkeys_lru_evicts_completed_records_and_retries_run_again() {
-    let Some(bin) = bin("allkeys_lru") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup(
+        "allkeys_lru",
+        &["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"],
+        Duration::ZERO,
+        |l| l,
+    )
+    .await
+    else {
         return;
     };
-    let node = Node::start(
-        &bin,
-        &["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"],
-    );
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::ZERO, |l| l);
-    let served = serve(app).await;
     for i in 0..20 {
         assert_eq!(
             served.send(payment(&format!("lru-{i}"), "{}")).await.status,
@@ -357,17 +397,21 @@ async fn allkeys_lru_evicts_completed_records_and_retries_run_again() {
 /// `noeviction`, a Redis that is full: a new key gets `503` and runs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn noeviction_full_redis_answers_503_for_a_new_key() {
-    let Some(bin) = bin("noeviction_begin") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup(
+        "noeviction_begin",
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+        Duration::ZERO,
+        |l| l,
+    )
+    .await
+    else {
         return;
     };
-    let node = Node::start(
-        &bin,
-        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
-    );
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::ZERO, |l| l);
-    let served = serve(app).await;
     let done = served.send(payment("full-old", "{}")).await;
     assert_eq!(done.status, StatusCode::CREATED);
     // Full: maxmemory below what is used (deterministic, unlike filling to the edge).
@@ -390,19 +434,21 @@ async fn noeviction_full_redis_answers_503_for_a_new_key() {
 /// completion tried again in the background stores the response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn noeviction_full_during_a_handler_never_runs_twice() {
-    let Some(bin) = bin("noeviction_complete") else {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup(
+        "noeviction_complete",
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+        Duration::from_millis(1500),
+        |l| l.lease(Duration::from_secs(2)),
+    )
+    .await
+    else {
         return;
     };
-    let node = Node::start(
-        &bin,
-        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
-    );
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(1500), |l| {
-        l.lease(Duration::from_secs(2))
-    });
-    let served = std::sync::Arc::new(serve(app).await);
     let s = served.clone();
     let pending = tokio::spawn(async move { s.send(payment("oom-complete", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -444,17 +490,19 @@ async fn noeviction_full_during_a_handler_never_runs_twice() {
 /// (a replay, or a second run: at most two).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigstop_longer_than_the_lease_during_a_handler() {
-    let Some(bin) = bin("sigstop_lease") else {
-        return;
-    };
-    let node = Node::start(&bin, &[]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(3500), |l| {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup("sigstop_lease", &[], Duration::from_millis(3500), |l| {
         l.lease(Duration::from_millis(1500))
             .store_timeout(Duration::from_millis(300))
-    });
-    let served = std::sync::Arc::new(serve(app).await);
+    })
+    .await
+    else {
+        return;
+    };
     let s = served.clone();
     let pending = tokio::spawn(async move { s.send(payment("frozen-lease", "{}")).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -478,17 +526,19 @@ async fn sigstop_longer_than_the_lease_during_a_handler() {
 /// that time out are not fatal, the response is stored, the retry replays, nothing runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn short_sigstop_during_a_handler_is_harmless() {
-    let Some(bin) = bin("sigstop_short") else {
-        return;
-    };
-    let node = Node::start(&bin, &[]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(3000), |l| {
+    let Some(Setup {
+        node,
+        store: _,
+        runs,
+        served,
+    }) = setup("sigstop_short", &[], Duration::from_millis(3000), |l| {
         l.lease(Duration::from_secs(3))
             .store_timeout(Duration::from_millis(300))
-    });
-    let served = std::sync::Arc::new(serve(app).await);
+    })
+    .await
+    else {
+        return;
+    };
     let s = served.clone();
     let pending = tokio::spawn(async move { s.send(payment("frozen-short", "{}")).await });
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -702,14 +752,21 @@ async fn prefixes_and_brace_keys_on_one_node() {
 /// unprotected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_redis_is_a_full_store_even_failing_open() {
-    let Some(bin) = bin("oom_fail_open") else {
+    let Some(Setup {
+        node,
+        store,
+        runs,
+        served,
+    }) = setup(
+        "oom_fail_open",
+        &["--maxmemory-policy", "noeviction"],
+        Duration::ZERO,
+        |l| l.fail_open(true),
+    )
+    .await
+    else {
         return;
     };
-    let node = Node::start(&bin, &["--maxmemory-policy", "noeviction"]);
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::ZERO, |l| l.fail_open(true));
-    let served = serve(app).await;
     cmd(&node.url(), &["CONFIG", "SET", "maxmemory", "1"]).await;
     let r = served.send(payment("oom-open", "{}")).await;
     eprintln!(
@@ -735,7 +792,7 @@ async fn full_redis_is_a_full_store_even_failing_open() {
 
 /// TIMING. The same `CLIENT KILL` during a handler, with the connection on RESP3
 /// (`?protocol=resp3`), where the `redis` crate's manager is told of the disconnect and
-/// reconnects before the next call: does the complete then get through? (Shows the fix.)
+/// reconnects before the next call: the complete gets through, and the retry replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_kill_during_a_handler_on_resp3() {
     let Some(bin) = bin("client_kill_resp3") else {
@@ -777,17 +834,21 @@ async fn client_kill_during_a_handler_on_resp3() {
 /// first run goes on, the hazard README and `RedisStore`'s "Operating Redis" warn about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn volatile_lru_evicts_an_in_flight_record_and_a_duplicate_runs_concurrently() {
-    let Some(bin) = bin("volatile_lru") else {
+    let Some(Setup {
+        node,
+        store,
+        runs,
+        served,
+    }) = setup(
+        "volatile_lru",
+        &["--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru"],
+        Duration::from_millis(1500),
+        |l| l,
+    )
+    .await
+    else {
         return;
     };
-    let node = Node::start(
-        &bin,
-        &["--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru"],
-    );
-    let store = RedisStore::connect(&node.url()).await.unwrap();
-    let runs = Runs::default();
-    let app = server(store.clone(), &runs, Duration::from_millis(1500), |l| l);
-    let served = std::sync::Arc::new(serve(app).await);
     let s = served.clone();
     let pending = tokio::spawn(async move { s.send(payment("volatile", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -808,7 +869,7 @@ async fn volatile_lru_evicts_an_in_flight_record_and_a_duplicate_runs_concurrent
 /// TIMING. The store's reconnection fails with a server error rather than an I/O error (here:
 /// the password was rotated on the server and rotated back, as an operator's mistake is
 /// undone; a server still loading its dataset, or refusing `AUTH`, does the same). Once the
-/// server accepts the store's credentials again, does the store recover by itself?
+/// server accepts the store's credentials again, the store recovers by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reconnect_that_failed_with_a_server_error_recovers_when_the_server_is_back() {
     let Some(bin) = bin("reconnect_auth") else {
@@ -869,8 +930,8 @@ async fn reconnect_that_failed_with_a_server_error_recovers_when_the_server_is_b
 }
 
 /// TIMING. As above, with the reconnection refused because Redis is at `maxclients` (a
-/// connection storm, another service leaking connections), then room again: does the store
-/// recover by itself? Run with and without a password (`AUTH` is the first command of a
+/// connection storm, another service leaking connections), then room again: the store
+/// recovers by itself. Run with and without a password (`AUTH` is the first command of a
 /// connection that has one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reconnect_refused_at_maxclients_recovers_when_there_is_room() {
