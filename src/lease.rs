@@ -309,6 +309,7 @@ impl<St: IdempotencyStore> Guard<St> {
         token: LockToken,
         timeout: Duration,
         started: Started,
+        waiters: Option<Arc<Waiters>>,
     ) -> Self {
         Self {
             store,
@@ -317,15 +318,8 @@ impl<St: IdempotencyStore> Guard<St> {
             timeout,
             state: GuardState::Held,
             started,
-            waiters: None,
+            waiters,
         }
-    }
-
-    /// Wakes the requests of `waiters` that wait for this key, once it completes or is
-    /// released.
-    pub(crate) fn waking(mut self, waiters: Option<Arc<Waiters>>) -> Self {
-        self.waiters = waiters;
-        self
     }
 
     /// The record completed or was released (or a call to do so ended): its waiters look.
@@ -438,25 +432,29 @@ impl<St: IdempotencyStore> Guard<St> {
     /// reported as a `tracing` event.
     ///
     /// The response waits in the guard (which finishes the completion should this future be
-    /// dropped) rather than in this future, and the store gets a clone of it.
+    /// dropped, or tries it again should it fail) rather than in this future, and the store gets
+    /// a clone of it; but a store that answers at its first poll, and fails only when the lease
+    /// was lost (the memory store), gets the response itself: a clone would make the response's
+    /// buffer shared (an allocation, and a reference count every later clone and drop pays) for
+    /// a copy nothing can use. Its guard stays [`GuardState::Answered`] meanwhile.
     pub(crate) fn conclude(
         &mut self,
         response: StoredResponse,
         ttl: Duration,
     ) -> impl Future<Output = Outcome> + '_ {
-        self.state = GuardState::Completing(response, ttl);
+        let given = if answers_at_once::<St>() {
+            response
+        } else {
+            let given = response.clone();
+            self.state = GuardState::Completing(response, ttl);
+            given
+        };
         async move {
-            let GuardState::Completing(response, ttl) = &self.state else {
-                unreachable!("the state was just set");
-            };
-            let call = self
-                .store
-                .complete(&self.key, self.token, response.clone(), *ttl);
+            let call = self.store.complete(&self.key, self.token, given, ttl);
             let result = timed(StoreOp::Complete, self.timeout, call).await;
-            let GuardState::Completing(response, ttl) =
-                std::mem::replace(&mut self.state, GuardState::Done)
-            else {
-                unreachable!("the state is only changed here");
+            let kept = match std::mem::replace(&mut self.state, GuardState::Done) {
+                GuardState::Completing(response, _) => Some(response),
+                _ => None,
             };
             match result {
                 Ok(()) => self.wake(),
@@ -466,10 +464,11 @@ impl<St: IdempotencyStore> Guard<St> {
                     // the retry would run it again. Fenced by the token, the completion is tried
                     // again in the background (a connection the store lost, a failover, a
                     // store that was full for a moment), and the waiters woken after.
-                    if err.kind() == StoreErrorKind::LeaseLost {
-                        self.wake();
-                    } else {
-                        self.spawn_complete(response, ttl);
+                    match kept {
+                        Some(response) if err.kind() != StoreErrorKind::LeaseLost => {
+                            self.spawn_complete(response, ttl);
+                        }
+                        _ => self.wake(),
                     }
                 }
             }
@@ -592,6 +591,20 @@ impl<St: IdempotencyStore> Guard<St> {
                 }
             });
         }
+    }
+}
+
+/// Whether `St` answers every call at its first poll and fails a completion only when its
+/// lease was lost: the memory store, whose calls take a lock and return. (Known by its type:
+/// the check is a constant once the flow is compiled for a store.)
+fn answers_at_once<St: IdempotencyStore>() -> bool {
+    #[cfg(feature = "memory")]
+    {
+        std::any::TypeId::of::<St>() == std::any::TypeId::of::<crate::MemoryStore>()
+    }
+    #[cfg(not(feature = "memory"))]
+    {
+        false
     }
 }
 
@@ -750,7 +763,8 @@ mod tests {
                         panic!("a new key");
                     };
                     let timeout = Duration::from_secs(2);
-                    let mut guard = Guard::new(store.clone(), key, token, timeout, Started::now());
+                    let mut guard =
+                        Guard::new(store.clone(), key, token, timeout, Started::now(), None);
                     {
                         let settle = std::pin::pin!(guard.settle());
                         let waker = std::task::Waker::noop();

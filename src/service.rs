@@ -313,14 +313,20 @@ where
     let config = &shared.config;
     let (store, timeout, lease) = (shared.store.clone(), config.store_timeout, config.lease);
     let waiters = config.wait.map(|_| shared.waiters.clone());
-    let guard = Guard::new(store, record, token, timeout, started).waking(waiters);
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
     let then = move |guard, renewals, output| after(shared, raw, claim, guard, renewals, output);
     // The service is made ready and called under the lease; one whose `poll_ready` or `call`
-    // panics has its key released before the panic goes on, as one whose future panics.
-    let leased = guard.running(lease, Call::new(inner, req), then);
-    in_place(|| Execution::new(leased, &runs, permit))
+    // panics has its key released before the panic goes on, as one whose future panics. Each
+    // part is made inside the allocation's closure, so that it can be built in place.
+    in_place(|| {
+        let guard = Guard::new(store, record, token, timeout, started, waiters);
+        Execution::new(
+            guard.running(lease, Call::new(inner, req), then),
+            &runs,
+            permit,
+        )
+    })
 }
 
 /// Boxes the future `make` returns, allocating first, so that the compiler can build it in its
