@@ -126,7 +126,20 @@ impl Chunks {
         self.len
     }
 
-    /// The whole body as one `Bytes`: free for zero or one chunk, one copy otherwise.
+    /// The whole body as one `Bytes`, taken: free for zero or one chunk (the chunk itself, not
+    /// a clone, which would make a buffer of its own a shared one: an allocation), one copy
+    /// otherwise.
+    pub(crate) fn into_bytes(mut self) -> Bytes {
+        match self.first.take() {
+            Some(first) if self.rest.is_empty() => first,
+            first => {
+                self.first = first;
+                self.to_bytes()
+            }
+        }
+    }
+
+    /// The whole body as one `Bytes`: a clone for zero or one chunk, one copy otherwise.
     pub(crate) fn to_bytes(&self) -> Bytes {
         match &self.first {
             None => Bytes::new(),

@@ -486,7 +486,7 @@ fn to_store<B>(
             // (an upstream's response passed on) would contradict it, and the server would
             // drop the connection rather than send both.
             head.headers.remove(http::header::TRANSFER_ENCODING);
-            let bytes = chunks.to_bytes();
+            let bytes = chunks.into_bytes();
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && key.tenant().is_shared();
             let skip = &config.skip_response_headers;
@@ -496,7 +496,7 @@ fn to_store<B>(
         }
         ResponseRead::TooLarge { prefix, rest } => {
             let omitted = StoredResponse::omitted(head.status);
-            let prefix = Some(prefix.to_bytes());
+            let prefix = Some(prefix.into_bytes());
             let body = ResponseKind::Prefixed { prefix, body: rest };
             (omitted, ResponseBody::from(body))
         }
@@ -505,7 +505,7 @@ fn to_store<B>(
         // the cap: its retry is `409 idempotency_response_not_stored`, never a second run.
         ResponseRead::Failed { prefix, error } => {
             let omitted = StoredResponse::omitted(head.status);
-            let (prefix, error) = (Some(prefix.to_bytes()), Some(error));
+            let (prefix, error) = (Some(prefix.into_bytes()), Some(error));
             let body = ResponseKind::Failed {
                 prefix,
                 paused: false,

@@ -159,7 +159,7 @@ where
         }
     }
     Ok(Buffered {
-        data: chunks.to_bytes(),
+        data: chunks.into_bytes(),
         trailers,
     })
 }
