@@ -460,6 +460,12 @@ impl<St: IdempotencyStore> Guard<St> {
                 Ok(()) => self.wake(),
                 Err(err) => {
                     self.report("complete", &err);
+                    // A store given the response itself keeps no copy to try again with: it
+                    // fails a completion only when the lease was lost (see `answers_at_once`).
+                    debug_assert!(
+                        kept.is_some() || err.kind() == StoreErrorKind::LeaseLost,
+                        "a store that answers at once failed a completion: {err}"
+                    );
                     // The handler ran: a record left in flight would lapse with its lease, and
                     // the retry would run it again. Fenced by the token, the completion is tried
                     // again in the background (a connection the store lost, a failover, a
