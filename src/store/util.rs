@@ -8,19 +8,21 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// A background task started once, on the Tokio runtime of the first call that has one.
+/// A background task kept running: started on the Tokio runtime of the first call that has
+/// one, and started again by a later call once that runtime is gone (a store first used on a
+/// runtime of its own, a start-up check or a warm-up, goes on to serve on another).
 ///
 /// Stores start their upkeep on first use rather than when built, so that building a store
 /// needs no runtime; the task itself holds only a weak reference to its store and ends when the
 /// store is dropped.
 #[derive(Debug, Default)]
-pub(crate) struct StartOnce(AtomicBool);
+pub(crate) struct StartOnce(Arc<AtomicBool>);
 
 impl StartOnce {
-    /// Spawns the future `task` returns, unless it was spawned before. Without a current
-    /// runtime nothing is spawned, and the next call tries again.
+    /// Spawns the future `task` returns, unless it runs already. Without a current runtime
+    /// nothing is spawned, and the next call tries again.
     pub(crate) fn start<F>(&self, task: impl FnOnce() -> F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -29,9 +31,26 @@ impl StartOnce {
             return;
         }
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(task())),
+            Ok(runtime) => {
+                // Cleared when the task ends or is dropped with its runtime.
+                let running = Running(self.0.clone());
+                let task = task();
+                drop(runtime.spawn(async move {
+                    let _running = running;
+                    task.await;
+                }));
+            }
             Err(_) => self.0.store(false, Ordering::Release),
         }
+    }
+}
+
+/// Marks a [`StartOnce`] task as running while it lives.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

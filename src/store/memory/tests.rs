@@ -350,6 +350,52 @@ async fn forgotten_records_do_not_grow_the_expiry_queue() {
     assert!(read(store.inner.shards().next().unwrap()).queued() <= 64);
 }
 
+#[tokio::test]
+async fn a_key_used_again_after_it_expired_does_not_grow_the_expiry_queue() {
+    let store = MemoryStore::builder()
+        .max_entries(1_000)
+        .cleanup_interval(MAX_INTERVAL)
+        .build();
+    assert_eq!(store.inner.shards.len(), 1);
+    for _ in 0..10_000 {
+        // Expired at once: the next `begin` takes the record over in place.
+        store_completed(&store, "again", Duration::ZERO).await;
+    }
+    assert_eq!(store.entry_count(), 1);
+    assert!(read(store.inner.shards().next().unwrap()).queued() <= 66);
+}
+
+#[test]
+fn the_pruner_starts_again_on_a_later_runtime_once_the_first_is_gone() {
+    let store = MemoryStore::builder()
+        .cleanup_interval(Duration::from_millis(20))
+        .build();
+    // First used on a runtime of its own (a start-up check), which then goes away.
+    let startup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    startup.block_on(acquire(&store, "check", 1));
+    drop(startup);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for i in 0..100 {
+            store_completed(&store, &i.to_string(), Duration::from_millis(1)).await;
+        }
+        assert_eq!(store.entry_count(), 101);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The completed records expired and were pruned; the first one is in flight still.
+        assert_eq!(store.entry_count(), 1, "the pruner runs on this runtime");
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 1, "one pruner");
+    });
+}
+
 fn panics(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
     let err = std::panic::catch_unwind(f).unwrap_err();
     err.downcast_ref::<String>()

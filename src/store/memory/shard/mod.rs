@@ -347,6 +347,9 @@ impl Shard {
             hash,
         };
         self.queue_completed(key.tenant(), due);
+        // A record taken over after it expired left its entry behind, stale: a key used again
+        // and again would grow the queue by one entry per completion until the next prune.
+        self.compact_expiries();
         self.changes = self.changes.wrapping_add(1);
         true
     }
