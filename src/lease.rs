@@ -7,6 +7,7 @@ use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -546,8 +547,13 @@ impl<St: IdempotencyStore> Guard<St> {
     /// 100 ms to 6.4 s before each (about 13 s of waits, and the calls, each bounded by the
     /// store timeout), until one succeeds or the key is found taken over. Every try is fenced
     /// by the token: one after the lease was taken over does nothing.
+    ///
+    /// The response is kept meanwhile, within [`BACKGROUND_BYTES`] for every such completion at
+    /// once (see [`keep_in_background`]).
     fn spawn_complete(&self, response: StoredResponse, ttl: Duration) {
+        let (response, kept) = keep_in_background(response, &KEPT_IN_BACKGROUND, BACKGROUND_BYTES);
         self.spawn_with(move |store, key, token, timeout| async move {
+            let _kept = kept;
             let mut backoff = Duration::from_millis(100);
             for _ in 0..7 {
                 tokio::time::sleep(backoff).await;
@@ -597,6 +603,43 @@ impl<St: IdempotencyStore> Guard<St> {
                 }
             });
         }
+    }
+}
+
+/// The most bytes of responses that completions in the background keep at once, in the whole
+/// process: a store that fails every completion under heavy traffic would otherwise hold each
+/// request's response for the retries' 13 seconds.
+const BACKGROUND_BYTES: usize = 64 * 1024 * 1024;
+
+/// The bytes of responses completions in the background keep now.
+static KEPT_IN_BACKGROUND: AtomicUsize = AtomicUsize::new(0);
+
+/// `response`, kept for a completion in the background and counted in `kept` until the
+/// returned [`Kept`] is dropped; or, with `most` bytes kept already, the response's status
+/// alone, as for a response over the response cap: its retries get `409
+/// idempotency_response_not_stored`, never a second run.
+fn keep_in_background(
+    response: StoredResponse,
+    kept: &'static AtomicUsize,
+    most: usize,
+) -> (StoredResponse, Option<Kept>) {
+    let size = response.encode().len();
+    if kept.fetch_add(size, Ordering::Relaxed) + size <= most {
+        return (response, Some(Kept { kept, size }));
+    }
+    kept.fetch_sub(size, Ordering::Relaxed);
+    (StoredResponse::omitted(response.status()), None)
+}
+
+/// A response's bytes counted in a total while a completion in the background keeps it.
+struct Kept {
+    kept: &'static AtomicUsize,
+    size: usize,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.kept.fetch_sub(self.size, Ordering::Relaxed);
     }
 }
 
@@ -664,7 +707,10 @@ impl<St: IdempotencyStore> Drop for Guard<St> {
                 // The handler ran and its response is being stored: no response reports this
                 // outcome, so the event does.
                 self.report_outcome(Outcome::Executed);
+                let (response, kept) =
+                    keep_in_background(response, &KEPT_IN_BACKGROUND, BACKGROUND_BYTES);
                 self.spawn_with(|store, key, token, timeout| async move {
+                    let _kept = kept;
                     let call = store.complete(&key, token, response, ttl);
                     let _ = timed(StoreOp::Complete, timeout, call).await;
                 });
@@ -803,5 +849,47 @@ mod tests {
                 "{answer:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod keep_tests {
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+
+    fn response(len: usize) -> StoredResponse {
+        StoredResponse::new(
+            StatusCode::CREATED,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; len]),
+        )
+    }
+
+    #[test]
+    fn completions_in_the_background_keep_responses_within_their_bytes() {
+        static KEPT: AtomicUsize = AtomicUsize::new(0);
+        let size = response(1_000).encode().len();
+        let most = 3 * size;
+        let first: Vec<_> = (0..3)
+            .map(|_| keep_in_background(response(1_000), &KEPT, most))
+            .collect();
+        for (response, kept) in &first {
+            assert!(kept.is_some());
+            assert_eq!(response.body().len(), 1_000, "kept whole");
+        }
+        assert_eq!(KEPT.load(Ordering::Relaxed), most);
+        // Past the bound: the status alone, not counted.
+        let (over, kept) = keep_in_background(response(1_000), &KEPT, most);
+        assert!(kept.is_none());
+        assert!(over.is_omitted());
+        assert_eq!(over.status(), StatusCode::CREATED);
+        assert_eq!(KEPT.load(Ordering::Relaxed), most);
+        // A completion that ends gives its bytes back.
+        drop(first);
+        assert_eq!(KEPT.load(Ordering::Relaxed), 0);
+        let (again, kept) = keep_in_background(response(1_000), &KEPT, most);
+        assert!(kept.is_some() && !again.is_omitted());
     }
 }
