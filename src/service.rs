@@ -355,6 +355,7 @@ struct Held {
 /// What follows the handler of a request that holds its key: its response stored, or its key
 /// released. Chosen at once from the handler's output, so that the future that runs it keeps
 /// only what its own course needs.
+#[inline(always)]
 fn after<St, T, E, B, Err>(
     shared: Arc<Shared<St, T, E>>,
     raw: HeaderValue,

@@ -265,8 +265,10 @@ async fn primary_killed_while_a_handler_runs_is_not_run_twice() {
         .await
         .unwrap();
     let runs = Runs::default();
+    // A lease long enough for a slow failover: the record must still be in flight when the
+    // replica takes over, or the test would see the lapsed lease's `503`s instead of `409`.
     let app = server(store.clone(), &runs, Duration::from_millis(1500), |l| {
-        l.lease(Duration::from_secs(8))
+        l.lease(Duration::from_secs(20))
     });
     let served = Arc::new(serve(app).await);
     let key = "mid-handler-0";
@@ -288,11 +290,18 @@ async fn primary_killed_while_a_handler_runs_is_not_run_twice() {
     // The replica took over (its slots answer 409: the record is in flight there). With the
     // replica wait, the new primary needs a replica for any new write: the operator brings the
     // dead node back, and it rejoins as the new primary's replica.
+    let mut during = Vec::new();
     let promoted = eventually(Duration::from_secs(30), async || {
-        served.send(payment(key, "{}")).await.status == StatusCode::CONFLICT
+        let status = served.send(payment(key, "{}")).await.status;
+        during.push(status.as_u16());
+        status == StatusCode::CONFLICT
     })
     .await;
-    assert!(promoted, "the replica took over with the record in flight");
+    during.dedup();
+    assert!(
+        promoted,
+        "the replica took over with the record in flight (answers while failing over: {during:?})"
+    );
     cluster.node(victim).restart();
     // Retry every 500 ms for 40 s, as a client would, until it is not a 503/409.
     let mut last = None;
