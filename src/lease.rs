@@ -104,11 +104,11 @@ type Renewal = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 pin_project_lite::pin_project! {
     /// The handler's part of a request that holds its key, in stages: the handler's future, run
     /// under the guard's lease (see [`Guard::running`]); then the future its output goes on with
-    /// (storing the response, or releasing the key), which takes the guard and its renewals over. A
-    /// handler that panics (see [`Guard::panicked`] for one that panics in its service's `call`)
-    /// has its key released first, and its panic then goes on up: the retry that follows the `500`
-    /// of a panic-catching layer above runs the handler again at once. The panic goes on once the
-    /// release has answered (within the store's timeout).
+    /// (storing the response, or releasing the key), which takes the guard and its renewals over.
+    /// A handler that panics (in its future, or in its service's `poll_ready` or `call`, which run
+    /// in this stage: see `Call`) has its key released first, and its panic then goes on up: the
+    /// retry that follows the `500` of a panic-catching layer above runs the handler again at
+    /// once. The panic goes on once the release has answered (within the store's timeout).
     ///
     /// Each stage keeps only what it needs, in one allocation sized for the larger: the request is
     /// gone once the handler's future is made, and that future once it has answered. (An `async`
