@@ -95,12 +95,8 @@ impl Hasher {
         }
         sha.update((headers.len() as u64).to_be_bytes());
         for name in headers {
-            let values = parts.headers.get_all(name);
             field(&mut sha, name.as_str().as_bytes());
-            sha.update((values.iter().count() as u64).to_be_bytes());
-            for value in values {
-                field(&mut sha, value.as_bytes());
-            }
+            header_values(&mut sha, parts, uri, name);
         }
         Self { sha, body_len: 0 }
     }
@@ -135,6 +131,40 @@ impl Hasher {
     pub(crate) fn finish(mut self) -> Fingerprint {
         self.sha.update(self.body_len.to_be_bytes());
         Fingerprint(self.sha.finalize().into())
+    }
+}
+
+/// Hashes the values of header `name`, after their count, as HTTP/1.1 sends them, whatever
+/// the protocol the request came by: a retry that comes by another (through a proxy that speaks
+/// HTTP/2 to one server and HTTP/1.1 to another) is the same request.
+fn header_values(sha: &mut Sha256, parts: &Parts, uri: &http::Uri, name: &HeaderName) {
+    let values = parts.headers.get_all(name);
+    let count = values.iter().count();
+    if count == 0 && name == header::HOST {
+        // HTTP/2 and HTTP/3 carry the host in `:authority`, which the URI holds.
+        if let Some(authority) = uri.authority() {
+            sha.update(1u64.to_be_bytes());
+            field(sha, authority.as_str().as_bytes());
+            return;
+        }
+    }
+    if count > 1 && name == header::COOKIE {
+        // HTTP/2 may split a cookie into crumbs, a field each (RFC 9113 §8.2.3); HTTP/1.1 sends
+        // one field, the crumbs joined with "; ".
+        let len = values.iter().map(|v| v.len()).sum::<usize>() + 2 * (count - 1);
+        sha.update(1u64.to_be_bytes());
+        sha.update((len as u64).to_be_bytes());
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                sha.update(b"; ");
+            }
+            sha.update(value.as_bytes());
+        }
+        return;
+    }
+    sha.update((count as u64).to_be_bytes());
+    for value in values {
+        field(sha, value.as_bytes());
     }
 }
 

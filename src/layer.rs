@@ -239,6 +239,12 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// Request headers that are part of the fingerprint besides method, path, query and body
     /// (for example `Content-Type`). Default: none.
     ///
+    /// They are hashed as HTTP/1.1 sends them, whatever the protocol a request comes by, so
+    /// that a retry that comes by another (through a proxy that speaks HTTP/2 to one server)
+    /// is the same request: `Host`, which HTTP/2 does not send, is the URI's authority (its
+    /// `:authority`), and the crumbs HTTP/2 may split a `Cookie` into are one field, joined
+    /// with `"; "`.
+    ///
     /// ```
     /// # use http::header;
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

@@ -472,3 +472,63 @@ async fn the_host_is_not_in_the_fingerprint() {
     assert_replays(&retry, &first);
     assert_eq!(runs.get(), 1);
 }
+
+/// The same request as HTTP/2 sends it: the host in the URI's authority (`:authority`), no
+/// `Host` field, and names in lower case.
+fn over_h2(key: &str, body: &str) -> Request<Body> {
+    let mut request = json(key, body);
+    *request.uri_mut() = "https://api.example.com/payments".parse().unwrap();
+    *request.version_mut() = http::Version::HTTP_2;
+    request
+}
+
+/// A fingerprinted `Host`: a retry that comes by HTTP/2 (through a proxy that speaks it to this
+/// server, HTTP/1.1 to the last), with the host in `:authority`, is the same request; another
+/// host is another request.
+#[tokio::test]
+async fn a_fingerprinted_host_is_the_same_over_http2() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_headers([header::HOST]);
+    let app = app(&runs, layer);
+    let body = r#"{"amount":5}"#;
+    let mut first = json("h2-host", body);
+    first
+        .headers_mut()
+        .insert(header::HOST, "api.example.com".parse().unwrap());
+    let first = send(&app, first).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, over_h2("h2-host", body)).await;
+    assert_replays(&retry, &first);
+    let mut elsewhere = over_h2("h2-host", body);
+    *elsewhere.uri_mut() = "https://eu.api.example.com/payments".parse().unwrap();
+    let reused = send(&app, elsewhere).await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.get(), 1);
+}
+
+/// A fingerprinted `Cookie`: HTTP/2 may send it as crumbs, a field each (RFC 9113 §8.2.3); they
+/// are the one field HTTP/1.1 sends, and other cookies are another request.
+#[tokio::test]
+async fn a_fingerprinted_cookie_is_the_same_in_crumbs() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_headers([header::COOKIE]);
+    let app = app(&runs, layer);
+    let body = r#"{"amount":5}"#;
+    let with_cookies = |request: Request<Body>, crumbs: &[&str]| {
+        let mut request = request;
+        for crumb in crumbs {
+            let value = crumb.parse().unwrap();
+            request.headers_mut().append(header::COOKIE, value);
+        }
+        request
+    };
+    let first = send(&app, with_cookies(json("crumbs", body), &["a=1; b=2"])).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, with_cookies(over_h2("crumbs", body), &["a=1", "b=2"])).await;
+    assert_replays(&retry, &first);
+    for other in [&["a=1", "b=3"][..], &["a=1"], &["b=2", "a=1"]] {
+        let reused = send(&app, with_cookies(over_h2("crumbs", body), other)).await;
+        assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+    }
+    assert_eq!(runs.get(), 1);
+}
