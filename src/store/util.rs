@@ -1,4 +1,4 @@
-//! What two or more stores share: background upkeep (a task started once, a periodic loop,
+//! What two or more stores share: background upkeep (a task kept running, a periodic loop,
 //! the bound on its period), locks that shrug off poisoning, and whole milliseconds with their
 //! bound.
 #![cfg_attr(
@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 /// needs no runtime; the task itself holds only a weak reference to its store and ends when the
 /// store is dropped.
 #[derive(Debug, Default)]
-pub(crate) struct StartOnce(Arc<AtomicBool>);
+pub(crate) struct KeepRunning(Arc<AtomicBool>);
 
-impl StartOnce {
+impl KeepRunning {
     /// Spawns the future `task` returns, unless it runs already. Without a current runtime
     /// nothing is spawned, and the next call tries again.
     pub(crate) fn start<F>(&self, task: impl FnOnce() -> F)
@@ -45,7 +45,7 @@ impl StartOnce {
     }
 }
 
-/// Marks a [`StartOnce`] task as running while it lives.
+/// Marks a [`KeepRunning`] task as running while it lives.
 struct Running(Arc<AtomicBool>);
 
 impl Drop for Running {

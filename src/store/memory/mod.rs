@@ -11,7 +11,7 @@ use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
 use super::RecordKey;
-use super::util::StartOnce;
+use super::util::KeepRunning;
 
 mod builder;
 mod calls;
@@ -122,7 +122,7 @@ struct Inner {
     /// What the store was built from: its settings, and what rebuilds it.
     builder: MemoryStoreBuilder,
     settings: MemoryStoreSettings,
-    pruner: StartOnce,
+    pruner: KeepRunning,
     /// The store's time zero, and the wall-clock time then: a record's deadline read back by
     /// `lookup` is `wall_epoch + deadline`, the same at every call. Read at the store's first
     /// call rather than when it is built, so that it is on the clock of the runtime that uses
@@ -215,7 +215,7 @@ impl MemoryStore {
                 hasher,
                 builder,
                 settings,
-                pruner: StartOnce::default(),
+                pruner: KeepRunning::default(),
                 epoch: OnceLock::new(),
                 evicted: AtomicU64::new(0),
                 #[cfg(feature = "tracing")]

@@ -13,7 +13,7 @@ use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Step, Table, corrupt, millis,
     token_bytes,
 };
-use super::util::{self, SentBegin, StartOnce};
+use super::util::{self, KeepRunning, SentBegin};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -130,7 +130,7 @@ struct Inner {
     sql: Sql,
     target: ClaimTarget,
     cleanup_interval: Option<Duration>,
-    cleanup: StartOnce,
+    cleanup: KeepRunning,
 }
 
 impl PostgresStore {
@@ -433,7 +433,7 @@ impl Checked {
                 table_name: self.table_name,
                 table: self.table,
                 cleanup_interval: self.cleanup_interval,
-                cleanup: StartOnce::default(),
+                cleanup: KeepRunning::default(),
             }),
         }
     }

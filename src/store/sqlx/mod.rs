@@ -12,7 +12,7 @@ use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Step,
     Table, corrupt, millis, token_bytes,
 };
-use super::util::{self, SentBegin, StartOnce};
+use super::util::{self, KeepRunning, SentBegin};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
     StoreError, StoreErrorKind,
@@ -93,7 +93,7 @@ struct Inner {
     sql: Sql,
     target: ClaimTarget,
     cleanup_interval: Option<Duration>,
-    cleanup: StartOnce,
+    cleanup: KeepRunning,
 }
 
 /// Builds a [`SqlxStore`] with options; [`build`](Self::build) checks them.
@@ -173,7 +173,7 @@ impl SqlxStoreBuilder {
                 sql,
                 table,
                 cleanup_interval: self.cleanup_interval,
-                cleanup: StartOnce::default(),
+                cleanup: KeepRunning::default(),
             }),
         })
     }

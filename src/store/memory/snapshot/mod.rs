@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use super::MemoryStore;
 use crate::fingerprint::Fingerprint;
 use crate::store::RecordKey;
-use crate::store::util::StartOnce;
+use crate::store::util::KeepRunning;
 use crate::stored::StoredResponse;
 
 /// A completed record as the file holds it.
@@ -41,7 +41,7 @@ pub(super) struct Snapshot {
     /// The shards' count of changes to their completed records when the file was last
     /// written: the periodic writer skips a store that did not change.
     written: AtomicU64,
-    pub(super) task: StartOnce,
+    pub(super) task: KeepRunning,
 }
 
 impl Snapshot {
@@ -63,7 +63,7 @@ impl Snapshot {
             }),
             writer: tokio::sync::Mutex::new(()),
             written: AtomicU64::new(u64::MAX),
-            task: StartOnce::default(),
+            task: KeepRunning::default(),
         }
     }
 
