@@ -188,7 +188,8 @@ impl MemoryStoreBuilder {
     ///   (feature `tracing`).
     ///
     /// One store per file: two stores (or two processes) writing one file keep the last
-    /// writer's records only.
+    /// writer's records only. A path that is a symbolic link is written through: the file it
+    /// points to is replaced, and the link stays.
     ///
     /// ```
     /// let path = std::env::temp_dir().join("tower-idempotency-doc.snapshot");

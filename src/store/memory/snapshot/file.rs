@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -237,12 +237,15 @@ fn millis(at: SystemTime) -> u64 {
 
 /// Replaces the file at `path` by the snapshot of `records`, whole: a new file beside it,
 /// written, synced, renamed over it, and the directory synced. A failure removes the new file
-/// and leaves the old one.
+/// and leaves the old one. A `path` that is a symbolic link (a release's link into a directory
+/// its releases share) is written through: the file it points to is replaced, and the link
+/// stays.
 pub(super) fn write_atomically(
     path: &Path,
     records: &[Saved],
     written_at: SystemTime,
 ) -> io::Result<()> {
+    let path = &resolve(path)?;
     let (dir, prefix) = temp_names(path)?;
     let temp = dir.join(format!(
         "{prefix}{}-{:016x}.tmp",
@@ -254,6 +257,28 @@ pub(super) fn write_atomically(
         let _ = std::fs::remove_file(&temp);
     }
     written
+}
+
+/// The file the snapshot at `path` is: `path`, or the file the symbolic link at `path` points
+/// to, link after link (at most 40, as the kernel follows), which need not exist yet.
+fn resolve(path: &Path) -> io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        let is_link = std::fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_symlink());
+        if !is_link {
+            return Ok(path);
+        }
+        let target = std::fs::read_link(&path)?;
+        // A relative target is relative to the link's directory; `join` keeps an absolute one.
+        path = match path.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("the snapshot path {} is a loop of links", path.display()),
+    ))
 }
 
 /// The directory of the snapshot at `path`, and how the names of its temporary files begin
@@ -282,7 +307,10 @@ const STALE_TEMP: Duration = Duration::from_secs(600);
 /// answers how many it removed. Each could be as large as a snapshot: a process killed again and
 /// again mid-write would otherwise fill the disk.
 pub(super) fn remove_stale_temps(path: &Path, now: SystemTime) -> usize {
-    let Ok((dir, prefix)) = temp_names(path) else {
+    let Ok(path) = resolve(path) else {
+        return 0;
+    };
+    let Ok((dir, prefix)) = temp_names(&path) else {
         return 0;
     };
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -439,6 +439,66 @@ async fn a_failed_write_leaves_the_old_file_and_is_reported() {
     assert!(MemoryStore::new().snapshot_status().is_none());
 }
 
+/// A release's snapshot path that links into a directory releases share (as deploy tools lay
+/// them out): the write goes through the link to the shared file, and the link stays, so the
+/// next release, linked to the same file, restores what this one saved.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_snapshot_path_that_is_a_link_is_written_through() {
+    use std::os::unix::fs::symlink;
+
+    let dir = TempDir::new();
+    let shared = dir.0.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let releases: Vec<PathBuf> = ["release-1", "release-2"]
+        .iter()
+        .map(|release| {
+            let release = dir.0.join(release);
+            std::fs::create_dir(&release).unwrap();
+            let link = release.join("store.snapshot");
+            // Relative, to a file that does not exist yet.
+            symlink("../shared/store.snapshot", &link).unwrap();
+            link
+        })
+        .collect();
+    let first = with_snapshot(&releases[0]);
+    complete(&first, &key(1, "a"), created(b"a"), TTL).await;
+    assert_eq!(first.save_snapshot().await.unwrap(), 1);
+    drop(first);
+    assert!(
+        std::fs::symlink_metadata(&releases[0])
+            .unwrap()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::metadata(shared.join("store.snapshot"))
+            .unwrap()
+            .is_file()
+    );
+    // No temporary file left beside the link or the file.
+    let names = |at: &std::path::Path| -> Vec<String> {
+        let entries = std::fs::read_dir(at).unwrap();
+        entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&shared), ["store.snapshot"]);
+    assert_eq!(names(releases[0].parent().unwrap()), ["store.snapshot"]);
+
+    let second = with_snapshot(&releases[1]);
+    assert_eq!(
+        second.snapshot_status().unwrap().load(),
+        &SnapshotLoad::Loaded {
+            records: 1,
+            expired: 0
+        }
+    );
+    assert!(matches!(
+        second.begin(&key(1, "a"), &fp(1), LEASE).await.unwrap(),
+        Begin::Completed(_)
+    ));
+}
+
 #[tokio::test]
 async fn the_background_writer_saves_every_interval_and_ends_with_the_store() {
     let dir = TempDir::new();
