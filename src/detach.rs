@@ -164,9 +164,8 @@ impl<F> Drop for DetachedRun<F> {
 ///
 /// A run still going when the runtime shuts down is cancelled, and its key keeps its lease: it
 /// is taken over by a retry only once the lease ends, never released while the handler may be
-/// half-way through. (In a shared store: a `MemoryStore` is gone with
-/// its process, and its snapshot never holds in-flight records, so a retry after a restart
-/// runs at once.)
+/// half-way through. (In a shared store: a `MemoryStore` is gone with its process, and its
+/// snapshot never holds in-flight records, so a retry after a restart runs at once.)
 #[derive(Clone, Default)]
 pub struct DetachedRuns(Arc<Tracker>);
 
