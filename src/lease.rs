@@ -7,7 +7,7 @@ use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
 use crate::store::{IdempotencyStore, LockToken, RecordKey, Settled, StoreError, StoreErrorKind};
 use crate::stored::StoredResponse;
+use crate::util::Share;
 use crate::wait::waiters::Waiters;
 
 /// Runs a store call with a timeout; a call that runs past it is a [`StoreErrorKind::Timeout`].
@@ -614,32 +615,18 @@ const BACKGROUND_BYTES: usize = 64 * 1024 * 1024;
 /// The bytes of responses completions in the background keep now.
 static KEPT_IN_BACKGROUND: AtomicUsize = AtomicUsize::new(0);
 
-/// `response`, kept for a completion in the background and counted in `kept` until the
-/// returned [`Kept`] is dropped; or, with `most` bytes kept already, the response's status
-/// alone, as for a response over the response cap: its retries get `409
+/// `response`, kept for a completion in the background and counted in `kept` while the
+/// returned [`Share`] lives; or, with `most` bytes kept already, the response's status alone,
+/// as for a response over the response cap: its retries get `409
 /// idempotency_response_not_stored`, never a second run.
 fn keep_in_background(
     response: StoredResponse,
     kept: &'static AtomicUsize,
     most: usize,
-) -> (StoredResponse, Option<Kept>) {
-    let size = response.encode().len();
-    if kept.fetch_add(size, Ordering::Relaxed) + size <= most {
-        return (response, Some(Kept { kept, size }));
-    }
-    kept.fetch_sub(size, Ordering::Relaxed);
-    (StoredResponse::omitted(response.status()), None)
-}
-
-/// A response's bytes counted in a total while a completion in the background keeps it.
-struct Kept {
-    kept: &'static AtomicUsize,
-    size: usize,
-}
-
-impl Drop for Kept {
-    fn drop(&mut self) {
-        self.kept.fetch_sub(self.size, Ordering::Relaxed);
+) -> (StoredResponse, Option<Share>) {
+    match Share::take(kept, response.encode().len(), most) {
+        Some(share) => (response, Some(share)),
+        None => (StoredResponse::omitted(response.status()), None),
     }
 }
 
@@ -854,6 +841,8 @@ mod tests {
 
 #[cfg(test)]
 mod keep_tests {
+    use std::sync::atomic::Ordering;
+
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
 

@@ -1,6 +1,32 @@
-//! Small helpers the whole crate shares: hex, decimal, and random bytes.
+//! Small helpers the whole crate shares: hex, decimal, random bytes, and shares of a
+//! process-wide bound.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A share of a process-wide bound (background tasks under way, bytes they keep), counted in
+/// its total while it lives.
+pub(crate) struct Share {
+    total: &'static AtomicUsize,
+    amount: usize,
+}
+
+impl Share {
+    /// Takes `amount` of `total`, if `total` stays within `most`.
+    pub(crate) fn take(total: &'static AtomicUsize, amount: usize, most: usize) -> Option<Self> {
+        if total.fetch_add(amount, Ordering::Relaxed) + amount <= most {
+            return Some(Self { total, amount });
+        }
+        total.fetch_sub(amount, Ordering::Relaxed);
+        None
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.amount, Ordering::Relaxed);
+    }
+}
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {

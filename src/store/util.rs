@@ -198,20 +198,12 @@ impl<S: super::IdempotencyStore + Clone + 'static> Drop for SentBegin<'_, S> {
         // A store that hangs times out every request's `begin`: past this many cleanups under
         // way, the leases end the records by themselves rather than more tasks pile up.
         static UNDER_WAY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        const MOST: usize = 1024;
-        if UNDER_WAY.fetch_add(1, Ordering::Relaxed) >= MOST {
-            UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
+        let Some(share) = crate::util::Share::take(&UNDER_WAY, 1, 1024) else {
             return;
-        }
+        };
         let (store, key, token, lease) = (store.clone(), self.key.clone(), self.token, self.lease);
         runtime.spawn(async move {
-            struct Ends;
-            impl Drop for Ends {
-                fn drop(&mut self) {
-                    UNDER_WAY.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            let _ends = Ends;
+            let _share = share;
             let started = tokio::time::Instant::now();
             let mut wait = std::time::Duration::from_millis(250);
             loop {
