@@ -97,7 +97,7 @@ pub(crate) fn finish<B>(
     if outcome != Outcome::Replayed {
         // Only the layer says a response is a replay: a handler's own (an upstream API's,
         // passed on) would tell a first run's client that nothing ran.
-        response.headers_mut().remove(IDEMPOTENT_REPLAYED);
+        crate::util::remove_header(response.headers_mut(), &IDEMPOTENT_REPLAYED);
     }
     if let Some(raw) = report.raw {
         response

@@ -486,7 +486,7 @@ fn to_store<B>(
             // The body goes on whole, its length known: a `Transfer-Encoding` the handler set
             // (an upstream's response passed on) would contradict it, and the server would
             // drop the connection rather than send both.
-            head.headers.remove(http::header::TRANSFER_ENCODING);
+            crate::util::remove_header(&mut head.headers, &http::header::TRANSFER_ENCODING);
             let bytes = chunks.into_bytes();
             // In the shared scope a replay may reach another caller: its cookies stay out.
             let skip_cookies = !config.shared_scope_cookies && key.tenant().is_shared();

@@ -106,6 +106,16 @@ impl std::fmt::Debug for Decimal {
     }
 }
 
+/// Removes every `name` field from `headers`. Most responses have a few fields and lack this one:
+/// a look at their names costs less than hashing `name` for the map's lookup (a custom name is
+/// hashed byte by byte), so the map is asked only when the name is there or the fields are many.
+#[inline]
+pub(crate) fn remove_header(headers: &mut http::HeaderMap, name: &http::HeaderName) {
+    if headers.keys_len() > 16 || headers.keys().any(|field| field == name) {
+        headers.remove(name);
+    }
+}
+
 /// 32 bytes from the operating system's cryptographically secure random source. Should it
 /// fail (no such source in this environment), each 8 come from a standard-library
 /// `RandomState` instead, whose SipHash keys std draws from the same source (or the clock).
@@ -125,6 +135,29 @@ pub(crate) fn random_bytes() -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
+    /// Every value of the name goes, whether the map has a few fields or many, and nothing
+    /// else does.
+    #[test]
+    fn remove_header_removes_every_value_of_the_name_alone() {
+        use http::{HeaderMap, HeaderName, HeaderValue};
+        let name = HeaderName::from_static("idempotent-replayed");
+        for others in [0, 3, 16, 40] {
+            let mut headers = HeaderMap::new();
+            for i in 0..others {
+                let other = HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
+                headers.insert(other, HeaderValue::from(i));
+            }
+            super::remove_header(&mut headers, &name);
+            assert_eq!(headers.len(), others, "nothing to remove among {others}");
+            headers.append(&name, HeaderValue::from_static("true"));
+            headers.append(&name, HeaderValue::from_static("false"));
+            headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+            super::remove_header(&mut headers, &name);
+            assert!(!headers.contains_key(&name), "removed among {others}");
+            assert_eq!(headers.len(), others + 1, "the rest kept among {others}");
+        }
+    }
+
     #[test]
     fn hex_is_lowercase_pairs() {
         assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
