@@ -126,8 +126,16 @@ impl std::fmt::Display for KeyText {
 
 /// Reads the key header `name` from `headers`.
 pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<ParsedKey, KeyError> {
-    let mut values = headers.get_all(name).iter();
-    let raw = match (values.next(), values.next()) {
+    // A request has a few fields: a look at their names costs less than hashing the key's
+    // (custom) name for the map's lookup.
+    let (first, second) = if headers.keys_len() <= 16 {
+        let mut values = headers.iter().filter(|(field, _)| *field == name);
+        (values.next().map(|(_, v)| v), values.next().map(|(_, v)| v))
+    } else {
+        let mut values = headers.get_all(name).iter();
+        (values.next(), values.next())
+    };
+    let raw = match (first, second) {
         (None, _) => return Err(KeyError::Missing),
         (Some(_), Some(_)) => return Err(KeyError::Invalid("the header was sent more than once")),
         (Some(raw), None) => raw,
@@ -414,6 +422,32 @@ mod tests {
         assert!(invalid(b"\"abc\" x"));
         // A bare key keeps its characters: `;` is one of them.
         assert_eq!(ok(b"abc;x=1"), "abc;x=1");
+    }
+
+    /// The header is found once, missing, or sent twice, among a few fields or many, and
+    /// whatever other fields share the map.
+    #[test]
+    fn the_header_among_few_fields_and_many() {
+        let name = HeaderName::from_static("idempotency-key");
+        for others in [0, 5, 16, 40] {
+            let mut headers = HeaderMap::new();
+            for i in 0..others {
+                let other = HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
+                headers.insert(other, HeaderValue::from(i));
+            }
+            assert!(matches!(parse(&headers, &name), Err(KeyError::Missing)));
+            headers.append(&name, HeaderValue::from_static("k1"));
+            let parsed = parse(&headers, &name).unwrap();
+            assert_eq!(
+                (parsed.key.as_str(), parsed.raw.as_bytes()),
+                ("k1", &b"k1"[..])
+            );
+            headers.append(&name, HeaderValue::from_static("k2"));
+            assert!(
+                matches!(parse(&headers, &name), Err(KeyError::Invalid(_))),
+                "sent twice among {others}"
+            );
+        }
     }
 
     #[test]
