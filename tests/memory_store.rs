@@ -251,3 +251,62 @@ fn a_store_built_outside_a_paused_runtime_ends_leases_on_time() {
         );
     });
 }
+
+/// A store of `max` records that is one shard (below 32,768 records, as most configured bounds
+/// are) keeps exactly `max`: the first eviction comes with the record past the bound, and it is
+/// the one nearest its expiry in the whole store, however the keys spread.
+#[tokio::test]
+async fn eviction_begins_at_the_bound_and_takes_the_store_s_nearest_expiry() {
+    use tower_idempotency::{Begin, Fingerprint, StoredResponse};
+    let max = 30_000;
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let response = || {
+        let body = bytes::Bytes::from_static(b"ok");
+        StoredResponse::new(StatusCode::CREATED, http::HeaderMap::new(), body)
+    };
+    let store = MemoryStore::new().max_entries(max);
+    let record = |i: usize| {
+        let tenant = TenantId::hashed(format!("tenant-{}", i % 64));
+        RecordKey::new(tenant, format!("key-{i}"))
+    };
+    // The record nearest its expiry is written first, then records that live an hour.
+    let nearest = RecordKey::new(TenantId::hashed("nearest"), "nearest");
+    let ttls = std::iter::once((nearest.clone(), 60)).chain((0..max).map(|i| (record(i), 3_600)));
+    for (written, (key, ttl)) in ttls.enumerate() {
+        let Begin::Acquired(token) = store.begin(&key, &fingerprint, TTL).await.unwrap() else {
+            panic!("a new key is acquired");
+        };
+        let ttl = Duration::from_secs(ttl);
+        store.complete(&key, token, response(), ttl).await.unwrap();
+        let expected = u64::from(written >= max);
+        assert_eq!(store.evicted(), expected, "after {} records", written + 1);
+    }
+    assert_eq!(store.entry_count(), max);
+    let gone = store.begin(&nearest, &fingerprint, TTL).await.unwrap();
+    assert!(
+        matches!(gone, Begin::Acquired(_)),
+        "the record nearest its expiry was the one dropped"
+    );
+}
+
+/// Only a store full of in-flight records refuses a new key: every record up to the bound is
+/// taken, in flight, and the next one is refused.
+#[tokio::test]
+async fn in_flight_records_are_refused_only_past_the_bound() {
+    use tower_idempotency::{Begin, Fingerprint, StoreErrorKind};
+    let max = 30_000;
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let store = MemoryStore::new().max_entries(max);
+    for i in 0..max {
+        let key = RecordKey::new(TenantId::hashed(format!("t{}", i % 64)), format!("k{i}"));
+        let begin = store.begin(&key, &fingerprint, TTL).await;
+        assert!(
+            matches!(begin, Ok(Begin::Acquired(_))),
+            "record {i} is taken"
+        );
+    }
+    let key = RecordKey::new(TenantId::hashed("one more"), "one more");
+    let refused = store.begin(&key, &fingerprint, TTL).await.unwrap_err();
+    assert_eq!(refused.kind(), StoreErrorKind::CapacityExceeded);
+    assert_eq!(store.entry_count(), max);
+}

@@ -47,10 +47,13 @@ const MAX_SHARDS: usize = 256;
 /// less than 256 did, under the same load (BENCHMARKS.md).
 const SHARDS_PER_THREAD: usize = 8;
 const MIN_SHARDS: usize = 32;
-/// The fewest records and bytes a shard's share of the bounds allows, so that a small store is
-/// not split into shares too small to hold one large response.
-const MIN_SHARD_ENTRIES: usize = 2048;
-const MIN_SHARD_BYTES: usize = 4 << 20;
+/// The fewest records and bytes a shard's share of the bounds allows. A store whose bounds are
+/// below twice these is one shard: its bounds, its evictions (nearest expiry first) and its
+/// refusals are exactly the store's. A larger one is split into shares large enough that keys
+/// spread by hash fill them within a percent or two of each other: a shard makes room within its
+/// own share, so eviction begins that much before the whole bound.
+const MIN_SHARD_ENTRIES: usize = 16 * 1024;
+const MIN_SHARD_BYTES: usize = 32 << 20;
 /// The smallest share of the bound on one tenant's records a shard has, when the bound allows
 /// it: the shares of a tenant's records even out across shards, so that it is not held to a
 /// share much smaller than its fair part of the bound.
@@ -100,8 +103,10 @@ const PRUNE_BATCH: usize = 4096;
 ///   from those of the tenant that holds the most, when that one is over its share; otherwise
 ///   the store's nearest expiry goes. So one caller's flood of keys costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (eight per thread of the machine, at
-///   least 32 and at most 256, each with a share of at least 2,048 records, 4 MiB and 64
-///   records of a tenant); a key's shard makes room within its own share.
+///   least 32 and at most 256, each with a share of at least 16,384 records, 32 MiB and 64
+///   records of a tenant); a key's shard makes room within its own share. A store below twice
+///   those shares (fewer than 32,768 records, under 64 MiB) is one shard: its bounds and its
+///   eviction order are exact.
 /// - Nothing is kept across a restart, unless the store has a
 ///   [`snapshot`](MemoryStoreBuilder::snapshot) file: then what the last snapshot held.
 ///

@@ -445,7 +445,7 @@ fn settings_are_checked_in_build_and_belong_to_a_new_store() {
     assert_eq!(settings.max_entries(), 5_000_000);
     assert_eq!(settings.max_bytes(), 2 << 30);
     assert_eq!(settings.cleanup_interval(), Duration::from_secs(60));
-    assert_eq!(store.inner.shards.len(), machine_shards());
+    assert_eq!(store.inner.shards.len(), machine_shards().min(64));
 
     // A builder is a value: changing a clone leaves the original as it was.
     let builder = MemoryStore::builder().max_entries(10);
@@ -514,11 +514,11 @@ fn shards_follow_the_machine_s_threads() {
     assert_eq!(by_threads, [32, 32, 32, 64, 64, 128, 256, 256, 256, 256]);
     // The bounds still split a store into fewer where its shares would be too small.
     assert_eq!(
-        shard_count(100_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(2)),
+        shard_count(1_000_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(2)),
         32
     );
     assert_eq!(
-        shard_count(10_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(64)),
+        shard_count(100_000, DEFAULT_MAX_BYTES, usize::MAX, max_shards(64)),
         4
     );
 }
@@ -528,10 +528,17 @@ fn shards_split_the_bounds() {
     const ANY: usize = usize::MAX;
     assert_eq!(shard_count(3, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 1);
     assert_eq!(shard_count(DEFAULT_MAX_ENTRIES, 10_000, ANY, MAX_SHARDS), 1);
-    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 32);
+    // A store below twice a shard's smallest share is one shard: its bounds are exact.
+    assert_eq!(shard_count(32_767, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 1);
+    assert_eq!(shard_count(32_768, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 2);
+    assert_eq!(
+        shard_count(DEFAULT_MAX_ENTRIES, (64 << 20) - 1, ANY, MAX_SHARDS),
+        1
+    );
+    assert_eq!(shard_count(100_000, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS), 4);
     assert_eq!(
         shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, ANY, MAX_SHARDS),
-        256
+        32
     );
     assert_eq!(shard_count(usize::MAX, usize::MAX, ANY, MAX_SHARDS), 256);
     // A small bound per tenant keeps its shares from getting too small to even out.
@@ -543,8 +550,11 @@ fn shards_split_the_bounds() {
         shard_count(DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES, 10, MAX_SHARDS),
         1
     );
-    // The default bound per tenant leaves the default store every shard the machine allows.
-    assert_eq!(MemoryStore::new().inner.shards.len(), machine_shards());
+    // The default bound per tenant leaves the default store every shard its bounds allow.
+    assert_eq!(
+        MemoryStore::new().inner.shards.len(),
+        machine_shards().min(32)
+    );
     assert_eq!(
         MemoryStore::new().settings().max_entries_per_tenant(),
         125_000
