@@ -214,7 +214,7 @@ async fn main() {
     if !detached.wait_timeout(Duration::from_secs(30)).await {
         eprintln!(
             "{} handlers still running; their keys are taken over once their lease ends",
-            detached.count()
+            detached.running()
         );
     }
     // Then the completed records go to the snapshot, for the next start.

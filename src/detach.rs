@@ -39,6 +39,9 @@ pin_project! {
         span: RequestSpan,
         // The request's admission, held until the handler's part ends, detached or not.
         permit: Permit,
+        // Counted among the layer's runs until it ends, detached or not: a shutdown waits for
+        // it even while its connection, closing, has yet to hand it over.
+        _run: Run,
     }
 }
 
@@ -47,6 +50,7 @@ impl<F> Execution<F> {
     pub(crate) fn new(future: F, runs: &DetachedRuns, permit: Permit) -> Self {
         Self {
             future,
+            _run: runs.start(),
             runs: runs.clone(),
             span: RequestSpan::current(),
             permit,
@@ -156,11 +160,16 @@ impl<F> Drop for DetachedRun<F> {
 ///     .await?;
 /// // Connections are closed; handlers whose client left may still be running.
 /// if !detached.wait_timeout(Duration::from_secs(30)).await {
-///     eprintln!("{} runs still going; their keys are taken over once their lease ends", detached.count());
+///     eprintln!("{} runs still going; their keys are taken over once their lease ends", detached.running());
 /// }
 /// # Ok(())
 /// # }
 /// ```
+///
+/// The wait covers every handler of the layer that holds its key, not only those already handed
+/// to a task of their own: `serve` returns once its connections let go of the shutdown signal,
+/// and a connection whose client hung up during the drain hands its run over only as it closes,
+/// a moment later.
 ///
 /// A run still going when the runtime shuts down is cancelled, and its key keeps its lease: it
 /// is taken over by a retry only once the lease ends, never released while the handler may be
@@ -171,7 +180,10 @@ pub struct DetachedRuns(Arc<Tracker>);
 
 #[derive(Default)]
 struct Tracker {
+    /// Runs detached: their client went away.
     count: AtomicUsize,
+    /// Runs that hold their key, detached or not.
+    running: AtomicUsize,
     idle: Notify,
 }
 
@@ -181,20 +193,33 @@ impl DetachedRuns {
         self.0.count.load(Ordering::Acquire)
     }
 
-    /// Waits until no handler runs detached.
+    /// How many handlers of the layer are running now, their client there or gone: the runs
+    /// [`wait`](Self::wait) waits for.
+    pub fn running(&self) -> usize {
+        self.0.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until no handler runs detached, nor any whose connection is still closing: every
+    /// run that holds its key has ended.
     pub async fn wait(&self) {
         loop {
             let idle = self.0.idle.notified();
-            if self.count() == 0 {
+            if self.running() == 0 {
                 return;
             }
             idle.await;
         }
     }
 
-    /// Waits until no handler runs detached, or `timeout` passed; `true` when none runs.
+    /// As [`wait`](Self::wait), for at most `timeout`; `true` when no run is left.
     pub async fn wait_timeout(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.wait()).await.is_ok()
+    }
+
+    /// Counts a run that holds its key, until it ends.
+    fn start(&self) -> Run {
+        self.0.running.fetch_add(1, Ordering::AcqRel);
+        Run(self.0.clone())
     }
 
     /// Counts a new detached run.
@@ -209,7 +234,20 @@ impl fmt::Debug for DetachedRuns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DetachedRuns")
             .field("count", &self.count())
+            .field("running", &self.running())
             .finish()
+    }
+}
+
+/// One run that holds its key, counted until it ends (or panics, or is dropped with its
+/// runtime).
+struct Run(Arc<Tracker>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -219,8 +257,6 @@ struct Slot(Arc<Tracker>);
 impl Drop for Slot {
     fn drop(&mut self) {
         crate::metrics::detached_runs(-1.0);
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -293,6 +293,44 @@ where
     assert_eq!(effects.started.get(), 1);
 }
 
+/// The shutdown of README: the server stops accepting and drains its connections; a client that
+/// hangs up during the drain leaves its run to be handed over only as its connection closes,
+/// after `serve` returned. Waiting for the detached runs then waits for it too: it stores its
+/// response before the process goes on, and a new server replays it.
+async fn shutdown_waits_for_a_run_whose_client_hangs_up_during_the_drain<St>(store: St)
+where
+    St: IdempotencyStore + Clone,
+{
+    let effects = Effects::new(Duration::from_millis(600));
+    let old = serve(
+        IdempotencyLayer::new(store.clone()).shared_scope(true),
+        &effects,
+    )
+    .await;
+    let key = unique_key("drain");
+    let stream = raw::send_only(old.addr, request("/charge", &key, "{}")).await;
+    until(|| effects.started.get() == 1).await;
+    let shutting_down = tokio::spawn(old.shut_down(Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream); // the client's timeout, during the drain
+    assert!(
+        shutting_down.await.unwrap(),
+        "the run finished within the deadline"
+    );
+    assert_eq!(
+        effects.finished.get(),
+        1,
+        "the shutdown waited for the run whose client hung up during the drain"
+    );
+    let new = serve(IdempotencyLayer::new(store).shared_scope(true), &effects).await;
+    let retry = send(new.addr, "/charge", &key).await;
+    assert!(
+        retry.replayed(),
+        "the new server replays what the old one stored"
+    );
+    assert_eq!(effects.started.get(), 1);
+}
+
 async fn without_finish_on_disconnect_the_handler_is_cancelled<St>(store: St)
 where
     St: IdempotencyStore + Clone,
@@ -387,6 +425,7 @@ cases!(
     a_5xx_after_the_hang_up_releases_the_key,
     a_hang_up_during_the_body_runs_nothing_and_holds_nothing,
     shutdown_waits_for_a_detached_run_and_a_new_server_replays_it,
+    shutdown_waits_for_a_run_whose_client_hangs_up_during_the_drain,
     without_finish_on_disconnect_the_handler_is_cancelled,
     without_finish_on_disconnect_an_answered_request_is_never_run_again,
 );

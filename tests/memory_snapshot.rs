@@ -20,8 +20,8 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::Runs;
 use support::child::{ChildServer, announce};
+use support::{Runs, raw};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, SnapshotLoad};
 
 const SERVER_ENV: &str = "SNAPSHOT_SERVER";
@@ -51,6 +51,7 @@ async fn serve(path: String) {
     let detached = layer.detached_runs();
     let app = Router::new()
         .route("/payments", post(create))
+        .route("/slow-payments", post(create_slowly))
         .route_layer(layer)
         .route("/runs", get(count))
         .with_state(runs);
@@ -79,6 +80,13 @@ async fn create(State(runs): State<Runs>, body: Bytes) -> impl IntoResponse {
     )
 }
 
+/// A payment whose handler works on after it charged: long enough for its client to give up.
+async fn create_slowly(State(runs): State<Runs>, body: Bytes) -> impl IntoResponse {
+    let n = runs.bump();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (StatusCode::CREATED, format!("slow payment {n} of {body:?}"))
+}
+
 async fn count(State(runs): State<Runs>) -> String {
     runs.get().to_string()
 }
@@ -96,8 +104,13 @@ impl Server {
     }
 
     /// SIGTERM, then the number of records the server saved as it stopped.
-    fn stop(mut self) -> usize {
+    fn stop(self) -> usize {
         self.0.terminate();
+        self.stop_after_terminate()
+    }
+
+    /// The number of records the server saved as it stopped, once sent SIGTERM.
+    fn stop_after_terminate(mut self) -> usize {
         let saved = self.0.read_after("SAVED ").parse().unwrap();
         assert!(self.0.wait().success(), "a graceful exit");
         saved
@@ -178,5 +191,58 @@ fn a_completed_request_replays_after_a_real_restart() {
         "the new process did not run the handler"
     );
     assert_eq!(second.stop(), 1, "the record is saved again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// README's shutdown on SIGTERM: the server stops accepting, drains its connections, waits for
+/// the runs (`DetachedRuns::wait_timeout`), then saves its snapshot. A client that gives up
+/// while the server drains leaves its run to be handed over as its connection closes, after
+/// `serve` returned: the wait still covers it, so the run ends and is saved, and the retry on
+/// the next process is a replay, not a second payment.
+#[test]
+fn a_run_whose_client_gives_up_during_the_drain_ends_before_the_process() {
+    if std::env::var_os(SERVER_ENV).is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tower-idempotency-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("store.snapshot");
+    let _ = std::fs::remove_file(&path);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let request = raw::post(
+        "/slow-payments",
+        &[
+            ("Authorization", "Bearer drain-client"),
+            ("Idempotency-Key", "order-slow"),
+        ],
+        "100 eur",
+    );
+
+    let first = Server::start(&path);
+    let stream = runtime.block_on(raw::send_only(first.addr(), &request));
+    runtime.block_on(async {
+        while runs(first.addr()).await != "1" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    first.0.terminate();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(stream); // the client gives up while the server drains
+    assert_eq!(
+        first.stop_after_terminate(),
+        1,
+        "the run ended, and was saved, before the process exited"
+    );
+
+    let second = Server::start(&path);
+    let retry = runtime.block_on(raw::exchange(second.addr(), &request));
+    assert_eq!(retry.status, 201, "{}", retry.text());
+    assert!(retry.replayed(), "the retry is a replay: {}", retry.text());
+    assert_eq!(retry.text(), "slow payment 1 of b\"100 eur\"");
+    assert_eq!(
+        runtime.block_on(runs(second.addr())),
+        "0",
+        "nothing ran again"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
