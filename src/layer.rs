@@ -289,7 +289,10 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
     /// compared as sent.
     ///
     /// A JSON body that was canonicalised is never the same request as one that was not (a
-    /// body sent once as `application/json`, then as `text/plain`, is `422`).
+    /// body sent once as `application/json`, then as `text/plain`, is `422`). So turning this
+    /// on or off changes the fingerprint of every JSON request: a retry of one completed
+    /// under the other setting (before the deploy, or on a server not yet deployed) gets
+    /// `422`. README's "Fingerprints that ignore volatile fields" says when to change it.
     pub fn canonical_json(mut self, enabled: bool) -> Self {
         self.config.body_fingerprint.canonical_json = enabled;
         self
