@@ -19,11 +19,12 @@ use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Extensions, HeaderValue, StatusCode, header};
+use http::{Extensions, HeaderValue, header};
 use http_body_util::{BodyExt, Empty};
 
 use crate::body::ResponseBody;
-use crate::config::{Config, Shared};
+use crate::config::{CacheDecision, Config, Shared};
+use crate::error::{ErrorRenderer, Problem, ProblemJson};
 use crate::fingerprint::Fingerprint;
 use crate::store::sql::{millis, token_bytes};
 use crate::store::{ClaimTarget, IdempotencyStore, LockToken, RecordKey};
@@ -404,9 +405,20 @@ mod sealed {
 
 /// Why [`Claim::respond_in`] (or the `Claim` extractor) failed.
 ///
-/// As an axum response: `503` with `Retry-After` for [`Database`](ClaimErrorKind::Database)
-/// and [`LeaseLost`](ClaimErrorKind::LeaseLost) (the layer then releases the key, so a retry
-/// runs), `500` for the others.
+/// As an axum response, an RFC 9457 `application/problem+json` body as the layer's own
+/// problems ([`ProblemJson`](crate::ProblemJson); a renderer set on the layer does not reach a
+/// handler's error), with a generic `detail`: the database's message, which names tables and
+/// constraints, stays out of the body. The error itself is logged (with the `tracing` feature,
+/// a `WARN` event of target `tower_idempotency` carrying it whole, source included).
+///
+/// | kind | answer |
+/// |---|---|
+/// | [`Database`](ClaimErrorKind::Database) | `503 idempotency_store_unavailable`, `Retry-After: 1`: the transaction rolled back, nothing happened |
+/// | [`LeaseLost`](ClaimErrorKind::LeaseLost) | `409 idempotency_key_in_progress`, `Retry-After: 1`: another request holds the key now |
+/// | the others | `500 idempotency_claim_failed`: the application misused the claim, or its body failed; the `detail` says which (never the source's text) |
+///
+/// The response is never stored: the layer releases the key (a claim that lost its record
+/// releases nothing), so a retry runs, or meets the request that holds the key.
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlx"))))]
 pub struct ClaimError {
     kind: ClaimErrorKind,
@@ -465,9 +477,10 @@ impl fmt::Debug for ClaimError {
     }
 }
 
-impl fmt::Display for ClaimError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.kind {
+impl ClaimError {
+    /// What went wrong, without the source.
+    fn what(&self) -> &'static str {
+        match self.kind {
             ClaimErrorKind::Unsupported => {
                 "the idempotency store cannot complete records inside the application's \
                  transaction (only SqlxStore and PostgresStore can); nothing was written"
@@ -487,7 +500,13 @@ impl fmt::Display for ClaimError {
                  idempotency record would not commit with the handler's effects; nothing was \
                  written"
             }
-        };
+        }
+    }
+}
+
+impl fmt::Display for ClaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = self.what();
         match &self.source {
             Some(source) => write!(f, "{what}: {source}"),
             None => f.write_str(what),
@@ -501,17 +520,103 @@ impl Error for ClaimError {
     }
 }
 
+impl ClaimError {
+    /// The problem a client is answered with (see [`ClaimError`]).
+    fn problem(&self) -> Problem {
+        match self.kind {
+            ClaimErrorKind::Database => Problem::store_unavailable(1),
+            ClaimErrorKind::LeaseLost => Problem::in_progress(1),
+            _ => Problem::claim_failed(self.what()),
+        }
+    }
+}
+
 impl IntoResponse for ClaimError {
     fn into_response(self) -> Response {
-        let status = match self.kind {
-            ClaimErrorKind::Database | ClaimErrorKind::LeaseLost => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut response = (status, self.to_string()).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        #[cfg(feature = "tracing")]
+        crate::outcome::claim_failure(&self);
+        let problem = self.problem();
+        let mut response = ProblemJson.render(&problem).map(Body::from);
+        if let Some(seconds) = problem.retry_after() {
             let headers = response.headers_mut();
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        response.extensions_mut().insert(CacheDecision::Skip);
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    async fn answer(err: ClaimError) -> (StatusCode, Option<String>, serde_json::Value, bool) {
+        let response = err.into_response();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let skip = response.extensions().get::<CacheDecision>() == Some(&CacheDecision::Skip);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(!text.contains("ledger"), "{text}");
+        (
+            status,
+            retry_after,
+            serde_json::from_str(&text).unwrap(),
+            skip,
+        )
+    }
+
+    #[tokio::test]
+    async fn claim_errors_answer_problems_without_the_databases_text() {
+        let db = std::io::Error::other("duplicate key value violates \"ledger_key\"");
+        let err = ClaimError::database(db);
+        assert!(err.to_string().contains("ledger_key"), "the error keeps it");
+        let (status, retry_after, body, skip) = answer(err).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert_eq!(body["code"], "idempotency_store_unavailable");
+        assert_eq!(body["status"], 503);
+        assert!(skip, "never stored");
+
+        let lost = ClaimError::new(ClaimErrorKind::LeaseLost, None);
+        let (status, retry_after, body, skip) = answer(lost).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert_eq!(body["code"], "idempotency_key_in_progress");
+        assert!(skip, "never stored");
+
+        for kind in [
+            ClaimErrorKind::Unsupported,
+            ClaimErrorKind::AlreadyUsed,
+            ClaimErrorKind::Body,
+            ClaimErrorKind::Missing,
+            ClaimErrorKind::NotInTransaction,
+        ] {
+            let (status, retry_after, body, _) = answer(ClaimError::new(kind, None)).await;
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{kind:?}");
+            assert_eq!(retry_after, None, "{kind:?}");
+            assert_eq!(body["code"], "idempotency_claim_failed", "{kind:?}");
+            assert_eq!(body["title"], "Idempotency claim failed", "{kind:?}");
+        }
+        let failed = std::io::Error::other("ledger body failed");
+        let err = ClaimError::new(ClaimErrorKind::Body, Some(failed.into()));
+        let (_, _, body, _) = answer(err).await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.ends_with("the response body failed."), "{detail}");
+        let (_, _, body, _) = answer(ClaimError::new(ClaimErrorKind::Missing, None)).await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("no idempotency claim for this request"),
+            "{detail}"
+        );
     }
 }

@@ -50,6 +50,10 @@ pub enum ErrorCode {
     /// `503 idempotency_overloaded`: the layer is working on its most keyed requests at once,
     /// overall or for this tenant; nothing ran. Retry after `Retry-After` seconds.
     Overloaded,
+    /// `500 idempotency_claim_failed`: a handler's `Claim` could not be used (the application
+    /// misused it, or its response body failed): a `ClaimError` the handler returned (features
+    /// `postgres`, `sqlx`). Its record is released.
+    ClaimFailed,
 }
 
 /// The names these codes had before they took the names of their [`Outcome`](crate::Outcome).
@@ -90,6 +94,7 @@ impl ErrorCode {
             Self::TenantRejected => "idempotency_tenant_rejected",
             Self::TenantMissing => "idempotency_tenant_missing",
             Self::Overloaded => "idempotency_overloaded",
+            Self::ClaimFailed => "idempotency_claim_failed",
         }
     }
 
@@ -107,6 +112,7 @@ impl ErrorCode {
             Self::TenantRejected => "Tenant rejected",
             Self::TenantMissing => "Tenant missing",
             Self::Overloaded => "Too many requests in progress",
+            Self::ClaimFailed => "Idempotency claim failed",
         }
     }
 
@@ -123,6 +129,7 @@ impl ErrorCode {
             Self::TenantRejected => "TenantRejected",
             Self::TenantMissing => "TenantMissing",
             Self::Overloaded => "Overloaded",
+            Self::ClaimFailed => "ClaimFailed",
         }
     }
 }
@@ -274,6 +281,20 @@ impl Problem {
             "The idempotency store has no room for a new key: it is full of requests in flight; the request was not processed. Retry after the Retry-After delay.",
         )
         .with_retry_after(retry_after)
+    }
+
+    /// `500 idempotency_claim_failed`: a handler's `Claim` could not be used, for the reason
+    /// `what` (the crate's own words, never a database's).
+    #[cfg(any(feature = "postgres", feature = "sqlx"))]
+    pub(crate) fn claim_failed(what: &str) -> Self {
+        let detail = format!(
+            "The server could not record the outcome of this request under its idempotency key: {what}."
+        );
+        Self::new(
+            ErrorCode::ClaimFailed,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            detail,
+        )
     }
 
     /// The machine-readable code.

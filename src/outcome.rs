@@ -236,6 +236,18 @@ pub(crate) fn store_failure(
     }
 }
 
+/// Emits a warning for a [`ClaimError`](crate::ClaimError) a handler answered with: its client
+/// gets a generic problem, the error goes to the logs whole.
+#[cfg(all(feature = "tracing", any(feature = "postgres", feature = "sqlx")))]
+pub(crate) fn claim_failure(err: &crate::ClaimError) {
+    tracing::warn!(
+        target: "tower_idempotency",
+        kind = ?err.kind(),
+        error = %err,
+        "idempotency claim failed"
+    );
+}
+
 /// The span of one keyed request (level `INFO`, target `tower_idempotency`, name
 /// `idempotency`): the handler's own events nest under it. It carries hashes of the key and the
 /// tenant (never the key itself), the method and the path; the outcome, whether the handler ran

@@ -92,6 +92,14 @@ impl StoreError {
         )
     }
 
+    /// This error, described by `message` (shown in place of the source's own text), its
+    /// source kept.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn with_message(mut self, message: impl Into<Box<str>>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> StoreErrorKind {
         self.kind

@@ -30,9 +30,44 @@ pub(crate) fn forget_lock_waits() -> impl Iterator<Item = std::time::Duration> {
     std::iter::repeat_n(std::time::Duration::from_millis(25), 10)
 }
 
+/// How many times `renew`, `complete` and `release` run their statement when PostgreSQL failed
+/// it with an error that asks for it to run again ([`runs_again`]).
+pub(crate) const FENCED_ATTEMPTS: usize = 3;
+
 /// SQLSTATE `lock_not_available`: a `NOWAIT` lock met a row that another transaction holds.
 #[cfg(feature = "sqlx")]
 pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// Whether a statement that failed with SQLSTATE `code` is run again: `serialization_failure`
+/// (40001) and `deadlock_detected` (40P01). Each of the store's statements is a transaction of
+/// its own, rolled back whole by these errors, so running it again is safe; they come from a
+/// database whose `default_transaction_isolation` is `serializable` or `repeatable read`, where
+/// concurrent statements on one key (or one index page) conflict.
+pub(crate) fn runs_again(code: &str) -> bool {
+    matches!(code, "40001" | "40P01")
+}
+
+/// Whether a statement that failed with SQLSTATE `code` leaves its connection of no further use,
+/// so that it is closed instead of going back to the pool: `read_only_sql_transaction` (25006:
+/// the connection was opened read-only, on a standby or while the database was set read-only, and
+/// stays so for its whole life), an operator intervention (class 57P: the server is shutting
+/// down, the connection was terminated or timed out) and a connection exception (class 08).
+pub(crate) fn discards_connection(code: &str) -> bool {
+    code == "25006" || ends_connection(code)
+}
+
+/// Whether SQLSTATE `code` says that the server ended the connection (class 57P, 08). Such an
+/// error may come after the statement committed, its answer lost: unlike any other error the
+/// server answers, it does not say that the statement changed nothing.
+pub(crate) fn ends_connection(code: &str) -> bool {
+    code.starts_with("57P") || code.starts_with("08")
+}
+
+/// The advisory lock `migrate` takes: one for every migration of this crate, whatever the
+/// table and however its name is spelled (`t` and `public.t` are one table), so that no two
+/// migrations run at once on a database. The first 8 bytes of
+/// SHA-256("tower-idempotency:migrate"), as a big-endian `i64`.
+pub(crate) const MIGRATION_LOCK: i64 = 0x4f96_d0fd_b72c_7fa1;
 
 /// A validated table name, optionally schema-qualified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,24 +126,16 @@ impl Table {
             qualified_index,
         })
     }
-
-    /// The advisory lock `migrate` takes: the same on every instance, one per table.
-    pub(crate) fn lock_id(&self) -> i64 {
-        let hash = Sha256::new_with_prefix(b"tower-idempotency:migrate:")
-            .chain_update(self.quoted.as_bytes())
-            .finalize();
-        let mut id = [0; 8];
-        id.copy_from_slice(&hash[..8]);
-        i64::from_be_bytes(id)
-    }
 }
 
-/// The statements of `migrate`: the advisory lock, the table, then its index unless it exists.
+/// The statements of `migrate`: the advisory lock, then the table and its index, each created
+/// only when it is missing. A role without the `CREATE` privilege on the schema can run it on a
+/// table its DBA made: `CREATE TABLE IF NOT EXISTS` checks that privilege before it looks. And
 /// `CREATE INDEX IF NOT EXISTS` would lock the table before looking, and queue every statement
 /// on it behind a handler's transaction that holds a row (`Claim::respond_in`).
 struct Migration {
     lock: &'static str,
-    lock_id: i64,
+    table_exists: String,
     create_table: String,
     index_exists: String,
     create_index: String,
@@ -119,7 +146,9 @@ impl Migration {
         let (t, index) = (&table.quoted, &table.index);
         Self {
             lock: "SELECT pg_advisory_xact_lock($1)",
-            lock_id: table.lock_id(),
+            // Resolved as the store's statements resolve the name (by the connection's
+            // `search_path` when it is not schema-qualified).
+            table_exists: format!("SELECT to_regclass('{t}') IS NOT NULL"),
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     tenant      bytea       NOT NULL,
@@ -368,13 +397,16 @@ impl Sql {
 }
 
 impl Sql {
-    /// `migrate`, in the transaction `tx`: takes the table's advisory lock (held until the
-    /// transaction ends, so concurrent migrations wait for each other), creates the table if
-    /// it is missing, and its index if it is missing, then commits.
+    /// `migrate`, in the transaction `tx`: takes the migrations' advisory lock
+    /// ([`MIGRATION_LOCK`], held until the transaction ends, so concurrent migrations wait for
+    /// each other), creates the table if it is missing, and its index if it is missing, then
+    /// commits.
     pub(crate) async fn migrate(&self, mut tx: impl MigrationTx) -> Result<(), StoreError> {
         let m = &self.migration;
-        tx.execute(m.lock, Some(m.lock_id)).await?;
-        tx.execute(&m.create_table, None).await?;
+        tx.execute(m.lock, Some(MIGRATION_LOCK)).await?;
+        if !tx.query_bool(&m.table_exists).await? {
+            tx.execute(&m.create_table, None).await?;
+        }
         if !tx.query_bool(&m.index_exists).await? {
             tx.execute(&m.create_index, None).await?;
         }
@@ -577,9 +609,41 @@ mod tests {
     }
 
     #[test]
-    fn lock_ids_are_stable_per_table() {
-        let a = Table::parse("a").unwrap();
-        assert_eq!(a.lock_id(), Table::parse("a").unwrap().lock_id());
-        assert_ne!(a.lock_id(), Table::parse("s.a").unwrap().lock_id());
+    fn every_migration_takes_one_lock() {
+        let hash = Sha256::digest(b"tower-idempotency:migrate");
+        let mut id = [0; 8];
+        id.copy_from_slice(&hash[..8]);
+        assert_eq!(MIGRATION_LOCK, i64::from_be_bytes(id));
+        // Whatever the table, its migration names the lock only as a parameter.
+        for name in ["a", "public.a", "s.b"] {
+            let migration = Migration::new(&Table::parse(name).unwrap());
+            assert_eq!(migration.lock, "SELECT pg_advisory_xact_lock($1)");
+        }
+    }
+
+    #[test]
+    fn migrations_look_before_they_create() {
+        let migration = Migration::new(&Table::parse("s.t").unwrap());
+        assert_eq!(
+            migration.table_exists,
+            "SELECT to_regclass('\"s\".\"t\"') IS NOT NULL"
+        );
+        assert_eq!(
+            migration.index_exists,
+            "SELECT to_regclass('\"s\".\"t_expires_idx\"') IS NOT NULL"
+        );
+    }
+
+    #[test]
+    fn sqlstates_that_run_again_or_discard_the_connection() {
+        for code in ["40001", "40P01"] {
+            assert!(runs_again(code) && !discards_connection(code), "{code}");
+        }
+        for code in ["25006", "57P01", "57P05", "08006"] {
+            assert!(discards_connection(code) && !runs_again(code), "{code}");
+        }
+        for code in ["23505", "42P01", "55P03", "57014", "40002"] {
+            assert!(!runs_again(code) && !discards_connection(code), "{code}");
+        }
     }
 }

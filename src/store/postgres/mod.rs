@@ -4,14 +4,16 @@ use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Client, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::sql::{
-    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, Sql, Step, Table, corrupt, millis,
-    token_bytes,
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, FENCED_ATTEMPTS, Sql, Step, Table,
+    corrupt, millis, token_bytes,
 };
 use super::util::{self, KeepRunning, SentBegin};
 use super::{
@@ -42,8 +44,9 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// # Schema
 ///
 /// [`migrate`](Self::migrate) runs this (with the configured [`table`](Self::table), default
-/// `idempotency_records`), under a transaction-scoped advisory lock so that every instance of a
-/// fleet can run it at once on start:
+/// `idempotency_records`), each statement only when its table or index is missing (`to_regclass`),
+/// under a transaction-scoped advisory lock, one for every migration of this crate, so that every
+/// instance of a fleet can run it at once on start:
 ///
 /// ```sql
 /// CREATE TABLE IF NOT EXISTS "idempotency_records" (
@@ -61,6 +64,15 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// ```
 ///
 /// Run it yourself if your migrations are managed elsewhere; the store only needs the table.
+/// A role with no `CREATE` privilege on the schema can still call `migrate` on a table that
+/// exists (it creates nothing then), so the same start-up code runs under a least-privilege role
+/// (`SELECT`, `INSERT`, `UPDATE`, `DELETE` on the table).
+///
+/// The default table name is not schema-qualified: each connection finds it through its
+/// `search_path`. A fleet whose servers connect as different roles (PostgreSQL's default
+/// `search_path` is `"$user", public`) or set different search paths must name the table with
+/// its schema ([`PostgresStoreBuilder::table`], `"public.idempotency_records"`), or its servers
+/// may each keep their own table, and run a key once each.
 ///
 /// # Semantics
 ///
@@ -103,9 +115,14 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// Queries go through a [`deadpool_postgres::Pool`]. A connection that broke (the server
 /// restarted, say) is dropped by the pool and replaced on the next call, so while PostgreSQL is
 /// down store calls fail with [`StoreErrorKind::Unavailable`] (the layer answers `503`), and once
-/// it is back they succeed again without rebuilding the store. [`connect`](Self::connect)
-/// connects without TLS; for TLS, build a pool with a TLS connector and use
-/// [`from_pool`](Self::from_pool).
+/// it is back they succeed again without rebuilding the store. So is a connection of no further
+/// use: read-only (SQLSTATE 25006: a standby, or a database set `default_transaction_read_only`
+/// when it was opened), or ended by the server (class 57P) or the network (class 08). A
+/// statement PostgreSQL failed with a serialization failure or a deadlock (40001, 40P01: a
+/// database whose default isolation is `serializable` or `repeatable read`) changed nothing, and
+/// runs again: `begin` up to 10 times, `renew`, `complete` and `release` up to 3. An error's text
+/// carries the server's message and SQLSTATE. [`connect`](Self::connect) connects without TLS;
+/// for TLS, build a pool with a TLS connector and use [`from_pool`](Self::from_pool).
 ///
 /// Each store call holds a connection for one statement: a new key takes two (`begin`, then
 /// `complete` once the handler answered), a replay one; a key reused after its record expired takes
@@ -242,15 +259,21 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Creates the table and its index if they are missing (see [Schema](Self#schema)).
+    /// Creates the table and its index if they are missing (see [Schema](Self#schema)); a role
+    /// without the `CREATE` privilege can run it on a table that exists.
     ///
     /// Safe to run on every start, from every instance of a fleet at once: it runs under a
-    /// transaction-scoped advisory lock, so concurrent runs wait for each other instead of
-    /// racing on the catalog.
+    /// transaction-scoped advisory lock, one for every migration of this crate (however the
+    /// table is spelled), so concurrent runs wait for each other instead of racing on the
+    /// catalog.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.inner.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        self.inner.sql.migrate(tx).await
+        let mut client = self.inner.client().await?;
+        let migrated = async {
+            let tx = client.transaction().await.map_err(pg_error)?;
+            self.inner.sql.migrate(tx).await
+        }
+        .await;
+        give_back(client, migrated)
     }
 
     /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
@@ -275,16 +298,27 @@ impl PostgresStore {
 
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         self.ensure_cleanup();
-        let client = self.inner.pool.get().await.map_err(pool_error)?;
-        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
-        client.execute(&statement, params).await.map_err(pg_error)
+        let client = self.inner.client().await?;
+        let executed = async {
+            let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
+            client.execute(&statement, params).await.map_err(pg_error)
+        }
+        .await;
+        give_back(client, executed)
     }
 
     /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
+    /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again, up
+    /// to [`FENCED_ATTEMPTS`] times in all: it changed nothing, and its token still fences it.
     async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
-        match self.execute(sql, params).await? {
-            0 => Err(StoreError::lease_lost()),
-            _ => Ok(()),
+        let mut attempts = 1;
+        loop {
+            match self.execute(sql, params).await {
+                Ok(0) => return Err(StoreError::lease_lost()),
+                Ok(_) => return Ok(()),
+                Err(err) if attempts < FENCED_ATTEMPTS && runs_again(&err) => attempts += 1,
+                Err(err) => return Err(err),
+            }
         }
     }
 
@@ -292,7 +326,7 @@ impl PostgresStore {
     /// transaction holds is read with `peek` instead.
     async fn take_over(
         &self,
-        client: &deadpool_postgres::Client,
+        client: &Client,
         params: &[&(dyn ToSql + Sync); 5],
     ) -> Result<Option<Row>, StoreError> {
         let sql = &self.inner.sql;
@@ -313,6 +347,51 @@ impl PostgresStore {
             Err(err) => Err(pg_error(err)),
         }
     }
+
+    /// `begin`'s statements on `client`: `begin`, then `take_over` for a row that is no longer
+    /// live, until one decides. A statement that a concurrent writer overtook, or that
+    /// PostgreSQL failed as one to run again ([`sql::runs_again`]: it changed nothing), runs
+    /// again, up to [`BEGIN_ATTEMPTS`] times. `sent` is told when the store answered.
+    async fn begin_on(
+        &self,
+        client: &Client,
+        params: &[&(dyn ToSql + Sync); 5],
+        token: LockToken,
+        sent: &mut SentBegin<'_, Self>,
+    ) -> Result<Begin, StoreError> {
+        let statement = client
+            .prepare_cached(&self.inner.sql.begin)
+            .await
+            .map_err(pg_error)?;
+        for _ in 0..BEGIN_ATTEMPTS {
+            let row = match client.query_opt(&statement, params).await.map_err(pg_error) {
+                Ok(row) => row,
+                Err(err) if runs_again(&err) => continue,
+                Err(err) => return Err(err),
+            };
+            let row = match sql::decide(begin_row(row.as_ref())?, token)? {
+                Step::Done(begin) => {
+                    sent.answered();
+                    return Ok(begin);
+                }
+                Step::Again => continue,
+                Step::TakeOver => match self.take_over(client, params).await {
+                    Ok(row) => row,
+                    Err(err) if runs_again(&err) => continue,
+                    Err(err) => return Err(err),
+                },
+            };
+            if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
+                sent.answered();
+                return Ok(begin);
+            }
+        }
+        sent.answered();
+        Err(StoreError::msg(
+            StoreErrorKind::Other,
+            "the record kept changing under concurrent writers; try again",
+        ))
+    }
 }
 
 /// The settings of a [`PostgresStore`], from [`PostgresStore::builder`], checked once when the
@@ -331,6 +410,11 @@ impl PostgresStoreBuilder {
     /// The table that holds the records: `name` or `schema.name`, each part
     /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
     /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
+    ///
+    /// A name without a schema (the default) is found through each connection's `search_path`: a
+    /// fleet whose servers connect as different roles (the default `search_path` is
+    /// `"$user", public`) or set different search paths must give the schema, or its servers
+    /// may each use a table of their own and run a key once each.
     ///
     /// ```
     /// let builder = tower_idempotency::PostgresStore::builder().table("billing.idempotency");
@@ -440,18 +524,27 @@ impl Checked {
 }
 
 impl Inner {
+    /// A connection of the pool, to hand back with [`give_back`].
+    async fn client(&self) -> Result<Client, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
     async fn delete_expired(&self) -> Result<u64, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(&self.sql.delete_expired)
+        let client = self.client().await?;
+        let deleted = async {
+            let statement = client
+                .prepare_cached(&self.sql.delete_expired)
+                .await
+                .map_err(pg_error)?;
+            let (client, statement) = (&client, &statement);
+            sql::delete_in_batches(|| async move {
+                let deleted = client.execute(statement, &[&DELETE_BATCH]).await;
+                deleted.map_err(pg_error)
+            })
             .await
-            .map_err(pg_error)?;
-        let (client, statement) = (&client, &statement);
-        sql::delete_in_batches(|| async move {
-            let deleted = client.execute(statement, &[&DELETE_BATCH]).await;
-            deleted.map_err(pg_error)
-        })
-        .await
+        }
+        .await;
+        give_back(client, deleted)
     }
 }
 
@@ -493,33 +586,17 @@ impl IdempotencyStore for PostgresStore {
             &&token_bytes[..],
             &lease_ms,
         ];
-        let client = self.inner.pool.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(&self.inner.sql.begin)
-            .await
-            .map_err(pg_error)?;
+        let client = self.inner.client().await?;
         let mut sent = SentBegin::new(self, key, token, lease);
-        for _ in 0..BEGIN_ATTEMPTS {
-            let row = client.query_opt(&statement, &params).await;
-            let step = sql::decide(begin_row(row.map_err(pg_error)?.as_ref())?, token)?;
-            let row = match step {
-                Step::Done(begin) => {
-                    sent.answered();
-                    return Ok(begin);
-                }
-                Step::Again => continue,
-                Step::TakeOver => self.take_over(&client, &params).await?,
-            };
-            if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
-                sent.answered();
-                return Ok(begin);
-            }
+        let began = self.begin_on(&client, &params, token, &mut sent).await;
+        if let Err(err) = &began
+            && sqlstate(err).is_some_and(|code| !sql::ends_connection(code.code()))
+        {
+            // The server failed the statement and rolled it back: nothing to clean up. (Not so
+            // when it ended the connection: that may come after the statement committed.)
+            sent.answered();
         }
-        sent.answered();
-        Err(StoreError::msg(
-            StoreErrorKind::Other,
-            "the record kept changing under concurrent writers; try again",
-        ))
+        give_back(client, began)
     }
 
     async fn renew(
@@ -567,61 +644,73 @@ impl IdempotencyStore for PostgresStore {
 
     async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         let tenant = &key.tenant().as_bytes()[..];
-        let client = self.inner.pool.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(&self.inner.sql.lookup)
-            .await
-            .map_err(pg_error)?;
-        let row = client
-            .query_opt(&statement, &[&tenant, &key.key()])
-            .await
-            .map_err(pg_error)?;
-        row.as_ref().map(record_info).transpose()
+        let client = self.inner.client().await?;
+        let found = async {
+            let statement = client
+                .prepare_cached(&self.inner.sql.lookup)
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_opt(&statement, &[&tenant, &key.key()])
+                .await
+                .map_err(pg_error)?;
+            row.as_ref().map(record_info).transpose()
+        }
+        .await;
+        give_back(client, found)
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
         let tenant = &key.tenant().as_bytes()[..];
-        let client = self.inner.pool.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(&self.inner.sql.forget)
-            .await
-            .map_err(pg_error)?;
-        let mut waits = sql::forget_lock_waits();
-        let row = loop {
-            match client
-                .query_one(&statement, &[&tenant, &key.key(), &force])
+        let client = self.inner.client().await?;
+        let forgotten = async {
+            let statement = client
+                .prepare_cached(&self.inner.sql.forget)
                 .await
-                .map_err(pg_error)
-            {
-                Ok(row) => break row,
-                // A statement holds the row for a moment; a transaction that keeps holding
-                // it is alive (see `Sql::forget`).
-                Err(err) if locked(&err) => match waits.next() {
-                    Some(wait) => tokio::time::sleep(wait).await,
-                    None => return Ok(Forget::InFlight),
-                },
-                Err(err) => return Err(err),
-            }
-        };
-        Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
+                .map_err(pg_error)?;
+            let mut waits = sql::forget_lock_waits();
+            let row = loop {
+                match client
+                    .query_one(&statement, &[&tenant, &key.key(), &force])
+                    .await
+                    .map_err(pg_error)
+                {
+                    Ok(row) => break row,
+                    // A statement holds the row for a moment; a transaction that keeps holding
+                    // it is alive (see `Sql::forget`).
+                    Err(err) if locked(&err) => match waits.next() {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => return Ok(Forget::InFlight),
+                    },
+                    Err(err) => return Err(err),
+                }
+            };
+            Ok(sql::forget(row.try_get(0).map_err(corrupt)?))
+        }
+        .await;
+        give_back(client, forgotten)
     }
 
     async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
         let token = token_bytes(token);
         let params: [&(dyn ToSql + Sync); 3] =
             [&&key.tenant().as_bytes()[..], &key.key(), &&token[..]];
-        let client = self.inner.pool.get().await.map_err(pool_error)?;
-        for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
-            let statement = client.prepare_cached(statement).await.map_err(pg_error)?;
-            let row = client
-                .query_one(&statement, &params)
-                .await
-                .map_err(pg_error)?;
-            if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
-                return Ok(settled);
+        let client = self.inner.client().await?;
+        let settled = async {
+            for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
+                let statement = client.prepare_cached(statement).await.map_err(pg_error)?;
+                let row = client
+                    .query_one(&statement, &params)
+                    .await
+                    .map_err(pg_error)?;
+                if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
+                    return Ok(settled);
+                }
             }
+            Ok(Settled::Lost)
         }
-        Ok(Settled::Lost)
+        .await;
+        give_back(client, settled)
     }
 
     fn claim_target(&self) -> Option<ClaimTarget> {
@@ -673,20 +762,55 @@ fn begin_row(row: Option<&Row>) -> Result<BeginRow<'_>, StoreError> {
     .transpose()
 }
 
-/// Whether a statement failed on a row lock it would not wait for (`NOWAIT`).
-fn locked(err: &StoreError) -> bool {
+/// The SQLSTATE of the statement that failed with `err`, when the server answered one.
+fn sqlstate(err: &StoreError) -> Option<&SqlState> {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<tokio_postgres::Error>())
         .and_then(tokio_postgres::Error::code)
-        == Some(&SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// Whether a statement failed on a row lock it would not wait for (`NOWAIT`).
+fn locked(err: &StoreError) -> bool {
+    sqlstate(err) == Some(&SqlState::LOCK_NOT_AVAILABLE)
+}
+
+/// Whether PostgreSQL failed a statement as one to run again ([`sql::runs_again`]).
+fn runs_again(err: &StoreError) -> bool {
+    sqlstate(err).is_some_and(|code| sql::runs_again(code.code()))
+}
+
+/// Hands `client` back to the pool and passes `result` on; a connection that `result`'s
+/// failure left of no further use ([`sql::discards_connection`]: a read-only connection, one the
+/// server is ending) is closed instead, and the pool opens a new one when it needs it.
+fn give_back<T>(client: Client, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    if let Err(err) = &result
+        && sqlstate(err).is_some_and(|code| sql::discards_connection(code.code()))
+    {
+        drop(Object::take(client));
+    }
+    result
 }
 
 fn pool_error(err: PoolError) -> StoreError {
     StoreError::unavailable(err)
 }
 
+/// A failed statement: `Unavailable`, its source kept, described by the server's message and
+/// SQLSTATE when the server answered (tokio-postgres's own text is only `db error`).
 fn pg_error(err: tokio_postgres::Error) -> StoreError {
-    StoreError::unavailable(err)
+    let message = err
+        .as_db_error()
+        .map(|db| server_message(db.message(), db.code()));
+    let error = StoreError::unavailable(err);
+    match message {
+        Some(message) => error.with_message(message),
+        None => error,
+    }
+}
+
+/// What an error the server answered says: its message and its SQLSTATE.
+fn server_message(message: &str, code: &SqlState) -> String {
+    format!("{message} (SQLSTATE {})", code.code())
 }
 
 #[cfg(test)]
@@ -731,6 +855,23 @@ mod tests {
             let err = bad.build(unconnected()).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Other);
         }
+    }
+
+    #[test]
+    fn server_errors_keep_their_message_and_sqlstate() {
+        let text = server_message(
+            "schema \"billing\" does not exist",
+            &SqlState::INVALID_SCHEMA_NAME,
+        );
+        assert_eq!(text, "schema \"billing\" does not exist (SQLSTATE 3F000)");
+        let io = std::io::Error::other("gone");
+        let err = StoreError::unavailable(io).with_message(text);
+        assert_eq!(
+            err.to_string(),
+            "idempotency store unavailable: schema \"billing\" does not exist (SQLSTATE 3F000)"
+        );
+        let source = std::error::Error::source(&err).expect("the source is kept");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
     }
 
     #[tokio::test]

@@ -4,13 +4,14 @@ use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
 
 use super::sql::{
-    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, LOCK_NOT_AVAILABLE, Sql, Step,
-    Table, corrupt, millis, token_bytes,
+    self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, FENCED_ATTEMPTS,
+    LOCK_NOT_AVAILABLE, Sql, Step, Table, corrupt, millis, token_bytes,
 };
 use super::util::{self, KeepRunning, SentBegin};
 use super::{
@@ -41,8 +42,10 @@ use crate::stored::StoredResponse;
 /// # Schema and semantics
 ///
 /// Those of `PostgresStore` (feature `postgres`), statement for statement: the table (default
-/// `idempotency_records`) and its index, created by [`migrate`](Self::migrate) under a
-/// transaction-scoped advisory lock; time is the database's; `begin` is one
+/// `idempotency_records`, found through each connection's `search_path`: a fleet whose roles or
+/// search paths differ names its schema, see [`SqlxStoreBuilder::table`]) and its index, created
+/// when missing by [`migrate`](Self::migrate) under a transaction-scoped advisory lock; time is
+/// the database's; `begin` is one
 /// `INSERT … ON CONFLICT` combined with a read of the row (and a second statement, the
 /// takeover, for a row that is no longer live); `renew`, `complete` and `release` are fenced
 /// by the lock token. An in-flight row that a transaction holds locked (a
@@ -56,8 +59,12 @@ use crate::stored::StoredResponse;
 /// after its record expired one more (the takeover). Statements are
 /// prepared once per connection (sqlx's statement cache) and reused. While PostgreSQL is down,
 /// calls fail (the layer answers `503` once its store timeout passes, or at once when the pool
-/// fails first), and once it is back the pool reconnects by itself. A handler holding a
-/// transaction holds one connection of the same pool: size it for both.
+/// fails first), and once it is back the pool reconnects by itself. A connection of no further
+/// use (read-only, SQLSTATE 25006; ended by the server, class 57P, or the network, class 08) is
+/// closed instead of going back to the pool. A statement PostgreSQL failed with a serialization
+/// failure or a deadlock (40001, 40P01) changed nothing, and runs again: `begin` up to 10 times,
+/// `renew`, `complete` and `release` up to 3. A handler holding a transaction holds one
+/// connection of the same pool: size it for both.
 ///
 /// A sqlx pool (0.8) pings each connection as it comes back to the pool, in a task of its own:
 /// one more round trip after each of the store's statements, which the application cannot turn
@@ -124,6 +131,12 @@ impl SqlxStoreBuilder {
     /// The table that holds the records: `name` or `schema.name`, each part
     /// `[A-Za-z_][A-Za-z0-9_]{0,62}` (quoted in SQL, so its case is kept). Default:
     /// `idempotency_records`. The schema must exist. Every server of a fleet must use the same.
+    ///
+    /// A name without a schema (the default) is found through each connection's `search_path`: a
+    /// fleet whose servers connect as different roles (the default `search_path` is
+    /// `"$user", public`), set different search paths (a pool's `after_connect`, say) or mix
+    /// with `PostgresStore`s that do, must give the schema, or its servers may each use a table
+    /// of their own and run a key once each.
     ///
     /// ```
     /// # fn run(pool: sqlx::PgPool) {
@@ -202,14 +215,27 @@ impl SqlxStore {
         &self.inner.pool
     }
 
-    /// Creates the table and its index if they are missing (the schema of `PostgresStore`).
+    /// Creates the table and its index if they are missing (the schema of `PostgresStore`); a
+    /// role without the `CREATE` privilege can run it on a table that exists.
     ///
     /// Safe to run on every start, from every instance of a fleet at once (and beside
-    /// `PostgresStore::migrate`): it runs under the same transaction-scoped advisory lock, so
-    /// concurrent runs wait for each other instead of racing on the catalog.
+    /// `PostgresStore::migrate`): it runs under the same transaction-scoped advisory lock, one
+    /// for every migration of this crate (however the table is spelled), so concurrent runs
+    /// wait for each other instead of racing on the catalog.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let tx = self.inner.pool.begin().await.map_err(sqlx_error)?;
-        self.inner.sql.migrate(tx).await
+        let mut conn = self.inner.conn().await?;
+        let migrated = match sqlx::Connection::begin(&mut *conn).await {
+            Ok(tx) => self.inner.sql.migrate(tx).await,
+            Err(err) => Err(sqlx_error(err)),
+        };
+        // As `checked`, for the error of any of its statements.
+        if let Err(err) = &migrated
+            && let Some(sqlx) = std::error::Error::source(err).and_then(|s| s.downcast_ref())
+            && discards_connection(sqlx)
+        {
+            conn.close_on_drop();
+        }
+        migrated
     }
 
     /// Deletes every expired row, in batches of 1000, and returns how many were deleted.
@@ -239,11 +265,33 @@ impl SqlxStore {
             .bind(key.key())
     }
 
-    /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
-    async fn fenced(&self, query: Query<'_, Postgres, PgArguments>) -> Result<(), StoreError> {
+    /// Runs a `renew`, `complete` or `release` statement, as `query` makes it: the rows it
+    /// changed. A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs
+    /// again, up to [`FENCED_ATTEMPTS`] times in all: it changed nothing, and its token still
+    /// fences it.
+    async fn fenced<'q>(
+        &self,
+        query: impl Fn() -> Query<'q, Postgres, PgArguments>,
+    ) -> Result<u64, sqlx::Error> {
         self.ensure_cleanup();
-        let done = query.execute(&self.inner.pool).await;
-        match done.map_err(sqlx_error)?.rows_affected() {
+        let mut attempts = 1;
+        loop {
+            let mut conn = self.inner.pool.acquire().await?;
+            let done = query().execute(&mut *conn).await;
+            match checked(&mut conn, done) {
+                Ok(done) => return Ok(done.rows_affected()),
+                Err(err) if attempts < FENCED_ATTEMPTS && runs_again(&err) => attempts += 1,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// [`fenced`](Self::fenced), one row changed, or the lease is lost.
+    async fn fenced_one<'q>(
+        &self,
+        query: impl Fn() -> Query<'q, Postgres, PgArguments>,
+    ) -> Result<(), StoreError> {
+        match self.fenced(query).await.map_err(sqlx_error)? {
             0 => Err(StoreError::lease_lost()),
             _ => Ok(()),
         }
@@ -251,13 +299,21 @@ impl SqlxStore {
 }
 
 impl Inner {
+    /// A connection of the pool; pass what it answered through [`checked`].
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        self.pool.acquire().await.map_err(sqlx_error)
+    }
+
     async fn delete_expired(&self) -> Result<u64, StoreError> {
         sql::delete_in_batches(|| async {
+            let mut conn = self.conn().await?;
             let done = sqlx::query(&self.sql.delete_expired)
                 .bind(DELETE_BATCH)
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await;
-            Ok(done.map_err(sqlx_error)?.rows_affected())
+            Ok(checked(&mut conn, done)
+                .map_err(sqlx_error)?
+                .rows_affected())
         })
         .await
     }
@@ -295,7 +351,7 @@ impl IdempotencyStore for SqlxStore {
         let token_bytes = token_bytes(token);
         let fingerprint = &fingerprint.as_bytes()[..];
         let sql = &self.inner.sql;
-        let mut conn = self.inner.pool.acquire().await.map_err(sqlx_error)?;
+        let mut conn = self.inner.conn().await?;
         // `begin`, or `take_over`, which takes the same parameters.
         let statement = |take_over: bool| {
             let statement = if take_over {
@@ -309,26 +365,36 @@ impl IdempotencyStore for SqlxStore {
                 .bind(millis(lease))
         };
         let mut sent = SentBegin::new(self, key, token, lease);
+        // A statement that a concurrent writer overtook, or that PostgreSQL failed as one to
+        // run again (`sql::runs_again`: it changed nothing), runs again.
         for _ in 0..BEGIN_ATTEMPTS {
             let row = statement(false).fetch_optional(&mut *conn).await;
-            let step = sql::decide(begin_row(row.map_err(sqlx_error)?.as_ref())?, token)?;
-            let row = match step {
+            let row = match checked(&mut conn, row) {
+                Ok(row) => row,
+                Err(err) if runs_again(&err) => continue,
+                Err(err) => return Err(begin_error(err, &mut sent)),
+            };
+            let row = match sql::decide(begin_row(row.as_ref())?, token)? {
                 Step::Done(begin) => {
                     sent.answered();
                     return Ok(begin);
                 }
                 Step::Again => continue,
-                Step::TakeOver => match statement(true).fetch_optional(&mut *conn).await {
-                    Ok(row) => row,
-                    // A transaction holds the in-flight row: read it without waiting.
-                    Err(err) if is_locked(&err) => self
-                        .keyed(&sql.peek, key)
-                        .bind(fingerprint)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(sqlx_error)?,
-                    Err(err) => return Err(sqlx_error(err)),
-                },
+                Step::TakeOver => {
+                    let row = match statement(true).fetch_optional(&mut *conn).await {
+                        // A transaction holds the in-flight row: read it without waiting.
+                        Err(err) if is_locked(&err) => {
+                            let peek = self.keyed(&sql.peek, key).bind(fingerprint);
+                            peek.fetch_optional(&mut *conn).await
+                        }
+                        row => row,
+                    };
+                    match checked(&mut conn, row) {
+                        Ok(row) => row,
+                        Err(err) if runs_again(&err) => continue,
+                        Err(err) => return Err(begin_error(err, &mut sent)),
+                    }
+                }
             };
             if let Step::Done(begin) = sql::decide(begin_row(row.as_ref())?, token)? {
                 sent.answered();
@@ -349,13 +415,13 @@ impl IdempotencyStore for SqlxStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let token = token_bytes(token);
-        let query = self
-            .keyed(&self.inner.sql.renew, key)
-            .bind(&token[..])
-            .bind(millis(lease));
-        self.ensure_cleanup();
-        match query.execute(&self.inner.pool).await {
-            Ok(done) if done.rows_affected() == 0 => Err(StoreError::lease_lost()),
+        let query = || {
+            self.keyed(&self.inner.sql.renew, key)
+                .bind(&token[..])
+                .bind(millis(lease))
+        };
+        match self.fenced(query).await {
+            Ok(0) => Err(StoreError::lease_lost()),
             Ok(_) => Ok(()),
             // The handler's own transaction holds the row (`Claim::respond_in`): nothing can
             // take it over while it does, and the renewal does not wait for it.
@@ -373,38 +439,41 @@ impl IdempotencyStore for SqlxStore {
     ) -> Result<(), StoreError> {
         let token = token_bytes(token);
         let encoded = response.encode();
-        let query = self
-            .keyed(&self.inner.sql.complete, key)
-            .bind(&token[..])
-            .bind(&encoded[..])
-            .bind(millis(ttl));
-        self.fenced(query).await
+        self.fenced_one(|| {
+            self.keyed(&self.inner.sql.complete, key)
+                .bind(&token[..])
+                .bind(&encoded[..])
+                .bind(millis(ttl))
+        })
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let token = token_bytes(token);
-        let query = self.keyed(&self.inner.sql.release, key).bind(&token[..]);
-        self.fenced(query).await
+        self.fenced_one(|| self.keyed(&self.inner.sql.release, key).bind(&token[..]))
+            .await
     }
 
     async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let mut conn = self.inner.conn().await?;
         let row = self
             .keyed(&self.inner.sql.lookup, key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(sqlx_error)?;
+            .fetch_optional(&mut *conn)
+            .await;
+        let row = checked(&mut conn, row).map_err(sqlx_error)?;
         row.as_ref().map(record_info).transpose()
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
+        let mut conn = self.inner.conn().await?;
         let mut waits = sql::forget_lock_waits();
         let row = loop {
-            match self
+            let row = self
                 .keyed(&self.inner.sql.forget, key)
                 .bind(force)
-                .fetch_one(&self.inner.pool)
-                .await
-            {
+                .fetch_one(&mut *conn)
+                .await;
+            match checked(&mut conn, row) {
                 Ok(row) => break row,
                 // A statement holds the row for a moment; a transaction that keeps holding
                 // it is alive (see `Sql::forget`).
@@ -420,14 +489,14 @@ impl IdempotencyStore for SqlxStore {
 
     async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
         let token = token_bytes(token);
-        let mut conn = self.inner.pool.acquire().await.map_err(sqlx_error)?;
+        let mut conn = self.inner.conn().await?;
         for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
             let row = self
                 .keyed(statement, key)
                 .bind(&token[..])
                 .fetch_one(&mut *conn)
-                .await
-                .map_err(sqlx_error)?;
+                .await;
+            let row = checked(&mut conn, row).map_err(sqlx_error)?;
             if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
                 return Ok(settled);
             }
@@ -480,9 +549,50 @@ fn begin_row(row: Option<&PgRow>) -> Result<BeginRow<'_>, StoreError> {
     .transpose()
 }
 
+/// The error of one of `begin`'s statements. A statement the server failed was rolled back:
+/// `sent` has nothing to clean up. Not so when the server ended the connection (class 57P, 08):
+/// that may come after the statement committed, its answer lost.
+fn begin_error(err: sqlx::Error, sent: &mut SentBegin<'_, SqlxStore>) -> StoreError {
+    if sqlstate(&err).is_some_and(|code| !sql::ends_connection(&code)) {
+        sent.answered();
+    }
+    sqlx_error(err)
+}
+
+/// The SQLSTATE of the statement that failed with `err`, when the server answered one.
+fn sqlstate(err: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    err.as_database_error().and_then(|db| db.code())
+}
+
 /// Whether a statement failed on a row lock it would not wait for (`NOWAIT`).
 fn is_locked(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE))
+    sqlstate(err).as_deref() == Some(LOCK_NOT_AVAILABLE)
+}
+
+/// Whether PostgreSQL failed a statement as one to run again ([`sql::runs_again`]).
+fn runs_again(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(|code| sql::runs_again(&code))
+}
+
+/// Whether a failure left its connection of no further use ([`sql::discards_connection`]: a
+/// read-only connection, one the server is ending).
+fn discards_connection(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(|code| sql::discards_connection(&code))
+}
+
+/// Passes on what a statement on `conn` answered; a connection its failure left of no further
+/// use ([`discards_connection`]) is closed when it is dropped instead of going back to the
+/// pool, which opens a new one when it needs it.
+fn checked<T>(
+    conn: &mut PoolConnection<Postgres>,
+    result: Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    if let Err(err) = &result
+        && discards_connection(err)
+    {
+        conn.close_on_drop();
+    }
+    result
 }
 
 /// A failed query: the server or the pool failed (`Unavailable`), or a value could not be
