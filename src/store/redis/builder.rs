@@ -8,7 +8,8 @@ use ::redis::cluster_async::ClusterConnection;
 
 use super::conn::{Conn, Node};
 use super::{DEFAULT_PREFIX, RedisStore, ReplicaWait, checked_prefix};
-use crate::store::StoreError;
+use crate::store::{IdempotencyStore, RecordKey, StoreError};
+use crate::tenant::TenantId;
 
 /// The settings of a [`RedisStore`], from [`RedisStore::builder`]: set them, then make the store
 /// by connecting ([`connect`](Self::connect), [`connect_cluster`](Self::connect_cluster)), over
@@ -101,7 +102,19 @@ impl RedisStoreBuilder {
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
         let (prefix, wait) = self.checked();
         let conn = RedisStore::open(url).await?;
-        Ok(RedisStore::with(conn, prefix, wait))
+        let store = RedisStore::with(conn, prefix, wait);
+        // A call as the layer makes them, on a key under the prefix, which finds nothing, and a
+        // write that changes nothing: a server that would refuse every call (the user's ACL, a
+        // replica) is told at start.
+        let probe = RecordKey::new(TenantId::shared(), "tower-idempotency:connect");
+        store.lookup(&probe).await?;
+        let key = store.redis_key(&probe);
+        store
+            .conn
+            .check_writable(&key)
+            .await
+            .map_err(super::redis_error)?;
+        Ok(store)
     }
 
     /// Connects to the Redis Cluster of `nodes`, as [`RedisStore::connect_cluster`], with these

@@ -50,13 +50,17 @@ impl Node {
     /// A manager reconnects when a call fails on its connection, but not when the new
     /// connection itself is refused with anything but an I/O error (its `AUTH` refused while a
     /// password was being rotated, a server still loading): it would answer that error to every
-    /// call, for good. After such an error, a new manager is made in the background (one at a
-    /// time, at most one a second), and takes the old one's place once it is connected.
+    /// call, for good. Nor when the server it is connected to was made a replica (`READONLY`)
+    /// while the URL now leads to the new primary (a DNS name or a proxy that follows it): it
+    /// would keep the demoted server, and the leases of the runs under way would lapse. After
+    /// such an error, a new manager is made in the background (one at a time, at most one a
+    /// second), and takes the old one's place once it is connected.
     fn recover(self: &Arc<Self>, err: &RedisError) {
         let Some((client, config)) = &self.remake else {
             return;
         };
-        if err.is_io_error() || !err.is_unrecoverable_error() {
+        let demoted = err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+        if err.is_io_error() || !(err.is_unrecoverable_error() || demoted) {
             return;
         }
         if self.remaking.swap(true, Ordering::AcqRel) {
@@ -152,6 +156,14 @@ impl Conn {
             self.query(&load).await?;
         }
         Ok(())
+    }
+
+    /// `PEXPIRE key 1` on a key that does not exist: nothing on a primary, `READONLY` on a
+    /// replica (a write command is refused there before it looks at its key).
+    pub(super) async fn check_writable(&self, key: &str) -> RedisResult<()> {
+        let mut pexpire = ::redis::cmd("PEXPIRE");
+        pexpire.arg(key).arg(1);
+        self.query(&pexpire).await.map(drop)
     }
 
     pub(super) fn is_cluster(&self) -> bool {

@@ -154,10 +154,15 @@ fn checked_prefix(prefix: String) -> Arc<str> {
 
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://[user:password@]host[:port][/db]`, or
-    /// `rediss://` with the `redis` crate's TLS features) and loads the store's scripts.
+    /// `rediss://` with the `redis` crate's TLS features), loads the store's scripts, and runs
+    /// one of them (a lookup of a key under the prefix, which finds nothing) to check that the
+    /// server takes the store's calls.
     ///
     /// Fails with [`StoreErrorKind::Other`] when the URL is invalid, and with
-    /// [`StoreErrorKind::Unavailable`] when the server cannot be reached.
+    /// [`StoreErrorKind::Unavailable`] when the server cannot be reached or refuses that call:
+    /// an ACL user without the store's commands or its prefix's keys (`NOPERM`; see README's
+    /// Redis section for the ones it needs), a server that is a replica (`READONLY`), one still
+    /// loading its data.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
@@ -199,7 +204,9 @@ impl RedisStore {
             .await
             .map_err(redis_error)?;
         let conn = Conn::Node(conn::Node::new(conn, Some((client, config))));
-        conn.load(&record::all()).await.map_err(redis_error)?;
+        // So that first calls need no `EVAL`; a user who may not `SCRIPT LOAD` (or a server
+        // where `SCRIPT` is renamed) runs each script by `EVAL` once instead.
+        let _ = conn.load(&record::all()).await;
         Ok(conn)
     }
 
