@@ -406,8 +406,9 @@ mod sealed {
 /// Why [`Claim::respond_in`] (or the `Claim` extractor) failed.
 ///
 /// As an axum response, an RFC 9457 `application/problem+json` body as the layer's own
-/// problems ([`ProblemJson`](crate::ProblemJson); a renderer set on the layer does not reach a
-/// handler's error), with a generic `detail`: the database's message, which names tables and
+/// problems ([`ProblemJson`](crate::ProblemJson); a renderer and a `retry_after` set on the
+/// layer do not reach a handler's error: its `Retry-After` is 1 second), with a generic
+/// `detail`: the database's message, which names tables and
 /// constraints, stays out of the body. The error itself is logged (with the `tracing` feature,
 /// a `WARN` event of target `tower_idempotency` carrying it whole, source included).
 ///

@@ -39,9 +39,6 @@ pin_project! {
         span: RequestSpan,
         // The request's admission, held until the handler's part ends, detached or not.
         permit: Permit,
-        // Counted among the layer's runs until it ends, detached or not: a shutdown waits for
-        // it even while its connection, closing, has yet to hand it over.
-        _run: Run,
     }
 }
 
@@ -50,7 +47,6 @@ impl<F> Execution<F> {
     pub(crate) fn new(future: F, runs: &DetachedRuns, permit: Permit) -> Self {
         Self {
             future,
-            _run: runs.start(),
             runs: runs.clone(),
             span: RequestSpan::current(),
             permit,
@@ -199,8 +195,10 @@ impl DetachedRuns {
         self.0.running.load(Ordering::Acquire)
     }
 
-    /// Waits until no handler runs detached, nor any whose connection is still closing: every
-    /// run that holds its key has ended.
+    /// Waits until no handler runs detached, nor any whose connection is still closing, nor
+    /// any completion or release its run left to finish in the background (a store call that
+    /// failed, tried again): every run that holds its key has ended, its record stored or
+    /// released.
     pub async fn wait(&self) {
         loop {
             let idle = self.0.idle.notified();
@@ -216,8 +214,9 @@ impl DetachedRuns {
         tokio::time::timeout(timeout, self.wait()).await.is_ok()
     }
 
-    /// Counts a run that holds its key, until it ends.
-    fn start(&self) -> Run {
+    /// Counts a run that holds its key (its guard, and each task its guard leaves to finish
+    /// its record in the background), until it ends.
+    pub(crate) fn start(&self) -> Run {
         self.0.running.fetch_add(1, Ordering::AcqRel);
         Run(self.0.clone())
     }
@@ -239,9 +238,16 @@ impl fmt::Debug for DetachedRuns {
     }
 }
 
-/// One run that holds its key, counted until it ends (or panics, or is dropped with its
-/// runtime).
-struct Run(Arc<Tracker>);
+/// One run that holds its key, or a task that finishes its record in the background, counted
+/// until it ends (or panics, or is dropped with its runtime).
+pub(crate) struct Run(Arc<Tracker>);
+
+impl Run {
+    /// One more count, for a task that goes on after this one.
+    pub(crate) fn again(&self) -> Self {
+        DetachedRuns(self.0.clone()).start()
+    }
+}
 
 impl Drop for Run {
     fn drop(&mut self) {

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::detach::{DetachedRuns, Run};
 use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
 use crate::store::{IdempotencyStore, LockToken, RecordKey, Settled, StoreError, StoreErrorKind};
@@ -290,6 +291,11 @@ pub(crate) struct Guard<St: IdempotencyStore> {
     /// The requests waiting for this one, woken once the record completes or is released;
     /// `None` when the layer does not let duplicates wait.
     waiters: Option<Arc<Waiters>>,
+    /// Counted among the layer's runs (what `DetachedRuns::wait` waits for) while the guard
+    /// lives, and each task it leaves in the background while that runs: a shutdown waits for
+    /// the run even while its connection, closing, has yet to hand it over, and for the
+    /// completion it tries again.
+    run: Run,
 }
 
 enum GuardState {
@@ -312,6 +318,7 @@ impl<St: IdempotencyStore> Guard<St> {
         timeout: Duration,
         started: Started,
         waiters: Option<Arc<Waiters>>,
+        runs: &DetachedRuns,
     ) -> Self {
         Self {
             store,
@@ -321,6 +328,7 @@ impl<St: IdempotencyStore> Guard<St> {
             state: GuardState::Held,
             started,
             waiters,
+            run: runs.start(),
         }
     }
 
@@ -597,11 +605,13 @@ impl<St: IdempotencyStore> Guard<St> {
             let (store, key) = (self.store.clone(), self.key.clone());
             let task = task(store, key.clone(), self.token, self.timeout);
             let waiters = self.waiters.clone();
+            let run = self.run.again();
             handle.spawn(async move {
                 task.await;
                 if let Some(waiters) = waiters {
                     waiters.wake(&key);
                 }
+                drop(run);
             });
         }
     }
@@ -803,8 +813,16 @@ mod tests {
                         panic!("a new key");
                     };
                     let timeout = Duration::from_secs(2);
-                    let mut guard =
-                        Guard::new(store.clone(), key, token, timeout, Started::now(), None);
+                    let runs = crate::DetachedRuns::default();
+                    let mut guard = Guard::new(
+                        store.clone(),
+                        key,
+                        token,
+                        timeout,
+                        Started::now(),
+                        None,
+                        &runs,
+                    );
                     {
                         let settle = std::pin::pin!(guard.settle());
                         let waker = std::task::Waker::noop();

@@ -320,7 +320,7 @@ where
     // panics has its key released before the panic goes on, as one whose future panics. Each
     // part is made inside the allocation's closure, so that it can be built in place.
     in_place(|| {
-        let guard = Guard::new(store, record, token, timeout, started, waiters);
+        let guard = Guard::new(store, record, token, timeout, started, waiters, &runs);
         Execution::new(
             guard.running(lease, Call::new(inner, req), then),
             &runs,

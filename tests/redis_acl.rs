@@ -554,14 +554,12 @@ async fn urls_with_users_encoded_passwords_and_databases() {
 
     let refused = RedisStore::connect(&format!("redis://no-select:pw@127.0.0.1:{}/3", node.port))
         .await
-        .err()
-        .expect("SELECT denied");
+        .expect_err("SELECT denied");
     eprintln!("no +select: {refused}");
     assert!(refused.to_string().contains("no permissions"), "{refused}");
     let tls = RedisStore::connect(&format!("rediss://127.0.0.1:{}", node.port))
         .await
-        .err()
-        .expect("no TLS support");
+        .expect_err("no TLS support");
     eprintln!("rediss: {:?}: {tls}", tls.kind());
     assert!(tls.to_string().to_lowercase().contains("tls"), "{tls}");
     assert_eq!(runs.get(), 1);

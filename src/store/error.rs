@@ -94,7 +94,7 @@ impl StoreError {
 
     /// This error, described by `message` (shown in place of the source's own text), its
     /// source kept.
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "postgres", feature = "sqlx"))]
     pub(crate) fn with_message(mut self, message: impl Into<Box<str>>) -> Self {
         self.message = Some(message.into());
         self

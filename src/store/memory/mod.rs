@@ -104,9 +104,9 @@ const PRUNE_BATCH: usize = 4096;
 ///   the store's nearest expiry goes. So one caller's flood of keys costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (eight per thread of the machine, at
 ///   least 32 and at most 256, each with a share of at least 16,384 records, 32 MiB and 64
-///   records of a tenant); a key's shard makes room within its own share. A store below twice
-///   those shares (fewer than 32,768 records, under 64 MiB) is one shard: its bounds and its
-///   eviction order are exact.
+///   records of a tenant); a key's shard makes room within its own share. A store whose bounds
+///   are below twice a share (fewer than 32,768 records, or less than 64 MiB) is one shard: its
+///   bounds and its eviction order are exact.
 /// - Nothing is kept across a restart, unless the store has a
 ///   [`snapshot`](MemoryStoreBuilder::snapshot) file: then what the last snapshot held.
 ///

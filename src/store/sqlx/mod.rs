@@ -603,7 +603,18 @@ pub(crate) fn sqlx_error(err: sqlx::Error) -> StoreError {
         | sqlx::Error::Decode(_)
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::ColumnIndexOutOfBounds { .. } => corrupt(err),
-        _ => StoreError::unavailable(err),
+        _ => {
+            // What the server answered, as `PostgresStore` says it: its message and SQLSTATE.
+            let message = err.as_database_error().map(|db| match db.code() {
+                Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+                None => db.message().to_owned(),
+            });
+            let error = StoreError::unavailable(err);
+            match message {
+                Some(message) => error.with_message(message),
+                None => error,
+            }
+        }
     }
 }
 
