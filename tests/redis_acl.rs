@@ -581,6 +581,24 @@ async fn linked(url: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// A primary and its replica, linked.
+async fn primary_and_replica(bin: &str) -> (Node, Node) {
+    let primary = Node::start(bin, &["--repl-diskless-sync-delay", "0"]);
+    let port = primary.port.to_string();
+    let replica = Node::start(
+        bin,
+        &[
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+            "--repl-diskless-sync-delay",
+            "0",
+        ],
+    );
+    linked(&replica.url()).await;
+    (primary, replica)
+}
+
 /// The node the store's URL names is demoted (`REPLICAOF` the other node, which is promoted),
 /// while a handler runs and under traffic: new keys get `503` whose error says `READONLY`,
 /// nothing runs; the in-flight run's completion is tried again in the background; once the
@@ -589,20 +607,8 @@ async fn linked(url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demoted_then_promoted_again_recovers_without_a_double_run() {
     let Some(bin) = bin("demoted") else { return };
-    let a = Node::start(&bin, &["--repl-diskless-sync-delay", "0"]);
-    let a_port = a.port.to_string();
-    let b = Node::start(
-        &bin,
-        &[
-            "--replicaof",
-            "127.0.0.1",
-            &a_port,
-            "--repl-diskless-sync-delay",
-            "0",
-        ],
-    );
+    let (a, b) = primary_and_replica(&bin).await;
     let b_port = b.port.to_string();
-    linked(&b.url()).await;
     let store = RedisStore::connect(&a.url()).await.unwrap();
     let runs = Runs::default();
     let served = Arc::new(
@@ -636,7 +642,7 @@ async fn demoted_then_promoted_again_recovers_without_a_double_run() {
     assert_eq!(runs_while_demoted, 2);
     // A primary again (B its replica).
     cmd(&a.url(), &["REPLICAOF", "NO", "ONE"]).await;
-    cmd(&b.url(), &["REPLICAOF", "127.0.0.1", &a_port]).await;
+    cmd(&b.url(), &["REPLICAOF", "127.0.0.1", &a.port.to_string()]).await;
     let t = Instant::now();
     assert!(
         eventually(Duration::from_secs(5), async || {
@@ -722,20 +728,8 @@ async fn a_failover_behind_a_primary_endpoint_moves_the_store_to_the_new_primary
     let Some(bin) = bin("endpoint_failover") else {
         return;
     };
-    let a = Node::start(&bin, &["--repl-diskless-sync-delay", "0"]);
-    let a_port = a.port.to_string();
-    let b = Node::start(
-        &bin,
-        &[
-            "--replicaof",
-            "127.0.0.1",
-            &a_port,
-            "--repl-diskless-sync-delay",
-            "0",
-        ],
-    );
+    let (a, b) = primary_and_replica(&bin).await;
     let b_port = b.port.to_string();
-    linked(&b.url()).await;
     let endpoint = Endpoint::start(a.port).await;
     let one = RedisStore::connect(&endpoint.url()).await.unwrap();
     let runs = Runs::default();
@@ -1031,19 +1025,7 @@ async fn cluster_acl_user_and_empty_prefix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_wait_without_the_wait_command() {
     let Some(bin) = bin("acl_wait") else { return };
-    let primary = Node::start(&bin, &["--repl-diskless-sync-delay", "0"]);
-    let port = primary.port.to_string();
-    let replica = Node::start(
-        &bin,
-        &[
-            "--replicaof",
-            "127.0.0.1",
-            &port,
-            "--repl-diskless-sync-delay",
-            "0",
-        ],
-    );
-    linked(&replica.url()).await;
+    let (primary, _replica) = primary_and_replica(&bin).await;
     let admin = primary.url();
     set_user(&admin, "idem", "pw", &rules("~idempotency:*", MINIMAL)).await;
     let store = RedisStore::builder()

@@ -38,6 +38,15 @@ pub(crate) const FENCED_ATTEMPTS: usize = 3;
 #[cfg(feature = "sqlx")]
 pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// What `begin` answers when its statements kept meeting concurrent writers for all of its
+/// [`BEGIN_ATTEMPTS`].
+pub(crate) fn kept_changing() -> StoreError {
+    StoreError::msg(
+        StoreErrorKind::Other,
+        "the record kept changing under concurrent writers; try again",
+    )
+}
+
 /// Whether a statement that failed with SQLSTATE `code` is run again: `serialization_failure`
 /// (40001) and `deadlock_detected` (40P01). Each of the store's statements is a transaction of
 /// its own, rolled back whole by these errors, so running it again is safe; they come from a

@@ -387,10 +387,7 @@ impl PostgresStore {
             }
         }
         sent.answered();
-        Err(StoreError::msg(
-            StoreErrorKind::Other,
-            "the record kept changing under concurrent writers; try again",
-        ))
+        Err(sql::kept_changing())
     }
 }
 

@@ -16,7 +16,7 @@ use super::sql::{
 use super::util::{self, KeepRunning, SentBegin};
 use super::{
     Begin, ClaimTarget, Forget, IdempotencyStore, LockToken, RecordInfo, RecordKey, Settled,
-    StoreError, StoreErrorKind,
+    StoreError,
 };
 use crate::fingerprint::Fingerprint;
 use crate::stored::StoredResponse;
@@ -402,10 +402,7 @@ impl IdempotencyStore for SqlxStore {
             }
         }
         sent.answered();
-        Err(StoreError::msg(
-            StoreErrorKind::Other,
-            "the record kept changing under concurrent writers; try again",
-        ))
+        Err(sql::kept_changing())
     }
 
     async fn renew(
@@ -621,6 +618,7 @@ pub(crate) fn sqlx_error(err: sqlx::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreErrorKind;
 
     /// A pool that has not connected (nothing connects until the first query).
     fn pool() -> PgPool {
