@@ -38,6 +38,12 @@ pub(crate) const FENCED_ATTEMPTS: usize = 3;
 #[cfg(feature = "sqlx")]
 pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// What an error the server answered says, for a `StoreError`'s text: its message and its
+/// SQLSTATE (`schema "billing" does not exist (SQLSTATE 3F000)`).
+pub(crate) fn server_message(message: &str, code: &str) -> String {
+    format!("{message} (SQLSTATE {code})")
+}
+
 /// What `begin` answers when its statements kept meeting concurrent writers for all of its
 /// [`BEGIN_ATTEMPTS`].
 pub(crate) fn kept_changing() -> StoreError {

@@ -797,17 +797,12 @@ fn pool_error(err: PoolError) -> StoreError {
 fn pg_error(err: tokio_postgres::Error) -> StoreError {
     let message = err
         .as_db_error()
-        .map(|db| server_message(db.message(), db.code()));
+        .map(|db| sql::server_message(db.message(), db.code().code()));
     let error = StoreError::unavailable(err);
     match message {
         Some(message) => error.with_message(message),
         None => error,
     }
-}
-
-/// What an error the server answered says: its message and its SQLSTATE.
-fn server_message(message: &str, code: &SqlState) -> String {
-    format!("{message} (SQLSTATE {})", code.code())
 }
 
 #[cfg(test)]
@@ -856,9 +851,9 @@ mod tests {
 
     #[test]
     fn server_errors_keep_their_message_and_sqlstate() {
-        let text = server_message(
+        let text = sql::server_message(
             "schema \"billing\" does not exist",
-            &SqlState::INVALID_SCHEMA_NAME,
+            SqlState::INVALID_SCHEMA_NAME.code(),
         );
         assert_eq!(text, "schema \"billing\" does not exist (SQLSTATE 3F000)");
         let io = std::io::Error::other("gone");

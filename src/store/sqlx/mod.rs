@@ -603,7 +603,7 @@ pub(crate) fn sqlx_error(err: sqlx::Error) -> StoreError {
         _ => {
             // What the server answered, as `PostgresStore` says it: its message and SQLSTATE.
             let message = err.as_database_error().map(|db| match db.code() {
-                Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+                Some(code) => sql::server_message(db.message(), &code),
                 None => db.message().to_owned(),
             });
             let error = StoreError::unavailable(err);
