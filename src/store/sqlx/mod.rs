@@ -170,9 +170,9 @@ impl SqlxStoreBuilder {
     ///
     /// # Errors
     ///
-    /// [`StoreErrorKind::Other`] when the table name is not `name` or `schema.name` as
-    /// [`table`](Self::table) says (a name is never spliced into SQL unchecked), or the cleanup
-    /// interval is zero or longer than a year.
+    /// [`StoreErrorKind::Other`](super::StoreErrorKind::Other) when the table name is not
+    /// `name` or `schema.name` as [`table`](Self::table) says (a name is never spliced into SQL
+    /// unchecked), or the cleanup interval is zero or longer than a year.
     pub fn build(self) -> Result<SqlxStore, StoreError> {
         let table = Table::parse(&self.table)?;
         if let Some(interval) = self.cleanup_interval {
@@ -243,7 +243,7 @@ impl SqlxStore {
     /// Rows another session is deleting are skipped, so every instance of a fleet may run it at
     /// once. An in-flight row whose lease ran out is expired too: deleting it is the same as a
     /// takeover, and its holder's later `complete` fails with
-    /// [`LeaseLost`](StoreErrorKind::LeaseLost).
+    /// [`LeaseLost`](super::StoreErrorKind::LeaseLost).
     pub async fn delete_expired(&self) -> Result<u64, StoreError> {
         self.inner.delete_expired().await
     }
