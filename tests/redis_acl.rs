@@ -625,6 +625,8 @@ async fn demoted_then_promoted_again_recovers_without_a_double_run() {
     let s2 = served.clone();
     let pending = tokio::spawn(async move { s2.send(payment("ro-1", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its records are on B before the failover (replication is asynchronous).
+    cmd(&a.url(), &["WAIT", "1", "5000"]).await;
     // Fail over to B, A demoted.
     cmd(&b.url(), &["REPLICAOF", "NO", "ONE"]).await;
     cmd(&a.url(), &["REPLICAOF", "127.0.0.1", &b_port]).await;
@@ -733,7 +735,7 @@ async fn a_failover_behind_a_primary_endpoint_moves_the_store_to_the_new_primary
     let endpoint = Endpoint::start(a.port).await;
     let one = RedisStore::connect(&endpoint.url()).await.unwrap();
     let runs = Runs::default();
-    let lease = Duration::from_secs(2);
+    let lease = Duration::from_secs(4);
     let served = Arc::new(
         serve(server(
             one.clone(),
@@ -752,6 +754,9 @@ async fn a_failover_behind_a_primary_endpoint_moves_the_store_to_the_new_primary
     let s1 = served.clone();
     let long = tokio::spawn(async move { s1.send(payment("ep-long", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its record is on the replica before the failover (replication is asynchronous: a record
+    // written just before a failover can be lost, which the replica wait is for).
+    cmd(&a.url(), &["WAIT", "1", "5000"]).await;
     // Failover: B promoted, A demoted, the endpoint follows the primary.
     cmd(&b.url(), &["REPLICAOF", "NO", "ONE"]).await;
     cmd(&a.url(), &["REPLICAOF", "127.0.0.1", &b_port]).await;

@@ -108,7 +108,9 @@ impl RedisStoreBuilder {
         // replica) is told at start.
         let probe = RecordKey::new(TenantId::shared(), "tower-idempotency:connect");
         store.lookup(&probe).await?;
-        let key = store.redis_key(&probe);
+        // Under the prefix, but never a record's key (those have a `{` right after it): the
+        // write cannot touch one.
+        let key = format!("{}connect-check", store.prefix());
         store
             .conn
             .check_writable(&key)
