@@ -581,6 +581,29 @@ async fn linked(url: &str) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// Waits until the replica at `replica` has every write the primary at `primary` made so far
+/// (their replication offsets meet): replication is asynchronous, and a write made just before
+/// a failover can be lost, which the replica wait is for.
+async fn caught_up(primary: &str, replica: &str) {
+    let offset = |info: String, field: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(field))?;
+        line[field.len()..].trim().parse().ok()
+    };
+    let ok = eventually(Duration::from_secs(10), async || {
+        let written = offset(
+            cmd(primary, &["INFO", "replication"]).await,
+            "master_repl_offset:",
+        );
+        let copied = offset(
+            cmd(replica, &["INFO", "replication"]).await,
+            "slave_repl_offset:",
+        );
+        matches!((written, copied), (Some(w), Some(c)) if c >= w)
+    })
+    .await;
+    assert!(ok, "replica {replica} caught up with {primary}");
+}
+
 /// A primary and its replica, linked.
 async fn primary_and_replica(bin: &str) -> (Node, Node) {
     let primary = Node::start(bin, &["--repl-diskless-sync-delay", "0"]);
@@ -625,8 +648,7 @@ async fn demoted_then_promoted_again_recovers_without_a_double_run() {
     let s2 = served.clone();
     let pending = tokio::spawn(async move { s2.send(payment("ro-1", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Its records are on B before the failover (replication is asynchronous).
-    cmd(&a.url(), &["WAIT", "1", "5000"]).await;
+    caught_up(&a.url(), &b.url()).await;
     // Fail over to B, A demoted.
     cmd(&b.url(), &["REPLICAOF", "NO", "ONE"]).await;
     cmd(&a.url(), &["REPLICAOF", "127.0.0.1", &b_port]).await;
@@ -754,9 +776,7 @@ async fn a_failover_behind_a_primary_endpoint_moves_the_store_to_the_new_primary
     let s1 = served.clone();
     let long = tokio::spawn(async move { s1.send(payment("ep-long", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Its record is on the replica before the failover (replication is asynchronous: a record
-    // written just before a failover can be lost, which the replica wait is for).
-    cmd(&a.url(), &["WAIT", "1", "5000"]).await;
+    caught_up(&a.url(), &b.url()).await;
     // Failover: B promoted, A demoted, the endpoint follows the primary.
     cmd(&b.url(), &["REPLICAOF", "NO", "ONE"]).await;
     cmd(&a.url(), &["REPLICAOF", "127.0.0.1", &b_port]).await;
