@@ -40,6 +40,11 @@ const MINIMAL: &[&str] = &[
     "+pexpiretime",
 ];
 
+/// [`MINIMAL`] less `command`.
+fn minimal_without(command: &str) -> Vec<&'static str> {
+    MINIMAL.iter().copied().filter(|c| *c != command).collect()
+}
+
 /// `ACL SETUSER name reset on >password rules...` on the node at `admin`.
 async fn set_user(admin: &str, name: &str, password: &str, rules: &[&str]) {
     let pass = format!(">{password}");
@@ -172,7 +177,7 @@ async fn minimal_acl_user_runs_everything_and_each_command_is_needed() {
     // Each command taken away in turn.
     let mut needed = Vec::new();
     for skip in MINIMAL {
-        let commands: Vec<&str> = MINIMAL.iter().copied().filter(|c| c != skip).collect();
+        let commands = minimal_without(skip);
         set_user(
             &admin,
             "idem",
@@ -200,11 +205,7 @@ async fn minimal_acl_user_runs_everything_and_each_command_is_needed() {
     }
     assert_eq!(needed, MINIMAL, "each command is needed");
     // PEXPIRETIME's fallback.
-    let mut commands: Vec<&str> = MINIMAL
-        .iter()
-        .copied()
-        .filter(|c| *c != "+pexpiretime")
-        .collect();
+    let mut commands = minimal_without("+pexpiretime");
     commands.extend(["+time", "+pttl"]);
     set_user(
         &admin,
@@ -229,18 +230,14 @@ async fn connect_needs_no_script_load() {
     let Some(bin) = bin("script_load") else {
         return;
     };
-    // An ACL user without `script|load`.
+    // An ACL user with the calls' commands alone: no `script|load`.
     let node = Node::start(&bin, &[]);
-    let commands: Vec<&str> = MINIMAL
-        .iter()
-        .copied()
-        .filter(|c| *c != "+script|load")
-        .collect();
+    assert!(!MINIMAL.contains(&"+script|load"));
     set_user(
         &node.url(),
         "idem",
         "idem-pw",
-        &rules("~idempotency:*", &commands),
+        &rules("~idempotency:*", MINIMAL),
     )
     .await;
     let user_url = format!("redis://idem:idem-pw@127.0.0.1:{}", node.port);
@@ -275,11 +272,7 @@ async fn connect_fails_where_every_call_would() {
     };
     let node = Node::start(&bin, &[]);
     set_user(&node.url(), "wrongkeys", "pw", &rules("~app:*", MINIMAL)).await;
-    let no_evalsha: Vec<&str> = MINIMAL
-        .iter()
-        .copied()
-        .filter(|c| *c != "+evalsha")
-        .collect();
+    let no_evalsha = minimal_without("+evalsha");
     set_user(
         &node.url(),
         "noevalsha",
@@ -355,12 +348,8 @@ async fn acl_changed_live_answers_503_with_the_servers_reason_then_recovers() {
     let first = served.send(payment("live-0", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
 
-    let no_evalsha: Vec<&str> = MINIMAL
-        .iter()
-        .copied()
-        .filter(|c| *c != "+evalsha")
-        .collect();
-    let no_set: Vec<&str> = MINIMAL.iter().copied().filter(|c| *c != "+set").collect();
+    let no_evalsha = minimal_without("+evalsha");
+    let no_set = minimal_without("+set");
     let cases: [(&str, Vec<&str>, &str); 3] = [
         ("key pattern", rules("~other:*", MINIMAL), "NOPERM"),
         ("evalsha", rules("~idempotency:*", &no_evalsha), "NOPERM"),
@@ -440,7 +429,7 @@ async fn acl_denies_the_completion_mid_handler_then_is_restored() {
     let s2 = served.clone();
     let first = tokio::spawn(async move { s2.send(payment("mid-1", "{}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let no_set: Vec<&str> = MINIMAL.iter().copied().filter(|c| *c != "+set").collect();
+    let no_set = minimal_without("+set");
     set_user(&admin, "idem", "pw", &rules("~idempotency:*", &no_set)).await;
     let first = first.await.unwrap();
     assert_eq!(
