@@ -45,20 +45,33 @@ impl fmt::Display for Hex<'_> {
     }
 }
 
-/// Appends `bytes` to `out` as lowercase hex, without going through `fmt`.
+/// The 64 lowercase hex digits of 32 bytes (a tenant id), without going through `fmt`: each
+/// byte's two digits are one look-up.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    for chunk in bytes.chunks(32) {
-        out.push_str(hex_chunk(chunk, &mut [0; 64]));
+pub(crate) fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
+    let mut digits = [0; 64];
+    for (i, &byte) in bytes.iter().enumerate() {
+        [digits[2 * i], digits[2 * i + 1]] = HEX_PAIRS[usize::from(byte)];
     }
+    digits
 }
+
+/// The two lowercase hex digits of every byte.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [DIGITS[byte >> 4], DIGITS[byte & 0xf]];
+        byte += 1;
+    }
+    pairs
+};
 
 /// Writes `chunk` (at most 32 bytes) as hex into `buf`, and returns the digits.
 fn hex_chunk<'a>(chunk: &[u8], buf: &'a mut [u8; 64]) -> &'a str {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, &byte) in buf.chunks_exact_mut(2).zip(chunk) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0xf)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     let digits = &buf[..chunk.len().min(32) * 2];
     // Only ASCII hex digits: this never fails.
@@ -167,9 +180,12 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
             let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(super::hex(&bytes), expected, "{len}");
-            let mut pushed = String::from("x");
-            super::push_hex(&mut pushed, &bytes);
-            assert_eq!(pushed, format!("x{expected}"), "{len}");
+        }
+        // Every byte's pair, in each of the 32 places.
+        for first in 0..=255u8 {
+            let bytes: [u8; 32] = std::array::from_fn(|i| first.wrapping_add(i as u8 * 8));
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(super::hex32(&bytes), expected.as_bytes(), "{first}");
         }
     }
 

@@ -106,7 +106,7 @@ impl Conn {
     /// script (it restarted, failed over, or ran `SCRIPT FLUSH`) answers `NOSCRIPT`: the script
     /// then runs from its source (`EVAL`), routed by the same key, which also caches it on that
     /// node for the next calls.
-    pub(super) async fn run(&self, script: &Lua, key: &str, args: &[&[u8]]) -> RedisResult<Value> {
+    pub(super) async fn run(&self, script: &Lua, key: &[u8], args: &[&[u8]]) -> RedisResult<Value> {
         match self
             .query(&script_call("EVALSHA", &script.sha1, key, args))
             .await
@@ -123,7 +123,7 @@ impl Conn {
     /// the write: the number of replicas that acknowledged every write sent on it so far.
     pub(super) async fn wait(
         &self,
-        key: &str,
+        key: &[u8],
         replicas: u32,
         timeout: Duration,
     ) -> RedisResult<i64> {
@@ -173,7 +173,7 @@ impl Conn {
 
 /// `name script 1 key args...`, its buffers sized up front: built argument by argument, a
 /// command grows them a reallocation at a time.
-fn script_call(name: &str, script: &str, key: &str, args: &[&[u8]]) -> Cmd {
+fn script_call(name: &str, script: &str, key: &[u8], args: &[&[u8]]) -> Cmd {
     let data =
         name.len() + script.len() + 1 + key.len() + args.iter().map(|a| a.len()).sum::<usize>();
     let mut cmd = Cmd::with_capacity(4 + args.len(), data);
@@ -192,7 +192,7 @@ mod tests {
             .arg(1)
             .arg("idempotency:{t:k}")
             .arg(&args[..]);
-        let call = super::script_call("EVALSHA", "0123abcd", "idempotency:{t:k}", &args);
+        let call = super::script_call("EVALSHA", "0123abcd", b"idempotency:{t:k}", &args);
         assert_eq!(call.get_packed_command(), expected.get_packed_command());
     }
 }

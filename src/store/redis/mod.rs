@@ -351,7 +351,7 @@ impl RedisStore {
     /// at the first `}`, so `%` and `}` in the key are percent-encoded (`%25`, `%7D`): no key
     /// can end the tag early and pin other records to its slot, and two keys never share a
     /// Redis key.
-    pub(crate) fn redis_key(&self, key: &RecordKey) -> String {
+    pub(crate) fn redis_key(&self, key: &RecordKey) -> Vec<u8> {
         redis_key(&self.prefix, key)
     }
 
@@ -371,28 +371,29 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-/// See [`RedisStore::redis_key`].
-fn redis_key(prefix: &str, key: &RecordKey) -> String {
-    let raw = key.key();
-    let escapes = raw.bytes().filter(|&b| b == b'%' || b == b'}').count();
-    let mut out = String::with_capacity(prefix.len() + 68 + raw.len() + 2 * escapes);
-    out.push_str(prefix);
-    out.push('{');
-    crate::util::push_hex(&mut out, key.tenant().as_bytes());
-    out.push(':');
-    // The key as it is, but for its `%` and `}`: runs between them are copied whole.
-    let mut rest = raw;
-    while let Some(at) = rest.find(['%', '}']) {
-        out.push_str(&rest[..at]);
-        out.push_str(if rest.as_bytes()[at] == b'%' {
-            "%25"
-        } else {
-            "%7D"
-        });
-        rest = &rest[at + 1..];
+/// See [`RedisStore::redis_key`]. Written as bytes (every call passes it to Redis as such), in
+/// one buffer sized up front; a key without `%` or `}` (nearly every key) is copied whole.
+fn redis_key(prefix: &str, key: &RecordKey) -> Vec<u8> {
+    let raw = key.text().as_bytes();
+    let escapes = raw.iter().filter(|&&b| b == b'%' || b == b'}').count();
+    // The prefix, `{`, 64 hex digits, `:`, the key with its escapes, `}`.
+    let mut out = Vec::with_capacity(prefix.len() + 67 + raw.len() + 2 * escapes);
+    out.extend_from_slice(prefix.as_bytes());
+    out.push(b'{');
+    out.extend_from_slice(&crate::util::hex32(key.tenant().as_bytes()));
+    out.push(b':');
+    if escapes == 0 {
+        out.extend_from_slice(raw);
+    } else {
+        for &byte in raw {
+            match byte {
+                b'%' => out.extend_from_slice(b"%25"),
+                b'}' => out.extend_from_slice(b"%7D"),
+                byte => out.push(byte),
+            }
+        }
     }
-    out.push_str(rest);
-    out.push('}');
+    out.push(b'}');
     out
 }
 
@@ -420,11 +421,11 @@ mod tests {
         let key = RecordKey::new(TenantId::shared(), "a{b}:c%");
         let expected = format!("idempotency:{{{}:a{{b%7D:c%25}}", "0".repeat(64));
         // The key does not depend on the connection, only on the prefix and the record key.
-        assert_eq!(redis_key(DEFAULT_PREFIX, &key), expected);
+        assert_eq!(redis_key(DEFAULT_PREFIX, &key), expected.as_bytes());
         let plain = RecordKey::new(TenantId::shared(), "order-42");
         assert_eq!(
             redis_key("p:", &plain),
-            format!("p:{{{}:order-42}}", "0".repeat(64))
+            format!("p:{{{}:order-42}}", "0".repeat(64)).as_bytes()
         );
     }
 
@@ -450,8 +451,8 @@ mod tests {
             }
             expected.push('}');
             let key = redis_key("p:", &RecordKey::new(tenant, k));
-            assert_eq!(key, expected);
-            assert!(key.capacity() >= key.len());
+            assert_eq!(key, expected.as_bytes());
+            assert_eq!(key.capacity(), key.len(), "sized up front");
         }
     }
 
@@ -462,7 +463,8 @@ mod tests {
         let mut tags = std::collections::HashSet::new();
         let mut redis_keys = std::collections::HashSet::new();
         for k in keys {
-            let rk = redis_key(DEFAULT_PREFIX, &RecordKey::new(tenant, k));
+            let rk =
+                String::from_utf8(redis_key(DEFAULT_PREFIX, &RecordKey::new(tenant, k))).unwrap();
             assert!(rk.ends_with('}'), "{rk}");
             assert_eq!(hash_tag(&rk).len(), rk.len() - DEFAULT_PREFIX.len() - 2);
             tags.insert(hash_tag(&rk).to_owned());

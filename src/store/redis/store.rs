@@ -14,7 +14,7 @@ use crate::store::{
 use crate::stored::StoredResponse;
 
 impl RedisStore {
-    async fn invoke(&self, script: &Lua, key: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
+    async fn invoke(&self, script: &Lua, key: &[u8], args: &[&[u8]]) -> Result<Value, StoreError> {
         self.invoke_again(script, key, args, args).await
     }
 
@@ -27,7 +27,7 @@ impl RedisStore {
     async fn invoke_again(
         &self,
         script: &Lua,
-        key: &str,
+        key: &[u8],
         args: &[&[u8]],
         again: &[&[u8]],
     ) -> Result<Value, StoreError> {
@@ -47,7 +47,7 @@ impl RedisStore {
     async fn fenced(
         &self,
         script: &Lua,
-        key: &str,
+        key: &[u8],
         args: &[&[u8]],
         again: &[&[u8]],
     ) -> Result<(), StoreError> {
@@ -60,7 +60,7 @@ impl RedisStore {
 
     /// With a replica wait set, waits until enough replicas have the writes made so far on the
     /// connection that carried the write to `key`.
-    async fn replicated(&self, key: &str) -> Result<(), StoreError> {
+    async fn replicated(&self, key: &[u8]) -> Result<(), StoreError> {
         let Some(wait) = self.replica_wait else {
             return Ok(());
         };
