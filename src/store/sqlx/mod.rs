@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::{Arguments, PgPool, Postgres, Row};
 
 use super::sql::{
     self, BEGIN_ATTEMPTS, BeginRow, DEFAULT_TABLE, DELETE_BATCH, FENCED_ATTEMPTS,
@@ -258,9 +258,22 @@ impl SqlxStore {
             .start(|| clean_periodically(Arc::downgrade(inner), period));
     }
 
-    /// `sql` with the record's tenant and key bound as `$1` and `$2`.
-    fn keyed<'q>(&self, sql: &'q str, key: &'q RecordKey) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(sql)
+    /// `sql` with the record's tenant and key bound as `$1` and `$2`, the arguments' buffer
+    /// sized up front for them, for the small parameters that follow (a fingerprint, a token, a
+    /// duration) and for `more` bytes besides: bound into an empty buffer, they would grow it
+    /// a reallocation at a time.
+    fn keyed<'q>(
+        &self,
+        sql: &'q str,
+        key: &'q RecordKey,
+        more: usize,
+    ) -> Query<'q, Postgres, PgArguments> {
+        let mut arguments = PgArguments::default();
+        // Each parameter is its 4-byte length, then the tenant (32 bytes), the key, a
+        // fingerprint (32), a token (16), a duration (8).
+        let key_len = key.text().as_bytes().len();
+        arguments.reserve(6, 6 * 4 + 32 + key_len + 32 + 16 + 8 + more);
+        sqlx::query_with(sql, arguments)
             .bind(&key.tenant().as_bytes()[..])
             .bind(key.key())
     }
@@ -359,7 +372,7 @@ impl IdempotencyStore for SqlxStore {
             } else {
                 &sql.begin
             };
-            self.keyed(statement, key)
+            self.keyed(statement, key, 0)
                 .bind(fingerprint)
                 .bind(&token_bytes[..])
                 .bind(millis(lease))
@@ -384,7 +397,7 @@ impl IdempotencyStore for SqlxStore {
                     let row = match statement(true).fetch_optional(&mut *conn).await {
                         // A transaction holds the in-flight row: read it without waiting.
                         Err(err) if is_locked(&err) => {
-                            let peek = self.keyed(&sql.peek, key).bind(fingerprint);
+                            let peek = self.keyed(&sql.peek, key, 0).bind(fingerprint);
                             peek.fetch_optional(&mut *conn).await
                         }
                         row => row,
@@ -413,7 +426,7 @@ impl IdempotencyStore for SqlxStore {
     ) -> Result<(), StoreError> {
         let token = token_bytes(token);
         let query = || {
-            self.keyed(&self.inner.sql.renew, key)
+            self.keyed(&self.inner.sql.renew, key, 0)
                 .bind(&token[..])
                 .bind(millis(lease))
         };
@@ -437,7 +450,7 @@ impl IdempotencyStore for SqlxStore {
         let token = token_bytes(token);
         let encoded = response.encode();
         self.fenced_one(|| {
-            self.keyed(&self.inner.sql.complete, key)
+            self.keyed(&self.inner.sql.complete, key, encoded.len())
                 .bind(&token[..])
                 .bind(&encoded[..])
                 .bind(millis(ttl))
@@ -447,14 +460,14 @@ impl IdempotencyStore for SqlxStore {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let token = token_bytes(token);
-        self.fenced_one(|| self.keyed(&self.inner.sql.release, key).bind(&token[..]))
+        self.fenced_one(|| self.keyed(&self.inner.sql.release, key, 0).bind(&token[..]))
             .await
     }
 
     async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         let mut conn = self.inner.conn().await?;
         let row = self
-            .keyed(&self.inner.sql.lookup, key)
+            .keyed(&self.inner.sql.lookup, key, 0)
             .fetch_optional(&mut *conn)
             .await;
         let row = checked(&mut conn, row).map_err(sqlx_error)?;
@@ -466,7 +479,7 @@ impl IdempotencyStore for SqlxStore {
         let mut waits = sql::forget_lock_waits();
         let row = loop {
             let row = self
-                .keyed(&self.inner.sql.forget, key)
+                .keyed(&self.inner.sql.forget, key, 0)
                 .bind(force)
                 .fetch_one(&mut *conn)
                 .await;
@@ -489,7 +502,7 @@ impl IdempotencyStore for SqlxStore {
         let mut conn = self.inner.conn().await?;
         for statement in [&self.inner.sql.settle, &self.inner.sql.settled] {
             let row = self
-                .keyed(statement, key)
+                .keyed(statement, key, 0)
                 .bind(&token[..])
                 .fetch_one(&mut *conn)
                 .await;
