@@ -95,11 +95,47 @@ fn namespace(kind: &str, name: &str) -> Sha256 {
 /// the layer's secret. The shared scope stays the shared scope (it names no one).
 #[derive(Clone)]
 pub(crate) struct Sealer {
-    /// SHA-256 with the key XOR ipad absorbed, and with the key XOR opad absorbed (RFC 2104).
-    inner: Sha256,
-    outer: Sha256,
+    /// SHA-256's state once it has absorbed the key XOR ipad, and the key XOR opad: one block
+    /// each (RFC 2104).
+    inner: [u32; 8],
+    outer: [u32; 8],
     /// Whether the key is the layer's own secret, rather than the public default.
     secret: bool,
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_INITIAL: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// SHA-256 of one 64-byte block, whose state is `state`, followed by `message`: its whole
+/// blocks, then its rest in the padded last block or two (`0x80`, zeros, and the length in bits
+/// of all that was hashed), each compressed as it is, without a hasher's buffering.
+fn after_block(mut state: [u32; 8], message: &[u8]) -> [u8; 32] {
+    use sha2::block_api::compress256;
+    let (blocks, rest) = message.as_chunks::<64>();
+    compress256(&mut state, blocks);
+    // `rest` is shorter than a block: the `0x80` fits after it, and the length too, unless
+    // `rest` takes more than 55 bytes; then they take a second block.
+    let mut last = [[0; 64]; 2];
+    last[0][..rest.len()].copy_from_slice(rest);
+    last[0][rest.len()] = 0x80;
+    let used = if rest.len() < 56 { 1 } else { 2 };
+    let bits = (64 + message.len() as u64) * 8;
+    last[used - 1][56..].copy_from_slice(&bits.to_be_bytes());
+    compress256(&mut state, &last[..used]);
+    let mut digest = [0; 32];
+    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
 }
 
 /// The smallest secret accepted, in bytes.
@@ -124,7 +160,9 @@ impl Sealer {
         let pad = |byte: u8| {
             let mut padded = block;
             padded.iter_mut().for_each(|b| *b ^= byte);
-            Sha256::new_with_prefix(padded)
+            let mut state = SHA256_INITIAL;
+            sha2::block_api::compress256(&mut state, &[padded]);
+            state
         };
         Self {
             inner: pad(0x36),
@@ -133,10 +171,10 @@ impl Sealer {
         }
     }
 
-    /// HMAC-SHA256 of `message` under this sealer's key.
+    /// HMAC-SHA256 of `message` under this sealer's key: for a tenant id (every keyed request
+    /// seals one, replays included), each of its two hashes is one block past the key's.
     pub(crate) fn mac(&self, message: &[u8]) -> [u8; 32] {
-        let inner = self.inner.clone().chain_update(message).finalize();
-        self.outer.clone().chain_update(inner).finalize().into()
+        after_block(self.outer, &after_block(self.inner, message))
     }
 
     /// The tenant id that is stored for the id `tenant` an extractor produced.
@@ -779,6 +817,44 @@ mod tests {
             crate::util::hex(&mac),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
+    }
+
+    /// The HMAC of messages of every length around SHA-256's block and padding boundaries (55,
+    /// 56, 64, 119, 120, 128 bytes) is the one a `Sha256` hasher computes, under the public
+    /// default key and secrets of every length class.
+    #[test]
+    fn hmac_matches_a_hasher_s_at_every_length() {
+        fn reference(key: &[u8], message: &[u8]) -> [u8; 32] {
+            let mut block = [0u8; 64];
+            if key.len() > 64 {
+                block[..32].copy_from_slice(&Sha256::digest(key));
+            } else {
+                block[..key.len()].copy_from_slice(key);
+            }
+            let pad = |byte: u8| block.map(|b| b ^ byte);
+            let inner = Sha256::new_with_prefix(pad(0x36))
+                .chain_update(message)
+                .finalize();
+            Sha256::new_with_prefix(pad(0x5c))
+                .chain_update(inner)
+                .finalize()
+                .into()
+        }
+        let public = b"tower-idempotency:tenant-secret:public-default";
+        let keys: [&[u8]; 4] = [public, &[7; 16], &[9; 64], &[3; 65]];
+        for key in keys {
+            let sealer = if key == public {
+                Sealer::default()
+            } else {
+                Sealer::new(key)
+            };
+            for len in 0..200 {
+                let message: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                assert_eq!(sealer.mac(&message), reference(key, &message), "{len}");
+            }
+            let tenant = TenantId([5; 32]);
+            assert_eq!(sealer.seal(tenant), TenantId(reference(key, &tenant.0)));
+        }
     }
 
     #[test]
