@@ -122,8 +122,9 @@ fn after_block(mut state: [u32; 8], message: &[u8]) -> [u8; 32] {
     use sha2::block_api::compress256;
     let (blocks, rest) = message.as_chunks::<64>();
     compress256(&mut state, blocks);
-    // `rest` is shorter than a block: the `0x80` fits after it, and the length too, unless
-    // `rest` takes more than 55 bytes; then they take a second block.
+    // `rest` is shorter than a block: the `0x80` always fits after it, and the 8-byte length
+    // too, unless `rest` takes more than 55 bytes; then the length ends a second block of
+    // zeros.
     let mut last = [[0; 64]; 2];
     last[0][..rest.len()].copy_from_slice(rest);
     last[0][rest.len()] = 0x80;
@@ -804,6 +805,38 @@ mod tests {
 
     #[test]
     fn hmac_matches_rfc_4231() {
+        // Test cases 1, 3, 4 and 7 of RFC 4231: keys of 20, 20, 25 and 131 bytes, messages of
+        // 8, 50, 50 and 152 bytes (the last one past a block and its padding).
+        let key_4: Vec<u8> = (1..=25).collect();
+        let cases: [(&[u8], &[u8], &str); 4] = [
+            (
+                &[0x0b; 20],
+                b"Hi There",
+                "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+            ),
+            (
+                &[0xaa; 20],
+                &[0xdd; 50],
+                "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe",
+            ),
+            (
+                &key_4,
+                &[0xcd; 50],
+                "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b",
+            ),
+            (
+                &[0xaa; 131],
+                b"This is a test using a larger than block-size key and a larger than \
+                  block-size data. The key needs to be hashed before being used by the HMAC \
+                  algorithm.",
+                "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+            ),
+        ];
+        for (key, message, mac) in cases {
+            // `Sealer::new` takes secrets of 16 bytes and more (the layer checks that); the
+            // HMAC itself takes any key.
+            assert_eq!(crate::util::hex(&Sealer::new(key).mac(message)), mac);
+        }
         // Test case 2 of RFC 4231.
         let mac = Sealer::new(b"Jefe").mac(b"what do ya want for nothing?");
         assert_eq!(
@@ -854,6 +887,31 @@ mod tests {
             }
             let tenant = TenantId([5; 32]);
             assert_eq!(sealer.seal(tenant), TenantId(reference(key, &tenant.0)));
+        }
+    }
+
+    /// What a credential's tenant is stored as does not change from one version to the next
+    /// (these values were computed by the versions before this test): the records written
+    /// before an upgrade are found by the retries after it.
+    #[test]
+    fn stored_tenant_ids_do_not_change() {
+        let tenant = DefaultTenant::scope_for("Bearer sk_live_stable");
+        let stored = [
+            (
+                tenant,
+                "f3d42e480d6c490dc5582a654bc76602455bb97b4b77b30693e31ebf31111226",
+            ),
+            (
+                Sealer::default().seal(tenant),
+                "05b82b8cc91fca0e4b478e69bf69b38ae52d787a2eed5a82621a212c5c0449b7",
+            ),
+            (
+                Sealer::new(b"a secret of 16 b").seal(tenant),
+                "8489ff3755412537f0f8dabace54fee0094d64325e657a63775e8dab6144d9aa",
+            ),
+        ];
+        for (id, hex) in stored {
+            assert_eq!(id.to_string(), hex);
         }
     }
 

@@ -259,9 +259,9 @@ impl SqlxStore {
     }
 
     /// `sql` with the record's tenant and key bound as `$1` and `$2`, the arguments' buffer
-    /// sized up front for them, for the small parameters that follow (a fingerprint, a token, a
-    /// duration) and for `more` bytes besides: bound into an empty buffer, they would grow it
-    /// a reallocation at a time.
+    /// sized up front for them, for the small parameters that may follow (a fingerprint, a
+    /// token, a duration) and for `more` bytes besides (a response): bound into an empty
+    /// buffer, they would grow it a reallocation at a time.
     fn keyed<'q>(
         &self,
         sql: &'q str,
@@ -269,10 +269,10 @@ impl SqlxStore {
         more: usize,
     ) -> Query<'q, Postgres, PgArguments> {
         let mut arguments = PgArguments::default();
-        // Each parameter is its 4-byte length, then the tenant (32 bytes), the key, a
-        // fingerprint (32), a token (16), a duration (8).
+        // At most five parameters, each its 4-byte length and its bytes: the tenant (32), the
+        // key, then a fingerprint (32), a token (16) and a duration (8), or `more`.
         let key_len = key.text().as_bytes().len();
-        arguments.reserve(6, 6 * 4 + 32 + key_len + 32 + 16 + 8 + more);
+        arguments.reserve(5, 5 * 4 + 32 + key_len + 32 + 16 + 8 + more);
         sqlx::query_with(sql, arguments)
             .bind(&key.tenant().as_bytes()[..])
             .bind(key.key())
