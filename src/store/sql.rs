@@ -221,7 +221,7 @@ pub(crate) struct Sql {
 /// `sql` without the indentation of its lines, nor blank lines: the same statement (no string
 /// literal or name in these statements spans lines), in fewer bytes for what hashes its text on
 /// every call (the statement caches of both drivers: deadpool's hashes it with SipHash, about
-/// four instructions a byte).
+/// three instructions a byte).
 fn unindented(sql: String) -> String {
     let lines = sql.lines().map(str::trim).filter(|line| !line.is_empty());
     lines.collect::<Vec<_>>().join("\n")
