@@ -128,7 +128,7 @@ impl std::fmt::Display for KeyText {
 pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<ParsedKey, KeyError> {
     // A request has a few fields: a look at their names costs less than hashing the key's
     // (custom) name for the map's lookup.
-    let (first, second) = if headers.keys_len() <= 16 {
+    let (first, second) = if headers.keys_len() <= crate::util::FEW_FIELDS {
         let mut values = headers.iter().filter(|(field, _)| *field == name);
         (values.next().map(|(_, v)| v), values.next().map(|(_, v)| v))
     } else {
@@ -429,12 +429,8 @@ mod tests {
     #[test]
     fn the_header_among_few_fields_and_many() {
         let name = HeaderName::from_static("idempotency-key");
-        for others in [0, 5, 16, 40] {
-            let mut headers = HeaderMap::new();
-            for i in 0..others {
-                let other = HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
-                headers.insert(other, HeaderValue::from(i));
-            }
+        for others in [0, 5, crate::util::FEW_FIELDS, 40] {
+            let mut headers = crate::util::other_fields(others);
             assert!(matches!(parse(&headers, &name), Err(KeyError::Missing)));
             headers.append(&name, HeaderValue::from_static("k1"));
             let parsed = parse(&headers, &name).unwrap();

@@ -119,12 +119,17 @@ impl std::fmt::Debug for Decimal {
     }
 }
 
+/// The most fields a map may have for a field to be found by looking at their names rather than
+/// by the map's lookup, which hashes the name first (a custom name byte by byte): a look at a
+/// few names costs less.
+pub(crate) const FEW_FIELDS: usize = 16;
+
 /// Removes every `name` field from `headers`. Most responses have a few fields and lack this one:
 /// a look at their names costs less than hashing `name` for the map's lookup (a custom name is
 /// hashed byte by byte), so the map is asked only when the name is there or the fields are many.
 #[inline]
 pub(crate) fn remove_header(headers: &mut http::HeaderMap, name: &http::HeaderName) {
-    if headers.keys_len() > 16 || headers.keys().any(|field| field == name) {
+    if headers.keys_len() > FEW_FIELDS || headers.keys().any(|field| field == name) {
         headers.remove(name);
     }
 }
@@ -146,20 +151,27 @@ pub(crate) fn random_bytes() -> [u8; 32] {
     bytes
 }
 
+/// A map of `count` fields, `x-field-0` and on, for tests of lookups among few fields and many.
+#[cfg(test)]
+pub(crate) fn other_fields(count: usize) -> http::HeaderMap {
+    (0..count)
+        .map(|i| {
+            let name = http::HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
+            (name, http::HeaderValue::from(i))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     /// Every value of the name goes, whether the map has a few fields or many, and nothing
     /// else does.
     #[test]
     fn remove_header_removes_every_value_of_the_name_alone() {
-        use http::{HeaderMap, HeaderName, HeaderValue};
+        use http::{HeaderName, HeaderValue};
         let name = HeaderName::from_static("idempotent-replayed");
-        for others in [0, 3, 16, 40] {
-            let mut headers = HeaderMap::new();
-            for i in 0..others {
-                let other = HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap();
-                headers.insert(other, HeaderValue::from(i));
-            }
+        for others in [0, 3, super::FEW_FIELDS, 40] {
+            let mut headers = super::other_fields(others);
             super::remove_header(&mut headers, &name);
             assert_eq!(headers.len(), others, "nothing to remove among {others}");
             headers.append(&name, HeaderValue::from_static("true"));
