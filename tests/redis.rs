@@ -167,6 +167,63 @@ async fn foreign_values_are_corrupt() {
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 }
 
+/// `begin` on a key that holds a record answers from that record and writes nothing: another
+/// request's record in flight is `InFlight` and keeps its lease and token (its holder completes
+/// it), another request's is `Mismatch`, an unknown state is `Corrupt`; a completed record
+/// replays, and the key keeps its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_on_a_held_key_answers_and_writes_nothing() {
+    let Some(store) = store().await else { return };
+    let mut raw = raw_connection().await;
+    let fp = Fingerprint::from_bytes([5; 32]);
+    let lease = Duration::from_secs(30);
+
+    let key = RecordKey::new(TenantId::shared(), unique_key("held"));
+    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(7)).await else {
+        panic!("a new key is acquired");
+    };
+    let written: Vec<u8> = raw.get(redis_key(&key)).await.unwrap();
+    let ttl: i64 = raw.pttl(redis_key(&key)).await.unwrap();
+    assert!((1..=7_000).contains(&ttl), "the lease: {ttl} ms");
+    assert!(matches!(
+        store.begin(&key, &fp, lease).await,
+        Ok(Begin::InFlight)
+    ));
+    let other = Fingerprint::from_bytes([6; 32]);
+    assert!(matches!(
+        store.begin(&key, &other, lease).await,
+        Ok(Begin::Mismatch)
+    ));
+    let unchanged: Vec<u8> = raw.get(redis_key(&key)).await.unwrap();
+    assert_eq!(unchanged, written, "the holder's record, token included");
+    let after: i64 = raw.pttl(redis_key(&key)).await.unwrap();
+    assert!(
+        after <= ttl,
+        "the lease is not extended: {after} > {ttl} ms"
+    );
+    let response = StoredResponse::new(StatusCode::CREATED, HeaderMap::new(), Bytes::from("ok"));
+    store
+        .complete(&key, token, response.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let Ok(Begin::Completed(replayed)) = store.begin(&key, &fp, lease).await else {
+        panic!("a completed record replays");
+    };
+    assert_eq!(replayed, response);
+    let ttl: i64 = raw.pttl(redis_key(&key)).await.unwrap();
+    assert!(ttl > 50_000, "the TTL, not the lease: {ttl} ms");
+
+    let key = RecordKey::new(TenantId::shared(), unique_key("unknown-state"));
+    let mut value = vec![1, b'x'];
+    value.extend_from_slice(fp.as_bytes());
+    value.extend_from_slice(&[0; 16]);
+    let _: () = raw.set_ex(redis_key(&key), &value, 60).await.unwrap();
+    let err = store.begin(&key, &fp, lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+    let kept: Vec<u8> = raw.get(redis_key(&key)).await.unwrap();
+    assert_eq!(kept, value);
+}
+
 /// A completed record the store cannot decode (another version's format, or damaged) says its
 /// request may have run: a retry gets `503`, never a second run, even failing open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
