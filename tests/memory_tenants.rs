@@ -1,6 +1,6 @@
 //! `MemoryStore`'s share per tenant through a real server on loopback: a tenant alone fills the
-//! whole store; a tenant that floods a full store with keys drops its own records, never another
-//! tenant's.
+//! whole store; a tenant that floods a full store with keys, or fills its bytes with large
+//! responses, drops its own records, never another tenant's.
 
 #[macro_use]
 mod support;
@@ -36,7 +36,17 @@ async fn post(
     auth: &str,
     key: &str,
 ) -> (StatusCode, bool, Bytes) {
-    let request = Request::post(format!("http://{addr}/payments"))
+    post_to(client, addr, "/payments", auth, key).await
+}
+
+async fn post_to(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    auth: &str,
+    key: &str,
+) -> (StatusCode, bool, Bytes) {
+    let request = Request::post(format!("http://{addr}{path}"))
         .header("authorization", auth)
         .header("idempotency-key", key)
         .header("content-type", "application/json")
@@ -122,6 +132,84 @@ async fn a_tenant_flooding_a_full_store_drops_its_own_records_and_the_victim_sti
         StatusCode::NOT_FOUND
     );
     assert_eq!(store.entry_count(), before);
+}
+
+/// A store full by its bytes: a tenant whose responses are large fills the room the others
+/// leave, then, within its share of the records but over its share of the bytes (the same
+/// eighth of them), makes room from its own records, never from another tenant's, whose
+/// retries replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_filling_the_bytes_with_large_responses_drops_its_own_records() {
+    const MAX_BYTES: usize = 2 << 20;
+    const LARGE: usize = 20_000;
+    const FLOOD: usize = 400;
+    const WORKERS: usize = 8;
+    let store = MemoryStore::builder()
+        .max_entries(1_000)
+        .max_bytes(MAX_BYTES)
+        .build();
+    let runs = Runs::default();
+    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
+    let server = Server::start(app, Default::default()).await;
+    let addr = server.addr;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    let mut originals = Vec::new();
+    for i in 0..5 {
+        let (status, replayed, body) = post(&client, addr, VICTIM, &format!("order-{i}")).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false));
+        originals.push(body);
+    }
+
+    // 400 responses of 20 kB: 8 MB through a store of 2 MiB, from a tenant that holds far
+    // fewer records than its share (125).
+    let path = format!("/big/{LARGE}");
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (client, path) = (client.clone(), path.clone());
+            tokio::spawn(async move {
+                for i in (w..FLOOD).step_by(WORKERS) {
+                    let key = format!("large-{i}");
+                    let (status, replayed, body) =
+                        post_to(&client, addr, &path, FLOODER, &key).await;
+                    assert_eq!((status, replayed), (StatusCode::OK, false), "{key}");
+                    assert_eq!(body.len(), LARGE);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(runs.get(), 5 + FLOOD, "every key ran once");
+
+    let flooder = stored_tenant(&store, FLOODER);
+    let victim = stored_tenant(&store, VICTIM);
+    // The flooder had the room the victim left, then paid for each new key with its own
+    // records.
+    assert_eq!(
+        store.tenant_entry_count(&victim),
+        5,
+        "the victim's records stay"
+    );
+    let kept = store.tenant_entry_count(&flooder);
+    assert!(
+        kept > 50 && kept * LARGE <= MAX_BYTES,
+        "the flooder fills the rest of the bytes: {kept} records"
+    );
+    assert_eq!(
+        store.evicted(),
+        (FLOOD - kept) as u64,
+        "the flooder's own records went"
+    );
+
+    for (i, original) in originals.iter().enumerate() {
+        let (status, replayed, body) = post(&client, addr, VICTIM, &format!("order-{i}")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(replayed, "the victim's retry {i} replays");
+        assert_eq!(&body, original);
+    }
+    assert_eq!(runs.get(), 5 + FLOOD, "no handler ran twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

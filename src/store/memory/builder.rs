@@ -95,17 +95,23 @@ impl MemoryStoreBuilder {
     /// included). Default: an eighth of [`max_entries`](Self::max_entries) (at least 1),
     /// 125,000 for the default store.
     ///
+    /// A tenant's share of [`max_bytes`](Self::max_bytes) is the same part of it (an eighth by
+    /// default: 128 MiB for the default store), and a tenant holds its share when it holds its
+    /// part of the records or of the bytes: a tenant whose responses are large reaches its share
+    /// with fewer records.
+    ///
     /// The share bounds no one while the store has room: an application whose keys all come
     /// from one tenant has the whole store. Once the store is full, a new key makes room
-    /// fairly: a tenant that holds its share or more drops its own completed record nearest
+    /// fairly: a tenant that holds its share or more drops its own completed records nearest
     /// expiry (counted by [`evicted`](super::MemoryStore::evicted)) before anyone else's; a
-    /// tenant within its share drops a completed record of the tenant that holds the most, when
-    /// that one is over its share. Otherwise (every tenant within its share, or the one at its
-    /// share has only requests in flight, which admission bounds) the store drops its nearest
-    /// expiry of all; only a store full of in-flight records refuses a new key, with
+    /// tenant within its share drops completed records of the tenant that holds the most of its
+    /// share, while that one is over it. Otherwise (every tenant within its share, or the one at
+    /// its share has only requests in flight, which admission bounds) the store drops its
+    /// nearest expiry of all; only a store full of in-flight records refuses a new key, with
     /// [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind), which the layer answers with
-    /// `503`. So a caller that floods the store with keys costs itself replays, not the others:
-    /// with the default, it takes eight tenants over their share to crowd the others out.
+    /// `503`. So a caller that floods the store with keys or with large responses costs itself
+    /// replays, not the others: with the default, it takes eight tenants over their share to
+    /// crowd the others out.
     ///
     /// The share is split over the store's shards as `max_entries` is: a tenant's keys are
     /// spread evenly over them, and a full shard holds the tenant to its part.

@@ -98,10 +98,11 @@ const PRUNE_BATCH: usize = 4096;
 /// - While the store has room, no tenant is bounded: one tenant alone can fill it. Once it is
 ///   full, each tenant has a share,
 ///   [`max_entries_per_tenant`](MemoryStoreBuilder::max_entries_per_tenant) (an eighth of
-///   `max_entries` by default, at least 1): dead records go first, then a tenant at its share
-///   or over it makes room from its own completed records first, and a tenant within its share
-///   from those of the tenant that holds the most, when that one is over its share; otherwise
-///   the store's nearest expiry goes. So one caller's flood of keys costs that caller alone.
+///   `max_entries` by default, at least 1), and the same part of `max_bytes`: dead records go
+///   first, then a tenant at its share of either or over it makes room from its own completed
+///   records first, and a tenant within its share from those of the tenant that holds the most
+///   of its share, while that one is over it; otherwise the store's nearest expiry goes. So one
+///   caller's flood of keys, or of large responses, costs that caller alone.
 /// - The bounds are shared evenly by the store's shards (eight per thread of the machine, at
 ///   least 32 and at most 256, each with a share of at least 16,384 records, 32 MiB and 64
 ///   records of a tenant); a key's shard makes room within its own share. A store whose bounds

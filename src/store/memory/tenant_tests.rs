@@ -420,16 +420,33 @@ fn counts_stay_exact_under_concurrent_floods() {
 }
 
 // The model: every path that adds or removes a record, on a store of one shard of 6 records
-// with a share of 2 per tenant, for 3 tenants of 4 keys: two tenants can be over their share at
-// once, and hold as many. Checked after each step against a reference and against the shard's
-// own recount.
+// and 3,000 bytes with a share of 2 records and 1,000 bytes per tenant, for 3 tenants of 4 keys:
+// two tenants can be over their share at once, and hold as many; a large response (1,200
+// bytes) takes a tenant over its share of bytes alone, and two fill most of the store's.
+// Checked after each step against a reference and against the shard's own recount.
 
 #[derive(Debug, Clone)]
 enum Op {
-    Begin { t: u8, k: u8, f: u8 },
-    Complete { t: u8, k: u8, long: bool },
-    Release { t: u8, k: u8 },
-    Forget { t: u8, k: u8, force: bool },
+    Begin {
+        t: u8,
+        k: u8,
+        f: u8,
+    },
+    Complete {
+        t: u8,
+        k: u8,
+        long: bool,
+        large: bool,
+    },
+    Release {
+        t: u8,
+        k: u8,
+    },
+    Forget {
+        t: u8,
+        k: u8,
+        force: bool,
+    },
     Advance(u64),
     Prune,
 }
@@ -438,7 +455,8 @@ fn op() -> impl Strategy<Value = Op> {
     let slot = (0..TENANTS, 0..4u8);
     prop_oneof![
         6 => (slot.clone(), 0..2u8).prop_map(|((t, k), f)| Op::Begin { t, k, f }),
-        4 => (slot.clone(), any::<bool>()).prop_map(|((t, k), long)| Op::Complete { t, k, long }),
+        4 => (slot.clone(), any::<bool>(), any::<bool>())
+            .prop_map(|((t, k), long, large)| Op::Complete { t, k, long, large }),
         1 => slot.clone().prop_map(|(t, k)| Op::Release { t, k }),
         1 => (slot, any::<bool>()).prop_map(|((t, k), force)| Op::Forget { t, k, force }),
         2 => prop_oneof![Just(1u64), Just(11), Just(25), Just(45)].prop_map(Op::Advance),
@@ -453,6 +471,8 @@ struct Rec {
     /// In flight: the lease's end; completed: the expiry.
     deadline: u64,
     completed: bool,
+    /// The bytes it counts for, as the store counts them.
+    size: usize,
 }
 
 #[derive(Default)]
@@ -466,8 +486,21 @@ struct Model {
 }
 
 const MAX: usize = 6;
+const MAX_BYTES: usize = 3_000;
 const PER_TENANT: usize = 2;
+/// A tenant's share of the bytes: the part of them its share of the records is.
+const PER_TENANT_BYTES: usize = MAX_BYTES * PER_TENANT / MAX;
 const TENANTS: u8 = 3;
+
+/// The response a completion stores: 2 bytes of body, or 1,200.
+fn sized_response(large: bool) -> StoredResponse {
+    let body = if large {
+        vec![b'x'; 1_200]
+    } else {
+        b"ok".to_vec()
+    };
+    StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from(body))
+}
 
 impl Model {
     fn live(&self, r: &Rec) -> bool {
@@ -476,6 +509,20 @@ impl Model {
 
     fn tenant_len(&self, t: u8) -> usize {
         self.records.keys().filter(|(rt, _)| *rt == t).count()
+    }
+
+    fn tenant_bytes(&self, t: u8) -> usize {
+        let of = self.records.iter().filter(|((rt, _), _)| *rt == t);
+        of.map(|(_, r)| r.size).sum()
+    }
+
+    fn full(&self) -> bool {
+        self.records.len() >= MAX
+            || self.records.values().map(|r| r.size).sum::<usize>() >= MAX_BYTES
+    }
+
+    fn at_share(&self, t: u8) -> bool {
+        self.tenant_len(t) >= PER_TENANT || self.tenant_bytes(t) >= PER_TENANT_BYTES
     }
 
     fn remove_dead_in_flight(&mut self) {
@@ -505,19 +552,18 @@ impl Model {
         true
     }
 
-    /// The tenant that holds the most records, if it holds more than its share; among equals,
-    /// the one of the smallest id.
+    /// The tenant that holds the most of its share (the larger of its part of the records and
+    /// its part of the bytes), if it holds more than its share; among equals, the one of the
+    /// smallest id.
     fn heaviest_over_share(&self) -> Option<u8> {
+        let weight = |t: u8| {
+            let records = self.tenant_len(t) * PER_TENANT_BYTES;
+            records.max(self.tenant_bytes(t) * PER_TENANT)
+        };
         (0..TENANTS)
-            .map(|t| {
-                (
-                    self.tenant_len(t),
-                    std::cmp::Reverse(*tenant(t).as_bytes()),
-                    t,
-                )
-            })
+            .map(|t| (weight(t), std::cmp::Reverse(*tenant(t).as_bytes()), t))
             .max()
-            .filter(|&(n, ..)| n > PER_TENANT)
+            .filter(|&(w, ..)| w > PER_TENANT * PER_TENANT_BYTES)
             .map(|(.., t)| t)
     }
 
@@ -529,14 +575,14 @@ impl Model {
             }
             // A dead record of the key is taken over: no room is made, no share checked.
             let seq = self.take_seq();
-            self.records.insert((t, k), self.in_flight(f, seq));
+            self.records.insert((t, k), self.in_flight(k, f, seq));
             return Ok(Some(seq));
         }
-        if self.records.len() >= MAX {
+        if self.full() {
             // Full: dead records go first, whoever's they are, expired ones nearest first while
             // the store is still full.
             self.remove_dead_in_flight();
-            while self.records.len() >= MAX {
+            while self.full() {
                 match self.nearest(|_| true) {
                     Some((slot, r)) if !self.live(&r) => {
                         self.records.remove(&slot);
@@ -544,17 +590,24 @@ impl Model {
                     _ => break,
                 }
             }
-            if self.records.len() >= MAX {
-                // Still full: every record is live. A tenant at its share or over it pays with
-                // its own completed record when it has one; a tenant within it takes one of the
-                // heaviest tenant's, when that one is over its share.
-                if self.tenant_len(t) >= PER_TENANT {
-                    self.drop_nearest(|rt| rt == t);
-                } else if let Some(heaviest) = self.heaviest_over_share() {
-                    self.drop_nearest(|rt| rt == heaviest);
+            if self.full() {
+                // Still full: every record is live. While it is, a tenant at its share or over
+                // it pays with its own completed records when it has some; a tenant within it
+                // takes those of the heaviest tenant, while that one is over its share.
+                while self.full() {
+                    let from = if self.at_share(t) {
+                        t
+                    } else if let Some(heaviest) = self.heaviest_over_share() {
+                        heaviest
+                    } else {
+                        break;
+                    };
+                    if !self.drop_nearest(|rt| rt == from) {
+                        break;
+                    }
                 }
                 // Then the nearest expiry of all, while the store is full.
-                while self.records.len() >= MAX {
+                while self.full() {
                     if !self.drop_nearest(|_| true) {
                         return Err(());
                     }
@@ -562,7 +615,7 @@ impl Model {
             }
         }
         let seq = self.take_seq();
-        self.records.insert((t, k), self.in_flight(f, seq));
+        self.records.insert((t, k), self.in_flight(k, f, seq));
         Ok(Some(seq))
     }
 
@@ -571,12 +624,13 @@ impl Model {
         self.seq
     }
 
-    fn in_flight(&self, fp: u8, seq: u64) -> Rec {
+    fn in_flight(&self, k: u8, fp: u8, seq: u64) -> Rec {
         Rec {
             fp,
             seq,
             deadline: self.now + LEASE.as_secs(),
             completed: false,
+            size: super::shard::RECORD_OVERHEAD + k.to_string().len(),
         }
     }
 
@@ -592,6 +646,7 @@ impl Model {
 async fn run_model(ops: Vec<Op>) {
     let store = MemoryStore::builder()
         .max_entries(MAX)
+        .max_bytes(MAX_BYTES)
         .max_entries_per_tenant(PER_TENANT)
         // No background pruning: `Prune` steps prune.
         .cleanup_interval(super::builder::MAX_INTERVAL)
@@ -621,7 +676,7 @@ async fn run_model(ops: Vec<Op>) {
                     (expect, got) => panic!("step {i}: expected {expect:?}, got {got:?}"),
                 }
             }
-            Op::Complete { t, k, long } => {
+            Op::Complete { t, k, long, large } => {
                 let ttl = if long { 40 } else { 20 };
                 let holds = model.holds((t, k));
                 let Some(&(token, _)) = model.held.get(&(t, k)) else {
@@ -631,15 +686,20 @@ async fn run_model(ops: Vec<Op>) {
                     .complete(
                         &key(t, &k.to_string()),
                         token,
-                        response(),
+                        sized_response(large),
                         Duration::from_secs(ttl),
                     )
                     .await;
                 assert_eq!(got.is_ok(), holds, "step {i}: complete");
                 if holds {
+                    let size = super::shard::completed_size(
+                        &key(t, &k.to_string()),
+                        &sized_response(large),
+                    );
                     let r = model.records.get_mut(&(t, k)).unwrap();
                     r.completed = true;
                     r.deadline = model.now + ttl;
+                    r.size = size;
                 }
             }
             Op::Release { t, k } => {
@@ -693,6 +753,8 @@ async fn run_model(ops: Vec<Op>) {
             let n = store.tenant_entry_count(&tenant(t));
             assert_eq!(n, model.tenant_len(t), "step {i}: tenant {t}'s count");
         }
+        let bytes: usize = model.records.values().map(|r| r.size).sum();
+        assert_eq!(store.weighted_size(), bytes, "step {i}: bytes");
         assert_eq!(store.evicted(), model.evicted, "step {i}: evictions");
         check_counts(&store);
     }

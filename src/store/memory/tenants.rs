@@ -1,7 +1,8 @@
-//! The records of each tenant within one shard: how many it holds, and its completed ones in
-//! order of expiry, so that when the shard is full, a tenant at its share or over it makes room
-//! from its own records, and a tenant within its share from the records of the one that holds
-//! the most, when that one is over its share.
+//! The records of each tenant within one shard: how many it holds, the bytes they count for,
+//! and its completed ones in order of expiry, so that when the shard is full, a tenant at its
+//! share or over it makes room from its own records, and a tenant within its share from the
+//! records of the one that holds the most, when that one is over its share. A share is of the
+//! records and of the bytes alike: a tenant holds its share when it holds its part of either.
 //!
 //! Why per shard: every count changes under the shard's lock that the record's own change
 //! already holds, so counts are exact without a second lock or an atomic, and no lock is ever
@@ -9,7 +10,8 @@
 //! their keys, so each shard gives the tenant its share of
 //! [`max_entries_per_tenant`](super::MemoryStoreBuilder::max_entries_per_tenant), as each shard
 //! already holds the store to its share of `max_entries`. The cost on the path of a new key is
-//! one lookup in a small map (`entry`), in the shard already locked; a replay costs nothing.
+//! two lookups in a small map, in the shard already locked (when it begins and when it
+//! completes); a replay costs nothing.
 
 use foldhash::fast::SeedableRandomState;
 use hashbrown::HashMap;
@@ -22,6 +24,8 @@ use crate::tenant::TenantId;
 pub(super) struct Tenant {
     /// Its records in the shard's table, in flight or completed, live or not yet pruned.
     pub(super) count: usize,
+    /// The bytes those records count for in the shard's budget.
+    pub(super) bytes: usize,
     /// Its completed records by expiry, nearest first. An entry whose record left by another
     /// path (pruned, evicted by the shard, forgotten, taken over) is stale: dropped once the
     /// shard's queue removes a later record of the tenant, or when stale entries outnumber the
@@ -34,25 +38,54 @@ pub(super) struct Tenants {
     map: HashMap<TenantId, Tenant, SeedableRandomState>,
     /// This shard's share of the bound on one tenant's records.
     pub(super) max: usize,
-    /// How many tenants hold more than `max`: when none does, or one, finding the heaviest
-    /// takes no scan.
+    /// A tenant's share of this shard's bytes: the same part of them as `max` is of its
+    /// records, at least one byte.
+    pub(super) max_bytes: usize,
+    /// How many tenants hold more than their share (of records or of bytes): when none does,
+    /// or one, finding the heaviest takes no scan.
     over: usize,
-    /// The tenant that held the most records when it last grew: a hint, checked before use
-    /// (it may have shrunk since), that spares a scan of every tenant.
+    /// The heaviest tenant over its share when one was last looked for: a hint, checked before
+    /// use (it may have shrunk since), that spares a scan of every tenant.
     heaviest: Option<TenantId>,
 }
 
 impl Tenants {
-    pub(super) fn new(max: usize, hasher: SeedableRandomState) -> Self {
+    /// The tenants of a shard of `shard_len` records and `shard_bytes` bytes, `max` records of
+    /// which are a tenant's share.
+    pub(super) fn new(
+        max: usize,
+        shard_len: usize,
+        shard_bytes: usize,
+        hasher: SeedableRandomState,
+    ) -> Self {
+        let max_bytes = shard_bytes as u128 * max as u128 / shard_len.max(1) as u128;
         Self {
             map: HashMap::with_hasher(hasher),
             max,
+            max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX).max(1),
             over: 0,
             heaviest: None,
         }
     }
 
-    /// The tenant that holds the most records, when it holds more than its share (among
+    /// How much of its share a tenant holds, as the larger of its part of the records and its
+    /// part of the bytes, over the denominator `max × max_bytes` (more than that: over its
+    /// share).
+    fn weight(&self, tenant: &Tenant) -> u128 {
+        let records = tenant.count as u128 * self.max_bytes as u128;
+        let bytes = tenant.bytes as u128 * self.max as u128;
+        records.max(bytes)
+    }
+
+    /// Whether `tenant` holds its share or more, of the records or of the bytes: then it makes
+    /// room from its own records.
+    pub(super) fn at_share(&self, tenant: &TenantId) -> bool {
+        self.map
+            .get(tenant)
+            .is_some_and(|t| t.count >= self.max || t.bytes >= self.max_bytes)
+    }
+
+    /// The heaviest tenant ([`weight`](Self::weight)), when it holds more than its share (among
     /// equals, the smallest id); `None` when every tenant is within its share. No scan unless
     /// two tenants or more are over their share, or the hint is stale.
     pub(super) fn over_share(&mut self) -> Option<TenantId> {
@@ -61,59 +94,95 @@ impl Tenants {
         }
         if self.over == 1
             && let Some(tenant) = self.heaviest
-            && self.count(&tenant) > self.max
+            && self
+                .map
+                .get(&tenant)
+                .is_some_and(|t| t.over(self.max, self.max_bytes))
         {
             return Some(tenant);
         }
-        let (tenant, count) = self
+        let (tenant, weight) = self
             .map
             .iter()
-            .map(|(tenant, t)| (*tenant, t.count))
+            .map(|(tenant, t)| (*tenant, self.weight(t)))
             .max_by(|a, b| {
                 a.1.cmp(&b.1)
                     .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
             })?;
         self.heaviest = Some(tenant);
-        (count > self.max).then_some(tenant)
+        let share = self.max as u128 * self.max_bytes as u128;
+        (weight > share).then_some(tenant)
     }
 
-    /// Counts a new record of `tenant` (the caller made room for it).
-    pub(super) fn add(&mut self, tenant: TenantId) {
-        let count = {
-            let entry = self.map.entry(tenant).or_default();
-            entry.count += 1;
-            entry.count
+    /// Counts a tenant that went from over its share (`was`) or not, to `now`.
+    fn account(&mut self, was: bool, now: bool) {
+        match (was, now) {
+            (false, true) => self.over += 1,
+            (true, false) => self.over -= 1,
+            _ => {}
+        }
+    }
+
+    /// A record of `size` bytes added for `tenant`.
+    pub(super) fn add(&mut self, tenant: TenantId, size: usize) {
+        let (max, max_bytes) = (self.max, self.max_bytes);
+        let t = self.map.entry(tenant).or_default();
+        let was = t.over(max, max_bytes);
+        t.count += 1;
+        t.bytes += size;
+        let now = t.over(max, max_bytes);
+        self.account(was, now);
+    }
+
+    /// Changes the counts of `tenant`, which has records, by `change`; a tenant left with none
+    /// leaves the map.
+    fn change(&mut self, tenant: &TenantId, change: impl FnOnce(&mut Tenant)) {
+        let (max, max_bytes) = (self.max, self.max_bytes);
+        let Some(t) = self.map.get_mut(tenant) else {
+            return;
         };
-        if count == self.max + 1 {
-            self.over += 1;
-        }
-        if self.heaviest != Some(tenant)
-            && self
-                .heaviest
-                .is_none_or(|heaviest| self.count(&heaviest) < count)
-        {
-            self.heaviest = Some(tenant);
+        let was = t.over(max, max_bytes);
+        change(t);
+        let now = t.over(max, max_bytes);
+        let empty = t.count == 0;
+        self.account(was, now);
+        if empty {
+            self.map.remove(tenant);
         }
     }
 
-    /// Uncounts a record of `tenant` that left the table; a tenant left with none goes.
-    pub(super) fn remove(&mut self, tenant: &TenantId) {
-        if let Some(entry) = self.map.get_mut(tenant) {
-            if entry.count == self.max + 1 {
-                self.over -= 1;
-            }
-            entry.count -= 1;
-            if entry.count == 0 {
-                self.map.remove(tenant);
-            }
-        }
+    /// A record of `size` bytes of `tenant`'s removed.
+    pub(super) fn remove(&mut self, tenant: &TenantId, size: usize) {
+        self.change(tenant, |t| {
+            t.count -= 1;
+            t.bytes -= size;
+        });
+    }
+
+    /// A record of `tenant`'s that counted `old` bytes counts `new` now.
+    pub(super) fn resize(&mut self, tenant: &TenantId, old: usize, new: usize) {
+        self.change(tenant, |t| t.bytes = t.bytes - old + new);
+    }
+
+    /// A record of `tenant`'s completed: it counted `old` bytes in flight, `new` now, and `due`
+    /// is its entry in the tenant's queue (see [`Tenant::push`]).
+    pub(super) fn completed(
+        &mut self,
+        tenant: &TenantId,
+        due: Due,
+        (old, new): (usize, usize),
+        is_live_entry: impl Fn(&Due) -> bool,
+    ) {
+        self.change(tenant, |t| {
+            t.bytes = t.bytes - old + new;
+            t.push(due, is_live_entry);
+        });
     }
 
     pub(super) fn get_mut(&mut self, tenant: &TenantId) -> Option<&mut Tenant> {
         self.map.get_mut(tenant)
     }
 
-    /// How many records `tenant` holds in this shard.
     pub(super) fn count(&self, tenant: &TenantId) -> usize {
         self.map.get(tenant).map_or(0, |t| t.count)
     }
@@ -122,6 +191,12 @@ impl Tenants {
     #[cfg(test)]
     pub(super) fn counts(&self) -> impl Iterator<Item = (TenantId, usize)> + '_ {
         self.map.iter().map(|(tenant, t)| (*tenant, t.count))
+    }
+
+    /// Every tenant with records, and the bytes they count for.
+    #[cfg(test)]
+    pub(super) fn bytes(&self) -> impl Iterator<Item = (TenantId, usize)> + '_ {
+        self.map.iter().map(|(tenant, t)| (*tenant, t.bytes))
     }
 
     /// How many tenants the shard counts as over their share.
@@ -138,6 +213,11 @@ impl Tenants {
 }
 
 impl Tenant {
+    /// Whether the tenant holds more than its share: of `max` records or of `max_bytes`.
+    fn over(&self, max: usize, max_bytes: usize) -> bool {
+        self.count > max || self.bytes > max_bytes
+    }
+
     /// Queues a completed record, looking at no other: the shard drops the front entries as it
     /// removes records in order of expiry ([`drop_through`](Self::drop_through)). Entries left
     /// stale by another path (forgotten, taken over) go all at once when they outnumber the

@@ -31,12 +31,21 @@ impl Shard {
         let counted: HashMap<_, _> = self.tenants.counts().collect();
         assert_eq!(counted, tenants, "each tenant's count is its records");
         assert_eq!(self.bytes, bytes, "bytes");
+        let mut tenant_bytes: HashMap<crate::tenant::TenantId, usize> = HashMap::new();
+        for slot in &self.table {
+            *tenant_bytes.entry(*slot.record.key.tenant()).or_default() += slot.record.size;
+        }
+        let counted_bytes: HashMap<_, _> = self.tenants.bytes().collect();
+        assert_eq!(
+            counted_bytes, tenant_bytes,
+            "each tenant's bytes are its records'"
+        );
         assert_eq!(self.in_flight.len(), in_flight, "the in-flight list");
         assert!(self.table.len() <= self.max_len, "the shard's bound");
-        assert_eq!(
-            self.tenants.over(),
-            counted.values().filter(|&&n| n > self.tenants.max).count(),
-            "the tenants over their share"
-        );
+        let over = counted
+            .iter()
+            .filter(|(t, n)| **n > self.tenants.max || tenant_bytes[*t] > self.tenants.max_bytes)
+            .count();
+        assert_eq!(self.tenants.over(), over, "the tenants over their share");
     }
 }

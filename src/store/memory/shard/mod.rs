@@ -141,7 +141,7 @@ impl Shard {
             bytes: 0,
             max_len: limits.len,
             max_bytes: limits.bytes,
-            tenants: Tenants::new(limits.per_tenant, hasher),
+            tenants: Tenants::new(limits.per_tenant, limits.len, limits.bytes, hasher),
             changes: 0,
         }
     }
@@ -232,6 +232,7 @@ impl Shard {
             };
             self.next_id += 1;
             self.bytes = self.bytes - old_size + size;
+            self.tenants.resize(key.tenant(), old_size, size);
             if let Some(slot) = old_slot {
                 self.unlist(slot);
             }
@@ -250,9 +251,9 @@ impl Shard {
         if !self.has_room() {
             self.make_fair_room(&tenant, now, removed);
         }
-        self.tenants.add(tenant);
+        self.tenants.add(tenant, size);
         let Some(Room(spare)) = self.make_room(now, removed) else {
-            self.tenants.remove(&tenant);
+            self.tenants.remove(&tenant, size);
             return Err(Full);
         };
         let fresh = Record {
@@ -346,7 +347,7 @@ impl Shard {
             id,
             hash,
         };
-        self.queue_completed(key.tenant(), due);
+        self.queue_completed(key.tenant(), due, old, size);
         // A record taken over after it expired left its entry behind, stale: a key used again
         // and again would grow the queue by one entry per completion until the next prune.
         self.compact_expiries();
@@ -354,17 +355,24 @@ impl Shard {
         true
     }
 
-    /// Puts a completed record in the shard's expiry queue and its tenant's.
-    fn queue_completed(&mut self, tenant: &crate::tenant::TenantId, due: Due) {
+    /// Puts a completed record in the shard's expiry queue and its tenant's, with its size
+    /// (`old` bytes in flight, `new` completed) in the tenant's bytes.
+    fn queue_completed(
+        &mut self,
+        tenant: &crate::tenant::TenantId,
+        due: Due,
+        old: usize,
+        new: usize,
+    ) {
         self.expiries.push(due);
         let table = &self.table;
-        if let Some(tenant) = self.tenants.get_mut(tenant) {
-            tenant.push(due, |due| {
-                table
-                    .find(due.hash, |slot| slot.record.id == due.id)
-                    .is_some()
-            });
-        }
+        let is_live_entry = |due: &Due| {
+            table
+                .find(due.hash, |slot| slot.record.id == due.id)
+                .is_some()
+        };
+        self.tenants
+            .completed(tenant, due, (old, new), is_live_entry);
     }
 
     pub(super) fn release(&mut self, hash: u64, key: &RecordKey, token: LockToken) -> bool {
@@ -382,7 +390,7 @@ impl Shard {
     /// Accounts for a record taken out of the table.
     fn forget_removed(&mut self, record: &Record) {
         self.bytes -= record.size;
-        self.tenants.remove(record.key.tenant());
+        self.tenants.remove(record.key.tenant(), record.size);
         if let State::InFlight { slot, .. } = record.state {
             self.unlist(slot);
         }

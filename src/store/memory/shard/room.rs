@@ -35,14 +35,17 @@ impl Shard {
 
     /// Makes room for one more record of `tenant` in a full shard, fairly. First go the records
     /// that are dead already, whoever's they are: in-flight ones whose holder died, then
-    /// expired completed ones, nearest expiry first, while the shard is full. Then, when
-    /// `tenant` holds its share or more, one of its own live completed records, nearest expiry
-    /// first (counted as evicted): its completed records go before anyone else's. When it is
-    /// within its share, one completed record of the tenant that holds the most, if that one is
-    /// over its share. Otherwise nothing here (a tenant at its share whose records are all in
-    /// flight included: only a store full of in-flight records refuses a new key): the shard
-    /// then drops the nearest expiry of all ([`make_room`](Self::make_room)). A tenant can
-    /// thus hold more than its share only by requests in flight, which admission bounds.
+    /// expired completed ones, nearest expiry first, while the shard is full. Then, while it is
+    /// still full: when `tenant` holds its share or more (of the records or of the bytes), its
+    /// own live completed records, nearest expiry first (counted as evicted): its completed
+    /// records go before anyone else's. When it is within its share, completed records of the
+    /// tenant that holds the most of its share, while that one is over it. Otherwise nothing
+    /// here (a tenant at its share whose records are all in flight included: only a store full
+    /// of in-flight records refuses a new key): the shard then drops the nearest expiry of all
+    /// ([`make_room`](Self::make_room)). A tenant can thus hold more than its share only by
+    /// requests in flight, which admission bounds. A share of records takes one record to make
+    /// room; a share of bytes may take several (a large response completed after its room was
+    /// made).
     pub(super) fn make_fair_room(
         &mut self,
         tenant: &crate::tenant::TenantId,
@@ -66,10 +69,18 @@ impl Shard {
         if self.has_room() {
             return;
         }
-        if self.tenants.count(tenant) >= self.tenants.max {
-            self.drop_nearest_of(tenant, now, removed);
-        } else if let Some(heaviest) = self.tenants.over_share() {
-            self.drop_nearest_of(&heaviest, now, removed);
+        // One record at a time, while the shard is full: a share of bytes may take several.
+        while !self.has_room() {
+            let from = if self.tenants.at_share(tenant) {
+                *tenant
+            } else if let Some(heaviest) = self.tenants.over_share() {
+                heaviest
+            } else {
+                break;
+            };
+            if !self.drop_nearest_of(&from, now, removed) {
+                break;
+            }
         }
         // The record dropped here left a stale entry in the shard's queue.
         self.compact_expiries();
@@ -114,7 +125,7 @@ impl Shard {
         if let Some(queue) = self.tenants.get_mut(tenant) {
             queue.drop_through(due);
         }
-        self.tenants.remove(tenant);
+        self.tenants.remove(tenant, slot.record.size);
         Some(slot.record)
     }
 

@@ -45,10 +45,10 @@ impl Shard {
             return false;
         }
         let tenant = *saved.key.tenant();
-        self.tenants.add(tenant);
+        let size = completed_size(&saved.key, &saved.response);
+        self.tenants.add(tenant, size);
         let id = self.next_id;
         self.next_id += 1;
-        let size = completed_size(&saved.key, &saved.response);
         self.bytes += size;
         let record = Box::new(Record {
             key: saved.key,
@@ -65,7 +65,7 @@ impl Shard {
             id,
             hash,
         };
-        self.queue_completed(&tenant, due);
+        self.queue_completed(&tenant, due, size, size);
         self.changes = self.changes.wrapping_add(1);
         true
     }
