@@ -261,6 +261,139 @@ async fn the_shared_scope_is_a_tenant_like_any_other() {
     check_counts(&store);
 }
 
+/// A tenant of many (`u32`), and its record key `k`.
+fn many(t: u32, k: &str) -> RecordKey {
+    RecordKey::new(TenantId::hashed(t.to_le_bytes()), k)
+}
+
+/// Begins and completes `k` of tenant `t` with a body of `size` bytes, if the store lets it.
+async fn put(store: &MemoryStore, t: u32, k: &str, size: usize) {
+    let key = many(t, k);
+    if let Ok(Begin::Acquired(token)) = store.begin(&key, &fp(1), LEASE).await {
+        let body = Bytes::from(vec![b'x'; size]);
+        let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
+        store.complete(&key, token, response, TTL).await.unwrap();
+    }
+}
+
+/// Two tenants over their share of the bytes, and a shard far over its bytes again and again
+/// (their large responses completed after their room was made): whoever begins next, the other
+/// tenants' records stay.
+#[tokio::test(start_paused = true)]
+async fn other_tenants_records_stay_through_two_floods_of_large_responses() {
+    let store = MemoryStore::builder()
+        .max_entries(1_000)
+        .max_bytes(1 << 20)
+        .build();
+    for t in 10..20 {
+        for k in 0..3 {
+            put(&store, t, &format!("v{k}"), 10).await;
+        }
+    }
+    for round in 0..4 {
+        // Tenants 1 and 2 begin 40 keys each while there is room, then complete them large.
+        let mut held = Vec::new();
+        for t in 1..=2 {
+            for k in 0..40 {
+                let key = many(t, &format!("r{round}-{k}"));
+                if let Ok(Begin::Acquired(token)) = store.begin(&key, &fp(1), LEASE).await {
+                    held.push((key, token));
+                }
+            }
+        }
+        for (key, token) in held {
+            let body = Bytes::from(vec![b'x'; 20_000]);
+            let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
+            store.complete(&key, token, response, TTL).await.unwrap();
+        }
+        put(&store, 10, &format!("new{round}"), 10).await;
+        put(&store, 1, &format!("x{round}"), 10).await;
+        check_counts(&store);
+    }
+    for t in 11..20 {
+        let key = many(t, "v0");
+        assert_eq!(store.tenant_entry_count(key.tenant()), 3, "tenant {t}");
+    }
+    assert_eq!(store.tenant_entry_count(many(10, "").tenant()), 7);
+}
+
+/// A new key in a shard far over its bytes drops many records of the tenants over their share,
+/// and looks through the shard's tenants once for them, not once per record.
+#[tokio::test(start_paused = true)]
+async fn one_new_key_looks_through_the_tenants_once_however_many_records_it_drops() {
+    const MAX_BYTES: usize = 4 << 20;
+    let store = MemoryStore::builder()
+        .max_entries(20_000)
+        .max_bytes(MAX_BYTES)
+        .build();
+    // Tenants 1 and 2 fill the bytes far past their shares (512 kB each), among 2,000 others
+    // of one small record each.
+    for t in 1_000..3_000 {
+        put(&store, t, "k", 0).await;
+    }
+    let mut n = 0;
+    while store.weighted_size() < MAX_BYTES - 10_000 {
+        put(&store, 1 + n % 2, &n.to_string(), 1_000).await;
+        n += 1;
+    }
+    // Tenant 4 completes a large response begun while there was room: 400 kB over the bytes.
+    let key = many(4, "large");
+    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp(1), LEASE).await else {
+        panic!("room for a new key");
+    };
+    let large = Bytes::from(vec![b'x'; 400_000]);
+    let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), large);
+    store.complete(&key, token, response, TTL).await.unwrap();
+
+    let scans = || read(store.inner.shards().next().unwrap()).tenant_scans();
+    let (evicted, scanned) = (store.evicted(), scans());
+    put(&store, 5, "new", 0).await;
+    let dropped = store.evicted() - evicted;
+    assert!(dropped > 100, "the bytes took many records: {dropped}");
+    assert!(
+        scans() - scanned <= 1,
+        "{} scans for one key",
+        scans() - scanned
+    );
+    assert!(store.weighted_size() < MAX_BYTES);
+    check_counts(&store);
+}
+
+/// Bounds at their extremes: a tenant's share of the bytes neither overflows nor divides by
+/// zero, and a full store still takes new keys.
+#[tokio::test(start_paused = true)]
+async fn extreme_bounds_take_new_keys() {
+    let stores = [
+        MemoryStore::builder()
+            .max_entries(1)
+            .max_bytes(usize::MAX)
+            .build(),
+        MemoryStore::builder().max_entries(1).max_bytes(1).build(),
+        MemoryStore::builder()
+            .max_entries(usize::MAX)
+            .max_entries_per_tenant(usize::MAX)
+            .max_bytes(usize::MAX)
+            .build(),
+        MemoryStore::builder()
+            .max_entries(usize::MAX)
+            .max_entries_per_tenant(1)
+            .max_bytes(1)
+            .build(),
+        MemoryStore::builder()
+            .max_entries(1_000)
+            .max_entries_per_tenant(1)
+            .max_bytes(1_000)
+            .build(),
+    ];
+    for store in &stores {
+        for i in 0..50u32 {
+            put(store, i % 5, &i.to_string(), (i as usize % 3) * 5_000).await;
+        }
+        assert!(store.entry_count() >= 1);
+        check_counts(store);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_store_still_drops_the_nearest_expiry_of_any_tenant() {
     let store = MemoryStore::builder()
@@ -483,6 +616,8 @@ struct Model {
     seq: u64,
     now: u64,
     evicted: u64,
+    /// The heaviest tenant when the tenants were last looked through.
+    heaviest: Option<u8>,
 }
 
 const MAX: usize = 6;
@@ -552,19 +687,30 @@ impl Model {
         true
     }
 
-    /// The tenant that holds the most of its share (the larger of its part of the records and
-    /// its part of the bytes), if it holds more than its share; among equals, the one of the
-    /// smallest id.
-    fn heaviest_over_share(&self) -> Option<u8> {
+    fn over_share(&self, t: u8) -> bool {
+        self.tenant_len(t) > PER_TENANT || self.tenant_bytes(t) > PER_TENANT_BYTES
+    }
+
+    /// A tenant over its share: the one that held the most of its share (the larger of its
+    /// part of the records and its part of the bytes; among equals, the one of the smallest
+    /// id) when the tenants were last looked through, while it stays over its share; they are
+    /// looked through again when it is within it.
+    fn heaviest_over_share(&mut self) -> Option<u8> {
+        if !(0..TENANTS).any(|t| self.over_share(t)) {
+            return None;
+        }
+        if let Some(t) = self.heaviest.filter(|&t| self.over_share(t)) {
+            return Some(t);
+        }
         let weight = |t: u8| {
             let records = self.tenant_len(t) * PER_TENANT_BYTES;
             records.max(self.tenant_bytes(t) * PER_TENANT)
         };
-        (0..TENANTS)
+        let (.., heaviest) = (0..TENANTS)
             .map(|t| (weight(t), std::cmp::Reverse(*tenant(t).as_bytes()), t))
-            .max()
-            .filter(|&(w, ..)| w > PER_TENANT * PER_TENANT_BYTES)
-            .map(|(.., t)| t)
+            .max()?;
+        self.heaviest = Some(heaviest);
+        self.over_share(heaviest).then_some(heaviest)
     }
 
     /// `Ok(Some(seq))`: acquired; `Ok(None)`: an answer from a live record; `Err(())`: full.

@@ -9,6 +9,12 @@ impl Shard {
         self.expiries.len()
     }
 
+    /// How many times the shard looked through its tenants for the heaviest.
+    #[cfg(test)]
+    pub(in crate::store::memory) fn tenant_scans(&self) -> usize {
+        self.tenants.scans
+    }
+
     /// Entries in the tenants' queues, stale ones included.
     #[cfg(test)]
     pub(in crate::store::memory) fn tenants_queued(&self) -> usize {
