@@ -73,9 +73,8 @@ impl Tenants {
         }
     }
 
-    /// How much of its share a tenant holds, as the larger of its part of the records and its
-    /// part of the bytes, over the denominator `max × max_bytes` (more than that: over its
-    /// share).
+    /// How much of its share a tenant holds, to compare tenants by: the larger of its part of
+    /// the records and its part of the bytes, over the common denominator `max × max_bytes`.
     fn weight(&self, tenant: &Tenant) -> u128 {
         let records = tenant.count as u128 * self.max_bytes as u128;
         let bytes = tenant.bytes as u128 * self.max as u128;
@@ -111,17 +110,14 @@ impl Tenants {
         {
             self.scans += 1;
         }
-        let (tenant, weight) = self
-            .map
-            .iter()
-            .map(|(tenant, t)| (*tenant, self.weight(t)))
-            .max_by(|a, b| {
-                a.1.cmp(&b.1)
-                    .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
-            })?;
+        let (tenant, heaviest) = self.map.iter().max_by(|a, b| {
+            (self.weight(a.1).cmp(&self.weight(b.1)))
+                .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+        })?;
+        let over = heaviest.over(self.max, self.max_bytes);
+        let tenant = *tenant;
         self.heaviest = Some(tenant);
-        let share = self.max as u128 * self.max_bytes as u128;
-        (weight > share).then_some(tenant)
+        over.then_some(tenant)
     }
 
     /// Counts a tenant that went from over its share (`was`) or not, to `now`.
