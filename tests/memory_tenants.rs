@@ -62,6 +62,48 @@ async fn post_to(
     (status, replayed, body)
 }
 
+/// The test API behind a layer over `store`, served on loopback: its runs, the server and a
+/// client. `route_layer`: requests to routes that do not exist make no record.
+async fn serve(store: &MemoryStore) -> (Runs, Server, HttpClient) {
+    let runs = Runs::default();
+    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
+    let server = Server::start(app, Default::default()).await;
+    (
+        runs,
+        server,
+        Client::builder(TokioExecutor::new()).build_http(),
+    )
+}
+
+/// Sends the keys `{prefix}-0` to `{prefix}-{count - 1}` of `auth` to `path`, from `workers`
+/// tasks at once, and checks each answer (key number, status, replayed, body) with `check`.
+async fn send_concurrently(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    auth: &'static str,
+    (prefix, count): (&str, usize),
+    workers: usize,
+    check: impl Fn(usize, StatusCode, bool, Bytes) + Clone + Send + 'static,
+) {
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (client, path, prefix) = (client.clone(), path.to_owned(), prefix.to_owned());
+            let check = check.clone();
+            tokio::spawn(async move {
+                for i in (w..count).step_by(workers) {
+                    let key = format!("{prefix}-{i}");
+                    let (status, replayed, body) = post_to(&client, addr, &path, auth, &key).await;
+                    check(i, status, replayed, body);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_flooding_a_full_store_drops_its_own_records_and_the_victim_still_replays() {
     const FLOOD: usize = 5_000;
@@ -70,36 +112,22 @@ async fn a_tenant_flooding_a_full_store_drops_its_own_records_and_the_victim_sti
         .max_entries(1_000)
         .max_entries_per_tenant(200)
         .build();
-    let runs = Runs::default();
-    // `route_layer`: requests to routes that do not exist make no record.
-    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
-    let server = Server::start(app, Default::default()).await;
+    let (runs, server, client) = serve(&store).await;
     let addr = server.addr;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let (status, replayed, original) = post(&client, addr, VICTIM, "victim-order").await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(runs.get(), 1);
 
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                for i in (w..FLOOD).step_by(WORKERS) {
-                    let (status, replayed, _) =
-                        post(&client, addr, FLOODER, &format!("flood-{i}")).await;
-                    assert_eq!(
-                        (status, replayed),
-                        (StatusCode::CREATED, false),
-                        "flood key {i}"
-                    );
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.unwrap();
-    }
+    let check = |i, status, replayed, _| {
+        assert_eq!(
+            (status, replayed),
+            (StatusCode::CREATED, false),
+            "flood key {i}"
+        );
+    };
+    let flood = ("flood", FLOOD);
+    send_concurrently(&client, addr, "/payments", FLOODER, flood, WORKERS, check).await;
     assert_eq!(runs.get(), 1 + FLOOD, "every flood key ran once");
 
     let flooder = stored_tenant(&store, FLOODER);
@@ -148,11 +176,8 @@ async fn a_tenant_filling_the_bytes_with_large_responses_drops_its_own_records()
         .max_entries(1_000)
         .max_bytes(MAX_BYTES)
         .build();
-    let runs = Runs::default();
-    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
-    let server = Server::start(app, Default::default()).await;
+    let (runs, server, client) = serve(&store).await;
     let addr = server.addr;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let mut originals = Vec::new();
     for i in 0..5 {
@@ -164,23 +189,12 @@ async fn a_tenant_filling_the_bytes_with_large_responses_drops_its_own_records()
     // 400 responses of 20 kB: 8 MB through a store of 2 MiB, from a tenant that holds far
     // fewer records than its share (125).
     let path = format!("/big/{LARGE}");
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let (client, path) = (client.clone(), path.clone());
-            tokio::spawn(async move {
-                for i in (w..FLOOD).step_by(WORKERS) {
-                    let key = format!("large-{i}");
-                    let (status, replayed, body) =
-                        post_to(&client, addr, &path, FLOODER, &key).await;
-                    assert_eq!((status, replayed), (StatusCode::OK, false), "{key}");
-                    assert_eq!(body.len(), LARGE);
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.unwrap();
-    }
+    let check = |i, status, replayed, body: Bytes| {
+        assert_eq!((status, replayed), (StatusCode::OK, false), "large key {i}");
+        assert_eq!(body.len(), LARGE);
+    };
+    let flood = ("large", FLOOD);
+    send_concurrently(&client, addr, &path, FLOODER, flood, WORKERS, check).await;
     assert_eq!(runs.get(), 5 + FLOOD, "every key ran once");
 
     let flooder = stored_tenant(&store, FLOODER);
@@ -219,32 +233,24 @@ async fn a_tenant_alone_fills_the_whole_store_and_every_key_replays() {
     // The default share: an eighth of the store, 50 records.
     let store = MemoryStore::builder().max_entries(MAX).build();
     assert_eq!(store.settings().max_entries_per_tenant(), MAX / 8);
-    let runs = Runs::default();
-    let app: Router = api(runs.clone()).route_layer(IdempotencyLayer::new(store.clone()));
-    let server = Server::start(app, Default::default()).await;
+    let (runs, server, client) = serve(&store).await;
     let addr = server.addr;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     let send_all = |expect_replayed: bool| {
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|w| {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    for i in (w..MAX).step_by(WORKERS) {
-                        let (status, replayed, body) =
-                            post(&client, addr, VICTIM, &format!("order-{i}")).await;
-                        assert_eq!(status, StatusCode::CREATED, "key {i}");
-                        assert_eq!(replayed, expect_replayed, "key {i}");
-                        assert!(!body.is_empty());
-                    }
-                })
-            })
-            .collect::<Vec<_>>();
-        async move {
-            for worker in workers {
-                worker.await.unwrap();
-            }
-        }
+        let check = move |i, status, replayed, body: Bytes| {
+            assert_eq!(status, StatusCode::CREATED, "key {i}");
+            assert_eq!(replayed, expect_replayed, "key {i}");
+            assert!(!body.is_empty());
+        };
+        send_concurrently(
+            &client,
+            addr,
+            "/payments",
+            VICTIM,
+            ("order", MAX),
+            WORKERS,
+            check,
+        )
     };
     send_all(false).await;
     assert_eq!(runs.get(), MAX);
