@@ -182,7 +182,10 @@ impl MemoryStoreBuilder {
     ///   has not been written for ten minutes.
     /// - **Read**: by [`build`](Self::build), a blocking read of the file. Records that expired
     ///   are dropped; the others are put in the store at its first use, when its clock starts,
-    ///   as many as its bounds hold (the nearest expiry left out first): a file written by a
+    ///   as many as its bounds hold (the nearest expiry left out first, but a tenant within its
+    ///   share of a full store gets its own records back in place of those of a tenant over its
+    ///   share, as a new key would: see
+    ///   [`max_entries_per_tenant`](Self::max_entries_per_tenant)): a file written by a
     ///   store with larger bounds (before a deploy that lowered them) is read whole, then cut,
     ///   up to 16 times this store's [`max_bytes`](Self::max_bytes) (reading it takes about
     ///   twice its size in memory for a moment); a larger one is ignored. A file that is not a

@@ -3,7 +3,7 @@
 use super::super::Nanos;
 use super::super::expiries::Due;
 use super::super::snapshot::Saved;
-use super::{Record, Shard, Slot, State, completed_size};
+use super::{Record, Removed, Shard, Slot, State, completed_size};
 
 impl Shard {
     /// The live completed records, for a snapshot; `wall` turns a deadline into wall-clock
@@ -29,20 +29,38 @@ impl Shard {
     }
 
     /// Puts a completed record read from a snapshot in the shard, if its key is absent and
-    /// there is room for it without dropping another record; `false` otherwise. As for a new
-    /// key in a shard with room, no tenant's share bounds it: a store that one tenant filled
-    /// comes back whole.
+    /// there is room for it; `false` otherwise. As for a new key in a shard with room, no
+    /// tenant's share bounds it: a store that one tenant filled comes back whole. A full shard
+    /// makes room as for a new key, but only from a tenant over its share, for a tenant within
+    /// its own: records come back nearest expiry last, so a tenant at its share keeps those it
+    /// has, and one tenant's records cannot crowd out another's on a restart (the shards of a
+    /// new store divide the keys anew) or into smaller bounds. The records dropped for it are
+    /// counted in `displaced`.
     pub(in crate::store::memory) fn restore(
         &mut self,
         hash: u64,
         saved: Saved,
-        expires_at: Nanos,
+        (expires_at, now): (Nanos, Nanos),
+        displaced: &mut Removed,
     ) -> bool {
         if self.find(hash, &saved.key).is_some() {
             return false;
         }
         if !self.has_room() {
-            return false;
+            if self.tenants.at_share(saved.key.tenant()) {
+                return false;
+            }
+            while !self.has_room() {
+                let Some(heaviest) = self.tenants.over_share() else {
+                    break;
+                };
+                if !self.drop_nearest_of(&heaviest, now, displaced) {
+                    break;
+                }
+            }
+            if !self.has_room() {
+                return false;
+            }
         }
         let tenant = *saved.key.tenant();
         let size = completed_size(&saved.key, &saved.response);

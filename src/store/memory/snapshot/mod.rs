@@ -245,7 +245,8 @@ impl super::Inner {
     }
 
     /// Puts the records read at build in the store, at its first use: nearest expiry last, so
-    /// that when the bounds hold fewer than the file, the nearest ones are left out.
+    /// that when the bounds hold fewer than the file, the nearest ones are left out, each
+    /// tenant within its share keeping its own (see `Shard::restore`).
     pub(super) fn restore(&self, snapshot: &Snapshot, now: super::Nanos, wall_epoch: SystemTime) {
         let mut records = std::mem::take(
             &mut *snapshot
@@ -255,6 +256,7 @@ impl super::Inner {
         );
         records.sort_unstable_by_key(|r| std::cmp::Reverse(r.expires_at));
         let (mut restored, mut expired, mut no_room) = (0, 0, 0);
+        let mut displaced = super::shard::Removed::default();
         for record in records {
             let at = record
                 .expires_at
@@ -265,12 +267,17 @@ impl super::Inner {
                 continue;
             }
             let hash = self.hash(&record.key);
-            if super::write(self.shard(hash)).restore(hash, record, at) {
+            let mut shard = super::write(self.shard(hash));
+            if shard.restore(hash, record, (at, now), &mut displaced) {
                 restored += 1;
             } else {
                 no_room += 1;
             }
         }
+        // Records restored, then dropped for another tenant's within its share.
+        let displaced = displaced.evicted + displaced.pruned;
+        restored -= displaced;
+        no_room += displaced;
         #[cfg(feature = "tracing")]
         tracing::info!(
             target: "tower_idempotency",
