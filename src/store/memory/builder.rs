@@ -111,7 +111,11 @@ impl MemoryStoreBuilder {
     /// [`StoreErrorKind::CapacityExceeded`](crate::StoreErrorKind), which the layer answers with
     /// `503`. So a caller that floods the store with keys or with large responses costs itself
     /// replays, not the others: with the default, it takes eight tenants over their share to
-    /// crowd the others out.
+    /// crowd the others out. A tenant's records in flight are bounded by the layer's
+    /// [`max_in_flight_per_tenant`](crate::IdempotencyLayer::max_in_flight_per_tenant) (1,000),
+    /// not by this share: below that (a store of fewer than 8,000 records with the default
+    /// share), set it at or below the share, or one tenant's requests in flight at once can
+    /// crowd out other tenants' completed records.
     ///
     /// The share is split over the store's shards as `max_entries` is: a tenant's keys are
     /// spread evenly over them, and a full shard holds the tenant to its part.
