@@ -88,7 +88,7 @@ impl Shard {
 
     /// Drops `tenant`'s completed record nearest expiry (stale entries skipped); `false` when it
     /// has none.
-    pub(super) fn drop_nearest_of(
+    fn drop_nearest_of(
         &mut self,
         tenant: &crate::tenant::TenantId,
         now: Nanos,

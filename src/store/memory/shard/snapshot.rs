@@ -50,14 +50,7 @@ impl Shard {
             if self.tenants.at_share(saved.key.tenant()) {
                 return false;
             }
-            while !self.has_room() {
-                let Some(heaviest) = self.tenants.over_share() else {
-                    break;
-                };
-                if !self.drop_nearest_of(&heaviest, now, displaced) {
-                    break;
-                }
-            }
+            self.make_fair_room(saved.key.tenant(), now, displaced);
             if !self.has_room() {
                 return false;
             }
