@@ -266,13 +266,20 @@ fn many(t: u32, k: &str) -> RecordKey {
     RecordKey::new(TenantId::hashed(t.to_le_bytes()), k)
 }
 
+/// A response of `size` bytes of body.
+fn sized(size: usize) -> StoredResponse {
+    StoredResponse::new(
+        StatusCode::OK,
+        HeaderMap::new(),
+        Bytes::from(vec![b'x'; size]),
+    )
+}
+
 /// Begins and completes `k` of tenant `t` with a body of `size` bytes, if the store lets it.
 async fn put(store: &MemoryStore, t: u32, k: &str, size: usize) {
     let key = many(t, k);
     if let Ok(Begin::Acquired(token)) = store.begin(&key, &fp(1), LEASE).await {
-        let body = Bytes::from(vec![b'x'; size]);
-        let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
-        store.complete(&key, token, response, TTL).await.unwrap();
+        store.complete(&key, token, sized(size), TTL).await.unwrap();
     }
 }
 
@@ -302,9 +309,10 @@ async fn other_tenants_records_stay_through_two_floods_of_large_responses() {
             }
         }
         for (key, token) in held {
-            let body = Bytes::from(vec![b'x'; 20_000]);
-            let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
-            store.complete(&key, token, response, TTL).await.unwrap();
+            store
+                .complete(&key, token, sized(20_000), TTL)
+                .await
+                .unwrap();
         }
         put(&store, 10, &format!("new{round}"), 10).await;
         put(&store, 1, &format!("x{round}"), 10).await;
@@ -341,9 +349,10 @@ async fn one_new_key_looks_through_the_tenants_once_however_many_records_it_drop
     let Ok(Begin::Acquired(token)) = store.begin(&key, &fp(1), LEASE).await else {
         panic!("room for a new key");
     };
-    let large = Bytes::from(vec![b'x'; 400_000]);
-    let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), large);
-    store.complete(&key, token, response, TTL).await.unwrap();
+    store
+        .complete(&key, token, sized(400_000), TTL)
+        .await
+        .unwrap();
 
     let scans = || read(store.inner.shards().next().unwrap()).tenant_scans();
     let (evicted, scanned) = (store.evicted(), scans());
@@ -629,12 +638,7 @@ const TENANTS: u8 = 3;
 
 /// The response a completion stores: 2 bytes of body, or 1,200.
 fn sized_response(large: bool) -> StoredResponse {
-    let body = if large {
-        vec![b'x'; 1_200]
-    } else {
-        b"ok".to_vec()
-    };
-    StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from(body))
+    sized(if large { 1_200 } else { 2 })
 }
 
 impl Model {
