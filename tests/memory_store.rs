@@ -225,6 +225,67 @@ async fn a_flood_of_two_million_keys_through_the_default_store() {
     );
 }
 
+/// One new key that must drop many records: a one-shard store of 32 MiB whose 40,000 tenants
+/// hold a small record each and two tenants fill the rest of the bytes, then a large response
+/// (3 MB) completed after its room was made: the next key drops the two tenants' records until
+/// the store is within its bytes, under the shard's lock. The time that one key takes is
+/// printed (BENCHMARKS); no tenant but the two loses a record.
+#[tokio::test]
+#[ignore = "a timing to read: run in release, with --ignored --nocapture"]
+async fn one_new_key_that_drops_many_records_among_many_tenants() {
+    use tower_idempotency::{Begin, Fingerprint, StoredResponse};
+    const MAX_BYTES: usize = 32 << 20;
+    let store = MemoryStore::builder()
+        .max_entries(200_000)
+        .max_bytes(MAX_BYTES)
+        .build();
+    let key = |t: u32, k: &str| RecordKey::new(TenantId::hashed(t.to_le_bytes()), k);
+    let put = async |t: u32, k: &str, size: usize| {
+        let key = key(t, k);
+        let fp = Fingerprint::from_bytes([1; 32]);
+        if let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, TTL).await {
+            let body = bytes::Bytes::from(vec![b'x'; size]);
+            let response = StoredResponse::new(StatusCode::OK, Default::default(), body);
+            store.complete(&key, token, response, TTL).await.unwrap();
+        }
+    };
+    for t in 1_000..41_000 {
+        put(t, "k", 0).await;
+    }
+    let mut n = 0;
+    while store.weighted_size() < MAX_BYTES - 50_000 {
+        put(1 + n % 2, &n.to_string(), 1_000).await;
+        n += 1;
+    }
+    // Begun while there was room, completed far over the bytes.
+    let fp = Fingerprint::from_bytes([1; 32]);
+    let Ok(Begin::Acquired(token)) = store.begin(&key(4, "large"), &fp, TTL).await else {
+        panic!("room for a new key");
+    };
+    let body = bytes::Bytes::from(vec![b'x'; 3 << 20]);
+    let response = StoredResponse::new(StatusCode::OK, Default::default(), body);
+    store
+        .complete(&key(4, "large"), token, response, TTL)
+        .await
+        .unwrap();
+
+    let evicted = store.evicted();
+    let started = Instant::now();
+    put(5, "new", 0).await;
+    let took = started.elapsed();
+    let dropped = store.evicted() - evicted;
+    println!("one new key dropped {dropped} records among 40,003 tenants in {took:?}");
+    assert!(dropped > 1_000);
+    assert!(store.weighted_size() < MAX_BYTES);
+    for t in [1_000, 20_000, 40_999] {
+        assert_eq!(
+            store.tenant_entry_count(key(t, "k").tenant()),
+            1,
+            "tenant {t}"
+        );
+    }
+}
+
 /// A store built after a paused test runtime, outside it, counts time on that runtime's clock:
 /// a lease ends exactly when it should.
 #[test]
