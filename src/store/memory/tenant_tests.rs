@@ -368,6 +368,34 @@ async fn one_new_key_looks_through_the_tenants_once_however_many_records_it_drop
     check_counts(&store);
 }
 
+/// A tenant's share of the bytes is the part of `max_bytes` its share of the records is of
+/// `max_entries`: 128 MiB of the default store, split over its shards.
+#[test]
+fn the_default_store_gives_a_tenant_an_eighth_of_its_bytes() {
+    let store = MemoryStore::new();
+    let share: usize = store
+        .inner
+        .shards()
+        .map(|shard| read(shard).tenant_share_bytes())
+        .sum();
+    let expected = 128 << 20;
+    assert!(
+        share.abs_diff(expected) <= expected / 1_000,
+        "{share} bytes, not about {expected}"
+    );
+    let one_shard = MemoryStore::builder()
+        .max_entries(1_000)
+        .max_entries_per_tenant(250)
+        .max_bytes(1 << 20)
+        .build();
+    let share: usize = one_shard
+        .inner
+        .shards()
+        .map(|shard| read(shard).tenant_share_bytes())
+        .sum();
+    assert_eq!(share, (1 << 20) / 4);
+}
+
 /// Bounds at their extremes: a tenant's share of the bytes neither overflows nor divides by
 /// zero, and a full store still takes new keys.
 #[tokio::test(start_paused = true)]

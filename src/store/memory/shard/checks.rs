@@ -9,6 +9,12 @@ impl Shard {
         self.expiries.len()
     }
 
+    /// A tenant's share of this shard's bytes.
+    #[cfg(test)]
+    pub(in crate::store::memory) fn tenant_share_bytes(&self) -> usize {
+        self.tenants.max_bytes
+    }
+
     /// How many times the shard looked through its tenants for the heaviest.
     #[cfg(test)]
     pub(in crate::store::memory) fn tenant_scans(&self) -> usize {
