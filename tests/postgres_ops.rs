@@ -398,7 +398,12 @@ async fn under_serializable_isolation_duplicates_get_409_and_new_keys_run() {
     .await;
     let mut report = Vec::new();
     for kind in KINDS {
-        let (_store, p, served) = plain_app(kind, &pg.url("postgres", "app"), |c| c).await;
+        // A store timeout that a loaded machine cannot reach: a `503` here is the store's own.
+        let (_store, p, served) = plain_app(kind, &pg.url("postgres", "app"), |c| LayerCfg {
+            store_timeout: Duration::from_secs(20),
+            ..c
+        })
+        .await;
         p.delay.store(500, Ordering::SeqCst);
         let served = Arc::new(served);
         let mut unavailable = 0;

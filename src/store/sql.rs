@@ -3,6 +3,7 @@
 //! built once for its table; and the decoding of what the statements return.
 
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -60,6 +61,21 @@ pub(crate) fn kept_changing() -> StoreError {
 /// concurrent statements on one key (or one index page) conflict.
 pub(crate) fn runs_again(code: &str) -> bool {
     matches!(code, "40001" | "40P01")
+}
+
+/// Waits before a statement that PostgreSQL failed as one to run again ([`runs_again`]) runs
+/// again, after the `failures`-th such failure of one call: a random moment of up to 1 ms after
+/// the first, the bound doubling with each to 32 ms. The statements that conflicted ran at the
+/// same moment; run again at once, they would meet again.
+pub(crate) async fn pause_before_again(failures: usize) {
+    tokio::time::sleep(pause(failures, RandomState::new().build_hasher().finish())).await;
+}
+
+/// [`pause_before_again`]'s pause, `random` choosing where within its bound.
+fn pause(failures: usize, random: u64) -> Duration {
+    let bound = Duration::from_millis(1 << failures.saturating_sub(1).min(5));
+    // `random % 1024` fits in a u32.
+    bound * (random % 1_024) as u32 / 1_024
 }
 
 /// Whether a statement that failed with SQLSTATE `code` leaves its connection of no further use,
@@ -589,6 +605,26 @@ pub(crate) fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statement run again waits up to 1 ms after its first failure, the bound doubling to
+    /// 32 ms; where within the bound is random, from nothing up to the bound.
+    #[test]
+    fn pauses_before_running_again_double_to_32_ms_and_spread_out() {
+        let most = |failures| pause(failures, 1_023);
+        let bounds: Vec<u64> = (1..=8).map(|n| most(n).as_micros() as u64).collect();
+        assert_eq!(
+            bounds,
+            [999, 1_998, 3_996, 7_992, 15_984, 31_968, 31_968, 31_968]
+        );
+        assert_eq!(pause(1, 0), Duration::ZERO);
+        assert_eq!(pause(3, 512), Duration::from_millis(2));
+        assert!(pause(usize::MAX, u64::MAX) < Duration::from_millis(32));
+        // As `pause_before_again` draws it.
+        let drawn: std::collections::HashSet<Duration> = (0..64)
+            .map(|_| pause(6, RandomState::new().build_hasher().finish()))
+            .collect();
+        assert!(drawn.len() > 32, "{drawn:?}");
+    }
 
     /// The statements run as written, but for the indentation of their lines and blank lines.
     #[test]

@@ -112,17 +112,19 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 ///
 /// # Connections
 ///
-/// Queries go through a [`deadpool_postgres::Pool`]. A connection that broke (the server
-/// restarted, say) is dropped by the pool and replaced on the next call, so while PostgreSQL is
-/// down store calls fail with [`StoreErrorKind::Unavailable`] (the layer answers `503`), and once
-/// it is back they succeed again without rebuilding the store. So is a connection of no further
-/// use: read-only (SQLSTATE 25006: a standby, or a database set `default_transaction_read_only`
-/// when it was opened), or ended by the server (class 57P) or the network (class 08). A
-/// statement PostgreSQL failed with a serialization failure or a deadlock (40001, 40P01: a
-/// database whose default isolation is `serializable` or `repeatable read`) changed nothing, and
-/// runs again: `begin` up to 10 times, `renew`, `complete` and `release` up to 3. An error's text
-/// carries the server's message and SQLSTATE. [`connect`](Self::connect) connects without TLS;
-/// for TLS, build a pool with a TLS connector and use [`from_pool`](Self::from_pool).
+/// Queries go through a [`deadpool_postgres::Pool`]. A connection that broke (the server restarted,
+/// say) is dropped by the pool and replaced on the next call, so while PostgreSQL is down store
+/// calls fail with [`StoreErrorKind::Unavailable`] (the layer answers `503`), and once it is back
+/// they succeed again without rebuilding the store. So is a connection of no further use: read-only
+/// (SQLSTATE 25006: a standby, or a database set `default_transaction_read_only` when it was
+/// opened), or ended by the server (class 57P) or the network (class 08). A statement PostgreSQL
+/// failed with a serialization failure or a deadlock (40001, 40P01: a database whose default
+/// isolation is `serializable` or `repeatable read`) changed nothing, and runs again, after a
+/// random pause (up to 1 ms, the bound doubling with each failure to 32 ms, so that the statements
+/// that conflicted do not meet again at once): `begin` up to 10 times, `renew`, `complete` and
+/// `release` up to 3. An error's text carries the server's message and SQLSTATE.
+/// [`connect`](Self::connect) connects without TLS; for TLS, build a pool with a TLS connector and
+/// use [`from_pool`](Self::from_pool).
 ///
 /// Each store call holds a connection for one statement: a new key takes two (`begin`, then
 /// `complete` once the handler answered), a replay one; a key reused after its record expired takes
@@ -311,12 +313,15 @@ impl PostgresStore {
     /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again, up
     /// to [`FENCED_ATTEMPTS`] times in all: it changed nothing, and its token still fences it.
     async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
-        let mut attempts = 1;
+        let mut failures = 0;
         loop {
             match self.execute(sql, params).await {
                 Ok(0) => return Err(StoreError::lease_lost()),
                 Ok(_) => return Ok(()),
-                Err(err) if attempts < FENCED_ATTEMPTS && runs_again(&err) => attempts += 1,
+                Err(err) if failures + 1 < FENCED_ATTEMPTS && runs_again(&err) => {
+                    failures += 1;
+                    sql::pause_before_again(failures).await;
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -363,10 +368,15 @@ impl PostgresStore {
             .prepare_cached(&self.inner.sql.begin)
             .await
             .map_err(pg_error)?;
+        let mut failures = 0;
         for _ in 0..BEGIN_ATTEMPTS {
             let row = match client.query_opt(&statement, params).await.map_err(pg_error) {
                 Ok(row) => row,
-                Err(err) if runs_again(&err) => continue,
+                Err(err) if runs_again(&err) => {
+                    failures += 1;
+                    sql::pause_before_again(failures).await;
+                    continue;
+                }
                 Err(err) => return Err(err),
             };
             let row = match sql::decide(begin_row(row.as_ref())?, token)? {
@@ -377,7 +387,11 @@ impl PostgresStore {
                 Step::Again => continue,
                 Step::TakeOver => match self.take_over(client, params).await {
                     Ok(row) => row,
-                    Err(err) if runs_again(&err) => continue,
+                    Err(err) if runs_again(&err) => {
+                        failures += 1;
+                        sql::pause_before_again(failures).await;
+                        continue;
+                    }
                     Err(err) => return Err(err),
                 },
             };

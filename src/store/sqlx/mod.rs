@@ -54,17 +54,18 @@ use crate::stored::StoredResponse;
 ///
 /// # Connections
 ///
-/// Every call takes a connection from the pool for one statement (`migrate` for a
-/// transaction): a new key takes two (`begin`, then `complete`), a replay one, a key reused
-/// after its record expired one more (the takeover). Statements are
-/// prepared once per connection (sqlx's statement cache) and reused. While PostgreSQL is down,
-/// calls fail (the layer answers `503` once its store timeout passes, or at once when the pool
-/// fails first), and once it is back the pool reconnects by itself. A connection of no further
-/// use (read-only, SQLSTATE 25006; ended by the server, class 57P, or the network, class 08) is
-/// closed instead of going back to the pool. A statement PostgreSQL failed with a serialization
-/// failure or a deadlock (40001, 40P01) changed nothing, and runs again: `begin` up to 10 times,
-/// `renew`, `complete` and `release` up to 3. A handler holding a transaction holds one
-/// connection of the same pool: size it for both.
+/// Every call takes a connection from the pool for one statement (`migrate` for a transaction): a
+/// new key takes two (`begin`, then `complete`), a replay one, a key reused after its record
+/// expired one more (the takeover). Statements are prepared once per connection (sqlx's statement
+/// cache) and reused. While PostgreSQL is down, calls fail (the layer answers `503` once its store
+/// timeout passes, or at once when the pool fails first), and once it is back the pool reconnects
+/// by itself. A connection of no further use (read-only, SQLSTATE 25006; ended by the server, class
+/// 57P, or the network, class 08) is closed instead of going back to the pool. A statement
+/// PostgreSQL failed with a serialization failure or a deadlock (40001, 40P01) changed nothing, and
+/// runs again, after a random pause (up to 1 ms, the bound doubling with each failure to 32 ms, so
+/// that the statements that conflicted do not meet again at once): `begin` up to 10 times, `renew`,
+/// `complete` and `release` up to 3. A handler holding a transaction holds one connection of the
+/// same pool: size it for both.
 ///
 /// A sqlx pool (0.8) pings each connection as it comes back to the pool, in a task of its own:
 /// one more round trip after each of the store's statements, which the application cannot turn
@@ -287,13 +288,18 @@ impl SqlxStore {
         query: impl Fn() -> Query<'q, Postgres, PgArguments>,
     ) -> Result<u64, sqlx::Error> {
         self.ensure_cleanup();
-        let mut attempts = 1;
+        let mut failures = 0;
         loop {
             let mut conn = self.inner.pool.acquire().await?;
             let done = query().execute(&mut *conn).await;
             match checked(&mut conn, done) {
                 Ok(done) => return Ok(done.rows_affected()),
-                Err(err) if attempts < FENCED_ATTEMPTS && runs_again(&err) => attempts += 1,
+                Err(err) if failures + 1 < FENCED_ATTEMPTS && runs_again(&err) => {
+                    // Back to the pool while it waits.
+                    drop(conn);
+                    failures += 1;
+                    sql::pause_before_again(failures).await;
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -380,11 +386,16 @@ impl IdempotencyStore for SqlxStore {
         let mut sent = SentBegin::new(self, key, token, lease);
         // A statement that a concurrent writer overtook, or that PostgreSQL failed as one to
         // run again (`sql::runs_again`: it changed nothing), runs again.
+        let mut failures = 0;
         for _ in 0..BEGIN_ATTEMPTS {
             let row = statement(false).fetch_optional(&mut *conn).await;
             let row = match checked(&mut conn, row) {
                 Ok(row) => row,
-                Err(err) if runs_again(&err) => continue,
+                Err(err) if runs_again(&err) => {
+                    failures += 1;
+                    sql::pause_before_again(failures).await;
+                    continue;
+                }
                 Err(err) => return Err(begin_error(err, &mut sent)),
             };
             let row = match sql::decide(begin_row(row.as_ref())?, token)? {
@@ -404,7 +415,11 @@ impl IdempotencyStore for SqlxStore {
                     };
                     match checked(&mut conn, row) {
                         Ok(row) => row,
-                        Err(err) if runs_again(&err) => continue,
+                        Err(err) if runs_again(&err) => {
+                            failures += 1;
+                            sql::pause_before_again(failures).await;
+                            continue;
+                        }
                         Err(err) => return Err(begin_error(err, &mut sent)),
                     }
                 }
