@@ -152,11 +152,13 @@ async fn manual_failover_under_traffic_runs_each_key_once() {
 
 /// TIMING. `CLIENT KILL` on every node of the cluster while a handler runs: its `complete` meets
 /// dead connections. On the cluster the client retries and reconnects: stored, replayed, once.
+/// On a cluster of its own: the kill ends every client's connections, the other tests' too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_client_kill_during_a_handler_runs_once() {
-    let Some(urls) = shared_cluster("cluster_client_kill") else {
+    let Some(cluster) = Cluster::start("cluster_client_kill", 3, 0).await else {
         return;
     };
+    let urls = cluster.urls();
     let store = RedisStore::connect_cluster(&urls).await.unwrap();
     let runs = Runs::default();
     let app = server(store.clone(), &runs, Duration::from_millis(800), |l| {
