@@ -855,6 +855,13 @@ async fn volatile_lru_evicts_an_in_flight_record_and_a_duplicate_runs_concurrent
     let (n, err) = fill(&node.url(), "junk", 2000).await;
     eprintln!("filled {n}, err {err:?}");
     let exists = cmd(&node.url(), &["EXISTS", &redis_key(&store, "volatile")]).await;
+    // Room for the duplicate's record: at `maxmemory`, with nothing left to evict, Redis would
+    // refuse its write as any other (`OOM`: `503`), however little memory it needs.
+    cmd(
+        &node.url(),
+        &["DEL", "junk:0", "junk:1", "junk:2", "junk:3"],
+    )
+    .await;
     let dup = served.send(payment("volatile", "{}")).await;
     eprintln!(
         "record exists after the fill: {exists}; duplicate: {}",
