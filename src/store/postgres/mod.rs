@@ -310,8 +310,9 @@ impl PostgresStore {
     }
 
     /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
-    /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again, up
-    /// to [`FENCED_ATTEMPTS`] times in all: it changed nothing, and its token still fences it.
+    /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again after
+    /// a pause ([`sql::pause_before_again`]), up to [`FENCED_ATTEMPTS`] times in all: it changed
+    /// nothing, and its token still fences it.
     async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
         let mut failures = 0;
         loop {
@@ -355,8 +356,9 @@ impl PostgresStore {
 
     /// `begin`'s statements on `client`: `begin`, then `take_over` for a row that is no longer
     /// live, until one decides. A statement that a concurrent writer overtook, or that
-    /// PostgreSQL failed as one to run again ([`sql::runs_again`]: it changed nothing), runs
-    /// again, up to [`BEGIN_ATTEMPTS`] times. `sent` is told when the store answered.
+    /// PostgreSQL failed as one to run again ([`sql::runs_again`]: it changed nothing; after a
+    /// pause, [`sql::pause_before_again`]), runs again, up to [`BEGIN_ATTEMPTS`] times. `sent` is
+    /// told when the store answered.
     async fn begin_on(
         &self,
         client: &Client,

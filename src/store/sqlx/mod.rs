@@ -281,8 +281,8 @@ impl SqlxStore {
 
     /// Runs a `renew`, `complete` or `release` statement, as `query` makes it: the rows it
     /// changed. A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs
-    /// again, up to [`FENCED_ATTEMPTS`] times in all: it changed nothing, and its token still
-    /// fences it.
+    /// again after a pause ([`sql::pause_before_again`]), up to [`FENCED_ATTEMPTS`] times in
+    /// all: it changed nothing, and its token still fences it.
     async fn fenced<'q>(
         &self,
         query: impl Fn() -> Query<'q, Postgres, PgArguments>,
@@ -385,7 +385,7 @@ impl IdempotencyStore for SqlxStore {
         };
         let mut sent = SentBegin::new(self, key, token, lease);
         // A statement that a concurrent writer overtook, or that PostgreSQL failed as one to
-        // run again (`sql::runs_again`: it changed nothing), runs again.
+        // run again (`sql::runs_again`: it changed nothing; after a pause), runs again.
         let mut failures = 0;
         for _ in 0..BEGIN_ATTEMPTS {
             let row = statement(false).fetch_optional(&mut *conn).await;
