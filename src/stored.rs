@@ -399,10 +399,8 @@ impl StoredResponse {
         skip: &[HeaderName],
         skip_cookies: bool,
     ) -> Self {
-        // Most responses have no `Connection` header: then no header is looked up in it. A
-        // response's few names are looked through faster than the map finds one.
-        let connection = (parts.headers.keys())
-            .any(|name| name == header::CONNECTION)
+        // Most responses have no `Connection` header: then no header is looked up in it.
+        let connection = crate::util::has_header(&parts.headers, &header::CONNECTION)
             .then(|| parts.headers.get_all(header::CONNECTION));
         let kept = |name: &HeaderName| {
             !(never_stored(name)

@@ -124,12 +124,23 @@ impl std::fmt::Debug for Decimal {
 /// few names costs less.
 pub(crate) const FEW_FIELDS: usize = 16;
 
-/// Removes every `name` field from `headers`. Most responses have a few fields and lack this one:
-/// a look at their names costs less than hashing `name` for the map's lookup (a custom name is
-/// hashed byte by byte), so the map is asked only when the name is there or the fields are many.
+/// Whether `headers` has a `name` field. Most messages have a few fields: a look at their names
+/// costs less than hashing `name` for the map's lookup (a custom name is hashed byte by byte), so
+/// the map is asked only when the fields are many.
+#[inline]
+pub(crate) fn has_header(headers: &http::HeaderMap, name: &http::HeaderName) -> bool {
+    if headers.keys_len() > FEW_FIELDS {
+        headers.contains_key(name)
+    } else {
+        headers.keys().any(|field| field == name)
+    }
+}
+
+/// Removes every `name` field from `headers`. Most responses lack this one: the map is asked to
+/// remove it only when [`has_header`] finds it.
 #[inline]
 pub(crate) fn remove_header(headers: &mut http::HeaderMap, name: &http::HeaderName) {
-    if headers.keys_len() > FEW_FIELDS || headers.keys().any(|field| field == name) {
+    if has_header(headers, name) {
         headers.remove(name);
     }
 }
