@@ -27,7 +27,9 @@
 //! - `TTL_SECS`: the layer's TTL (default: the layer's, 24 hours);
 //! - `POOL_SIZE`: the connections of the PostgreSQL stores' pool (default 16: with the database
 //!   on the same two cores, 16 kept up with the load test's 32 client connections, and 32 only
-//!   added database CPU per request); the sqlx pool does not ping a connection before each use.
+//!   added database CPU per request); the sqlx pool does not ping a connection before each use;
+//! - `PIPELINED`: the connections of that pool that `PostgresStore`'s single statements share,
+//!   pipelined (default: the store's, 4; 0: a connection per call).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,10 +164,12 @@ async fn layered() -> Router {
         #[cfg(feature = "postgres")]
         "postgres" => {
             let url = std::env::var("POSTGRES_URL").expect("POSTGRES_URL is needed");
-            let store = tower_idempotency::PostgresStore::builder()
-                .max_connections(pool_size())
-                .connect(&url)
-                .await;
+            let mut store =
+                tower_idempotency::PostgresStore::builder().max_connections(pool_size());
+            if let Some(count) = env("PIPELINED") {
+                store = store.pipelined_connections(count);
+            }
+            let store = store.connect(&url).await;
             let store = store.expect("POSTGRES_URL: cannot connect");
             store.migrate().await.expect("migration");
             idempotent(store)

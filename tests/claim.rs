@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use support::payments::{self, End};
 use support::*;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tower_idempotency::{
     Claim, ClaimError, Forget, IdempotencyLayer, IdempotencyStore, MemoryStore, Outcome,
     PostgresStore, RecordKey, RecordState, ReplayCache, SqlxStore, TenantId,
@@ -105,12 +106,6 @@ async fn no_takeover_under_an_open_transaction() {
     let url = std::env::var("POSTGRES_URL").unwrap();
     let pg = PostgresStore::connect(&url).await.unwrap();
     let runs = Runs::default();
-    let (reached, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
-    let end = End::Hold {
-        reached: reached.clone(),
-        gate: gate.clone(),
-    };
-    let holding = app(&pool, &table, &runs, end, store.clone());
     let other = app(
         &pool,
         &table,
@@ -120,11 +115,7 @@ async fn no_takeover_under_an_open_transaction() {
     );
     let other_pg = app(&pool, &table, &runs, End::Commit, pg);
     let key = unique_key("open-tx");
-    let first = tokio::spawn({
-        let (app, request) = (holding.clone(), payments::request("/payments", &key, "{}"));
-        async move { send(&app, request).await }
-    });
-    drop(reached.acquire().await.unwrap());
+    let (first, gate) = first_held((&pool, &table, &runs), store.clone(), &key).await;
     // Well past the 300 ms lease: renewals cannot extend a row the transaction holds.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for (i, app) in [&other, &other_pg, &other, &other_pg]
@@ -177,6 +168,26 @@ async fn no_takeover_under_an_open_transaction() {
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
+}
+
+/// Sends `key`'s first request to an app on `store` whose handler keeps its transaction open
+/// after `respond_in` (`End::Hold`), and waits until that transaction holds the completed record;
+/// the handler commits once the semaphore returned gets a permit.
+async fn first_held<S: IdempotencyStore>(
+    (pool, table, runs): (&PgPool, &str, &Runs),
+    store: S,
+    key: &str,
+) -> (JoinHandle<Reply>, Arc<Semaphore>) {
+    let (reached, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let end = End::Hold {
+        reached: reached.clone(),
+        gate: gate.clone(),
+    };
+    let holding = app(pool, table, runs, end, store);
+    let request = payments::request("/payments", key, "{}");
+    let first = tokio::spawn(async move { send(&holding, request).await });
+    drop(reached.acquire().await.unwrap());
+    (first, gate)
 }
 
 #[derive(Clone)]
@@ -531,4 +542,69 @@ async fn respond_in_a_tokio_postgres_transaction() {
     assert!(!retry.replayed());
     assert_eq!(payments::count(&pool, &table, &key).await, 1);
     assert_eq!(runs.get(), 4);
+}
+
+/// A `PostgresStore` whose statements share one pipelined connection, while a handler's
+/// transaction holds its completed record past its lease: the renewals, a duplicate's `begin`
+/// and takeover (`409` at once) and twenty other keys' statements (run, then replayed) all go
+/// over that connection, and none waits for the transaction. After its COMMIT, the retry replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_transaction_holds_up_no_statement_on_the_shared_connection() {
+    let Some((pool, _, table)) = setup("open_transaction_shared_connection").await else {
+        return;
+    };
+    let url = std::env::var("POSTGRES_URL").unwrap();
+    let store = PostgresStore::builder()
+        .max_connections(4)
+        .pipelined_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    assert_eq!(store.pipelined_connections(), 1);
+    let runs = Runs::default();
+    let other = app(&pool, &table, &runs, End::Commit, store.clone());
+    let key = unique_key("held-shared");
+    let (first, gate) = first_held((&pool, &table, &runs), store.clone(), &key).await;
+    // Past the 300 ms lease: the renewals ran, and the duplicate's `begin` takes over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let others: Vec<String> = (0..20)
+        .map(|i| unique_key(&format!("beside-{i}")))
+        .collect();
+    let while_held = async {
+        let duplicate = send(&other, payments::request("/payments", &key, "{}"));
+        let firsts = futures_util::future::join_all(
+            others
+                .iter()
+                .map(|k| send(&other, payments::request("/payments", k, "{}"))),
+        );
+        let (duplicate, firsts) = tokio::join!(duplicate, firsts);
+        let replays = futures_util::future::join_all(
+            others
+                .iter()
+                .map(|k| send(&other, payments::request("/payments", k, "{}"))),
+        )
+        .await;
+        (duplicate, firsts, replays)
+    };
+    let (duplicate, firsts, replays) = tokio::time::timeout(Duration::from_secs(20), while_held)
+        .await
+        .expect("no statement waits for the open transaction");
+    duplicate.assert_in_progress();
+    for (first, replay) in firsts.iter().zip(&replays) {
+        assert_eq!(first.status, StatusCode::CREATED);
+        replay.assert_replay_of(first);
+    }
+    assert!(!first.is_finished(), "the transaction is still open");
+    assert_eq!(runs.get(), 21, "each key ran once, the held one included");
+
+    gate.add_permits(1);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.outcome, Some(Outcome::Executed));
+    send(&other, payments::request("/payments", &key, "{}"))
+        .await
+        .assert_replay_of(&first);
+    assert_eq!(runs.get(), 21);
+    assert_eq!(payments::count(&pool, &table, &key).await, 1);
 }

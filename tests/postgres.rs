@@ -59,6 +59,46 @@ async fn the_pool_of_connect_has_the_size_asked_for() {
     assert_eq!(runs.get(), 20);
 }
 
+/// A store that shares one pipelined connection: sixty-four keyed requests at once, then their
+/// retries at once, all go over it (the pool opens no other), each key runs once and each retry
+/// replays its first response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_share_the_pipelined_connections() {
+    let Some(url) = server_url("POSTGRES_URL", "statements_share_the_pipelined_connections") else {
+        return;
+    };
+    let store = PostgresStore::builder()
+        .max_connections(8)
+        .pipelined_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(store.pipelined_connections(), 1);
+
+    let runs = Runs::default();
+    let app = server(store.clone(), &runs, std::time::Duration::ZERO, |layer| {
+        layer
+    });
+    let keys: Vec<String> = (0..64).map(|i| unique_key(&format!("piped-{i}"))).collect();
+    let send_all = || {
+        let app = &app;
+        futures_util::future::join_all(keys.iter().enumerate().map(move |(i, key)| {
+            let (app, request) = (app.clone(), payment(key, &format!("{{\"amount\":{i}}}")));
+            tokio::spawn(async move { send(&app, request).await })
+        }))
+    };
+    let firsts: Vec<_> = send_all().await.into_iter().map(Result::unwrap).collect();
+    let retries: Vec<_> = send_all().await.into_iter().map(Result::unwrap).collect();
+    for (first, retry) in firsts.iter().zip(&retries) {
+        assert_eq!(first.status, http::StatusCode::CREATED);
+        retry.assert_replay_of(first);
+    }
+    assert_eq!(runs.get(), 64);
+    // The migration's connection, kept since as the shared one: the pool opened no other.
+    assert_eq!(store.pool().status().size, 1);
+}
+
 /// Two tables whose names share their first 51 characters (PostgreSQL cuts names at 63 bytes,
 /// and the index's name is the table's with `_expires_idx`): each gets its own index on
 /// `expires_at`, so cleaning either never scans the whole table.
