@@ -29,7 +29,7 @@
 //!   on the same two cores, 16 kept up with the load test's 32 client connections, and 32 only
 //!   added database CPU per request); the sqlx pool does not ping a connection before each use;
 //! - `PIPELINED`: the connections of that pool that `PostgresStore`'s single statements share,
-//!   pipelined (default: the store's, 4; 0: a connection per call).
+//!   pipelined (default: the store's, half of the pool; 0: a connection per call).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

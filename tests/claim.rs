@@ -553,14 +553,7 @@ async fn an_open_transaction_holds_up_no_statement_on_the_shared_connection() {
     let Some((pool, _, table)) = setup("open_transaction_shared_connection").await else {
         return;
     };
-    let url = std::env::var("POSTGRES_URL").unwrap();
-    let store = PostgresStore::builder()
-        .max_connections(4)
-        .pipelined_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    assert_eq!(store.pipelined_connections(), 1);
+    let store = support::shared::postgres_pipelined(4, 1).await.unwrap();
     let runs = Runs::default();
     let other = app(&pool, &table, &runs, End::Commit, store.clone());
     let key = unique_key("held-shared");

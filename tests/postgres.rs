@@ -64,18 +64,9 @@ async fn the_pool_of_connect_has_the_size_asked_for() {
 /// replays its first response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_share_the_pipelined_connections() {
-    let Some(url) = server_url("POSTGRES_URL", "statements_share_the_pipelined_connections") else {
+    let Some(store) = support::shared::postgres_pipelined(8, 1).await else {
         return;
     };
-    let store = PostgresStore::builder()
-        .max_connections(8)
-        .pipelined_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    assert_eq!(store.pipelined_connections(), 1);
-
     let runs = Runs::default();
     let app = server(store.clone(), &runs, std::time::Duration::ZERO, |layer| {
         layer

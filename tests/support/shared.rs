@@ -37,6 +37,25 @@ pub async fn postgres() -> Option<tower_idempotency::PostgresStore> {
     Some(store)
 }
 
+/// A `PostgresStore` on a pool of `max_connections`, `pipelined` of them shared by its single
+/// statements, on the shared PostgreSQL, its table migrated.
+#[cfg(feature = "postgres")]
+pub async fn postgres_pipelined(
+    max_connections: usize,
+    pipelined: usize,
+) -> Option<tower_idempotency::PostgresStore> {
+    let url = url("POSTGRES_URL")?;
+    let store = tower_idempotency::PostgresStore::builder()
+        .max_connections(max_connections)
+        .pipelined_connections(pipelined)
+        .connect(&url)
+        .await
+        .expect("connect to POSTGRES_URL");
+    store.migrate().await.expect("migrate");
+    assert_eq!(store.pipelined_connections(), pipelined);
+    Some(store)
+}
+
 /// A `SqlxStore` on a pool of its own, on the shared PostgreSQL.
 #[cfg(feature = "sqlx")]
 pub async fn sqlx() -> Option<tower_idempotency::SqlxStore> {

@@ -25,14 +25,10 @@ use crate::stored::StoredResponse;
 
 mod pipeline;
 
-use pipeline::{Pipelines, Shared};
+use pipeline::{LOCK_TIMEOUT, Pipelines, Shared};
 
 /// The pool size of [`PostgresStore::connect`].
 const DEFAULT_MAX_CONNECTIONS: usize = 16;
-
-/// The connections the store's single statements share, at most: see
-/// [`PostgresStoreBuilder::pipelined_connections`].
-const DEFAULT_PIPELINED_CONNECTIONS: usize = 4;
 
 /// An [`IdempotencyStore`] on PostgreSQL, shared by every server of a fleet and durable across
 /// restarts.
@@ -136,10 +132,11 @@ const DEFAULT_PIPELINED_CONNECTIONS: usize = 4;
 ///
 /// A new key takes two statements (`begin`, then `complete` once the handler answered), a replay
 /// one; a key reused after its record expired takes one more, the takeover. These, and `renew`,
-/// `release` and `lookup`, run on a few connections of the pool that the store keeps and shares
-/// between calls, pipelined: up to 4
-/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)), never more than half
-/// of the pool. The other calls, and handlers' transactions, hold a connection of their own for
+/// `release` and `lookup`, run on connections of the pool that the store keeps and shares
+/// between calls, pipelined: half of the pool's connections
+/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)). A connection held
+/// by a call that was dropped before it answered (past the store's timeout, say) is closed, not
+/// given back to the pool, where the next calls would wait behind its statement. The other calls, and handlers' transactions, hold a connection of their own for
 /// their statements. Statements are prepared once per connection and reused. The pool of
 /// [`connect`](Self::connect) opens up to 16 connections
 /// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the shared connections
@@ -206,7 +203,7 @@ impl PostgresStore {
             table: DEFAULT_TABLE.to_owned(),
             cleanup_interval: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            pipelined_connections: DEFAULT_PIPELINED_CONNECTIONS,
+            pipelined_connections: None,
         }
     }
 
@@ -321,16 +318,24 @@ impl PostgresStore {
             .start(|| clean_periodically(Arc::downgrade(inner), period));
     }
 
-    /// Runs a statement that answers with the rows it changed, on a shared connection.
+    /// Runs a statement that answers with the rows it changed, on a shared connection; one that
+    /// a lock held it up there runs again on a connection of its own, which waits for the lock.
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         self.ensure_cleanup();
+        let run = async |conn: Conn| {
+            let executed = async {
+                let statement = conn.prepare_cached(sql).await.map_err(pg_error)?;
+                conn.execute(&statement, params).await.map_err(pg_error)
+            }
+            .await;
+            self.inner.hand_back(conn, executed)
+        };
         let conn = self.inner.shared().await?;
-        let executed = async {
-            let statement = conn.prepare_cached(sql).await.map_err(pg_error)?;
-            conn.execute(&statement, params).await.map_err(pg_error)
+        let shared = conn.is_shared();
+        match run(conn).await {
+            Err(err) if shared && locked(&err) => run(Conn::Own(self.inner.client().await?)).await,
+            executed => executed,
         }
-        .await;
-        self.inner.hand_back(conn, executed)
     }
 
     /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
@@ -441,7 +446,7 @@ pub struct PostgresStoreBuilder {
     table: String,
     cleanup_interval: Option<Duration>,
     max_connections: usize,
-    pipelined_connections: usize,
+    pipelined_connections: Option<usize>,
 }
 
 impl PostgresStoreBuilder {
@@ -481,8 +486,8 @@ impl PostgresStoreBuilder {
     /// The most connections the pool that [`connect`](Self::connect) makes may open. Default:
     /// 16. The store keeps a few of them for the statements it shares
     /// ([`pipelined_connections`](Self::pipelined_connections)); each handler's transaction
-    /// (`Claim::respond_in`) and each of the other calls (`settle`, `forget`, `delete_expired`)
-    /// holds one of the rest while it runs. Past what the database's cores can run, more
+    /// (`Claim::respond_in`) and each of the other calls (`settle`, `forget`, `delete_expired`,
+    /// `migrate`) holds one of the rest while it runs. Past what the database's cores can run, more
     /// connections only queue there. A pool of yours ([`build`](Self::build)) keeps its own size.
     ///
     /// ```
@@ -495,22 +500,35 @@ impl PostgresStoreBuilder {
     }
 
     /// How many of the pool's connections the store's single statements share, pipelined.
-    /// Default: 4; never more than half of the pool's size (a pool of one connection shares
-    /// none).
+    /// Default, and at most: half of the pool's size, rounded down (8 of the 16 of
+    /// [`connect`](Self::connect); a pool of one connection shares none).
     ///
-    /// `begin`, `renew`, `complete`, `release` and `lookup` are one statement each, which a
-    /// handler's transaction does not make wait (see "Completing in the handler's transaction"
-    /// on [`PostgresStore`]). They go
-    /// out on the shared connections in turn, many calls' statements on each at once: each is
-    /// sent without waiting for the answers of those before it (tokio-postgres pipelines the
+    /// `begin`, `renew`, `complete`, `release` and `lookup` are one statement each. They go out
+    /// on the shared connections in turn, many calls' statements on each at once: each is sent
+    /// without waiting for the answers of those before it (tokio-postgres pipelines the
     /// statements of a connection's concurrent callers), and the database reads and answers them
     /// in batches. Both sides then spend fewer reads, writes and wake-ups per statement than a
-    /// connection per call takes: new keys and replays run about 1.4 and 1.6 times as fast on
-    /// this crate's load test (BENCHMARKS.md). A statement waits behind those sent before it on
-    /// its connection, as it would wait for a connection of the pool.
+    /// connection per call takes.
     ///
-    /// Each shared connection is taken from the pool at its first use and kept; one that closed,
-    /// or that a failure left of no further use (see "Connections" on [`PostgresStore`]), is
+    /// A statement runs once those sent before it on its connection have run, so none may wait
+    /// there long for a lock: a shared connection's session waits 100 ms at most
+    /// (`lock_timeout`), and a statement that a lock held up longer (a `complete` or `release` of
+    /// a row that a handler's transaction still holds; see "Completing in the handler's
+    /// transaction" on [`PostgresStore`]) runs again on a connection of its own, which waits.
+    ///
+    /// The count is a trade. A connection's statements run one after another on its backend,
+    /// each a transaction that commits before the next starts: under `synchronous_commit` (the
+    /// default), each waits there for its commit's WAL flush, and fewer connections flush fewer
+    /// commits at once. On this crate's load test (BENCHMARKS.md), half of a pool of 16 ran new
+    /// keys about as fast as a connection per call on a durable configuration and replays 1.48 ×
+    /// as fast, and new keys 1.2 × and replays 1.24 × as fast with `synchronous_commit = off`; 4
+    /// ran 1.43 × and 1.47 × as fast there, but new keys 0.78 × on the durable one. Fewer suit a database whose commits do not
+    /// wait for a disk (or whose traffic is mostly replays, which write nothing), more one whose
+    /// flushes are slow.
+    ///
+    /// Each shared connection is taken from the pool at its first use and kept, and closed when
+    /// the store is dropped (its session's setting stays out of the pool); one that closed, or
+    /// that a failure left of no further use (see "Connections" on [`PostgresStore`]), is
     /// replaced at the next call. `settle` (which waits for a handler's transaction), `forget`,
     /// `delete_expired`, `migrate` and handlers' transactions take a connection of their own.
     /// With 0, every call does.
@@ -520,7 +538,7 @@ impl PostgresStoreBuilder {
     /// # let _ = builder;
     /// ```
     pub fn pipelined_connections(mut self, count: usize) -> Self {
-        self.pipelined_connections = count;
+        self.pipelined_connections = Some(count);
         self
     }
 
@@ -574,15 +592,19 @@ struct Checked {
     table_name: String,
     table: Table,
     cleanup_interval: Option<Duration>,
-    pipelined_connections: usize,
+    pipelined_connections: Option<usize>,
 }
 
 impl Checked {
     fn finish(self, pool: Pool) -> PostgresStore {
         let sql = Sql::new(&self.table);
         // Half of the pool at most: the rest is for the calls that hold a connection of their
-        // own, and for handlers' transactions (`Claim::respond_in`).
-        let pipelined = self.pipelined_connections.min(pool.status().max_size / 2);
+        // own, and for handlers' transactions (`Claim::respond_in`). Half by default (see
+        // `PostgresStoreBuilder::pipelined_connections`).
+        let half = pool.status().max_size / 2;
+        let pipelined = self
+            .pipelined_connections
+            .map_or(half, |count| count.min(half));
         PostgresStore {
             inner: Arc::new(Inner {
                 pool,
@@ -600,8 +622,9 @@ impl Checked {
 
 impl Inner {
     /// A connection of the pool, to hand back with [`give_back`].
-    async fn client(&self) -> Result<Client, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+    async fn client(&self) -> Result<Pooled, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        Ok(Pooled(Some(client)))
     }
 
     /// A connection for a single statement that never waits long for a lock (`begin`, `renew`,
@@ -614,7 +637,11 @@ impl Inner {
         };
         let shared = match open {
             Some(shared) => shared,
-            None => self.pipelines.fill(slot, self.client().await?),
+            None => {
+                let client = self.client().await?;
+                client.batch_execute(LOCK_TIMEOUT).await.map_err(pg_error)?;
+                self.pipelines.fill(slot, client.into_shared())
+            }
         };
         Ok(Conn::Shared { slot, shared })
     }
@@ -694,8 +721,26 @@ impl IdempotencyStore for PostgresStore {
             &lease_ms,
         ];
         let conn = self.inner.shared().await?;
+        let shared = conn.is_shared();
         let mut sent = SentBegin::new(self, key, token, lease);
         let began = self.begin_on(&conn, &params, token, &mut sent).await;
+        let mut began = self.inner.hand_back(conn, began);
+        if shared && began.as_ref().is_err_and(locked) {
+            // A lock held the statement up on the shared connection (a concurrent insert of the
+            // same key, uncommitted past the session's lock timeout), and it changed nothing: it
+            // runs again on a connection of its own, which waits for the lock.
+            began = match self.inner.client().await {
+                Ok(client) => {
+                    let conn = Conn::Own(client);
+                    let again = self.begin_on(&conn, &params, token, &mut sent).await;
+                    self.inner.hand_back(conn, again)
+                }
+                Err(err) => {
+                    sent.answered();
+                    Err(err)
+                }
+            };
+        }
         if let Err(err) = &began
             && sqlstate(err).is_some_and(|code| !sql::ends_connection(code.code()))
         {
@@ -703,7 +748,7 @@ impl IdempotencyStore for PostgresStore {
             // when it ended the connection: that may come after the statement committed.)
             sent.answered();
         }
-        self.inner.hand_back(conn, began)
+        began
     }
 
     async fn renew(
@@ -890,8 +935,14 @@ fn runs_again(err: &StoreError) -> bool {
 /// shared with other calls' statements, pipelined.
 #[allow(clippy::large_enum_variant)] // the pool's connection as it hands it out, as before
 enum Conn {
-    Own(Client),
+    Own(Pooled),
     Shared { slot: usize, shared: Arc<Shared> },
+}
+
+impl Conn {
+    fn is_shared(&self) -> bool {
+        matches!(self, Conn::Shared { .. })
+    }
 }
 
 impl std::ops::Deref for Conn {
@@ -905,14 +956,51 @@ impl std::ops::Deref for Conn {
     }
 }
 
+/// A connection of the pool held by one call, to hand back with [`give_back`]. Dropped before
+/// that (its call was dropped: the store's timeout, a request that went away), it is closed,
+/// not given back: a statement may still run on it, or wait for a lock, and every statement
+/// the pool's next user sent on it would wait behind that one.
+struct Pooled(Option<Client>);
+
+impl Pooled {
+    /// The connection, to share ([`Pipelines::fill`]).
+    fn into_shared(mut self) -> Client {
+        self.0.take().expect("a held connection is taken once")
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.0.as_ref().expect("a held connection is taken once")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("a held connection is taken once")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
 /// Hands `client` back to the pool and passes `result` on; a connection that `result`'s
 /// failure left of no further use ([`sql::discards_connection`]: a read-only connection, one the
 /// server is ending) is closed instead, and the pool opens a new one when it needs it.
-fn give_back<T>(client: Client, result: Result<T, StoreError>) -> Result<T, StoreError> {
-    if let Err(err) = &result
-        && sqlstate(err).is_some_and(|code| sql::discards_connection(code.code()))
-    {
-        drop(Object::take(client));
+fn give_back<T>(mut client: Pooled, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    let discard = result
+        .as_ref()
+        .is_err_and(|err| sqlstate(err).is_some_and(|code| sql::discards_connection(code.code())));
+    if !discard {
+        // Back to the pool; a discarded one is closed as `client` drops.
+        drop(client.0.take());
     }
     result
 }
@@ -944,7 +1032,7 @@ mod tests {
         Pool::builder(Manager::new(config, NoTls)).build().unwrap()
     }
 
-    /// Up to the setting (4 by default), and never more than half of the pool.
+    /// Half of the pool by default, and never more.
     #[test]
     fn the_shared_connections_are_at_most_half_of_the_pool() {
         let sized = |max_size: usize| {
@@ -964,16 +1052,17 @@ mod tests {
                 .unwrap()
                 .pipelined_connections()
         };
-        assert_eq!(shared(None, 16), 4);
+        assert_eq!(shared(None, 16), 8);
         assert_eq!(shared(None, 6), 3);
         assert_eq!(shared(None, 2), 1);
         assert_eq!(shared(None, 1), 0);
         assert_eq!(shared(Some(0), 16), 0);
+        assert_eq!(shared(Some(4), 16), 4);
         assert_eq!(shared(Some(8), 16), 8);
         assert_eq!(shared(Some(8), 10), 5);
         assert_eq!(
             PostgresStore::from_pool(sized(16)).pipelined_connections(),
-            4
+            8
         );
     }
 

@@ -2,13 +2,21 @@
 //! pipelined: tokio-postgres sends a statement on a connection without waiting for the answers
 //! of those sent before it, so many requests' statements go out and come back together, in
 //! fewer writes, reads and wake-ups on both sides than one connection per statement takes.
+//!
+//! A statement waits for the statements sent before it on its connection, lock waits included:
+//! a shared connection's session waits at most [`LOCK_TIMEOUT`] for a lock, then fails the
+//! statement (`lock_not_available`), which the store runs again on a connection of its own.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use deadpool_postgres::{Client, Object};
 
-/// The shared connections: a few of the pool's, each taken on its first use and kept, and
+/// The session setting of a shared connection: no statement on it waits longer for a row lock
+/// than this (a lock another statement holds for a moment, not a handler's transaction).
+pub(super) const LOCK_TIMEOUT: &str = "SET lock_timeout = '100ms'";
+
+/// The shared connections: some of the pool's, each taken on its first use and kept, and
 /// replaced once it closed or a statement's failure left it of no further use.
 pub(super) struct Pipelines {
     slots: Box<[Mutex<Option<Arc<Shared>>>]>,
@@ -41,30 +49,28 @@ impl Pipelines {
         Some((slot, open.cloned()))
     }
 
-    /// Puts `taken` (a connection just taken from the pool) in `slot`, unless a call filled it
-    /// meanwhile with one still open: then that one is used, and `taken` goes back to the pool.
+    /// Puts `taken` (a connection just taken from the pool, its session set with
+    /// [`LOCK_TIMEOUT`]) in `slot`, unless a call filled it meanwhile with one still open: then
+    /// that one is used, and `taken` is closed.
     pub(super) fn fill(&self, slot: usize, taken: Client) -> Arc<Shared> {
+        let taken = Arc::new(Shared::new(taken));
         let mut held = self.lock(slot);
         if let Some(shared) = held.as_ref().filter(|s| !s.client().is_closed()) {
             return shared.clone();
         }
-        let shared = Arc::new(Shared::new(taken));
-        if let Some(closed) = held.replace(shared.clone()) {
-            closed.discard();
-        }
-        shared
+        *held = Some(taken.clone());
+        taken
     }
 
-    /// Takes `shared` out of `slot` (if it is still there) and closes it once the statements
-    /// under way on it have answered: a failure left it of no further use (see
-    /// [`discards_connection`](crate::store::sql::discards_connection)). The next call in that
-    /// slot takes a new one from the pool.
+    /// Takes `shared` out of `slot` (if it is still there): a failure left it of no further use
+    /// (see [`discards_connection`](crate::store::sql::discards_connection)). It closes once the
+    /// statements under way on it have answered; the next call in that slot takes a new one from
+    /// the pool.
     pub(super) fn discard(&self, slot: usize, shared: &Arc<Shared>) {
         let mut held = self.lock(slot);
         if held.as_ref().is_some_and(|s| Arc::ptr_eq(s, shared)) {
             *held = None;
         }
-        shared.discard();
     }
 
     fn lock(&self, slot: usize) -> std::sync::MutexGuard<'_, Option<Arc<Shared>>> {
@@ -75,18 +81,17 @@ impl Pipelines {
     }
 }
 
-/// A connection of the pool, shared by the statements of many calls; back to the pool when the
-/// last of them is done with it, or closed then if it was discarded.
+/// A connection of the pool, shared by the statements of many calls. Closed once the last of
+/// them is done with it, never given back: its session is set for sharing ([`LOCK_TIMEOUT`]),
+/// which a connection the pool hands out (to a handler's transaction) must not be.
 pub(super) struct Shared {
     client: Option<Client>,
-    discarded: AtomicBool,
 }
 
 impl Shared {
     fn new(client: Client) -> Self {
         Self {
             client: Some(client),
-            discarded: AtomicBool::new(false),
         }
     }
 
@@ -95,18 +100,11 @@ impl Shared {
             .as_ref()
             .expect("a shared connection is taken only when it is dropped")
     }
-
-    fn discard(&self) {
-        self.discarded.store(true, Ordering::Relaxed);
-    }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // Not discarded, it goes back to the pool as the field drops.
-        if *self.discarded.get_mut()
-            && let Some(client) = self.client.take()
-        {
+        if let Some(client) = self.client.take() {
             drop(Object::take(client));
         }
     }

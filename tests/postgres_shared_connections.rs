@@ -1,0 +1,211 @@
+//! `PostgresStore`'s shared, pipelined connections against a real PostgreSQL at `POSTGRES_URL`
+//! (skipped when it is not set; run through `scripts/test-services`): a statement that waits for
+//! a lock a transaction holds does not hold up the statements behind it.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use bytes::Bytes;
+use http::HeaderMap;
+use support::{server_url, unique_key};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tower_idempotency::{
+    Claim, ClaimError, Fingerprint, IdempotencyLayer, IdempotencyStore, PostgresStore, RecordKey,
+    StoredResponse, TenantId,
+};
+
+fn handler_pool(url: &str) -> deadpool_postgres::Pool {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(4)
+        .build()
+        .unwrap()
+}
+
+#[derive(Clone)]
+struct Api {
+    pool: deadpool_postgres::Pool,
+    reached: Arc<Semaphore>,
+}
+
+/// Completes its record in its transaction (`respond_in`), then runs one more statement in that
+/// transaction: a slow one (a report, a call that waits on a lock of the application's).
+async fn slow_after_respond_in(
+    State(api): State<Api>,
+    claim: Claim,
+) -> Result<Response, ClaimError> {
+    let mut client = api.pool.get().await.map_err(ClaimError::database)?;
+    let tx = client.transaction().await.map_err(ClaimError::database)?;
+    let response = claim.respond_in(&tx, (StatusCode::CREATED, "held")).await?;
+    api.reached.add_permits(1);
+    tx.execute("SELECT pg_sleep(10)", &[])
+        .await
+        .map_err(ClaimError::database)?;
+    tx.commit().await.map_err(ClaimError::database)?;
+    Ok(response)
+}
+
+async fn plain() -> (StatusCode, &'static str) {
+    (StatusCode::CREATED, "plain")
+}
+
+fn keyed(path: &str, key: &str) -> Request<Body> {
+    Request::post(path)
+        .header("idempotency-key", key)
+        .header("authorization", "Bearer audit-pipeline-client")
+        .header("content-type", "application/json")
+        .body(Body::from("{}"))
+        .unwrap()
+}
+
+async fn status(app: &Router, request: Request<Body>) -> StatusCode {
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+/// A handler whose request is cancelled (`finish_on_disconnect(false)`, its client went away)
+/// while its transaction holds the record it completed with `respond_in` (the transaction's
+/// ROLLBACK waits behind the statement it was running). The guard releases the key in the
+/// background: its `DELETE` waits for the row lock, past the store's timeout, four times. On the
+/// shared connections it waits 100 ms at most (their session's `lock_timeout`) and then runs on
+/// a connection of its own, which is closed, not given back to the pool, when the timeout drops
+/// the call. Every other key's request meanwhile is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_handlers_release_holds_up_no_shared_connection() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "a_cancelled_handlers_release_holds_up_no_shared_connection",
+    ) else {
+        return;
+    };
+    let store = PostgresStore::connect(&url).await.unwrap();
+    assert_eq!(store.pipelined_connections(), 8);
+    others_answer_beside_a_cancelled_held_handler(&url, store).await;
+}
+
+/// The same with no shared connection (a connection per call): a release whose call the store's
+/// timeout dropped leaves its `DELETE` waiting on its connection, which is closed rather than
+/// given back to the pool, where the next calls would queue behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_shared_connection_a_cancelled_handler_holds_up_no_other_key() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "with_no_shared_connection_a_cancelled_handler_holds_up_no_other_key",
+    ) else {
+        return;
+    };
+    let store = PostgresStore::builder()
+        .pipelined_connections(0)
+        .connect(&url)
+        .await
+        .unwrap();
+    others_answer_beside_a_cancelled_held_handler(&url, store).await;
+}
+
+async fn others_answer_beside_a_cancelled_held_handler(url: &str, store: PostgresStore) {
+    store.migrate().await.unwrap();
+    let api = Api {
+        pool: handler_pool(url),
+        reached: Arc::new(Semaphore::new(0)),
+    };
+    let layer = IdempotencyLayer::new(store.clone())
+        .require_key(true)
+        .finish_on_disconnect(false)
+        .store_timeout(Duration::from_millis(500));
+    let app = Router::new()
+        .route("/hold", post(slow_after_respond_in))
+        .route("/plain", post(plain))
+        .with_state(api.clone())
+        .layer(layer);
+
+    let held = tokio::spawn({
+        let (app, request) = (app.clone(), keyed("/hold", &unique_key("held")));
+        async move { status(&app, request).await }
+    });
+    let mut held = held;
+    tokio::select! {
+        permit = api.reached.acquire() => drop(permit.unwrap()),
+        answered = &mut held => panic!("the held request answered {answered:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The client goes away: the handler is dropped, its transaction's ROLLBACK queued behind
+    // its pg_sleep; the guard releases the key in the background.
+    held.abort();
+    // The release's four tries (each cut at 500 ms, 50 to 200 ms apart).
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        statuses.push(status(&app, keyed("/plain", &unique_key(&format!("other-{i}")))).await);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "other keys' requests while one cancelled handler's transaction holds its row: \
+         {statuses:?} in {elapsed:?}"
+    );
+}
+
+/// The store's own API, on one shared connection: a `complete` of a record that a transaction
+/// holds waits for it on a connection of its own (the shared one gives up on the lock after
+/// 100 ms), so a new key's `begin` sent after it on the shared connection answers at once; the
+/// completion lands once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_waiting_for_a_lock_holds_up_no_begin() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "a_complete_waiting_for_a_lock_holds_up_no_begin",
+    ) else {
+        return;
+    };
+    let store = support::shared::postgres_pipelined(4, 1).await.unwrap();
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let lease = Duration::from_secs(30);
+    let held = RecordKey::new(TenantId::shared(), unique_key("held"));
+    let token = match store.begin(&held, &fp, lease).await.unwrap() {
+        tower_idempotency::Begin::Acquired(token) => token,
+        other => panic!("{other:?}"),
+    };
+    // A transaction of the application's holds the row (as `respond_in`'s UPDATE does).
+    let pool = handler_pool(&url);
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
+            "idempotency_records"
+        ),
+        &[&held.key()],
+    )
+    .await
+    .unwrap();
+
+    let completing = tokio::spawn({
+        let (store, held) = (store.clone(), held.clone());
+        async move {
+            let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new());
+            store
+                .complete(&held, token, response, Duration::from_secs(60))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = RecordKey::new(TenantId::shared(), unique_key("other"));
+    let began = tokio::time::timeout(Duration::from_secs(2), store.begin(&other, &fp, lease)).await;
+    tx.rollback().await.unwrap();
+    completing.await.unwrap().unwrap();
+    assert!(
+        began.is_ok(),
+        "a new key's begin waited behind a complete that waits for a transaction's row lock"
+    );
+}
