@@ -7,7 +7,7 @@ mod support;
 
 use support::shared::postgres as store;
 use support::*;
-use tower_idempotency::{PostgresStore, StoreErrorKind};
+use tower_idempotency::{IdempotencyStore, PostgresStore, RecordKey, StoreErrorKind, TenantId};
 
 // The conformance suite, the fleet scenarios every shared store runs, and the scenarios both SQL
 // stores run.
@@ -59,14 +59,18 @@ async fn the_pool_of_connect_has_the_size_asked_for() {
     assert_eq!(runs.get(), 20);
 }
 
-/// A store that shares one pipelined connection: sixty-four keyed requests at once, then their
-/// retries at once, all go over it (the pool opens no other), each key runs once and each retry
-/// replays its first response.
+/// A store that shares one pipelined connection, once it is open: sixty-four keyed requests at
+/// once, then their retries at once, all go over it (the pool opens no other), each key runs
+/// once and each retry replays its first response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_share_the_pipelined_connections() {
     let Some(store) = support::shared::postgres_pipelined(8, 1).await else {
         return;
     };
+    // The first call opens the shared connection (the calls that came meanwhile would run on
+    // connections of their own).
+    let key = RecordKey::new(TenantId::shared(), unique_key("opens"));
+    assert!(store.lookup(&key).await.unwrap().is_none());
     let runs = Runs::default();
     let app = server(store.clone(), &runs, std::time::Duration::ZERO, |layer| {
         layer

@@ -1,10 +1,13 @@
 //! `PostgresStore`'s shared, pipelined connections against a real PostgreSQL at `POSTGRES_URL`
 //! (skipped when it is not set; run through `scripts/test-services`): a statement that waits for
-//! a lock a transaction holds does not hold up the statements behind it.
+//! a lock a transaction holds does not hold up the statements behind it, nor answer otherwise
+//! than on a connection of its own; a burst fills the shared connections without opening more
+//! than the pool.
 
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -16,11 +19,12 @@ use axum::routing::post;
 use bytes::Bytes;
 use http::HeaderMap;
 use support::{server_url, unique_key};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_idempotency::{
-    Claim, ClaimError, Fingerprint, IdempotencyLayer, IdempotencyStore, PostgresStore, RecordKey,
-    StoredResponse, TenantId,
+    Begin, Claim, ClaimError, Fingerprint, IdempotencyLayer, IdempotencyStore, PostgresStore,
+    RecordKey, StoredResponse, TenantId,
 };
 
 fn handler_pool(url: &str) -> deadpool_postgres::Pool {
@@ -208,4 +212,165 @@ async fn a_complete_waiting_for_a_lock_holds_up_no_begin() {
         began.is_ok(),
         "a new key's begin waited behind a complete that waits for a transaction's row lock"
     );
+}
+
+/// A TCP proxy on 127.0.0.1 to the PostgreSQL of `url`, counting the connections opened through
+/// it. Answers the `tokio_postgres::Config` to reach the server through it.
+async fn counting_proxy(url: &str) -> (tokio_postgres::Config, Arc<AtomicUsize>) {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        #[allow(unreachable_patterns)]
+        _ => panic!("a TCP host"),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let opened = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let opened = opened.clone();
+        async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                opened.fetch_add(1, Ordering::SeqCst);
+                let target = format!("{host}:{port}");
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }
+    });
+    let mut proxied = tokio_postgres::Config::new();
+    proxied.host("127.0.0.1").port(proxy_port);
+    if let Some(user) = config.get_user() {
+        proxied.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        proxied.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        proxied.dbname(dbname);
+    }
+    (proxied, opened)
+}
+
+/// A burst of calls on a store whose shared connections are not open yet (its first traffic,
+/// or the traffic after the database restarted): one call fills each slot, and the calls that
+/// come to a slot meanwhile run on a connection of their own, given back to the pool. A pool
+/// of 16 opens at most 16 connections for the burst (a connection taken for a slot that another
+/// call filled first would be closed, its session set for sharing, and one opened per call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_empty_shared_slots_opens_no_more_than_the_pool() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "a_burst_on_empty_shared_slots_opens_no_more_than_the_pool",
+    ) else {
+        return;
+    };
+    // The table, through a store of its own.
+    PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+
+    let (config, opened) = counting_proxy(&url).await;
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(16)
+        .build()
+        .unwrap();
+    let store = PostgresStore::from_pool(pool);
+    assert_eq!(store.pipelined_connections(), 8);
+
+    let calls: Vec<_> = (0..256)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = RecordKey::new(TenantId::shared(), format!("burst-{i}"));
+                store.lookup(&key).await
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let opened = opened.load(Ordering::SeqCst);
+    assert!(
+        opened <= 16,
+        "a pool of 16 opened {opened} connections for one burst of 256 lookups"
+    );
+}
+
+/// A key reused after its completed record expired, while another transaction holds that row
+/// for longer than the shared connection's lock timeout (a cleanup's batch, an operator's
+/// purge): the takeover's `ON CONFLICT DO UPDATE` fails there with the error of `NOWAIT`, and
+/// `begin` runs again on a connection of its own, which waits for the delete and acquires, as a
+/// connection per call does. (Taken for `NOWAIT`, the error would have the row read: `409`,
+/// though nothing is in flight.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_held_up_past_the_lock_timeout_still_acquires() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "a_takeover_held_up_past_the_lock_timeout_still_acquires",
+    ) else {
+        return;
+    };
+    let shared = support::shared::postgres_pipelined(4, 1).await.unwrap();
+    let own = support::shared::postgres_pipelined(4, 0).await.unwrap();
+    let mut answers = Vec::new();
+    for store in [&own, &shared] {
+        answers.push(reuse_while_the_row_is_being_deleted(&url, store).await);
+    }
+    assert!(
+        answers.iter().all(|b| matches!(b, Begin::Acquired(_))),
+        "a connection per call, then one shared connection: {answers:?}"
+    );
+}
+
+async fn reuse_while_the_row_is_being_deleted(url: &str, store: &PostgresStore) -> Begin {
+    let fp = Fingerprint::from_bytes([9; 32]);
+    let key = RecordKey::new(TenantId::shared(), unique_key("expired"));
+    let Begin::Acquired(token) = store
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key");
+    };
+    let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new());
+    store
+        .complete(&key, token, response, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // Another session deletes the expired row, its transaction open for 300 ms (a cleanup's
+    // batch that takes that long, or an operator's purge).
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tx = client.transaction().await.unwrap();
+    let deleted = tx
+        .execute(
+            "DELETE FROM idempotency_records WHERE tenant = $1 AND key = $2 \
+             AND expires_at <= clock_timestamp()",
+            &[&&key.tenant().as_bytes()[..], &key.key()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let began = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move { store.begin(&key, &fp, Duration::from_secs(30)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    began.await.unwrap().unwrap()
 }

@@ -25,7 +25,7 @@ use crate::stored::StoredResponse;
 
 mod pipeline;
 
-use pipeline::{LOCK_TIMEOUT, Pipelines, Shared};
+use pipeline::{LOCK_TIMEOUT, Next, Pipelines, Shared};
 
 /// The pool size of [`PostgresStore::connect`].
 const DEFAULT_MAX_CONNECTIONS: usize = 16;
@@ -134,10 +134,11 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// one; a key reused after its record expired takes one more, the takeover. These, and `renew`,
 /// `release` and `lookup`, run on connections of the pool that the store keeps and shares
 /// between calls, pipelined: half of the pool's connections
-/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)). A connection held
-/// by a call that was dropped before it answered (past the store's timeout, say) is closed, not
-/// given back to the pool, where the next calls would wait behind its statement. The other calls, and handlers' transactions, hold a connection of their own for
-/// their statements. Statements are prepared once per connection and reused. The pool of
+/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)). The other calls,
+/// and handlers' transactions, hold a connection of their own for their statements; one held by
+/// a call that was dropped before it answered (past the store's timeout, say) is closed, not
+/// given back to the pool, where the next calls would wait behind its statement. Statements are
+/// prepared once per connection and reused. The pool of
 /// [`connect`](Self::connect) opens up to 16 connections
 /// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the shared connections
 /// plus the handlers' transactions a server has in progress at once, within what the database
@@ -238,7 +239,10 @@ impl PostgresStore {
         Ok(pool)
     }
 
-    /// A store over an existing pool, with the default table, `idempotency_records`.
+    /// A store over an existing pool, with the default table, `idempotency_records`. The store
+    /// keeps half of the pool's connections, shared by its single statements
+    /// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)): a pool the
+    /// application uses too has the other half for itself.
     ///
     /// ```no_run
     /// use deadpool_postgres::{Manager, Pool};
@@ -318,9 +322,15 @@ impl PostgresStore {
             .start(|| clean_periodically(Arc::downgrade(inner), period));
     }
 
-    /// Runs a statement that answers with the rows it changed, on a shared connection; one that
-    /// a lock held it up there runs again on a connection of its own, which waits for the lock.
-    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+    /// Runs a statement that answers with the rows it changed, on a shared connection. With
+    /// `waits`, one that a lock held up there runs again on a connection of its own, which
+    /// waits for the lock; without (`renew`, whose `NOWAIT` is its answer), it fails.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        waits: bool,
+    ) -> Result<u64, StoreError> {
         self.ensure_cleanup();
         let run = async |conn: Conn| {
             let executed = async {
@@ -333,7 +343,9 @@ impl PostgresStore {
         let conn = self.inner.shared().await?;
         let shared = conn.is_shared();
         match run(conn).await {
-            Err(err) if shared && locked(&err) => run(Conn::Own(self.inner.client().await?)).await,
+            Err(err) if waits && shared && locked(&err) => {
+                run(Conn::Own(self.inner.client().await?)).await
+            }
             executed => executed,
         }
     }
@@ -341,11 +353,16 @@ impl PostgresStore {
     /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
     /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again after
     /// a pause ([`sql::pause_before_again`]), up to [`FENCED_ATTEMPTS`] times in all: it changed
-    /// nothing, and its token still fences it.
-    async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+    /// nothing, and its token still fences it. `waits`: as [`execute`](Self::execute).
+    async fn fenced(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        waits: bool,
+    ) -> Result<(), StoreError> {
         let mut failures = 0;
         loop {
-            match self.execute(sql, params).await {
+            match self.execute(sql, params, waits).await {
                 Ok(0) => return Err(StoreError::lease_lost()),
                 Ok(_) => return Ok(()),
                 Err(err) if failures + 1 < FENCED_ATTEMPTS && runs_again(&err) => {
@@ -358,10 +375,13 @@ impl PostgresStore {
     }
 
     /// `begin`'s `take_over`, with `begin`'s parameters, on `begin`'s connection; a row that a
-    /// transaction holds is read with `peek` instead.
+    /// transaction holds is read with `peek` instead. On a shared connection the error of
+    /// `NOWAIT` is also that of a lock waited for past the session's timeout: there the takeover
+    /// fails with it, and `begin` runs again on a connection of its own, where only `NOWAIT`
+    /// raises it.
     async fn take_over(
         &self,
-        client: &Client,
+        client: &Conn,
         params: &[&(dyn ToSql + Sync); 5],
     ) -> Result<Option<Row>, StoreError> {
         let sql = &self.inner.sql;
@@ -372,7 +392,9 @@ impl PostgresStore {
         match client.query_opt(&statement, params).await {
             Ok(row) => Ok(row),
             // A transaction holds the in-flight row: read it without waiting.
-            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(err)
+                if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && !client.is_shared() =>
+            {
                 let peek = client.prepare_cached(&sql.peek).await.map_err(pg_error)?;
                 client
                     .query_opt(&peek, &params[..3])
@@ -390,7 +412,7 @@ impl PostgresStore {
     /// told when the store answered.
     async fn begin_on(
         &self,
-        client: &Client,
+        client: &Conn,
         params: &[&(dyn ToSql + Sync); 5],
         token: LockToken,
         sent: &mut SentBegin<'_, Self>,
@@ -627,23 +649,21 @@ impl Inner {
         Ok(Pooled(Some(client)))
     }
 
-    /// A connection for a single statement that never waits long for a lock (`begin`, `renew`,
-    /// `complete`, `release`, `lookup`): the next of the shared connections in turn, taken from
-    /// the pool if it has none open; or one of the pool's own when the store shares none. To
-    /// hand back with [`hand_back`](Self::hand_back).
+    /// A connection for a single statement (`begin`, `renew`, `complete`, `release`, `lookup`):
+    /// the next of the shared connections in turn, taken from the pool if it has none open; or
+    /// one of the pool's own when the store shares none, or while another call takes the slot's.
+    /// To hand back with [`hand_back`](Self::hand_back).
     async fn shared(&self) -> Result<Conn, StoreError> {
-        let Some((slot, open)) = self.pipelines.next() else {
-            return Ok(Conn::Own(self.client().await?));
-        };
-        let shared = match open {
-            Some(shared) => shared,
-            None => {
+        match self.pipelines.next() {
+            Next::Shared(slot, shared) => Ok(Conn::Shared { slot, shared }),
+            Next::Own => Ok(Conn::Own(self.client().await?)),
+            Next::Fill(filling) => {
                 let client = self.client().await?;
                 client.batch_execute(LOCK_TIMEOUT).await.map_err(pg_error)?;
-                self.pipelines.fill(slot, client.into_shared())
+                let (slot, shared) = filling.fill(client.into_shared());
+                Ok(Conn::Shared { slot, shared })
             }
-        };
-        Ok(Conn::Shared { slot, shared })
+        }
     }
 
     /// Hands `conn` back and passes `result` on, as [`give_back`] does: a shared connection
@@ -761,7 +781,7 @@ impl IdempotencyStore for PostgresStore {
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
         let sql = &self.inner.sql.renew;
         match self
-            .fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)])
+            .fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)], false)
             .await
         {
             // The handler's own transaction holds the row (`Claim::respond_in`): nothing can
@@ -783,33 +803,50 @@ impl IdempotencyStore for PostgresStore {
         let encoded = response.encode();
         let encoded = &encoded[..];
         let sql = &self.inner.sql.complete;
-        self.fenced(sql, &[&tenant, &key.key(), &token, &encoded, &millis(ttl)])
-            .await
+        self.fenced(
+            sql,
+            &[&tenant, &key.key(), &token, &encoded, &millis(ttl)],
+            true,
+        )
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let token = token_bytes(token);
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
-        self.fenced(&self.inner.sql.release, &[&tenant, &key.key(), &token])
-            .await
+        self.fenced(
+            &self.inner.sql.release,
+            &[&tenant, &key.key(), &token],
+            true,
+        )
+        .await
     }
 
     async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         let tenant = &key.tenant().as_bytes()[..];
+        let run = async |conn: Conn| {
+            let found = async {
+                let statement = conn
+                    .prepare_cached(&self.inner.sql.lookup)
+                    .await
+                    .map_err(pg_error)?;
+                let row = conn
+                    .query_opt(&statement, &[&tenant, &key.key()])
+                    .await
+                    .map_err(pg_error)?;
+                row.as_ref().map(record_info).transpose()
+            }
+            .await;
+            self.inner.hand_back(conn, found)
+        };
         let conn = self.inner.shared().await?;
-        let found = async {
-            let statement = conn
-                .prepare_cached(&self.inner.sql.lookup)
-                .await
-                .map_err(pg_error)?;
-            let row = conn
-                .query_opt(&statement, &[&tenant, &key.key()])
-                .await
-                .map_err(pg_error)?;
-            row.as_ref().map(record_info).transpose()
+        let shared = conn.is_shared();
+        match run(conn).await {
+            // A lock on the table (an `ALTER TABLE`, say) held the read up past the shared
+            // connection's timeout: it waits on a connection of its own.
+            Err(err) if shared && locked(&err) => run(Conn::Own(self.inner.client().await?)).await,
+            found => found,
         }
-        .await;
-        self.inner.hand_back(conn, found)
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {

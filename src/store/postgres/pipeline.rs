@@ -19,15 +19,37 @@ pub(super) const LOCK_TIMEOUT: &str = "SET lock_timeout = '100ms'";
 /// The shared connections: some of the pool's, each taken on its first use and kept, and
 /// replaced once it closed or a statement's failure left it of no further use.
 pub(super) struct Pipelines {
-    slots: Box<[Mutex<Option<Arc<Shared>>>]>,
+    slots: Box<[Mutex<Slot>]>,
     next: AtomicUsize,
+}
+
+/// A shared connection's place.
+enum Slot {
+    /// No connection: the next call that comes to it takes one.
+    Empty,
+    /// A call is taking one (from the pool, then setting its session): the calls that come to
+    /// it meanwhile take a connection of their own, as they would without sharing, rather than
+    /// each taking one for the slot that only one of them could fill.
+    Filling,
+    Open(Arc<Shared>),
+}
+
+/// What a call runs its statement on: see [`Pipelines::next`].
+pub(super) enum Next<'a> {
+    /// The slot's open connection.
+    Shared(usize, Arc<Shared>),
+    /// The slot is the caller's to fill: [`Filling::fill`], or it is empty again once the guard
+    /// drops.
+    Fill(Filling<'a>),
+    /// A connection of the caller's own: the store shares none, or the slot is being filled.
+    Own,
 }
 
 impl Pipelines {
     /// `count` connections, none of them taken yet.
     pub(super) fn new(count: usize) -> Self {
         Self {
-            slots: (0..count).map(|_| Mutex::new(None)).collect(),
+            slots: (0..count).map(|_| Mutex::new(Slot::Empty)).collect(),
             next: AtomicUsize::new(0),
         }
     }
@@ -37,29 +59,28 @@ impl Pipelines {
         self.slots.len()
     }
 
-    /// The next slot in turn, and its connection when it has one still open. `None` when there
-    /// are no slots.
-    pub(super) fn next(&self) -> Option<(usize, Option<Arc<Shared>>)> {
+    /// The next slot in turn: its connection when it has one open; else the slot to fill (a
+    /// connection that closed is replaced), unless another call is filling it.
+    pub(super) fn next(&self) -> Next<'_> {
         if self.slots.is_empty() {
-            return None;
+            return Next::Own;
         }
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let held = self.lock(slot);
-        let open = held.as_ref().filter(|shared| !shared.client().is_closed());
-        Some((slot, open.cloned()))
-    }
-
-    /// Puts `taken` (a connection just taken from the pool, its session set with
-    /// [`LOCK_TIMEOUT`]) in `slot`, unless a call filled it meanwhile with one still open: then
-    /// that one is used, and `taken` is closed.
-    pub(super) fn fill(&self, slot: usize, taken: Client) -> Arc<Shared> {
-        let taken = Arc::new(Shared::new(taken));
         let mut held = self.lock(slot);
-        if let Some(shared) = held.as_ref().filter(|s| !s.client().is_closed()) {
-            return shared.clone();
+        match &*held {
+            Slot::Open(shared) if !shared.client().is_closed() => {
+                Next::Shared(slot, shared.clone())
+            }
+            Slot::Filling => Next::Own,
+            Slot::Empty | Slot::Open(_) => {
+                *held = Slot::Filling;
+                Next::Fill(Filling {
+                    pipelines: self,
+                    slot,
+                    filled: false,
+                })
+            }
         }
-        *held = Some(taken.clone());
-        taken
     }
 
     /// Takes `shared` out of `slot` (if it is still there): a failure left it of no further use
@@ -68,16 +89,43 @@ impl Pipelines {
     /// the pool.
     pub(super) fn discard(&self, slot: usize, shared: &Arc<Shared>) {
         let mut held = self.lock(slot);
-        if held.as_ref().is_some_and(|s| Arc::ptr_eq(s, shared)) {
-            *held = None;
+        if matches!(&*held, Slot::Open(s) if Arc::ptr_eq(s, shared)) {
+            *held = Slot::Empty;
         }
     }
 
-    fn lock(&self, slot: usize) -> std::sync::MutexGuard<'_, Option<Arc<Shared>>> {
+    fn lock(&self, slot: usize) -> std::sync::MutexGuard<'_, Slot> {
         // Nothing panics while a slot is locked; a poisoned slot holds a valid value.
         self.slots[slot]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A slot one call is filling; empty again if the call drops it unfilled (taking a connection
+/// failed, or the call was dropped meanwhile).
+pub(super) struct Filling<'a> {
+    pipelines: &'a Pipelines,
+    slot: usize,
+    filled: bool,
+}
+
+impl Filling<'_> {
+    /// Puts `taken` (a connection just taken from the pool, its session set with
+    /// [`LOCK_TIMEOUT`]) in the slot.
+    pub(super) fn fill(mut self, taken: Client) -> (usize, Arc<Shared>) {
+        let shared = Arc::new(Shared::new(taken));
+        *self.pipelines.lock(self.slot) = Slot::Open(shared.clone());
+        self.filled = true;
+        (self.slot, shared)
+    }
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            *self.pipelines.lock(self.slot) = Slot::Empty;
+        }
     }
 }
 
@@ -118,15 +166,25 @@ mod tests {
     fn no_slots_share_nothing() {
         let pipelines = Pipelines::new(0);
         assert_eq!(pipelines.count(), 0);
-        assert!(pipelines.next().is_none());
+        assert!(matches!(pipelines.next(), Next::Own));
     }
 
+    /// Each slot in turn is the first caller's to fill; while it is being filled the callers
+    /// that come to it take a connection of their own; a fill given up leaves it empty.
     #[test]
-    fn slots_are_taken_in_turn_and_start_empty() {
-        let pipelines = Pipelines::new(3);
-        let slots: Vec<_> = (0..7).map(|_| pipelines.next().unwrap()).collect();
-        let turns: Vec<_> = slots.iter().map(|(slot, _)| *slot).collect();
-        assert_eq!(turns, [0, 1, 2, 0, 1, 2, 0]);
-        assert!(slots.iter().all(|(_, shared)| shared.is_none()));
+    fn slots_are_filled_by_one_caller_each_in_turn() {
+        let pipelines = Pipelines::new(2);
+        let (Next::Fill(first), Next::Fill(second)) = (pipelines.next(), pipelines.next()) else {
+            panic!("two empty slots, each the first caller's to fill");
+        };
+        assert_eq!((first.slot, second.slot), (0, 1));
+        assert!(matches!(pipelines.next(), Next::Own));
+        assert!(matches!(pipelines.next(), Next::Own));
+        drop(first);
+        drop(second);
+        let Next::Fill(again) = pipelines.next() else {
+            panic!("a fill given up leaves its slot empty");
+        };
+        assert_eq!(again.slot, 0);
     }
 }
