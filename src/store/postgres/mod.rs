@@ -506,11 +506,12 @@ impl PostgresStoreBuilder {
     }
 
     /// The most connections the pool that [`connect`](Self::connect) makes may open. Default:
-    /// 16. The store keeps a few of them for the statements it shares
+    /// 16. The store keeps half of them for the statements it shares
     /// ([`pipelined_connections`](Self::pipelined_connections)); each handler's transaction
     /// (`Claim::respond_in`) and each of the other calls (`settle`, `forget`, `delete_expired`,
-    /// `migrate`) holds one of the rest while it runs. Past what the database's cores can run, more
-    /// connections only queue there. A pool of yours ([`build`](Self::build)) keeps its own size.
+    /// `migrate`) holds one of the rest while it runs. Past what the database's cores can run,
+    /// more connections only queue there. A pool of yours ([`build`](Self::build)) keeps its own
+    /// size.
     ///
     /// ```
     /// let builder = tower_idempotency::PostgresStore::builder().max_connections(32);
@@ -544,9 +545,9 @@ impl PostgresStoreBuilder {
     /// commits at once. On this crate's load test (BENCHMARKS.md), half of a pool of 16 ran new
     /// keys about as fast as a connection per call on a durable configuration and replays 1.48 ×
     /// as fast, and new keys 1.2 × and replays 1.24 × as fast with `synchronous_commit = off`; 4
-    /// ran 1.43 × and 1.47 × as fast there, but new keys 0.78 × on the durable one. Fewer suit a database whose commits do not
-    /// wait for a disk (or whose traffic is mostly replays, which write nothing), more one whose
-    /// flushes are slow.
+    /// ran 1.43 × and 1.47 × as fast there, but new keys 0.78 × on the durable one. Fewer suit a
+    /// database whose commits do not wait for a disk (or whose traffic is mostly replays, which
+    /// write nothing), more one whose flushes are slow.
     ///
     /// Each shared connection is taken from the pool at its first use and kept, and closed when
     /// the store is dropped (its session's setting stays out of the pool); one that closed, or
@@ -746,9 +747,10 @@ impl IdempotencyStore for PostgresStore {
         let began = self.begin_on(&conn, &params, token, &mut sent).await;
         let mut began = self.inner.hand_back(conn, began);
         if shared && began.as_ref().is_err_and(locked) {
-            // A lock held the statement up on the shared connection (a concurrent insert of the
-            // same key, uncommitted past the session's lock timeout), and it changed nothing: it
-            // runs again on a connection of its own, which waits for the lock.
+            // A lock held a statement up on the shared connection past the session's lock timeout
+            // (a concurrent insert of the same key, uncommitted; a row the takeover would update,
+            // held by another transaction), and it changed nothing: `begin` runs again on a
+            // connection of its own, which waits for the lock.
             began = match self.inner.client().await {
                 Ok(client) => {
                     let conn = Conn::Own(client);
@@ -1000,7 +1002,7 @@ impl std::ops::Deref for Conn {
 struct Pooled(Option<Client>);
 
 impl Pooled {
-    /// The connection, to share ([`Pipelines::fill`]).
+    /// The connection, to share ([`Filling::fill`](pipeline::Filling::fill)).
     fn into_shared(mut self) -> Client {
         self.0.take().expect("a held connection is taken once")
     }
