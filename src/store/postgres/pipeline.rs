@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use deadpool_postgres::{Client, Object};
 
-/// The session setting of a shared connection: no statement on it waits longer for a row lock
+/// The session setting of a shared connection: no statement on it waits longer for a lock
 /// than this (a lock another statement holds for a moment, not a handler's transaction).
 pub(super) const LOCK_TIMEOUT: &str = "SET lock_timeout = '100ms'";
 
