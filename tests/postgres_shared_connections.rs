@@ -18,10 +18,9 @@ use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
 use http::HeaderMap;
-use support::{server_url, unique_key};
+use support::{serve, server_url, unique_key};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
 use tower_idempotency::{
     Begin, Claim, ClaimError, Fingerprint, IdempotencyLayer, IdempotencyStore, PostgresStore,
     RecordKey, StoredResponse, TenantId,
@@ -70,10 +69,6 @@ fn keyed(path: &str, key: &str) -> Request<Body> {
         .header("content-type", "application/json")
         .body(Body::from("{}"))
         .unwrap()
-}
-
-async fn status(app: &Router, request: Request<Body>) -> StatusCode {
-    app.clone().oneshot(request).await.unwrap().status()
 }
 
 /// A handler whose request is cancelled (`finish_on_disconnect(false)`, its client went away)
@@ -131,26 +126,24 @@ async fn others_answer_beside_a_cancelled_held_handler(url: &str, store: Postgre
         .with_state(api.clone())
         .layer(layer);
 
-    let held = tokio::spawn({
-        let (app, request) = (app.clone(), keyed("/hold", &unique_key("held")));
-        async move { status(&app, request).await }
-    });
-    let mut held = held;
-    tokio::select! {
-        permit = api.reached.acquire() => drop(permit.unwrap()),
-        answered = &mut held => panic!("the held request answered {answered:?}"),
-    }
+    // A real server on loopback: the client that hangs up is what makes hyper drop the handler.
+    let served = serve(app).await;
+    let held = served
+        .send_then_hang_up(keyed("/hold", &unique_key("held")))
+        .await;
+    drop(api.reached.acquire().await.unwrap());
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The client goes away: the handler is dropped, its transaction's ROLLBACK queued behind
     // its pg_sleep; the guard releases the key in the background.
-    held.abort();
+    drop(held);
     // The release's four tries (each cut at 500 ms, 50 to 200 ms apart).
     tokio::time::sleep(Duration::from_millis(2600)).await;
 
     let started = Instant::now();
     let mut statuses = Vec::new();
     for i in 0..8 {
-        statuses.push(status(&app, keyed("/plain", &unique_key(&format!("other-{i}")))).await);
+        let request = keyed("/plain", &unique_key(&format!("other-{i}")));
+        statuses.push(served.send(request).await.status);
     }
     let elapsed = started.elapsed();
     assert!(

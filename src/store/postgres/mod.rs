@@ -1067,19 +1067,19 @@ mod tests {
 
     /// A pool that has not connected (nothing connects until the first query).
     fn unconnected() -> Pool {
+        unconnected_builder().build().unwrap()
+    }
+
+    /// The builder of [`unconnected`]'s pool, to size it.
+    fn unconnected_builder() -> deadpool_postgres::PoolBuilder {
         let config: tokio_postgres::Config = "postgres://nobody@127.0.0.1:1/db".parse().unwrap();
-        Pool::builder(Manager::new(config, NoTls)).build().unwrap()
+        Pool::builder(Manager::new(config, NoTls))
     }
 
     /// Half of the pool by default, and never more.
     #[test]
     fn the_shared_connections_are_at_most_half_of_the_pool() {
-        let sized = |max_size: usize| {
-            let config: tokio_postgres::Config =
-                "postgres://nobody@127.0.0.1:1/db".parse().unwrap();
-            let manager = Manager::new(config, NoTls);
-            Pool::builder(manager).max_size(max_size).build().unwrap()
-        };
+        let sized = |max_size| unconnected_builder().max_size(max_size).build().unwrap();
         let shared = |setting: Option<usize>, max_size: usize| {
             let builder = PostgresStore::builder();
             let builder = match setting {
