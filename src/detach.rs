@@ -202,7 +202,8 @@ impl DetachedRuns {
     pub async fn wait(&self) {
         loop {
             let idle = self.0.idle.notified();
-            if self.running() == 0 {
+            // A detached run's task is counted until it is dropped, after its guard ended it.
+            if self.running() == 0 && self.count() == 0 {
                 return;
             }
             idle.await;
@@ -263,6 +264,8 @@ struct Slot(Arc<Tracker>);
 impl Drop for Slot {
     fn drop(&mut self) {
         crate::metrics::detached_runs(-1.0);
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }

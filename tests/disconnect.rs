@@ -169,6 +169,11 @@ async fn hang_up_then_quick_retry_gets_409_then_the_replay<St: IdempotencyStore 
     assert!(early.text().contains("idempotency_key_in_progress"));
     until(|| a.detached.count() == 1).await; // the first run goes on, detached
     assert!(a.detached.wait_timeout(Duration::from_secs(5)).await);
+    assert_eq!(
+        a.detached.count(),
+        0,
+        "the wait is over: no run counts as detached"
+    );
     let retry = send(b.addr, "/charge", &key).await;
     assert!(retry.replayed());
     assert_eq!(retry.text(), "charge 1");
@@ -193,6 +198,11 @@ async fn a_hundred_clients_hang_up_and_retry_one_run_each<St: IdempotencyStore +
     }
     until(|| effects.finished.get() == 100).await;
     assert!(a.detached.wait_timeout(Duration::from_secs(10)).await);
+    assert_eq!(
+        a.detached.count(),
+        0,
+        "the wait is over: no run counts as detached"
+    );
     assert_eq!(effects.started.get(), 100, "one run per key");
     let retries = keys.iter().map(|key| {
         let (addr, key) = (b.addr, key.clone());
@@ -380,6 +390,27 @@ where
 }
 
 /// Instantiates every case for every store.
+/// A wait for detached runs returns once none is counted: the run's task, counted until it is
+/// dropped, is dropped a moment after its guard ended the run (which is what a wait saw before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_the_wait_is_over_no_run_counts_as_detached() {
+    for round in 0..20 {
+        let effects = Effects::new(Duration::from_millis(20));
+        let layer = IdempotencyLayer::new(tower_idempotency::MemoryStore::new()).shared_scope(true);
+        let server = serve(layer, &effects).await;
+        let key = unique_key("wait-count");
+        send_and_hang_up(server.addr, "/charge", &key, &effects.started, 1).await;
+        until(|| server.detached.count() == 1).await;
+        assert!(server.detached.wait_timeout(Duration::from_secs(5)).await);
+        assert_eq!(effects.finished.get(), 1);
+        assert_eq!(
+            server.detached.count(),
+            0,
+            "round {round}: the wait is over, and a run still counts as detached"
+        );
+    }
+}
+
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {
         mod memory {
