@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -19,6 +19,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use http::HeaderMap;
 use support::{serve, server_url, unique_key};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower_idempotency::{
@@ -207,48 +208,101 @@ async fn a_complete_waiting_for_a_lock_holds_up_no_begin() {
     );
 }
 
-/// A TCP proxy on 127.0.0.1 to the PostgreSQL of `url`, counting the connections opened through
-/// it. Answers the `tokio_postgres::Config` to reach the server through it.
-async fn counting_proxy(url: &str) -> (tokio_postgres::Config, Arc<AtomicUsize>) {
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let host = match &config.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(host) => host.clone(),
-        #[allow(unreachable_patterns)]
-        _ => panic!("a TCP host"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_port = listener.local_addr().unwrap().port();
-    let opened = Arc::new(AtomicUsize::new(0));
-    tokio::spawn({
-        let opened = opened.clone();
-        async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                opened.fetch_add(1, Ordering::SeqCst);
-                let target = format!("{host}:{port}");
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
+/// A TCP proxy on 127.0.0.1 to the PostgreSQL of a URL: it counts the connections opened
+/// through it, and can freeze those open (bytes stop both ways, the sockets stay open: a network
+/// path lost, the old endpoint of a failover), while connections opened later flow.
+struct Proxy {
+    opened: Arc<AtomicUsize>,
+    frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl Proxy {
+    /// Starts the proxy; answers the `tokio_postgres::Config` to reach the server through it.
+    async fn start(url: &str) -> (tokio_postgres::Config, Proxy) {
+        let config: tokio_postgres::Config = url.parse().unwrap();
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => host.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("a TCP host"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = listener.local_addr().unwrap().port();
+        let proxy = Proxy {
+            opened: Arc::default(),
+            frozen: Arc::default(),
+        };
+        tokio::spawn({
+            let (opened, frozen) = (proxy.opened.clone(), proxy.frozen.clone());
+            async move {
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    opened.fetch_add(1, Ordering::SeqCst);
+                    let flag = Arc::new(AtomicBool::new(false));
+                    frozen.lock().unwrap().push(flag.clone());
+                    let target = format!("{host}:{port}");
+                    tokio::spawn(async move {
+                        if let Ok(outbound) = TcpStream::connect(target).await {
+                            let ((ri, wi), (ro, wo)) =
+                                (inbound.into_split(), outbound.into_split());
+                            tokio::join!(pump(ri, wo, flag.clone()), pump(ro, wi, flag));
+                        }
+                    });
+                }
             }
+        });
+        let mut proxied = tokio_postgres::Config::new();
+        proxied.host("127.0.0.1").port(proxy_port);
+        if let Some(user) = config.get_user() {
+            proxied.user(user);
         }
-    });
-    let mut proxied = tokio_postgres::Config::new();
-    proxied.host("127.0.0.1").port(proxy_port);
-    if let Some(user) = config.get_user() {
-        proxied.user(user);
+        if let Some(password) = config.get_password() {
+            proxied.password(password);
+        }
+        if let Some(dbname) = config.get_dbname() {
+            proxied.dbname(dbname);
+        }
+        (proxied, proxy)
     }
-    if let Some(password) = config.get_password() {
-        proxied.password(password);
+
+    fn opened(&self) -> usize {
+        self.opened.load(Ordering::SeqCst)
     }
-    if let Some(dbname) = config.get_dbname() {
-        proxied.dbname(dbname);
+
+    /// Every connection open now stops forwarding, its sockets left open; answers how many.
+    fn freeze_those_open(&self) -> usize {
+        let flags = self.frozen.lock().unwrap();
+        flags
+            .iter()
+            .for_each(|flag| flag.store(true, Ordering::SeqCst));
+        flags.len()
     }
-    (proxied, opened)
+}
+
+/// Forwards `from` to `to` until either closes; once `frozen`, swallows what comes and never
+/// closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // `to` stays open for good.
+            while !matches!(from.read(&mut buf).await, Ok(0) | Err(_)) {}
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A burst of calls on a store whose shared connections are not open yet (its first traffic,
@@ -272,7 +326,7 @@ async fn a_burst_on_empty_shared_slots_opens_no_more_than_the_pool() {
         .await
         .unwrap();
 
-    let (config, opened) = counting_proxy(&url).await;
+    let (config, proxy) = Proxy::start(&url).await;
     let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(16)
@@ -293,7 +347,7 @@ async fn a_burst_on_empty_shared_slots_opens_no_more_than_the_pool() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    let opened = opened.load(Ordering::SeqCst);
+    let opened = proxy.opened();
     assert!(
         opened <= 16,
         "a pool of 16 opened {opened} connections for one burst of 256 lookups"
@@ -366,4 +420,129 @@ async fn reuse_while_the_row_is_being_deleted(url: &str, store: &PostgresStore) 
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.commit().await.unwrap();
     began.await.unwrap().unwrap()
+}
+
+/// `begin`s of new keys, one after the other, each cut at `timeout` as the layer's store timeout
+/// cuts a call: whether each acquired its key.
+async fn begins(store: &PostgresStore, count: usize, timeout: Duration) -> Vec<bool> {
+    let fp = Fingerprint::from_bytes([3; 32]);
+    let mut acquired = Vec::new();
+    for _ in 0..count {
+        let key = RecordKey::new(TenantId::shared(), unique_key("blackholed"));
+        let began = tokio::time::timeout(timeout, store.begin(&key, &fp, Duration::from_secs(30)));
+        acquired.push(matches!(began.await, Ok(Ok(Begin::Acquired(_)))));
+    }
+    acquired
+}
+
+/// A pool of `max_size` to the server through `config` (a proxy's).
+fn proxied_pool(config: tokio_postgres::Config, max_size: usize) -> deadpool_postgres::Pool {
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .unwrap()
+}
+
+/// The store's connections stop answering without closing (their network path lost, the old
+/// endpoint of a failover), while the server takes new ones: a shared connection whose call the
+/// store's timeout dropped is replaced, so the calls after it get a new one. (Left in its slot,
+/// it timed out every call that came to it in turn, for as long as TCP kept it open: here, 30
+/// of 30.) As with a connection per call, where such a connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_connection_that_stops_answering_is_replaced() {
+    for shared in [2, 0] {
+        let test = format!("a_shared_connection_that_stops_answering_is_replaced_{shared}");
+        let Some(url) = server_url("POSTGRES_URL", &test) else {
+            return;
+        };
+        PostgresStore::connect(&url)
+            .await
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap();
+        let (config, proxy) = Proxy::start(&url).await;
+        let store = PostgresStore::builder()
+            .pipelined_connections(shared)
+            .build(proxied_pool(config, 4))
+            .unwrap();
+        assert_eq!(store.pipelined_connections(), shared);
+        let before = begins(&store, 8, Duration::from_secs(5)).await;
+        assert!(before.iter().all(|acquired| *acquired), "{before:?}");
+
+        let frozen = proxy.freeze_those_open();
+        let after = begins(&store, 30, Duration::from_millis(300)).await;
+        assert!(
+            after[8..].iter().all(|acquired| *acquired),
+            "{shared} shared: after {frozen} connections stopped answering ({} opened in all), \
+             begins acquired {after:?}",
+            proxy.opened()
+        );
+    }
+}
+
+async fn slow(State(runs): State<Arc<AtomicUsize>>) -> (StatusCode, &'static str) {
+    runs.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    (StatusCode::CREATED, "slow")
+}
+
+/// Two servers on one table. Server A's connections stop answering while its handler runs (a
+/// network path lost), though new ones reach the database: its renewals take connections of
+/// their own, and keep the live handler's key from being taken over. The client's retry on
+/// server B then gets `409`, and the handler runs once. (On the shared connections, every
+/// renewal timed out there, the lease ran out, and B ran the handler a second time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_connections_stop_answering_keeps_its_handlers_lease() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "a_server_whose_connections_stop_answering_keeps_its_handlers_lease",
+    ) else {
+        return;
+    };
+    PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let (config, proxy) = Proxy::start(&url).await;
+    let a = PostgresStore::from_pool(proxied_pool(config, 4));
+    assert_eq!(a.pipelined_connections(), 2);
+    // A's shared connections are open before the request, as they are under traffic.
+    for i in 0..4 {
+        let key = RecordKey::new(TenantId::shared(), unique_key(&format!("warm-{i}")));
+        a.lookup(&key).await.unwrap();
+    }
+    let b = PostgresStore::connect(&url).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = |store: PostgresStore| {
+        Router::new()
+            .route("/slow", post(slow))
+            .with_state(runs.clone())
+            .layer(
+                IdempotencyLayer::new(store)
+                    .require_key(true)
+                    .lease(Duration::from_millis(1500))
+                    .store_timeout(Duration::from_millis(300)),
+            )
+    };
+    let (a, b) = (Arc::new(serve(app(a)).await), serve(app(b)).await);
+    let key = unique_key("lease");
+    let first = tokio::spawn({
+        let (a, key) = (a.clone(), key.clone());
+        async move { a.send(keyed("/slow", &key)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.freeze_those_open();
+    // Past the lease's end, had it not been renewed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let retry = b.send(keyed("/slow", &key)).await;
+    assert_eq!(
+        (retry.status, runs.load(Ordering::SeqCst)),
+        (StatusCode::CONFLICT, 1),
+        "the retry on the other server while the handler runs"
+    );
+    drop(first);
 }

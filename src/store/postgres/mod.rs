@@ -25,7 +25,7 @@ use crate::stored::StoredResponse;
 
 mod pipeline;
 
-use pipeline::{LOCK_TIMEOUT, Next, Pipelines, Shared};
+use pipeline::{LOCK_TIMEOUT, Lent, Next, Pipelines};
 
 /// The pool size of [`PostgresStore::connect`].
 const DEFAULT_MAX_CONNECTIONS: usize = 16;
@@ -131,13 +131,17 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// use [`from_pool`](Self::from_pool).
 ///
 /// A new key takes two statements (`begin`, then `complete` once the handler answered), a replay
-/// one; a key reused after its record expired takes one more, the takeover. These, and `renew`,
+/// one; a key reused after its record expired takes one more, the takeover. These, and
 /// `release` and `lookup`, run on connections of the pool that the store keeps and shares
 /// between calls, pipelined: half of the pool's connections
-/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)). The other calls,
-/// and handlers' transactions, hold a connection of their own for their statements; one held by
-/// a call that was dropped before it answered (past the store's timeout, say) is closed, not
-/// given back to the pool, where the next calls would wait behind its statement. Statements are
+/// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)). A shared
+/// connection whose call was dropped before it answered (past the store's timeout, say) is
+/// replaced: one whose answers stopped coming (its network path lost) would otherwise time out
+/// every call that came to it in turn. The other calls (`renew` among them: a live handler's
+/// lease does not depend on a connection other calls share), and handlers' transactions, hold a
+/// connection of their own for their statements; one held by a call that was dropped before it
+/// answered is closed, not given back to the pool, where the next calls would wait behind its
+/// statement. Statements are
 /// prepared once per connection and reused. The pool of
 /// [`connect`](Self::connect) opens up to 16 connections
 /// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the shared connections
@@ -322,30 +326,32 @@ impl PostgresStore {
             .start(|| clean_periodically(Arc::downgrade(inner), period));
     }
 
-    /// Runs a statement that answers with the rows it changed, on a shared connection. With
-    /// `waits`, one that a lock held up there runs again on a connection of its own, which
-    /// waits for the lock; without (`renew`, whose `NOWAIT` is its answer), it fails.
+    /// Runs a statement that answers with the rows it changed. With `shares`, on a shared
+    /// connection, and again on a connection of its own (which waits for the lock) when a lock
+    /// held it up there; without (`renew`), on a connection of its own.
     async fn execute(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        waits: bool,
+        shares: bool,
     ) -> Result<u64, StoreError> {
         self.ensure_cleanup();
-        let run = async |conn: Conn| {
+        let run = async |conn: Conn<'_>| {
             let executed = async {
                 let statement = conn.prepare_cached(sql).await.map_err(pg_error)?;
                 conn.execute(&statement, params).await.map_err(pg_error)
             }
             .await;
-            self.inner.hand_back(conn, executed)
+            Inner::hand_back(conn, executed)
         };
-        let conn = self.inner.shared().await?;
+        let conn = if shares {
+            self.inner.shared().await?
+        } else {
+            Conn::Own(self.inner.client().await?)
+        };
         let shared = conn.is_shared();
         match run(conn).await {
-            Err(err) if waits && shared && locked(&err) => {
-                run(Conn::Own(self.inner.client().await?)).await
-            }
+            Err(err) if shared && locked(&err) => run(Conn::Own(self.inner.client().await?)).await,
             executed => executed,
         }
     }
@@ -353,16 +359,16 @@ impl PostgresStore {
     /// Runs a `renew`, `complete` or `release` statement: one row changed, or the lease is lost.
     /// A statement PostgreSQL failed as one to run again ([`sql::runs_again`]) runs again after
     /// a pause ([`sql::pause_before_again`]), up to [`FENCED_ATTEMPTS`] times in all: it changed
-    /// nothing, and its token still fences it. `waits`: as [`execute`](Self::execute).
+    /// nothing, and its token still fences it. `shares`: as [`execute`](Self::execute).
     async fn fenced(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
-        waits: bool,
+        shares: bool,
     ) -> Result<(), StoreError> {
         let mut failures = 0;
         loop {
-            match self.execute(sql, params, waits).await {
+            match self.execute(sql, params, shares).await {
                 Ok(0) => return Err(StoreError::lease_lost()),
                 Ok(_) => return Ok(()),
                 Err(err) if failures + 1 < FENCED_ATTEMPTS && runs_again(&err) => {
@@ -381,7 +387,7 @@ impl PostgresStore {
     /// raises it.
     async fn take_over(
         &self,
-        client: &Conn,
+        client: &Conn<'_>,
         params: &[&(dyn ToSql + Sync); 5],
     ) -> Result<Option<Row>, StoreError> {
         let sql = &self.inner.sql;
@@ -412,7 +418,7 @@ impl PostgresStore {
     /// told when the store answered.
     async fn begin_on(
         &self,
-        client: &Conn,
+        client: &Conn<'_>,
         params: &[&(dyn ToSql + Sync); 5],
         token: LockToken,
         sent: &mut SentBegin<'_, Self>,
@@ -526,7 +532,7 @@ impl PostgresStoreBuilder {
     /// Default, and at most: half of the pool's size, rounded down (8 of the 16 of
     /// [`connect`](Self::connect); a pool of one connection shares none).
     ///
-    /// `begin`, `renew`, `complete`, `release` and `lookup` are one statement each. They go out
+    /// `begin`, `complete`, `release` and `lookup` are one statement each. They go out
     /// on the shared connections in turn, many calls' statements on each at once: each is sent
     /// without waiting for the answers of those before it (tokio-postgres pipelines the
     /// statements of a connection's concurrent callers), and the database reads and answers them
@@ -550,11 +556,13 @@ impl PostgresStoreBuilder {
     /// write nothing), more one whose flushes are slow.
     ///
     /// Each shared connection is taken from the pool at its first use and kept, and closed when
-    /// the store is dropped (its session's setting stays out of the pool); one that closed, or
-    /// that a failure left of no further use (see "Connections" on [`PostgresStore`]), is
-    /// replaced at the next call. `settle` (which waits for a handler's transaction), `forget`,
-    /// `delete_expired`, `migrate` and handlers' transactions take a connection of their own.
-    /// With 0, every call does.
+    /// the store is dropped (its session's setting stays out of the pool); one that closed, that
+    /// a failure left of no further use (see "Connections" on [`PostgresStore`]), or whose call
+    /// was dropped before it answered (past the store's timeout, say: its answers may have
+    /// stopped coming), is replaced at the next call. `renew` (a live handler's lease does not
+    /// depend on a connection other calls share), `settle` (which waits for a handler's
+    /// transaction), `forget`, `delete_expired`, `migrate` and handlers' transactions take a
+    /// connection of their own. With 0, every call does.
     ///
     /// ```
     /// let builder = tower_idempotency::PostgresStore::builder().pipelined_connections(2);
@@ -650,34 +658,32 @@ impl Inner {
         Ok(Pooled(Some(client)))
     }
 
-    /// A connection for a single statement (`begin`, `renew`, `complete`, `release`, `lookup`):
+    /// A connection for a single statement (`begin`, `complete`, `release`, `lookup`):
     /// the next of the shared connections in turn, taken from the pool if it has none open; or
     /// one of the pool's own when the store shares none, or while another call takes the slot's.
     /// To hand back with [`hand_back`](Self::hand_back).
-    async fn shared(&self) -> Result<Conn, StoreError> {
+    async fn shared(&self) -> Result<Conn<'_>, StoreError> {
         match self.pipelines.next() {
-            Next::Shared(slot, shared) => Ok(Conn::Shared { slot, shared }),
+            Next::Shared(lent) => Ok(Conn::Shared(lent)),
             Next::Own => Ok(Conn::Own(self.client().await?)),
             Next::Fill(filling) => {
                 let client = self.client().await?;
                 client.batch_execute(LOCK_TIMEOUT).await.map_err(pg_error)?;
-                let (slot, shared) = filling.fill(client.into_shared());
-                Ok(Conn::Shared { slot, shared })
+                Ok(Conn::Shared(filling.fill(client.into_shared())))
             }
         }
     }
 
     /// Hands `conn` back and passes `result` on, as [`give_back`] does: a shared connection
-    /// that `result`'s failure left of no further use is taken out of its slot, and closed once
-    /// the statements under way on it have answered.
-    fn hand_back<T>(&self, conn: Conn, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    /// that `result`'s failure left of no further use is taken out of its slot (as one whose
+    /// call is dropped before it is handed back), and closed once the statements under way on
+    /// it have answered.
+    fn hand_back<T>(conn: Conn<'_>, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match conn {
             Conn::Own(client) => give_back(client, result),
-            Conn::Shared { slot, shared } => {
-                if let Err(err) = &result
-                    && sqlstate(err).is_some_and(|code| sql::discards_connection(code.code()))
-                {
-                    self.pipelines.discard(slot, &shared);
+            Conn::Shared(lent) => {
+                if !discards(&result) {
+                    lent.keep();
                 }
                 result
             }
@@ -745,7 +751,7 @@ impl IdempotencyStore for PostgresStore {
         let shared = conn.is_shared();
         let mut sent = SentBegin::new(self, key, token, lease);
         let began = self.begin_on(&conn, &params, token, &mut sent).await;
-        let mut began = self.inner.hand_back(conn, began);
+        let mut began = Inner::hand_back(conn, began);
         if shared && began.as_ref().is_err_and(locked) {
             // A lock held a statement up on the shared connection past the session's lock timeout
             // (a concurrent insert of the same key, uncommitted; a row the takeover would update,
@@ -755,7 +761,7 @@ impl IdempotencyStore for PostgresStore {
                 Ok(client) => {
                     let conn = Conn::Own(client);
                     let again = self.begin_on(&conn, &params, token, &mut sent).await;
-                    self.inner.hand_back(conn, again)
+                    Inner::hand_back(conn, again)
                 }
                 Err(err) => {
                     sent.answered();
@@ -782,6 +788,9 @@ impl IdempotencyStore for PostgresStore {
         let token = token_bytes(token);
         let (tenant, token) = (&key.tenant().as_bytes()[..], &token[..]);
         let sql = &self.inner.sql.renew;
+        // On a connection of its own: a renewal keeps a live handler's key from being taken
+        // over, and does not queue behind other calls' statements, nor share their connection's
+        // fate when its answers stop coming.
         match self
             .fenced(sql, &[&tenant, &key.key(), &token, &millis(lease)], false)
             .await
@@ -826,7 +835,7 @@ impl IdempotencyStore for PostgresStore {
 
     async fn lookup(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         let tenant = &key.tenant().as_bytes()[..];
-        let run = async |conn: Conn| {
+        let run = async |conn: Conn<'_>| {
             let found = async {
                 let statement = conn
                     .prepare_cached(&self.inner.sql.lookup)
@@ -839,7 +848,7 @@ impl IdempotencyStore for PostgresStore {
                 row.as_ref().map(record_info).transpose()
             }
             .await;
-            self.inner.hand_back(conn, found)
+            Inner::hand_back(conn, found)
         };
         let conn = self.inner.shared().await?;
         let shared = conn.is_shared();
@@ -973,24 +982,24 @@ fn runs_again(err: &StoreError) -> bool {
 /// A connection a store call runs its statement on: the pool's, held by this call alone, or
 /// shared with other calls' statements, pipelined.
 #[allow(clippy::large_enum_variant)] // the pool's connection as it hands it out, as before
-enum Conn {
+enum Conn<'a> {
     Own(Pooled),
-    Shared { slot: usize, shared: Arc<Shared> },
+    Shared(Lent<'a>),
 }
 
-impl Conn {
+impl Conn<'_> {
     fn is_shared(&self) -> bool {
-        matches!(self, Conn::Shared { .. })
+        matches!(self, Conn::Shared(_))
     }
 }
 
-impl std::ops::Deref for Conn {
+impl std::ops::Deref for Conn<'_> {
     type Target = Client;
 
     fn deref(&self) -> &Client {
         match self {
             Conn::Own(client) => client,
-            Conn::Shared { shared, .. } => shared.client(),
+            Conn::Shared(lent) => lent.client(),
         }
     }
 }
@@ -1034,14 +1043,19 @@ impl Drop for Pooled {
 /// failure left of no further use ([`sql::discards_connection`]: a read-only connection, one the
 /// server is ending) is closed instead, and the pool opens a new one when it needs it.
 fn give_back<T>(mut client: Pooled, result: Result<T, StoreError>) -> Result<T, StoreError> {
-    let discard = result
-        .as_ref()
-        .is_err_and(|err| sqlstate(err).is_some_and(|code| sql::discards_connection(code.code())));
-    if !discard {
+    if !discards(&result) {
         // Back to the pool; a discarded one is closed as `client` drops.
         drop(client.0.take());
     }
     result
+}
+
+/// Whether `result` is a failure that left its connection of no further use
+/// ([`sql::discards_connection`]).
+fn discards<T>(result: &Result<T, StoreError>) -> bool {
+    result
+        .as_ref()
+        .is_err_and(|err| sqlstate(err).is_some_and(|code| sql::discards_connection(code.code())))
 }
 
 fn pool_error(err: PoolError) -> StoreError {

@@ -37,7 +37,7 @@ enum Slot {
 /// What a call runs its statement on: see [`Pipelines::next`].
 pub(super) enum Next<'a> {
     /// The slot's open connection.
-    Shared(usize, Arc<Shared>),
+    Shared(Lent<'a>),
     /// The slot is the caller's to fill: [`Filling::fill`], or it is empty again once the guard
     /// drops.
     Fill(Filling<'a>),
@@ -68,9 +68,12 @@ impl Pipelines {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut held = self.lock(slot);
         match &*held {
-            Slot::Open(shared) if !shared.client().is_closed() => {
-                Next::Shared(slot, shared.clone())
-            }
+            Slot::Open(shared) if !shared.client().is_closed() => Next::Shared(Lent {
+                pipelines: self,
+                slot,
+                shared: shared.clone(),
+                kept: false,
+            }),
             Slot::Filling => Next::Own,
             Slot::Empty | Slot::Open(_) => {
                 *held = Slot::Filling;
@@ -83,11 +86,9 @@ impl Pipelines {
         }
     }
 
-    /// Takes `shared` out of `slot` (if it is still there): a failure left it of no further use
-    /// (see [`discards_connection`](crate::store::sql::discards_connection)). It closes once the
-    /// statements under way on it have answered; the next call in that slot takes a new one from
-    /// the pool.
-    pub(super) fn discard(&self, slot: usize, shared: &Arc<Shared>) {
+    /// Takes `shared` out of `slot` (if it is still there). It closes once the statements under
+    /// way on it have answered; the next call in that slot takes a new one from the pool.
+    fn discard(&self, slot: usize, shared: &Arc<Shared>) {
         let mut held = self.lock(slot);
         if matches!(&*held, Slot::Open(s) if Arc::ptr_eq(s, shared)) {
             *held = Slot::Empty;
@@ -110,14 +111,19 @@ pub(super) struct Filling<'a> {
     filled: bool,
 }
 
-impl Filling<'_> {
+impl<'a> Filling<'a> {
     /// Puts `taken` (a connection just taken from the pool, its session set with
-    /// [`LOCK_TIMEOUT`]) in the slot.
-    pub(super) fn fill(mut self, taken: Client) -> (usize, Arc<Shared>) {
+    /// [`LOCK_TIMEOUT`]) in the slot, and lends it to the call that filled it.
+    pub(super) fn fill(mut self, taken: Client) -> Lent<'a> {
         let shared = Arc::new(Shared::new(taken));
         *self.pipelines.lock(self.slot) = Slot::Open(shared.clone());
         self.filled = true;
-        (self.slot, shared)
+        Lent {
+            pipelines: self.pipelines,
+            slot: self.slot,
+            shared,
+            kept: false,
+        }
     }
 }
 
@@ -125,6 +131,39 @@ impl Drop for Filling<'_> {
     fn drop(&mut self) {
         if !self.filled {
             *self.pipelines.lock(self.slot) = Slot::Empty;
+        }
+    }
+}
+
+/// A shared connection lent to one call's statement. The call keeps it in its slot
+/// ([`keep`](Self::keep)) once the statement answered and did not leave the connection of no
+/// further use. Dropped otherwise (the statement failed so, or the call was dropped before its
+/// answer came: the store's timeout, a request that went away), it takes the connection out of
+/// its slot: a connection whose answers stopped coming (its network path lost, the old endpoint
+/// of a failover) would time out every call that came to it in turn, for as long as TCP kept it
+/// open.
+pub(super) struct Lent<'a> {
+    pipelines: &'a Pipelines,
+    slot: usize,
+    shared: Arc<Shared>,
+    kept: bool,
+}
+
+impl Lent<'_> {
+    pub(super) fn client(&self) -> &Client {
+        self.shared.client()
+    }
+
+    /// Leaves the connection in its slot for the calls that come next.
+    pub(super) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.pipelines.discard(self.slot, &self.shared);
         }
     }
 }
@@ -143,7 +182,7 @@ impl Shared {
         }
     }
 
-    pub(super) fn client(&self) -> &Client {
+    fn client(&self) -> &Client {
         self.client
             .as_ref()
             .expect("a shared connection is taken only when it is dropped")
