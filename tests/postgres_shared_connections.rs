@@ -546,3 +546,60 @@ async fn a_server_whose_connections_stop_answering_keeps_its_handlers_lease() {
     );
     drop(first);
 }
+
+/// Completes its record in a transaction of the application's pool (`respond_in`).
+async fn in_a_transaction(
+    State(pool): State<deadpool_postgres::Pool>,
+    claim: Claim,
+) -> Result<Response, ClaimError> {
+    let mut client = pool.get().await.map_err(ClaimError::database)?;
+    let tx = client.transaction().await.map_err(ClaimError::database)?;
+    let response = claim.respond_in(&tx, (StatusCode::CREATED, "paid")).await?;
+    tx.commit().await.map_err(ClaimError::database)?;
+    Ok(response)
+}
+
+/// Two stores on one application pool of 4 (a table each), whose handlers complete in their own
+/// transactions on that pool: the stores share 2 of its connections between them, not 2 each,
+/// which left none for the handlers (whose `pool.get()` then waited for good: every request
+/// after the first few hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_pool_share_half_of_it_between_them() {
+    let Some(url) = server_url(
+        "POSTGRES_URL",
+        "two_stores_on_one_pool_share_half_of_it_between_them",
+    ) else {
+        return;
+    };
+    let pool = handler_pool(&url);
+    let payments = PostgresStore::from_pool(pool.clone());
+    let refunds = PostgresStore::builder()
+        .table("two_stores_refunds")
+        .build(pool.clone())
+        .unwrap();
+    payments.migrate().await.unwrap();
+    refunds.migrate().await.unwrap();
+    let layer = |store: &PostgresStore| {
+        IdempotencyLayer::new(store.clone())
+            .require_key(true)
+            .store_timeout(Duration::from_secs(2))
+    };
+    let app = Router::new()
+        .route("/pay", post(in_a_transaction).layer(layer(&payments)))
+        .route("/refund", post(in_a_transaction).layer(layer(&refunds)))
+        .with_state(pool.clone());
+    let served = serve(app).await;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        for path in ["/pay", "/refund"] {
+            let sent = served.send(keyed(path, &unique_key(&format!("two-stores-{i}"))));
+            let status = tokio::time::timeout(Duration::from_secs(5), sent).await;
+            statuses.push(status.map(|reply| reply.status.as_u16()).ok());
+        }
+    }
+    assert!(
+        statuses.iter().all(|status| *status == Some(201)),
+        "{statuses:?} (the pool: {:?})",
+        pool.status()
+    );
+}

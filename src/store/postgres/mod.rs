@@ -25,7 +25,7 @@ use crate::stored::StoredResponse;
 
 mod pipeline;
 
-use pipeline::{LOCK_TIMEOUT, Lent, Next, Pipelines};
+use pipeline::{LOCK_TIMEOUT, Lent, Next, Pipelines, PoolShare};
 
 /// The pool size of [`PostgresStore::connect`].
 const DEFAULT_MAX_CONNECTIONS: usize = 16;
@@ -246,7 +246,8 @@ impl PostgresStore {
     /// A store over an existing pool, with the default table, `idempotency_records`. The store
     /// keeps half of the pool's connections, shared by its single statements
     /// ([`pipelined_connections`](PostgresStoreBuilder::pipelined_connections)): a pool the
-    /// application uses too has the other half for itself.
+    /// application uses too has the other half for itself. Stores built on one pool (a table
+    /// each, say) keep half of it between them, not half each.
     ///
     /// ```no_run
     /// use deadpool_postgres::{Manager, Pool};
@@ -530,7 +531,9 @@ impl PostgresStoreBuilder {
 
     /// How many of the pool's connections the store's single statements share, pipelined.
     /// Default, and at most: half of the pool's size, rounded down (8 of the 16 of
-    /// [`connect`](Self::connect); a pool of one connection shares none).
+    /// [`connect`](Self::connect); a pool of one connection shares none). Stores built on one
+    /// pool share at most half of it between them: once they do, a store's call whose
+    /// connection is not open yet takes a connection of its own instead.
     ///
     /// `begin`, `complete`, `release` and `lookup` are one statement each. They go out
     /// on the shared connections in turn, many calls' statements on each at once: each is sent
@@ -629,13 +632,15 @@ struct Checked {
 impl Checked {
     fn finish(self, pool: Pool) -> PostgresStore {
         let sql = Sql::new(&self.table);
-        // Half of the pool at most: the rest is for the calls that hold a connection of their
-        // own, and for handlers' transactions (`Claim::respond_in`). Half by default (see
+        // Half of the pool at most, and at most half with the other stores built on the pool:
+        // the rest is for the calls that hold a connection of their own, and for handlers'
+        // transactions (`Claim::respond_in`). Half by default (see
         // `PostgresStoreBuilder::pipelined_connections`).
         let half = pool.status().max_size / 2;
         let pipelined = self
             .pipelined_connections
             .map_or(half, |count| count.min(half));
+        let pipelines = Pipelines::new(pipelined, PoolShare::new(pool.manager(), half));
         PostgresStore {
             inner: Arc::new(Inner {
                 pool,
@@ -645,7 +650,7 @@ impl Checked {
                 table: self.table,
                 cleanup_interval: self.cleanup_interval,
                 cleanup: KeepRunning::default(),
-                pipelines: Pipelines::new(pipelined),
+                pipelines,
             }),
         }
     }

@@ -21,6 +21,62 @@ pub(super) const LOCK_TIMEOUT: &str = "SET lock_timeout = '100ms'";
 pub(super) struct Pipelines {
     slots: Box<[Mutex<Slot>]>,
     next: AtomicUsize,
+    share: PoolShare,
+}
+
+/// The connections of one pool that the stores built on it share between them: at most half
+/// of the pool, all stores together (two stores of one application pool, each with its table,
+/// would otherwise keep half of it each: all of it).
+pub(super) struct PoolShare {
+    /// The pool's identity: the address of its manager, which lives as long as the pool (and so
+    /// as long as the stores, and their shared connections, that hold the pool).
+    pool: usize,
+    most: usize,
+}
+
+/// How many connections each pool's stores share now, by [`PoolShare::pool`].
+static SHARED_BY_POOL: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+impl PoolShare {
+    /// The share of the pool whose manager is `manager`: at most `most` connections.
+    pub(super) fn new<M>(manager: &M, most: usize) -> Self {
+        Self {
+            pool: std::ptr::from_ref(manager) as usize,
+            most,
+        }
+    }
+
+    /// Counts one more shared connection of the pool, unless its stores share `most` already.
+    fn take(&self) -> bool {
+        let mut shared = SHARED_BY_POOL
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match shared.iter_mut().find(|(pool, _)| *pool == self.pool) {
+            Some((_, count)) if *count >= self.most => false,
+            Some((_, count)) => {
+                *count += 1;
+                true
+            }
+            None if self.most == 0 => false,
+            None => {
+                shared.push((self.pool, 1));
+                true
+            }
+        }
+    }
+
+    /// Counts one shared connection of the pool less.
+    fn give_back(pool: usize) {
+        let mut shared = SHARED_BY_POOL
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = shared.iter().position(|(p, _)| *p == pool) {
+            shared[at].1 -= 1;
+            if shared[at].1 == 0 {
+                shared.swap_remove(at);
+            }
+        }
+    }
 }
 
 /// A shared connection's place.
@@ -46,11 +102,12 @@ pub(super) enum Next<'a> {
 }
 
 impl Pipelines {
-    /// `count` connections, none of them taken yet.
-    pub(super) fn new(count: usize) -> Self {
+    /// `count` connections, none of them taken yet, within the pool's `share`.
+    pub(super) fn new(count: usize, share: PoolShare) -> Self {
         Self {
             slots: (0..count).map(|_| Mutex::new(Slot::Empty)).collect(),
             next: AtomicUsize::new(0),
+            share,
         }
     }
 
@@ -60,7 +117,8 @@ impl Pipelines {
     }
 
     /// The next slot in turn: its connection when it has one open; else the slot to fill (a
-    /// connection that closed is replaced), unless another call is filling it.
+    /// connection that closed is replaced), unless another call is filling it or the pool's
+    /// stores share their most already.
     pub(super) fn next(&self) -> Next<'_> {
         if self.slots.is_empty() {
             return Next::Own;
@@ -76,6 +134,11 @@ impl Pipelines {
             }),
             Slot::Filling => Next::Own,
             Slot::Empty | Slot::Open(_) => {
+                // The closed connection goes first: it counts in the pool's share until then.
+                *held = Slot::Empty;
+                if !self.share.take() {
+                    return Next::Own;
+                }
                 *held = Slot::Filling;
                 Next::Fill(Filling {
                     pipelines: self,
@@ -115,7 +178,10 @@ impl<'a> Filling<'a> {
     /// Puts `taken` (a connection just taken from the pool, its session set with
     /// [`LOCK_TIMEOUT`]) in the slot, and lends it to the call that filled it.
     pub(super) fn fill(mut self, taken: Client) -> Lent<'a> {
-        let shared = Arc::new(Shared::new(taken));
+        let shared = Arc::new(Shared {
+            client: Some(taken),
+            pool: self.pipelines.share.pool,
+        });
         *self.pipelines.lock(self.slot) = Slot::Open(shared.clone());
         self.filled = true;
         Lent {
@@ -131,6 +197,7 @@ impl Drop for Filling<'_> {
     fn drop(&mut self) {
         if !self.filled {
             *self.pipelines.lock(self.slot) = Slot::Empty;
+            PoolShare::give_back(self.pipelines.share.pool);
         }
     }
 }
@@ -173,15 +240,11 @@ impl Drop for Lent<'_> {
 /// which a connection the pool hands out (to a handler's transaction) must not be.
 pub(super) struct Shared {
     client: Option<Client>,
+    /// Its pool's [`PoolShare::pool`], whose count it is in.
+    pool: usize,
 }
 
 impl Shared {
-    fn new(client: Client) -> Self {
-        Self {
-            client: Some(client),
-        }
-    }
-
     fn client(&self) -> &Client {
         self.client
             .as_ref()
@@ -194,6 +257,7 @@ impl Drop for Shared {
         if let Some(client) = self.client.take() {
             drop(Object::take(client));
         }
+        PoolShare::give_back(self.pool);
     }
 }
 
@@ -203,16 +267,45 @@ mod tests {
 
     #[test]
     fn no_slots_share_nothing() {
-        let pipelines = Pipelines::new(0);
+        let pipelines = Pipelines::new(0, PoolShare::new(&(), 8));
         assert_eq!(pipelines.count(), 0);
         assert!(matches!(pipelines.next(), Next::Own));
+    }
+
+    /// Two stores' connections on one pool: together, no more than the pool's share; a share
+    /// given back (a fill given up, a shared connection closed) is the other store's to take.
+    #[test]
+    fn stores_on_one_pool_share_its_share_between_them() {
+        let pool = 0u8;
+        let (first, second) = (
+            Pipelines::new(2, PoolShare::new(&pool, 2)),
+            Pipelines::new(2, PoolShare::new(&pool, 2)),
+        );
+        let (Next::Fill(a), Next::Fill(b)) = (first.next(), first.next()) else {
+            panic!("the first store fills both its slots");
+        };
+        assert!(matches!(second.next(), Next::Own));
+        assert!(matches!(second.next(), Next::Own));
+        drop(a);
+        let Next::Fill(c) = second.next() else {
+            panic!("a share given back is the other store's to take");
+        };
+        assert!(matches!(first.next(), Next::Own));
+        drop((b, c));
+        let other = 1u8;
+        let elsewhere = Pipelines::new(1, PoolShare::new(&other, 1));
+        assert!(
+            matches!(elsewhere.next(), Next::Fill(_)),
+            "another pool's share is its own"
+        );
     }
 
     /// Each slot in turn is the first caller's to fill; while it is being filled the callers
     /// that come to it take a connection of their own; a fill given up leaves it empty.
     #[test]
     fn slots_are_filled_by_one_caller_each_in_turn() {
-        let pipelines = Pipelines::new(2);
+        let pool = 0u8;
+        let pipelines = Pipelines::new(2, PoolShare::new(&pool, 8));
         let (Next::Fill(first), Next::Fill(second)) = (pipelines.next(), pipelines.next()) else {
             panic!("two empty slots, each the first caller's to fill");
         };
