@@ -3,6 +3,7 @@
 
 use std::error::Error;
 use std::fmt;
+use std::time::Duration;
 
 use http::HeaderValue;
 
@@ -28,6 +29,7 @@ enum Kind {
     Service(BoxError),
     BodyTooLarge { limit: usize },
     Body(BoxError),
+    Deadline(Duration),
 }
 
 /// What a [`RetryError`] is about.
@@ -42,6 +44,10 @@ pub enum RetryErrorKind {
     BodyTooLarge,
     /// The request body failed while it was read: nothing was sent.
     Body,
+    /// The deadline ended while an attempt was in flight, which was cut off: the request may
+    /// have run on the server (a server behind this crate's layer runs it to its end). Send it
+    /// again later with the same [`key`](RetryError::key): the server replays its answer.
+    Deadline,
 }
 
 impl RetryError {
@@ -63,6 +69,15 @@ impl RetryError {
         }
     }
 
+    /// The deadline (`deadline` long) ended during the last of `attempts` attempts.
+    pub(crate) fn deadline(deadline: Duration, attempts: u32, key: HeaderValue) -> Self {
+        Self {
+            kind: Kind::Deadline(deadline),
+            attempts,
+            key: Some(key),
+        }
+    }
+
     pub(crate) fn buffer(error: BufferError, key: HeaderValue) -> Self {
         let kind = match error {
             BufferError::TooLarge { limit } => Kind::BodyTooLarge { limit },
@@ -81,6 +96,7 @@ impl RetryError {
             Kind::Service(_) => RetryErrorKind::Service,
             Kind::BodyTooLarge { .. } => RetryErrorKind::BodyTooLarge,
             Kind::Body(_) => RetryErrorKind::Body,
+            Kind::Deadline(_) => RetryErrorKind::Deadline,
         }
     }
 
@@ -126,6 +142,12 @@ impl fmt::Display for RetryError {
                 "the request body is over the {limit}-byte limit kept for retries"
             ),
             Kind::Body(_) => f.write_str("the request body could not be read"),
+            Kind::Deadline(deadline) => write!(
+                f,
+                "no answer within the deadline ({deadline:?}) after {} attempt{}",
+                self.attempts,
+                if self.attempts == 1 { "" } else { "s" }
+            ),
         }
     }
 }
@@ -133,7 +155,7 @@ impl fmt::Display for RetryError {
 impl Error for RetryError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
-            Kind::BodyTooLarge { .. } => None,
+            Kind::BodyTooLarge { .. } | Kind::Deadline(_) => None,
             Kind::Service(error) | Kind::Body(error) => Some(&**error),
         }
     }
@@ -164,8 +186,17 @@ mod tests {
         assert!(error.source().is_none());
         assert!(error.to_string().contains("10-byte limit"), "{error}");
 
-        let error = RetryError::buffer(BufferError::Read("truncated".into()), key);
+        let error = RetryError::buffer(BufferError::Read("truncated".into()), key.clone());
         assert_eq!(error.kind(), RetryErrorKind::Body);
         assert_eq!(error.source().unwrap().to_string(), "truncated");
+
+        let error = RetryError::deadline(Duration::from_secs(2), 1, key.clone());
+        assert_eq!(error.kind(), RetryErrorKind::Deadline);
+        assert_eq!((error.attempts(), error.key()), (1, Some(&key)));
+        assert!(error.inner().is_none() && error.source().is_none());
+        assert_eq!(
+            error.to_string(),
+            "no answer within the deadline (2s) after 1 attempt"
+        );
     }
 }

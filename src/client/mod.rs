@@ -76,7 +76,10 @@ impl Default for Config {
 ///   [`BodyTooLarge`](RetryErrorKind::BodyTooLarge), never sent), and every attempt sends those
 ///   same bytes with the same key;
 /// - it retries when the inner service fails (a connection refused, reset or lost: the request
-///   may or may not have run, and the key makes running it again safe), and on `409` with
+///   may or may not have run, and the key makes running it again safe; the layer cannot tell
+///   one client's errors apart, so every error of the inner service is retried, one that can
+///   never succeed too: an `https` URL on a plain-HTTP connector costs the retries), and on
+///   `409` with
 ///   `Retry-After` (the first attempt is still running), `429`, and `5xx` except `501` and
 ///   `505` (the server failed and released the key). It never retries another `4xx`: a `422`
 ///   means the key was used for a different request, a bug a retry cannot fix; a `409` without
@@ -93,7 +96,8 @@ impl Default for Config {
 /// - it stops after [`max_retries`](IdempotentRetryLayerBuilder::max_retries) retries, or when
 ///   the next attempt would start past the [`deadline`](IdempotentRetryLayerBuilder::deadline)
 ///   counted from the first one (it never sleeps past it), and returns the last response or
-///   error;
+///   error; an attempt still in flight at the deadline is cut off, and the answer is a
+///   [`RetryError`] of kind [`Deadline`](RetryErrorKind::Deadline), with the key;
 /// - the response carries a [`RetryOutcome`] in its extensions: the key, the number of attempts,
 ///   and whether the server replayed a stored response. It is handed over when its head
 ///   arrives, and its body streams to the caller: a connection lost while the body comes is the
@@ -128,10 +132,14 @@ impl Default for Config {
 /// # }
 /// ```
 ///
-/// The deadline bounds the retries, not an attempt in flight: hyper-util's client has no
-/// timeout of its own, so put one between this layer and the client (`tower::timeout`, for
-/// example). An attempt that times out is an error of the inner service, retried with the same
-/// key; the server then answers `409` while the first attempt still runs there, then the replay.
+/// The deadline bounds the whole request, an attempt in flight included: one that has no
+/// answer by then is dropped (hyper-util closes its connection). It may have run on the server,
+/// and runs to its end there if it started (this crate's server layer does): send the request
+/// again later with the error's key, and the server replays its answer. To retry an attempt that
+/// stalls before the deadline, bound each attempt too: put a timeout between this layer and the
+/// client (`tower::timeout`, for example; hyper-util's client has none of its own). An attempt
+/// that times out is an error of the inner service, retried with the same key; the server then
+/// answers `409` while the first attempt still runs there, then the replay.
 ///
 /// Defaults: POST and PATCH, the `Idempotency-Key` header, 3 retries, a 100 ms base delay, a
 /// 5 s cap on any one wait, a 30 s deadline, bodies up to 2 MiB. The layer needs a Tokio
@@ -309,9 +317,11 @@ impl IdempotentRetryLayerBuilder {
         self
     }
 
-    /// How long after the first attempt started a retry may still start: a wait that would end
-    /// past it is not taken, and the last response or error is returned. It does not cut off
-    /// an attempt in flight. Default: 30 s.
+    /// How long the request may take, from its first attempt's start: a wait that would end past
+    /// it is not taken, and the last response or error is returned; an attempt still in flight
+    /// then is cut off, and the request ends with a [`RetryError`] of kind
+    /// [`Deadline`](RetryErrorKind::Deadline) (with the key, to send it again later). Default:
+    /// 30 s.
     ///
     /// ```
     /// use std::time::Duration;

@@ -71,6 +71,12 @@ impl Schedule {
         self.attempts
     }
 
+    /// When the deadline ends: an attempt still in flight then is cut off. `None` for a
+    /// deadline too far to be told (`Duration::MAX`).
+    pub(crate) fn deadline(&self, config: &Config) -> Option<Instant> {
+        self.started.checked_add(config.deadline)
+    }
+
     /// The wait before the next attempt, after a retryable answer that asked to wait
     /// `retry_after` (if it did); `None` when the retries are spent or the next attempt would
     /// start past the deadline.

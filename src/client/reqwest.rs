@@ -104,8 +104,18 @@ impl Middleware for IdempotentRetryMiddleware {
             let Some(attempt) = request.try_clone() else {
                 return next.run(request, extensions).await;
             };
-            let result = next.clone().run(attempt, extensions).await;
+            let attempt = next.clone().run(attempt, extensions);
+            let result = match schedule.deadline(config) {
+                Some(deadline) => tokio::time::timeout_at(deadline, attempt).await,
+                None => Ok(attempt.await),
+            };
             schedule.attempted();
+            let Ok(result) = result else {
+                let attempts = schedule.attempts();
+                extensions.insert(RetryOutcome::new(key.clone(), attempts, false));
+                let error = RetryError::deadline(config.deadline, attempts, key);
+                return Err(Error::middleware(error));
+            };
             let wait = match &result {
                 Ok(response)
                     if policy::should_retry(

@@ -170,10 +170,19 @@ where
         {
             return Err(RetryError::service(error, schedule.attempts(), key));
         }
-        let result = inner
-            .call(Request::from_parts(parts.clone(), body.body()))
-            .await;
+        let attempt = inner.call(Request::from_parts(parts.clone(), body.body()));
+        let result = match schedule.deadline(&config) {
+            Some(deadline) => tokio::time::timeout_at(deadline, attempt).await,
+            None => Ok(attempt.await),
+        };
         schedule.attempted();
+        let Ok(result) = result else {
+            return Err(RetryError::deadline(
+                config.deadline,
+                schedule.attempts(),
+                key,
+            ));
+        };
         let wait = match &result {
             Ok(response)
                 if policy::should_retry(
