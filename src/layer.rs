@@ -151,7 +151,8 @@ impl<St, T, E> IdempotencyLayer<St, T, E> {
 
     /// The in-flight lease: how long a request holds its key before another request may take it
     /// over, should its server die. The lease is renewed every third of its length while the
-    /// handler runs, so a slow handler is never taken over. Default: 30 seconds.
+    /// handler runs, so a slow handler is never taken over; a renewal that failed (its store
+    /// call timed out, say) is tried again a twelfth of the lease later. Default: 30 seconds.
     ///
     /// The renewals run in the request's own task, between the handler's `.await`s: a handler
     /// that blocks its thread (`tokio::task::block_in_place`, a synchronous call) for longer

@@ -237,21 +237,34 @@ pub(crate) struct Renewals {
 impl Renewals {
     /// Renews `guard`'s lease every third of its length: starts a renewal each time the timer
     /// fires (one still running when the next is due stands for both), and polls the one under
-    /// way.
+    /// way. A renewal that failed is tried again a quarter of that period later, not a whole
+    /// one: two failures in a row (a connection that stopped answering, then the next one the
+    /// store had open) would otherwise let the lease of a live handler end.
     fn poll<St: IdempotencyStore>(&mut self, guard: &Guard<St>, cx: &mut Context<'_>) {
         let (lease, period) = (self.lease, self.lease / 3);
-        let timer = self
-            .tick
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
-        while timer.as_mut().poll(cx).is_ready() {
-            let next = timer.deadline() + period;
-            timer.as_mut().reset(next);
-            if self.renewal.is_none() {
-                self.renewal = Some(guard.renewal(lease));
+        loop {
+            let timer = self
+                .tick
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+            while timer.as_mut().poll(cx).is_ready() {
+                let next = timer.deadline() + period;
+                timer.as_mut().reset(next);
+                if self.renewal.is_none() {
+                    self.renewal = Some(guard.renewal(lease));
+                }
             }
-        }
-        if guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx) {
-            self.renewal = None;
+            match guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx) {
+                None => return,
+                Some(try_again) => {
+                    self.renewal = None;
+                    let again = tokio::time::Instant::now() + period / 4;
+                    if !try_again || again >= timer.deadline() {
+                        return;
+                    }
+                    // Polled again at once, so that the timer's new deadline wakes this task.
+                    timer.as_mut().reset(again);
+                }
+            }
         }
     }
 }
@@ -414,19 +427,20 @@ impl<St: IdempotencyStore> Guard<St> {
         })
     }
 
-    /// Polls a renewal under way, if any; `true` once it is done.
+    /// Polls a renewal under way, if any; once it is done, whether it failed in a way that
+    /// another try may not (not a lease lost to a takeover). A failure is reported.
     fn poll_renewal<F: Future<Output = Result<(), StoreError>> + ?Sized>(
         &self,
         call: Option<Pin<&mut F>>,
         cx: &mut Context<'_>,
-    ) -> bool {
+    ) -> Option<bool> {
         let Some(Poll::Ready(result)) = call.map(|call| call.poll(cx)) else {
-            return false;
+            return None;
         };
-        if let Err(err) = result {
+        Some(result.is_err_and(|err| {
             self.report("renew", &err);
-        }
-        true
+            err.kind() != StoreErrorKind::LeaseLost
+        }))
     }
 
     /// Reports a store call that failed after the request acquired its key.

@@ -215,6 +215,28 @@ where
     assert_eq!(w.runs.get(), 1);
 }
 
+/// Three renewals in a row fail (a connection that stopped answering, then the next ones the
+/// store had open): each failed one is tried again a quarter of the renewal period later, so the
+/// fourth renews the lease before it ends, and a retry past the lease's first end gets `409`.
+/// (Tried again only at the next period, the lease ended after the second failure, and the
+/// retry ran the handler a second time.)
+async fn renewals_that_fail_in_a_row_are_tried_again_before_the_lease_ends<S>(w: World<S>)
+where
+    S: IdempotencyStore + Clone,
+{
+    w.store.times(Op::Renew, Fault::Fail, 3);
+    let first = {
+        let (app, request) = (w.app.clone(), w.slow(2.0));
+        tokio::spawn(async move { send(&app, request).await })
+    };
+    settle(w.part(1.2)).await;
+    let retry = send(&w.app, w.slow(2.0)).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{:?}", retry.body);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(w.runs.get(), 1);
+    assert!(w.store.calls(Op::Renew) >= 4);
+}
+
 async fn renewals_that_keep_failing_let_the_lease_lapse_and_fencing_protects_the_record<S>(
     w: World<S>,
 ) where
@@ -420,6 +442,7 @@ cases!(
     a_failed_release_is_retried_in_the_background,
     a_release_that_keeps_failing_expires_with_the_lease,
     a_transient_renewal_failure_does_not_lose_the_lease,
+    renewals_that_fail_in_a_row_are_tried_again_before_the_lease_ends,
     renewals_that_keep_failing_let_the_lease_lapse_and_fencing_protects_the_record,
     a_failed_begin_answers_503_and_runs_nothing,
     a_begin_whose_reply_is_lost_holds_the_key_until_its_lease_ends,
