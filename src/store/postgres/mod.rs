@@ -141,12 +141,11 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// lease does not depend on a connection other calls share), and handlers' transactions, hold a
 /// connection of their own for their statements; one held by a call that was dropped before it
 /// answered is closed, not given back to the pool, where the next calls would wait behind its
-/// statement. Statements are
-/// prepared once per connection and reused. The pool of
+/// statement. Statements are prepared once per connection and reused. The pool of
 /// [`connect`](Self::connect) opens up to 16 connections
-/// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the shared connections
-/// plus the handlers' transactions a server has in progress at once, within what the database
-/// allows.
+/// ([`max_connections`](PostgresStoreBuilder::max_connections)): size it to the shared
+/// connections plus the handlers' transactions a server has in progress at once, within what
+/// the database allows.
 ///
 /// Cloning is cheap and shares the pool and the configuration. A store's settings
 /// ([`PostgresStore::builder`]: the table, the cleanup interval) are set before it exists and
@@ -157,6 +156,9 @@ pub struct PostgresStore {
 }
 
 struct Inner {
+    /// Dropped before the pool: its shared connections count in the pool's share (by the pool's
+    /// identity) until they are dropped.
+    pipelines: Pipelines,
     pool: Pool,
     table_name: String,
     table: Table,
@@ -164,7 +166,6 @@ struct Inner {
     target: ClaimTarget,
     cleanup_interval: Option<Duration>,
     cleanup: KeepRunning,
-    pipelines: Pipelines,
 }
 
 impl PostgresStore {
