@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,9 +18,8 @@ use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
 use http::HeaderMap;
+use support::proxy::{Proxy, host_port, through};
 use support::{serve, server_url, unique_key};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower_idempotency::{
     Begin, Claim, ClaimError, Fingerprint, IdempotencyLayer, IdempotencyStore, PostgresStore,
@@ -208,101 +207,11 @@ async fn a_complete_waiting_for_a_lock_holds_up_no_begin() {
     );
 }
 
-/// A TCP proxy on 127.0.0.1 to the PostgreSQL of a URL: it counts the connections opened
-/// through it, and can freeze those open (bytes stop both ways, the sockets stay open: a network
-/// path lost, the old endpoint of a failover), while connections opened later flow.
-struct Proxy {
-    opened: Arc<AtomicUsize>,
-    frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
-}
-
-impl Proxy {
-    /// Starts the proxy; answers the `tokio_postgres::Config` to reach the server through it.
-    async fn start(url: &str) -> (tokio_postgres::Config, Proxy) {
-        let config: tokio_postgres::Config = url.parse().unwrap();
-        let host = match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(host) => host.clone(),
-            #[allow(unreachable_patterns)]
-            _ => panic!("a TCP host"),
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_port = listener.local_addr().unwrap().port();
-        let proxy = Proxy {
-            opened: Arc::default(),
-            frozen: Arc::default(),
-        };
-        tokio::spawn({
-            let (opened, frozen) = (proxy.opened.clone(), proxy.frozen.clone());
-            async move {
-                loop {
-                    let Ok((inbound, _)) = listener.accept().await else {
-                        return;
-                    };
-                    opened.fetch_add(1, Ordering::SeqCst);
-                    let flag = Arc::new(AtomicBool::new(false));
-                    frozen.lock().unwrap().push(flag.clone());
-                    let target = format!("{host}:{port}");
-                    tokio::spawn(async move {
-                        if let Ok(outbound) = TcpStream::connect(target).await {
-                            let ((ri, wi), (ro, wo)) =
-                                (inbound.into_split(), outbound.into_split());
-                            tokio::join!(pump(ri, wo, flag.clone()), pump(ro, wi, flag));
-                        }
-                    });
-                }
-            }
-        });
-        let mut proxied = tokio_postgres::Config::new();
-        proxied.host("127.0.0.1").port(proxy_port);
-        if let Some(user) = config.get_user() {
-            proxied.user(user);
-        }
-        if let Some(password) = config.get_password() {
-            proxied.password(password);
-        }
-        if let Some(dbname) = config.get_dbname() {
-            proxied.dbname(dbname);
-        }
-        (proxied, proxy)
-    }
-
-    fn opened(&self) -> usize {
-        self.opened.load(Ordering::SeqCst)
-    }
-
-    /// Every connection open now stops forwarding, its sockets left open; answers how many.
-    fn freeze_those_open(&self) -> usize {
-        let flags = self.frozen.lock().unwrap();
-        flags
-            .iter()
-            .for_each(|flag| flag.store(true, Ordering::SeqCst));
-        flags.len()
-    }
-}
-
-/// Forwards `from` to `to` until either closes; once `frozen`, swallows what comes and never
-/// closes.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if frozen.load(Ordering::SeqCst) {
-            // `to` stays open for good.
-            while !matches!(from.read(&mut buf).await, Ok(0) | Err(_)) {}
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
+/// A proxy to the server of `url` whose open connections can be frozen (`support::proxy`),
+/// and the `tokio_postgres::Config` to reach the server through it.
+async fn proxied(url: &str) -> (tokio_postgres::Config, Proxy) {
+    let proxy = Proxy::start(host_port(url).to_owned()).await;
+    (through(url, &proxy).parse().unwrap(), proxy)
 }
 
 /// A burst of calls on a store whose shared connections are not open yet (its first traffic,
@@ -326,7 +235,7 @@ async fn a_burst_on_empty_shared_slots_opens_no_more_than_the_pool() {
         .await
         .unwrap();
 
-    let (config, proxy) = Proxy::start(&url).await;
+    let (config, proxy) = proxied(&url).await;
     let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(16)
@@ -462,7 +371,7 @@ async fn a_shared_connection_that_stops_answering_is_replaced() {
             .migrate()
             .await
             .unwrap();
-        let (config, proxy) = Proxy::start(&url).await;
+        let (config, proxy) = proxied(&url).await;
         let store = PostgresStore::builder()
             .pipelined_connections(shared)
             .build(proxied_pool(config, 4))
@@ -507,7 +416,7 @@ async fn a_server_whose_connections_stop_answering_keeps_its_handlers_lease() {
         .migrate()
         .await
         .unwrap();
-    let (config, proxy) = Proxy::start(&url).await;
+    let (config, proxy) = proxied(&url).await;
     let a = PostgresStore::from_pool(proxied_pool(config, 4));
     assert_eq!(a.pipelined_connections(), 2);
     // A's shared connections are open before the request, as they are under traffic.

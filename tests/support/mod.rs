@@ -6,8 +6,9 @@
 //! PostgreSQL that completes its records with `Claim` (`payments`, feature `sqlx`), a stand-in
 //! authentication middleware (`auth`), a charging API that records its side effects
 //! (`charge`), servers in child processes (`child`), the shared stores
-//! of `scripts/test-services` (`shared`), the scenarios both SQL stores run (`sql`) and Redis
-//! servers and clusters of a test's own (`cluster`).
+//! of `scripts/test-services` (`shared`), the scenarios both SQL stores run (`sql`), Redis
+//! servers and clusters of a test's own (`cluster`) and a TCP proxy whose connections can be
+//! frozen (`proxy`).
 //!
 //! Test files say `#[macro_use] mod support;` (the macros are `fleet_scenarios!` and
 //! `sql_scenarios!`).
@@ -34,6 +35,7 @@ pub mod cluster;
 pub mod faults;
 #[cfg(feature = "sqlx")]
 pub mod payments;
+pub mod proxy;
 pub mod raw;
 pub mod server;
 #[macro_use]
