@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::query::Query;
 use sqlx::{Arguments, PgPool, Postgres, Row};
 
@@ -60,7 +60,9 @@ use crate::stored::StoredResponse;
 /// cache) and reused. While PostgreSQL is down, calls fail (the layer answers `503` once its store
 /// timeout passes, or at once when the pool fails first), and once it is back the pool reconnects
 /// by itself. A connection of no further use (read-only, SQLSTATE 25006; ended by the server, class
-/// 57P, or the network, class 08) is closed instead of going back to the pool. A statement
+/// 57P, or the network, class 08) is closed instead of going back to the pool; so is one whose
+/// call was dropped before its statement answered (past the layer's store timeout, a request
+/// gone), at once, its pool slot free for a new connection (see below). A statement
 /// PostgreSQL failed with a serialization failure or a deadlock (40001, 40P01) changed nothing, and
 /// runs again, after a random pause (up to 1 ms, the bound doubling with each failure to 32 ms, so
 /// that the statements that conflicted do not meet again at once): `begin` up to 10 times, `renew`,
@@ -72,8 +74,19 @@ use crate::stored::StoredResponse;
 /// off. By default it also pings every connection it hands out
 /// ([`PoolOptions::test_before_acquire`](sqlx::pool::PoolOptions::test_before_acquire)): one
 /// more before each statement, on the request's path. A pool built with
-/// `test_before_acquire(false)` skips that one; a connection that broke while idle then fails
-/// one call (`503`) and is replaced.
+/// `test_before_acquire(false)` skips that one; a connection that broke or stopped answering
+/// while idle then fails one call (`503`) and is replaced.
+///
+/// The ping on the way back has no timeout. On a connection whose answers stopped coming
+/// without it closing (its network path lost, the old endpoint of a failover), it never answers,
+/// and the connection held its pool slot until the operating system gave up on it (TCP's
+/// retransmissions: some 15 minutes on Linux by default; for good behind a middlebox that keeps
+/// the socket open): a few calls cut by the store timeout took the whole pool, every later call
+/// failed (`503`), and a live handler's renewals failed until another server took its key over.
+/// So a connection whose call was dropped before its statement answered skips the ping: the
+/// store closes it, and the pool opens a new one. One whose statement answered goes back through
+/// the ping: a connection that stops answering in that one round trip still holds its slot as
+/// long. (Bounding that ping would take one more round trip per call, or sqlx's hidden API.)
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), sqlx::Error> {
@@ -225,17 +238,16 @@ impl SqlxStore {
     /// wait for each other instead of racing on the catalog.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = self.inner.conn().await?;
-        let migrated = match sqlx::Connection::begin(&mut *conn).await {
+        let migrated = match sqlx::Connection::begin(conn.ask()).await {
             Ok(tx) => self.inner.sql.migrate(tx).await,
             Err(err) => Err(sqlx_error(err)),
         };
-        // As `checked`, for the error of any of its statements.
-        if let Err(err) = &migrated
-            && let Some(sqlx) = std::error::Error::source(err).and_then(|s| s.downcast_ref())
-            && discards_connection(sqlx)
-        {
-            conn.close_on_drop();
-        }
+        // As `Held::answered`, for the error of any of its statements.
+        conn.done(migrated.as_ref().is_err_and(|err| {
+            std::error::Error::source(err)
+                .and_then(|source| source.downcast_ref())
+                .is_some_and(discards_connection)
+        }));
         migrated
     }
 
@@ -290,9 +302,9 @@ impl SqlxStore {
         self.ensure_cleanup();
         let mut failures = 0;
         loop {
-            let mut conn = self.inner.pool.acquire().await?;
-            let done = query().execute(&mut *conn).await;
-            match checked(&mut conn, done) {
+            let mut conn = Held::new(self.inner.pool.acquire().await?);
+            let done = query().execute(conn.ask()).await;
+            match conn.answered(done) {
                 Ok(done) => return Ok(done.rows_affected()),
                 Err(err) if failures + 1 < FENCED_ATTEMPTS && runs_again(&err) => {
                     // Back to the pool while it waits.
@@ -318,9 +330,9 @@ impl SqlxStore {
 }
 
 impl Inner {
-    /// A connection of the pool; pass what it answered through [`checked`].
-    async fn conn(&self) -> Result<PoolConnection<Postgres>, StoreError> {
-        self.pool.acquire().await.map_err(sqlx_error)
+    /// A connection of the pool, held for a call's statements: see [`Held`].
+    async fn conn(&self) -> Result<Held, StoreError> {
+        self.pool.acquire().await.map(Held::new).map_err(sqlx_error)
     }
 
     async fn delete_expired(&self) -> Result<u64, StoreError> {
@@ -328,11 +340,9 @@ impl Inner {
             let mut conn = self.conn().await?;
             let done = sqlx::query(&self.sql.delete_expired)
                 .bind(DELETE_BATCH)
-                .execute(&mut *conn)
+                .execute(conn.ask())
                 .await;
-            Ok(checked(&mut conn, done)
-                .map_err(sqlx_error)?
-                .rows_affected())
+            Ok(conn.answered(done).map_err(sqlx_error)?.rows_affected())
         })
         .await
     }
@@ -388,8 +398,8 @@ impl IdempotencyStore for SqlxStore {
         // run again (`sql::runs_again`: it changed nothing; after a pause), runs again.
         let mut failures = 0;
         for _ in 0..BEGIN_ATTEMPTS {
-            let row = statement(false).fetch_optional(&mut *conn).await;
-            let row = match checked(&mut conn, row) {
+            let row = statement(false).fetch_optional(conn.ask()).await;
+            let row = match conn.answered(row) {
                 Ok(row) => row,
                 Err(err) if runs_again(&err) => {
                     failures += 1;
@@ -405,15 +415,15 @@ impl IdempotencyStore for SqlxStore {
                 }
                 Step::Again => continue,
                 Step::TakeOver => {
-                    let row = match statement(true).fetch_optional(&mut *conn).await {
+                    let row = match statement(true).fetch_optional(conn.ask()).await {
                         // A transaction holds the in-flight row: read it without waiting.
                         Err(err) if is_locked(&err) => {
                             let peek = self.keyed(&sql.peek, key, 0).bind(fingerprint);
-                            peek.fetch_optional(&mut *conn).await
+                            peek.fetch_optional(conn.ask()).await
                         }
                         row => row,
                     };
-                    match checked(&mut conn, row) {
+                    match conn.answered(row) {
                         Ok(row) => row,
                         Err(err) if runs_again(&err) => {
                             failures += 1;
@@ -483,9 +493,9 @@ impl IdempotencyStore for SqlxStore {
         let mut conn = self.inner.conn().await?;
         let row = self
             .keyed(&self.inner.sql.lookup, key, 0)
-            .fetch_optional(&mut *conn)
+            .fetch_optional(conn.ask())
             .await;
-        let row = checked(&mut conn, row).map_err(sqlx_error)?;
+        let row = conn.answered(row).map_err(sqlx_error)?;
         row.as_ref().map(record_info).transpose()
     }
 
@@ -496,9 +506,9 @@ impl IdempotencyStore for SqlxStore {
             let row = self
                 .keyed(&self.inner.sql.forget, key, 0)
                 .bind(force)
-                .fetch_one(&mut *conn)
+                .fetch_one(conn.ask())
                 .await;
-            match checked(&mut conn, row) {
+            match conn.answered(row) {
                 Ok(row) => break row,
                 // A statement holds the row for a moment; a transaction that keeps holding
                 // it is alive (see `Sql::forget`).
@@ -519,9 +529,9 @@ impl IdempotencyStore for SqlxStore {
             let row = self
                 .keyed(statement, key, 0)
                 .bind(&token[..])
-                .fetch_one(&mut *conn)
+                .fetch_one(conn.ask())
                 .await;
-            let row = checked(&mut conn, row).map_err(sqlx_error)?;
+            let row = conn.answered(row).map_err(sqlx_error)?;
             if let Some(settled) = sql::settled(row.try_get(0).map_err(corrupt)?) {
                 return Ok(settled);
             }
@@ -605,19 +615,70 @@ fn discards_connection(err: &sqlx::Error) -> bool {
     sqlstate(err).is_some_and(|code| sql::discards_connection(&code))
 }
 
-/// Passes on what a statement on `conn` answered; a connection its failure left of no further
-/// use ([`discards_connection`]) is closed when it is dropped instead of going back to the
-/// pool, which opens a new one when it needs it.
-fn checked<T>(
-    conn: &mut PoolConnection<Postgres>,
-    result: Result<T, sqlx::Error>,
-) -> Result<T, sqlx::Error> {
-    if let Err(err) = &result
-        && discards_connection(err)
-    {
-        conn.close_on_drop();
+/// A connection of the pool, held by one call for its statements: ask each on
+/// [`ask`](Self::ask), and pass what it answered through [`answered`](Self::answered).
+///
+/// Dropped while a statement is under way (the call was dropped before it answered: the layer's
+/// store timeout, a request gone), the connection is detached from the pool and closed at once,
+/// and its pool slot is free for a new one. Given back, the pool would ping it first, with no
+/// timeout (sqlx 0.8): on a connection whose answers stopped coming (its network path lost) the
+/// ping never answers, and the slot was held until TCP gave up on it. Otherwise it goes back to
+/// the pool, which pings it in a task of its own, as any connection of the application's: the
+/// ping also flushes what the statement left (a dropped transaction's rollback), and runs the
+/// pool's `after_release`. Its gap, a connection that stops answering during that ping, is the
+/// window of one round trip; closing it would take a ping of our own under a timeout before
+/// sqlx's (one more round trip per call), or sqlx's hidden `return_to_pool` under a timeout
+/// (not sqlx's API: any release may change it).
+struct Held {
+    conn: Option<PoolConnection<Postgres>>,
+    /// A statement was asked and has not answered.
+    asked: bool,
+}
+
+impl Held {
+    fn new(conn: PoolConnection<Postgres>) -> Self {
+        Self {
+            conn: Some(conn),
+            asked: false,
+        }
     }
-    result
+
+    /// The connection, for a statement: until its answer passes through
+    /// [`answered`](Self::answered), dropping `self` closes the connection.
+    fn ask(&mut self) -> &mut PgConnection {
+        self.asked = true;
+        self.conn.as_mut().expect("a held connection is taken once")
+    }
+
+    /// Passes on what the statement asked answered; a connection its failure left of no further
+    /// use ([`discards_connection`]) is closed when it is dropped instead of going back to the
+    /// pool, which opens a new one when it needs it.
+    fn answered<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        self.done(result.as_ref().is_err_and(discards_connection));
+        result
+    }
+
+    /// The statements asked answered; `discard`: their failure left the connection of no
+    /// further use.
+    fn done(&mut self, discard: bool) {
+        self.asked = false;
+        if discard && let Some(conn) = &mut self.conn {
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.asked
+            && let Some(conn) = self.conn.take()
+        {
+            // Out of the pool (its slot free at once), and closed as it drops: no ping, no
+            // goodbye on a connection that may not answer (`close_on_drop` would wait up to 5 s
+            // for one, holding the slot).
+            drop(conn.detach());
+        }
+    }
 }
 
 /// A failed query: the server or the pool failed (`Unavailable`), or a value could not be
