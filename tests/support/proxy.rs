@@ -20,6 +20,12 @@ impl Proxy {
     /// Starts a proxy to `target` (`host:port`), in a task of the current runtime.
     pub async fn start(target: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(listener, target)
+    }
+
+    /// Starts a proxy to `target` on `listener`, bound already (so that a server can be told
+    /// the proxy's port before it starts: a cluster node that announces it).
+    pub fn on(listener: TcpListener, target: String) -> Proxy {
         let proxy = Proxy {
             port: listener.local_addr().unwrap().port(),
             opened: Arc::default(),
