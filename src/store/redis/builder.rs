@@ -6,7 +6,7 @@ use std::time::Duration;
 use ::redis::aio::ConnectionManager;
 use ::redis::cluster_async::ClusterConnection;
 
-use super::conn::{Conn, Node};
+use super::conn::{Conn, Shared};
 use super::{DEFAULT_PREFIX, RedisStore, ReplicaWait, checked_prefix};
 use crate::store::{IdempotencyStore, RecordKey, StoreError};
 use crate::tenant::TenantId;
@@ -138,13 +138,13 @@ impl RedisStoreBuilder {
     /// A store over an existing connection manager (one Redis server), as [`RedisStore::new`].
     pub fn build(self, conn: ConnectionManager) -> RedisStore {
         let (prefix, wait) = self.checked();
-        RedisStore::with(Conn::Node(Node::new(conn, None)), prefix, wait)
+        RedisStore::with(Conn::Node(Shared::new(conn, None)), prefix, wait)
     }
 
     /// A store over an existing Redis Cluster connection, as [`RedisStore::from_cluster`].
     pub fn build_cluster(self, conn: ClusterConnection) -> RedisStore {
         let (prefix, wait) = self.checked();
-        RedisStore::with(Conn::Cluster(conn), prefix, wait)
+        RedisStore::with(Conn::Cluster(Shared::new(conn, None)), prefix, wait)
     }
 
     /// A store over `other`'s connection, with these settings: for instance two APIs of one

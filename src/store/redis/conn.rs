@@ -1,13 +1,17 @@
-//! The store's connection: one Redis node, or a Redis Cluster.
+//! The store's connection: one Redis node, or a Redis Cluster, made again when it stops
+//! answering.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{Client, Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use arc_swap::ArcSwap;
 
 use super::record::Lua;
 
@@ -15,68 +19,174 @@ use super::record::Lua;
 #[derive(Clone)]
 pub(super) enum Conn {
     /// One Redis server, through a reconnecting multiplexed connection.
-    Node(Arc<Node>),
+    Node(Arc<Shared<NodeClient>>),
     /// A Redis Cluster: a multiplexed connection per node, commands routed by their key's slot,
     /// `MOVED` and `ASK` followed, the slot map refreshed after a failover.
-    Cluster(ClusterConnection),
+    Cluster(Arc<Shared<ClusterClient>>),
 }
 
-/// One Redis server's connection manager, and what it takes to make a new one.
-pub(super) struct Node {
-    manager: RwLock<ConnectionManager>,
-    /// The client and settings the manager was made from, when the store made it.
-    remake: Option<(Client, ConnectionManagerConfig)>,
-    /// Whether a new manager is being made (or was, less than a second ago).
+/// What a connection is made from, and when it must be made again.
+pub(super) trait Connect: Clone + Send + Sync + 'static {
+    /// The connection: cheap to clone, every clone on the same sockets.
+    type Conn: Clone + Send + Sync + 'static;
+
+    /// A new connection.
+    fn connect(&self) -> impl Future<Output = RedisResult<Self::Conn>> + Send;
+
+    /// Whether a call that failed with `err` calls for a new connection.
+    fn lost(err: &RedisError) -> bool;
+}
+
+/// The client and settings of one node's connection manager.
+#[derive(Clone)]
+pub(super) struct NodeClient {
+    client: Client,
+    config: ConnectionManagerConfig,
+}
+
+impl NodeClient {
+    pub(super) fn new(client: Client, config: ConnectionManagerConfig) -> Self {
+        Self { client, config }
+    }
+}
+
+impl Connect for NodeClient {
+    type Conn = ConnectionManager;
+
+    fn connect(&self) -> impl Future<Output = RedisResult<ConnectionManager>> + Send {
+        ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+    }
+
+    /// A manager reconnects when a call finds its connection closed, but not when a call times
+    /// out on a connection that stopped answering and stays open (its network path lost, the
+    /// old endpoint of a failover): every later call would time out, for as long as TCP kept it
+    /// open. Nor when the new connection itself is refused with anything but an I/O error (its
+    /// `AUTH` refused while a password was being rotated, a server still loading): it would
+    /// answer that error to every call, for good. Nor when the server it is connected to was
+    /// made a replica (`READONLY`) while the URL now leads to the new primary (a DNS name or a
+    /// proxy that follows it): it would keep the demoted server, and the leases of the runs
+    /// under way would lapse.
+    fn lost(err: &RedisError) -> bool {
+        let demoted = err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+        err.is_timeout() || (!err.is_io_error() && (err.is_unrecoverable_error() || demoted))
+    }
+}
+
+impl Connect for ClusterClient {
+    type Conn = ClusterConnection;
+
+    fn connect(&self) -> impl Future<Output = RedisResult<ClusterConnection>> + Send {
+        self.get_async_connection()
+    }
+
+    /// The cluster's client reconnects a node's connection that closed, but retries a call that
+    /// timed out on the same connection: one that stopped answering and stays open would time
+    /// out every call to that node, for as long as TCP kept it open.
+    fn lost(err: &RedisError) -> bool {
+        err.is_timeout()
+    }
+}
+
+/// The connection every call of a store and its clones shares, and what it takes to make a new
+/// one.
+///
+/// A call whose connection may have stopped answering (it timed out, or was dropped before its
+/// answer came: the store's timeout, a request gone) or that met an error [`Connect::lost`]
+/// names has a new connection made in the background (one at a time, at most one a second),
+/// which takes the old one's place once it is connected: the calls after it, a live handler's
+/// next renewal among them, go out on the new one. The calls under way on the old one end as
+/// they would have.
+pub(super) struct Shared<R: Connect> {
+    current: ArcSwap<Current<R::Conn>>,
+    /// What the connection was made from, when the store made it: a connection of the
+    /// application's own is kept as it is.
+    remake: Option<R>,
+    /// Whether a new connection is being made (or was, less than a second ago).
     remaking: Arc<AtomicBool>,
 }
 
-impl Node {
-    pub(super) fn new(
-        manager: ConnectionManager,
-        remake: Option<(Client, ConnectionManagerConfig)>,
-    ) -> Arc<Self> {
+/// The connection in use, and how many connections it replaced.
+struct Current<C> {
+    conn: C,
+    generation: u64,
+}
+
+impl<R: Connect> Shared<R> {
+    pub(super) fn new(conn: R::Conn, remake: Option<R>) -> Arc<Self> {
         Arc::new(Self {
-            manager: RwLock::new(manager),
+            current: ArcSwap::from_pointee(Current {
+                conn,
+                generation: 0,
+            }),
             remake,
             remaking: Arc::default(),
         })
     }
 
-    fn manager(&self) -> ConnectionManager {
-        let manager = self.manager.read().unwrap_or_else(PoisonError::into_inner);
-        manager.clone()
+    /// The connection for one call, and the call's guard.
+    fn lend(self: &Arc<Self>) -> (R::Conn, Call<'_, R>) {
+        let current = self.current.load();
+        let call = Call {
+            shared: self,
+            generation: current.generation,
+            answered: false,
+        };
+        (current.conn.clone(), call)
     }
 
-    /// A manager reconnects when a call fails on its connection, but not when the new
-    /// connection itself is refused with anything but an I/O error (its `AUTH` refused while a
-    /// password was being rotated, a server still loading): it would answer that error to every
-    /// call, for good. Nor when the server it is connected to was made a replica (`READONLY`)
-    /// while the URL now leads to the new primary (a DNS name or a proxy that follows it): it
-    /// would keep the demoted server, and the leases of the runs under way would lapse. After
-    /// such an error, a new manager is made in the background (one at a time, at most one a
-    /// second), and takes the old one's place once it is connected.
-    fn recover(self: &Arc<Self>, err: &RedisError) {
-        let Some((client, config)) = &self.remake else {
+    /// Makes a new connection in the background to replace the one of `generation`, unless it
+    /// was replaced already or another is being made.
+    fn replace(self: &Arc<Self>, generation: u64) {
+        let Some(remake) = &self.remake else {
             return;
         };
-        let demoted = err.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
-        if err.is_io_error() || !(err.is_unrecoverable_error() || demoted) {
+        if self.current.load().generation != generation {
             return;
         }
+        // A call dropped outside a runtime (the runtime shutting down) has nothing to run it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if self.remaking.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (node, client, config) = (Arc::downgrade(self), client.clone(), config.clone());
+        let (shared, remake) = (Arc::downgrade(self), remake.clone());
         let remaking = self.remaking.clone();
-        tokio::spawn(async move {
-            if let Ok(manager) = ConnectionManager::new_with_config(client, config).await
-                && let Some(node) = node.upgrade()
+        runtime.spawn(async move {
+            if let Ok(conn) = remake.connect().await
+                && let Some(shared) = shared.upgrade()
             {
-                *node.manager.write().unwrap_or_else(PoisonError::into_inner) = manager;
+                let generation = generation + 1;
+                shared.current.store(Arc::new(Current { conn, generation }));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             remaking.store(false, Ordering::Release);
         });
+    }
+}
+
+/// One call on the shared connection, from its start to its answer. Dropped before it was
+/// [`settle`](Self::settle)d, or settled with an error [`Connect::lost`] names, it has the
+/// connection replaced.
+struct Call<'a, R: Connect> {
+    shared: &'a Arc<Shared<R>>,
+    generation: u64,
+    answered: bool,
+}
+
+impl<R: Connect> Call<'_, R> {
+    /// The call's answer, passed on.
+    fn settle<T>(mut self, result: RedisResult<T>) -> RedisResult<T> {
+        self.answered = !matches!(&result, Err(err) if R::lost(err));
+        result
+    }
+}
+
+impl<R: Connect> Drop for Call<'_, R> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.replace(self.generation);
+        }
     }
 }
 
@@ -92,13 +202,13 @@ impl Conn {
     async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Self::Node(node) => {
-                let result = cmd.query_async(&mut node.manager()).await;
-                if let Err(err) = &result {
-                    node.recover(err);
-                }
-                result
+                let (mut conn, call) = node.lend();
+                call.settle(cmd.query_async(&mut conn).await)
             }
-            Self::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+            Self::Cluster(cluster) => {
+                let (mut conn, call) = cluster.lend();
+                call.settle(cmd.query_async(&mut conn).await)
+            }
         }
     }
 
@@ -131,11 +241,15 @@ impl Conn {
         wait.arg(replicas)
             .arg(super::record::millis(timeout).as_bytes());
         let reply = match self {
-            Self::Node(node) => wait.query_async(&mut node.manager()).await?,
-            Self::Cluster(conn) => {
+            Self::Node(node) => {
+                let (mut conn, call) = node.lend();
+                call.settle(wait.query_async(&mut conn).await)?
+            }
+            Self::Cluster(cluster) => {
                 let route = Route::with_key(key, SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                conn.clone().route_command(wait, routing).await?
+                let (mut conn, call) = cluster.lend();
+                call.settle(conn.route_command(wait, routing).await)?
             }
         };
         match reply {

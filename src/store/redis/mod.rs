@@ -16,7 +16,7 @@ use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, ErrorKind, RedisError};
 
-use self::conn::Conn;
+use self::conn::{Conn, NodeClient, Shared};
 use super::{RecordKey, StoreError, StoreErrorKind};
 
 /// The default key prefix.
@@ -78,6 +78,15 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// timeouts (1 s to connect, 500 ms per response); for other settings (timeouts, TLS, RESP3),
 /// build your own manager and use [`new`](Self::new).
 ///
+/// A connection can also stop answering without closing (its network path lost, a firewall
+/// dropping its packets, the old endpoint of a failover), and the manager would keep it: every
+/// call would time out for as long as TCP kept it open, and a live handler's lease renewals
+/// with them, until another server took its key over and ran it again. So a call that timed
+/// out, or that was dropped before its answer came (the layer's store timeout, a request gone),
+/// has a new connection made in the background (one at a time, at most one a second); once it
+/// is connected it takes the old one's place, and the calls after it, the next renewal among
+/// them, go out on it. The calls under way on the old connection end as they would have.
+///
 /// On a cluster, see [`connect_cluster`](Self::connect_cluster).
 ///
 /// # Failover and the replica wait
@@ -111,10 +120,11 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 ///
 /// On one server, a call that finds its connection dropped (a restart, an idle timeout of the
 /// server or of a proxy, `CLIENT KILL`) runs once more on a new connection: every call can run
-/// twice safely. A new connection refused by the server (its `AUTH` during a password rotation)
-/// is made again in the background, at most once a second, for a store made by
-/// [`connect`](Self::connect) (one made with [`new`](Self::new) from a connection manager of
-/// yours keeps that manager).
+/// twice safely. A new connection refused by the server (its `AUTH` during a password rotation),
+/// and one that stopped answering (see [Connections](#connections)), is made again in the
+/// background, at most once a second, for a store made by [`connect`](Self::connect) or
+/// [`connect_cluster`](Self::connect_cluster) (one made with [`new`](Self::new) or
+/// [`from_cluster`](Self::from_cluster) from a connection of yours keeps that connection).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
@@ -203,7 +213,7 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(redis_error)?;
-        let conn = Conn::Node(conn::Node::new(conn, Some((client, config))));
+        let conn = Conn::Node(Shared::new(conn, Some(NodeClient::new(client, config))));
         // So that first calls need no `EVAL`; a user who may not `SCRIPT LOAD` (or a server
         // where `SCRIPT` is renamed) runs each script by `EVAL` once instead.
         let _ = conn.load(&record::all()).await;
@@ -222,8 +232,13 @@ impl RedisStore {
     /// the client then refreshes its slot map and the store works again by itself. Each call
     /// gives up after 2 s, retries and redirections included (the layer's store timeout, 2 s by
     /// default, usually answers first); connecting to a node times out after 1 s and a reply
-    /// after 500 ms. For other settings (TLS, credentials, timeouts), build your own
-    /// [`ClusterClient`] and use [`from_cluster`](Self::from_cluster).
+    /// after 500 ms. The client reconnects a node's connection that closed, but retries a call
+    /// that timed out on the same connection: a call that timed out, or that was dropped before
+    /// its answer came, has the store's cluster connection made again in the background, from
+    /// the same client (one at a time, at most one a second), so that a node connection that
+    /// stopped answering without closing costs a call or two, not every call to that node. For
+    /// other settings (TLS, credentials, timeouts), build your own [`ClusterClient`] and use
+    /// [`from_cluster`](Self::from_cluster) (the store then keeps that connection as it is).
     ///
     /// The scripts are loaded on every primary when it connects; a node that lacks them later
     /// (a promoted replica, a restarted node) gets them on its first call.
@@ -283,7 +298,7 @@ impl RedisStore {
             .build()
             .map_err(|err| StoreError::new(StoreErrorKind::Other, err))?;
         let conn = client.get_async_connection().await.map_err(redis_error)?;
-        let conn = Conn::Cluster(conn);
+        let conn = Conn::Cluster(Shared::new(conn, Some(client)));
         // On every primary, so that first calls need no `EVAL`. A primary that is down now
         // gets the scripts on its first `NOSCRIPT`: starting during a failover is fine.
         let _ = conn.load(&record::all()).await;
@@ -291,7 +306,8 @@ impl RedisStore {
     }
 
     /// A store over an existing connection manager (one Redis server), with the default
-    /// settings.
+    /// settings. The store keeps that manager: it makes no new one when the manager's connection
+    /// is refused or stops answering (see [Connections](#connections)).
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -307,7 +323,9 @@ impl RedisStore {
     }
 
     /// A store over an existing Redis Cluster connection, with the default settings. Keep the
-    /// client's default of reading from primaries only: a replica may not have a record yet.
+    /// client's default of reading from primaries only: a replica may not have a record yet. The
+    /// store keeps that connection: it makes no new one when a node's connection stops answering
+    /// (see [`connect_cluster`](Self::connect_cluster)).
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
