@@ -7,7 +7,6 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,6 +17,7 @@ use axum::response::Response;
 use axum::routing::post;
 use bytes::Bytes;
 use http::HeaderMap;
+use support::frozen::{begins, lease_kept, line};
 use support::proxy::{Proxy, host_port, through};
 use support::{serve, server_url, unique_key};
 use tokio::sync::Semaphore;
@@ -331,19 +331,6 @@ async fn reuse_while_the_row_is_being_deleted(url: &str, store: &PostgresStore) 
     began.await.unwrap().unwrap()
 }
 
-/// `begin`s of new keys, one after the other, each cut at `timeout` as the layer's store timeout
-/// cuts a call: whether each acquired its key.
-async fn begins(store: &PostgresStore, count: usize, timeout: Duration) -> Vec<bool> {
-    let fp = Fingerprint::from_bytes([3; 32]);
-    let mut acquired = Vec::new();
-    for _ in 0..count {
-        let key = RecordKey::new(TenantId::shared(), unique_key("blackholed"));
-        let began = tokio::time::timeout(timeout, store.begin(&key, &fp, Duration::from_secs(30)));
-        acquired.push(matches!(began.await, Ok(Ok(Begin::Acquired(_)))));
-    }
-    acquired
-}
-
 /// A pool of `max_size` to the server through `config` (a proxy's).
 fn proxied_pool(config: tokio_postgres::Config, max_size: usize) -> deadpool_postgres::Pool {
     let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
@@ -385,16 +372,11 @@ async fn a_shared_connection_that_stops_answering_is_replaced() {
         assert!(
             after[8..].iter().all(|acquired| *acquired),
             "{shared} shared: after {frozen} connections stopped answering ({} opened in all), \
-             begins acquired {after:?}",
-            proxy.opened()
+             begins acquired {}",
+            proxy.opened(),
+            line(&after)
         );
     }
-}
-
-async fn slow(State(runs): State<Arc<AtomicUsize>>) -> (StatusCode, &'static str) {
-    runs.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    (StatusCode::CREATED, "slow")
 }
 
 /// Two servers on one table. Server A's connections stop answering while its handler runs (a
@@ -424,36 +406,19 @@ async fn a_server_whose_connections_stop_answering_keeps_its_handlers_lease() {
         let key = RecordKey::new(TenantId::shared(), unique_key(&format!("warm-{i}")));
         a.lookup(&key).await.unwrap();
     }
-    let b = PostgresStore::connect(&url).await.unwrap();
-    let runs = Arc::new(AtomicUsize::new(0));
-    let app = |store: PostgresStore| {
-        Router::new()
-            .route("/slow", post(slow))
-            .with_state(runs.clone())
-            .layer(
-                IdempotencyLayer::new(store)
-                    .require_key(true)
-                    .lease(Duration::from_millis(1500))
-                    .store_timeout(Duration::from_millis(300)),
-            )
-    };
-    let (a, b) = (Arc::new(serve(app(a)).await), serve(app(b)).await);
-    let key = unique_key("lease");
-    let first = tokio::spawn({
-        let (a, key) = (a.clone(), key.clone());
-        async move { a.send(keyed("/slow", &key)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.freeze_those_open();
-    // Past the lease's end, had it not been renewed.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let retry = b.send(keyed("/slow", &key)).await;
+    let answer = lease_kept(
+        a,
+        async || PostgresStore::connect(&url).await.unwrap(),
+        || {
+            proxy.freeze_those_open();
+        },
+    )
+    .await;
     assert_eq!(
-        (retry.status, runs.load(Ordering::SeqCst)),
+        answer,
         (StatusCode::CONFLICT, 1),
-        "the retry on the other server while the handler runs"
+        "(the retry's answer on the other server while the handler runs, handler runs)"
     );
-    drop(first);
 }
 
 /// Completes its record in a transaction of the application's pool (`respond_in`).

@@ -14,102 +14,20 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{Request, StatusCode};
-use axum::routing::post;
+use axum::http::StatusCode;
 use support::cluster::{Node, binary, free_port, node_command};
+use support::frozen::{begins, lease_kept, line};
 use support::proxy::{Proxy, host_port, through};
-use support::{serve, server_url, unique_key};
+use support::server_url;
 use tokio::net::TcpListener;
-use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, RecordKey, RedisStore, TenantId,
-};
-
-/// `count` begins of new keys, one after the other, each cut at `timeout` as the layer's store
-/// timeout cuts a call: whether each acquired its key.
-async fn begins(store: &RedisStore, count: usize, timeout: Duration) -> Vec<bool> {
-    let fp = Fingerprint::from_bytes([5; 32]);
-    let mut acquired = Vec::new();
-    for _ in 0..count {
-        let key = RecordKey::new(TenantId::shared(), unique_key("frozen"));
-        let began = tokio::time::timeout(timeout, store.begin(&key, &fp, Duration::from_secs(30)));
-        acquired.push(matches!(began.await, Ok(Ok(Begin::Acquired(_)))));
-    }
-    acquired
-}
+use tower_idempotency::RedisStore;
 
 /// Whether the calls of `acquired` failed at most `failures` times, all first, and then never.
 fn recovered(acquired: &[bool], failures: usize) -> bool {
     let first = acquired.iter().position(|a| *a);
     first.is_some_and(|first| first <= failures && acquired[first..].iter().all(|a| *a))
-}
-
-/// `1` for acquired, `.` for failed, as one line.
-fn line(acquired: &[bool]) -> String {
-    acquired
-        .iter()
-        .map(|a| if *a { '1' } else { '.' })
-        .collect()
-}
-
-async fn slow(State(runs): State<Arc<AtomicUsize>>) -> (StatusCode, &'static str) {
-    runs.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    (StatusCode::CREATED, "slow")
-}
-
-fn keyed(key: &str) -> Request<Body> {
-    Request::post("/slow")
-        .header("idempotency-key", key)
-        .header("authorization", "Bearer redis-frozen-client")
-        .header("content-type", "application/json")
-        .body(Body::from("{}"))
-        .unwrap()
-}
-
-/// A 4 s handler behind the layer, with a 1.5 s lease (renewed every 500 ms) and a 300 ms
-/// store timeout.
-fn app(store: RedisStore, runs: &Arc<AtomicUsize>) -> Router {
-    Router::new()
-        .route("/slow", post(slow))
-        .with_state(runs.clone())
-        .layer(
-            IdempotencyLayer::new(store)
-                .require_key(true)
-                .lease(Duration::from_millis(1500))
-                .store_timeout(Duration::from_millis(300)),
-        )
-}
-
-/// Server A (its store's connections go through proxies) runs the 4 s handler; its connections
-/// freeze 200 ms in; 2.5 s later (past the 1.5 s lease) the client's retry goes to server B
-/// (`make_b`, made after the freeze). Answers (B's status, handler runs): `(409, 1)` when A's
-/// renewals kept the lease.
-async fn lease_kept<F>(a: RedisStore, make_b: F, freeze: impl FnOnce()) -> (StatusCode, usize)
-where
-    F: AsyncFnOnce() -> RedisStore,
-{
-    let runs = Arc::new(AtomicUsize::new(0));
-    let a = Arc::new(serve(app(a, &runs)).await);
-    let key = unique_key("lease");
-    let first = tokio::spawn({
-        let (a, key) = (a.clone(), key.clone());
-        async move { a.send(keyed(&key)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    freeze();
-    let b = serve(app(make_b().await, &runs)).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let retry = b.send(keyed(&key)).await;
-    let answer = (retry.status, runs.load(Ordering::SeqCst));
-    first.abort();
-    answer
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,20 +10,13 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{Request, StatusCode};
-use axum::routing::post;
+use axum::http::StatusCode;
+use support::frozen::{begins, lease_kept, line};
 use support::proxy::{Proxy, host_port, through};
-use support::{serve, server_url, unique_key};
-use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, RecordKey, SqlxStore, TenantId,
-};
+use support::server_url;
+use tower_idempotency::SqlxStore;
 
 /// A pool of `max` connections to `url`.
 async fn pool(url: &str, max: u32, test_before_acquire: bool) -> sqlx::PgPool {
@@ -60,27 +53,6 @@ async fn warm(store: &SqlxStore) {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!((store.pool().size(), store.pool().num_idle()), (4, 4));
-}
-
-/// `count` begins of new keys, one after the other, each cut at `timeout` as the layer's store
-/// timeout cuts a call: whether each acquired its key.
-async fn begins(store: &SqlxStore, count: usize, timeout: Duration) -> Vec<bool> {
-    let fp = Fingerprint::from_bytes([5; 32]);
-    let mut acquired = Vec::new();
-    for _ in 0..count {
-        let key = RecordKey::new(TenantId::shared(), unique_key("frozen"));
-        let began = tokio::time::timeout(timeout, store.begin(&key, &fp, Duration::from_secs(30)));
-        acquired.push(matches!(began.await, Ok(Ok(Begin::Acquired(_)))));
-    }
-    acquired
-}
-
-/// `1` for acquired, `.` for failed, as one line.
-fn line(acquired: &[bool]) -> String {
-    acquired
-        .iter()
-        .map(|acquired| if *acquired { '1' } else { '.' })
-        .collect()
 }
 
 /// With either `test_before_acquire`, a pool of 4 whose connections are all open and idle (as
@@ -170,33 +142,6 @@ async fn sqlx_connections_that_stop_answering_under_load_are_replaced() {
     );
 }
 
-async fn slow(State(runs): State<Arc<AtomicUsize>>) -> (StatusCode, &'static str) {
-    runs.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    (StatusCode::CREATED, "slow")
-}
-
-fn keyed(key: &str) -> Request<Body> {
-    Request::post("/slow")
-        .header("idempotency-key", key)
-        .header("authorization", "Bearer sqlx-frozen-client")
-        .header("content-type", "application/json")
-        .body(Body::from("{}"))
-        .unwrap()
-}
-
-fn app(store: SqlxStore, runs: &Arc<AtomicUsize>) -> Router {
-    Router::new()
-        .route("/slow", post(slow))
-        .with_state(runs.clone())
-        .layer(
-            IdempotencyLayer::new(store)
-                .require_key(true)
-                .lease(Duration::from_millis(1500))
-                .store_timeout(Duration::from_millis(300)),
-        )
-}
-
 /// Two servers on one table. Server A's pool of 4 (every connection open and idle, as under
 /// traffic) goes through a proxy; A runs a 4 s handler under a 1.5 s lease, and its connections
 /// freeze 200 ms in; 2.5 s later the client's retry goes to server B, on a direct pool: it gets
@@ -213,23 +158,18 @@ async fn sqlx_server_whose_connections_stop_answering_keeps_its_handlers_lease()
         let proxy = Proxy::start(host_port(&url).to_owned()).await;
         let a = store(&through(&url, &proxy), 4, test_before_acquire).await;
         warm(&a).await;
-        let runs = Arc::new(AtomicUsize::new(0));
-        let a = Arc::new(serve(app(a, &runs)).await);
-        let key = unique_key("lease");
-        let first = tokio::spawn({
-            let (a, key) = (a.clone(), key.clone());
-            async move { a.send(keyed(&key)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        proxy.freeze_those_open();
-        let b = serve(app(store(&url, 4, true).await, &runs)).await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let retry = b.send(keyed(&key)).await;
+        let answer = lease_kept(
+            a,
+            async || store(&url, 4, true).await,
+            || {
+                proxy.freeze_those_open();
+            },
+        )
+        .await;
         assert_eq!(
-            (retry.status, runs.load(Ordering::SeqCst)),
+            answer,
             (StatusCode::CONFLICT, 1),
             "(B's answer, handler runs) with test_before_acquire({test_before_acquire})"
         );
-        first.abort();
     }
 }

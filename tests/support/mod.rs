@@ -7,8 +7,8 @@
 //! authentication middleware (`auth`), a charging API that records its side effects
 //! (`charge`), servers in child processes (`child`), the shared stores
 //! of `scripts/test-services` (`shared`), the scenarios both SQL stores run (`sql`), Redis
-//! servers and clusters of a test's own (`cluster`) and a TCP proxy whose connections can be
-//! frozen (`proxy`).
+//! servers and clusters of a test's own (`cluster`), a TCP proxy whose connections can be
+//! frozen (`proxy`) and what the tests of such connections share (`frozen`).
 //!
 //! Test files say `#[macro_use] mod support;` (the macros are `fleet_scenarios!` and
 //! `sql_scenarios!`).
@@ -33,6 +33,7 @@ pub mod child;
 #[cfg(feature = "redis")]
 pub mod cluster;
 pub mod faults;
+pub mod frozen;
 #[cfg(feature = "sqlx")]
 pub mod payments;
 pub mod proxy;
