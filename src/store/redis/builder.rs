@@ -72,6 +72,10 @@ impl RedisStoreBuilder {
     /// - `renew` and `release` do not wait: a lost renewal or release leaves a record that its
     ///   lease ends.
     ///
+    /// `WAIT` counts the writes of the connection it is sent on: when the store replaced its
+    /// connection between a write and its wait (one that stopped answering), the wait cannot
+    /// vouch for the write, and the call fails as if too few replicas acknowledged it.
+    ///
     /// Keep `timeout` well under the layer's store timeout (2 s by default) and under the
     /// connection's reply timeout (500 ms with [`connect`](RedisStore::connect) and
     /// [`connect_cluster`](RedisStore::connect_cluster)), which cuts a longer wait short: 10 to

@@ -283,6 +283,15 @@ impl Conn {
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
+
+    /// How many times the store's connection was replaced so far: the same count before a write
+    /// and after its [`wait`](Self::wait) says that both went out on one connection.
+    pub(super) fn generation(&self) -> u64 {
+        match self {
+            Self::Node(node) => node.current.load().generation,
+            Self::Cluster(cluster) => cluster.current.load().generation,
+        }
+    }
 }
 
 /// `name script 1 key args...`, its buffers sized up front: built argument by argument, a

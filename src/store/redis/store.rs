@@ -58,9 +58,18 @@ impl RedisStore {
         }
     }
 
+    /// With a replica wait set, the generation of the store's connection before a write, for
+    /// [`replicated`](Self::replicated).
+    fn write_generation(&self) -> u64 {
+        self.replica_wait.map_or(0, |_| self.conn.generation())
+    }
+
     /// With a replica wait set, waits until enough replicas have the writes made so far on the
-    /// connection that carried the write to `key`.
-    async fn replicated(&self, key: &[u8]) -> Result<(), StoreError> {
+    /// connection that carried the write to `key`, the store's connection of `generation`
+    /// (read before the write). `WAIT` counts the writes of the connection it is sent on, and
+    /// one that carried none answers at once: when the store's connection was replaced
+    /// meanwhile (see [`Conn::generation`]), the wait cannot vouch for the write, and fails.
+    async fn replicated(&self, key: &[u8], generation: u64) -> Result<(), StoreError> {
         let Some(wait) = self.replica_wait else {
             return Ok(());
         };
@@ -69,6 +78,12 @@ impl RedisStore {
             .wait(key, wait.replicas, wait.timeout)
             .await
             .map_err(redis_error)?;
+        if self.conn.generation() != generation {
+            return Err(StoreError::msg(
+                StoreErrorKind::Unavailable,
+                "the connection was replaced between the write and the replica wait",
+            ));
+        }
         if acknowledged >= i64::from(wait.replicas) {
             return Ok(());
         }
@@ -95,6 +110,7 @@ impl IdempotencyStore for RedisStore {
         let lease_ms = record::millis(lease);
         let args: [&[u8]; 3] = [fingerprint.as_bytes(), &record, lease_ms.as_bytes()];
         let mut sent = SentBegin::new(self, key, token, lease);
+        let generation = self.write_generation();
         let answer = self.invoke(&record::BEGIN, &redis_key, &args).await?;
         if answer != Value::Int(0) {
             sent.answered();
@@ -102,7 +118,7 @@ impl IdempotencyStore for RedisStore {
         match answer {
             // Acquired: held by `sent` until the replicas have it too, so that a request gone
             // meanwhile leaves no record behind.
-            Value::Int(0) => match self.replicated(&redis_key).await {
+            Value::Int(0) => match self.replicated(&redis_key, generation).await {
                 Ok(()) => {
                     sent.answered();
                     Ok(Begin::Acquired(token))
@@ -155,6 +171,7 @@ impl IdempotencyStore for RedisStore {
         let ttl = record::millis(ttl);
         let args: [&[u8]; 3] = [&token, &encoded, ttl.as_bytes()];
         let again: [&[u8]; 4] = [&token, &encoded, ttl.as_bytes(), b"1"];
+        let generation = self.write_generation();
         let completed = self
             .fenced(&record::COMPLETE, &redis_key, &args, &again)
             .await;
@@ -169,7 +186,7 @@ impl IdempotencyStore for RedisStore {
             }
             return Err(err);
         }
-        self.replicated(&redis_key).await
+        self.replicated(&redis_key, generation).await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
@@ -200,11 +217,12 @@ impl IdempotencyStore for RedisStore {
         let force: &[u8] = if force { b"1" } else { b"0" };
         // Never run again after a dropped connection: a forced forget whose first run did
         // happen could delete a record another request began in between.
+        let generation = self.write_generation();
         let answer = self.conn.run(&record::FORGET, &redis_key, &[force]).await;
         match answer.map_err(redis_error)? {
             Value::Int(0) => Ok(Forget::NotFound),
             Value::Int(1) => {
-                self.replicated(&redis_key).await?;
+                self.replicated(&redis_key, generation).await?;
                 Ok(Forget::Forgotten)
             }
             Value::Int(2) => Ok(Forget::InFlight),
