@@ -207,6 +207,15 @@ async fn a_complete_waiting_for_a_lock_holds_up_no_begin() {
     );
 }
 
+/// The URL of the PostgreSQL server (`None` when there is none: the test is skipped), its table
+/// made through a store of its own, for a store that reaches it another way (a proxy).
+async fn migrated(test: &str) -> Option<String> {
+    let url = server_url("POSTGRES_URL", test)?;
+    let store = PostgresStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some(url)
+}
+
 /// A proxy to the server of `url` whose open connections can be frozen (`support::proxy`),
 /// and the `tokio_postgres::Config` to reach the server through it.
 async fn proxied(url: &str) -> (tokio_postgres::Config, Proxy) {
@@ -221,19 +230,10 @@ async fn proxied(url: &str) -> (tokio_postgres::Config, Proxy) {
 /// call filled first would be closed, its session set for sharing, and one opened per call).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_empty_shared_slots_opens_no_more_than_the_pool() {
-    let Some(url) = server_url(
-        "POSTGRES_URL",
-        "a_burst_on_empty_shared_slots_opens_no_more_than_the_pool",
-    ) else {
+    let Some(url) = migrated("a_burst_on_empty_shared_slots_opens_no_more_than_the_pool").await
+    else {
         return;
     };
-    // The table, through a store of its own.
-    PostgresStore::connect(&url)
-        .await
-        .unwrap()
-        .migrate()
-        .await
-        .unwrap();
 
     let (config, proxy) = proxied(&url).await;
     let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
@@ -349,15 +349,9 @@ fn proxied_pool(config: tokio_postgres::Config, max_size: usize) -> deadpool_pos
 async fn a_shared_connection_that_stops_answering_is_replaced() {
     for shared in [2, 0] {
         let test = format!("a_shared_connection_that_stops_answering_is_replaced_{shared}");
-        let Some(url) = server_url("POSTGRES_URL", &test) else {
+        let Some(url) = migrated(&test).await else {
             return;
         };
-        PostgresStore::connect(&url)
-            .await
-            .unwrap()
-            .migrate()
-            .await
-            .unwrap();
         let (config, proxy) = proxied(&url).await;
         let store = PostgresStore::builder()
             .pipelined_connections(shared)
@@ -386,18 +380,11 @@ async fn a_shared_connection_that_stops_answering_is_replaced() {
 /// renewal timed out there, the lease ran out, and B ran the handler a second time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_connections_stop_answering_keeps_its_handlers_lease() {
-    let Some(url) = server_url(
-        "POSTGRES_URL",
-        "a_server_whose_connections_stop_answering_keeps_its_handlers_lease",
-    ) else {
+    let Some(url) =
+        migrated("a_server_whose_connections_stop_answering_keeps_its_handlers_lease").await
+    else {
         return;
     };
-    PostgresStore::connect(&url)
-        .await
-        .unwrap()
-        .migrate()
-        .await
-        .unwrap();
     let (config, proxy) = proxied(&url).await;
     let a = PostgresStore::from_pool(proxied_pool(config, 4));
     assert_eq!(a.pipelined_connections(), 2);
