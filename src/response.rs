@@ -1,8 +1,8 @@
 //! The assembly of every answer the layer gives to a keyed request: replays, problems, and what
 //! every answer carries (the echoed key, the outcome).
 
-use http::Response;
 use http::header::{self, HeaderValue};
+use http::{Extensions, Response};
 
 use crate::body::ResponseBody;
 use crate::config::{Config, IDEMPOTENT_REPLAYED, Shared};
@@ -57,6 +57,9 @@ pub(crate) struct Report<'a> {
     started: Started,
     /// The store's failure that decided the outcome, named in the event.
     error: Option<&'a StoreError>,
+    /// The request's extensions, for an answer the handler did not give: their map, emptied,
+    /// carries the outcome, so that the answer allocates none of its own.
+    spare: Extensions,
 }
 
 impl<'a> Report<'a> {
@@ -67,6 +70,16 @@ impl<'a> Report<'a> {
             tenant: Some(record.tenant()),
             started,
             error: None,
+            spare: Extensions::new(),
+        }
+    }
+
+    /// The same report, handing the answer the map of `extensions` (the request's, which no
+    /// handler gets) to carry its outcome: emptied, its allocation is the answer's.
+    pub(crate) fn reusing(self, extensions: &mut Extensions) -> Self {
+        Self {
+            spare: std::mem::take(extensions),
+            ..self
         }
     }
 
@@ -104,7 +117,13 @@ pub(crate) fn finish<B>(
             .headers_mut()
             .insert(config.header.clone(), raw.clone());
     }
-    response.extensions_mut().insert(outcome);
+    let extensions = response.extensions_mut();
+    if extensions.is_empty() {
+        let mut spare = report.spare;
+        spare.clear();
+        *extensions = spare;
+    }
+    extensions.insert(outcome);
     response
 }
 
@@ -148,6 +167,7 @@ pub(crate) fn refuse<St, T, E: ErrorRenderer, B>(
         tenant,
         started: Started::now(),
         error: None,
+        spare: Extensions::new(),
     };
     finish(response, outcome, &shared.config, report)
 }

@@ -144,7 +144,7 @@ impl<S, St, T, E> Idempotency<S, St, T, E> {
 fn prelude<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
     inner: S,
-    parts: Parts,
+    mut parts: Parts,
     body: ReqBody,
     keyed: Keyed,
 ) -> impl Future<Output = Step<S::Body, S::Error>> + Send
@@ -165,11 +165,17 @@ where
                 Report::keyed(&keyed.raw, &keyed.record, started)
             };
         }
+        // The report of an answer without the handler, whose map the request's extensions lend.
+        macro_rules! answered {
+            () => {
+                report!().reusing(&mut parts.extensions)
+            };
+        }
         let (chunks, fingerprint) = match read_body(body, &parts, &shared.config).await {
             Ok(read) => read,
             Err(err) => {
                 let (problem, outcome) = err.problem(&shared.config);
-                return Step::Answer(Ok(answer(&shared, &problem, outcome, report!())));
+                return Step::Answer(Ok(answer(&shared, &problem, outcome, answered!())));
             }
         };
         // Keyed work is bounded here, once the body is in and before the store is asked, never
@@ -181,7 +187,7 @@ where
                 &shared,
                 &problem,
                 Outcome::Overloaded,
-                report!(),
+                answered!(),
             )));
         };
         let begin = shared
@@ -208,19 +214,24 @@ where
                 };
                 Step::Run(hold(shared, inner, req, held))
             }
-            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, report!()))),
+            Ok(Begin::Completed(stored)) => Step::Answer(Ok(replay(&shared, stored, answered!()))),
             Ok(Begin::InFlight) => {
                 let problem = Problem::in_progress(shared.config.retry_after_secs());
                 Step::Answer(Ok(answer(
                     &shared,
                     &problem,
                     Outcome::InProgress,
-                    report!(),
+                    answered!(),
                 )))
             }
             Ok(Begin::Mismatch) => {
                 let problem = Problem::key_reuse();
-                Step::Answer(Ok(answer(&shared, &problem, Outcome::Mismatch, report!())))
+                Step::Answer(Ok(answer(
+                    &shared,
+                    &problem,
+                    Outcome::Mismatch,
+                    answered!(),
+                )))
             }
             // A store that is full answered, and a record that cannot be decoded is a record:
             // its request may have run. Neither is a failure to run past; nor is a failure while
@@ -238,7 +249,7 @@ where
                 let report = report!().failed(&err);
                 Step::Answer(Box::pin(bypass(&shared.config, inner, req, report)).await)
             }
-            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, report!()))),
+            Err(err) => Step::Answer(Ok(unavailable(&shared, &err, answered!()))),
         }
     }
 }

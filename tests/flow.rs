@@ -633,3 +633,73 @@ async fn a_handler_s_own_transfer_encoding_does_not_cost_the_first_answer() {
     assert_eq!(retry.text(), "one,two,three");
     assert_eq!(runs.get(), 1);
 }
+
+/// A request's own extensions (an auth middleware's user, axum's path parameters) stay with it:
+/// an answer the handler did not give carries its outcome and none of them, whether the request
+/// came with extensions or without.
+#[tokio::test]
+async fn an_answer_without_the_handler_carries_its_outcome_and_none_of_the_requests_extensions() {
+    use std::convert::Infallible;
+
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt, service_fn};
+    use tower_idempotency::RequestBody;
+
+    #[derive(Clone, Debug, PartialEq)]
+    struct User(&'static str);
+
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let handler = service_fn(move |_: Request<RequestBody<Body>>| {
+        counted.bump();
+        async { Ok::<_, Infallible>(axum::http::Response::new(Body::from("made"))) }
+    });
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .layer(handler);
+    let request = |key: &str, body: &'static str, user: Option<&'static str>| {
+        let mut request = post_with_key("/payments", key, body);
+        if let Some(user) = user {
+            request.extensions_mut().insert(User(user));
+        }
+        request
+    };
+    for user in [Some("ada"), None] {
+        let key = format!("extensions-{user:?}");
+        let first = svc
+            .clone()
+            .oneshot(request(&key, "{}", user))
+            .await
+            .unwrap();
+        assert_eq!(
+            first.extensions().get::<Outcome>(),
+            Some(&Outcome::Executed)
+        );
+        assert_eq!(first.extensions().get::<User>(), None);
+        first.into_body().collect().await.unwrap();
+        let cases = [
+            ("{}", StatusCode::OK, Outcome::Replayed),
+            (
+                r#"{"other":1}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Outcome::Mismatch,
+            ),
+        ];
+        for (body, status, outcome) in cases {
+            let answer = svc
+                .clone()
+                .oneshot(request(&key, body, user))
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), status, "{user:?}");
+            assert_eq!(
+                answer.extensions().get::<Outcome>(),
+                Some(&outcome),
+                "{user:?}"
+            );
+            assert_eq!(answer.extensions().get::<User>(), None, "{user:?}");
+            assert_eq!(answer.extensions().len(), 1, "{user:?}");
+        }
+    }
+    assert_eq!(runs.get(), 2, "the handler ran once per key");
+}
