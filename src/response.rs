@@ -74,6 +74,19 @@ impl<'a> Report<'a> {
         }
     }
 
+    /// The report of a request refused before any store call: its key once it has a valid one,
+    /// its tenant once known.
+    pub(crate) fn refused(key: Option<&'a ParsedKey>, tenant: Option<&'a TenantId>) -> Self {
+        Self {
+            raw: key.map(|k| &k.raw),
+            key: key.map(|k| k.key.as_bytes()),
+            tenant,
+            started: Started::now(),
+            error: None,
+            spare: Extensions::new(),
+        }
+    }
+
     /// The same report, handing the answer the map of `extensions` (the request's, which no
     /// handler gets) to carry its outcome: emptied, its allocation is the answer's.
     pub(crate) fn reusing(self, extensions: &mut Extensions) -> Self {
@@ -150,24 +163,4 @@ pub(crate) fn render<St, T, E: ErrorRenderer, B>(
             .or_insert_with(|| HeaderValue::from(seconds));
     }
     response
-}
-
-/// A response decided before any store call.
-pub(crate) fn refuse<St, T, E: ErrorRenderer, B>(
-    shared: &Shared<St, T, E>,
-    problem: Problem,
-    outcome: Outcome,
-    key: Option<&ParsedKey>,
-    tenant: Option<&TenantId>,
-) -> Response<ResponseBody<B>> {
-    let response = render(shared, &problem);
-    let report = Report {
-        raw: key.map(|k| &k.raw),
-        key: key.map(|k| k.key.as_bytes()),
-        tenant,
-        started: Started::now(),
-        error: None,
-        spare: Extensions::new(),
-    };
-    finish(response, outcome, &shared.config, report)
 }

@@ -36,10 +36,10 @@ use crate::key::{self, IdempotencyKey, KeyError, ParsedKey};
 use crate::lease::{Guard, Renewals, timed};
 use crate::metrics::StoreOp;
 use crate::outcome::{Outcome, RequestSpan, Started};
-use crate::response::{Report, answer, finish, refuse, replay, unavailable};
+use crate::response::{Report, answer, finish, replay, unavailable};
 use crate::store::{Begin, IdempotencyStore, LockToken, RecordKey, StoreErrorKind};
 use crate::stored::StoredResponse;
-use crate::tenant::{TenantExtractor, TenantId};
+use crate::tenant::TenantExtractor;
 use crate::wait;
 
 impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
@@ -58,7 +58,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
         if !config.methods.contains(req.method()) {
             return self.pass(req);
@@ -68,28 +68,34 @@ where
             Err(KeyError::Missing) if !config.require_key => return self.pass(req),
             Err(KeyError::Missing) => {
                 let problem = Problem::key_missing(&config.header);
-                return self.refuse(problem, Outcome::MissingKey, None, None);
+                let report = Report::refused(None, None).reusing(req.extensions_mut());
+                return self.refuse(problem, Outcome::MissingKey, report);
             }
             Err(KeyError::Invalid(why)) => {
                 let problem = Problem::key_invalid(&config.header, why);
-                return self.refuse(problem, Outcome::InvalidKey, None, None);
+                let report = Report::refused(None, None).reusing(req.extensions_mut());
+                return self.refuse(problem, Outcome::InvalidKey, report);
             }
         };
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let tenant = match self.shared.tenant.extract(&parts) {
             Ok(tenant) if tenant.is_shared() && !config.shared_scope => {
                 let problem = Problem::tenant_missing();
-                return self.refuse(problem, Outcome::TenantMissing, Some(&key), None);
+                let report = Report::refused(Some(&key), None).reusing(&mut parts.extensions);
+                return self.refuse(problem, Outcome::TenantMissing, report);
             }
             Ok(tenant) => config.sealer.seal(tenant),
             Err(rejection) => {
                 let problem = Problem::tenant_rejected(&rejection);
-                return self.refuse(problem, Outcome::TenantRejected, Some(&key), None);
+                let report = Report::refused(Some(&key), None).reusing(&mut parts.extensions);
+                return self.refuse(problem, Outcome::TenantRejected, report);
             }
         };
         if content_length(&parts).is_some_and(|len| len > config.max_body_bytes as u64) {
             let problem = Problem::body_too_large(config.max_body_bytes);
-            return self.refuse(problem, Outcome::TooLarge, Some(&key), Some(&tenant));
+            let report = Report::refused(Some(&key), Some(&tenant));
+            let report = report.reusing(&mut parts.extensions);
+            return self.refuse(problem, Outcome::TooLarge, report);
         }
         let span = RequestSpan::new(&parts, key.key.as_bytes(), &tenant);
         // The service that `poll_ready` made ready is let go, and with it what it holds of the
@@ -127,13 +133,12 @@ impl<S, St, T, E> Idempotency<S, St, T, E> {
         &self,
         problem: Problem,
         outcome: Outcome,
-        key: Option<&ParsedKey>,
-        tenant: Option<&TenantId>,
+        report: Report<'_>,
     ) -> ResponseFuture<F, B, Err>
     where
         E: ErrorRenderer,
     {
-        ResponseFuture::ready(refuse(&self.shared, problem, outcome, key, tenant))
+        ResponseFuture::ready(answer(&self.shared, &problem, outcome, report))
     }
 }
 
@@ -585,6 +590,7 @@ mod tests {
     use tower_layer::Layer;
 
     use super::*;
+    use crate::tenant::TenantId;
     use crate::{IdempotencyLayer, MemoryStore};
 
     /// glibc serves requests over 1,000 bytes from its large bins, and before each such request

@@ -700,6 +700,18 @@ async fn an_answer_without_the_handler_carries_its_outcome_and_none_of_the_reque
             assert_eq!(answer.extensions().get::<User>(), None, "{user:?}");
             assert_eq!(answer.extensions().len(), 1, "{user:?}");
         }
+        // Refused before the store is asked: a key that is not valid.
+        let refused = svc
+            .clone()
+            .oneshot(request("two words", "{}", user))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused.extensions().get::<Outcome>(),
+            Some(&Outcome::InvalidKey)
+        );
+        assert_eq!(refused.extensions().len(), 1, "{user:?}");
     }
     assert_eq!(runs.get(), 2, "the handler ran once per key");
 }
