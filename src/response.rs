@@ -112,7 +112,8 @@ impl<'a> Report<'a> {
 }
 
 /// Adds what every response to a keyed request carries: the echoed key (exactly as the client
-/// sent it) and the outcome, in the extensions and as a `tracing` event.
+/// sent it) and the outcome, in the extensions and as a `tracing` event. A response without
+/// extensions of its own takes the map the report lends (see [`Report::reusing`]), emptied.
 pub(crate) fn finish<B>(
     mut response: Response<B>,
     outcome: Outcome,
@@ -131,7 +132,7 @@ pub(crate) fn finish<B>(
             .insert(config.header.clone(), raw.clone());
     }
     let extensions = response.extensions_mut();
-    if extensions.is_empty() {
+    if extensions.is_empty() && !report.spare.is_empty() {
         let mut spare = report.spare;
         spare.clear();
         *extensions = spare;
