@@ -12,8 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use support::frozen::{begins, lease_kept, line};
+use support::frozen::{assert_lease_kept, begins, line};
 use support::proxy::{Proxy, host_port, through};
 use support::server_url;
 use tower_idempotency::SqlxStore;
@@ -158,18 +157,11 @@ async fn sqlx_server_whose_connections_stop_answering_keeps_its_handlers_lease()
         let proxy = Proxy::start(host_port(&url).to_owned()).await;
         let a = store(&through(&url, &proxy), 4, test_before_acquire).await;
         warm(&a).await;
-        let answer = lease_kept(
-            a,
-            async || store(&url, 4, true).await,
-            || {
-                proxy.freeze_those_open();
-            },
-        )
-        .await;
-        assert_eq!(
-            answer,
-            (StatusCode::CONFLICT, 1),
-            "(B's answer, handler runs) with test_before_acquire({test_before_acquire})"
-        );
+        let make_b = async || store(&url, 4, true).await;
+        let freeze = || {
+            proxy.freeze_those_open();
+        };
+        let context = format!("with test_before_acquire({test_before_acquire})");
+        assert_lease_kept(a, make_b, freeze, &context).await;
     }
 }

@@ -73,9 +73,9 @@ fn app<St: IdempotencyStore>(store: St, runs: &Arc<AtomicUsize>) -> Router {
 
 /// Server A (on store `a`, whose connections go through proxies) runs the 4 s handler; `freeze`
 /// freezes its connections 200 ms in; 2.5 s later (past the 1.5 s lease) the client's retry
-/// goes to server B (on the store `make_b` makes, after the freeze). Answers B's status and the
-/// handler's runs: `(409, 1)` when A's renewals kept the lease.
-pub async fn lease_kept<A, B, F>(a: A, make_b: F, freeze: impl FnOnce()) -> (StatusCode, usize)
+/// goes to server B (on the store `make_b` makes, after the freeze). Asserts that A's renewals
+/// kept the lease: B answers `409` and the handler ran once. `context` names the case.
+pub async fn assert_lease_kept<A, B, F>(a: A, make_b: F, freeze: impl FnOnce(), context: &str)
 where
     A: IdempotencyStore,
     B: IdempotencyStore,
@@ -95,5 +95,9 @@ where
     let retry = b.send(keyed(&key)).await;
     let answer = (retry.status, runs.load(Ordering::SeqCst));
     first.abort();
-    answer
+    assert_eq!(
+        answer,
+        (StatusCode::CONFLICT, 1),
+        "(B's answer, handler runs) {context}"
+    );
 }
