@@ -1,9 +1,9 @@
 //! The scenarios both SQL stores (`PostgresStore`, `SqlxStore`) run against the PostgreSQL at
 //! `POSTGRES_URL`: `migrate` from many instances at once, table names and schemas, expired
-//! rows deleted by `delete_expired` and by the background cleanup, undecodable rows, `begin`
-//! racing over many rounds, a forced `forget` racing `complete`, and a PostgreSQL outage. The
-//! store-specific parts (pools, builders, raw SQL) are behind [`SqlStore`]; `sql_scenarios!`
-//! makes the scenarios tests.
+//! rows deleted by `delete_expired` and by the background cleanup, undecodable rows, tables
+//! with and without a `CHECK` on `state`, `begin` racing over many rounds, a forced `forget`
+//! racing `complete`, and a PostgreSQL outage. The store-specific parts (pools, builders, raw
+//! SQL) are behind [`SqlStore`]; `sql_scenarios!` makes the scenarios tests.
 
 use std::future::Future;
 use std::process::Command;
@@ -416,34 +416,118 @@ pub async fn scenario_background_cleanup<S: SqlStore>() {
 }
 
 /// A row that cannot be decoded is `Corrupt`, for `begin` and `lookup`: never a panic or a
-/// replay.
+/// replay. Either its response is not one the store encoded, or its state is neither of the two
+/// the store writes (the table has no check on the column).
 pub async fn scenario_undecodable_rows<S: SqlStore>() {
     let table = table_name::<S>("corrupt");
     let Some((pool, store)) = with_table::<S>("undecodable rows", &table).await else {
         return;
     };
-    let key = RecordKey::new(TenantId::shared(), "k");
     let fp = Fingerprint::from_bytes([5; 32]);
-    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
-        panic!()
+    for (i, corruption) in ["response = '\\x0100'::bytea", "state = 'done'"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = RecordKey::new(TenantId::shared(), format!("k{i}"));
+        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
+        else {
+            panic!()
+        };
+        store
+            .complete(&key, token, ok_response(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        S::execute(
+            &pool,
+            &format!("UPDATE {table} SET {corruption} WHERE key = 'k{i}'"),
+        )
+        .await;
+        let err = store
+            .begin(&key, &fp, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{corruption}: {err}");
+        let err = store.lookup(&key).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{corruption}: {err}");
+    }
+    S::execute(&pool, &format!("DROP TABLE {table}")).await;
+}
+
+/// The table `migrate` makes has no `CHECK` on `state`, and a table made with one (as earlier
+/// releases made it) works as it is: `migrate` leaves it alone, and a new key, its completion,
+/// its replay and a duplicate in flight are answered on it.
+pub async fn scenario_tables_with_and_without_the_state_check<S: SqlStore>() {
+    let table = table_name::<S>("nocheck");
+    let Some((pool, _)) = with_table::<S>("tables with and without the state check", &table).await
+    else {
+        return;
     };
-    store
-        .complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    let no_check = format!(
+        "DO $$ BEGIN
+            IF EXISTS (SELECT 1 FROM pg_constraint
+                       WHERE conrelid = '{table}'::regclass AND contype = 'c') THEN
+                RAISE EXCEPTION 'the table {table} has a CHECK constraint';
+            END IF;
+        END $$"
+    );
+    S::execute(&pool, &no_check).await;
+
+    let checked = table_name::<S>("checked");
     S::execute(
         &pool,
-        &format!("UPDATE {table} SET response = '\\x0100'::bytea"),
+        &format!(
+            "CREATE TABLE {checked} (
+                tenant      bytea       NOT NULL,
+                key         text        COLLATE \"C\" NOT NULL,
+                state       text        NOT NULL CHECK (state IN ('in_flight', 'completed')),
+                fingerprint bytea       NOT NULL,
+                token       bytea       NOT NULL,
+                response    bytea,
+                expires_at  timestamptz NOT NULL,
+                PRIMARY KEY (tenant, key)
+            );
+            CREATE INDEX {checked}_expires_idx ON {checked} (expires_at)"
+        ),
     )
     .await;
-    let err = store
-        .begin(&key, &fp, Duration::from_secs(30))
+    let old = S::build(&pool, Some(&checked), None).unwrap();
+    old.migrate().await.unwrap();
+    let (key, other) = (
+        RecordKey::new(TenantId::shared(), "k"),
+        RecordKey::new(TenantId::shared(), "other"),
+    );
+    let fp = Fingerprint::from_bytes([6; 32]);
+    let Ok(Begin::Acquired(token)) = old.begin(&key, &fp, Duration::from_secs(30)).await else {
+        panic!("expected Acquired on the table with the check");
+    };
+    old.complete(&key, token, ok_response(), Duration::from_secs(60))
         .await
-        .unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
-    let err = store.lookup(&key).await.unwrap_err();
-    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
-    S::execute(&pool, &format!("DROP TABLE {table}")).await;
+        .unwrap();
+    assert!(
+        matches!(old.begin(&key, &fp, Duration::from_secs(30)).await, Ok(Begin::Completed(r)) if r == ok_response())
+    );
+    assert!(matches!(
+        old.begin(&other, &fp, Duration::from_secs(30)).await,
+        Ok(Begin::Acquired(_))
+    ));
+    assert!(matches!(
+        old.begin(&other, &fp, Duration::from_secs(30)).await,
+        Ok(Begin::InFlight)
+    ));
+    // `migrate` left the check where it was.
+    S::execute(
+        &pool,
+        &format!(
+            "DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                               WHERE conrelid = '{checked}'::regclass AND contype = 'c') THEN
+                    RAISE EXCEPTION 'migrate dropped the check of {checked}';
+                END IF;
+            END $$"
+        ),
+    )
+    .await;
+    S::execute(&pool, &format!("DROP TABLE {table}; DROP TABLE {checked}")).await;
 }
 
 /// Many rounds of 16 callers racing on a fresh key, and on an expired in-flight record: exactly
@@ -628,6 +712,11 @@ macro_rules! sql_scenarios {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn undecodable_rows_are_corrupt() {
             crate::support::sql::scenario_undecodable_rows::<$store>().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn tables_with_and_without_the_state_check_work() {
+            crate::support::sql::scenario_tables_with_and_without_the_state_check::<$store>().await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
