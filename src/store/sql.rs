@@ -160,14 +160,15 @@ impl Table {
 }
 
 /// The statements of `migrate`: the advisory lock, then the table and its index, each created
-/// only when it is missing. The table has no `CHECK` on `state`: PostgreSQL 15 builds a check's
-/// expression again from the catalog's text in every statement that writes a row, which cost a
-/// new key (its insert and its update) about a tenth of the database's CPU; the store's
-/// statements are the only writers of the column, and read any value but `in_flight` as
-/// completed, whose response must then decode. A role without the `CREATE` privilege on the schema can run it on a
+/// only when it is missing. A role without the `CREATE` privilege on the schema can run it on a
 /// table its DBA made: `CREATE TABLE IF NOT EXISTS` checks that privilege before it looks. And
 /// `CREATE INDEX IF NOT EXISTS` would lock the table before looking, and queue every statement
 /// on it behind a handler's transaction that holds a row (`Claim::respond_in`).
+///
+/// The table has no `CHECK` on `state`: PostgreSQL 15 builds a check's expression again from the
+/// catalog in every statement that writes a row, which cost a new key (its insert and its update)
+/// about a tenth of the database's CPU. The store's statements are the column's only writers, and
+/// read a state that is neither of theirs as corrupt ([`unknown_state`]).
 struct Migration {
     lock: &'static str,
     table_exists: String,
@@ -291,10 +292,10 @@ impl Sql {
             format!(
                 "SELECT CASE
                            WHEN NOT f.live THEN '{not_live}'
+                           WHEN f.state NOT IN ('in_flight', 'completed') THEN 'unknown'
                            WHEN f.fingerprint <> $3 THEN 'mismatch'
                            WHEN f.state = 'in_flight' THEN 'in_flight'
-                           WHEN f.state = 'completed' THEN 'completed'
-                           ELSE 'unknown'
+                           ELSE 'completed'
                        END,
                        CASE WHEN f.state = 'completed' AND f.fingerprint = $3
                             THEN f.response END
@@ -389,7 +390,8 @@ impl Sql {
                  WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()"
             ),
             // One statement: the delete of a live record (completed, or in flight when $3 forces
-            // it) and, when it deleted nothing, whether a live in-flight record stopped it.
+            // it; one in a state neither of these, which no holder runs under, as a completed
+            // one) and, when it deleted nothing, whether a live in-flight record stopped it.
             //
             // The row is first locked with `NOWAIT` (a one-time filter of the delete): a row a
             // transaction holds (a handler's, between `Claim::respond_in` and its COMMIT) fails
@@ -402,7 +404,7 @@ impl Sql {
                 ), forgotten AS (
                     DELETE FROM {t}
                     WHERE tenant = $1 AND key = $2 AND expires_at > clock_timestamp()
-                      AND (state = 'completed' OR $3::boolean)
+                      AND (state <> 'in_flight' OR $3::boolean)
                       AND EXISTS (SELECT 1 FROM locked)
                     RETURNING 1
                 )

@@ -417,13 +417,16 @@ pub async fn scenario_background_cleanup<S: SqlStore>() {
 
 /// A row that cannot be decoded is `Corrupt`, for `begin` and `lookup`: never a panic or a
 /// replay. Either its response is not one the store encoded, or its state is neither of the two
-/// the store writes (the table has no check on the column).
+/// the store writes (the table has no check on the column). `forget`, not forced, clears it.
 pub async fn scenario_undecodable_rows<S: SqlStore>() {
     let table = table_name::<S>("corrupt");
     let Some((pool, store)) = with_table::<S>("undecodable rows", &table).await else {
         return;
     };
-    let fp = Fingerprint::from_bytes([5; 32]);
+    let (fp, other) = (
+        Fingerprint::from_bytes([5; 32]),
+        Fingerprint::from_bytes([7; 32]),
+    );
     for (i, corruption) in ["response = '\\x0100'::bytea", "state = 'done'"]
         .into_iter()
         .enumerate()
@@ -449,6 +452,29 @@ pub async fn scenario_undecodable_rows<S: SqlStore>() {
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{corruption}: {err}");
         let err = store.lookup(&key).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{corruption}: {err}");
+        // Another request with the key: a completed record's fingerprint is read whatever its
+        // response (`422`); a record in no state the store knows is not read further.
+        let answer = store.begin(&key, &other, Duration::from_secs(30)).await;
+        match i {
+            0 => assert!(matches!(answer, Ok(Begin::Mismatch)), "{answer:?}"),
+            _ => assert!(
+                matches!(&answer, Err(err) if err.kind() == StoreErrorKind::Corrupt),
+                "{answer:?}"
+            ),
+        }
+        // The operator clears it without forcing (no handler holds it), and the key is new.
+        assert!(
+            matches!(store.forget(&key, false).await, Ok(Forget::Forgotten)),
+            "{corruption}"
+        );
+        assert!(store.lookup(&key).await.unwrap().is_none(), "{corruption}");
+        assert!(
+            matches!(
+                store.begin(&key, &fp, Duration::from_secs(30)).await,
+                Ok(Begin::Acquired(_))
+            ),
+            "{corruption}"
+        );
     }
     S::execute(&pool, &format!("DROP TABLE {table}")).await;
 }

@@ -68,16 +68,17 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// ```
 ///
 /// Run it yourself if your migrations are managed elsewhere; the store only needs the table.
-/// The table has no `CHECK` on `state`: PostgreSQL builds a check's expression again in every
-/// statement that writes a row, which cost about a tenth of the database's CPU per new key. The
-/// store's statements are its only writers, and a state that is neither of theirs is read as
-/// [`StoreErrorKind::Corrupt`]. A table made by an earlier release has
-/// `CHECK (state IN ('in_flight', 'completed'))`; it works as it is (`migrate` never alters a
-/// table), and an operator may drop it (`ALTER TABLE idempotency_records DROP CONSTRAINT
-/// idempotency_records_state_check`).
 /// A role with no `CREATE` privilege on the schema can still call `migrate` on a table that
 /// exists (it creates nothing then), so the same start-up code runs under a least-privilege role
 /// (`SELECT`, `INSERT`, `UPDATE`, `DELETE` on the table).
+///
+/// The table has no `CHECK` on `state`: PostgreSQL builds a check's expression again in every
+/// statement that writes a row, which cost about a tenth of the database's CPU per new key. The
+/// store's statements are the column's only writers, and a state that is neither of theirs is
+/// read as [`StoreErrorKind::Corrupt`]. A table made by an earlier release has
+/// `CHECK (state IN ('in_flight', 'completed'))`; it works as it is (`migrate` never alters a
+/// table), and an operator may drop it (`ALTER TABLE idempotency_records DROP CONSTRAINT
+/// idempotency_records_state_check`).
 ///
 /// The default table name is not schema-qualified: each connection finds it through its
 /// `search_path`. A fleet whose servers connect as different roles (PostgreSQL's default
