@@ -479,6 +479,24 @@ pub async fn scenario_undecodable_rows<S: SqlStore>() {
     S::execute(&pool, &format!("DROP TABLE {table}")).await;
 }
 
+/// Fails unless `table` has a check constraint exactly when `expected` (the statement raises an
+/// error, which `execute` fails the test on).
+async fn assert_check<S: SqlStore>(pool: &S::Pool, table: &str, expected: bool) {
+    let not = if expected { "NOT" } else { "" };
+    S::execute(
+        pool,
+        &format!(
+            "DO $$ BEGIN
+                IF {not} EXISTS (SELECT 1 FROM pg_constraint
+                                 WHERE conrelid = '{table}'::regclass AND contype = 'c') THEN
+                    RAISE EXCEPTION 'the table {table}: a check constraint expected: {expected}';
+                END IF;
+            END $$"
+        ),
+    )
+    .await;
+}
+
 /// The table `migrate` makes has no `CHECK` on `state`, and a table made with one (as earlier
 /// releases made it) works as it is: `migrate` leaves it alone, and a new key, its completion,
 /// its replay and a duplicate in flight are answered on it.
@@ -488,15 +506,7 @@ pub async fn scenario_tables_with_and_without_the_state_check<S: SqlStore>() {
     else {
         return;
     };
-    let no_check = format!(
-        "DO $$ BEGIN
-            IF EXISTS (SELECT 1 FROM pg_constraint
-                       WHERE conrelid = '{table}'::regclass AND contype = 'c') THEN
-                RAISE EXCEPTION 'the table {table} has a CHECK constraint';
-            END IF;
-        END $$"
-    );
-    S::execute(&pool, &no_check).await;
+    assert_check::<S>(&pool, &table, false).await;
 
     let checked = table_name::<S>("checked");
     S::execute(
@@ -541,18 +551,7 @@ pub async fn scenario_tables_with_and_without_the_state_check<S: SqlStore>() {
         Ok(Begin::InFlight)
     ));
     // `migrate` left the check where it was.
-    S::execute(
-        &pool,
-        &format!(
-            "DO $$ BEGIN
-                IF NOT EXISTS (SELECT 1 FROM pg_constraint
-                               WHERE conrelid = '{checked}'::regclass AND contype = 'c') THEN
-                    RAISE EXCEPTION 'migrate dropped the check of {checked}';
-                END IF;
-            END $$"
-        ),
-    )
-    .await;
+    assert_check::<S>(&pool, &checked, true).await;
     S::execute(&pool, &format!("DROP TABLE {table}; DROP TABLE {checked}")).await;
 }
 
