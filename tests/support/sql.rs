@@ -188,6 +188,19 @@ fn ok_response() -> StoredResponse {
     StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"))
 }
 
+/// Acquires `key` for `fp` (failing the test unless the store answers `Acquired`) and completes
+/// it with [`ok_response`].
+async fn complete_once<S: IdempotencyStore>(store: &S, key: &RecordKey, fp: &Fingerprint) {
+    let begun = store.begin(key, fp, Duration::from_secs(30)).await;
+    let Ok(Begin::Acquired(token)) = begun else {
+        panic!("expected Acquired, got {begun:?}");
+    };
+    store
+        .complete(key, token, ok_response(), Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
 /// Eight instances of `S`, each on a pool of its own, and one of `Peer` run `migrate` at once
 /// on a new table: all succeed, `migrate` runs again, and the table works for both kinds.
 pub async fn scenario_migrate_from_many_instances<S: SqlStore, Peer: SqlStore>() {
@@ -245,13 +258,7 @@ pub async fn scenario_table_names_and_schemas<S: SqlStore>() {
     store.migrate().await.unwrap();
     let key = RecordKey::new(TenantId::shared(), "k");
     let fp = Fingerprint::from_bytes([2; 32]);
-    let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
-        panic!("expected Acquired");
-    };
-    store
-        .complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    complete_once(&store, &key, &fp).await;
     assert!(
         matches!(store.begin(&key, &fp, Duration::from_secs(30)).await, Ok(Begin::Completed(r)) if r == ok_response())
     );
@@ -432,14 +439,7 @@ pub async fn scenario_undecodable_rows<S: SqlStore>() {
         .enumerate()
     {
         let key = RecordKey::new(TenantId::shared(), format!("k{i}"));
-        let Ok(Begin::Acquired(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await
-        else {
-            panic!()
-        };
-        store
-            .complete(&key, token, ok_response(), Duration::from_secs(60))
-            .await
-            .unwrap();
+        complete_once(&store, &key, &fp).await;
         S::execute(
             &pool,
             &format!("UPDATE {table} SET {corruption} WHERE key = 'k{i}'"),
@@ -533,12 +533,7 @@ pub async fn scenario_tables_with_and_without_the_state_check<S: SqlStore>() {
         RecordKey::new(TenantId::shared(), "other"),
     );
     let fp = Fingerprint::from_bytes([6; 32]);
-    let Ok(Begin::Acquired(token)) = old.begin(&key, &fp, Duration::from_secs(30)).await else {
-        panic!("expected Acquired on the table with the check");
-    };
-    old.complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    complete_once(&old, &key, &fp).await;
     assert!(
         matches!(old.begin(&key, &fp, Duration::from_secs(30)).await, Ok(Begin::Completed(r)) if r == ok_response())
     );
