@@ -24,8 +24,7 @@ pub(crate) fn replay<St, T, E: ErrorRenderer, B>(
         return answer(shared, &problem, Outcome::NotStored, report);
     }
     // Room for the two headers a replay adds: this one and the echoed key.
-    let (response, trailers) = stored.into_replay(2);
-    let mut response = response.map(|body| ResponseBody::full_with(body, trailers));
+    let mut response = stored.into_replay(2, ResponseBody::full_with);
     response
         .headers_mut()
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));

@@ -266,14 +266,27 @@ fn to_map(
     count: usize,
     extra: usize,
 ) -> HeaderMap {
-    let capacity = (count + extra).min(MAX_HEADER_CAPACITY);
-    let mut map = HeaderMap::try_with_capacity(capacity).unwrap_or_default();
+    let mut map = HeaderMap::new();
+    fill(&mut map, headers, count, extra);
+    map
+}
+
+/// Appends `count` headers to the empty `map`, first sized for them and `extra` more (one
+/// allocation of its table, as [`HeaderMap::with_capacity`] makes). Past what a map can hold,
+/// the rest are left out rather than panicking.
+fn fill(
+    map: &mut HeaderMap,
+    headers: impl Iterator<Item = (HeaderName, HeaderValue)>,
+    count: usize,
+    extra: usize,
+) {
+    // Within what a map can hold, so that the reservation cannot fail.
+    let _ = map.try_reserve((count + extra).min(MAX_HEADER_CAPACITY));
     for (name, value) in headers {
         if map.try_append(name, value).is_err() {
             break;
         }
     }
-    map
 }
 
 /// Whether a header named `name` is never stored: a hop-by-hop header (RFC 9110 §7.6.1;
@@ -421,16 +434,22 @@ impl StoredResponse {
         Self(pack(parts.status, false, headers, trailers.as_ref(), body))
     }
 
-    /// The replayed response: status, headers and body as stored (sharing its buffer, not
-    /// copied), with room in the header map for `extra` more headers; and its trailers.
-    pub(crate) fn into_replay(self, extra: usize) -> (http::Response<Bytes>, Option<HeaderMap>) {
+    /// The replayed response: status and headers as stored, with room in the header map for
+    /// `extra` more headers, and the body `body` makes of the stored body and trailers (sharing
+    /// the record's buffer, not copied). Built where it is returned: the headers go straight
+    /// into the response's own map, which is neither moved nor replaced.
+    pub(crate) fn into_replay<B>(
+        self,
+        extra: usize,
+        body: impl FnOnce(Bytes, Option<HeaderMap>) -> B,
+    ) -> http::Response<B> {
         let stored = &self.0;
-        let headers = to_map(stored.headers(), stored.header_count.into(), extra);
-        let body = stored.packed.slice(stored.body_at..);
-        let mut response = http::Response::new(body);
+        let data = stored.packed.slice(stored.body_at..);
+        let mut response = http::Response::new(body(data, stored.trailers()));
         *response.status_mut() = stored.status;
-        *response.headers_mut() = headers;
-        (response, stored.trailers())
+        let count = stored.header_count.into();
+        fill(response.headers_mut(), stored.headers(), count, extra);
+        response
     }
 
     /// Encodes the response for a store that keeps bytes: the buffer it is kept in, shared,
@@ -608,10 +627,10 @@ mod tests {
         let back = StoredResponse::decode(&with.encode()).unwrap();
         assert_eq!(back, with);
         assert_eq!(back.trailers(), Some(&trailers));
-        let (replay, replayed_trailers) = back.into_replay(2);
+        let replay = back.into_replay(2, |body, trailers| (body, trailers));
         assert_eq!(replay.headers(), plain.headers());
-        assert_eq!(replay.body(), plain.body());
-        assert_eq!(replayed_trailers, Some(trailers));
+        assert_eq!(&replay.body().0, plain.body());
+        assert_eq!(replay.body().1, Some(trailers));
         // Counted as headers are: each field's name and value, and its overhead.
         let extra = "grpc-status".len() + 1 + "x-checksum".len() + 3;
         assert_eq!(
@@ -706,7 +725,7 @@ mod tests {
         for count in [24_576, 24_577, 32_768, 32_769, 40_000, 70_000] {
             // Decoded or refused, and replayed without a panic.
             if let Ok(stored) = StoredResponse::decode(&many_headers(count)) {
-                let (replay, _) = stored.into_replay(2);
+                let replay = stored.into_replay(2, |body, _| body);
                 assert!(!replay.headers().is_empty(), "{count}");
             }
         }
