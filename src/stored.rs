@@ -165,7 +165,7 @@ impl Stored {
     ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
         pairs.filter_map(|(name, value)| {
             // Both were checked when the response was stored or decoded.
-            let name = HeaderName::from_bytes(name).ok()?;
+            let name = stored_name(name)?;
             let value = HeaderValue::from_maybe_shared(self.packed.slice_ref(value)).ok()?;
             Some((name, value))
         })
@@ -184,6 +184,61 @@ impl Stored {
             })
         })
     }
+}
+
+/// The name a stored header's `bytes` spell: checked when the response was stored or
+/// decoded, so lowercase and valid. The names responses commonly carry are matched here, without
+/// the lowercased copy `HeaderName::from_bytes` makes of every name nor, for the non-standard
+/// ones, the allocation it makes for each; any other name is parsed.
+fn stored_name(bytes: &[u8]) -> Option<HeaderName> {
+    known_name(bytes).or_else(|| HeaderName::from_bytes(bytes).ok())
+}
+
+/// `known_name`: the names matched without parsing, each the name that parsing its text gives
+/// (the standard ones are `http`'s constants, the others are built at compile time).
+macro_rules! known_names {
+    ($($text:literal => $name:expr,)*) => {
+        fn known_name(bytes: &[u8]) -> Option<HeaderName> {
+            match bytes {
+                $($text => Some($name),)*
+                _ => None,
+            }
+        }
+
+        #[cfg(test)]
+        const KNOWN_NAMES: &[&[u8]] = &[$($text),*];
+    };
+}
+
+known_names! {
+    b"content-type" => header::CONTENT_TYPE,
+    b"content-length" => header::CONTENT_LENGTH,
+    b"location" => header::LOCATION,
+    b"set-cookie" => header::SET_COOKIE,
+    b"cache-control" => header::CACHE_CONTROL,
+    b"etag" => header::ETAG,
+    b"last-modified" => header::LAST_MODIFIED,
+    b"expires" => header::EXPIRES,
+    b"vary" => header::VARY,
+    b"link" => header::LINK,
+    b"content-encoding" => header::CONTENT_ENCODING,
+    b"content-language" => header::CONTENT_LANGUAGE,
+    b"content-location" => header::CONTENT_LOCATION,
+    b"content-disposition" => header::CONTENT_DISPOSITION,
+    b"content-security-policy" => header::CONTENT_SECURITY_POLICY,
+    b"retry-after" => header::RETRY_AFTER,
+    b"www-authenticate" => header::WWW_AUTHENTICATE,
+    b"access-control-allow-origin" => header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    b"access-control-allow-credentials" => header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    b"access-control-expose-headers" => header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    b"strict-transport-security" => header::STRICT_TRANSPORT_SECURITY,
+    b"x-content-type-options" => header::X_CONTENT_TYPE_OPTIONS,
+    b"x-frame-options" => header::X_FRAME_OPTIONS,
+    b"referrer-policy" => header::REFERRER_POLICY,
+    b"server" => header::SERVER,
+    b"trailer" => header::TRAILER,
+    b"x-request-id" => const { HeaderName::from_static("x-request-id") },
+    b"request-id" => const { HeaderName::from_static("request-id") },
 }
 
 /// The headers of an encoded response, as (name, value) bytes.
@@ -685,6 +740,27 @@ mod tests {
         trailers.remove("grpc-status");
         let stored = StoredResponse::from_parts(&parts, b"", Some(&trailers), &key, &skip, true);
         assert_eq!(stored.trailers(), None);
+    }
+
+    /// A name matched without parsing is the name parsing gives: same text, same standard
+    /// header or not, same hash in a map; a name not matched is parsed.
+    #[test]
+    fn known_names_are_the_parsed_names() {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        for &text in KNOWN_NAMES {
+            let parsed = HeaderName::from_bytes(text).unwrap();
+            let known = known_name(text).unwrap();
+            assert_eq!(known, parsed);
+            assert_eq!(known.as_str().as_bytes(), text);
+            assert_eq!(hasher.hash_one(&known), hasher.hash_one(&parsed));
+            let mut map = HeaderMap::new();
+            map.append(parsed, HeaderValue::from_static("1"));
+            assert!(map.contains_key(&known));
+        }
+        assert_eq!(known_name(b"x-custom"), None);
+        let custom = stored_name(b"x-custom").unwrap();
+        assert_eq!(custom, HeaderName::from_static("x-custom"));
     }
 
     #[test]
