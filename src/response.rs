@@ -28,7 +28,9 @@ pub(crate) fn replay<St, T, E: ErrorRenderer, B>(
     response
         .headers_mut()
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    finish(response, Outcome::Replayed, &shared.config, report)
+    // Finished where it is, rather than moved through `finish` and back.
+    mark(&mut response, Outcome::Replayed, &shared.config, report);
+    response
 }
 
 /// `503`: the store failed, timed out, or is full of requests in flight.
@@ -119,6 +121,12 @@ pub(crate) fn finish<B>(
     config: &Config,
     report: Report<'_>,
 ) -> Response<B> {
+    mark(&mut response, outcome, config, report);
+    response
+}
+
+/// What [`finish`] adds, added to `response` in place.
+fn mark<B>(response: &mut Response<B>, outcome: Outcome, config: &Config, report: Report<'_>) {
     report.emit(outcome);
     if outcome != Outcome::Replayed {
         // Only the layer says a response is a replay: a handler's own (an upstream API's,
@@ -137,7 +145,6 @@ pub(crate) fn finish<B>(
         *extensions = spare;
     }
     extensions.insert(outcome);
-    response
 }
 
 /// Renders `problem` as the answer to a keyed request.
