@@ -54,23 +54,30 @@ const OMITTED: u8 = 1;
 /// The flags byte: trailer fields follow the headers, after their count (4 bytes).
 const TRAILERS: u8 = 2;
 
-/// Encodes a response: the headers `headers()` yields (asked twice: measured, then written,
-/// so that the buffer is allocated once at its size), the trailers when there are any, and a
-/// copy of `body`.
+/// Encodes a response: the headers `headers()` yields that are `kept`, the trailers when there
+/// are any, and a copy of `body`. The buffer is allocated once, at the size of every header
+/// `headers()` yields (asked twice: measured, then written): `kept` is asked once per header,
+/// as it is written, and when it leaves one out (rare: hop-by-hop headers, `Date`, a skipped
+/// name), the buffer is shrunk to what was written.
 fn pack<'a, I>(
     status: StatusCode,
     body_omitted: bool,
     headers: impl Fn() -> I,
+    kept: impl Fn(&HeaderName) -> bool,
     trailers: Option<&HeaderMap>,
     body: &[u8],
 ) -> Stored
 where
     I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
 {
+    let (_, header_bytes) = measure(headers());
     // A map holds no more than this: a `HeaderMap` given to `new` could not either.
-    let headers = || headers().take(MAX_HEADER_CAPACITY);
+    let headers = || {
+        headers()
+            .filter(|(name, _)| kept(name))
+            .take(MAX_HEADER_CAPACITY)
+    };
     let trailers = trailers.filter(|t| !t.is_empty());
-    let (count, header_bytes) = measure(headers());
     let trailer_fields = || trailers.into_iter().flatten().take(MAX_HEADER_CAPACITY);
     let (trailer_count, trailer_bytes) = measure(trailer_fields());
     let trailer_bytes = trailer_bytes + if trailers.is_some() { 4 } else { 0 };
@@ -79,10 +86,14 @@ where
     out.put_u8(FORMAT_VERSION);
     out.put_u8(flags);
     out.put_u16(status.as_u16());
-    out.put_u32(count as u32);
+    // The count, written once the headers are.
+    out.put_u32(0);
+    let mut count = 0;
     for field in headers() {
         put_field(&mut out, field);
+        count += 1;
     }
+    out[4..HEAD_LEN].copy_from_slice(&(count as u32).to_be_bytes());
     if trailers.is_some() {
         out.put_u32(trailer_count as u32);
         for field in trailer_fields() {
@@ -92,10 +103,11 @@ where
     out.put_u64(body.len() as u64);
     let body_at = out.len();
     out.put_slice(body);
+    // At its capacity, so that the `Vec` becomes a `Bytes` without a copy.
+    out.shrink_to_fit();
     Stored {
         status,
         body_omitted,
-        // At its capacity, so the `Vec` becomes a `Bytes` without a copy.
         packed: Bytes::from(out),
         header_count: count as u16,
         has_trailers: trailers.is_some(),
@@ -381,7 +393,14 @@ fn named_by(connection: &http::header::GetAll<'_, HeaderValue>, name: &HeaderNam
 impl StoredResponse {
     /// A stored response with `status`, `headers` and `body`.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self(pack(status, false, || headers.iter(), None, &body))
+        Self(pack(
+            status,
+            false,
+            || headers.iter(),
+            |_| true,
+            None,
+            &body,
+        ))
     }
 
     /// This response with `trailers` after its body (replacing any it had); an empty map means
@@ -408,6 +427,7 @@ impl StoredResponse {
             status,
             stored.body_omitted,
             headers,
+            |_| true,
             Some(&trailers),
             stored.body(),
         ))
@@ -416,7 +436,7 @@ impl StoredResponse {
     /// A record of a response whose body was too large to store: it completed with `status`,
     /// but cannot be replayed.
     pub fn omitted(status: StatusCode) -> Self {
-        Self(pack(status, true, std::iter::empty, None, &[]))
+        Self(pack(status, true, std::iter::empty, |_| true, None, &[]))
     }
 
     /// The status code of the original response.
@@ -480,7 +500,7 @@ impl StoredResponse {
                 || (skip_cookies && name == http::header::SET_COOKIE)
                 || connection.as_ref().is_some_and(|c| named_by(c, name)))
         };
-        let headers = || parts.headers.iter().filter(|(name, _)| kept(name));
+        let headers = || parts.headers.iter();
         // Trailer fields go through the same filter: a field the app keeps out of the record
         // stays out whether it comes before the body or after it. (Rare: copied into a map of
         // their own; none kept, no trailers stored.)
@@ -489,7 +509,14 @@ impl StoredResponse {
             kept.map(|(name, value)| (name.clone(), value.clone()))
                 .collect()
         });
-        Self(pack(parts.status, false, headers, trailers.as_ref(), body))
+        Self(pack(
+            parts.status,
+            false,
+            headers,
+            kept,
+            trailers.as_ref(),
+            body,
+        ))
     }
 
     /// The replayed response: status and headers as stored, with room in the header map for
@@ -895,6 +922,10 @@ mod tests {
         );
         let names: Vec<_> = stored.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["trailer", "content-type", "set-cookie"]);
+        // The headers left out take no room: the record is what its kept headers encode to.
+        let kept = StoredResponse::new(stored.status(), stored.headers().clone(), Bytes::new());
+        assert_eq!(stored.encode(), kept.encode());
+        assert_eq!(StoredResponse::decode(&stored.encode()).unwrap(), stored);
         assert_eq!(
             stored.headers().get_all(header::SET_COOKIE).iter().count(),
             2
