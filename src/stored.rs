@@ -607,7 +607,10 @@ fn take_fields(buf: &mut &[u8]) -> Result<usize, DecodeError> {
         return Err(DecodeError("too many headers"));
     }
     for _ in 0..count {
-        if HeaderName::from_bytes(take_field(buf)?).is_err() {
+        // A name matched without parsing is valid; another is parsed (which allocates a
+        // non-standard one).
+        let name = take_field(buf)?;
+        if known_name(name).is_none() && HeaderName::from_bytes(name).is_err() {
             return Err(DecodeError("invalid header name"));
         }
         if !take_field(buf)?.iter().all(|&b| is_value_byte(b)) {
