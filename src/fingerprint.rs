@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use http::request::Parts;
 use http::{HeaderName, header};
-use sha2::{Digest, Sha256};
+
+use crate::util::Sha256;
 
 pub(crate) mod json;
 mod number;
@@ -70,6 +71,9 @@ fn sent_uri(parts: &Parts) -> &http::Uri {
     &parts.uri
 }
 
+/// What every fingerprint's hash starts with.
+const FINGERPRINT: Sha256 = Sha256::new().chain(b"tower-idempotency:fingerprint:v1\0");
+
 /// An incremental fingerprint: the request head first, then the body chunk by chunk.
 pub(crate) struct Hasher {
     sha: Sha256,
@@ -81,19 +85,19 @@ impl Hasher {
     /// [`sent_uri`]) and the values of `headers` (in the order given, each with its count of
     /// values).
     pub(crate) fn new(parts: &Parts, headers: &[HeaderName]) -> Self {
-        let mut sha = Sha256::new_with_prefix(b"tower-idempotency:fingerprint:v1\0");
+        let mut sha = FINGERPRINT;
         let uri = sent_uri(parts);
         field(&mut sha, parts.method.as_str().as_bytes());
         field(&mut sha, uri.path().as_bytes());
         match uri.query() {
             // "no query" and "empty query" are different requests.
-            None => sha.update([0]),
+            None => sha.update(&[0]),
             Some(query) => {
-                sha.update([1]);
+                sha.update(&[1]);
                 field(&mut sha, query.as_bytes());
             }
         }
-        sha.update((headers.len() as u64).to_be_bytes());
+        sha.update_u64(headers.len() as u64);
         for name in headers {
             field(&mut sha, name.as_str().as_bytes());
             header_values(&mut sha, parts, uri, name);
@@ -112,11 +116,11 @@ impl Hasher {
     pub(crate) fn json_body(&mut self, body: &[u8], ignore: Option<&Pointers>) {
         match json::scan(body) {
             Ok(scanned) => {
-                self.sha.update([1]);
+                self.sha.update(&[1]);
                 scanned.write(ignore, |piece| self.body(piece));
             }
             Err(_) => {
-                self.sha.update([0]);
+                self.sha.update(&[0]);
                 self.body(body);
             }
         }
@@ -124,13 +128,13 @@ impl Hasher {
 
     /// Hashes what a [`Fingerprinter`] made of the body, in place of the body.
     fn made_body(&mut self, made: &[u8]) {
-        self.sha.update([2]);
+        self.sha.update(&[2]);
         self.body(made);
     }
 
     pub(crate) fn finish(mut self) -> Fingerprint {
-        self.sha.update(self.body_len.to_be_bytes());
-        Fingerprint(self.sha.finalize().into())
+        self.sha.update_u64(self.body_len);
+        Fingerprint(self.sha.finish())
     }
 }
 
@@ -143,7 +147,7 @@ fn header_values(sha: &mut Sha256, parts: &Parts, uri: &http::Uri, name: &Header
     if count == 0 && name == header::HOST {
         // HTTP/2 and HTTP/3 carry the host in `:authority`, which the URI holds.
         if let Some(authority) = uri.authority() {
-            sha.update(1u64.to_be_bytes());
+            sha.update_u64(1);
             field(sha, authority.as_str().as_bytes());
             return;
         }
@@ -152,8 +156,8 @@ fn header_values(sha: &mut Sha256, parts: &Parts, uri: &http::Uri, name: &Header
         // HTTP/2 may split a cookie into crumbs, a field each (RFC 9113 §8.2.3); HTTP/1.1 sends
         // one field, the crumbs joined with "; ".
         let len = values.iter().map(|v| v.len()).sum::<usize>() + 2 * (count - 1);
-        sha.update(1u64.to_be_bytes());
-        sha.update((len as u64).to_be_bytes());
+        sha.update_u64(1);
+        sha.update_u64(len as u64);
         for (i, value) in values.iter().enumerate() {
             if i > 0 {
                 sha.update(b"; ");
@@ -162,14 +166,14 @@ fn header_values(sha: &mut Sha256, parts: &Parts, uri: &http::Uri, name: &Header
         }
         return;
     }
-    sha.update((count as u64).to_be_bytes());
+    sha.update_u64(count as u64);
     for value in values {
         field(sha, value.as_bytes());
     }
 }
 
 fn field(sha: &mut Sha256, bytes: &[u8]) {
-    sha.update((bytes.len() as u64).to_be_bytes());
+    sha.update_u64(bytes.len() as u64);
     sha.update(bytes);
 }
 
@@ -198,7 +202,7 @@ impl BodyFingerprint {
             return true;
         }
         // Hashed as sent, the way a JSON body that does not parse is.
-        hasher.sha.update([0]);
+        hasher.sha.update(&[0]);
         false
     }
 
@@ -526,5 +530,65 @@ mod tests {
         options.whole(&mut hasher, &other, b"pay 10;trace 1");
         assert_ne!(hasher.finish(), first);
         assert!(format!("{options:?}").contains("<fn>"));
+    }
+
+    /// What a request's fingerprint is stored as does not change from one version to the next
+    /// (these values were computed by the versions before this test): a retry that spans an
+    /// upgrade still matches its record. Fields across block boundaries, selected headers (the
+    /// host from the URI, cookie crumbs joined), bodies in chunks and in canonical form.
+    #[test]
+    fn stored_fingerprints_do_not_change() {
+        let payment = br#"{"amount":1000,"currency":"usd","customer":"cus_123","note":"x"}"#;
+        let long_path = format!("/{}", "p".repeat(70));
+        let mut cookies = Request::post("http://example.com/a/b?x=1&y=2")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-many", "1")
+            .header("x-many", "2")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let names = [
+            header::HOST,
+            header::COOKIE,
+            HeaderName::from_static("x-many"),
+            header::CONTENT_TYPE,
+        ];
+        let mut headed = Hasher::new(&cookies, &names);
+        for chunk in payment.chunks(7) {
+            headed.body(chunk);
+        }
+        let canonical = with(&canonical(), "application/json", br#"{ "b": 2, "a": 1 }"#);
+        cookies.method = http::Method::PATCH;
+        let fingerprints = [
+            (
+                Fingerprint::of_request(&parts("POST", "/payments"), payment),
+                "2161f4d17449d0327f6b023622c50ae0bcf79d0c01ae4f7acc3a18a3521c41e7",
+            ),
+            (
+                Fingerprint::of_request(&parts("POST", &long_path), &[7; 200]),
+                "7593c493406ffbf8b15128f097690a00298621930ab55fb292cb07d567a0fd36",
+            ),
+            (
+                Fingerprint::of_request(&parts("PATCH", "/a?"), b""),
+                "22cd0d2f414f3f6d906ae9f062d8e44cbfc38da97552b286a9e0087ee7bb5f6d",
+            ),
+            (
+                headed.finish(),
+                "cf0139bc7125ff99143dadc31f0fc38968bf433f7650c9010e2ca6e9636cabbb",
+            ),
+            (
+                canonical,
+                "b1a38a1ce4907c24ab616625562181b976f8044e06ae86b2e6693a8919be9478",
+            ),
+            (
+                Hasher::new(&cookies, &names[..1]).finish(),
+                "d3bb2836300719c6d5ec02c4b43a841327d76126692756960c83eca922751fc7",
+            ),
+        ];
+        for (i, (fingerprint, hex)) in fingerprints.into_iter().enumerate() {
+            assert_eq!(fingerprint.to_string(), hex, "{i}");
+        }
     }
 }

@@ -14,6 +14,8 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 
+use crate::util::SHA256_INITIAL;
+
 /// The identity of a tenant: a 32-byte digest of what identifies it.
 ///
 /// Extractors build it with [`hashed`](Self::hashed) (or the `scope_for` functions of the
@@ -102,18 +104,6 @@ pub(crate) struct Sealer {
     /// Whether the key is the layer's own secret, rather than the public default.
     secret: bool,
 }
-
-/// SHA-256's initial state (FIPS 180-4, 5.3.3).
-const SHA256_INITIAL: [u32; 8] = [
-    0x6a09_e667,
-    0xbb67_ae85,
-    0x3c6e_f372,
-    0xa54f_f53a,
-    0x510e_527f,
-    0x9b05_688c,
-    0x1f83_d9ab,
-    0x5be0_cd19,
-];
 
 /// SHA-256 of one 64-byte block, whose state is `state`, followed by `message`: its whole
 /// blocks, then its rest in the padded last block or two (`0x80`, zeros, and the length in bits

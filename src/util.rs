@@ -1,5 +1,5 @@
-//! Small helpers the whole crate shares: hex, decimal, random bytes, and shares of a
-//! process-wide bound.
+//! Small helpers the whole crate shares: SHA-256 for short messages, hex, decimal, random
+//! bytes, and shares of a process-wide bound.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +26,127 @@ impl Drop for Share {
     fn drop(&mut self) {
         self.total.fetch_sub(self.amount, Ordering::Relaxed);
     }
+}
+
+/// SHA-256 (FIPS 180-4) on `sha2`'s block function, for the short messages of every keyed
+/// request (a tenant id, a fingerprint's head): a prefix known when the crate is compiled
+/// starts in the buffer ([`chain`](Self::chain) is `const`), a piece is copied into the
+/// buffer until a block fills, and the last block or two are compressed in one call. Its
+/// digests are `sha2::Sha256`'s, byte for byte.
+#[derive(Clone)]
+pub(crate) struct Sha256 {
+    state: [u32; 8],
+    /// Bytes hashed so far; the last `len % 64` of them wait in `buf`.
+    len: u64,
+    /// The block being filled; past its `len % 64` bytes, zeros.
+    buf: [u8; 64],
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+pub(crate) const SHA256_INITIAL: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+impl Sha256 {
+    /// A hasher that has hashed nothing.
+    pub(crate) const fn new() -> Self {
+        Self::after_blocks(SHA256_INITIAL, 0)
+    }
+
+    /// A hasher whose state is `state` after `blocks` whole blocks (an HMAC key's block).
+    pub(crate) const fn after_blocks(state: [u32; 8], blocks: u64) -> Self {
+        Self {
+            state,
+            len: blocks * 64,
+            buf: [0; 64],
+        }
+    }
+
+    /// This hasher after `bytes`, which must fit in its block (for constants).
+    ///
+    /// # Panics
+    ///
+    /// When `bytes` do not fit before the block's end: at compile time, in a constant.
+    pub(crate) const fn chain(mut self, bytes: &[u8]) -> Self {
+        let at = (self.len % 64) as usize;
+        assert!(at + bytes.len() < 64, "a constant prefix fits in one block");
+        let mut i = 0;
+        while i < bytes.len() {
+            self.buf[at + i] = bytes[i];
+            i += 1;
+        }
+        self.len += bytes.len() as u64;
+        self
+    }
+
+    /// Hashes `bytes`.
+    #[inline]
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        let at = (self.len % 64) as usize;
+        self.len += bytes.len() as u64;
+        if at + bytes.len() < 64 {
+            // It leaves room in the block: a copy (the block is compressed once it is full).
+            self.buf[at..at + bytes.len()].copy_from_slice(bytes);
+        } else {
+            self.fill(at, bytes);
+        }
+    }
+
+    /// Hashes `n`, big-endian.
+    #[inline]
+    pub(crate) fn update_u64(&mut self, n: u64) {
+        self.update(&n.to_be_bytes());
+    }
+
+    /// Hashes `bytes`, which fill the block from `at` on and maybe more.
+    #[inline(never)]
+    fn fill(&mut self, at: usize, bytes: &[u8]) {
+        use sha2::block_api::compress256;
+        let mut rest = bytes;
+        if at > 0 {
+            let (head, tail) = rest.split_at(64 - at);
+            self.buf[at..].copy_from_slice(head);
+            compress256(&mut self.state, std::slice::from_ref(&self.buf));
+            rest = tail;
+        }
+        let (blocks, tail) = rest.as_chunks::<64>();
+        if !blocks.is_empty() {
+            compress256(&mut self.state, blocks);
+        }
+        self.buf = [0; 64];
+        self.buf[..tail.len()].copy_from_slice(tail);
+    }
+
+    /// The digest: the rest, `0x80`, zeros and the length in bits, in one block or two,
+    /// compressed in one call.
+    pub(crate) fn finish(self) -> [u8; 32] {
+        let at = (self.len % 64) as usize;
+        // Past `at`, the buffer holds zeros already.
+        let mut last = [self.buf, [0; 64]];
+        last[0][at] = 0x80;
+        let used = if at < 56 { 1 } else { 2 };
+        last[used - 1][56..].copy_from_slice(&(self.len * 8).to_be_bytes());
+        let mut state = self.state;
+        sha2::block_api::compress256(&mut state, &last[..used]);
+        be_bytes(state)
+    }
+}
+
+/// SHA-256's state words as digest bytes (big-endian).
+#[inline]
+pub(crate) fn be_bytes(state: [u32; 8]) -> [u8; 32] {
+    let mut digest = [0; 32];
+    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
 }
 
 /// Lowercase hex of `bytes`.
@@ -192,6 +313,40 @@ mod tests {
             assert!(!headers.contains_key(&name), "removed among {others}");
             assert_eq!(headers.len(), others + 1, "the rest kept among {others}");
         }
+    }
+
+    /// The digest of every length around a block and its padding (55, 56, 63, 64, 119, 120,
+    /// 128 bytes), after a constant prefix of every length and in pieces of every size, is
+    /// `sha2`'s.
+    #[test]
+    fn sha256_is_sha2_s() {
+        use sha2::Digest;
+        const PREFIX: super::Sha256 = super::Sha256::new().chain(b"a prefix of 23 bytes...");
+        let message: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
+        for len in 0..message.len() {
+            let message = &message[..len];
+            let expected: [u8; 32] = sha2::Sha256::digest(message).into();
+            for piece in [1, 3, 8, 55, 63, 64, 65, 200, 300] {
+                let mut sha = super::Sha256::new();
+                message.chunks(piece).for_each(|chunk| sha.update(chunk));
+                assert_eq!(sha.finish(), expected, "{len} in pieces of {piece}");
+            }
+            let mut prefixed = PREFIX;
+            prefixed.update(message);
+            let expected: [u8; 32] = sha2::Sha256::new_with_prefix(b"a prefix of 23 bytes...")
+                .chain_update(message)
+                .finalize()
+                .into();
+            assert_eq!(prefixed.finish(), expected, "{len} after a prefix");
+        }
+        let mut numbers = super::Sha256::new().chain(b"x");
+        numbers.update_u64(7);
+        numbers.update_u64(u64::MAX);
+        let expected = sha2::Sha256::new_with_prefix(b"x")
+            .chain_update(7u64.to_be_bytes())
+            .chain_update(u64::MAX.to_be_bytes())
+            .finalize();
+        assert_eq!(numbers.finish()[..], expected[..]);
     }
 
     #[test]
