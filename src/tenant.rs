@@ -12,9 +12,9 @@ use std::marker::PhantomData;
 
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, StatusCode, header};
-use sha2::{Digest, Sha256};
+use sha2::block_api::compress256;
 
-use crate::util::SHA256_INITIAL;
+use crate::util::{SHA256_INITIAL, Sha256, be_bytes};
 
 /// The identity of a tenant: a 32-byte digest of what identifies it.
 ///
@@ -34,25 +34,23 @@ impl TenantId {
     /// The tenant identified by `bytes`: their SHA-256 digest, in a namespace of its own (no
     /// built-in extractor's scope can equal it).
     pub fn hashed(bytes: impl AsRef<[u8]>) -> Self {
-        Self::in_namespace("bytes", "", bytes.as_ref())
+        Self::in_namespace(BYTES, bytes.as_ref())
     }
 
     /// The tenant identified by the display of `value`, hashed (without an allocation), in a
     /// namespace of its own.
     pub fn from_display(value: &impl fmt::Display) -> Self {
-        Self::display_in_namespace("display", "", value)
+        Self::display_in_namespace(DISPLAY, value)
     }
 
-    /// A digest of `value` in the namespace (`kind`, `name`). The namespace's two parts are
-    /// length-prefixed, so that no choice of names makes two namespaces run into each other;
+    /// A digest of `value` in the namespace that `namespace` has absorbed (see [`namespace`]):
     /// the value comes last and needs no prefix.
-    fn in_namespace(kind: &str, name: &str, value: &[u8]) -> Self {
-        let mut hasher = namespace(kind, name);
-        hasher.update(value);
-        Self(hasher.finalize().into())
+    fn in_namespace(mut namespace: Sha256, value: &[u8]) -> Self {
+        namespace.update(value);
+        Self(namespace.finish())
     }
 
-    fn display_in_namespace(kind: &str, name: &str, value: &impl fmt::Display) -> Self {
+    fn display_in_namespace(namespace: Sha256, value: &impl fmt::Display) -> Self {
         struct HashWriter(Sha256);
         impl fmt::Write for HashWriter {
             fn write_str(&mut self, s: &str) -> fmt::Result {
@@ -60,11 +58,11 @@ impl TenantId {
                 Ok(())
             }
         }
-        let mut writer = HashWriter(namespace(kind, name));
+        let mut writer = HashWriter(namespace);
         // Writing into a hasher cannot fail; a `Display` that reports an error still hashes
         // what it wrote.
         let _ = write!(writer, "{value}");
-        Self(writer.0.finalize().into())
+        Self(writer.0.finish())
     }
 
     /// Whether this is the [`shared`](Self::shared) scope.
@@ -83,15 +81,32 @@ impl TenantId {
     }
 }
 
-/// A hasher that has absorbed the namespace (`kind`, `name`).
+/// A hasher that has absorbed the namespace (`kind`, `name`). The namespace's two parts are
+/// length-prefixed, so that no choice of names makes two namespaces run into each other.
 fn namespace(kind: &str, name: &str) -> Sha256 {
-    let mut hasher = Sha256::new_with_prefix(b"tower-idempotency:tenant\0");
+    let mut hasher = TENANT;
     for part in [kind, name] {
-        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update_u64(part.len() as u64);
         hasher.update(part.as_bytes());
     }
     hasher
 }
+
+/// What every tenant id's hash starts with.
+const TENANT: Sha256 = Sha256::new().chain(b"tower-idempotency:tenant\0");
+
+/// [`namespace`]`(kind, "")`, absorbed when the crate is compiled.
+const fn unnamed(kind: &str) -> Sha256 {
+    TENANT
+        .chain(&(kind.len() as u64).to_be_bytes())
+        .chain(kind.as_bytes())
+        .chain(&0u64.to_be_bytes())
+}
+
+/// The namespaces of [`TenantId::hashed`], [`TenantId::from_display`] and [`DefaultTenant`].
+const BYTES: Sha256 = unnamed("bytes");
+const DISPLAY: Sha256 = unnamed("display");
+const AUTHORIZATION: Sha256 = unnamed("authorization");
 
 /// Seals the tenant ids that extractors produce before they reach a store: HMAC-SHA256 under
 /// the layer's secret. The shared scope stays the shared scope (it names no one).
@@ -105,29 +120,19 @@ pub(crate) struct Sealer {
     secret: bool,
 }
 
-/// SHA-256 of one 64-byte block, whose state is `state`, followed by `message`: its whole
-/// blocks, then its rest in the padded last block or two (`0x80`, zeros, and the length in bits
-/// of all that was hashed), each compressed as it is, without a hasher's buffering.
-fn after_block(mut state: [u32; 8], message: &[u8]) -> [u8; 32] {
-    use sha2::block_api::compress256;
-    let (blocks, rest) = message.as_chunks::<64>();
-    compress256(&mut state, blocks);
-    // `rest` is shorter than a block: the `0x80` always fits after it, and the 8-byte length
-    // too, unless `rest` takes more than 55 bytes; then the length ends a second block of
-    // zeros.
-    let mut last = [[0; 64]; 2];
-    last[0][..rest.len()].copy_from_slice(rest);
-    last[0][rest.len()] = 0x80;
-    let used = if rest.len() < 56 { 1 } else { 2 };
-    let bits = (64 + message.len() as u64) * 8;
-    last[used - 1][56..].copy_from_slice(&bits.to_be_bytes());
-    compress256(&mut state, &last[..used]);
-    let mut digest = [0; 32];
-    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
-        bytes.copy_from_slice(&word.to_be_bytes());
+/// The last block of a hash of 32 bytes one block past an HMAC key's: the 32 bytes (zeros
+/// here), `0x80`, zeros, and the length in bits of the key's block and the 32 bytes.
+const LAST_OF_32: [u8; 64] = {
+    let mut block = [0; 64];
+    block[32] = 0x80;
+    let bits = ((64 + 32) * 8u64).to_be_bytes();
+    let mut i = 0;
+    while i < 8 {
+        block[56 + i] = bits[i];
+        i += 1;
     }
-    digest
-}
+    block
+};
 
 /// The smallest secret accepted, in bytes.
 pub(crate) const MIN_SECRET_LEN: usize = 16;
@@ -144,7 +149,9 @@ impl Sealer {
     fn keyed(key: &[u8]) -> Self {
         let mut block = [0u8; 64];
         if key.len() > block.len() {
-            block[..32].copy_from_slice(&Sha256::digest(key));
+            let mut hasher = Sha256::new();
+            hasher.update(key);
+            block[..32].copy_from_slice(&hasher.finish());
         } else {
             block[..key.len()].copy_from_slice(key);
         }
@@ -152,7 +159,7 @@ impl Sealer {
             let mut padded = block;
             padded.iter_mut().for_each(|b| *b ^= byte);
             let mut state = SHA256_INITIAL;
-            sha2::block_api::compress256(&mut state, &[padded]);
+            compress256(&mut state, &[padded]);
             state
         };
         Self {
@@ -162,10 +169,29 @@ impl Sealer {
         }
     }
 
-    /// HMAC-SHA256 of `message` under this sealer's key: for a tenant id (every keyed request
-    /// seals one, replays included), each of its two hashes is one block past the key's.
+    /// HMAC-SHA256 of `message` under this sealer's key (the tags of logged keys and tenants).
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) fn mac(&self, message: &[u8]) -> [u8; 32] {
-        after_block(self.outer, &after_block(self.inner, message))
+        let hash = |state, message: &[u8]| {
+            let mut hasher = Sha256::after_blocks(state, 1);
+            hasher.update(message);
+            hasher.finish()
+        };
+        hash(self.outer, &hash(self.inner, message))
+    }
+
+    /// [`mac`](Self::mac) of 32 bytes (a tenant id: every keyed request seals one, replays
+    /// included): each of its two hashes is one block past the key's, the same block but for
+    /// its first 32 bytes.
+    fn mac_32(&self, message: &[u8; 32]) -> [u8; 32] {
+        let mut block = LAST_OF_32;
+        block[..32].copy_from_slice(message);
+        let mut inner = self.inner;
+        compress256(&mut inner, std::slice::from_ref(&block));
+        block[..32].copy_from_slice(&be_bytes(inner));
+        let mut outer = self.outer;
+        compress256(&mut outer, std::slice::from_ref(&block));
+        be_bytes(outer)
     }
 
     /// The tenant id that is stored for the id `tenant` an extractor produced.
@@ -173,7 +199,7 @@ impl Sealer {
         if tenant.is_shared() {
             return tenant;
         }
-        TenantId(self.mac(&tenant.0))
+        TenantId(self.mac_32(&tenant.0))
     }
 }
 
@@ -319,7 +345,7 @@ impl DefaultTenant {
 
     /// The scope of an `Authorization` value that carries credentials.
     fn of_credentials(authorization: &[u8]) -> TenantId {
-        TenantId::in_namespace("authorization", "", authorization)
+        TenantId::in_namespace(AUTHORIZATION, authorization)
     }
 }
 
@@ -532,7 +558,7 @@ impl TenantFromHeader {
         if value.trim_ascii().is_empty() {
             return TenantId::shared();
         }
-        TenantId::in_namespace("header", self.name.as_str(), value)
+        TenantId::in_namespace(namespace("header", self.name.as_str()), value)
     }
 }
 
@@ -592,7 +618,8 @@ impl<T> TenantFromExtension<T> {
     where
         T: fmt::Display,
     {
-        TenantId::display_in_namespace("extension", std::any::type_name::<T>(), value)
+        let namespace = namespace("extension", std::any::type_name::<T>());
+        TenantId::display_in_namespace(namespace, value)
     }
 }
 
@@ -635,6 +662,7 @@ where
 mod tests {
     use super::*;
     use http::Request;
+    use sha2::Digest;
 
     fn parts(build: impl FnOnce(http::request::Builder) -> http::request::Builder) -> Parts {
         build(Request::builder()).body(()).unwrap().into_parts().0
@@ -848,15 +876,15 @@ mod tests {
         fn reference(key: &[u8], message: &[u8]) -> [u8; 32] {
             let mut block = [0u8; 64];
             if key.len() > 64 {
-                block[..32].copy_from_slice(&Sha256::digest(key));
+                block[..32].copy_from_slice(&sha2::Sha256::digest(key));
             } else {
                 block[..key.len()].copy_from_slice(key);
             }
             let pad = |byte: u8| block.map(|b| b ^ byte);
-            let inner = Sha256::new_with_prefix(pad(0x36))
+            let inner = sha2::Sha256::new_with_prefix(pad(0x36))
                 .chain_update(message)
                 .finalize();
-            Sha256::new_with_prefix(pad(0x5c))
+            sha2::Sha256::new_with_prefix(pad(0x5c))
                 .chain_update(inner)
                 .finalize()
                 .into()
@@ -873,8 +901,11 @@ mod tests {
                 let message: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
                 assert_eq!(sealer.mac(&message), reference(key, &message), "{len}");
             }
-            let tenant = TenantId([5; 32]);
-            assert_eq!(sealer.seal(tenant), TenantId(reference(key, &tenant.0)));
+            for byte in [5, 0xff] {
+                let tenant = TenantId([byte; 32]);
+                assert_eq!(sealer.seal(tenant), TenantId(reference(key, &tenant.0)));
+                assert_eq!(sealer.mac(&tenant.0), reference(key, &tenant.0));
+            }
         }
     }
 
@@ -900,6 +931,51 @@ mod tests {
         ];
         for (id, hex) in stored {
             assert_eq!(id.to_string(), hex);
+        }
+    }
+
+    /// Every namespace hashes as it always did (SHA-256 of the prefix, the length-prefixed
+    /// kind and name, then the value): the tenant ids of records written before an upgrade
+    /// are the ones after it.
+    #[test]
+    fn namespaces_hash_as_before() {
+        fn reference(kind: &str, name: &str, value: &[u8]) -> TenantId {
+            let mut hasher = sha2::Sha256::new_with_prefix(b"tower-idempotency:tenant\0");
+            for part in [kind, name] {
+                hasher.update((part.len() as u64).to_be_bytes());
+                hasher.update(part.as_bytes());
+            }
+            hasher.update(value);
+            TenantId(hasher.finalize().into())
+        }
+        let values: Vec<String> = (0..140).map(|len| "v".repeat(len)).collect();
+        for value in &values {
+            let authorization = format!("Bearer {value}x");
+            assert_eq!(
+                DefaultTenant::scope_for(&authorization),
+                reference("authorization", "", authorization.as_bytes())
+            );
+            assert_eq!(
+                TenantId::hashed(value),
+                reference("bytes", "", value.as_bytes())
+            );
+            assert_eq!(
+                TenantId::from_display(value),
+                reference("display", "", value.as_bytes())
+            );
+            let header = TenantFromHeader::new(HeaderName::from_static("x-api-key"));
+            assert_eq!(
+                header.scope_for(format!("{value}x")),
+                reference("header", "x-api-key", format!("{value}x").as_bytes())
+            );
+            assert_eq!(
+                TenantFromExtension::<String>::scope_for(value),
+                reference(
+                    "extension",
+                    std::any::type_name::<String>(),
+                    value.as_bytes()
+                )
+            );
         }
     }
 
