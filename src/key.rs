@@ -126,16 +126,7 @@ impl std::fmt::Display for KeyText {
 
 /// Reads the key header `name` from `headers`.
 pub(crate) fn parse(headers: &HeaderMap, name: &HeaderName) -> Result<ParsedKey, KeyError> {
-    // A request has a few fields: a look at their names costs less than hashing the key's
-    // (custom) name for the map's lookup.
-    let (first, second) = if headers.keys_len() <= crate::util::FEW_FIELDS {
-        let mut values = headers.iter().filter(|(field, _)| *field == name);
-        (values.next().map(|(_, v)| v), values.next().map(|(_, v)| v))
-    } else {
-        let mut values = headers.get_all(name).iter();
-        (values.next(), values.next())
-    };
-    let raw = match (first, second) {
+    let raw = match crate::util::first_two(headers, name) {
         (None, _) => return Err(KeyError::Missing),
         (Some(_), Some(_)) => return Err(KeyError::Invalid("the header was sent more than once")),
         (Some(raw), None) => raw,

@@ -351,8 +351,7 @@ impl DefaultTenant {
 
 impl TenantExtractor for DefaultTenant {
     fn extract(&self, parts: &Parts) -> Result<TenantId, TenantRejection> {
-        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
-        match (values.next(), values.next()) {
+        match crate::util::first_two(&parts.headers, &header::AUTHORIZATION) {
             (Some(value), None) if has_credentials(value.as_bytes()) => {
                 #[cfg(feature = "tracing")]
                 warn_once::if_jwt(value.as_bytes());
@@ -380,37 +379,41 @@ impl TenantExtractor for DefaultTenant {
 /// otherwise put every caller that sends it in one scope that is not the shared one. A single token
 /// of another kind (an API key sent without a scheme) is a credential.
 fn has_credentials(authorization: &[u8]) -> bool {
-    static SCHEMES: [&[u8]; 16] = [
-        b"basic",
-        b"bearer",
-        b"concealed",
-        b"digest",
-        b"dpop",
-        b"gnap",
-        b"hoba",
-        b"mutual",
-        b"negotiate",
-        b"ntlm",
-        b"oauth",
-        b"privatetoken",
-        b"scram-sha-1",
-        b"scram-sha-256",
-        b"token",
-        b"vapid",
-    ];
     let value = authorization.trim_ascii();
+    match value.last() {
+        None => return false,
+        // It may end in a missing token (`null`, `undefined`): see below.
+        Some(b'l' | b'L' | b'd' | b'D') => {}
+        // It does not: it names no caller only when it is a scheme alone.
+        Some(_) => return !is_scheme(value),
+    }
     // What a browser client writes for a token it does not have.
     let missing =
         |t: &[u8]| t.eq_ignore_ascii_case(b"null") || t.eq_ignore_ascii_case(b"undefined");
-    let is_scheme = |s: &[u8]| SCHEMES.iter().any(|known| s.eq_ignore_ascii_case(known));
     match value.iter().position(|&b| b == b' ' || b == b'\t') {
         // One token: a scheme alone, or an API key sent without a scheme.
-        None => !(value.is_empty() || missing(value) || is_scheme(value)),
+        None => !(missing(value) || is_scheme(value)),
         Some(at) => {
             let (scheme, token) = (&value[..at], value[at..].trim_ascii());
             !(missing(token) && is_scheme(scheme))
         }
     }
+}
+
+/// Whether `name` is an authentication scheme (any case): those of IANA's registry, and `NTLM`
+/// and `Token`. Only the schemes of its length are compared.
+fn is_scheme(name: &[u8]) -> bool {
+    let schemes: &[&[u8]] = match name.len() {
+        4 => &[b"dpop", b"gnap", b"hoba", b"ntlm"],
+        5 => &[b"basic", b"oauth", b"token", b"vapid"],
+        6 => &[b"bearer", b"digest", b"mutual"],
+        9 => &[b"concealed", b"negotiate"],
+        11 => &[b"scram-sha-1"],
+        12 => &[b"privatetoken"],
+        13 => &[b"scram-sha-256"],
+        _ => &[],
+    };
+    schemes.iter().any(|known| name.eq_ignore_ascii_case(known))
 }
 
 /// The warnings of the default tenant, each logged once per process.
@@ -720,6 +723,99 @@ mod tests {
             let tenant = DefaultTenant.extract(&request).unwrap();
             assert_eq!(tenant != TenantId::shared(), names_a_caller, "{value:?}");
             assert_eq!(tenant, DefaultTenant::scope_for(value), "{value:?}");
+        }
+    }
+
+    /// Whether a value names a caller is decided as it was before the check of a value that
+    /// does not end in a missing token took a shortcut: the former check, compared on every
+    /// scheme, missing token and separator, in several cases.
+    #[test]
+    fn credentials_are_told_as_before() {
+        fn reference(authorization: &[u8]) -> bool {
+            static SCHEMES: [&[u8]; 16] = [
+                b"basic",
+                b"bearer",
+                b"concealed",
+                b"digest",
+                b"dpop",
+                b"gnap",
+                b"hoba",
+                b"mutual",
+                b"negotiate",
+                b"ntlm",
+                b"oauth",
+                b"privatetoken",
+                b"scram-sha-1",
+                b"scram-sha-256",
+                b"token",
+                b"vapid",
+            ];
+            let value = authorization.trim_ascii();
+            let missing =
+                |t: &[u8]| t.eq_ignore_ascii_case(b"null") || t.eq_ignore_ascii_case(b"undefined");
+            let is_scheme = |s: &[u8]| SCHEMES.iter().any(|known| s.eq_ignore_ascii_case(known));
+            match value.iter().position(|&b| b == b' ' || b == b'\t') {
+                None => !(value.is_empty() || missing(value) || is_scheme(value)),
+                Some(at) => {
+                    let (scheme, token) = (&value[..at], value[at..].trim_ascii());
+                    !(missing(token) && is_scheme(scheme))
+                }
+            }
+        }
+        let schemes = [
+            "basic",
+            "Bearer",
+            "CONCEALED",
+            "digest",
+            "DPoP",
+            "gnap",
+            "hoba",
+            "mutual",
+            "Negotiate",
+            "NTLM",
+            "oauth",
+            "PrivateToken",
+            "SCRAM-SHA-1",
+            "scram-sha-256",
+            "Token",
+            "vapid",
+            "bearerx",
+            "bear",
+            "",
+            "x",
+            "sk_live_1",
+            "null",
+            "Undefined",
+        ];
+        let tokens = [
+            "",
+            "null",
+            "NULL",
+            "undefined",
+            "unDefined",
+            "nul",
+            "xnull",
+            "null x",
+            "x null",
+            "undefinedx",
+            "abc",
+            "x undefined",
+            "\tnull",
+        ];
+        let gaps = ["", " ", "\t", "  \t ", "\n"];
+        for scheme in schemes {
+            for token in tokens {
+                for gap in gaps {
+                    for around in ["", " ", "\t\r\n"] {
+                        let value = format!("{around}{scheme}{gap}{token}{around}");
+                        assert_eq!(
+                            has_credentials(value.as_bytes()),
+                            reference(value.as_bytes()),
+                            "{value:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 

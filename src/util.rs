@@ -245,6 +245,23 @@ impl std::fmt::Debug for Decimal {
 /// few names costs less.
 pub(crate) const FEW_FIELDS: usize = 16;
 
+/// The first two values of the `name` field in `headers`: the one to read, and one more when
+/// the field was sent more than once. Most messages have a few fields: a look at their names
+/// costs less than the map's lookup, which hashes `name` first (a custom name byte by byte).
+#[inline]
+pub(crate) fn first_two<'a>(
+    headers: &'a http::HeaderMap,
+    name: &http::HeaderName,
+) -> (Option<&'a http::HeaderValue>, Option<&'a http::HeaderValue>) {
+    if headers.keys_len() <= FEW_FIELDS {
+        let mut values = headers.iter().filter(|(field, _)| *field == name);
+        (values.next().map(|(_, v)| v), values.next().map(|(_, v)| v))
+    } else {
+        let mut values = headers.get_all(name).iter();
+        (values.next(), values.next())
+    }
+}
+
 /// Whether `headers` has a `name` field. Most messages have a few fields: a look at their names
 /// costs less than hashing `name` for the map's lookup (a custom name is hashed byte by byte), so
 /// the map is asked only when the fields are many.
