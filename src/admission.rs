@@ -73,7 +73,7 @@ impl Shard {
 }
 
 /// A hasher for tenant ids, which are uniform hashes already (a MAC of the tenant, or the
-/// shared scope's zeros): it keeps the last eight bytes written.
+/// shared scope's zeros) and hash as one word, their four folded: it keeps that word.
 #[derive(Default)]
 struct IdHasher(u64);
 

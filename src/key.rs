@@ -57,6 +57,7 @@ impl KeyText {
 
     /// The text of `key`, which [`validate`] accepted: visible ASCII, so a key kept inline is
     /// copied without a check; `None` for bytes that are not UTF-8.
+    #[inline]
     fn from_ascii(key: &[u8]) -> Option<Self> {
         match key.len() {
             len if len <= INLINE => Some(Self::inline(key)),
