@@ -117,14 +117,12 @@ pin_project_lite::pin_project! {
     /// block would keep its captured request for the whole run, beside everything that follows the
     /// handler, and an `async fn` its handler's future twice.)
     #[project = LeasedProj]
-    #[project_replace = LeasedReplace]
     pub(crate) enum Leased<St: IdempotencyStore, F, A, G> {
         Running {
             #[pin]
             handler: F,
-            renewals: Renewals,
-            guard: Guard<St>,
-            then: A,
+            // Taken once the handler answered: what goes on with its output.
+            held: Option<Holding<St, A>>,
         },
         Then {
             #[pin]
@@ -135,8 +133,16 @@ pin_project_lite::pin_project! {
             release: Pin<Box<dyn Future<Output = ()> + Send>>,
             panic: Option<Box<dyn Any + Send>>,
         },
-        Moving,
     }
+}
+
+/// What the handler's stage of [`Leased`] holds beside the handler: the guard, its renewals, and
+/// what makes the next stage. Taken out whole once the handler answered, and moved straight into
+/// that stage, which replaces the handler's in one write.
+pub(crate) struct Holding<St: IdempotencyStore, A> {
+    guard: Guard<St>,
+    renewals: Renewals,
+    then: A,
 }
 
 impl<St, F, A, G> Future for Leased<St, F, A, G>
@@ -149,32 +155,30 @@ where
     type Output = G::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<G::Output> {
-        if let LeasedProj::Running {
-            handler,
-            guard,
-            renewals,
-            ..
-        } = self.as_mut().project()
-        {
+        if let LeasedProj::Running { handler, held } = self.as_mut().project() {
             let next = match panic::catch_unwind(AssertUnwindSafe(|| handler.poll(cx))) {
                 Ok(Poll::Ready(output)) => Ok(output),
                 Ok(Poll::Pending) => {
-                    renewals.poll(guard, cx);
+                    if let Some(Holding {
+                        guard, renewals, ..
+                    }) = held
+                    {
+                        renewals.poll(guard, cx);
+                    }
                     return Poll::Pending;
                 }
                 Err(panic) => Err(panic),
             };
-            // The handler's future is dropped in place; the guard, its renewals and what follows
-            // move on.
-            let LeasedReplace::Running {
+            let Some(Holding {
                 guard,
-                then,
                 renewals,
-                ..
-            } = self.as_mut().project_replace(Self::Moving)
+                then,
+            }) = held.take()
             else {
-                unreachable!("the handler's stage was just polled");
+                unreachable!("the handler's stage moves on once");
             };
+            // The guard, its renewals and what follows move on; the handler's future is dropped
+            // in place as the next stage is written over it.
             self.set(match next {
                 Ok(output) => Self::Then {
                     future: then(guard, renewals, output),
@@ -389,13 +393,15 @@ impl<St: IdempotencyStore> Guard<St> {
     {
         Leased::Running {
             handler,
-            renewals: Renewals {
-                lease,
-                tick: None,
-                renewal: None,
-            },
-            guard: self,
-            then,
+            held: Some(Holding {
+                guard: self,
+                renewals: Renewals {
+                    lease,
+                    tick: None,
+                    renewal: None,
+                },
+                then,
+            }),
         }
     }
 
