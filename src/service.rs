@@ -42,6 +42,16 @@ use crate::stored::StoredResponse;
 use crate::tenant::TenantExtractor;
 use crate::wait;
 
+/// Boxes `$future`, allocating first, so that the compiler can build it in its allocation
+/// rather than on the stack and then copy it there. A macro, not a function taking a closure:
+/// the closure's captures would be one more copy of everything the future is made from.
+macro_rules! in_place {
+    ($future:expr) => {{
+        let boxed = Box::write(Box::new_uninit(), $future);
+        Box::into_pin(boxed)
+    }};
+}
+
 impl<S, St, T, E, ReqBody> Service<Request<ReqBody>> for Idempotency<S, St, T, E>
 where
     S: Handler<ReqBody>,
@@ -111,7 +121,7 @@ where
             raw,
             record: RecordKey::from_text(tenant, key),
         };
-        let prelude = in_place(|| prelude(shared, inner, parts, body, keyed));
+        let prelude = in_place!(prelude(shared, inner, parts, body, keyed));
         ResponseFuture::keyed(prelude, finish_on_disconnect, span)
     }
 }
@@ -334,8 +344,8 @@ where
     let then = move |guard, renewals, output| after(shared, raw, claim, guard, renewals, output);
     // The service is made ready and called under the lease; one whose `poll_ready` or `call`
     // panics has its key released before the panic goes on, as one whose future panics. Each
-    // part is made inside the allocation's closure, so that it can be built in place.
-    in_place(|| {
+    // part is made inside the allocation's expression, so that it can be built in place.
+    in_place!({
         let guard = Guard::new(store, record, token, timeout, started, waiters, &runs);
         Execution::new(
             guard.running(lease, Call::new(inner, req), then),
@@ -343,14 +353,6 @@ where
             permit,
         )
     })
-}
-
-/// Boxes the future `make` returns, allocating first, so that the compiler can build it in its
-/// allocation rather than on the stack and then copy it there (a kilobyte or two per request).
-#[inline(always)]
-fn in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    let slot = Box::new_uninit();
-    Box::into_pin(Box::write(slot, make()))
 }
 
 /// A keyed request: its key as the client sent it, and its record.
