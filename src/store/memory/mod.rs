@@ -431,8 +431,15 @@ impl Inner {
         self.shards.iter().map(|padded| &padded.0)
     }
 
+    /// The hash of `key` in the store's tables: 8 bytes of the tenant (a SHA-256 digest
+    /// already) as one word, and the key's bytes. The word waits in the hasher's buffer and is
+    /// folded in once, at the end, with the key's hash: one pass over bytes rather than two.
     fn hash(&self, key: &RecordKey) -> u64 {
-        self.hasher.hash_one(key)
+        let mut hasher = self.hasher.build_hasher();
+        let &[a, b, c, d, e, f, g, h, ..] = key.tenant().as_bytes();
+        hasher.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+        hasher.write(key.text().as_bytes());
+        hasher.finish()
     }
 
     fn shard(&self, hash: u64) -> &RwLock<Shard> {
