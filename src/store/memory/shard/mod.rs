@@ -5,6 +5,7 @@
 
 use foldhash::fast::SeedableRandomState;
 use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
@@ -211,6 +212,29 @@ impl Shard {
         let id = self.next_id;
         let token = LockToken::from_u128(u128::from(self.token_seed) << 64 | u128::from(id));
         let size = RECORD_OVERHEAD + key.text().as_bytes().len();
+        // The new in-flight record, at entry `slot` of the in-flight list.
+        let in_flight = |slot| Record {
+            key: key.clone(),
+            fingerprint: *fingerprint,
+            id,
+            deadline: lease_until,
+            size,
+            state: State::InFlight { token, slot },
+        };
+        // A new key in a shard with room, the common case: one probe finds the key absent and
+        // its slot.
+        if self.has_room() {
+            let eq = |slot: &Slot| slot.hash == hash && slot.record.key == *key;
+            if let Entry::Vacant(vacant) = self.table.entry(hash, eq, |slot| slot.hash) {
+                self.tenants.add(*key.tenant(), size);
+                let record = Box::new(in_flight(self.in_flight.len()));
+                vacant.insert(Slot { hash, record });
+                self.next_id += 1;
+                self.bytes += size;
+                self.list(hash, id, lease_until);
+                return Ok(Begin::Acquired(token));
+            }
+        }
         if let Some(record) = self.find_mut(hash, key) {
             if record.is_live(now) {
                 return Ok(record.decide(fingerprint));
@@ -222,14 +246,7 @@ impl Shard {
                 State::InFlight { slot, .. } => Some(slot),
                 State::Completed(_) => None,
             };
-            *record = Record {
-                key: key.clone(),
-                fingerprint: *fingerprint,
-                id,
-                deadline: lease_until,
-                size,
-                state: State::InFlight { token, slot: 0 },
-            };
+            *record = in_flight(0);
             self.next_id += 1;
             self.bytes = self.bytes - old_size + size;
             self.tenants.resize(key.tenant(), old_size, size);
@@ -256,17 +273,7 @@ impl Shard {
             self.tenants.remove(&tenant, size);
             return Err(Full);
         };
-        let fresh = Record {
-            key: key.clone(),
-            fingerprint: *fingerprint,
-            id,
-            deadline: lease_until,
-            size,
-            state: State::InFlight {
-                token,
-                slot: self.in_flight.len(),
-            },
-        };
+        let fresh = in_flight(self.in_flight.len());
         // A record dropped to make room lends its allocation to the new one.
         let record = match spare {
             Some(mut record) => {
