@@ -10,18 +10,26 @@
 //! their keys, so each shard gives the tenant its share of
 //! [`max_entries_per_tenant`](super::MemoryStoreBuilder::max_entries_per_tenant), as each shard
 //! already holds the store to its share of `max_entries`. The cost on the path of a new key is
-//! two lookups in a small map, in the shard already locked (when it begins and when it
-//! completes); a replay costs nothing.
+//! one lookup in a small map, in the shard already locked, when it begins: the record keeps its
+//! tenant's place, where its later changes find the counts; a replay costs nothing.
 
 use foldhash::fast::SeedableRandomState;
 use hashbrown::HashMap;
+use hashbrown::hash_map::Entry;
 
 use super::expiries::{Due, Expiries};
 use crate::tenant::TenantId;
 
+/// Where a tenant's counts are in its shard's [`Tenants`] while it holds records there. Each of
+/// its records keeps it, so that the record's changes find the counts without looking the
+/// tenant up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Place(u32);
+
 /// A tenant's records in a shard.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Tenant {
+    id: TenantId,
     /// Its records in the shard's table, in flight or completed, live or not yet pruned.
     pub(super) count: usize,
     /// The bytes those records count for in the shard's budget.
@@ -35,7 +43,12 @@ pub(super) struct Tenant {
 
 /// The tenants of a shard; a tenant with no record in it has no entry.
 pub(super) struct Tenants {
-    map: HashMap<TenantId, Tenant, SeedableRandomState>,
+    /// The place of each tenant with records.
+    places: HashMap<TenantId, Place, SeedableRandomState>,
+    /// The tenants with records, at their places; a place left free is `None` until a new
+    /// tenant takes it from `free`.
+    slots: Vec<Option<Tenant>>,
+    free: Vec<Place>,
     /// This shard's share of the bound on one tenant's records.
     pub(super) max: usize,
     /// A tenant's share of this shard's bytes: the same part of them as `max` is of its
@@ -63,7 +76,9 @@ impl Tenants {
     ) -> Self {
         let max_bytes = shard_bytes as u128 * max as u128 / shard_len.max(1) as u128;
         Self {
-            map: HashMap::with_hasher(hasher),
+            places: HashMap::with_hasher(hasher),
+            slots: Vec::new(),
+            free: Vec::new(),
             max,
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX).max(1),
             over: 0,
@@ -84,9 +99,28 @@ impl Tenants {
     /// Whether `tenant` holds its share or more, of the records or of the bytes: then it makes
     /// room from its own records.
     pub(super) fn at_share(&self, tenant: &TenantId) -> bool {
-        self.map
-            .get(tenant)
+        self.get(tenant)
             .is_some_and(|t| t.count >= self.max || t.bytes >= self.max_bytes)
+    }
+
+    /// The tenants with records.
+    fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.slots.iter().flatten()
+    }
+
+    fn get(&self, tenant: &TenantId) -> Option<&Tenant> {
+        let &Place(i) = self.places.get(tenant)?;
+        self.slots.get(i as usize)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, tenant: &TenantId) -> Option<&mut Tenant> {
+        let &Place(i) = self.places.get(tenant)?;
+        self.slots.get_mut(i as usize)?.as_mut()
+    }
+
+    /// The tenant at `place`.
+    pub(super) fn at_mut(&mut self, Place(i): Place) -> Option<&mut Tenant> {
+        self.slots.get_mut(i as usize)?.as_mut()
     }
 
     /// A tenant over its share, to make room from: the heaviest ([`weight`](Self::weight); among
@@ -100,7 +134,6 @@ impl Tenants {
         }
         if let Some(tenant) = self.heaviest
             && self
-                .map
                 .get(&tenant)
                 .is_some_and(|t| t.over(self.max, self.max_bytes))
         {
@@ -110,12 +143,11 @@ impl Tenants {
         {
             self.scans += 1;
         }
-        let (tenant, heaviest) = self.map.iter().max_by(|a, b| {
-            (self.weight(a.1).cmp(&self.weight(b.1)))
-                .then_with(|| b.0.as_bytes().cmp(a.0.as_bytes()))
+        let heaviest = self.iter().max_by(|a, b| {
+            (self.weight(a).cmp(&self.weight(b))).then_with(|| b.id.as_bytes().cmp(a.id.as_bytes()))
         })?;
         let over = heaviest.over(self.max, self.max_bytes);
-        let tenant = *tenant;
+        let tenant = heaviest.id;
         self.heaviest = Some(tenant);
         over.then_some(tenant)
     }
@@ -129,80 +161,126 @@ impl Tenants {
         }
     }
 
-    /// A record of `size` bytes added for `tenant`.
-    pub(super) fn add(&mut self, tenant: TenantId, size: usize) {
-        let (max, max_bytes) = (self.max, self.max_bytes);
-        let t = self.map.entry(tenant).or_default();
-        let was = t.over(max, max_bytes);
-        t.count += 1;
-        t.bytes += size;
-        let now = t.over(max, max_bytes);
-        self.account(was, now);
+    /// A record of `size` bytes added for `tenant`; returns the tenant's place, which stays
+    /// while the tenant holds records.
+    ///
+    /// # Panics
+    ///
+    /// When a shard holds records of 2³² tenants at once.
+    pub(super) fn add(&mut self, tenant: TenantId, size: usize) -> Place {
+        let place = match self.places.entry(tenant) {
+            Entry::Occupied(entry) => *entry.get(),
+            Entry::Vacant(entry) => {
+                let fresh = Tenant {
+                    id: tenant,
+                    count: 0,
+                    bytes: 0,
+                    completed: Expiries::default(),
+                };
+                let place = match self.free.pop() {
+                    Some(Place(i)) => {
+                        self.slots[i as usize] = Some(fresh);
+                        Place(i)
+                    }
+                    None => {
+                        let i = u32::try_from(self.slots.len()).expect("2^32 tenants in a shard");
+                        self.slots.push(Some(fresh));
+                        Place(i)
+                    }
+                };
+                *entry.insert(place)
+            }
+        };
+        self.change(place, |t| {
+            t.count += 1;
+            t.bytes += size;
+        });
+        place
     }
 
-    /// Changes the counts of `tenant`, which has records, by `change`; a tenant left with none
-    /// leaves the map.
-    fn change(&mut self, tenant: &TenantId, change: impl FnOnce(&mut Tenant)) {
+    /// Changes the counts of the tenant at `place`, which has records, by `change`; a tenant
+    /// left with none leaves its place.
+    fn change(&mut self, place: Place, change: impl FnOnce(&mut Tenant)) {
         let (max, max_bytes) = (self.max, self.max_bytes);
-        let Some(t) = self.map.get_mut(tenant) else {
+        let Some(t) = self.at_mut(place) else {
             return;
         };
         let was = t.over(max, max_bytes);
         change(t);
         let now = t.over(max, max_bytes);
-        let empty = t.count == 0;
+        let empty = (t.count == 0).then_some(t.id);
         self.account(was, now);
-        if empty {
-            self.map.remove(tenant);
+        if let Some(tenant) = empty {
+            self.places.remove(&tenant);
+            self.slots[place.0 as usize] = None;
+            self.free.push(place);
         }
     }
 
-    /// A record of `size` bytes of `tenant`'s removed.
-    pub(super) fn remove(&mut self, tenant: &TenantId, size: usize) {
-        self.change(tenant, |t| {
+    /// A record of `size` bytes of the tenant's at `place` removed.
+    pub(super) fn remove(&mut self, place: Place, size: usize) {
+        self.change(place, |t| {
             t.count -= 1;
             t.bytes -= size;
         });
     }
 
-    /// A record of `tenant`'s that counted `old` bytes counts `new` now.
-    pub(super) fn resize(&mut self, tenant: &TenantId, old: usize, new: usize) {
-        self.change(tenant, |t| t.bytes = t.bytes - old + new);
+    /// A record of the tenant's at `place` that counted `old` bytes counts `new` now.
+    pub(super) fn resize(&mut self, place: Place, old: usize, new: usize) {
+        self.change(place, |t| t.bytes = t.bytes - old + new);
     }
 
-    /// A record of `tenant`'s completed: it counted `old` bytes in flight, `new` now, and `due`
-    /// is its entry in the tenant's queue (see [`Tenant::push`]).
+    /// A record of the tenant's at `place` completed: it counted `old` bytes in flight, `new`
+    /// now, and `due` is its entry in the tenant's queue (see [`Tenant::push`]).
     pub(super) fn completed(
         &mut self,
-        tenant: &TenantId,
+        place: Place,
         due: Due,
         (old, new): (usize, usize),
         is_live_entry: impl Fn(&Due) -> bool,
     ) {
-        self.change(tenant, |t| {
+        self.change(place, |t| {
             t.bytes = t.bytes - old + new;
             t.push(due, is_live_entry);
         });
     }
 
-    pub(super) fn get_mut(&mut self, tenant: &TenantId) -> Option<&mut Tenant> {
-        self.map.get_mut(tenant)
-    }
-
     pub(super) fn count(&self, tenant: &TenantId) -> usize {
-        self.map.get(tenant).map_or(0, |t| t.count)
+        self.get(tenant).map_or(0, |t| t.count)
     }
 
     /// Every tenant with records, and how many.
     #[cfg(test)]
     pub(super) fn counts(&self) -> impl Iterator<Item = (TenantId, usize)> + '_ {
-        self.map.iter().map(|(tenant, t)| (*tenant, t.count))
+        self.iter().map(|t| (t.id, t.count))
     }
 
     /// Every tenant with records, and the bytes they count for.
     #[cfg(test)]
     pub(super) fn bytes(&self) -> impl Iterator<Item = (TenantId, usize)> + '_ {
-        self.map.iter().map(|(tenant, t)| (*tenant, t.bytes))
+        self.iter().map(|t| (t.id, t.bytes))
+    }
+
+    /// The tenant at `place`, if one is there.
+    #[cfg(test)]
+    pub(super) fn id_at(&self, Place(i): Place) -> Option<TenantId> {
+        Some(self.slots.get(i as usize)?.as_ref()?.id)
+    }
+
+    /// Whether every place is either a tenant's, listed at it, or free.
+    #[cfg(test)]
+    pub(super) fn check_places(&self) {
+        assert_eq!(
+            self.places.len() + self.free.len(),
+            self.slots.len(),
+            "every place is a tenant's or free"
+        );
+        for (tenant, &place) in &self.places {
+            assert_eq!(self.id_at(place), Some(*tenant), "a tenant's place");
+        }
+        for &place in &self.free {
+            assert_eq!(self.id_at(place), None, "a free place");
+        }
     }
 
     /// How many tenants the shard counts as over their share.
@@ -214,7 +292,7 @@ impl Tenants {
     /// The queued entries of every tenant, stale ones included.
     #[cfg(test)]
     pub(super) fn queued(&self) -> usize {
-        self.map.values().map(|t| t.completed.len()).sum()
+        self.iter().map(|t| t.completed.len()).sum()
     }
 }
 

@@ -35,7 +35,13 @@ impl Shard {
         let mut tenants: HashMap<crate::tenant::TenantId, usize> = HashMap::new();
         let mut bytes = 0;
         let mut in_flight = 0;
+        self.tenants.check_places();
         for slot in &self.table {
+            assert_eq!(
+                self.tenants.id_at(slot.record.tenant),
+                Some(*slot.record.key.tenant()),
+                "a record's tenant at its place"
+            );
             *tenants.entry(*slot.record.key.tenant()).or_default() += 1;
             bytes += slot.record.size;
             in_flight += usize::from(matches!(slot.record.state, State::InFlight { .. }));

@@ -9,7 +9,7 @@ use hashbrown::hash_table::Entry;
 
 use super::Nanos;
 use super::expiries::{Due, Expiries};
-use super::tenants::Tenants;
+use super::tenants::{Place, Tenants};
 use crate::fingerprint::Fingerprint;
 use crate::store::{Begin, Forget, LockToken, RecordKey};
 use crate::stored::StoredResponse;
@@ -42,6 +42,8 @@ struct Record {
     deadline: Nanos,
     /// The bytes this record counts for in the shard's budget.
     size: usize,
+    /// Its tenant's place in the shard's [`Tenants`].
+    tenant: Place,
     state: State,
 }
 
@@ -213,12 +215,13 @@ impl Shard {
         let token = LockToken::from_u128(u128::from(self.token_seed) << 64 | u128::from(id));
         let size = RECORD_OVERHEAD + key.text().as_bytes().len();
         // The new in-flight record, at entry `slot` of the in-flight list.
-        let in_flight = |slot| Record {
+        let in_flight = |tenant, slot| Record {
             key: key.clone(),
             fingerprint: *fingerprint,
             id,
             deadline: lease_until,
             size,
+            tenant,
             state: State::InFlight { token, slot },
         };
         // A new key in a shard with room, the common case: one probe finds the key absent and
@@ -226,8 +229,8 @@ impl Shard {
         if self.has_room() {
             let eq = |slot: &Slot| slot.hash == hash && slot.record.key == *key;
             if let Entry::Vacant(vacant) = self.table.entry(hash, eq, |slot| slot.hash) {
-                self.tenants.add(*key.tenant(), size);
-                let record = Box::new(in_flight(self.in_flight.len()));
+                let tenant = self.tenants.add(*key.tenant(), size);
+                let record = Box::new(in_flight(tenant, self.in_flight.len()));
                 vacant.insert(Slot { hash, record });
                 self.next_id += 1;
                 self.bytes += size;
@@ -241,15 +244,15 @@ impl Shard {
             }
             // Expired, or in flight with its holder gone: the key is free again. The record's
             // allocation is reused; its old place in the expiry queue becomes stale.
-            let old_size = record.size;
+            let (old_size, tenant) = (record.size, record.tenant);
             let old_slot = match record.state {
                 State::InFlight { slot, .. } => Some(slot),
                 State::Completed(_) => None,
             };
-            *record = in_flight(0);
+            *record = in_flight(tenant, 0);
             self.next_id += 1;
             self.bytes = self.bytes - old_size + size;
-            self.tenants.resize(key.tenant(), old_size, size);
+            self.tenants.resize(tenant, old_size, size);
             if let Some(slot) = old_slot {
                 self.unlist(slot);
             }
@@ -268,12 +271,12 @@ impl Shard {
         if !self.has_room() {
             self.make_fair_room(&tenant, now, removed);
         }
-        self.tenants.add(tenant, size);
+        let place = self.tenants.add(tenant, size);
         let Some(Room(spare)) = self.make_room(now, removed) else {
-            self.tenants.remove(&tenant, size);
+            self.tenants.remove(place, size);
             return Err(Full);
         };
-        let fresh = in_flight(self.in_flight.len());
+        let fresh = in_flight(place, self.in_flight.len());
         // A record dropped to make room lends its allocation to the new one.
         let record = match spare {
             Some(mut record) => {
@@ -343,7 +346,7 @@ impl Shard {
         if held != token {
             return false;
         }
-        let (old, id) = (record.size, record.id);
+        let (old, id, tenant) = (record.size, record.id, record.tenant);
         record.size = size;
         record.deadline = expires_at;
         record.state = State::Completed(response);
@@ -354,7 +357,7 @@ impl Shard {
             id,
             hash,
         };
-        self.queue_completed(key.tenant(), due, old, size);
+        self.queue_completed(tenant, due, old, size);
         // A record taken over after it expired left its entry behind, stale: a key used again
         // and again would grow the queue by one entry per completion until the next prune.
         self.compact_expiries();
@@ -364,13 +367,7 @@ impl Shard {
 
     /// Puts a completed record in the shard's expiry queue and its tenant's, with its size
     /// (`old` bytes in flight, `new` completed) in the tenant's bytes.
-    fn queue_completed(
-        &mut self,
-        tenant: &crate::tenant::TenantId,
-        due: Due,
-        old: usize,
-        new: usize,
-    ) {
+    fn queue_completed(&mut self, tenant: Place, due: Due, old: usize, new: usize) {
         self.expiries.push(due);
         let table = &self.table;
         let is_live_entry = |due: &Due| {
@@ -397,7 +394,7 @@ impl Shard {
     /// Accounts for a record taken out of the table.
     fn forget_removed(&mut self, record: &Record) {
         self.bytes -= record.size;
-        self.tenants.remove(record.key.tenant(), record.size);
+        self.tenants.remove(record.tenant, record.size);
         if let State::InFlight { slot, .. } = record.state {
             self.unlist(slot);
         }

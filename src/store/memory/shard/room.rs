@@ -121,8 +121,8 @@ impl Shard {
         }
         let (slot, _) = entry.remove();
         self.bytes -= slot.record.size;
-        let tenant = slot.record.key.tenant();
-        if let Some(queue) = self.tenants.get_mut(tenant) {
+        let tenant = slot.record.tenant;
+        if let Some(queue) = self.tenants.at_mut(tenant) {
             queue.drop_through(due);
         }
         self.tenants.remove(tenant, slot.record.size);

@@ -57,7 +57,7 @@ impl Shard {
         }
         let tenant = *saved.key.tenant();
         let size = completed_size(&saved.key, &saved.response);
-        self.tenants.add(tenant, size);
+        let place = self.tenants.add(tenant, size);
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += size;
@@ -67,6 +67,7 @@ impl Shard {
             id,
             deadline: expires_at,
             size,
+            tenant: place,
             state: State::Completed(saved.response),
         });
         self.table
@@ -76,7 +77,7 @@ impl Shard {
             id,
             hash,
         };
-        self.queue_completed(&tenant, due, size, size);
+        self.queue_completed(place, due, size, size);
         self.changes = self.changes.wrapping_add(1);
         true
     }
