@@ -340,6 +340,7 @@ impl MemoryStore {
         self.inner.prune(self.inner.now()) as usize
     }
 
+    #[inline]
     fn ensure_tasks(&self) {
         let inner = &self.inner;
         inner
