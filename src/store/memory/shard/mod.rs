@@ -230,7 +230,10 @@ impl Shard {
             let eq = |slot: &Slot| slot.hash == hash && slot.record.key == *key;
             if let Entry::Vacant(vacant) = self.table.entry(hash, eq, |slot| slot.hash) {
                 let tenant = self.tenants.add(*key.tenant(), size);
-                let record = Box::new(in_flight(tenant, self.in_flight.len()));
+                // Written in place in its allocation (`Box::new` builds it on the stack, then
+                // copies it there).
+                let slot = self.in_flight.len();
+                let record = Box::write(Box::new_uninit(), in_flight(tenant, slot));
                 vacant.insert(Slot { hash, record });
                 self.next_id += 1;
                 self.bytes += size;
