@@ -52,7 +52,8 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let hash = inner.hash(key);
+        // The token says where its record is; the record's key is still checked there.
+        let hash = inner.token_hash(token);
         let lease_until = inner.now().saturating_add(nanos(lease));
         if write(inner.shard(hash)).renew(hash, key, token, lease_until) {
             Ok(())
@@ -69,7 +70,7 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let hash = inner.hash(key);
+        let hash = inner.token_hash(token);
         let expires_at = inner.now().saturating_add(nanos(ttl));
         if write(inner.shard(hash)).complete(hash, key, token, response, expires_at) {
             Ok(())
@@ -80,7 +81,7 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let hash = inner.hash(key);
+        let hash = inner.token_hash(token);
         if write(inner.shard(hash)).release(hash, key, token) {
             Ok(())
         } else {

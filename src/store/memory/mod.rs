@@ -10,8 +10,8 @@ use foldhash::SharedSeed;
 use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
-use super::RecordKey;
 use super::util::KeepRunning;
+use super::{LockToken, RecordKey};
 
 mod builder;
 mod calls;
@@ -125,6 +125,9 @@ struct Inner {
     /// their buckets (the low bits) nor for their tags (the top 7 bits).
     mask: u64,
     hasher: SeedableRandomState,
+    /// What a lock token's high half is xored with: the hash of its record's key, which the
+    /// calls that hold the token (renew, complete, release) read back rather than compute.
+    token_key: u64,
     /// What the store was built from: its settings, and what rebuilds it.
     builder: MemoryStoreBuilder,
     settings: MemoryStoreSettings,
@@ -187,7 +190,7 @@ impl MemoryStore {
             per_tenant,
             max_shards(threads),
         );
-        let tokens = random_u64();
+        let token_key = random_u64();
         let hasher = map_hasher();
         let shards = (0..count)
             .map(|i| {
@@ -200,7 +203,7 @@ impl MemoryStore {
                     per_tenant: tenant,
                     capacity: share(settings.initial_capacity(), count, i),
                 };
-                let shard = Shard::new(limits, tokens ^ i as u64, hasher.clone());
+                let shard = Shard::new(limits, token_key, hasher.clone());
                 Padded(RwLock::new(shard))
             })
             .collect();
@@ -219,6 +222,7 @@ impl MemoryStore {
                 shards,
                 mask: count as u64 - 1,
                 hasher,
+                token_key,
                 builder,
                 settings,
                 pruner: KeepRunning::default(),
@@ -441,6 +445,11 @@ impl Inner {
         hasher.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
         hasher.write(key.text().as_bytes());
         hasher.finish()
+    }
+
+    /// The hash of the record `token` was handed out for, if the store handed it out.
+    fn token_hash(&self, token: LockToken) -> u64 {
+        (token.as_u128() >> 64) as u64 ^ self.token_key
     }
 
     fn shard(&self, hash: u64) -> &RwLock<Shard> {

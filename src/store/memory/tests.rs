@@ -632,3 +632,29 @@ async fn dead_holders_make_room_before_live_records_are_dropped() {
     assert!(store.lookup(&key("live")).await.unwrap().is_some());
     assert_eq!(store.entry_count(), 2);
 }
+
+/// A token says where its record is, and its key is still checked there: the token of one key
+/// renews, completes and releases no other, and a token of the same value from another store
+/// none either.
+#[tokio::test(start_paused = true)]
+async fn a_token_holds_its_own_key_only() {
+    let store = MemoryStore::new();
+    let other = MemoryStore::new();
+    let a = acquire(&store, "a", 1).await;
+    let b = acquire(&store, "b", 1).await;
+    let theirs = acquire(&other, "a", 1).await;
+    let lost = |result: Result<(), crate::StoreError>| {
+        assert_eq!(result.unwrap_err().kind(), StoreErrorKind::LeaseLost);
+    };
+    lost(store.renew(&key("b"), a, LEASE).await);
+    lost(store.complete(&key("b"), a, response(), TTL).await);
+    lost(store.release(&key("b"), a).await);
+    lost(store.complete(&key("a"), theirs, response(), TTL).await);
+    lost(other.release(&key("a"), a).await);
+    assert_eq!(store.entry_count(), 2);
+    store.renew(&key("a"), a, LEASE).await.unwrap();
+    store.complete(&key("a"), a, response(), TTL).await.unwrap();
+    store.release(&key("b"), b).await.unwrap();
+    other.release(&key("a"), theirs).await.unwrap();
+    assert_eq!(store.entry_count(), 1);
+}

@@ -110,10 +110,11 @@ pub(super) struct Shard {
     /// list need not be looked at.
     dead_check_at: Nanos,
     next_id: u64,
-    /// The high half of this shard's lock tokens; the low half is the record's id. Unique per
-    /// shard of a store, so tokens never repeat within a store, and taken from no counter
-    /// shared between threads.
-    token_seed: u64,
+    /// The store's key of its lock tokens: a token's high half is it xored with the record's
+    /// hash, its low half the record's id. Records of one hash share a shard, where ids are
+    /// unique, so tokens never repeat within a store, and they are taken from no counter shared
+    /// between threads.
+    token_key: u64,
     bytes: usize,
     max_len: usize,
     max_bytes: usize,
@@ -133,14 +134,14 @@ pub(super) struct Limits {
 }
 
 impl Shard {
-    pub(super) fn new(limits: Limits, token_seed: u64, hasher: SeedableRandomState) -> Self {
+    pub(super) fn new(limits: Limits, token_key: u64, hasher: SeedableRandomState) -> Self {
         Self {
             table: HashTable::with_capacity(limits.capacity),
             expiries: Expiries::with_capacity(limits.capacity),
             in_flight: Vec::new(),
             dead_check_at: Nanos::MAX,
             next_id: 0,
-            token_seed,
+            token_key,
             bytes: 0,
             max_len: limits.len,
             max_bytes: limits.bytes,
@@ -212,7 +213,7 @@ impl Shard {
         removed: &mut Removed,
     ) -> Result<Begin, Full> {
         let id = self.next_id;
-        let token = LockToken::from_u128(u128::from(self.token_seed) << 64 | u128::from(id));
+        let token = LockToken::from_u128(u128::from(self.token_key ^ hash) << 64 | u128::from(id));
         let size = RECORD_OVERHEAD + key.text().as_bytes().len();
         // The new in-flight record, at entry `slot` of the in-flight list.
         let in_flight = |tenant, slot| Record {
