@@ -1,6 +1,7 @@
 //! `MemoryStore` behind the layer when it is full: it makes room by dropping the completed
 //! records nearest their expiry, refuses a new key only when in-flight records alone fill it,
-//! and keeps every record it does not drop.
+//! and keeps every record it does not drop. Its own calls fence lock tokens and keep each
+//! tenant's count under churn.
 //!
 //! The flood test is ignored by default; run it in release:
 //! `cargo test --release --test memory_store -- --ignored --nocapture`.
@@ -370,4 +371,132 @@ async fn in_flight_records_are_refused_only_past_the_bound() {
     let refused = store.begin(&key, &fingerprint, TTL).await.unwrap_err();
     assert_eq!(refused.kind(), StoreErrorKind::CapacityExceeded);
     assert_eq!(store.entry_count(), max);
+}
+
+/// The store's own calls under churn: lock tokens and tenants' counts.
+mod churn {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use tower_idempotency::{
+        Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, RecordKey, StoreErrorKind,
+        StoredResponse, TenantId,
+    };
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(100);
+
+    fn key(tenant: u32, k: &str) -> RecordKey {
+        RecordKey::new(TenantId::hashed(tenant.to_string()), k)
+    }
+
+    fn response() -> StoredResponse {
+        StoredResponse::new(
+            StatusCode::CREATED,
+            HeaderMap::new(),
+            Bytes::from_static(b"ok"),
+        )
+    }
+
+    async fn acquire(store: &MemoryStore, key: &RecordKey, lease: Duration) -> LockToken {
+        match store
+            .begin(key, &Fingerprint::from_bytes([1; 32]), lease)
+            .await
+        {
+            Ok(Begin::Acquired(token)) => token,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn lost(result: Result<(), tower_idempotency::StoreError>) {
+        assert_eq!(result.unwrap_err().kind(), StoreErrorKind::LeaseLost);
+    }
+
+    /// A lock token holds its own record only: an old holder's token after a takeover, a token after
+    /// `forget`, a released token, another store's token for a key that store holds and a made-up
+    /// token are each refused.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_fenced() {
+        let store = MemoryStore::new();
+        let other = MemoryStore::new();
+        let k = key(1, "k");
+        let old = acquire(&store, &k, Duration::from_secs(1)).await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let new = acquire(&store, &k, LEASE).await;
+        lost(store.renew(&k, old, LEASE).await);
+        lost(store.complete(&k, old, response(), TTL).await);
+        lost(store.release(&k, old).await);
+        // Another store's token, for the same key in that store.
+        let theirs = acquire(&other, &k, LEASE).await;
+        lost(store.complete(&k, theirs, response(), TTL).await);
+        lost(other.complete(&k, new, response(), TTL).await);
+        // Release, then complete.
+        store.release(&k, new).await.unwrap();
+        lost(store.complete(&k, new, response(), TTL).await);
+        // Forget, then the same key again: the forgotten holder's token holds nothing.
+        let first = acquire(&store, &k, LEASE).await;
+        store.forget(&k, true).await.unwrap();
+        let second = acquire(&store, &k, LEASE).await;
+        lost(store.complete(&k, first, response(), TTL).await);
+        store.complete(&k, second, response(), TTL).await.unwrap();
+        // A made-up token.
+        lost(store.release(&k, LockToken::from_u128(u128::MAX)).await);
+        assert_eq!(store.entry_count(), 1);
+    }
+
+    /// Many tenants come and go through eviction, expiry, takeovers of dead holders, `forget` and
+    /// `release` in a small store with a share per tenant: after every call, the tenants' counts add
+    /// up to the store's, and the store stays within its bound.
+    #[tokio::test(start_paused = true)]
+    async fn places_are_reused_and_counts_add_up() {
+        let store = MemoryStore::builder()
+            .max_entries(16)
+            .max_entries_per_tenant(2)
+            .cleanup_interval(Duration::from_secs(1_000_000))
+            .build();
+        let tenants = 40u32;
+        let mut held = Vec::new();
+        for round in 0..30u32 {
+            for t in 0..tenants {
+                let k = key(t, &format!("k{}", (round + t) % 3));
+                let lease = Duration::from_millis(200 + 100 * u64::from(t % 5));
+                if let Ok(Begin::Acquired(token)) = store
+                    .begin(&k, &Fingerprint::from_bytes([1; 32]), lease)
+                    .await
+                {
+                    held.push((k, token));
+                }
+                if t % 3 == 0
+                    && let Some((k, token)) = held.pop()
+                {
+                    let _ = store
+                        .complete(&k, token, response(), Duration::from_millis(700))
+                        .await;
+                }
+                if t % 7 == 0
+                    && let Some((k, token)) = held.pop()
+                {
+                    let _ = store.release(&k, token).await;
+                }
+                if t % 11 == 0 {
+                    let _ = store.forget(&key(t / 2, "k1"), true).await;
+                }
+                let sum: usize = (0..tenants)
+                    .map(|t| store.tenant_entry_count(&TenantId::hashed(t.to_string())))
+                    .sum();
+                assert_eq!(sum, store.entry_count(), "round {round}, tenant {t}");
+                assert!(store.entry_count() <= 16);
+            }
+            tokio::time::advance(Duration::from_millis(300)).await;
+        }
+        // Every holder still listed completes or is refused, never a wrong record.
+        for (k, token) in held {
+            let _ = store.complete(&k, token, response(), TTL).await;
+        }
+        let sum: usize = (0..tenants)
+            .map(|t| store.tenant_entry_count(&TenantId::hashed(t.to_string())))
+            .sum();
+        assert_eq!(sum, store.entry_count());
+    }
 }
