@@ -7,6 +7,7 @@
 //! over 1,000 completed keys). `N` requests are timed after a warm-up of 1,000; the script runs
 //! two values of `N` and divides the difference, so that set-up and warm-up cancel out. Without
 //! `MODE`, every route runs once with a small `N` (what `cargo test --benches` checks).
+//! `REPLAY_CACHE=1` puts the store behind a `ReplayCache` (a replay then costs no store call).
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -17,7 +18,9 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
+use tower_idempotency::{
+    IdempotencyLayer, IdempotencyStore, MemoryStore, ReplayCache, RequestBody,
+};
 
 /// The bench server's handler: reads the body, answers `201` with a small JSON body.
 async fn handler<B>(request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
@@ -84,6 +87,11 @@ fn run(mode: &str, n: usize) {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("REPLAY_CACHE").is_ok_and(|on| on != "0") {
+        let layer = IdempotencyLayer::new(ReplayCache::new(MemoryStore::new())).shared_scope(true);
+        runtime.block_on(behind(mode, layer, warm_up, timed));
+        return;
+    }
     runtime.block_on(async {
         let layer = IdempotencyLayer::new(MemoryStore::new()).shared_scope(true);
         match mode {
@@ -106,6 +114,31 @@ fn run(mode: &str, n: usize) {
             other => panic!("MODE is bare, fresh or replay, not {other:?}"),
         }
     });
+}
+
+/// The layer's routes on another store (`bare` is the same handler alone).
+async fn behind<St: IdempotencyStore>(
+    mode: &str,
+    layer: IdempotencyLayer<St>,
+    warm_up: &[HeaderValue],
+    timed: &[HeaderValue],
+) {
+    let mut svc = layer.layer(service_fn(handler::<RequestBody<Full<Bytes>>>));
+    drive(&mut svc, warm_up.iter().cloned()).await;
+    match mode {
+        "bare" => {
+            let mut svc = service_fn(handler::<Full<Bytes>>);
+            drive(&mut svc, warm_up.iter().cloned()).await;
+            drive(&mut svc, timed.iter().cloned()).await;
+        }
+        "fresh" => drive(&mut svc, timed.iter().cloned()).await,
+        "replay" => {
+            drive(&mut svc, warm_up.iter().cloned()).await;
+            let retries = warm_up.iter().cycle().take(timed.len());
+            drive(&mut svc, retries.cloned()).await;
+        }
+        other => panic!("MODE is bare, fresh or replay, not {other:?}"),
+    }
 }
 
 fn main() {

@@ -29,7 +29,9 @@
 //!   on the same two cores, 16 kept up with the load test's 32 client connections, and 32 only
 //!   added database CPU per request); the sqlx pool does not ping a connection before each use;
 //! - `PIPELINED`: the connections of that pool that `PostgresStore`'s single statements share,
-//!   pipelined (default: the store's, half of the pool; 0: a connection per call).
+//!   pipelined (default: the store's, half of the pool; 0: a connection per call);
+//! - `REPLAY_CACHE`: `1` puts the store behind a `ReplayCache` with its default bounds, so that
+//!   a replay of a record this server completed costs no store call (default `0`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +49,8 @@ use ruts::{CookieOptions, Session, SessionLayer};
 use tower::ServiceExt;
 use tower_cookies::CookieManagerLayer;
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, StoredResponse,
-    TenantId,
+    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, RecordKey, ReplayCache,
+    StoredResponse, TenantId,
 };
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -83,6 +85,13 @@ fn ttl() -> Duration {
 }
 
 fn idempotent<S: IdempotencyStore>(store: S) -> Router {
+    if env::<u8>("REPLAY_CACHE").is_some_and(|on| on != 0) {
+        return route(ReplayCache::new(store));
+    }
+    route(store)
+}
+
+fn route<S: IdempotencyStore>(store: S) -> Router {
     Router::new()
         .route("/payments", post(create_payment))
         .layer(IdempotencyLayer::new(store).shared_scope(true).ttl(ttl()))
