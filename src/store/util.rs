@@ -7,8 +7,45 @@
 )]
 
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+
+use foldhash::SharedSeed;
+use foldhash::fast::SeedableRandomState;
+
+use super::RecordKey;
+
+/// The hasher of in-process tables of records (the memory store's, the replay cache's):
+/// foldhash, keyed from the operating system's randomness (through the standard library's
+/// `RandomState`) per process and per table set, so that keys chosen by clients cannot be made
+/// to collide. Only this process's tables use it; a record's identity across a fleet is the
+/// [`RecordKey`] itself, never this hash.
+pub(crate) fn map_hasher() -> SeedableRandomState {
+    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
+    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random_u64()));
+    SeedableRandomState::with_seed(random_u64(), shared)
+}
+
+/// 64 random bits, from the keys the standard library draws from the operating system.
+pub(crate) fn random_u64() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// The hash of `key` in a table of `hasher`: 8 bytes of its tenant (already a SHA-256 digest)
+/// as one word, and the key's bytes, in one pass.
+#[inline]
+pub(crate) fn record_hash(hasher: &SeedableRandomState, key: &RecordKey) -> u64 {
+    let mut hasher = hasher.build_hasher();
+    let &[a, b, c, d, e, f, g, h, ..] = key.tenant().as_bytes();
+    hasher.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+    hasher.write(key.text().as_bytes());
+    hasher.finish()
+}
 
 /// A background task kept running: started on the Tokio runtime of the first call that has
 /// one, and started again by a later call once that runtime is gone (a store first used on a

@@ -212,13 +212,14 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        let stamp = match self.inner.answer(key, fingerprint) {
+        let hash = self.inner.hash(key);
+        let stamp = match self.inner.answer(hash, key, fingerprint) {
             Ok(answer) => return Ok(answer),
             Err(stamp) => stamp,
         };
         let begin = self.store.begin(key, fingerprint, lease).await?;
         match &begin {
-            Begin::Acquired(token) => self.inner.hold(key, *token, *fingerprint),
+            Begin::Acquired(token) => self.inner.hold(hash, *token, *fingerprint),
             Begin::Completed(response) => {
                 let cached = Cached {
                     fingerprint: *fingerprint,
@@ -228,7 +229,7 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
                     generation: 0,
                 };
                 // A replay may be of an old record: it never takes the place of an entry.
-                self.inner.insert(key, cached, stamp, Write::IfAbsent);
+                self.inner.insert(hash, key, cached, stamp, Write::IfAbsent);
             }
             Begin::InFlight | Begin::Mismatch => {}
         }
@@ -253,7 +254,8 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     ) -> Result<(), StoreError> {
         // Counted from before the store wrote, so the entry never outlives the record.
         let started = Instant::now();
-        let (fingerprint, stamp) = self.inner.unhold(key, token);
+        let hash = self.inner.hash(key);
+        let (fingerprint, stamp) = self.inner.unhold(hash, token);
         let size = weight(key, &response);
         let cached = fingerprint.map(|fingerprint| Cached {
             fingerprint,
@@ -264,13 +266,13 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
         });
         self.store.complete(key, token, response, ttl).await?;
         if let Some(cached) = cached {
-            self.inner.insert(key, cached, stamp, Write::Replace);
+            self.inner.insert(hash, key, cached, stamp, Write::Replace);
         }
         Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let _ = self.inner.unhold(key, token);
+        let _ = self.inner.unhold(self.inner.hash(key), token);
         self.store.release(key, token).await
     }
 
@@ -282,18 +284,19 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
     }
 
     async fn forget(&self, key: &RecordKey, force: bool) -> Result<Forget, StoreError> {
-        self.inner.forget(key);
+        let hash = self.inner.hash(key);
+        self.inner.forget(hash, key);
         let forgotten = self.store.forget(key, force).await;
         // Again: a replay may have cached the record while the store was removing it. A store
         // call still under way keeps what it read out of the cache (its stamp is older).
-        self.inner.forget(key);
+        self.inner.forget(hash, key);
         forgotten
     }
 
     async fn settle(&self, key: &RecordKey, token: LockToken) -> Result<Settled, StoreError> {
         // Completed in a transaction, the response never passed through here: the cache
         // learns it from the first replay.
-        let _ = self.inner.unhold(key, token);
+        let _ = self.inner.unhold(self.inner.hash(key), token);
         self.store.settle(key, token).await
     }
 

@@ -1,16 +1,14 @@
 //! [`MemoryStore`]: a sharded in-memory store for a single server.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
-use foldhash::SharedSeed;
 use foldhash::fast::SeedableRandomState;
 use tokio::time::Instant;
 
-use super::util::KeepRunning;
+use super::util::{KeepRunning, map_hasher, random_u64};
 use super::{LockToken, RecordKey};
 
 mod builder;
@@ -385,23 +383,6 @@ fn share(total: usize, count: usize, i: usize) -> usize {
     total / count + usize::from(i < total % count)
 }
 
-/// The hasher of the store's tables: foldhash, keyed from the operating system's randomness
-/// (through the standard library's `RandomState`) per process and per store, so that keys
-/// chosen by clients cannot be made to collide. Only this process's tables use it; a record's
-/// identity across a fleet is the [`RecordKey`] itself, never this hash.
-fn map_hasher() -> SeedableRandomState {
-    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
-    let shared = SHARED.get_or_init(|| SharedSeed::from_u64(random_u64()));
-    SeedableRandomState::with_seed(random_u64(), shared)
-}
-
-/// 64 random bits, from the keys the standard library draws from the operating system.
-fn random_u64() -> u64 {
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
 use super::util::{read, write};
 
 /// `d` in nanoseconds, saturating.
@@ -440,11 +421,7 @@ impl Inner {
     /// already) as one word, and the key's bytes. The word waits in the hasher's buffer and is
     /// folded in once, at the end, with the key's hash: one pass over bytes rather than two.
     fn hash(&self, key: &RecordKey) -> u64 {
-        let mut hasher = self.hasher.build_hasher();
-        let &[a, b, c, d, e, f, g, h, ..] = key.tenant().as_bytes();
-        hasher.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
-        hasher.write(key.text().as_bytes());
-        hasher.finish()
+        super::util::record_hash(&self.hasher, key)
     }
 
     /// The hash of the record `token` was handed out for, if the store handed it out.
