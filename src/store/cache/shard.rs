@@ -292,7 +292,7 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 /// The estimated bytes of a cached record.
 pub(super) fn weight(key: &RecordKey, response: &StoredResponse) -> usize {
-    ENTRY_OVERHEAD + key.key().len() + response.payload_size(32)
+    ENTRY_OVERHEAD + key.text().as_bytes().len() + response.payload_size(32)
 }
 
 #[cfg(test)]
