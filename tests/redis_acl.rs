@@ -1042,8 +1042,10 @@ async fn replica_wait_without_the_wait_command() {
     let (primary, _replica) = primary_and_replica(&bin).await;
     let admin = primary.url();
     set_user(&admin, "idem", "pw", &rules("~idempotency:*", MINIMAL)).await;
+    // Long enough for the replica to answer on a loaded machine: without `+wait` the call is
+    // refused at once; with it, the wait ends as soon as the replica has the write.
     let store = RedisStore::builder()
-        .replica_wait(1, Duration::from_millis(100))
+        .replica_wait(1, Duration::from_secs(2))
         .connect(&format!("redis://idem:pw@127.0.0.1:{}", primary.port))
         .await
         .unwrap();

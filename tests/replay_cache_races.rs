@@ -219,3 +219,94 @@ async fn late_replay_does_not_overwrite_a_newer_entry() {
         "the new request's retry got {retry:?}"
     );
 }
+
+/// Keys of three tenants, every fifth too long to be kept inline.
+fn keys(count: usize) -> Vec<RecordKey> {
+    (0..count)
+        .map(|i| {
+            let tenant = match i % 3 {
+                0 => TenantId::shared(),
+                1 => TenantId::hashed("a"),
+                _ => TenantId::hashed("b"),
+            };
+            let text = if i % 5 == 4 {
+                format!("{i}-{}", "long".repeat(20))
+            } else {
+                format!("k{i}")
+            };
+            RecordKey::new(tenant, text)
+        })
+        .collect()
+}
+
+/// Four tasks on two threads begin, complete, release, cut short and forget keys through a
+/// small cache, and complete some on the store directly (another server), with short TTLs and
+/// `max_age`: the cache stays within its bounds at every step, and once every key is forgotten
+/// it holds no entry and counts no byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_on_threads_keeps_the_bounds_and_counts_every_byte() {
+    let store = MemoryStore::new();
+    let cache = ReplayCache::builder()
+        .max_entries(32)
+        .max_bytes(64 << 10)
+        .max_age(Duration::from_millis(50))
+        .build(store.clone());
+    let keys = Arc::new(keys(60));
+    let bodies = [0, 100, 2000, 3900, 5000];
+    let mut tasks = Vec::new();
+    for task in 0..4u64 {
+        let (cache, store, keys) = (cache.clone(), store.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seed = task.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move |n: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            for _ in 0..3000 {
+                let key = &keys[next(keys.len())];
+                let fp = Fingerprint::from_bytes([next(2) as u8; 32]);
+                match next(10) {
+                    0..=5 => {
+                        let lease = Duration::from_millis(20);
+                        if let Ok(Begin::Acquired(token)) = cache.begin(key, &fp, lease).await {
+                            match next(4) {
+                                0 => {
+                                    let _ = cache.release(key, token).await;
+                                }
+                                1 => {} // cut short: neither completed nor released
+                                _ => {
+                                    let body = "b".repeat(bodies[next(bodies.len())]);
+                                    let ttl = Duration::from_millis(1 + next(200) as u64);
+                                    let _ = cache.complete(key, token, response(&body), ttl).await;
+                                }
+                            }
+                        }
+                    }
+                    6 | 7 => {
+                        let _ = cache.forget(key, next(2) == 0).await;
+                    }
+                    8 => {
+                        if let Ok(Begin::Acquired(token)) = store.begin(key, &fp, LEASE).await {
+                            let body = "b".repeat(next(3000));
+                            let _ = store.complete(key, token, response(&body), TTL).await;
+                        }
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+                assert!(cache.entry_count() <= 32, "{} entries", cache.entry_count());
+                let bytes = cache.weighted_size();
+                assert!(bytes <= 64 << 10, "{bytes} bytes");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for key in keys.iter() {
+        cache.forget(key, true).await.unwrap();
+    }
+    assert_eq!(cache.entry_count(), 0);
+    assert_eq!(cache.weighted_size(), 0);
+}

@@ -1,6 +1,6 @@
 //! What two or more stores share: background upkeep (a task kept running, a periodic loop,
-//! the bound on its period), locks that shrug off poisoning, and whole milliseconds with their
-//! bound.
+//! the bound on its period), locks that shrug off poisoning, whole milliseconds with their
+//! bound, and the seeded hash of a record key in an in-process table.
 #![cfg_attr(
     not(any(feature = "memory", feature = "postgres", feature = "sqlx")),
     allow(dead_code)
