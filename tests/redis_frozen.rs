@@ -16,7 +16,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::cluster::{Node, binary, free_port, node_command};
+use support::cluster::{BUS, Node, binary, node_command};
 use support::frozen::{assert_lease_kept, begins, line};
 use support::proxy::{Proxy, host_port, through};
 use support::server_url;
@@ -106,20 +106,19 @@ impl ProxiedCluster {
         for _ in 0..3 {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let announced = listener.local_addr().unwrap().port().to_string();
-            let bus = free_port().to_string();
             let node = Node::start(
                 &server,
                 &[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-port",
-                    &bus,
+                    BUS,
                     "--cluster-announce-ip",
                     "127.0.0.1",
                     "--cluster-announce-port",
                     &announced,
                     "--cluster-announce-bus-port",
-                    &bus,
+                    BUS,
                     "--cluster-node-timeout",
                     "5000",
                     "--cluster-require-full-coverage",
@@ -127,7 +126,7 @@ impl ProxiedCluster {
                 ],
             );
             proxies.push(Proxy::on(listener, format!("127.0.0.1:{}", node.port)));
-            buses.push(bus);
+            buses.push(node.bus.to_string());
             nodes.push(node);
         }
         let ranges = [("0", "5460"), ("5461", "10922"), ("10923", "16383")];

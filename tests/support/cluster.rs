@@ -29,9 +29,16 @@ pub fn shared_cluster(test: &str) -> Option<Vec<String>> {
     Some(urls.split(',').map(str::to_owned).collect())
 }
 
+/// In the arguments of [`Node::start`], the node's cluster bus port: a free port, picked again
+/// with the node's own at each attempt (a port picked once may be taken by the time the server
+/// binds it, and then by every attempt after).
+pub const BUS: &str = "<bus port>";
+
 /// One `redis-server` process of the test's own, killed when dropped.
 pub struct Node {
     pub port: u16,
+    /// The port [`BUS`] stood for in its arguments (0 without one).
+    pub bus: u16,
     bin: String,
     args: Vec<String>,
     child: Option<Child>,
@@ -47,13 +54,19 @@ impl Node {
     pub fn start(bin: &str, args: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
+            let bus = if args.contains(&BUS) { free_port() } else { 0 };
             let dir = std::env::temp_dir()
                 .join(format!("idempotency-redis-{port}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
+            let args = args.iter().map(|&arg| match arg {
+                BUS => bus.to_string(),
+                arg => arg.to_owned(),
+            });
             let mut node = Self {
                 port,
+                bus,
                 bin: bin.to_owned(),
-                args: args.iter().map(|&arg| arg.to_owned()).collect(),
+                args: args.collect(),
                 child: None,
                 dir,
             };
@@ -163,14 +176,13 @@ impl Cluster {
         let cli = binary("REDIS_CLI_BIN", test)?;
         let nodes: Vec<Node> = (0..primaries * (1 + replicas))
             .map(|_| {
-                let bus = free_port().to_string();
                 Node::start(
                     &server,
                     &[
                         "--cluster-enabled",
                         "yes",
                         "--cluster-port",
-                        &bus,
+                        BUS,
                         "--cluster-node-timeout",
                         "2000",
                         "--cluster-replica-validity-factor",
