@@ -172,12 +172,10 @@ impl Inner {
             return;
         }
         let mut shard = self.shard(hash);
-        if Stamp(shard.forgets) != stamp
-            || (write == Write::IfAbsent && shard.records.find(hash.0, |r| r.key == *key).is_some())
-        {
+        if Stamp(shard.forgets) != stamp {
             return;
         }
-        shard.insert(hash, key, cached, self.max_entries, self.max_bytes);
+        shard.insert(hash, key, cached, write, self.max_entries, self.max_bytes);
     }
 
     pub(super) fn hold(&self, hash: Hash, token: LockToken, fingerprint: Fingerprint) {
@@ -237,19 +235,26 @@ impl Shard {
         }
     }
 
+    /// Caches `cached` for `key` as `write` says, then drops the oldest entries while the
+    /// shard is over its bounds.
     fn insert(
         &mut self,
         Hash(hash): Hash,
         key: &RecordKey,
         mut cached: Cached,
+        write: Write,
         max_entries: usize,
         max_bytes: usize,
     ) {
+        let entry = self.records.entry(hash, |r| r.key == *key, |r| r.hash);
+        if write == Write::IfAbsent && matches!(entry, Entry::Occupied(_)) {
+            return;
+        }
         self.generation += 1;
         cached.generation = self.generation;
         self.bytes += cached.size;
         self.order.push_back((hash, cached.generation));
-        match self.records.entry(hash, |r| r.key == *key, |r| r.hash) {
+        match entry {
             Entry::Occupied(mut entry) => {
                 let record = entry.get_mut();
                 self.bytes -= record.cached.size;
@@ -326,7 +331,7 @@ mod tests {
 
         fn insert(&self, shard: &mut Shard, n: usize, cached: Cached) {
             let key = key(n);
-            shard.insert(self.0.hash(&key), &key, cached, 8, 1_000);
+            shard.insert(self.0.hash(&key), &key, cached, Write::Replace, 8, 1_000);
         }
 
         fn contains(&self, shard: &Shard, n: usize) -> bool {
@@ -381,7 +386,7 @@ mod tests {
         let mut shard = Shard::default();
         let hash = Hash(7);
         for n in 0..20 {
-            shard.insert(hash, &key(n), cached(10), 8, 1_000);
+            shard.insert(hash, &key(n), cached(10), Write::Replace, 8, 1_000);
         }
         assert_eq!(shard.records.len(), 8);
         let kept: Vec<usize> = (0..20)
@@ -412,9 +417,9 @@ mod tests {
     }
 
     /// Against a plain model of the same rules (the oldest live entry makes room first; a
-    /// replaced entry takes the back of the order), under random inserts, replacements and
-    /// removals, with few hash bits so that records share slots: the same records, the same
-    /// bytes.
+    /// replaced entry takes the back of the order; an entry written only if absent leaves one
+    /// in place alone), under random inserts, replacements and removals, with few hash bits so
+    /// that records share slots: the same records, the same bytes.
     #[test]
     fn shards_keep_what_the_model_keeps() {
         use proptest::prelude::*;
@@ -430,11 +435,14 @@ mod tests {
             let mut order: Vec<(usize, u64)> = Vec::new();
             let mut generation = 0;
             for (kind, n, size) in ops {
+                let write = if kind == 0 { Write::Replace } else { Write::IfAbsent };
                 if kind == 2 {
                     shard.remove(hash(n), &key(n));
                     model.remove(&n);
+                } else if write == Write::IfAbsent && model.contains_key(&n) {
+                    shard.insert(hash(n), &key(n), cached(size), write, 8, 1_000);
                 } else {
-                    shard.insert(hash(n), &key(n), cached(size), 8, 1_000);
+                    shard.insert(hash(n), &key(n), cached(size), write, 8, 1_000);
                     generation += 1;
                     model.insert(n, (size, generation));
                     order.push((n, generation));
