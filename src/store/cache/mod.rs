@@ -226,7 +226,6 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
                     response: response.clone(),
                     expires_at: Instant::now() + self.inner.max_age,
                     size: weight(key, response),
-                    generation: 0,
                 };
                 // A replay may be of an old record: it never takes the place of an entry.
                 self.inner.insert(hash, key, cached, stamp, Write::IfAbsent);
@@ -262,7 +261,6 @@ impl<S: IdempotencyStore> IdempotencyStore for ReplayCache<S> {
             response: response.clone(),
             expires_at: started + ttl.min(self.inner.max_age),
             size,
-            generation: 0,
         });
         self.store.complete(key, token, response, ttl).await?;
         if let Some(cached) = cached {

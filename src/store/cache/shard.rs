@@ -55,11 +55,13 @@ struct Shard {
     forgets: u64,
 }
 
-/// A cached record: its key, its hash, and what is cached.
+/// A cached record: its key, its hash, what is cached, and the shard's generation it was
+/// cached in (which tells its entry in the order from a stale one).
 struct Record {
     hash: u64,
     key: RecordKey,
     cached: Cached,
+    generation: u64,
 }
 
 /// A key this process holds: the fingerprint it began with, and since when.
@@ -89,7 +91,6 @@ pub(super) struct Cached {
     pub(super) response: StoredResponse,
     pub(super) expires_at: Instant,
     pub(super) size: usize,
-    pub(super) generation: u64,
 }
 
 impl Inner {
@@ -241,7 +242,7 @@ impl Shard {
         &mut self,
         Hash(hash): Hash,
         key: &RecordKey,
-        mut cached: Cached,
+        cached: Cached,
         write: Write,
         max_entries: usize,
         max_bytes: usize,
@@ -251,20 +252,22 @@ impl Shard {
             return;
         }
         self.generation += 1;
-        cached.generation = self.generation;
+        let generation = self.generation;
         self.bytes += cached.size;
-        self.order.push_back((hash, cached.generation));
+        self.order.push_back((hash, generation));
         match entry {
             Entry::Occupied(mut entry) => {
                 let record = entry.get_mut();
                 self.bytes -= record.cached.size;
                 record.cached = cached;
+                record.generation = generation;
             }
             Entry::Vacant(entry) => {
                 entry.insert(Record {
                     hash,
                     key: key.clone(),
                     cached,
+                    generation,
                 });
             }
         }
@@ -272,7 +275,7 @@ impl Shard {
             let Some((hash, generation)) = self.order.pop_front() else {
                 break;
             };
-            let current = |r: &Record| r.cached.generation == generation;
+            let current = |r: &Record| r.generation == generation;
             if let Ok(entry) = self.records.find_entry(hash, current) {
                 self.bytes -= entry.remove().0.cached.size;
             }
@@ -282,9 +285,7 @@ impl Shard {
         if self.order.len() > 2 * self.records.len() + SHARDS {
             let records = &self.records;
             self.order.retain(|&(hash, generation)| {
-                records
-                    .find(hash, |r| r.cached.generation == generation)
-                    .is_some()
+                records.find(hash, |r| r.generation == generation).is_some()
             });
         }
     }
@@ -313,7 +314,6 @@ mod tests {
             response: StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new()),
             expires_at: Instant::now() + Duration::from_secs(60),
             size,
-            generation: 0,
         }
     }
 
