@@ -356,9 +356,11 @@ impl DefaultTenant {
         Self::of_credentials(authorization)
     }
 
-    /// The scope of an `Authorization` value that carries credentials.
+    /// The scope of an `Authorization` value that carries credentials. Whitespace around the
+    /// value is not part of it (RFC 9110, section 5.5): a retry whose header is written with it
+    /// is the same caller.
     fn of_credentials(authorization: &[u8]) -> TenantId {
-        TenantId::in_namespace(AUTHORIZATION, authorization)
+        TenantId::in_namespace(AUTHORIZATION, authorization.trim_ascii())
     }
 }
 
@@ -570,8 +572,9 @@ impl TenantFromHeader {
     /// # let _ = tenant;
     /// ```
     pub fn scope_for(&self, value: impl AsRef<[u8]>) -> TenantId {
-        let value = value.as_ref();
-        if value.trim_ascii().is_empty() {
+        // Whitespace around the value is not part of it (RFC 9110, section 5.5).
+        let value = value.as_ref().trim_ascii();
+        if value.is_empty() {
             return TenantId::shared();
         }
         TenantId::in_namespace(namespace("header", self.name.as_str()), value)
@@ -1041,6 +1044,36 @@ mod tests {
         for (id, hex) in stored {
             assert_eq!(id.to_string(), hex);
         }
+    }
+
+    /// Whitespace around a header's value is not part of it (RFC 9110, section 5.5): written
+    /// with it (by a proxy, in HTTP/2, by a client that builds the value by hand), the value
+    /// names the same tenant, whose id is the one stored for it without.
+    #[test]
+    fn whitespace_around_a_value_is_not_part_of_the_tenant() {
+        let plain = DefaultTenant::scope_for("Bearer sk_live_stable");
+        for padded in [
+            " Bearer sk_live_stable",
+            "Bearer sk_live_stable\t",
+            "\t Bearer sk_live_stable ",
+        ] {
+            assert_eq!(DefaultTenant::scope_for(padded), plain, "{padded:?}");
+            let request = parts(|b| b.header(header::AUTHORIZATION, padded));
+            assert_eq!(
+                DefaultTenant.extract(&request).unwrap(),
+                plain,
+                "{padded:?}"
+            );
+        }
+        let name = HeaderName::from_static("x-tenant");
+        let tenants = TenantFromHeader::new(name.clone());
+        let plain = tenants.scope_for("acct_1");
+        for padded in [" acct_1", "acct_1\t", " \tacct_1 "] {
+            assert_eq!(tenants.scope_for(padded), plain, "{padded:?}");
+            let request = parts(|b| b.header(&name, padded));
+            assert_eq!(tenants.extract(&request).unwrap(), plain, "{padded:?}");
+        }
+        assert_ne!(plain, tenants.scope_for("acct_2"));
     }
 
     /// Every namespace hashes as it always did (SHA-256 of the prefix, the length-prefixed
