@@ -284,60 +284,166 @@ fn unquote(value: &[u8], out: &mut [u8; MAX_KEY_LEN]) -> Result<usize, KeyError>
     Ok(len)
 }
 
-/// Checks what follows a quoted key: nothing, or RFC 8941 parameters (`;name` or
-/// `;name=value`), which a Structured-Field Item may carry and which are ignored, as RFC 8941
-/// asks of parameters a recipient does not know. A comma outside quotes means several header
-/// lines were combined.
+/// Checks what follows a quoted key: nothing, or Structured-Field parameters (`;name` or
+/// `;name=value`, RFC 9651 §3.1.2), which an Item may carry and which are ignored, as the RFC
+/// asks of parameters a recipient does not know. They are parsed by the RFC's rules all the
+/// same: a field that does not parse is not a Structured Field, so its key is invalid. A comma
+/// outside quotes means several header lines were combined.
 fn parameters(mut rest: &[u8]) -> Result<(), KeyError> {
     const INVALID: KeyError = KeyError::Invalid("the quoted key is followed by other characters");
-    loop {
-        rest = rest.trim_ascii_start();
-        match rest.split_first() {
-            None => return Ok(()),
-            Some((b',', _)) => return Err(KeyError::Invalid("the header was sent more than once")),
-            Some((b';', after)) => rest = after.trim_ascii_start(),
-            Some(_) => return Err(INVALID),
+    const PARAMETER: KeyError =
+        KeyError::Invalid("the quoted key has a parameter that is not a Structured-Field one");
+    // Parameters follow the item at once, each `;` then spaces, a name, and `=` and a value.
+    while let Some((b';', after)) = rest.split_first() {
+        rest = skip_spaces(after);
+        // The name: a lowercase letter or `*`, then lowercase letters, digits, `_`, `-`, `.`,
+        // `*`.
+        if !matches!(rest.first(), Some(b'a'..=b'z' | b'*')) {
+            return Err(PARAMETER);
         }
-        // The parameter's name: a lowercase letter or `*`, then lowercase letters, digits,
-        // `_`, `-`, `.`, `*`.
         let name_len = rest
             .iter()
             .position(|b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'))
             .unwrap_or(rest.len());
-        if name_len == 0 || !matches!(rest[0], b'a'..=b'z' | b'*') {
-            return Err(INVALID);
-        }
         rest = &rest[name_len..];
-        let Some(after) = rest.strip_prefix(b"=") else {
-            continue; // a name alone is `true`
-        };
-        rest = match after.first() {
-            // A string: up to its closing quote, with `\"` and `\\` escapes.
-            Some(b'"') => {
-                let mut at = 1;
-                loop {
-                    match after.get(at) {
-                        None => return Err(INVALID),
-                        Some(b'\\') => at += 2,
-                        Some(b'"') => break &after[at + 1..],
-                        Some(_) => at += 1,
-                    }
-                }
-            }
-            // A token, number, byte sequence or boolean: visible characters up to the next
-            // parameter.
-            _ => {
-                let len = after
-                    .iter()
-                    .position(|&b| b == b';' || b == b',' || !b.is_ascii_graphic())
-                    .unwrap_or(after.len());
-                if len == 0 {
-                    return Err(INVALID);
-                }
-                &after[len..]
-            }
-        };
+        if let Some(value) = rest.strip_prefix(b"=") {
+            rest = bare_item(value).ok_or(PARAMETER)?;
+        } // A name alone is `true`.
     }
+    match skip_spaces(rest).first() {
+        None => Ok(()),
+        Some(b',') => Err(KeyError::Invalid("the header was sent more than once")),
+        Some(_) => Err(INVALID),
+    }
+}
+
+/// `bytes` without its leading spaces (only spaces: RFC 9651 allows no other whitespace
+/// between a field's parts).
+fn skip_spaces(bytes: &[u8]) -> &[u8] {
+    let at = bytes.iter().position(|&b| b != b' ').unwrap_or(bytes.len());
+    &bytes[at..]
+}
+
+/// Parses a Structured-Field bare item at the start of `input` (RFC 9651 §4.2.3.1): an integer
+/// or decimal, a string, a token, a byte sequence, a boolean, a date or a display string.
+/// Returns what follows it, or `None` when `input` does not start with one.
+fn bare_item(input: &[u8]) -> Option<&[u8]> {
+    let (&first, after) = input.split_first()?;
+    match first {
+        b'-' | b'0'..=b'9' => number(input, true),
+        b'"' => string(after),
+        b'A'..=b'Z' | b'a'..=b'z' | b'*' => {
+            let len = after
+                .iter()
+                .position(|&b| !(is_tchar(b) || b == b':' || b == b'/'))
+                .unwrap_or(after.len());
+            Some(&after[len..])
+        }
+        b':' => {
+            let len = after.iter().position(|&b| b == b':')?;
+            let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+            after[..len].iter().all(base64).then(|| &after[len + 1..])
+        }
+        b'?' => match after.split_first() {
+            Some((b'0' | b'1', rest)) => Some(rest),
+            _ => None,
+        },
+        b'@' => number(after, false),
+        b'%' => display_string(after.strip_prefix(b"\"")?),
+        _ => None,
+    }
+}
+
+/// An integer (at most 15 digits) or, when `decimal`, a decimal (at most 12 digits, `.`, 1 to
+/// 3 digits), with an optional `-`, at the start of `input`; what follows it.
+fn number(input: &[u8], decimal: bool) -> Option<&[u8]> {
+    let digits = input.strip_prefix(b"-").unwrap_or(input);
+    let int_len = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let rest = &digits[int_len..];
+    match rest.split_first() {
+        Some((b'.', fraction)) if decimal => {
+            let frac_len = fraction
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(fraction.len());
+            ((1..=12).contains(&int_len) && (1..=3).contains(&frac_len))
+                .then(|| &fraction[frac_len..])
+        }
+        _ => (1..=15).contains(&int_len).then_some(rest),
+    }
+}
+
+/// A string's characters after its opening quote: visible ASCII and spaces, with `\"` and `\\`
+/// escapes; what follows its closing quote.
+fn string(input: &[u8]) -> Option<&[u8]> {
+    let mut bytes = input.iter();
+    loop {
+        match bytes.next()? {
+            b'"' => return Some(bytes.as_slice()),
+            b'\\' => {
+                if !matches!(bytes.next()?, b'"' | b'\\') {
+                    return None;
+                }
+            }
+            b' '..=b'~' => {}
+            _ => return None,
+        }
+    }
+}
+
+/// A display string's characters after its `%"`: visible ASCII and spaces, with `%` and two
+/// lowercase hex digits for each byte of what is not, which must spell UTF-8; what follows its
+/// closing quote.
+fn display_string(input: &[u8]) -> Option<&[u8]> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut decoded = Vec::new();
+    let mut at = 0;
+    loop {
+        match *input.get(at)? {
+            b'"' => break,
+            b'%' => {
+                let (high, low) = (hex(*input.get(at + 1)?)?, hex(*input.get(at + 2)?)?);
+                decoded.push(high << 4 | low);
+                at += 3;
+            }
+            b @ b' '..=b'~' => {
+                decoded.push(b);
+                at += 1;
+            }
+            _ => return None,
+        }
+    }
+    std::str::from_utf8(&decoded).ok()?;
+    Some(&input[at + 1..])
+}
+
+/// Whether `b` is a `tchar` of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 /// Whether every byte of `bytes` is visible ASCII (`!` to `~`) other than `,`: eight bytes at a
@@ -443,6 +549,56 @@ mod tests {
         assert!(invalid(b"\"abc\";x=\"open"));
         assert!(invalid(b"\"abc\";x=1, \"def\""));
         assert!(invalid(b"\"abc\" x"));
+        // Every kind of value RFC 9651 has.
+        let values: [&[u8]; 14] = [
+            b"0",
+            b"-42",
+            b"123456789012345",
+            b"-123456789012.123",
+            b"\"\"",
+            b"\"a \\\\ b\"",
+            b"*tok:en/x!#",
+            b"::",
+            b":cHJldGVuZCB0aGlzIGlzIGJpbmFyeQ==:",
+            b"?0",
+            b"@1659578233",
+            b"@-1",
+            b"%\"f%c3%bc%c3%bc\"",
+            b"%\"\"",
+        ];
+        for value in values {
+            let field = [&b"\"abc\";p="[..], value, b";q"].concat();
+            assert_eq!(ok(&field), "abc", "{}", String::from_utf8_lossy(&field));
+        }
+        // A field that does not parse as a Structured Field is not one: its key is invalid,
+        // though the parameters would be ignored.
+        let malformed: [&[u8]; 22] = [
+            b"\"abc\" ;p=1",
+            b"\"abc\"\t;p=1",
+            b"\"abc\";\tp=1",
+            b"\"abc\";p =1",
+            b"\"abc\";p= 1",
+            b"\"abc\";p=1 ;q",
+            b"\"abc\";p=\"\\x\"",
+            b"\"abc\";p=a\"b",
+            b"\"abc\";p=@",
+            b"\"abc\";p=@1.5",
+            b"\"abc\";p=1.2.3",
+            b"\"abc\";p=1234567890123456",
+            b"\"abc\";p=1234567890123.1",
+            b"\"abc\";p=1.1234",
+            b"\"abc\";p=1.",
+            b"\"abc\";p=-",
+            b"\"abc\";p=?2",
+            b"\"abc\";p=:a b:",
+            b"\"abc\";p=:AQ==",
+            b"\"abc\";p=%\"%C3%BC\"",
+            b"\"abc\";p=%\"%c3\"",
+            b"\"abc\";p=\"\xc3\xa9\"",
+        ];
+        for field in malformed {
+            assert!(invalid(field), "{}", String::from_utf8_lossy(field));
+        }
         // A bare key keeps its characters: `;` is one of them.
         assert_eq!(ok(b"abc;x=1"), "abc;x=1");
     }
