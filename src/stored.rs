@@ -1,6 +1,7 @@
 //! Stored responses: what a completed record keeps, how it is replayed, and how shared stores
 //! encode it.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -159,28 +160,54 @@ impl Stored {
         }
     }
 
-    /// The stored headers as a name and a value that shares `packed`.
-    fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-        self.fields(self.pairs())
+    /// The buffer that the values of the fields handed out share: `packed` itself when its
+    /// body is small, else a copy of what precedes the body. A field's value may be held long
+    /// after its response was sent (an HTTP/2 connection's header compression table keeps the
+    /// fields it indexes for the connection's life; a log or a cache may keep one), and a value
+    /// that shares `packed` keeps all of it: the body too, after the store dropped the record.
+    /// With a copy, a value held keeps the header section alone, which is small and bounded.
+    fn field_source(&self) -> Cow<'_, Bytes> {
+        if self.packed.len() - self.body_at <= SHARED_BODY_MAX {
+            Cow::Borrowed(&self.packed)
+        } else {
+            Cow::Owned(Bytes::copy_from_slice(&self.packed[..self.body_at]))
+        }
     }
 
-    /// The stored trailers, or `None` for a response without trailers.
-    fn trailers(&self) -> Option<HeaderMap> {
+    /// The stored headers as a name and a value that shares `source` (see
+    /// [`field_source`](Self::field_source)).
+    fn headers<'a>(
+        &'a self,
+        source: &'a Bytes,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
+        self.fields(source, self.pairs())
+    }
+
+    /// The stored trailers, or `None` for a response without trailers; their values share
+    /// `source`.
+    fn trailers(&self, source: &Bytes) -> Option<HeaderMap> {
         let count = self.trailer_count()?;
-        Some(to_map(self.fields(self.trailer_pairs()), count.into(), 0))
+        Some(to_map(
+            self.fields(source, self.trailer_pairs()),
+            count.into(),
+            0,
+        ))
     }
 
-    /// Fields as a name and a value that shares `packed`.
+    /// Fields as a name and a value that shares `source`: `packed`, or a copy of its start that
+    /// holds every field (see [`field_source`](Self::field_source)).
     fn fields<'a>(
         &'a self,
+        source: &'a Bytes,
         pairs: Pairs<'a>,
     ) -> impl Iterator<Item = (HeaderName, HeaderValue)> + 'a {
-        pairs.filter_map(|(name, value)| {
+        pairs.filter_map(move |(name, value)| {
             // Both were checked when the response was stored or decoded.
             let name = stored_name(name)?;
-            // `value` lies in `packed`: sliced at its offset, without `slice_ref`'s checks.
+            // `value` lies in `packed`, before the body, so at the same offset in `source`:
+            // sliced there, without `slice_ref`'s checks.
             let at = value.as_ptr() as usize - self.packed.as_ptr() as usize;
-            let value = self.packed.slice(at..at + value.len());
+            let value = source.slice(at..at + value.len());
             let value = HeaderValue::from_maybe_shared(value).ok()?;
             Some((name, value))
         })
@@ -192,10 +219,11 @@ impl Stored {
 
     fn views(&self) -> &Views {
         self.views.get_or_init(|| {
+            let source = self.field_source();
             Box::new(Views {
-                map: to_map(self.headers(), self.header_count.into(), 0),
+                map: to_map(self.headers(&source), self.header_count.into(), 0),
                 body: self.packed.slice(self.body_at..),
-                trailers: self.trailers(),
+                trailers: self.trailers(&source),
             })
         })
     }
@@ -320,9 +348,15 @@ struct DebugHeaders<'a>(&'a Stored);
 
 impl fmt::Debug for DebugHeaders<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.headers()).finish()
+        f.debug_map()
+            .entries(self.0.headers(&self.0.packed))
+            .finish()
     }
 }
+
+/// The largest body beside which the values of a record's fields share its buffer (see
+/// `Stored::field_source`): a value held then keeps at most this much besides the header section.
+const SHARED_BODY_MAX: usize = 1024;
 
 /// The most entries a capacity is asked for: `HeaderMap` refuses larger ones (its table is
 /// at most 32,768 slots, and it keeps a quarter of them free). A stored response holds no
@@ -420,7 +454,7 @@ impl StoredResponse {
     /// ```
     pub fn with_trailers(self, trailers: HeaderMap) -> Self {
         let stored = &self.0;
-        let headers: Vec<_> = stored.headers().collect();
+        let headers: Vec<_> = stored.headers(&stored.packed).collect();
         let headers = || headers.iter().map(|(name, value)| (name, value));
         let status = stored.status;
         Self(pack(
@@ -530,10 +564,16 @@ impl StoredResponse {
     ) -> http::Response<B> {
         let stored = &self.0;
         let data = stored.packed.slice(stored.body_at..);
-        let mut response = http::Response::new(body(data, stored.trailers()));
+        let source = stored.field_source();
+        let mut response = http::Response::new(body(data, stored.trailers(&source)));
         *response.status_mut() = stored.status;
         let count = stored.header_count.into();
-        fill(response.headers_mut(), stored.headers(), count, extra);
+        fill(
+            response.headers_mut(),
+            stored.headers(&source),
+            count,
+            extra,
+        );
         response
     }
 
@@ -685,6 +725,51 @@ mod tests {
             headers,
             Bytes::from_static(b"\x00\xffbody"),
         )
+    }
+
+    /// A header value handed out may be held long after its response (an HTTP/2 connection's
+    /// header table, a log): beside a large body, it shares a copy of the header section, not
+    /// the record's buffer, so that holding it does not keep the body; beside a small one, the
+    /// buffer itself (no copy, no allocation). Headers and trailers alike, replayed or read.
+    #[test]
+    fn held_values_keep_the_body_only_when_it_is_small() {
+        let within = |value: &HeaderValue, stored: &StoredResponse| {
+            let buffer = stored.0.packed.as_ptr_range();
+            buffer.contains(&value.as_bytes().as_ptr())
+        };
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        for (len, shared) in [
+            (0, true),
+            (SHARED_BODY_MAX, true),
+            (SHARED_BODY_MAX + 1, false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-request-id", "req_1".parse().unwrap());
+            let body = Bytes::from(vec![7; len]);
+            let stored = StoredResponse::new(StatusCode::CREATED, headers, body.clone())
+                .with_trailers(trailers.clone());
+            for stored in [
+                stored.clone(),
+                StoredResponse::decode(&stored.encode()).unwrap(),
+            ] {
+                let read = &stored.headers()["x-request-id"];
+                assert_eq!(within(read, &stored), shared, "{len}");
+                let trailer = &stored.trailers().unwrap()["grpc-status"];
+                assert_eq!(within(trailer, &stored), shared, "{len}");
+                let replay = stored
+                    .clone()
+                    .into_replay(0, |body, trailers| (body, trailers));
+                let value = &replay.headers()["x-request-id"];
+                assert_eq!(value, "req_1");
+                assert_eq!(within(value, &stored), shared, "{len}");
+                let (replayed_body, replayed_trailers) = replay.body();
+                assert_eq!(replayed_body, &body);
+                let trailer = &replayed_trailers.as_ref().unwrap()["grpc-status"];
+                assert_eq!(trailer, "0");
+                assert_eq!(within(trailer, &stored), shared, "{len}");
+            }
+        }
     }
 
     #[test]

@@ -33,7 +33,9 @@ const NEW_KEY_BUDGET: usize = 11;
 const NEW_KEY_BUDGET: usize = 13;
 /// A replay: at most this many allocations more than the bare handler: the boxed flow, the
 /// replay's header map and its `Outcome` extension (two). (The key is kept inline: a key of up
-/// to 46 characters costs no allocation.)
+/// to 46 characters costs no allocation. A body over 1 KiB, larger than this one, costs one
+/// more: the copy of the header section that the replay's header values share, so that a value
+/// held after the replay does not keep the body.)
 const REPLAY_BUDGET: usize = 4;
 /// The first replay of a record: the reference count through which the store and its replays
 /// share the stored buffer is made then, once per record (most records are never replayed).
