@@ -154,7 +154,9 @@ impl<S, St, T, E> Idempotency<S, St, T, E> {
 
 /// The first part of a keyed request's flow: reads and fingerprints the body, and asks the
 /// store, in one atomic step, what the request does. Dropped (its client went away) before it
-/// holds the key, it runs nothing and holds nothing.
+/// holds the key, it runs nothing and holds nothing: a `begin` dropped before its answer may
+/// still take effect at a store across a network, and the store releases the record it leaves
+/// (the crate's shared stores do; see [`IdempotencyStore::begin`]).
 #[allow(clippy::manual_async_fn)] // an `async fn` would store its arguments twice
 fn prelude<S, St, T, E, ReqBody>(
     shared: Arc<Shared<St, T, E>>,
