@@ -943,6 +943,64 @@ async fn the_deadline_bounds_the_retries_and_any_wait() {
     assert_eq!(elapsed, Duration::ZERO);
 }
 
+/// A service that is ready once: after its first call it is never ready again (a concurrency
+/// limit's only slot that another request holds, a rate limit).
+#[derive(Clone)]
+struct ReadyOnce {
+    inner: Scripted,
+    called: bool,
+}
+
+impl<B> Service<Request<RetryBody<B>>> for ReadyOnce
+where
+    Scripted: Service<Request<RetryBody<B>>>,
+{
+    type Response = <Scripted as Service<Request<RetryBody<B>>>>::Response;
+    type Error = <Scripted as Service<Request<RetryBody<B>>>>::Error;
+    type Future = <Scripted as Service<Request<RetryBody<B>>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.called {
+            return Poll::Pending;
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<RetryBody<B>>) -> Self::Future {
+        self.called = true;
+        self.inner.call(request)
+    }
+}
+
+/// The deadline bounds the wait for the service to be ready before a retry too: past it, the
+/// last attempt's answer is returned, instead of a wait as long as the service's.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_bounds_the_wait_for_a_ready_service() {
+    let service = Scripted::new([], Reply::Status(503, &[("retry-after", "1")]));
+    let layer = IdempotentRetryLayer::builder()
+        .deadline(Duration::from_secs(2))
+        .build();
+    let ready_once = ReadyOnce {
+        inner: service.clone(),
+        called: false,
+    };
+    let started = Instant::now();
+    let call = layer.layer(ready_once).oneshot(mock_post());
+    let response = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the request ends by its deadline, not when the service is ready")
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(2), "the deadline");
+    let answer = read(response).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the last answer"
+    );
+    assert_eq!(answer.outcome().attempts(), 1);
+    assert_eq!(service.seen().len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn errors_are_retried_up_to_the_count_with_backoff() {
     let service = Scripted::new([], Reply::Fails);

@@ -132,7 +132,8 @@ impl Default for Config {
 /// # }
 /// ```
 ///
-/// The deadline bounds the whole request, an attempt in flight included: one that has no
+/// The deadline bounds the whole request once its body is read, an attempt in flight and the
+/// wait for the inner service to be ready for a retry included. An attempt that has no
 /// answer by then is dropped (hyper-util closes its connection). It may have run on the server,
 /// and runs to its end there if it started (this crate's server layer does): send the request
 /// again later with the error's key, and the server replays its answer. To retry an attempt that
@@ -317,9 +318,10 @@ impl IdempotentRetryLayerBuilder {
         self
     }
 
-    /// How long the request may take, from its first attempt's start: a wait that would end past
-    /// it is not taken, and the last response or error is returned; an attempt still in flight
-    /// then is cut off, and the request ends with a [`RetryError`] of kind
+    /// How long the request may take, from its first attempt's start (its body is read before):
+    /// a wait that would end past it is not taken, nor a wait for the inner service to be ready
+    /// for a retry (a concurrency limit's slot) that lasts past it, and the last response or
+    /// error is returned; an attempt still in flight then is cut off, and the request ends with a [`RetryError`] of kind
     /// [`Deadline`](RetryErrorKind::Deadline) (with the key, to send it again later). Default:
     /// 30 s.
     ///

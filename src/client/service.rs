@@ -165,11 +165,6 @@ where
         .map_err(|e| RetryError::buffer(e, key.clone()))?;
     let mut schedule = Schedule::start();
     loop {
-        if schedule.attempts() > 0
-            && let Err(error) = poll_fn(|cx| inner.poll_ready(cx)).await
-        {
-            return Err(RetryError::service(error, schedule.attempts(), key));
-        }
         let attempt = inner.call(Request::from_parts(parts.clone(), body.body()));
         let result = match schedule.deadline(&config) {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt).await,
@@ -196,9 +191,23 @@ where
             Ok(_) => None,
             Err(_) => schedule.next_wait(&config, None),
         };
-        match wait {
-            Some(wait) => tokio::time::sleep(wait).await,
-            None => return finish(result, schedule.attempts(), key),
+        let Some(wait) = wait else {
+            return finish(result, schedule.attempts(), key);
+        };
+        tokio::time::sleep(wait).await;
+        // The next attempt waits for the service to be ready (a concurrency limit's slot, a
+        // rate limit), within the deadline too: past it, the last attempt's answer is the
+        // request's.
+        let ready = poll_fn(|cx| inner.poll_ready(cx));
+        let ready = match schedule.deadline(&config) {
+            Some(deadline) => match tokio::time::timeout_at(deadline, ready).await {
+                Ok(ready) => ready,
+                Err(_) => return finish(result, schedule.attempts(), key),
+            },
+            None => ready.await,
+        };
+        if let Err(error) = ready {
+            return Err(RetryError::service(error, schedule.attempts(), key));
         }
     }
 }
