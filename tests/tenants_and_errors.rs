@@ -309,3 +309,94 @@ async fn the_scoped_key_is_unique_per_tenant_and_stable_across_retries() {
     assert!(!String::from_utf8_lossy(&alice.body).contains("shared-key"));
     assert_eq!(runs.get(), 2);
 }
+
+/// A keyed request with each of `authorizations` as an `Authorization` field.
+fn authorized(authorizations: &[&str]) -> Request<Body> {
+    let mut request = keyed(None);
+    for value in authorizations {
+        let value = header::HeaderValue::from_str(value).unwrap();
+        request.headers_mut().append(header::AUTHORIZATION, value);
+    }
+    request
+}
+
+/// `Authorization` sent twice is `400 idempotency_tenant_rejected`, its key echoed, nothing run.
+#[tokio::test]
+async fn authorization_sent_twice_is_refused() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).shared_scope(true));
+    let pairs = [
+        ["Bearer a", "Bearer a"],
+        ["Bearer a", "Bearer b"],
+        ["", "Bearer b"],
+        ["Bearer null", "Bearer b"],
+    ];
+    for pair in pairs {
+        let reply = send(&app, authorized(&pair)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{pair:?}");
+        assert_eq!(reply.code(), "idempotency_tenant_rejected", "{pair:?}");
+        assert_eq!(reply.header("idempotency-key"), Some("shared-key"));
+    }
+    let mut among_many = authorized(&["Bearer a", "Bearer b"]);
+    for i in 0..30 {
+        let name = HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap();
+        among_many.headers_mut().insert(name, i.into());
+    }
+    let reply = send(&app, among_many).await;
+    assert_eq!(reply.code(), "idempotency_tenant_rejected");
+    assert_eq!(runs.get(), 0);
+}
+
+/// Whitespace around `Authorization` is not part of the tenant (RFC 9110 §5.5): the retry replays.
+#[tokio::test]
+async fn whitespace_around_authorization_is_not_part_of_the_tenant() {
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let first = send(&app, authorized(&["Bearer tok"])).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for padded in [" Bearer tok\t", "\tBearer tok  "] {
+        let retry = send(&app, authorized(&[padded])).await;
+        assert!(retry.replayed(), "{padded:?}: {retry:?}");
+        assert_eq!(retry.body, first.body);
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+/// Through a real server: one credential, one tenant, whatever its name's case; twice is refused.
+#[tokio::test]
+async fn tenants_through_a_real_server() {
+    use support::raw;
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    let server = support::Server::start(app, Default::default()).await;
+    let send = |authorizations: &[(&str, &str)]| {
+        let mut headers = vec![("Idempotency-Key", "srv-t")];
+        headers.extend_from_slice(authorizations);
+        raw::exchange(server.addr, raw::post("/payments", &headers, "{}"))
+    };
+    let code = |reply: &raw::RawReply| {
+        let problem: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        problem["code"].as_str().unwrap().to_owned()
+    };
+    let first = send(&[("Authorization", "Bearer tok")]).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    for name in ["AUTHORIZATION", "authorization"] {
+        let again = send(&[(name, "Bearer tok")]).await;
+        assert!(again.replayed(), "{name}: {again:?}");
+        assert_eq!(again.body, first.body);
+    }
+    let other = send(&[("Authorization", "Bearer tok2")]).await;
+    assert_eq!(other.status, 201, "{other:?}");
+    assert!(!other.replayed());
+    let twice = [
+        ("Authorization", "Bearer tok"),
+        ("authorization", "Bearer tok"),
+    ];
+    let twice = send(&twice).await;
+    assert_eq!(twice.status, 400, "{twice:?}");
+    assert_eq!(code(&twice), "idempotency_tenant_rejected");
+    let null = send(&[("Authorization", "Bearer null")]).await;
+    assert_eq!(null.status, 400, "{null:?}");
+    assert_eq!(code(&null), "idempotency_tenant_missing");
+    assert_eq!(runs.get(), 2);
+}
