@@ -20,12 +20,12 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::{Fault, FaultyStore, Op, Runs, api, post_with_key, send};
+use support::{Fault, FaultyStore, Op, Reply, Runs, api, post_with_key, send};
 use tower::{Service, ServiceExt};
 use tower_idempotency::metrics::{
     DETACHED_RUNS, EVICTED_TOTAL, REQUESTS_TOTAL, STORE_CALL_DURATION_SECONDS,
 };
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Outcome, TenantRejection};
 
 /// What a recorder saw, added up over snapshots (a snapshot drains counters, gauges and
 /// histograms).
@@ -438,4 +438,307 @@ fn total(seen: &Seen) -> u64 {
         .filter(|(id, _)| id.starts_with(REQUESTS_TOTAL))
         .map(|(_, n)| n)
         .sum()
+}
+
+/// A keyed `POST` whose body arrives in `chunks`, without a `Content-Length`.
+fn streamed(key: &str, chunks: Vec<Result<Bytes, std::io::Error>>) -> Request<Body> {
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap()
+}
+
+/// Waits (Tokio time) until the handlers have started `n` runs.
+async fn until_runs(runs: &Runs, n: usize) {
+    for _ in 0..10_000 {
+        if runs.get() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{n} runs started (now {})", runs.get());
+}
+
+/// Every outcome, one request or two each: each request is counted once, under the snake_case
+/// label of the `Outcome` its response carries; a request that passes through carries none and
+/// is not counted.
+#[tokio::test(start_paused = true)]
+async fn every_outcome_is_counted_once_under_the_label_its_response_carries() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_body_bytes(16)
+            .max_response_bytes(64),
+    );
+    let mut answers: Vec<(&str, Reply)> = Vec::new();
+    answers.push((
+        "executed",
+        send(&app, post_with_key("/payments", "k1", "{}")).await,
+    ));
+    answers.push((
+        "replayed",
+        send(&app, post_with_key("/payments", "k1", "{}")).await,
+    ));
+    let reuse = post_with_key("/payments", "k1", r#"{"other":1}"#);
+    answers.push(("mismatch", send(&app, reuse).await));
+    answers.push((
+        "released",
+        send(&app, post_with_key("/status/500", "k2", "{}")).await,
+    ));
+    answers.push((
+        "executed",
+        send(&app, post_with_key("/big/100", "k3", "{}")).await,
+    ));
+    answers.push((
+        "not_stored",
+        send(&app, post_with_key("/big/100", "k3", "{}")).await,
+    ));
+    answers.push((
+        "invalid_key",
+        send(&app, post_with_key("/payments", "two words", "{}")).await,
+    ));
+    let announced = post_with_key("/payments", "k4", "0123456789abcdefghij");
+    answers.push(("too_large", send(&app, announced).await));
+    let chunk = || Ok(Bytes::from_static(b"0123456789"));
+    answers.push((
+        "too_large",
+        send(&app, streamed("k5", vec![chunk(), chunk()])).await,
+    ));
+    let cut_off = streamed("k6", vec![chunk(), Err(std::io::Error::other("cut off"))]);
+    answers.push(("body_error", send(&app, cut_off).await));
+
+    let strict = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .require_key(true),
+    );
+    let no_key = Request::post("/payments").body(Body::from("{}")).unwrap();
+    answers.push(("missing_key", send(&strict, no_key).await));
+    // Without the shared scope, a request without credentials has no tenant.
+    let scoped = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()));
+    answers.push((
+        "tenant_missing",
+        send(&scoped, post_with_key("/payments", "k7", "{}")).await,
+    ));
+    let rejecting = api(runs.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).tenant(
+        |_: &axum::http::request::Parts| {
+            Err(TenantRejection::new(
+                StatusCode::UNAUTHORIZED,
+                "who are you",
+            ))
+        },
+    ));
+    answers.push((
+        "tenant_rejected",
+        send(&rejecting, post_with_key("/payments", "k8", "{}")).await,
+    ));
+
+    let failing = FaultyStore::default();
+    failing.fail(true);
+    let closed = layered(failing.clone(), &runs);
+    answers.push((
+        "store_error",
+        send(&closed, post_with_key("/payments", "k9", "{}")).await,
+    ));
+    let open = api(runs.clone()).layer(
+        IdempotencyLayer::new(failing)
+            .shared_scope(true)
+            .fail_open(true),
+    );
+    answers.push((
+        "bypassed",
+        send(&open, post_with_key("/payments", "k10", "{}")).await,
+    ));
+
+    // A duplicate while the first runs; a new key past the bound while one runs.
+    let before = runs.get();
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with_key("/slow/1000", "k11", "{}")).await }
+    });
+    until_runs(&runs, before + 1).await;
+    answers.push((
+        "in_progress",
+        send(&app, post_with_key("/slow/1000", "k11", "{}")).await,
+    ));
+    answers.push(("executed", slow.await.unwrap()));
+    let bounded = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .max_in_flight(1),
+    );
+    let before = runs.get();
+    let slow = tokio::spawn({
+        let bounded = bounded.clone();
+        async move { send(&bounded, post_with_key("/slow/1000", "k12", "{}")).await }
+    });
+    until_runs(&runs, before + 1).await;
+    answers.push((
+        "overloaded",
+        send(&bounded, post_with_key("/payments", "k13", "{}")).await,
+    ));
+    answers.push(("executed", slow.await.unwrap()));
+
+    let passed = send(
+        &app,
+        Request::post("/payments").body(Body::from("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(passed.status, StatusCode::CREATED);
+    assert_eq!(
+        passed.outcome, None,
+        "a request without a key passes through"
+    );
+
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for (label, reply) in &answers {
+        assert_eq!(
+            reply.outcome.map(Outcome::as_str),
+            Some(*label),
+            "the response's outcome: {reply:?}"
+        );
+        *expected
+            .entry(format!("{REQUESTS_TOTAL}{{outcome={label}}}"))
+            .or_default() += 1;
+    }
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    let counted: HashMap<String, u64> = seen
+        .counters
+        .iter()
+        .filter(|(id, _)| id.starts_with(REQUESTS_TOTAL))
+        .map(|(id, n)| (id.clone(), *n))
+        .collect();
+    assert_eq!(counted, expected);
+    assert_eq!(total(&seen), answers.len() as u64);
+}
+
+/// Waiters are counted once each: one that gets the first's replay as `replayed`, one past its
+/// deadline or past `max_waiters` as `in_progress`; the first as `executed`.
+#[tokio::test(start_paused = true)]
+async fn waiters_are_counted_once_each() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .shared_scope(true)
+        .wait_for_in_flight(Duration::from_secs(2))
+        .max_waiters(2);
+    let app = api(runs.clone()).layer(layer.clone());
+    let spawn = |path: &'static str, key: &'static str| {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, post_with_key(path, key, "{}")).await })
+    };
+    let until_waiting = async |n: usize| {
+        for _ in 0..10_000 {
+            if layer.waiting_requests() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{n} requests wait (now {})", layer.waiting_requests());
+    };
+
+    // The first of "a" answers within the wait: both waiters get its replay; a third
+    // duplicate, past `max_waiters`, gets `409` at once.
+    let first = spawn("/slow/1000", "a");
+    until_runs(&runs, 1).await;
+    let waiters = [spawn("/slow/1000", "a"), spawn("/slow/1000", "a")];
+    until_waiting(2).await;
+    let bounced = send(&app, post_with_key("/slow/1000", "a", "{}")).await;
+    bounced.assert_in_progress();
+    let original = first.await.unwrap();
+    assert_eq!(original.status, StatusCode::CREATED);
+    for waiter in waiters {
+        waiter.await.unwrap().assert_replay_of(&original);
+    }
+    // The first of "b" runs past the wait: its waiter gets `409` at its deadline.
+    let first = spawn("/slow/5000", "b");
+    until_runs(&runs, 2).await;
+    let late = send(&app, post_with_key("/slow/5000", "b", "{}")).await;
+    late.assert_in_progress();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 2);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("executed"), 2, "{:?}", seen.counters);
+    assert_eq!(seen.requests("replayed"), 2, "{:?}", seen.counters);
+    assert_eq!(seen.requests("in_progress"), 2, "{:?}", seen.counters);
+    assert_eq!(total(&seen), 6, "{:?}", seen.counters);
+}
+
+/// A handler that runs past its lease renews it, and each renewal is timed with `op=renew`.
+#[tokio::test(start_paused = true)]
+async fn lease_renewals_are_timed() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .lease(Duration::from_secs(3)),
+    );
+    let reply = send(&app, post_with_key("/slow/10000", "k", "{}")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert!(
+        seen.store_calls("renew", "ok") >= 3,
+        "a 10 s run under a 3 s lease: {:?}",
+        seen.histograms
+    );
+    assert_eq!(seen.store_calls("renew", "error"), 0);
+    assert_eq!(seen.requests("executed"), 1);
+}
+
+/// A handler cancelled with its client (`finish_on_disconnect(false)`) is counted once, as
+/// released; it never counts as a detached run, and its retry runs.
+#[tokio::test(start_paused = true)]
+async fn a_handler_cancelled_with_its_client_is_counted_once_as_released() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let runs = Runs::default();
+    let app = api(runs.clone()).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .shared_scope(true)
+            .finish_on_disconnect(false),
+    );
+    let client = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with_key("/slow/1000", "k", "{}")).await }
+    });
+    until_runs(&runs, 1).await;
+    client.abort(); // its future is dropped, as hyper drops it
+    assert!(client.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let retry = send(&app, post_with_key("/slow/1000", "k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed(), "the key was released: the retry ran");
+    assert_eq!(runs.get(), 2);
+
+    let mut seen = Seen::default();
+    seen.take(&snapshotter);
+    assert_eq!(seen.requests("released"), 1, "{:?}", seen.counters);
+    assert_eq!(seen.requests("executed"), 1, "{:?}", seen.counters);
+    assert_eq!(total(&seen), 2, "{:?}", seen.counters);
+    assert_eq!(
+        seen.store_calls("release", "ok"),
+        1,
+        "{:?}",
+        seen.histograms
+    );
+    assert_eq!(seen.detached_runs(), 0.0, "{:?}", seen.gauges);
 }

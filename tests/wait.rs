@@ -1,12 +1,14 @@
 //! `.wait_for_in_flight(d)`: a duplicate that arrives while the first request with its key runs
 //! waits for the first to finish, then gets its replay; `409` past the deadline; when the first
-//! is released (a 5xx, a panic), exactly one waiter runs, once. Through `oneshot` and through a
-//! real server on loopback, on every store; on the shared stores, a waiter on one server of two
-//! sees a run on the other by polling.
+//! is released (a 5xx, a panic, a cancelled run), exactly one waiter runs, once; a first whose
+//! server died is taken over once its lease ends. Through `oneshot` and through a real server on
+//! loopback, on every store; on the shared stores, a waiter on one server of two sees a run on
+//! the other by polling.
 
 mod support;
 
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,6 +22,7 @@ use support::faults::{Fault, FaultyStore, Op};
 use support::{Reply, Runs, Transport, Via, eventually, unique_key};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{
     Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, LockToken, MemoryStore, Outcome,
@@ -406,6 +409,48 @@ async fn a_detached_first_run_wakes_its_waiters<St: IdempotencyStore>(
     server.assert_nobody_waits().await;
 }
 
+/// With `finish_on_disconnect(false)`, the first request's client hangs up while its handler
+/// runs: the handler is cancelled and the key released, which wakes the waiters (long before
+/// their deadline); exactly one of them runs the handler, once, and the others get its replay.
+async fn a_cancelled_first_run_lets_one_waiter_run<St: IdempotencyStore>(
+    store: St,
+    transport: Transport,
+) {
+    let api = Api::new(First::Created);
+    let layer = waiting(store).finish_on_disconnect(false);
+    let server = start(layer, &api, transport).await;
+    let key = unique_key("cancelled");
+    let hang_up: Box<dyn FnOnce()> = match &server.via {
+        Via::Oneshot(_) => {
+            let first = server.first(&key, "{}").await;
+            Box::new(move || first.abort()) // its future is dropped, as hyper drops it
+        }
+        Via::Loopback(served) => {
+            let stream = served.send_then_hang_up(order(&key, "{}")).await;
+            server.until_runs(1).await;
+            Box::new(move || drop(stream))
+        }
+    };
+    let waiters = server.waiters(&key, 3).await;
+    hang_up();
+    server.until_runs(2).await; // a waiter took the released key and runs
+    api.open();
+    let replies = all(waiters).await;
+    assert_eq!(api.runs.get(), 2, "the cancelled run and one waiter's");
+    let ran: Vec<_> = replies.iter().filter(|r| !r.replayed()).collect();
+    assert_eq!(ran.len(), 1, "exactly one waiter ran: {replies:?}");
+    let second = ran[0];
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert!(second.body.starts_with(b"order 2"), "{second:?}");
+    assert_outcome(second, Outcome::Executed);
+    for reply in &replies {
+        if !std::ptr::eq(reply, second) {
+            reply.assert_replay_of(second);
+        }
+    }
+    server.assert_nobody_waits().await;
+}
+
 /// The first's response is too large to store: its waiters get `409
 /// idempotency_response_not_stored`, and the handler never runs again.
 async fn a_response_too_large_to_store_is_not_replayed<St: IdempotencyStore>(
@@ -621,6 +666,7 @@ cases!(
         a_thousand_duplicates,
         a_hung_up_waiter_leaves_nothing,
         a_detached_first_run_wakes_its_waiters,
+        a_cancelled_first_run_lets_one_waiter_run,
         a_response_too_large_to_store_is_not_replayed,
         past_max_waiters_409_at_once,
         another_request_with_the_key_gets_422,
@@ -741,6 +787,76 @@ async fn a_zero_wait_is_off() {
     server.send(&key, "{}").await.assert_in_progress();
     api.open();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+}
+
+/// A first request whose server died (its future forgotten: never renewed, never released) is
+/// taken over by a waiter once its lease ends, within the wait: the waiter runs the handler.
+/// Paused time: the bounds are on Tokio's clock.
+#[tokio::test(start_paused = true)]
+async fn a_dead_holder_is_taken_over_by_a_waiter_once_its_lease_ends() {
+    let api = Api::new(First::Created);
+    let lease = Duration::from_secs(1);
+    let layer = waiting(MemoryStore::new()).lease(lease);
+    let server = start(layer, &api, Transport::Oneshot).await;
+    let Via::Oneshot(app) = &server.via else {
+        unreachable!("a oneshot server")
+    };
+    let key = unique_key("dead-holder");
+    let mut dead = Box::pin(app.clone().oneshot(order(&key, "{}")));
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..100 {
+        if api.runs.get() == 1 {
+            break;
+        }
+        assert!(dead.as_mut().poll(&mut cx).is_pending());
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(api.runs.get(), 1, "the first request's handler runs");
+    std::mem::forget(dead); // its server is gone: no drop, no renewal, no release
+    let started = tokio::time::Instant::now();
+    let waiter = server.waiter(&key, "{}").await;
+    server.until_runs(2).await;
+    let took_over = started.elapsed();
+    assert!(
+        took_over >= lease && took_over < Duration::from_secs(10),
+        "taken over once the lease ended, long before the wait's deadline: {took_over:?}"
+    );
+    api.open();
+    let waiter = waiter.await.unwrap();
+    assert_eq!(waiter.status, StatusCode::CREATED);
+    assert!(!waiter.replayed());
+    assert!(waiter.body.starts_with(b"order 2"), "{waiter:?}");
+    assert_outcome(&waiter, Outcome::Executed);
+    assert_eq!(api.runs.get(), 2);
+    server.assert_nobody_waits().await;
+}
+
+/// A waiter holds one of its tenant's admission places while it waits; its client hanging up
+/// gives the place back: another key of the tenant is then admitted and runs.
+#[tokio::test]
+async fn a_hung_up_waiter_gives_its_admission_place_back() {
+    let api = Api::new(First::Created);
+    let layer = waiting(MemoryStore::new()).max_in_flight_per_tenant(2);
+    let server = start(layer, &api, Transport::Oneshot).await;
+    let key = unique_key("admission");
+    let first = server.first(&key, "{}").await;
+    let waiter = server.waiter(&key, "{}").await;
+    let refused = server.send(&unique_key("admission-full"), "{}").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert_eq!(refused.code(), "idempotency_overloaded");
+    waiter.abort(); // its future is dropped, as hyper drops it
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    server.assert_nobody_waits().await;
+    let other = server.spawn(&unique_key("admission-free"), "{}");
+    server.until_runs(2).await; // admitted: its handler runs
+    api.open();
+    assert_eq!(other.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(api.runs.get(), 2);
 }
 
 #[test]
