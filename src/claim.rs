@@ -124,6 +124,7 @@ pub(crate) fn attach<St, T, E>(
 }
 
 /// The layer's handle on a request's claim, read back once the handler has returned.
+#[derive(Clone)]
 pub(crate) struct HeldClaim(Option<Arc<Held>>);
 
 impl HeldClaim {

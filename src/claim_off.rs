@@ -17,6 +17,7 @@ pub(crate) fn attach<St, T, E>(
 ) {
 }
 
+#[derive(Clone)]
 pub(crate) struct HeldClaim;
 
 impl HeldClaim {

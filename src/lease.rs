@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::claim::HeldClaim;
 use crate::detach::{DetachedRuns, Run};
 use crate::metrics::{self, StoreOp};
 use crate::outcome::{self, Outcome, Started};
@@ -236,6 +237,13 @@ pub(crate) struct Renewals {
     lease: Duration,
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
     renewal: Option<Renewal>,
+    /// The request's claim: once the handler completed the record in its own transaction, the
+    /// record is no longer in flight (or its row is locked until that transaction ends), and
+    /// there is no lease left to renew.
+    claim: HeldClaim,
+    /// A renewal found the lease lost (taken over, or the record completed or gone): the token
+    /// never holds the record again, so no renewal is tried after it.
+    lost: bool,
 }
 
 impl Renewals {
@@ -245,6 +253,12 @@ impl Renewals {
     /// one: two failures in a row (a connection that stopped answering, then the next one the
     /// store had open) would otherwise let the lease of a live handler end.
     fn poll<St: IdempotencyStore>(&mut self, guard: &Guard<St>, cx: &mut Context<'_>) {
+        if self.lost || self.claim.written() {
+            // Nothing left to renew: no timer wakes this task for it again.
+            self.tick = None;
+            self.renewal = None;
+            return;
+        }
         let (lease, period) = (self.lease, self.lease / 3);
         loop {
             let timer = self
@@ -257,18 +271,32 @@ impl Renewals {
                     self.renewal = Some(guard.renewal(lease));
                 }
             }
-            match guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx) {
-                None => return,
-                Some(try_again) => {
-                    self.renewal = None;
-                    let again = tokio::time::Instant::now() + period / 4;
-                    if !try_again || again >= timer.deadline() {
-                        return;
-                    }
-                    // Polled again at once, so that the timer's new deadline wakes this task.
-                    timer.as_mut().reset(again);
-                }
+            let Some(result) = guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx)
+            else {
+                return;
+            };
+            self.renewal = None;
+            let Err(err) = result else {
+                return;
+            };
+            // A record its handler completed in its own transaction has no lease left: a
+            // renewal that raced that completion failed as it should, and is not reported.
+            if self.claim.written() {
+                self.tick = None;
+                return;
             }
+            guard.report("renew", &err);
+            if err.kind() == StoreErrorKind::LeaseLost {
+                self.lost = true;
+                self.tick = None;
+                return;
+            }
+            let again = tokio::time::Instant::now() + period / 4;
+            if again >= timer.deadline() {
+                return;
+            }
+            // Polled again at once, so that the timer's new deadline wakes this task.
+            timer.as_mut().reset(again);
         }
     }
 }
@@ -380,9 +408,12 @@ impl<St: IdempotencyStore> Guard<St> {
     /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
     /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
     /// and completing is fenced by the token either way); it is reported as a `tracing` event.
+    /// They end once one finds the lease lost, and once the handler completed its record in its
+    /// own transaction (`claim`).
     pub(crate) fn running<F, A, G>(
         self,
         lease: Duration,
+        claim: HeldClaim,
         handler: F,
         then: A,
     ) -> Leased<St, F, A, G>
@@ -399,6 +430,8 @@ impl<St: IdempotencyStore> Guard<St> {
                     lease,
                     tick: None,
                     renewal: None,
+                    claim,
+                    lost: false,
                 },
                 then,
             }),
@@ -433,20 +466,16 @@ impl<St: IdempotencyStore> Guard<St> {
         })
     }
 
-    /// Polls a renewal under way, if any; once it is done, whether it failed in a way that
-    /// another try may not (not a lease lost to a takeover). A failure is reported.
+    /// Polls a renewal under way, if any: its result once it is done.
     fn poll_renewal<F: Future<Output = Result<(), StoreError>> + ?Sized>(
         &self,
         call: Option<Pin<&mut F>>,
         cx: &mut Context<'_>,
-    ) -> Option<bool> {
-        let Some(Poll::Ready(result)) = call.map(|call| call.poll(cx)) else {
-            return None;
-        };
-        Some(result.is_err_and(|err| {
-            self.report("renew", &err);
-            err.kind() != StoreErrorKind::LeaseLost
-        }))
+    ) -> Option<Result<(), StoreError>> {
+        match call.map(|call| call.poll(cx)) {
+            Some(Poll::Ready(result)) => Some(result),
+            _ => None,
+        }
     }
 
     /// Reports a store call that failed after the request acquired its key.

@@ -343,6 +343,7 @@ where
     let waiters = config.wait.map(|_| shared.waiters.clone());
     let runs = shared.detached.clone();
     let claim = HeldClaim::of(&req);
+    let renewed = claim.clone();
     let then = move |guard, renewals, output| after(shared, raw, claim, guard, renewals, output);
     // The service is made ready and called under the lease; one whose `poll_ready` or `call`
     // panics has its key released before the panic goes on, as one whose future panics. Each
@@ -350,7 +351,7 @@ where
     in_place!({
         let guard = Guard::new(store, record, token, timeout, started, waiters, &runs);
         Execution::new(
-            guard.running(lease, Call::new(inner, req), then),
+            guard.running(lease, renewed, Call::new(inner, req), then),
             &runs,
             permit,
         )

@@ -270,6 +270,37 @@ async fn renewals_that_keep_failing_let_the_lease_lapse_and_fencing_protects_the
     assert_eq!(replay.body, second.body);
 }
 
+/// A holder whose renewal finds its lease lost (its record taken over) renews no more: its
+/// token never holds the record again. (Renewing on, it called the store every third of the
+/// lease, each call refused and reported, for as long as its handler ran.)
+async fn a_holder_that_lost_its_lease_stops_renewing<S>(w: World<S>)
+where
+    S: IdempotencyStore + Clone,
+{
+    w.store.always(Op::Renew, Fault::Fail);
+    let first = {
+        let (app, request) = (w.app.clone(), w.slow(5.0));
+        tokio::spawn(async move { send(&app, request).await })
+    };
+    settle(w.part(1.2)).await;
+    w.store.heal();
+    let second = {
+        let (app, request) = (w.app.clone(), w.slow(5.0));
+        tokio::spawn(async move { send(&app, request).await })
+    };
+    // Both run; the first's next renewal finds the key taken over.
+    settle(w.part(0.8)).await;
+    let before = w.store.calls(Op::Renew);
+    settle(w.part(2.0)).await;
+    let renewed = w.store.calls(Op::Renew) - before;
+    // Two leases of renewals every third of the lease: the second holder's six, and none of
+    // the first's (it made six more when it renewed on).
+    assert!(renewed <= 8, "{renewed} renewals in two leases");
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(second.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(w.runs.get(), 2);
+}
+
 async fn a_failed_begin_answers_503_and_runs_nothing<S>(w: World<S>)
 where
     S: IdempotencyStore + Clone,
@@ -444,6 +475,7 @@ cases!(
     a_transient_renewal_failure_does_not_lose_the_lease,
     renewals_that_fail_in_a_row_are_tried_again_before_the_lease_ends,
     renewals_that_keep_failing_let_the_lease_lapse_and_fencing_protects_the_record,
+    a_holder_that_lost_its_lease_stops_renewing,
     a_failed_begin_answers_503_and_runs_nothing,
     a_begin_whose_reply_is_lost_holds_the_key_until_its_lease_ends,
     slow_store_calls_within_the_timeout_change_nothing,
