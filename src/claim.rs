@@ -415,7 +415,7 @@ mod sealed {
 ///
 /// | kind | answer |
 /// |---|---|
-/// | [`Database`](ClaimErrorKind::Database) | `503 idempotency_store_unavailable`, `Retry-After: 1`: the transaction rolled back, nothing happened |
+/// | [`Database`](ClaimErrorKind::Database) | `503 idempotency_store_unavailable`, `Retry-After: 1`: the database failed; a retry replays what committed, or runs again when nothing did |
 /// | [`LeaseLost`](ClaimErrorKind::LeaseLost) | `409 idempotency_key_in_progress`, `Retry-After: 1`: another request holds the key now |
 /// | the others | `500 idempotency_claim_failed`: the application misused the claim, or its body failed; the `detail` says which (never the source's text) |
 ///
