@@ -237,9 +237,10 @@ pub(crate) struct Renewals {
     lease: Duration,
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
     renewal: Option<Renewal>,
-    /// The request's claim: once the handler completed the record in its own transaction, the
-    /// record is no longer in flight (or its row is locked until that transaction ends), and
-    /// there is no lease left to renew.
+    /// The request's claim: once the handler completed the record in its own transaction, a
+    /// renewal refused because that transaction committed is no failure to report. (Renewals go
+    /// on until then: a transaction that ends without its COMMIT leaves the record in flight,
+    /// and its lease must hold while the handler runs.)
     claim: HeldClaim,
     /// A renewal found the lease lost (taken over, or the record completed or gone): the token
     /// never holds the record again, so no renewal is tried after it.
@@ -253,7 +254,7 @@ impl Renewals {
     /// one: two failures in a row (a connection that stopped answering, then the next one the
     /// store had open) would otherwise let the lease of a live handler end.
     fn poll<St: IdempotencyStore>(&mut self, guard: &Guard<St>, cx: &mut Context<'_>) {
-        if self.lost || self.claim.written() {
+        if self.lost {
             // Nothing left to renew: no timer wakes this task for it again.
             self.tick = None;
             self.renewal = None;
@@ -279,18 +280,17 @@ impl Renewals {
             let Err(err) = result else {
                 return;
             };
-            // A record its handler completed in its own transaction has no lease left: a
-            // renewal that raced that completion failed as it should, and is not reported.
-            if self.claim.written() {
-                self.tick = None;
-                return;
-            }
-            guard.report("renew", &err);
             if err.kind() == StoreErrorKind::LeaseLost {
+                // A record its handler completed in its own transaction, which committed, has
+                // no lease left: its renewal is refused as it should be.
+                if !self.claim.written() {
+                    guard.report("renew", &err);
+                }
                 self.lost = true;
                 self.tick = None;
                 return;
             }
+            guard.report("renew", &err);
             let again = tokio::time::Instant::now() + period / 4;
             if again >= timer.deadline() {
                 return;
@@ -408,8 +408,8 @@ impl<St: IdempotencyStore> Guard<St> {
     /// Renewals run beside the handler on a fixed cadence: a slow store call delays neither the
     /// handler nor the next renewal. A failed renewal is not fatal (the lease may still hold,
     /// and completing is fenced by the token either way); it is reported as a `tracing` event.
-    /// They end once one finds the lease lost, and once the handler completed its record in its
-    /// own transaction (`claim`).
+    /// They end once one finds the lease lost; one refused because the handler completed its
+    /// record in its own transaction (`claim`), which committed, is not reported.
     pub(crate) fn running<F, A, G>(
         self,
         lease: Duration,

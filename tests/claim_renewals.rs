@@ -1,9 +1,9 @@
 //! A handler that completed its record in its own transaction (`Claim::respond_in`) and goes on
-//! working after its COMMIT: the record is completed, its lease has nothing left to hold, and no
-//! renewal runs or is reported as a lost lease, on a request that went right. Against a real
-//! PostgreSQL at `POSTGRES_URL` (skipped when it is not set; run through
-//! `scripts/test-services`), with a `tracing` subscriber of its own (so the one test of its
-//! binary).
+//! working after its COMMIT: the record is completed, its lease has nothing left to hold, and
+//! the renewal that finds it so is the last, and is not reported as a lost lease, on a request
+//! that went right. Against a real PostgreSQL at `POSTGRES_URL` (skipped when it is not set; run
+//! through `scripts/test-services`), with a `tracing` subscriber of its own (so the one test of
+//! its binary).
 
 mod support;
 
@@ -52,10 +52,10 @@ impl std::io::Write for Captured {
     }
 }
 
-/// After a committed `respond_in`, the lease is not renewed: no store failure is reported for
-/// a renewal while the handler works on, and the retry replays.
+/// After a committed `respond_in`, no store failure is reported for a renewal while the handler
+/// works on, and the retry replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_renewal_after_a_committed_claim() {
+async fn no_renewal_failure_after_a_committed_claim() {
     if server_url("POSTGRES_URL", "claim_renewals").is_none() {
         return;
     }
