@@ -255,10 +255,7 @@ impl Renewals {
     /// store had open) would otherwise let the lease of a live handler end.
     fn poll<St: IdempotencyStore>(&mut self, guard: &Guard<St>, cx: &mut Context<'_>) {
         if self.lost {
-            // Nothing left to renew: no timer wakes this task for it again.
-            self.tick = None;
-            self.renewal = None;
-            return;
+            return; // nothing left to renew, and no timer to wake this task for it
         }
         let (lease, period) = (self.lease, self.lease / 3);
         loop {
@@ -272,7 +269,8 @@ impl Renewals {
                     self.renewal = Some(guard.renewal(lease));
                 }
             }
-            let Some(result) = guard.poll_renewal(self.renewal.as_mut().map(Pin::as_mut), cx)
+            let Some(Poll::Ready(result)) =
+                self.renewal.as_mut().map(|call| call.as_mut().poll(cx))
             else {
                 return;
             };
@@ -464,18 +462,6 @@ impl<St: IdempotencyStore> Guard<St> {
             let call = store.renew(&key, token, lease);
             timed(StoreOp::Renew, timeout, call).await
         })
-    }
-
-    /// Polls a renewal under way, if any: its result once it is done.
-    fn poll_renewal<F: Future<Output = Result<(), StoreError>> + ?Sized>(
-        &self,
-        call: Option<Pin<&mut F>>,
-        cx: &mut Context<'_>,
-    ) -> Option<Result<(), StoreError>> {
-        match call.map(|call| call.poll(cx)) {
-            Some(Poll::Ready(result)) => Some(result),
-            _ => None,
-        }
     }
 
     /// Reports a store call that failed after the request acquired its key.
